@@ -1,0 +1,145 @@
+"""Losses of ID-Booth: DreamBooth prior preservation, identity (1 - cos) and triplet terms.
+
+Shapes: latents (B, C, h, w); timesteps (B,) long; embeddings (B, D). Every function is
+batched over the whole batch and free of host syncs (no .item(), no branching on values),
+so it can sit inside a compiled / accelerated training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape (B,) values to (B, 1, ..., 1) so they broadcast against `like`."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    """Raise ValueError naming the options when `prediction_type` is unknown."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"unknown prediction_type {prediction_type!r}; options: {', '.join(PREDICTION_TYPES)}"
+        )
+
+
+def _epsilon_target(noise, latents, timesteps, scheduler) -> torch.Tensor:
+    """target = eps."""
+    return noise
+
+
+def _velocity_target(noise, latents, timesteps, scheduler) -> torch.Tensor:
+    """target = v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0 (scheduler.get_velocity)."""
+    return scheduler.get_velocity(latents, noise, timesteps)
+
+
+DIFFUSION_TARGETS: dict[str, Callable[..., torch.Tensor]] = {
+    "epsilon": _epsilon_target,
+    "v_prediction": _velocity_target,
+}
+
+
+def diffusion_target(
+    noise: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor, scheduler
+) -> torch.Tensor:
+    """Regression target of the UNet: eps (epsilon) or sqrt(abar)*eps - sqrt(1-abar)*x0 (v)."""
+    prediction_type = scheduler.config.prediction_type
+    _check_prediction_type(prediction_type)
+    return DIFFUSION_TARGETS[prediction_type](noise, latents, timesteps, scheduler)
+
+
+def prior_preservation_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    num_instance: int,
+    prior_loss_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """loss = MSE(pred[:n], target[:n]) + w_prior * MSE(pred[n:], target[n:]); batch = [inst, prior].
+
+    Returns (loss, instance_loss, prior_loss); prior_loss is 0 when the batch has no prior part.
+    MSEs are computed in float32 (as diffusers' DreamBooth does under mixed precision).
+    """
+    batch_size = model_pred.shape[0]
+    if model_pred.shape != target.shape:
+        raise ValueError(f"model_pred {tuple(model_pred.shape)} != target {tuple(target.shape)}")
+    if not 1 <= num_instance <= batch_size:
+        raise ValueError(f"num_instance must be in [1, {batch_size}], got {num_instance}")
+    pred, tgt = model_pred.float(), target.float()
+    instance_loss = F.mse_loss(pred[:num_instance], tgt[:num_instance], reduction="mean")
+    if num_instance == batch_size:
+        prior_loss = instance_loss.new_zeros(())
+    else:
+        prior_loss = F.mse_loss(pred[num_instance:], tgt[num_instance:], reduction="mean")
+    loss = instance_loss + prior_loss_weight * prior_loss
+    return loss, instance_loss, prior_loss
+
+
+def predict_x0(
+    noisy_latents: torch.Tensor,
+    model_pred: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """One-step x0 estimate: (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t) or sqrt(abar_t) x_t - sqrt(1-abar_t) v.
+
+    Computed in float32, returned in model_pred's dtype; differentiable w.r.t. model_pred.
+    """
+    _check_prediction_type(prediction_type)
+    abar = alphas_cumprod.to(device=noisy_latents.device, dtype=torch.float32)[timesteps]
+    sqrt_abar = _per_sample(abar.sqrt(), noisy_latents)  # (B, 1, 1, 1)
+    sqrt_one_minus_abar = _per_sample((1.0 - abar).sqrt(), noisy_latents)
+    x_t, pred = noisy_latents.float(), model_pred.float()
+    if prediction_type == "epsilon":
+        x0 = (x_t - sqrt_one_minus_abar * pred) / sqrt_abar
+    else:
+        x0 = sqrt_abar * x_t - sqrt_one_minus_abar * pred
+    return x0.to(model_pred.dtype)
+
+
+def timestep_weight(timesteps: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """w(t) = (1 - t / T)^2, float32 (B,); 1 at t = 0, ~0 at t = T - 1."""
+    return (1.0 - timesteps.float() / num_train_timesteps) ** 2
+
+
+def _check_embeddings(anchor: torch.Tensor, *others: torch.Tensor) -> None:
+    """Raise ValueError unless every embedding batch has the anchor's (B, D) shape."""
+    for other in others:
+        if anchor.dim() != 2 or other.shape != anchor.shape:
+            raise ValueError(
+                f"embeddings must all be (B, D) of one shape; got {tuple(anchor.shape)} "
+                f"and {tuple(other.shape)}"
+            )
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """d(a, b) = 1 - cos(a, b) row-wise: (B, D), (B, D) -> (B,)."""
+    return 1.0 - F.cosine_similarity(a, b, dim=-1)
+
+
+def identity_loss(anchor: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """L_id = 1 - cos(E(x0_hat), e_inst) per sample (B,); gradients reach only the anchor."""
+    _check_embeddings(anchor, positive)
+    return cosine_distance(anchor, positive.detach())
+
+
+def triplet_identity_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    margin: float = 1.0,
+) -> torch.Tensor:
+    """L_tri = max(d(a, p) - d(a, n) + margin, 0), d = 1 - cos, per sample (B,); grads to a only.
+
+    positive / negative are precomputed embeddings (e_inst, e_prior): they are detached here so
+    the loss can only move the anchor E(x0_hat).
+    """
+    _check_embeddings(anchor, positive, negative)
+    d_pos = cosine_distance(anchor, positive.detach())
+    d_neg = cosine_distance(anchor, negative.detach())
+    return torch.clamp_min(d_pos - d_neg + margin, 0.0)

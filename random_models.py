@@ -1,0 +1,165 @@
+"""Random-weight, SD-2.1-shaped pipelines and ArcFace checkpoints, built offline.
+
+Tests, the demo and the benchmarks load these with the very code that loads the real
+`stabilityai/stable-diffusion-2-1-base` and an insightface `backbone.pth`. Two sizes:
+"tiny" (a few channels; 64 px images in a fraction of a second on a CPU) and "sd21"
+(the real SD 2.1-base shapes, for GPU benchmarks; random weights, so only speed and
+memory mean anything).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_TEXT_HIDDEN = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in codes), strict=True))
+
+
+def write_byte_level_clip_tokenizer(folder: Path) -> None:
+    """Write a minimal byte-level BPE vocab (no merges) that CLIPTokenizer reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    byte_symbols = list(_bytes_to_unicode().values())
+    tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+SD21_TEXT_HIDDEN = 1024
+
+
+def _unet_config(size: str) -> dict:
+    if size == "tiny":
+        return dict(
+            sample_size=8,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TINY_TEXT_HIDDEN,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=4,
+        )
+    return dict(  # stabilityai/stable-diffusion-2-1-base unet/config.json
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=SD21_TEXT_HIDDEN,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+    )
+
+
+def _vae_config(size: str) -> dict:
+    tiny = size == "tiny"
+    return dict(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 4, 4) if tiny else (128, 256, 512, 512),
+        latent_channels=4,
+        layers_per_block=1 if tiny else 2,
+        norm_num_groups=2 if tiny else 32,
+        sample_size=64 if tiny else 512,
+    )
+
+
+def _text_config(size: str, tokenizer) -> dict:
+    special_ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=77,
+    )
+    if size == "tiny":
+        return dict(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_TEXT_HIDDEN,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=TINY_TEXT_HIDDEN,
+            **special_ids,
+        )
+    return dict(  # OpenCLIP ViT-H/14 text tower as shipped with SD 2.1-base
+        vocab_size=49408,
+        hidden_size=SD21_TEXT_HIDDEN,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        projection_dim=512,
+        hidden_act="gelu",
+        **special_ids,
+    )
+
+
+def build_random_sd_pipeline(size: str = "tiny", seed: int = 0, workdir: str | Path | None = None):
+    """A StableDiffusionPipeline with random weights; `size` is "tiny" or "sd21"."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if size not in ("tiny", "sd21"):
+        raise ValueError(f"unknown size {size!r}; choose 'tiny' or 'sd21'")
+    torch.manual_seed(seed)
+    tokenizer_dir = Path(workdir or tempfile.mkdtemp()) / "_tokenizer_src"
+    write_byte_level_clip_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    scheduler = DDPMScheduler(  # stabilityai/stable-diffusion-2-1-base scheduler config
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=UNet2DConditionModel(in_channels=4, out_channels=4, **_unet_config(size)),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, **_vae_config(size)),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config(size, tokenizer))),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sd(folder: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Save a random SD-2.1-shaped pipeline under `folder` and return the path."""
+    folder = Path(folder)
+    pipeline = build_random_sd_pipeline(size, seed, workdir=folder)
+    pipeline.save_pretrained(folder)
+    # transformers 5 saves only tokenizer.json; keep the slow-tokenizer files too.
+    for name in ("vocab.json", "merges.txt"):
+        source = folder / "_tokenizer_src" / name
+        (folder / "tokenizer" / name).write_bytes(source.read_bytes())
+    return folder
