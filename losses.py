@@ -59,7 +59,7 @@ def prior_preservation_loss(
     num_instance: int,
     prior_loss_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """loss = MSE(pred[:n], target[:n]) + w_prior * MSE(pred[n:], target[n:]); batch = [inst, prior].
+    """loss = MSE(pred[:n], tgt[:n]) + w_prior * MSE(pred[n:], tgt[n:]); batch = [inst, prior].
 
     Returns (loss, instance_loss, prior_loss); prior_loss is 0 when the batch has no prior part.
     MSEs are computed in float32 (as diffusers' DreamBooth does under mixed precision).
@@ -86,7 +86,7 @@ def predict_x0(
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
 ) -> torch.Tensor:
-    """One-step x0 estimate: (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t) or sqrt(abar_t) x_t - sqrt(1-abar_t) v.
+    """x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)  or  sqrt(abar_t) x_t - sqrt(1-abar_t) v.
 
     Computed in float32, returned in model_pred's dtype; differentiable w.r.t. model_pred.
     """
@@ -140,6 +140,8 @@ def triplet_identity_loss(
     the loss can only move the anchor E(x0_hat).
     """
     _check_embeddings(anchor, positive, negative)
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0 (the paper uses 1.0), got {margin}")
     d_pos = cosine_distance(anchor, positive.detach())
     d_neg = cosine_distance(anchor, negative.detach())
     return torch.clamp_min(d_pos - d_neg + margin, 0.0)

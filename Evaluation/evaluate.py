@@ -1,0 +1,574 @@
+"""Evaluate synthetic identity datasets: identity separability, diversity and fidelity.
+
+One command per run:
+
+    python Evaluation/evaluate.py --generated ID-Booth=gen/triplet --generated DreamBooth=gen/db \\
+        --real data/tufts --arcface_weights backbone.pth --feature_model facebook/dinov2-large \\
+        --out reports/run1
+
+Every folder is ROOT/<identity>/<image> (identity = folder name; synthetic and real sets
+match identities by name). Writes OUT/metrics.json and a self-contained OUT/report.html
+(tables + base64-embedded PNG plots; the PNGs also land in OUT/plots/). Face embeddings
+and features are cached per file content in OUT/cache, so re-runs only process new images.
+
+- Identity (every set): genuine = all same-identity pairs, impostor = all different-identity
+  pairs (or a seeded sample of --max_impostor_pairs); synthetic vs synthetic, synthetic vs
+  real and real vs real. EER, FMR/FNMR operating points, AUC, FDR, d' (metrics.py).
+  `--embedder arcface` (default, the paper's; needs --arcface_weights) or `--embedder dlib`
+  (dlib's shipped 128-d ResNet with its own detector/alignment: offline, not the paper's).
+  Images without a detected face are counted and listed, never silently dropped.
+- Diversity: Vendi score per identity on DINOv2 features (mean +- std over identities).
+- Fidelity: Frechet distance, kernel distance, precision/recall/density/coverage (k=5) of
+  each generated set against --real on DINOv2 features (dgm-eval protocol).
+Diversity and fidelity need --feature_model (a DINOv2 folder or hub id); without it they are
+skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for _path in (REPO_ROOT, REPO_ROOT / "Evaluation"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import metrics  # noqa: E402
+import numpy as np  # noqa: E402
+from image_sets import (  # noqa: E402
+    DEFAULT_EXCLUDE,
+    STATUS_NO_FACE,
+    STATUS_OK,
+    STATUS_UNREADABLE,
+    ImageSet,
+    atomic_write_bytes,
+    atomic_write_json,
+    cached_rows,
+    load_image_set,
+)
+
+REAL_SET_NAME = "real"
+FACE_DETECTORS = ("auto", "dlib", "insightface")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options (defaults: the paper's / dgm-eval's settings)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--generated",
+        action="append",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="A generated dataset ROOT/<identity>/<image>; repeat to compare methods side by "
+        "side (e.g. --generated DreamBooth=out/db --generated ID-Booth=out/triplet). NAME "
+        "defaults to the folder name.",
+    )
+    parser.add_argument(
+        "--real",
+        type=Path,
+        default=None,
+        help="Real images ROOT/<identity>/<image> (identity names as in the "
+        "generated sets); enables synthetic-vs-real and fidelity metrics.",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="Report folder: metrics.json, report.html, plots/, cache/.",
+    )
+    parser.add_argument(
+        "--embedder",
+        default="arcface",
+        choices=("arcface", "dlib"),
+        help="Identity embedder: arcface (the paper's; needs --arcface_weights) or "
+        "dlib (the 128-d model shipped in face-recognition-models, with dlib's "
+        "own detector and alignment; offline, not the paper's).",
+    )
+    parser.add_argument(
+        "--arcface_weights",
+        type=Path,
+        default=None,
+        help="ArcFace recogniser: arcface_torch backbone.pth/.safetensors or an "
+        "insightface .onnx (the paper: IResNet-100 trained on MS1MV3).",
+    )
+    parser.add_argument(
+        "--face_detector",
+        default="auto",
+        choices=FACE_DETECTORS,
+        help="Face detector for --embedder arcface (auto = insightface when a "
+        "pack with a detector is under --face_models_root, else dlib).",
+    )
+    parser.add_argument(
+        "--face_models_root",
+        type=Path,
+        default=None,
+        help="Folder of insightface model packs (default: "
+        "arcface.DEFAULT_FACE_MODELS_ROOT, ~/.insightface/models).",
+    )
+    parser.add_argument(
+        "--feature_model",
+        default=None,
+        help="DINOv2 weights for diversity/fidelity: a local save_pretrained "
+        "folder or a hub id (dgm-eval uses ViT-L/14: facebook/dinov2-large). "
+        "Not given: diversity and fidelity are skipped.",
+    )
+    parser.add_argument(
+        "--feature_protocol",
+        default="dgm-eval",
+        choices=("dgm-eval", "processor"),
+        help="dgm-eval: bicubic resize to --feature_image_size, ImageNet "
+        "normalisation; processor: the checkpoint's own image processor.",
+    )
+    parser.add_argument(
+        "--feature_image_size",
+        type=int,
+        default=224,
+        help="Input size of the feature model under the dgm-eval protocol.",
+    )
+    parser.add_argument(
+        "--max_impostor_pairs",
+        type=int,
+        default=10_000_000,
+        help="Cap on impostor pairs per comparison; above it a uniform seeded "
+        "sample is used (0 = all pairs). 107 identities x 21 images (the paper) "
+        "stay below it.",
+    )
+    parser.add_argument(
+        "--fmr_targets",
+        type=float,
+        nargs="+",
+        default=[1e-2, 1e-3],
+        help="FMR operating points at which FNMR is reported.",
+    )
+    parser.add_argument(
+        "--fnmr_targets",
+        type=float,
+        nargs="+",
+        default=[1e-2, 1e-3],
+        help="FNMR operating points at which FMR is reported.",
+    )
+    parser.add_argument(
+        "--kd_subsets",
+        type=int,
+        default=100,
+        help="Kernel distance: number of random subsets (dgm-eval: 100).",
+    )
+    parser.add_argument(
+        "--kd_subset_size",
+        type=int,
+        default=1000,
+        help="Kernel distance: images per subset (dgm-eval: 1000; capped at the smaller set size).",
+    )
+    parser.add_argument("--prdc_k", type=int, default=5, help="Nearest neighbours for PRDC.")
+    parser.add_argument(
+        "--prdc_max_samples",
+        type=int,
+        default=10_000,
+        help="PRDC uses at most this many images per set (seeded subsample; dgm-eval's reduced_n).",
+    )
+    parser.add_argument(
+        "--exclude",
+        nargs="*",
+        default=list(DEFAULT_EXCLUDE),
+        help="File-name patterns that are not samples (e.g. contact sheets).",
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=32, help="Images per embedding / feature batch."
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device for ArcFace and DINOv2 (default: cuda if available).",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of impostor-pair sampling, KD subsets and PRDC subsampling.",
+    )
+    return validate_args(parser.parse_args(argv))
+
+
+def parse_generated(entries: Sequence[str]) -> dict[str, Path]:
+    """'NAME=DIR' or 'DIR' entries -> {name: folder}; ValueError on duplicate/reserved names."""
+    generated: dict[str, Path] = {}
+    for entry in entries:
+        name, separator, folder = entry.partition("=")
+        if not separator:
+            name, folder = Path(entry).expanduser().resolve().name, entry
+        name = name.strip()
+        if not name or not folder:
+            raise ValueError(f"--generated {entry!r}: expected NAME=DIR or DIR")
+        if name in generated or name == REAL_SET_NAME:
+            raise ValueError(
+                f"--generated name {name!r} is used twice or reserved; "
+                "give each set a distinct NAME=DIR"
+            )
+        generated[name] = Path(folder).expanduser()
+    return generated
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Readable errors for unusable flag combinations, right after parsing."""
+    args.generated_sets = parse_generated(args.generated)
+    for name, folder in args.generated_sets.items():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--generated {name}: folder {folder} does not exist")
+    if args.real is not None and not args.real.is_dir():
+        raise FileNotFoundError(f"--real: folder {args.real} does not exist")
+    if args.embedder == "arcface" and args.arcface_weights is None:
+        raise ValueError(
+            "--embedder arcface needs --arcface_weights (backbone.pth or .onnx); "
+            "or use --embedder dlib (offline, dlib's shipped 128-d model)"
+        )
+    if args.arcface_weights is not None and not args.arcface_weights.is_file():
+        raise FileNotFoundError(f"--arcface_weights: {args.arcface_weights} is not a file")
+    if args.max_impostor_pairs < 0:
+        raise ValueError("--max_impostor_pairs must be >= 0 (0 = all pairs)")
+    for flag in ("kd_subsets", "kd_subset_size", "prdc_k", "prdc_max_samples", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1")
+    for target in (*args.fmr_targets, *args.fnmr_targets):
+        if not 0 < target < 1:
+            raise ValueError(f"FMR/FNMR targets must lie in (0, 1), got {target}")
+    return args
+
+
+def log(message: str) -> None:
+    """Progress on stderr."""
+    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+
+
+def _safe(name: str) -> str:
+    """File-name-safe version of a model or set name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+# ------------------------------------------------------------------- identity
+
+
+@dataclass
+class EmbeddedSet:
+    """One image set with a row and a status per image."""
+
+    image_set: ImageSet
+    rows: np.ndarray  # (N, D) embeddings or features
+    status: np.ndarray  # (N,) STATUS_* codes
+
+    def usable(self) -> tuple[np.ndarray, list[str]]:
+        """(M, D) rows with STATUS_OK and their identity labels."""
+        keep = np.flatnonzero(self.status == STATUS_OK)
+        return self.rows[keep], [self.image_set.identities[i] for i in keep]
+
+
+def embed_sets(
+    image_sets: dict[str, ImageSet], compute, cache_path: Path, batch_size: int
+) -> dict[str, EmbeddedSet]:
+    """Run `compute` over every set's files, resuming from / filling the cache."""
+    from tqdm import tqdm
+
+    embedded = {}
+    for name, image_set in image_sets.items():
+        log(f"{cache_path.stem}: {name} ({len(image_set.paths)} images)")
+        with tqdm(desc=f"{name}: new images", unit="img", file=sys.stderr, disable=None) as bar:
+
+            def advance(done: int, total: int, bar=bar) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            rows, status = cached_rows(image_set.paths, compute, cache_path, batch_size, advance)
+        embedded[name] = EmbeddedSet(image_set, rows, status)
+    return embedded
+
+
+def load_sets(args: argparse.Namespace) -> dict[str, ImageSet]:
+    """The generated sets (in flag order) and, when given, the real set."""
+    image_sets = {
+        name: load_image_set(name, root, args.exclude) for name, root in args.generated_sets.items()
+    }
+    if args.real is not None:
+        image_sets[REAL_SET_NAME] = load_image_set(REAL_SET_NAME, args.real, args.exclude)
+    return image_sets
+
+
+def embed_faces(
+    image_sets: dict[str, ImageSet], args: argparse.Namespace
+) -> tuple[str, dict[str, EmbeddedSet]]:
+    """(embedder name, identity embeddings of every set), cached in OUT/cache."""
+    from face_embedding import build_embedder, embed_image_files
+
+    embedder = build_embedder(
+        args.embedder, args.arcface_weights, args.face_detector, args.face_models_root, args.device
+    )
+    faces = embed_sets(
+        image_sets,
+        lambda paths: embed_image_files(embedder, paths),
+        args.out / "cache" / f"faces-{_safe(embedder.name)}.npz",
+        args.batch_size,
+    )
+    return embedder.name, faces
+
+
+def summarise_sets(faces: dict[str, EmbeddedSet]) -> dict[str, dict]:
+    """set_summary of every set (role: real or generated)."""
+    return {
+        name: set_summary("real" if name == REAL_SET_NAME else "generated", entry)
+        for name, entry in faces.items()
+    }
+
+
+def set_summary(role: str, faces: EmbeddedSet) -> dict:
+    """Counts and lists (no face, unreadable, empty folders) of one set."""
+    image_set = faces.image_set
+    no_face = image_set.relative(np.flatnonzero(faces.status == STATUS_NO_FACE))
+    unreadable = image_set.relative(np.flatnonzero(faces.status == STATUS_UNREADABLE))
+    return {
+        "role": role,
+        "root": str(image_set.root),
+        "n_identities": len(set(image_set.identities)),
+        "n_images": len(image_set.paths),
+        "n_with_face": int(np.sum(faces.status == STATUS_OK)),
+        "n_no_face": len(no_face),
+        "no_face": no_face,
+        "n_unreadable": len(unreadable),
+        "unreadable": unreadable,
+        "empty_identities": image_set.empty_identities,
+        "excluded": image_set.excluded,
+        "loose_files": image_set.loose_files,
+    }
+
+
+def _scores_or_reason(
+    faces_a: EmbeddedSet, faces_b: EmbeddedSet | None, cap: int | None, seed: int
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None]:
+    """Genuine/impostor scores within A (faces_b None) or A vs B, or why there are none."""
+    embeddings_a, labels_a = faces_a.usable()
+    if faces_b is None:
+        if not labels_a:
+            return None, "no image with a detected face"
+        genuine, impostor = metrics.within_set_scores(embeddings_a, labels_a, cap, seed)
+    else:
+        embeddings_b, labels_b = faces_b.usable()
+        if not labels_a or not labels_b:
+            return None, "no image with a detected face in one of the sets"
+        if not set(labels_a) & set(labels_b):
+            return None, "no identity name is shared by the two sets"
+        genuine, impostor = metrics.cross_set_scores(
+            embeddings_a, labels_a, embeddings_b, labels_b, cap, seed
+        )
+    if genuine.size == 0:
+        return None, "no genuine pair (each identity has fewer than two images with a face)"
+    if impostor.size == 0:
+        return None, "no impostor pair (only one identity has images with a face)"
+    return (genuine, impostor), None
+
+
+def identity_metrics(
+    faces: dict[str, EmbeddedSet], generated: Sequence[str], args: argparse.Namespace
+) -> tuple[dict, dict]:
+    """{comparison: {set: metrics or {'skipped': why}}} and the scores behind them."""
+    cap = args.max_impostor_pairs or None
+    real = faces.get(REAL_SET_NAME)
+    plans = {"synthetic_vs_synthetic": [(name, faces[name], None) for name in generated]}
+    if real is not None:
+        plans["synthetic_vs_real"] = [(name, faces[name], real) for name in generated]
+        plans["real_vs_real"] = [(REAL_SET_NAME, real, None)]
+    results: dict[str, dict] = {}
+    scores: dict[str, dict] = {}
+    for comparison, plan in plans.items():
+        results[comparison], scores[comparison] = {}, {}
+        for name, faces_a, faces_b in plan:
+            pair_scores, reason = _scores_or_reason(faces_a, faces_b, cap, args.seed)
+            if pair_scores is None:
+                results[comparison][name] = {"skipped": reason}
+                continue
+            scores[comparison][name] = pair_scores
+            results[comparison][name] = metrics.verification_metrics(
+                *pair_scores, args.fmr_targets, args.fnmr_targets
+            )
+    return results, scores
+
+
+# ------------------------------------------------------------ diversity/fidelity
+
+
+def diversity_metrics(features: dict[str, EmbeddedSet]) -> dict:
+    """Vendi per identity for every set."""
+    return {name: metrics.vendi_per_identity(*entry.usable()) for name, entry in features.items()}
+
+
+def _guarded(function, *arguments, **keywords) -> dict:
+    """function(...) or {'skipped': message} when the data are too small for it."""
+    try:
+        return function(*arguments, **keywords)
+    except ValueError as error:
+        return {"skipped": str(error)}
+
+
+def fidelity_metrics(
+    features: dict[str, EmbeddedSet], generated: Sequence[str], args: argparse.Namespace
+) -> dict:
+    """FD, KD and PRDC of each generated set against the real set."""
+    real, _ = features[REAL_SET_NAME].usable()
+    results = {}
+    for name in generated:
+        fake, _ = features[name].usable()
+        results[name] = {
+            "frechet_distance": _guarded(metrics.frechet_distance_features, real, fake),
+            "kernel_distance": _guarded(
+                metrics.kernel_distance,
+                real,
+                fake,
+                args.kd_subsets,
+                args.kd_subset_size,
+                args.seed,
+            ),
+            "prdc": _guarded(
+                metrics.prdc,
+                metrics.subsample_rows(real, args.prdc_max_samples, args.seed),
+                metrics.subsample_rows(fake, args.prdc_max_samples, args.seed),
+                args.prdc_k,
+            ),
+        }
+    return results
+
+
+def feature_sections(
+    image_sets: dict[str, ImageSet], generated: Sequence[str], args: argparse.Namespace
+) -> tuple[dict, dict, str | None]:
+    """(diversity, fidelity, feature model name), or skip notes without --feature_model."""
+    if args.feature_model is None:
+        note = "no --feature_model given (a DINOv2 folder or hub id, e.g. facebook/dinov2-large)"
+        return {"skipped": note}, {"skipped": note}, None
+    from features import FeatureExtractor, extract_image_features
+
+    extractor = FeatureExtractor(
+        args.feature_model, args.device, args.feature_protocol, args.feature_image_size
+    )
+    features = embed_sets(
+        image_sets,
+        lambda paths: extract_image_features(extractor, paths),
+        args.out / "cache" / f"features-{_safe(extractor.name)}.npz",
+        args.batch_size,
+    )
+    diversity = diversity_metrics(features)
+    if REAL_SET_NAME in features:
+        fidelity = fidelity_metrics(features, generated, args)
+    else:
+        fidelity = {"skipped": "no --real folder given"}
+    return diversity, fidelity, extractor.name
+
+
+# ---------------------------------------------------------------------- output
+
+
+def identity_figures(identity_scores: dict, identity: dict) -> dict[str, bytes]:
+    """PNG bytes of the score histograms, ROC and DET curves, keyed '<comparison>_<kind>'."""
+    import report
+
+    figures = {}
+    for comparison, by_method in identity_scores.items():
+        if not by_method:
+            continue
+        title = report.COMPARISON_TITLES.get(comparison, comparison)
+        rocs = {name: metrics.roc_curve(*pair) for name, pair in by_method.items()}
+        thresholds = {name: identity[comparison][name]["eer_threshold"] for name in by_method}
+        figures[f"{comparison}_hist"] = report.figure_png(
+            report.score_histogram_figure(by_method, thresholds, title)
+        )
+        figures[f"{comparison}_roc"] = report.figure_png(report.roc_figure(rocs, title))
+        figures[f"{comparison}_det"] = report.figure_png(report.det_figure(rocs, title))
+    return figures
+
+
+def diversity_figures(diversity: dict) -> dict[str, bytes]:
+    """PNG bytes of the per-identity Vendi box plot (none when diversity was skipped)."""
+    import report
+
+    if "skipped" in diversity:
+        return {}
+    return {"vendi": report.figure_png(report.vendi_figure(diversity, "Vendi score"))}
+
+
+def data_notes(sets: dict[str, dict]) -> list[str]:
+    """One line per set with images that did not enter the metrics, and why."""
+    notes = []
+    for name, summary in sets.items():
+        if summary["n_no_face"]:
+            notes.append(
+                f"{name}: {summary['n_no_face']} of {summary['n_images']} images without a "
+                "detected face (left out of the identity metrics, listed below)"
+            )
+        if summary["n_unreadable"]:
+            notes.append(f"{name}: {summary['n_unreadable']} unreadable images (listed below)")
+        if summary["loose_files"]:
+            notes.append(
+                f"{name}: {len(summary['loose_files'])} images outside identity folders "
+                "were not evaluated (listed below)"
+            )
+    return notes
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The resolved configuration stored with the results."""
+    config = {key: value for key, value in vars(args).items() if key not in ("generated",)}
+    config["generated_sets"] = {name: str(path) for name, path in args.generated_sets.items()}
+    config["python"] = platform.python_version()
+    config["numpy"] = np.__version__
+    return config
+
+
+def resolve_device(device: str | None) -> str:
+    """The requested torch device, or cuda when available, else cpu."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Embed, score, measure; write metrics.json, report.html and plots/*.png."""
+    import report
+
+    args.device = resolve_device(args.device)
+    generated = list(args.generated_sets)
+    image_sets = load_sets(args)
+    embedder_name, faces = embed_faces(image_sets, args)
+    identity, identity_scores = identity_metrics(faces, generated, args)
+    diversity, fidelity, feature_name = feature_sections(image_sets, generated, args)
+    sets = summarise_sets(faces)
+    notes = data_notes(sets)
+    results = {
+        "config": run_config(args),
+        "embedder": embedder_name,
+        "feature_model": feature_name,
+        "definitions": metrics.METRIC_DEFINITIONS,
+        "sets": sets,
+        "identity": identity,
+        "diversity": diversity,
+        "fidelity": fidelity,
+        "notes": notes,
+    }
+    figures = {**identity_figures(identity_scores, identity), **diversity_figures(diversity)}
+    for key, png in figures.items():
+        atomic_write_bytes(args.out / "plots" / f"{key}.png", png)
+    atomic_write_json(args.out / "metrics.json", results)
+    atomic_write_bytes(args.out / "report.html", report.render_report(results, figures).encode())
+    for note in notes:
+        log(note)
+    log(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.html'}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,213 @@
+"""Identity image folders (`ROOT/<identity>/<image>`), a per-image result cache, atomic writes.
+
+The folder layout is the one `inference_ID-Booth.py` writes and FR training reads: one
+sub-folder per identity, its name being the identity. Files are listed and decoded with the
+training code's own `datasets.list_images` / `datasets.load_rgb_image`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Per-image status codes stored next to each cached feature row.
+STATUS_OK = 0
+STATUS_NO_FACE = 1
+STATUS_UNREADABLE = 2
+DEFAULT_EXCLUDE = ("grid.*",)  # contact sheets next to generated images are not samples
+CACHE_SAVE_EVERY = 512  # images between cache saves: an interruption loses at most this many
+
+
+@dataclass
+class ImageSet:
+    """The images of one dataset with the identity (folder name) of each."""
+
+    name: str
+    root: Path
+    paths: list[Path]  # (N,)
+    identities: list[str]  # (N,) identity folder name per image
+    empty_identities: list[str] = field(default_factory=list)  # folders without images
+    excluded: list[str] = field(default_factory=list)  # files matched by an exclude pattern
+    loose_files: list[str] = field(default_factory=list)  # images outside identity folders
+
+    def relative(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """Paths (relative to root, POSIX) of the given image indices."""
+        return [self.paths[int(i)].relative_to(self.root).as_posix() for i in indices]
+
+
+def load_image_set(
+    name: str, root: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE
+) -> ImageSet:
+    """Scan ROOT/<identity>/<image>; FileNotFoundError / ValueError with the fix when unusable."""
+    from datasets import IMAGE_EXTENSIONS, list_images  # the training code's (imports torch)
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name}: image folder {root} does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(
+            f"{name}: {root} has no identity sub-folders; expected ROOT/<identity>/<image> "
+            "(one folder per identity, as inference_ID-Booth.py writes)"
+        )
+    image_set = ImageSet(name=name, root=root, paths=[], identities=[])
+    image_set.loose_files = sorted(
+        p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    for folder in folders:
+        try:
+            images = list_images(folder)
+        except ValueError:
+            image_set.empty_identities.append(folder.name)
+            continue
+        for path in images:
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in exclude):
+                image_set.excluded.append(path.relative_to(root).as_posix())
+                continue
+            image_set.paths.append(path)
+            image_set.identities.append(folder.name)
+    if not image_set.paths:
+        raise ValueError(f"{name}: no images in the identity folders of {root}")
+    return image_set
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (cache key: results follow content, not names)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then os.replace: readers never see a partial."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.chmod(temp_name, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: object) -> object:
+    """JSON-able copy: numpy scalars/arrays to Python, non-finite floats to 'inf'/'-inf'/'nan'."""
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_json(path: Path, payload: object) -> None:
+    """Strict JSON (non-finite numbers as strings), written atomically."""
+    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+class RowCache:
+    """Per-image result rows keyed by file sha256 in one .npz (no pickle), saved atomically."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: dict[str, tuple[np.ndarray, int]] = {}
+        if not self.path.is_file():
+            return
+        try:
+            with np.load(self.path, allow_pickle=False) as stored:
+                for key, row, status in zip(
+                    stored["keys"], stored["values"], stored["status"], strict=True
+                ):
+                    self.rows[str(key)] = (row, int(status))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            # A cache is only an accelerator: recompute rather than fail or trust bad rows.
+            warnings.warn(
+                f"ignoring unreadable cache {self.path} ({error}); recomputing", stacklevel=2
+            )
+            self.rows = {}
+
+    def save(self) -> None:
+        """Write all rows (keys (N,), values (N, D), status (N,))."""
+        keys = sorted(self.rows)
+        values = np.stack([self.rows[key][0] for key in keys]).astype(np.float32)
+        status = np.array([self.rows[key][1] for key in keys], dtype=np.int8)
+        buffer = io.BytesIO()
+        np.savez(buffer, keys=np.array(keys), values=values, status=status)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+
+def load_images(paths: Sequence[Path]) -> tuple[list, np.ndarray]:
+    """Decode images as RGB PIL images; unreadable ones become None with STATUS_UNREADABLE."""
+    from datasets import UnreadableImageError, load_rgb_image
+
+    images, status = [], np.full(len(paths), STATUS_OK, dtype=np.int8)
+    for index, path in enumerate(paths):
+        try:
+            images.append(load_rgb_image(path))
+        except UnreadableImageError:
+            images.append(None)
+            status[index] = STATUS_UNREADABLE
+    return images, status
+
+
+RowFunction = Callable[[Sequence[Path]], tuple[np.ndarray, np.ndarray]]
+
+
+def cached_rows(
+    paths: Sequence[Path],
+    compute: RowFunction,
+    cache_path: Path | None,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) rows and (N,) status for `paths`, computing only files not yet in the cache.
+
+    `compute(batch_paths) -> (rows (B, D), status (B,))`. The cache is saved every
+    CACHE_SAVE_EVERY computed images and at the end, so re-runs resume.
+    """
+    cache = RowCache(cache_path) if cache_path is not None else None
+    keys = [file_sha256(path) for path in paths]
+    known = cache.rows if cache is not None else {}
+    missing = [i for i, key in enumerate(keys) if key not in known]
+    fresh: dict[str, tuple[np.ndarray, int]] = {}
+    unsaved = 0
+    for begin in range(0, len(missing), batch_size):
+        batch = missing[begin : begin + batch_size]
+        rows, status = compute([paths[i] for i in batch])
+        for i, row, code in zip(batch, rows, status, strict=True):
+            fresh[keys[i]] = (np.asarray(row, dtype=np.float32), int(code))
+        unsaved += len(batch)
+        if cache is not None and unsaved >= CACHE_SAVE_EVERY:
+            cache.rows.update(fresh)
+            cache.save()
+            unsaved = 0
+        if progress is not None:
+            progress(min(begin + batch_size, len(missing)), len(missing))
+    if cache is not None and unsaved:
+        cache.rows.update(fresh)
+        cache.save()
+    merged = {**known, **fresh}
+    if not keys:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int8)
+    values = np.stack([merged[key][0] for key in keys])
+    return values, np.array([merged[key][1] for key in keys], dtype=np.int8)

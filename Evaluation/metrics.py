@@ -1,0 +1,521 @@
+"""Evaluation metrics: identity verification, diversity (Vendi) and fidelity (FD, KD, PRDC).
+
+Every function is plain numpy on arrays already in memory, so the script (`evaluate.py`),
+the notebooks and the tests share one implementation.
+
+Conventions (also written into every `metrics.json`, see `METRIC_DEFINITIONS`):
+- A comparison score is the cosine similarity of two face embeddings; higher = more alike.
+  A pair is accepted ("match") when score >= threshold.
+- FMR(t) = #impostor scores >= t / #impostor, FNMR(t) = #genuine scores < t / #genuine.
+- The ROC has one vertex per distinct score (tied scores move together, as in
+  scikit-learn's `roc_curve(drop_intermediate=False)`) plus the vertex t = +inf (0, 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+METRIC_DEFINITIONS = {
+    "score": "cosine similarity of two embeddings; a pair is accepted when score >= threshold",
+    "genuine": "all pairs of images with the same identity (within a set: i < j; across two "
+    "sets: same identity folder name in both)",
+    "impostor": "all pairs of images with different identities, or a uniform seeded sample "
+    "without replacement of max_impostor_pairs of them when there are more",
+    "roc": "one operating point per distinct score (ties grouped) plus threshold +inf; "
+    "FMR(t) = share of impostor scores >= t, FNMR(t) = share of genuine scores < t",
+    "eer": "the point where the ROC polyline (straight segments between operating points) "
+    "crosses FMR = FNMR; exact linear interpolation between the two bracketing points",
+    "eer_threshold": "threshold of the ROC operating point next to the EER crossing with the "
+    "smaller |FMR - FNMR| (an achievable threshold; its FMR/FNMR are reported beside it)",
+    "fnmr_at_fmr": "FNMR(t) at t = the lowest threshold with FMR(t) <= target, i.e. the lowest "
+    "FNMR any threshold reaches within the FMR budget (no interpolation)",
+    "fmr_at_fnmr": "FMR(t) at t = the highest threshold with FNMR(t) <= target, i.e. the lowest "
+    "FMR any threshold reaches within the FNMR budget (no interpolation)",
+    "auc": "area under the ROC (TPR = 1 - FNMR against FMR), trapezoidal = "
+    "P(genuine > impostor) + 0.5 P(genuine = impostor)",
+    "fdr": "Fisher discriminant ratio (mu_g - mu_i)^2 / (s_g^2 + s_i^2), population std (ddof 0)",
+    "decidability": "d' = |mu_g - mu_i| / sqrt((s_g^2 + s_i^2) / 2), population std (ddof 0)",
+    "vendi": "exp(-sum_i l_i log l_i), l_i the eigenvalues of K / n with K_ij the cosine "
+    "similarity of the L2-normalised features (Friedman & Dieng 2023, q = 1)",
+    "frechet_distance": "||mu_r - mu_g||^2 + tr(S_r) + tr(S_g) - 2 tr((S_r^1/2 S_g S_r^1/2)^1/2), "
+    "unbiased covariances (ddof 1)",
+    "kernel_distance": "unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 (the KID estimator) on "
+    "n_subsets random subsets of subset_size images of each set; mean and std over subsets "
+    "(dgm-eval: 100 subsets of 1000)",
+    "prdc": "precision, recall, density, coverage of Naeem et al. 2020 with k nearest "
+    "neighbours (Euclidean, strict '<' as in the reference code)",
+}
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def l2_normalise(features: np.ndarray) -> np.ndarray:
+    """Rows x / ||x||_2 in float64; ValueError on an all-zero row (no direction to keep)."""
+    features = np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError(f"{int(np.sum(norms == 0))} feature rows are all zero; drop them first")
+    return features / norms
+
+
+def _group_ends(labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Stable sort by label: (order (N,), end of each sorted position's label group (N,))."""
+    _, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    return order, np.searchsorted(codes[order], codes[order], side="right")
+
+
+def _sample_without_replacement(total: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted uniform `size`-subset of range(total) in O(size) memory when size << total."""
+    if total <= 4 * size:
+        return np.sort(rng.permutation(total)[:size])
+    # Distinct values of i.i.d. uniform draws, then a uniform subset of them: by symmetry every
+    # size-subset is equally likely, and memory stays O(size) however many pairs there are.
+    chosen = _sorted_distinct(rng.integers(0, total, size=size + size // 8 + 16, dtype=np.int64))
+    while chosen.size < size:
+        extra = rng.integers(0, total, size=size - chosen.size + 16, dtype=np.int64)
+        chosen = _sorted_distinct(np.concatenate([chosen, extra]))
+    return np.sort(rng.choice(chosen, size=size, replace=False))
+
+
+def _sorted_distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (sort-based; faster than np.unique's hashing for int64 here)."""
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if values.size else values
+
+
+def _expand_rows(counts: np.ndarray, cap: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, offset) for all sum(counts) slots, or a uniform sample of `cap` without replacement."""
+    total = int(counts.sum())
+    if cap is None or total <= cap:
+        linear = np.arange(total, dtype=np.int64)
+    else:
+        linear = _sample_without_replacement(total, cap, np.random.default_rng(seed))
+    row_ends = np.cumsum(counts)
+    rows = np.searchsorted(row_ends, linear, side="right")
+    offsets = linear - (row_ends[rows] - counts[rows])
+    return rows, offsets
+
+
+def _ordered_pairs(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """(P, 2) int64 pairs with the smaller index first."""
+    return np.stack([np.minimum(first, second), np.maximum(first, second)], axis=1).astype(np.int64)
+
+
+def within_set_pairs(
+    labels: Sequence[str], max_impostor_pairs: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j) of one set: genuine (G, 2) same label, impostor (I, 2) different."""
+    order, ends = _group_ends(labels)
+    positions = np.arange(len(order))
+    # Sorted position p pairs with the later positions of its own group: (p, ends[p]).
+    rows, offsets = _expand_rows(ends - positions - 1, None, seed)
+    genuine_pairs = _ordered_pairs(order[rows], order[rows + 1 + offsets])
+    # ... and with every later position of another group: [ends[p], N).
+    rows, offsets = _expand_rows(len(order) - ends, max_impostor_pairs, seed)
+    impostor_pairs = _ordered_pairs(order[rows], order[ends[rows] + offsets])
+    return genuine_pairs, impostor_pairs
+
+
+def cross_set_pairs(
+    labels_a: Sequence[str],
+    labels_b: Sequence[str],
+    max_impostor_pairs: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i in A, j in B): genuine (G, 2) same label name, impostor (I, 2) different."""
+    names_a = np.asarray(labels_a, dtype=object).astype(str)
+    names_b = np.asarray(labels_b, dtype=object).astype(str)
+    vocabulary = np.unique(np.concatenate([names_a, names_b]))
+    codes_a = np.searchsorted(vocabulary, names_a)
+    codes_b = np.searchsorted(vocabulary, names_b)
+    order_b = np.argsort(codes_b, kind="stable")
+    sorted_b = codes_b[order_b]
+    group_start = np.searchsorted(sorted_b, codes_a, side="left")  # (N_A,) B-group of a's label
+    group_end = np.searchsorted(sorted_b, codes_a, side="right")
+    group_size = group_end - group_start
+    rows, offsets = _expand_rows(group_size, None, seed)
+    genuine_pairs = np.stack([rows, order_b[group_start[rows] + offsets]], axis=1)
+    # Row i's impostors are B's sorted positions outside [group_start, group_end).
+    rows, offsets = _expand_rows(len(order_b) - group_size, max_impostor_pairs, seed)
+    positions = np.where(offsets < group_start[rows], offsets, offsets + group_size[rows])
+    impostor_pairs = np.stack([rows, order_b[positions]], axis=1)
+    return genuine_pairs.astype(np.int64), impostor_pairs.astype(np.int64)
+
+
+def pair_cosine_scores(
+    embeddings_a: np.ndarray, embeddings_b: np.ndarray, pairs: np.ndarray, chunk: int = 16384
+) -> np.ndarray:
+    """cos(a_i, b_j) for each pair (i, j) of `pairs` (P, 2) -> (P,) float64, in chunks."""
+    unit_a, unit_b = l2_normalise(embeddings_a), l2_normalise(embeddings_b)
+    scores = np.empty(len(pairs), dtype=np.float64)
+    for begin in range(0, len(pairs), chunk):
+        block = pairs[begin : begin + chunk]
+        scores[begin : begin + chunk] = np.einsum(
+            "pd,pd->p", unit_a[block[:, 0]], unit_b[block[:, 1]]
+        )
+    return scores
+
+
+def within_set_scores(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    max_impostor_pairs: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Genuine and impostor cosine scores of one set of (N, D) embeddings."""
+    genuine_pairs, impostor_pairs = within_set_pairs(labels, max_impostor_pairs, seed)
+    return (
+        pair_cosine_scores(embeddings, embeddings, genuine_pairs),
+        pair_cosine_scores(embeddings, embeddings, impostor_pairs),
+    )
+
+
+def cross_set_scores(
+    embeddings_a: np.ndarray,
+    labels_a: Sequence[str],
+    embeddings_b: np.ndarray,
+    labels_b: Sequence[str],
+    max_impostor_pairs: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Genuine and impostor cosine scores between set A (e.g. synthetic) and set B (real)."""
+    genuine_pairs, impostor_pairs = cross_set_pairs(labels_a, labels_b, max_impostor_pairs, seed)
+    return (
+        pair_cosine_scores(embeddings_a, embeddings_b, genuine_pairs),
+        pair_cosine_scores(embeddings_a, embeddings_b, impostor_pairs),
+    )
+
+
+def per_identity_consistency(embeddings: np.ndarray, labels: Sequence[str]) -> dict[str, dict]:
+    """Per identity: mean and minimum cosine over its genuine pairs (i < j), and counts."""
+    labels = np.asarray(labels, dtype=object).astype(str)
+    unit = l2_normalise(embeddings)
+    result = {}
+    for name in np.unique(labels):
+        members = unit[labels == name]  # (n, D)
+        first, second = np.triu_indices(len(members), k=1)
+        scores = np.einsum("pd,pd->p", members[first], members[second])
+        result[str(name)] = {
+            "n_images": int(len(members)),
+            "n_pairs": int(scores.size),
+            "mean": float(scores.mean()) if scores.size else math.nan,
+            "min": float(scores.min()) if scores.size else math.nan,
+        }
+    return result
+
+
+# ------------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """Operating points of 'accept when score >= threshold', thresholds descending."""
+
+    thresholds: np.ndarray  # (K,) thresholds[0] = +inf
+    fmr: np.ndarray  # (K,) non-decreasing, 0 -> 1
+    fnmr: np.ndarray  # (K,) non-increasing, 1 -> 0
+
+
+def _check_scores(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 1-D copies; ValueError when a set is empty or holds NaN/inf."""
+    genuine = np.asarray(genuine, dtype=np.float64).ravel()
+    impostor = np.asarray(impostor, dtype=np.float64).ravel()
+    for name, values in (("genuine", genuine), ("impostor", impostor)):
+        if values.size == 0:
+            raise ValueError(f"no {name} scores: need at least one {name} pair")
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"{name} scores contain NaN or inf")
+    return genuine, impostor
+
+
+def roc_curve(genuine: np.ndarray, impostor: np.ndarray) -> RocCurve:
+    """ROC vertices at +inf and at every distinct score (ties grouped)."""
+    genuine, impostor = _check_scores(genuine, impostor)
+    scores = np.concatenate([genuine, impostor])
+    is_genuine = np.concatenate([np.ones(genuine.size, bool), np.zeros(impostor.size, bool)])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_genuine = scores[order], is_genuine[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    accepted_genuine = np.cumsum(is_genuine)[last_of_tie]
+    accepted_impostor = np.cumsum(~is_genuine)[last_of_tie]
+    return RocCurve(
+        thresholds=np.r_[np.inf, scores[last_of_tie]],
+        fmr=np.r_[0, accepted_impostor] / impostor.size,
+        fnmr=np.r_[genuine.size, genuine.size - accepted_genuine] / genuine.size,
+    )
+
+
+def equal_error_rate(roc: RocCurve) -> dict[str, float]:
+    """EER where the ROC polyline crosses FMR = FNMR, and the nearest achievable threshold."""
+    gap = roc.fnmr - roc.fmr  # non-increasing from 1 (t = +inf) to -1 (t = min score)
+    after = int(np.argmax(gap <= 0))
+    if gap[after] == 0:
+        eer, nearest = float(roc.fmr[after]), after
+    else:
+        before = after - 1
+        fraction = gap[before] / (gap[before] - gap[after])
+        eer = float(roc.fmr[before] + fraction * (roc.fmr[after] - roc.fmr[before]))
+        use_before = before > 0 and abs(gap[before]) <= abs(gap[after])
+        nearest = before if use_before else after
+    return {
+        "eer": eer,
+        "eer_threshold": float(roc.thresholds[nearest]),
+        "eer_threshold_fmr": float(roc.fmr[nearest]),
+        "eer_threshold_fnmr": float(roc.fnmr[nearest]),
+    }
+
+
+def fnmr_at_fmr(roc: RocCurve, target: float) -> dict[str, float]:
+    """Lowest FNMR among thresholds with FMR <= target, and that threshold."""
+    index = int(np.flatnonzero(roc.fmr <= target)[-1])  # vertex +inf always qualifies
+    return {"value": float(roc.fnmr[index]), "threshold": float(roc.thresholds[index])}
+
+
+def fmr_at_fnmr(roc: RocCurve, target: float) -> dict[str, float]:
+    """Lowest FMR among thresholds with FNMR <= target, and that threshold."""
+    index = int(np.flatnonzero(roc.fnmr <= target)[0])  # the lowest score always qualifies
+    return {"value": float(roc.fmr[index]), "threshold": float(roc.thresholds[index])}
+
+
+def roc_auc(roc: RocCurve) -> float:
+    """Trapezoidal area under TPR = 1 - FNMR against FMR."""
+    return float(np.trapezoid(1.0 - roc.fnmr, roc.fmr))
+
+
+def fisher_discriminant_ratio(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    """FDR = (mu_g - mu_i)^2 / (s_g^2 + s_i^2); inf when both spreads are 0 and means differ."""
+    genuine, impostor = _check_scores(genuine, impostor)
+    numerator = (genuine.mean() - impostor.mean()) ** 2
+    denominator = genuine.var() + impostor.var()
+    return _safe_ratio(numerator, denominator)
+
+
+def decidability(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    """Daugman's d' = |mu_g - mu_i| / sqrt((s_g^2 + s_i^2) / 2)."""
+    genuine, impostor = _check_scores(genuine, impostor)
+    numerator = abs(genuine.mean() - impostor.mean())
+    denominator = math.sqrt((genuine.var() + impostor.var()) / 2.0)
+    return _safe_ratio(numerator, denominator)
+
+
+def _safe_ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator with x/0 = inf (x > 0) and 0/0 = nan."""
+    if denominator > 0:
+        return float(numerator / denominator)
+    return math.inf if numerator > 0 else math.nan
+
+
+def verification_metrics(
+    genuine: np.ndarray,
+    impostor: np.ndarray,
+    fmr_targets: Sequence[float] = (1e-2, 1e-3),
+    fnmr_targets: Sequence[float] = (1e-2, 1e-3),
+) -> dict:
+    """All identity-separability numbers of one genuine/impostor score set (see definitions)."""
+    genuine, impostor = _check_scores(genuine, impostor)
+    roc = roc_curve(genuine, impostor)
+    return {
+        "n_genuine": int(genuine.size),
+        "n_impostor": int(impostor.size),
+        "genuine_mean": float(genuine.mean()),
+        "genuine_std": float(genuine.std()),
+        "impostor_mean": float(impostor.mean()),
+        "impostor_std": float(impostor.std()),
+        **equal_error_rate(roc),
+        "auc": roc_auc(roc),
+        "fdr": fisher_discriminant_ratio(genuine, impostor),
+        "decidability": decidability(genuine, impostor),
+        "fnmr_at_fmr": {f"{t:g}": fnmr_at_fmr(roc, t) for t in fmr_targets},
+        "fmr_at_fnmr": {f"{t:g}": fmr_at_fnmr(roc, t) for t in fnmr_targets},
+    }
+
+
+# ---------------------------------------------------------------------- diversity
+
+
+def vendi_score(features: np.ndarray) -> float:
+    """Vendi score exp(-sum l log l), l = eigenvalues of K/n, K = cosine-similarity kernel."""
+    unit = l2_normalise(features)  # (n, d)
+    n, dim = unit.shape
+    # X X^T / n and X^T X / n share their non-zero eigenvalues; take the smaller matrix.
+    gram = (unit.T @ unit if dim < n else unit @ unit.T) / n
+    eigenvalues = np.linalg.eigvalsh(gram)
+    eigenvalues = eigenvalues[eigenvalues > 0]  # drop round-off negatives, as vendi-score does
+    return float(np.exp(-np.sum(eigenvalues * np.log(eigenvalues))))
+
+
+def vendi_per_identity(features: np.ndarray, labels: Sequence[str]) -> dict:
+    """Vendi score of each identity's features, with mean and population std over identities."""
+    labels = np.asarray(labels, dtype=object).astype(str)
+    per_identity = {
+        name: {
+            "vendi": vendi_score(features[labels == name]),
+            "n_images": int(np.sum(labels == name)),
+        }
+        for name in np.unique(labels)
+    }
+    values = np.array([entry["vendi"] for entry in per_identity.values()])
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "n_identities": len(per_identity),
+        "n_images": int(labels.size),
+        "per_identity": per_identity,
+    }
+
+
+# ----------------------------------------------------------------------- fidelity
+
+
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of (N, D) features."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, D) features for a covariance, got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _psd_eigenvalues_clipped(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues below the rank tolerance max|l| * n * eps (round-off of a PSD matrix) -> 0."""
+    tolerance = np.max(np.abs(eigenvalues), initial=0.0) * eigenvalues.size * np.finfo(float).eps
+    return np.where(eigenvalues > tolerance, eigenvalues, 0.0)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix via eigh."""
+    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
+    return (eigenvectors * np.sqrt(_psd_eigenvalues_clipped(eigenvalues))) @ eigenvectors.T
+
+
+def frechet_distance(
+    mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray
+) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b) - 2 tr sqrt(S_a^1/2 S_b S_a^1/2) (= tr sqrt(S_a S_b))."""
+    if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
+        raise ValueError(f"feature sizes differ: {mu_a.shape} vs {mu_b.shape}")
+    root_a = _psd_sqrt(sigma_a)
+    middle = root_a @ sigma_b @ root_a  # symmetric PSD, same spectrum as S_a S_b
+    middle_eigenvalues = _psd_eigenvalues_clipped(np.linalg.eigvalsh((middle + middle.T) / 2.0))
+    mean_term = float(np.sum((mu_a - mu_b) ** 2))
+    trace_sqrt = float(np.sum(np.sqrt(middle_eigenvalues)))
+    return mean_term + float(np.trace(sigma_a) + np.trace(sigma_b)) - 2.0 * trace_sqrt
+
+
+def frechet_distance_features(real: np.ndarray, generated: np.ndarray) -> dict:
+    """Frechet distance between Gaussian fits of (N_r, D) real and (N_g, D) generated features."""
+    value = frechet_distance(*gaussian_statistics(real), *gaussian_statistics(generated))
+    result = {"value": value, "n_real": int(len(real)), "n_generated": int(len(generated))}
+    if min(len(real), len(generated)) <= real.shape[1]:
+        result["note"] = (
+            f"fewer samples than feature dimensions ({real.shape[1]}): covariances are "
+            "rank-deficient and the estimate is strongly biased; compare only at equal N"
+        )
+    return result
+
+
+def polynomial_kernel(
+    x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None, coef0: float = 1.0
+) -> np.ndarray:
+    """k(x, y) = (gamma x.y + coef0)^degree, gamma = 1/D by default -> (N_x, N_y)."""
+    gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    return (gamma * (np.asarray(x, np.float64) @ np.asarray(y, np.float64).T) + coef0) ** degree
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 = mean_{i!=j} k(x_i,x_j) + mean_{i!=j} k(y_i,y_j) - 2 mean k(x_i,y_j)."""
+    m, n = len(x), len(y)
+    if m < 2 or n < 2:
+        raise ValueError(f"unbiased MMD needs >= 2 samples per set, got {m} and {n}")
+    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    within_x = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
+    within_y = (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+    return float(within_x + within_y - 2.0 * k_xy.mean())
+
+
+def kernel_distance(
+    real: np.ndarray,
+    generated: np.ndarray,
+    n_subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """KD (KID form): MMD^2 over random equal-size subsets, as dgm-eval's compute_mmd."""
+    size = min(subset_size, len(real), len(generated))
+    rng = np.random.default_rng(seed)
+    values = np.array(
+        [
+            mmd2_unbiased(
+                real[rng.choice(len(real), size, replace=False)],
+                generated[rng.choice(len(generated), size, replace=False)],
+            )
+            for _ in range(n_subsets)
+        ]
+    )
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "n_subsets": int(n_subsets),
+        "subset_size": int(size),
+        "n_real": int(len(real)),
+        "n_generated": int(len(generated)),
+    }
+
+
+def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances (N_a, N_b) = sqrt(max(|a|^2 + |b|^2 - 2 a.b, 0)) in float64."""
+    squared = np.sum(a * a, axis=1)[:, None] + np.sum(b * b, axis=1)[None, :] - 2.0 * (a @ b.T)
+    return np.sqrt(np.clip(squared, 0.0, None))
+
+
+def _kth_neighbour_radii(points: np.ndarray, k: int, chunk: int) -> np.ndarray:
+    """Distance of each point to its k-th nearest other point (the self-distance is index 0)."""
+    radii = np.empty(len(points))
+    for begin in range(0, len(points), chunk):
+        distances = _pairwise_distances(points[begin : begin + chunk], points)
+        radii[begin : begin + chunk] = np.partition(distances, k, axis=1)[:, k]
+    return radii
+
+
+def prdc(real: np.ndarray, generated: np.ndarray, k: int = 5, chunk: int = 2048) -> dict:
+    """Precision, recall, density, coverage (Naeem et al. 2020) with k-NN balls."""
+    real = np.asarray(real, dtype=np.float64)
+    generated = np.asarray(generated, dtype=np.float64)
+    if len(real) <= k or len(generated) <= k:
+        raise ValueError(
+            f"PRDC with k={k} needs more than {k} samples per set, "
+            f"got {len(real)} real and {len(generated)} generated"
+        )
+    real_radii = _kth_neighbour_radii(real, k, chunk)  # (N_r,)
+    generated_radii = _kth_neighbour_radii(generated, k, chunk)  # (N_g,)
+    balls_holding = np.zeros(len(generated), dtype=np.int64)  # real balls around each fake
+    real_recalled = np.zeros(len(real), dtype=bool)
+    real_covered = np.zeros(len(real), dtype=bool)
+    for begin in range(0, len(real), chunk):
+        distances = _pairwise_distances(real[begin : begin + chunk], generated)  # (c, N_g)
+        inside_real_ball = distances < real_radii[begin : begin + chunk, None]
+        balls_holding += inside_real_ball.sum(axis=0)
+        real_recalled[begin : begin + chunk] = np.any(distances < generated_radii[None, :], axis=1)
+        real_covered[begin : begin + chunk] = inside_real_ball.any(axis=1)
+    return {
+        "precision": float(np.mean(balls_holding > 0)),
+        "recall": float(np.mean(real_recalled)),
+        "density": float(balls_holding.sum() / (k * len(generated))),
+        "coverage": float(np.mean(real_covered)),
+        "k": int(k),
+        "n_real": int(len(real)),
+        "n_generated": int(len(generated)),
+    }
+
+
+def subsample_rows(features: np.ndarray, max_rows: int | None, seed: int = 0) -> np.ndarray:
+    """At most max_rows rows, chosen uniformly without replacement with a fixed seed."""
+    if max_rows is None or len(features) <= max_rows:
+        return features
+    rows = np.sort(np.random.default_rng(seed).choice(len(features), max_rows, replace=False))
+    return features[rows]

@@ -1,0 +1,392 @@
+"""Plots (matplotlib, no pyplot state) and the self-contained HTML report of evaluate.py.
+
+Figures are built with `matplotlib.figure.Figure`, so they work the same in a headless
+script and in a notebook; `figure_png` turns one into PNG bytes that the report embeds as
+base64 (no external files needed to read the report).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Mapping
+
+import numpy as np
+from matplotlib.figure import Figure
+from metrics import RocCurve
+
+DET_TICKS = (0.0001, 0.001, 0.01, 0.05, 0.2, 0.5, 0.8, 0.95)
+DET_FLOOR = 1e-5  # probabilities clipped to [DET_FLOOR, 1 - DET_FLOOR] on the DET's probit axes
+
+
+def figure_png(figure: Figure, dpi: int = 100) -> bytes:
+    """PNG bytes of a figure."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def score_histogram_figure(
+    scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    thresholds: Mapping[str, float] | None = None,
+    title: str = "",
+) -> Figure:
+    """One panel per method: genuine vs impostor score densities (+ EER threshold line)."""
+    figure = Figure(figsize=(4.2 * len(scores), 3.2), layout="constrained")
+    axes = figure.subplots(1, len(scores), squeeze=False)[0]
+    every = np.concatenate([np.concatenate(pair) for pair in scores.values()])
+    bins = np.linspace(every.min(), every.max(), 51) if every.size else 50
+    for axis, (method, (genuine, impostor)) in zip(axes, scores.items(), strict=True):
+        axis.hist(impostor, bins=bins, density=True, alpha=0.55, color="tab:red", label="impostor")
+        axis.hist(genuine, bins=bins, density=True, alpha=0.55, color="tab:blue", label="genuine")
+        if thresholds and method in thresholds:
+            axis.axvline(thresholds[method], color="k", linestyle="--", label="EER threshold")
+        axis.set_title(f"{method} (G={len(genuine)}, I={len(impostor)})", fontsize=9)
+        axis.set_xlabel("cosine similarity")
+        axis.legend(fontsize=7)
+    axes[0].set_ylabel("density")
+    figure.suptitle(title)
+    return figure
+
+
+def roc_figure(rocs: Mapping[str, RocCurve], title: str = "") -> Figure:
+    """TPR (1 - FNMR) against FMR on a log axis, one line per method."""
+    figure = Figure(figsize=(4.8, 3.8), layout="constrained")
+    axis = figure.subplots()
+    floor = 1.0
+    for method, roc in rocs.items():
+        positive = roc.fmr[roc.fmr > 0]
+        floor = min(floor, positive.min() if positive.size else 1.0)
+        axis.plot(np.maximum(roc.fmr, DET_FLOOR), 1.0 - roc.fnmr, label=method)
+    axis.set_xscale("log")
+    axis.set_xlim(max(DET_FLOOR, floor / 2), 1.0)
+    axis.set_ylim(0.0, 1.01)
+    axis.set_xlabel("FMR (false match rate)")
+    axis.set_ylabel("TPR = 1 - FNMR")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=10)
+    return figure
+
+
+def det_figure(rocs: Mapping[str, RocCurve], title: str = "") -> Figure:
+    """DET: FNMR against FMR on normal-deviate (probit) axes, one line per method."""
+    from scipy.stats import norm
+
+    def probit(values: np.ndarray) -> np.ndarray:
+        return norm.ppf(np.clip(values, DET_FLOOR, 1.0 - DET_FLOOR))
+
+    figure = Figure(figsize=(4.8, 3.8), layout="constrained")
+    axis = figure.subplots()
+    for method, roc in rocs.items():
+        axis.plot(probit(roc.fmr[1:]), probit(roc.fnmr[1:]), label=method)
+    ticks = probit(np.array(DET_TICKS))
+    labels = [f"{tick:g}" for tick in DET_TICKS]
+    axis.set_xticks(ticks, labels, fontsize=7)
+    axis.set_yticks(ticks, labels, fontsize=7)
+    limits = (probit(np.array(DET_FLOOR)) - 0.1, ticks[-1])
+    axis.set_xlim(*limits)
+    axis.set_ylim(*limits)
+    axis.set_xlabel(f"FMR (0 drawn at {DET_FLOOR:g})")
+    axis.set_ylabel(f"FNMR (0 drawn at {DET_FLOOR:g})")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=10)
+    return figure
+
+
+def vendi_values(diversity: Mapping[str, Mapping]) -> dict[str, list[float]]:
+    """{set: per-identity Vendi scores} from vendi_per_identity results."""
+    return {
+        name: [entry["vendi"] for entry in result["per_identity"].values()]
+        for name, result in diversity.items()
+    }
+
+
+def vendi_figure(diversity: Mapping[str, Mapping], title: str = "") -> Figure:
+    """Box plot of per-identity Vendi scores, one box per image set."""
+    per_set = vendi_values(diversity)
+    figure = Figure(figsize=(1.6 * len(per_set) + 2.5, 3.4), layout="constrained")
+    axis = figure.subplots()
+    axis.boxplot(list(per_set.values()), showmeans=True)
+    axis.set_xticks(range(1, len(per_set) + 1), list(per_set), fontsize=8)
+    axis.set_ylabel("Vendi score per identity")
+    axis.set_title(title, fontsize=10)
+    return figure
+
+
+# ------------------------------------------------------------------------------ HTML
+
+STYLE = """
+body{font-family:system-ui,Helvetica,Arial,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.6em 0 1.2em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}
+th:first-child,td:first-child{text-align:left}
+th{background:#f0f0f0} img{max-width:100%;margin:0.3em 0}
+.note{color:#8a4b00} code,pre{background:#f6f6f6;font-size:12px}
+pre{padding:0.6em;overflow-x:auto}
+"""
+
+
+def format_value(value: object) -> str:
+    """Numbers to 4 significant digits; everything else as text."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4g}"
+    return str(value)
+
+
+def html_table(header: list[str], rows: list[list[object]]) -> str:
+    """An escaped HTML table."""
+    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(format_value(cell))}</td>" for cell in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def html_image(png: bytes, alt: str) -> str:
+    """Inline <img> with base64 PNG data."""
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _mean_std(entry: Mapping, mean_key: str, std_key: str) -> str:
+    """'mean +- std' of two keys."""
+    return f"{format_value(entry[mean_key])} ± {format_value(entry[std_key])}"
+
+
+def _threshold_cell(entry: Mapping) -> str:
+    """'threshold (FMR / FNMR)' at the EER threshold."""
+    fmr, fnmr = format_value(entry["eer_threshold_fmr"]), format_value(entry["eer_threshold_fnmr"])
+    return f"{format_value(entry['eer_threshold'])} ({fmr} / {fnmr})"
+
+
+def verification_rows(by_method: Mapping[str, Mapping]) -> tuple[list[str], list[list[object]]]:
+    """Metric-per-row table over methods (skipped methods show their reason)."""
+    methods = list(by_method)
+    measured = {m: e for m, e in by_method.items() if "skipped" not in e}
+    rows: list[list[object]] = []
+    if measured:
+        sample = next(iter(measured.values()))
+        spec = [
+            ("genuine pairs", lambda e: e["n_genuine"]),
+            ("impostor pairs", lambda e: e["n_impostor"]),
+            ("genuine mean ± std", lambda e: _mean_std(e, "genuine_mean", "genuine_std")),
+            ("impostor mean ± std", lambda e: _mean_std(e, "impostor_mean", "impostor_std")),
+            ("EER", lambda e: e["eer"]),
+            (
+                "EER threshold (FMR / FNMR there)",
+                lambda e: _threshold_cell(e),
+            ),
+            ("AUC", lambda e: e["auc"]),
+            ("FDR", lambda e: e["fdr"]),
+            ("decidability d'", lambda e: e["decidability"]),
+        ]
+        spec += [
+            (f"FNMR @ FMR={t}", lambda e, t=t: e["fnmr_at_fmr"][t]["value"])
+            for t in sample["fnmr_at_fmr"]
+        ]
+        spec += [
+            (f"FMR @ FNMR={t}", lambda e, t=t: e["fmr_at_fnmr"][t]["value"])
+            for t in sample["fmr_at_fnmr"]
+        ]
+        rows = [
+            [label] + [getter(measured[m]) if m in measured else "" for m in methods]
+            for label, getter in spec
+        ]
+    reasons = [f"skipped: {by_method[m]['skipped']}" if m not in measured else "" for m in methods]
+    if any(reasons):
+        rows.append(["note", *reasons])
+    return ["metric", *methods], rows
+
+
+COMPARISON_TITLES = {
+    "synthetic_vs_synthetic": "Synthetic vs synthetic (identity consistency and separability)",
+    "synthetic_vs_real": "Synthetic vs real (same identity name = genuine)",
+    "real_vs_real": "Real vs real (reference)",
+}
+
+
+def sets_section(sets: Mapping[str, Mapping]) -> str:
+    """Data set table and collapsible lists of images without a face / unreadable."""
+    rows = [
+        [
+            name,
+            s["role"],
+            s["root"],
+            s["n_identities"],
+            s["n_images"],
+            s["n_with_face"],
+            s["n_no_face"],
+            s["n_unreadable"],
+        ]
+        for name, s in sets.items()
+    ]
+    parts = [
+        "<h2>Image sets</h2>",
+        html_table(
+            [
+                "set",
+                "role",
+                "folder",
+                "identities",
+                "images",
+                "face found",
+                "no face",
+                "unreadable",
+            ],
+            rows,
+        ),
+    ]
+    for name, s in sets.items():
+        for key, label in (
+            ("no_face", "no face found"),
+            ("unreadable", "unreadable"),
+            ("empty_identities", "identity folders without images"),
+            ("loose_files", "images outside identity folders (not evaluated)"),
+            ("excluded", "files excluded by --exclude"),
+        ):
+            if s.get(key):
+                items = "".join(f"<li><code>{html.escape(p)}</code></li>" for p in s[key])
+                parts.append(
+                    f"<details><summary>{html.escape(name)}: {len(s[key])} "
+                    f"{label}</summary><ul>{items}</ul></details>"
+                )
+    return "\n".join(parts)
+
+
+def identity_section(identity: Mapping[str, Mapping], figures: Mapping[str, bytes]) -> str:
+    """One table + histogram/ROC/DET per comparison."""
+    parts = ["<h2>Identity consistency and separability</h2>"]
+    for comparison, by_method in identity.items():
+        parts.append(f"<h3>{html.escape(COMPARISON_TITLES.get(comparison, comparison))}</h3>")
+        parts.append(html_table(*verification_rows(by_method)))
+        for kind in ("hist", "roc", "det"):
+            key = f"{comparison}_{kind}"
+            if key in figures:
+                parts.append(html_image(figures[key], key))
+    return "\n".join(parts)
+
+
+def diversity_section(diversity: Mapping, figures: Mapping[str, bytes]) -> str:
+    """Vendi table (+ box plot)."""
+    parts = ["<h2>Diversity (Vendi score per identity, DINOv2 features)</h2>"]
+    if "skipped" in diversity:
+        return parts[0] + f'<p class="note">Skipped: {html.escape(diversity["skipped"])}</p>'
+    rows = [
+        [name, _mean_std(entry, "mean", "std"), entry["n_identities"], entry["n_images"]]
+        for name, entry in diversity.items()
+    ]
+    parts.append(
+        html_table(["set", "Vendi mean ± std over identities", "identities", "images"], rows)
+    )
+    if "vendi" in figures:
+        parts.append(html_image(figures["vendi"], "vendi"))
+    return "\n".join(parts)
+
+
+def vendi_identity_table(diversity: Mapping[str, Mapping]) -> str:
+    """HTML table: one row per identity, its Vendi score in each set (blank if absent)."""
+    names = sorted(
+        {identity for result in diversity.values() for identity in result["per_identity"]}
+    )
+    rows = [
+        [identity]
+        + [
+            result["per_identity"].get(identity, {}).get("vendi", "")
+            for result in diversity.values()
+        ]
+        for identity in names
+    ]
+    return html_table(["identity", *diversity], rows)
+
+
+def identity_consistency_table(consistency: Mapping[str, Mapping]) -> str:
+    """HTML table of metrics.per_identity_consistency, least consistent identity first."""
+    ordered = sorted(consistency.items(), key=lambda item: np.nan_to_num(item[1]["mean"], nan=2.0))
+    rows = [[name, e["n_images"], e["n_pairs"], e["mean"], e["min"]] for name, e in ordered]
+    return html_table(["identity", "images", "genuine pairs", "mean cosine", "min cosine"], rows)
+
+
+def _fidelity_cells(entry: Mapping) -> list[object]:
+    """FD, KD, PRDC cells of one method; a skipped metric shows its reason."""
+    fd, kd, prdc = entry["frechet_distance"], entry["kernel_distance"], entry["prdc"]
+    cells: list[object] = []
+    cells += [f"skipped: {fd['skipped']}"] if "skipped" in fd else [fd["value"]]
+    if "skipped" in kd:
+        cells += [f"skipped: {kd['skipped']}", ""]
+    else:
+        cells += [_mean_std(kd, "mean", "std"), f"{kd['n_subsets']} x {kd['subset_size']}"]
+    if "skipped" in prdc:
+        cells += [f"skipped: {prdc['skipped']}", "", "", ""]
+    else:
+        cells += [prdc["precision"], prdc["recall"], prdc["density"], prdc["coverage"]]
+    counts = fd if "n_real" in fd else kd
+    cells.append(f"{counts.get('n_real', '?')} / {counts.get('n_generated', '?')}")
+    if "k" in prdc:
+        cells.append(f"k={prdc['k']}, {prdc['n_real']} / {prdc['n_generated']}")
+    else:
+        cells.append("")
+    return cells
+
+
+FIDELITY_HEADER = [
+    "method",
+    "FD",
+    "KD mean ± std",
+    "KD subsets x size",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "images real / generated",
+    "PRDC k, images real / generated",
+]
+
+
+def fidelity_section(fidelity: Mapping) -> str:
+    """FD / KD / PRDC table with sample counts."""
+    parts = ["<h2>Fidelity against real images (dgm-eval protocol, DINOv2 features)</h2>"]
+    if "skipped" in fidelity:
+        return parts[0] + f'<p class="note">Skipped: {html.escape(fidelity["skipped"])}</p>'
+    rows = [[method, *_fidelity_cells(entry)] for method, entry in fidelity.items()]
+    parts.append(html_table(FIDELITY_HEADER, rows))
+    for method, entry in fidelity.items():
+        for metric in ("frechet_distance", "prdc"):
+            note = entry[metric].get("note")
+            if note:
+                parts.append(f'<p class="note">{html.escape(method)}: {html.escape(note)}</p>')
+    return "\n".join(parts)
+
+
+def render_report(results: Mapping, figures: Mapping[str, bytes]) -> str:
+    """The whole report as one HTML string (figures inline)."""
+    notes = "".join(f"<li>{html.escape(note)}</li>" for note in results.get("notes", []))
+    definitions = html_table(
+        ["quantity", "definition"], [[k, v] for k, v in results["definitions"].items()]
+    )
+    body = [
+        "<h1>ID-Booth evaluation report</h1>",
+        f"<p>Identity embedder: <code>{html.escape(results['embedder'])}</code>; "
+        f"feature model: <code>{html.escape(str(results.get('feature_model')))}</code></p>",
+        f'<ul class="note">{notes}</ul>' if notes else "",
+        sets_section(results["sets"]),
+        identity_section(results["identity"], figures),
+        diversity_section(results["diversity"], figures),
+        fidelity_section(results["fidelity"]),
+        "<h2>Definitions</h2>",
+        definitions,
+        "<h2>Configuration</h2>",
+        f"<pre>{html.escape(json.dumps(results['config'], indent=2, default=str))}</pre>",
+    ]
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ID-Booth evaluation</title>"
+        f"<style>{STYLE}</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    )

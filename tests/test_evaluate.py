@@ -1,0 +1,341 @@
+"""Evaluation/evaluate.py end to end on real faces (insightface's shipped photos, dlib's shipped
+embedder or a random ArcFace), a tiny random DINOv2, and broken / faceless images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import evaluate
+import metrics
+import numpy as np
+import pytest
+from evaluation_data import (
+    add_bad_images,
+    build_tiny_dinov2,
+    real_face_crops,
+    write_identity_folders,
+)
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "Evaluation" / "evaluate.py"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """real: 5 people x 2 variants; genA: 5 x 3 + a faceless and a broken file; genB: 3 x 2."""
+    root = tmp_path_factory.mktemp("evaluation_data")
+    crops = real_face_crops()
+    names = sorted(crops)[:5]
+    paths = {
+        "real": write_identity_folders(root / "real", crops, names, 2),
+        "genA": write_identity_folders(root / "genA", crops, names, 3),
+        "genB": write_identity_folders(root / "genB", crops, names[:3], 2),
+        "dino": build_tiny_dinov2(root / "dino"),
+    }
+    add_bad_images(paths["genA"] / names[0])
+    Image.new("RGB", (64, 64)).save(paths["genA"] / "stray.png")  # outside identity folders
+    Image.new("RGB", (64, 64)).save(paths["genA"] / names[1] / "grid.jpg")  # a contact sheet
+    return paths
+
+
+def strict_json(path: Path) -> dict:
+    """Parse JSON refusing NaN / Infinity tokens."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def dlib_argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        f"--generated=A={data['genA']}",
+        f"--generated={data['genB']}",
+        f"--real={data['real']}",
+        "--embedder=dlib",
+        f"--out={out}",
+        *extra,
+    ]
+
+
+FEATURE_FLAGS = ("--feature_image_size=56", "--kd_subsets=10")
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("a cached image was embedded again")
+
+
+@pytest.fixture(scope="module")
+def cli_run(data, tmp_path_factory) -> Path:
+    """The real command line (subprocess), identity only: no --feature_model."""
+    out = tmp_path_factory.mktemp("report")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), *dlib_argv(data, out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(cli_run, data) -> Path:
+    """Same folder again with DINOv2 features: faces must come from the cache."""
+    import face_embedding
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(face_embedding.DlibEmbedder, "embed", refuse)
+        argv = dlib_argv(data, cli_run, f"--feature_model={data['dino']}", *FEATURE_FLAGS)
+        evaluate.main(evaluate.parse_args(argv))
+    return cli_run
+
+
+def test_cli_writes_identity_metrics_report_and_plots(cli_run):
+    results = strict_json(cli_run / "metrics.json")
+    assert results["embedder"] == "dlib-resnet128-hog5"
+    sets = results["sets"]
+    assert sets["A"]["n_images"] == 17 and sets["A"]["n_with_face"] == 15
+    assert sets["A"]["no_face"] == ["person_0/zz_noise.png"]
+    assert sets["A"]["unreadable"] == ["person_0/zz_broken.png"]
+    assert sets["A"]["excluded"] == ["person_1/grid.jpg"]
+    assert sets["A"]["loose_files"] == ["stray.png"]
+    assert (sets["genB"]["n_identities"], sets["genB"]["n_images"]) == (3, 6)
+    assert sets["real"]["role"] == "real" and sets["real"]["n_with_face"] == 10
+    identity = results["identity"]
+    assert set(identity) == {"synthetic_vs_synthetic", "synthetic_vs_real", "real_vs_real"}
+    within_a = identity["synthetic_vs_synthetic"]["A"]
+    assert (within_a["n_genuine"], within_a["n_impostor"]) == (3 * 1 + 4 * 3, 105 - 15)
+    assert within_a["eer"] == 0.0 and within_a["auc"] == 1.0 and within_a["decidability"] > 4
+    cross_b = identity["synthetic_vs_real"]["genB"]
+    assert (cross_b["n_genuine"], cross_b["n_impostor"]) == (3 * 2 * 2, 6 * 10 - 12)
+    assert set(within_a["fnmr_at_fmr"]) == {"0.01", "0.001"}
+    assert "--feature_model" in results["diversity"]["skipped"]
+    assert "--feature_model" in results["fidelity"]["skipped"]
+    assert "FMR = FNMR" in results["definitions"]["eer"]
+    report = (cli_run / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 9  # 3 comparisons x hist/ROC/DET
+    for text in ("zz_noise.png", "zz_broken.png", "stray.png", "genB", "EER", "decidability"):
+        assert text in report
+    assert not list(cli_run.glob("**/*.tmp"))
+
+
+def test_features_add_diversity_and_fidelity_from_cached_faces(full_run, data):
+    from features import FeatureExtractor
+    from image_sets import load_image_set
+
+    results = strict_json(full_run / "metrics.json")
+    diversity = results["diversity"]
+    assert diversity["A"]["n_images"] == 16 and diversity["A"]["n_identities"] == 5  # readable
+    assert 1.0 <= diversity["A"]["mean"] <= 3.0 and set(diversity) == {"A", "genB", "real"}
+    fidelity = results["fidelity"]["A"]
+    assert (
+        fidelity["frechet_distance"]["n_real"],
+        fidelity["frechet_distance"]["n_generated"],
+    ) == (
+        10,
+        16,
+    )
+    assert fidelity["kernel_distance"]["n_subsets"] == 10
+    assert fidelity["kernel_distance"]["subset_size"] == 10
+    assert fidelity["prdc"]["k"] == 5 and set(results["fidelity"]) == {"A", "genB"}
+    report = (full_run / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 10  # + the Vendi box plot
+    assert "coverage" in report and "Vendi" in report
+    assert len(list((full_run / "plots").glob("*.png"))) == 10
+    # The numbers equal features computed directly from the files.
+    extractor = FeatureExtractor(data["dino"], image_size=56)
+
+    def features(folder: Path) -> np.ndarray:
+        image_set = load_image_set("x", folder)
+        return extractor.embed([Image.open(p).convert("RGB") for p in image_set.paths])
+
+    real, fake = features(data["real"]), features(data["genB"])
+    genb = results["fidelity"]["genB"]
+    expected = metrics.frechet_distance_features(real, fake)["value"]
+    assert genb["frechet_distance"]["value"] == pytest.approx(expected, rel=1e-4)
+    assert genb["prdc"] == pytest.approx(metrics.prdc(real, fake, k=5))
+
+
+def test_row_cache_resumes_and_follows_file_content(tmp_path):
+    from image_sets import STATUS_OK, cached_rows
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    paths = []
+    for index in range(5):
+        paths.append(folder / f"{index}.txt")
+        paths[-1].write_text(f"content {index}")
+    computed: list[str] = []
+
+    def compute(batch):
+        computed.extend(path.name for path in batch)
+        rows = np.array([[float(path.read_text().split()[-1]), 1.0] for path in batch])
+        return rows, np.full(len(batch), STATUS_OK, dtype=np.int8)
+
+    cache = tmp_path / "cache" / "rows.npz"
+    rows, status = cached_rows(paths, compute, cache, batch_size=2)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(5))
+    assert computed == [f"{i}.txt" for i in range(5)] and (status == STATUS_OK).all()
+    computed.clear()
+    paths[3].write_text("content 30")  # changed content: recomputed; the rest come from disk
+    paths.append(folder / "copy.txt")
+    paths[-1].write_text("content 1")  # same bytes as 1.txt: a cache hit under another name
+    rows, _ = cached_rows(paths, compute, cache, batch_size=2)
+    assert computed == ["3.txt"]
+    np.testing.assert_array_equal(rows[:, 0], [0, 1, 2, 30, 4, 1])
+    assert not list(cache.parent.glob("*.tmp"))
+
+
+def test_arcface_embedder_path_matches_direct_embedding(data, tmp_path, monkeypatch):
+    import torch
+
+    import arcface
+
+    detector = arcface.build_face_detector("dlib")
+    monkeypatch.setattr(arcface, "build_face_detector", lambda *args, **kwargs: detector)
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.pth"
+    torch.save(arcface.build_iresnet("r18").state_dict(), weights)
+    args = evaluate.parse_args(
+        [
+            f"--generated=B={data['genB']}",
+            f"--arcface_weights={weights}",
+            "--face_detector=dlib",
+            f"--out={tmp_path / 'out'}",
+        ]
+    )
+    results = evaluate.main(args)
+    assert results["embedder"].startswith("arcface-r18-")
+    assert results["diversity"] == {"skipped": results["fidelity"]["skipped"]}
+    assert "feature_model" in results["fidelity"]["skipped"]
+    # Same numbers as embedding the files directly with the foundation's functions.
+    from image_sets import load_image_set
+
+    image_set = load_image_set("B", data["genB"])
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in image_set.paths]
+    embeddings, found = arcface.embed_face_images(images, detector, arcface.load_arcface(weights))
+    assert found.all()
+    genuine, impostor = metrics.within_set_scores(embeddings, image_set.identities)
+    expected = metrics.verification_metrics(genuine, impostor)
+    measured = results["identity"]["synthetic_vs_synthetic"]["B"]
+    assert measured["eer"] == pytest.approx(expected["eer"])
+    assert measured["genuine_mean"] == pytest.approx(expected["genuine_mean"], abs=1e-5)
+    assert measured["n_impostor"] == expected["n_impostor"] == 6 * 5 // 2 - 3
+
+
+def test_sets_without_faces_are_reported_not_fatal(tmp_path):
+    noise = np.random.default_rng(1)
+    for identity in ("p1", "p2"):
+        (tmp_path / "noise" / identity).mkdir(parents=True)
+        for k in range(2):
+            pixels = noise.integers(0, 255, (80, 80, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "noise" / identity / f"{k}.png")
+    (tmp_path / "noise" / "empty").mkdir()
+    out = tmp_path / "out"
+    results = evaluate.main(
+        evaluate.parse_args(
+            [f"--generated=N={tmp_path / 'noise'}", "--embedder=dlib", f"--out={out}"]
+        )
+    )
+    assert results["sets"]["N"]["n_no_face"] == 4
+    assert results["sets"]["N"]["empty_identities"] == ["empty"]
+    assert (
+        "no image with a detected face"
+        in results["identity"]["synthetic_vs_synthetic"]["N"]["skipped"]
+    )
+    assert "skipped: no image with a detected face" in (out / "report.html").read_text()
+    assert strict_json(out / "metrics.json")["notes"]
+
+
+def test_argument_errors_are_clear(data, tmp_path):
+    with pytest.raises(ValueError, match="needs --arcface_weights"):
+        evaluate.parse_args([f"--generated={data['genA']}", f"--out={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate.parse_args(["--generated=X=/no/such/dir", "--embedder=dlib", f"--out={tmp_path}"])
+    with pytest.raises(ValueError, match="used twice or reserved"):
+        evaluate.parse_args(
+            [f"--generated=real={data['genA']}", "--embedder=dlib", f"--out={tmp_path}"]
+        )
+    with pytest.raises(ValueError, match="targets"):
+        evaluate.parse_args(
+            [
+                f"--generated={data['genA']}",
+                "--embedder=dlib",
+                "--fmr_targets=0",
+                f"--out={tmp_path}",
+            ]
+        )
+    assert evaluate.parse_generated(["a=/x", "/y/z"]) == {"a": Path("/x"), "z": Path("/y/z")}
+    from image_sets import load_image_set
+
+    with pytest.raises(ValueError, match="no identity sub-folders"):
+        load_image_set("flat", data["genA"] / "person_0")
+
+
+def test_dgm_eval_preprocessing_and_cls_features(data):
+    import torch
+    from features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
+
+    extractor = FeatureExtractor(data["dino"], image_size=56)
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (90, 70, 3), dtype=np.uint8))
+    resized = np.asarray(image.resize((56, 56), Image.BICUBIC), dtype=np.float64) / 255.0
+    expected = (resized - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)  # (56, 56, 3)
+    pixels = extractor.preprocess([image])  # (1, 3, 56, 56)
+    np.testing.assert_allclose(pixels[0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    with torch.no_grad():
+        hidden = extractor.model(pixel_values=pixels).last_hidden_state[:, 0]  # final-LN CLS
+    np.testing.assert_allclose(extractor.embed([image]), hidden.numpy(), atol=1e-6)
+    assert extractor.feature_dim == 32
+    other = FeatureExtractor(data["dino"], image_size=56, protocol="processor")
+    assert other.name != extractor.name  # cache keys differ by protocol
+
+
+def test_identity_comparisons_skip_with_a_reason(tmp_path):
+    from image_sets import STATUS_NO_FACE, STATUS_OK, ImageSet
+
+    def embedded(names: list[str], status: list[int]) -> evaluate.EmbeddedSet:
+        paths = [tmp_path / name / f"{k}.png" for k, name in enumerate(names)]
+        image_set = ImageSet("s", tmp_path, paths, names)
+        rows = np.random.default_rng(len(names)).normal(size=(len(names), 8))
+        return evaluate.EmbeddedSet(image_set, rows, np.array(status, dtype=np.int8))
+
+    faces = {
+        "one_identity": embedded(["a", "a", "a"], [STATUS_OK] * 3),
+        "singletons": embedded(["a", "b", "c"], [STATUS_OK] * 3),
+        "other_names": embedded(["x", "x", "y", "y"], [STATUS_OK] * 4),
+        "real": embedded(["a", "a", "b", "b"], [STATUS_OK, STATUS_NO_FACE, STATUS_OK, STATUS_OK]),
+    }
+    args = evaluate.parse_args(
+        [f"--generated={tmp_path}", "--embedder=dlib", f"--out={tmp_path / 'out'}"]
+    )
+    results, scores = evaluate.identity_metrics(
+        faces, ["one_identity", "singletons", "other_names"], args
+    )
+    within, cross = results["synthetic_vs_synthetic"], results["synthetic_vs_real"]
+    assert "no impostor pair" in within["one_identity"]["skipped"]
+    assert "no genuine pair" in within["singletons"]["skipped"]
+    assert (
+        within["other_names"]["n_genuine"] == 2
+        and "other_names" in scores["synthetic_vs_synthetic"]
+    )
+    assert "no identity name is shared" in cross["other_names"]["skipped"]
+    # 'singletons' vs real: a-a gives 1 pair (the faceless real 'a' is left out), b-b gives 2.
+    assert cross["singletons"]["n_genuine"] == 1 + 2
+    assert results["real_vs_real"]["real"]["n_genuine"] == 1
+
+
+def test_missing_feature_model_is_a_clear_error(tmp_path):
+    from features import FeatureExtractor
+
+    with pytest.raises(FileNotFoundError, match="cannot load feature model"):
+        FeatureExtractor(tmp_path / "no-such-dinov2")
+    with pytest.raises(ValueError, match="options"):
+        FeatureExtractor(tmp_path, protocol="other")

@@ -1,0 +1,696 @@
+"""inference_ID-Booth.py: reproducible, resumable, splittable dataset generation.
+
+Everything runs on the tiny random SD-2.1-shaped pipeline (64 px, 4 DDPM steps) with LoRAs
+made by peft the way train_ID-Booth.py saves them, with random (non-zero) LoRA weights so
+they change the images. Independent references: a stock diffusers pipeline regenerating an
+image from its metadata line alone, hashlib for the seeds, string concatenation for the
+prompts.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from tiny_sd import build_tiny_sd
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "inference_ID-Booth.py"
+FAST = ["--num_inference_steps", "4", "--resolution", "64", "--mixed_precision", "no"]
+
+
+def _import_script():
+    spec = importlib.util.spec_from_file_location("inference_id_booth", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+inference = _import_script()
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def make_lora(folder: Path, unet, seed: int, std: float = 0.5) -> Path:
+    """Save a diffusers-format LoRA like train_ID-Booth.py's, with random non-zero weights."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # gaussian init leaves lora_B at zero: perturb every LoRA matrix
+        for name, parameter in unet.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        safe_serialization=True,
+    )
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine it is several times faster than two
+    (no OpenMP spinning), and the subprocesses and torchrun workers use one too, so all
+    runs share the same CPU summation order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny base model, LoRA root with three identities, gender CSV, a wrong-base LoRA."""
+    from diffusers import UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("inference_assets")
+    model = build_tiny_sd(root / "tiny_sd")
+    loras = root / "loras"
+    for seed, name in enumerate(["ID_a", "ID_b", "ID_c"]):
+        make_lora(loras / name, UNet2DConditionModel.from_pretrained(model / "unet"), seed)
+    config = dict(UNet2DConditionModel.load_config(model / "unet"))
+    config["cross_attention_dim"] = 48  # e.g. an SD 1.5 LoRA (768) on SD 2.1 (1024)
+    wrong_base = make_lora(
+        root / "wrong_base" / "ID_w", UNet2DConditionModel.from_config(config), 7
+    )
+    genders = root / "genders.csv"
+    genders.write_text("identity,gender\nID_a,male\nID_b,F\nID_c,woman\nID_w,m\nID_x,male\n")
+    return {"model": model, "loras": loras, "genders": genders, "wrong_base": wrong_base}
+
+
+def cli(assets, output_dir: Path, *extra: str) -> list[str]:
+    """Arguments for a small run over the LoRA root."""
+    return [
+        "--pretrained_model_name_or_path",
+        str(assets["model"]),
+        "--lora_root",
+        str(assets["loras"]),
+        "--identity_attributes",
+        str(assets["genders"]),
+        "--output_dir",
+        str(output_dir),
+        *FAST,
+        *extra,
+    ]
+
+
+def run(argv: list[str]) -> dict:
+    return inference.main(inference.parse_args(argv))
+
+
+def pngs(output_dir: Path) -> dict[str, bytes]:
+    """relative path -> bytes of every image under output_dir."""
+    return {str(p.relative_to(output_dir)): p.read_bytes() for p in output_dir.glob("*/*.png")}
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def metadata(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metadata.jsonl").read_text().splitlines()]
+
+
+def temp_files(output_dir: Path) -> list[Path]:
+    return [p for p in output_dir.rglob("*") if ".tmp-" in p.name]
+
+
+def subprocess_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO_ROOT))
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+# ------------------------------------------------------------------ seeds, prompts, splits
+
+
+def test_image_seed_is_sha256_of_seed_identity_index():
+    import hashlib
+
+    for base_seed, identity, index in [(0, "ID_1", 0), (42, "ID_107", 99), (7, "a/b", 3)]:
+        digest = hashlib.sha256(f"{base_seed}/{identity}/{index}".encode()).digest()
+        expected = int.from_bytes(digest[:8], "big") % 2**63
+        assert inference.image_seed(base_seed, identity, index) == expected
+    # Pinned: changing the derivation would silently change every published dataset.
+    assert inference.image_seed(0, "ID_1", 0) == 6552712344683382331
+    seeds = {inference.image_seed(0, f"ID_{i}", j) for i in range(30) for j in range(30)}
+    assert len(seeds) == 900
+
+
+TEXT = st.text(
+    alphabet=st.characters(exclude_characters="{}", exclude_categories=("Cs",)), max_size=20
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gender=st.sampled_from(["male", "female"]),
+    background=TEXT.filter(lambda text: text != "none"),
+    side=st.booleans(),
+    identity=TEXT,
+)
+def test_default_prompt_follows_the_paper(gender, background, side, identity):
+    portrait = "side-portrait" if side else "portrait"
+    prompt = inference.build_prompt(
+        inference.DEFAULT_PROMPT_TEMPLATE,
+        inference.DEFAULT_NO_BACKGROUND_TEMPLATE,
+        gender=gender,
+        background=background,
+        side_portrait=side,
+        identity=identity,
+    )
+    assert prompt == "face " + portrait + " photo of " + gender + " sks person, " + background + (
+        " background"
+    )
+    no_background = inference.build_prompt(
+        inference.DEFAULT_PROMPT_TEMPLATE,
+        inference.DEFAULT_NO_BACKGROUND_TEMPLATE,
+        gender=gender,
+        background="none",
+        side_portrait=side,
+        identity=identity,
+    )
+    assert no_background == "face " + portrait + " photo of " + gender + " sks person"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    pieces=st.lists(TEXT, min_size=5, max_size=5),
+    order=st.permutations(["background", "gender", "identity", "portrait"]),
+    values=st.lists(TEXT, min_size=3, max_size=3),
+    side=st.booleans(),
+)
+def test_custom_template_substitutes_each_placeholder(pieces, order, values, side):
+    template = "".join(p + "{" + name + "}" for p, name in zip(pieces, order, strict=False))
+    template += pieces[-1]
+    inference.validate_template(template)
+    background, gender, identity = values
+    prompt = inference.build_prompt(
+        template,
+        "x",
+        gender=gender,
+        background=background + "!",
+        side_portrait=side,
+        identity=identity,
+    )
+    filled = {
+        "background": background + "!",
+        "gender": gender,
+        "identity": identity,
+        "portrait": "side-portrait" if side else "portrait",
+    }
+    expected = "".join(p + filled[name] for p, name in zip(pieces, order, strict=False))
+    assert prompt == expected + pieces[-1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**63 - 1),
+    backgrounds=st.lists(TEXT, min_size=1, max_size=12, unique=True),
+    probability=st.floats(0.0, 1.0),
+)
+def test_prompt_choices_are_a_pure_function_of_the_seed(seed, backgrounds, probability):
+    background, side = inference.prompt_choices(seed, backgrounds, probability)
+    assert background in backgrounds
+    assert (background, side) == inference.prompt_choices(seed, list(backgrounds), probability)
+    if probability == 0.0:
+        assert not side
+    if probability == 1.0:
+        assert side
+
+
+def test_side_portrait_coin_and_backgrounds_are_balanced():
+    draws = [
+        inference.prompt_choices(
+            inference.image_seed(0, "ID_1", i), inference.PAPER_BACKGROUNDS, 0.5
+        )
+        for i in range(4000)
+    ]
+    side_fraction = np.mean([side for _, side in draws])
+    assert 0.46 < side_fraction < 0.54
+    counts = {bg: sum(b == bg for b, _ in draws) for bg in inference.PAPER_BACKGROUNDS}
+    assert min(counts.values()) > 4000 / 11 * 0.8
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    name=st.from_regex(r"[a-z_]{1,12}", fullmatch=True).filter(
+        lambda name: name not in inference.PROMPT_PLACEHOLDERS
+    )
+)
+def test_unknown_placeholder_is_rejected_with_the_options(name):
+    with pytest.raises(ValueError, match=r"unknown placeholder.*\{" + name + r"\}") as error:
+        inference.validate_template("photo of {gender} and {" + name + "}")
+    assert "{background}, {gender}, {identity}, {portrait}" in str(error.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(num_items=st.integers(0, 60), num_processes=st.integers(1, 9))
+def test_split_work_partitions_without_overlap(num_items, num_processes):
+    items = list(range(num_items))
+    shares = [inference.split_work(items, num_processes, rank) for rank in range(num_processes)]
+    assert [item for share in shares for item in share] == items
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(num_identities=st.integers(1, 4), num_images=st.integers(1, 30), batch=st.integers(1, 9))
+def test_batches_are_fixed_index_ranges_per_identity(num_identities, num_images, batch):
+    names = [f"ID_{i}" for i in range(num_identities)]
+    batches = inference.make_batches(names, num_images, batch)
+    for name in names:
+        mine = [indices for owner, indices in batches if owner == name]
+        assert [i for indices in mine for i in indices] == list(range(num_images))
+        assert all(indices[0] % batch == 0 and len(indices) <= batch for indices in mine)
+
+
+# ------------------------------------------------------------------- generation results
+
+
+def test_same_seed_gives_byte_identical_pngs(assets, tmp_path):
+    argv = ["--identities", "ID_a", "--num_images_per_identity", "3"]
+    run(cli(assets, tmp_path / "first", *argv))
+    run(cli(assets, tmp_path / "second", *argv))
+    first, second = pngs(tmp_path / "first"), pngs(tmp_path / "second")
+    assert sorted(first) == ["ID_a/0.png", "ID_a/1.png", "ID_a/2.png"]
+    assert first == second
+    assert (tmp_path / "first" / "metadata.jsonl").read_bytes() == (
+        tmp_path / "second" / "metadata.jsonl"
+    ).read_bytes()
+    run(cli(assets, tmp_path / "other_seed", *argv, "--seed", "1", "--grid_dir", str(tmp_path)))
+    other = tmp_path / "other_seed" / "ID_a" / "0.png"
+    assert np.abs(pixels(other) - pixels(tmp_path / "first" / "ID_a" / "0.png")).mean() > 5
+    with Image.open(tmp_path / "ID_a.jpg") as grid:  # 3 images -> 2 x 2 cells of 128 px
+        assert grid.size == (256, 256)
+
+
+def test_batch_size_changes_only_float_rounding(assets, tmp_path):
+    argv = ["--identities", "ID_b", "--num_images_per_identity", "4"]
+    run(cli(assets, tmp_path / "b1", *argv, "--batch_size", "1"))
+    run(cli(assets, tmp_path / "b3", *argv, "--batch_size", "3"))  # batches [0, 1, 2], [3]
+    strip = ("batch_indices",)
+    rows1 = [{k: v for k, v in r.items() if k not in strip} for r in metadata(tmp_path / "b1")]
+    rows3 = [{k: v for k, v in r.items() if k not in strip} for r in metadata(tmp_path / "b3")]
+    assert rows1 == rows3  # same seeds, prompts, settings
+    assert [r["batch_indices"] for r in metadata(tmp_path / "b3")] == [[0, 1, 2]] * 3 + [[3]]
+    for index in range(4):
+        one = pixels(tmp_path / "b1" / "ID_b" / f"{index}.png")
+        three = pixels(tmp_path / "b3" / "ID_b" / f"{index}.png")
+        difference = np.abs(one - three)
+        # Per-image noise makes the images the same; CPU kernels round differently per
+        # batch shape, which can move a few pixels by one level.
+        assert difference.max() <= 2 and (difference > 0).mean() < 0.01
+        if index == 3:  # same batch shape in both runs: exactly equal
+            assert difference.max() == 0
+
+
+def _stock_pipeline(model: Path):
+    """A fresh diffusers pipeline, frozen like the script's (CPU kernels depend on it)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model)
+    pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        component.requires_grad_(False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _regenerate(pipeline, record: dict) -> np.ndarray:
+    """An image from its metadata line alone, with plain diffusers calls."""
+    image = pipeline(
+        record["prompt"],
+        negative_prompt=record["negative_prompt"],
+        generator=torch.Generator().manual_seed(record["seed"]),
+        num_inference_steps=record["num_inference_steps"],
+        guidance_scale=record["guidance_scale"],
+        height=record["resolution"],
+        width=record["resolution"],
+    ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_lora_changes_images_and_metadata_regenerates_them(assets, tmp_path):
+    argv = ["--identities", "ID_a", "--num_images_per_identity", "2"]
+    run(cli(assets, tmp_path / "lora", *argv))
+    one_identity = cli(assets, tmp_path / "base", "--num_images_per_identity", "2")
+    position = one_identity.index("--lora_root")  # --lora_dir: one identity, same name
+    one_identity[position : position + 2] = ["--lora_dir", str(assets["loras"] / "ID_a")]
+    run([*one_identity, "--lora_scale", "0"])
+    for index in range(2):
+        with_lora = pixels(tmp_path / "lora" / "ID_a" / f"{index}.png")
+        base = pixels(tmp_path / "base" / "ID_a" / f"{index}.png")
+        assert np.abs(with_lora - base).mean() > 5
+
+    pipeline = _stock_pipeline(assets["model"])
+    base_record = metadata(tmp_path / "base")[1]
+    assert np.array_equal(_regenerate(pipeline, base_record), pixels(tmp_path / "base/ID_a/1.png"))
+    record = metadata(tmp_path / "lora")[1]
+    assert record["lora_path"] == str(assets["loras"] / "ID_a" / "pytorch_lora_weights.safetensors")
+    pipeline.load_lora_weights(Path(record["lora_path"]).parent)
+    assert np.array_equal(_regenerate(pipeline, record), pixels(tmp_path / "lora/ID_a/1.png"))
+
+
+def test_base_loads_once_and_lora_swaps_leave_no_trace(assets, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    loads = []
+    original = StableDiffusionPipeline.from_pretrained.__func__
+
+    def counting_from_pretrained(cls, *args, **kwargs):
+        loads.append(args)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(
+        StableDiffusionPipeline, "from_pretrained", classmethod(counting_from_pretrained)
+    )
+    summary = run(cli(assets, tmp_path / "all", "--num_images_per_identity", "2"))
+    assert len(loads) == 1 and summary["written"] == 6 and summary["failed"] == 0
+    run(cli(assets, tmp_path / "only_c", "--identities", "ID_c", "--num_images_per_identity", "2"))
+    all_images, only_c = pngs(tmp_path / "all"), pngs(tmp_path / "only_c")
+    assert {k: v for k, v in all_images.items() if k.startswith("ID_c")} == only_c
+    assert all_images["ID_a/0.png"] != all_images["ID_b/0.png"]  # the swap happened
+
+
+@pytest.mark.parametrize("name", sorted(inference.SCHEDULERS))
+def test_every_scheduler_builds_and_is_reproducible(assets, name):
+    import diffusers
+
+    args = inference.parse_args(
+        cli(assets, Path("unused"), "--scheduler", name, "--num_inference_steps", "3")
+    )
+    pipeline = inference.load_pipeline(args)
+    class_name, overrides = inference.SCHEDULERS[name]
+    assert type(pipeline.scheduler) is getattr(diffusers, class_name)
+    for key, value in overrides.items():
+        assert pipeline.scheduler.config[key] == value
+    jobs = [inference.plan_image(args, "ID_a", "male", index) for index in range(2)]
+    first, _ = inference.generate_batch(pipeline, jobs, args)
+    again, _ = inference.generate_batch(pipeline, jobs[1:], args)
+    image = np.asarray(first[1], dtype=np.int16)
+    assert np.abs(image - np.asarray(again[0], dtype=np.int16)).max() <= 2
+    assert image.std() > 0
+
+
+# -------------------------------------------------------------- interruption and disk full
+
+
+def test_disk_full_leaves_no_partial_image_and_resume_completes(assets, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    argv = cli(assets, output, "--identities", "ID_a", "--num_images_per_identity", "4")
+    original = inference._write_all
+    calls = []
+
+    def disk_fills_up(handle, data):
+        calls.extend([len(data)] if data.startswith(b"\x89PNG") else [])
+        if len(calls) == 3:  # third image: half of it lands, then the disk is full
+            handle.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(handle, data)
+
+    monkeypatch.setattr(inference, "_write_all", disk_fills_up)
+    with pytest.raises(OSError, match=r"could not write .*2\.png.*No space left") as error:
+        run(argv)
+    assert error.value.errno == errno.ENOSPC
+    assert sorted(pngs(output)) == ["ID_a/0.png", "ID_a/1.png"]
+    assert temp_files(output) == []
+    assert not (output / "metadata.jsonl").exists()
+
+    monkeypatch.setattr(inference, "_write_all", original)
+    summary = run(argv)
+    assert (summary["written"], summary["skipped"]) == (2, 2)
+    assert [r["index"] for r in metadata(output)] == [0, 1, 2, 3]
+    reference = tmp_path / "reference"
+    run(cli(assets, reference, "--identities", "ID_a", "--num_images_per_identity", "4"))
+    assert pngs(output) == pngs(reference)
+
+
+def test_killed_run_resumes_to_the_full_set_without_duplicates(assets, tmp_path):
+    output = tmp_path / "killed"
+    argv = cli(
+        assets,
+        output,
+        "--identities",
+        "ID_a",
+        "ID_b",
+        "--num_images_per_identity",
+        "8",
+        "--batch_size",
+        "2",
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *argv],
+        env=subprocess_env(1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while len(list(output.glob("*/*.png"))) < 3:
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no images after 240 s"
+            time.sleep(0.02)
+    finally:  # SIGKILL: no handler, no cleanup, like a node failure or the OOM killer
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    left = sorted(output.glob("*/*.png"))
+    assert 3 <= len(left) < 16
+    for path in left:  # whatever the kill left behind is complete
+        assert inference.is_complete_png(path)
+        with Image.open(path) as image:
+            image.load()
+    (output / "metadata.jsonl").write_text('{"identity": "ID_a", "index": 0}\n{"trunc')
+
+    summary = run(argv)
+    assert summary["written"] + summary["skipped"] == 16 and summary["failed"] == 0
+    rows = metadata(output)
+    assert len(rows) == 16 and len({(r["identity"], r["index"]) for r in rows}) == 16
+    assert temp_files(output) == []
+    reference = tmp_path / "uninterrupted"
+    run(
+        cli(
+            assets,
+            reference,
+            "--identities",
+            "ID_a",
+            "ID_b",
+            "--num_images_per_identity",
+            "8",
+            "--batch_size",
+            "2",
+        )
+    )
+    assert pngs(output) == pngs(reference)
+
+
+def test_two_processes_write_exactly_what_one_process_writes(assets, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    assert torchrun.exists(), "torchrun ships with torch; the venv should have it"
+    root = tmp_path / "loras"
+    for name in ("ID_a", "ID_b"):
+        shutil.copytree(assets["loras"] / name, root / name)
+    (root / "ID_x").mkdir()  # no weights: fails on rank 1, the others go on
+    # 3 identities x 2 images, batch 1 -> 6 batches: rank 0 gets a0 a1 b0, rank 1 b1 x0 x1,
+    # so ID_b is split, and rank 1 starts on it with a fresh pipeline.
+    common = ["--num_images_per_identity", "2", "--batch_size", "1"]
+    argv = cli(assets, tmp_path / "two", *common)
+    argv[argv.index("--lora_root") + 1] = str(root)
+    completed = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(SCRIPT), *argv],
+        env=subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 1, completed.stderr[-3000:]  # a failed identity -> 1
+    assert "[rank 1/2] ERROR identity 'ID_x': no LoRA weights" in completed.stderr
+    assert '"written": 4, "skipped": 0, "failed": 2' in completed.stderr
+
+    assert torch.get_num_threads() == 1  # as in torchrun's workers: CPU sums depend on it
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "one")
+    summary = run(argv)
+    assert (summary["written"], summary["failed"]) == (4, 2)
+    one_images, two_images = pngs(tmp_path / "one"), pngs(tmp_path / "two")
+    assert len(one_images) == 4 and one_images == two_images
+    one_lines = (tmp_path / "one" / "metadata.jsonl").read_bytes()
+    assert one_lines == (tmp_path / "two" / "metadata.jsonl").read_bytes()
+    assert json.loads((tmp_path / "two" / "run_config.json").read_text())["num_processes"] == 2
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_missing_and_wrong_base_loras_fail_alone(assets, tmp_path, caplog):
+    root = tmp_path / "loras"
+    shutil.copytree(assets["loras"] / "ID_a", root / "ID_a")
+    (root / "ID_x").mkdir()  # trained folder without weights
+    shutil.copytree(assets["wrong_base"], root / "ID_w")
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "2")
+    argv[argv.index("--lora_root") + 1] = str(root)
+    summary = run(argv)
+    assert (summary["written"], summary["failed"]) == (2, 4)
+    assert summary["failed_identities"] == ["ID_w", "ID_x"]
+    assert sorted(pngs(tmp_path / "out")) == ["ID_a/0.png", "ID_a/1.png"]
+    log = caplog.text
+    assert "identity 'ID_x': no LoRA weights at" in log
+    assert "identity 'ID_w'" in log and "different base" in log and "attn2.to_k" in log
+
+
+def test_unknown_scheduler_lists_the_options(assets, tmp_path):
+    with pytest.raises(ValueError, match="unknown --scheduler 'heunx'") as error:
+        inference.parse_args(cli(assets, tmp_path, "--scheduler", "heunx"))
+    for name in ("ddpm", "ddim", "dpmsolver++", "euler_a", "pndm", "unipc"):
+        assert name in str(error.value)
+
+
+def test_unknown_placeholder_fails_at_parse_time(assets, tmp_path):
+    with pytest.raises(ValueError, match=r"--prompt_template .*\{age\}"):
+        inference.parse_args(cli(assets, tmp_path, "--prompt_template", "{age} {gender}"))
+    with pytest.raises(ValueError, match="malformed"):
+        inference.parse_args(cli(assets, tmp_path, "--prompt_template", "photo of {gender"))
+    with pytest.raises(ValueError, match="must not contain"):
+        inference.parse_args(
+            cli(assets, tmp_path, "--prompt_template_no_background", "{background} x")
+        )
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the base model gets loaded (input errors must come first)."""
+
+    def forbidden(args):
+        raise AssertionError("the base model was loaded before the input was validated")
+
+    monkeypatch.setattr(inference, "load_pipeline", forbidden)
+
+
+def test_attribute_file_missing_identities_lists_them_all(assets, tmp_path, no_model_load):
+    partial = tmp_path / "genders.json"
+    partial.write_text(json.dumps({"ID_b": {"gender": "female"}}))
+    argv = cli(assets, tmp_path / "out", "--identity_attributes", str(partial))
+    with pytest.raises(ValueError, match=r"no gender for 2 identities: ID_a, ID_c"):
+        run(argv)
+    partial.write_text(json.dumps({"ID_a": "male", "ID_b": "female", "ID_c": "robot"}))
+    with pytest.raises(ValueError, match=r"unknown gender values ID_c='robot'"):
+        run(argv)
+    assert not (tmp_path / "out" / "ID_a").exists()
+
+
+def test_unwritable_output_dir_is_reported_before_loading(assets, tmp_path, no_model_load):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    for target in (a_file, a_file / "sub"):
+        with pytest.raises(ValueError, match=r"--output_dir .* is not a writable folder"):
+            run(cli(assets, target))
+
+
+def test_changed_settings_refuse_to_mix_into_existing_output(assets, tmp_path):
+    root = tmp_path / "loras"
+    shutil.copytree(assets["loras"] / "ID_a", root / "ID_a" / "checkpoint-100")
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "1", "--checkpoint", "latest")
+    argv[argv.index("--lora_root") + 1] = str(root)
+    run(argv)
+    with pytest.raises(ValueError, match=r"guidance_scale: 5.0 -> 7.5"):
+        run([*argv, "--guidance_scale", "7.5"])
+    summary = run([*argv, "--num_images_per_identity", "2"])
+    assert (summary["written"], summary["skipped"]) == (1, 1)  # extending is fine
+    shutil.copytree(root / "ID_a" / "checkpoint-100", root / "ID_a" / "checkpoint-200")
+    with pytest.raises(ValueError, match=r"LoRA of ID_a: .*checkpoint-100.* -> .*checkpoint-200"):
+        run(argv)  # 'latest' now means another file
+
+
+def test_other_argument_errors(assets, tmp_path):
+    checkpoint = tmp_path / "ID_1" / "checkpoint-6400"
+    checkpoint.mkdir(parents=True)
+    argv = cli(assets, tmp_path / "out")
+    lora_root = argv.index("--lora_root")
+    with pytest.raises(ValueError, match="--lora_dir .*ID_1 and --checkpoint checkpoint-6400"):
+        inference.parse_args(
+            argv[:lora_root] + ["--lora_dir", str(checkpoint)] + argv[lora_root + 2 :]
+        )
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        inference.parse_args(argv + ["--backgrounds", str(tmp_path / "missing.txt")])
+    with pytest.raises(ValueError, match="--grid_dir"):
+        inference.parse_args(argv + ["--grid_dir", str(tmp_path / "out" / "grids")])
+    with pytest.raises(ValueError, match="--resolution must be a multiple of 8"):
+        inference.parse_args(argv + ["--resolution", "60"])
+
+
+# ------------------------------------------------------------------- smaller pure pieces
+
+
+def test_backgrounds_file_and_checkpoint_choice(tmp_path):
+    listing = tmp_path / "backgrounds.txt"
+    listing.write_text("# mine\nforest\n\nrainy street\n")
+    assert inference.resolve_backgrounds([str(listing)]) == ["forest", "rainy street"]
+    assert inference.resolve_backgrounds(["a", "b"]) == ["a", "b"]
+    for step in (400, 6400, 800):
+        (tmp_path / "ID" / f"checkpoint-{step}").mkdir(parents=True)
+    chosen = inference.resolve_checkpoint(tmp_path / "ID", "latest")
+    assert chosen.name == "checkpoint-6400"
+
+
+def test_attributes_csv_json_and_training_config_fallback(tmp_path):
+    sources = [inference.IdentitySource(n, tmp_path / n, None) for n in ("A", "B", "C")]
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "training_config.json").write_text(json.dumps({"gender": "Female"}))
+    table = tmp_path / "attributes.csv"
+    table.write_text("identity,age,gender\nA,30,M\nB,41,female\n")
+    assert inference.resolve_genders(sources, table) == {"A": "male", "B": "female", "C": "female"}
+    records = tmp_path / "attributes.json"
+    records.write_text(
+        json.dumps([{"identity": "A", "gender": "man"}, {"identity": "B", "gender": "f"}])
+    )
+    assert inference.resolve_genders(sources, records)["A"] == "male"
+    duplicated = tmp_path / "dup.csv"
+    duplicated.write_text("identity,gender\nA,male\nA,female\n")
+    with pytest.raises(ValueError, match="more than one row"):
+        inference.resolve_genders(sources, duplicated)
+
+
+def test_png_completeness_and_metadata_rebuild(tmp_path):
+    folder = tmp_path / "ID_a"
+    folder.mkdir()
+    image = Image.new("RGB", (8, 8), "red")
+    for index in range(3):
+        record = {"identity": "ID_a", "index": index}
+        inference.write_bytes_atomic(folder / f"{index}.png", inference.encode_png(image, record))
+    data = (folder / "2.png").read_bytes()
+    (folder / "2.png").write_bytes(data[: len(data) - 5])  # truncated by something else
+    (folder / ".3.png.tmp-123").write_bytes(data[:10])
+    assert [inference.is_complete_png(folder / f"{i}.png") for i in range(3)] == [True, True, False]
+    (tmp_path / "metadata.jsonl").write_text('{"identity": "ID_a", "index": 0}\n' * 3)
+    assert inference.rebuild_metadata(tmp_path) == 2
+    assert [r["index"] for r in metadata(tmp_path)] == [0, 1]
+    assert inference.remove_stale_temps(folder, {"4.png"}) == 0
+    assert inference.remove_stale_temps(folder, {"3.png"}) == 1

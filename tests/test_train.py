@@ -1,0 +1,687 @@
+"""train_ID-Booth.py on a tiny random SD-2.1-shaped pipeline, a random IResNet-18 and real faces.
+
+Identity photos are real people (insightface's shipped Tom Hanks crop and faces cut from its
+t1.jpg group photo) so dlib's real detector finds their landmarks. Class images are real faces
+too, plus ones the script samples with the tiny pipeline (faceless, so they are skipped and
+counted). Two runs go through the real command line (one plain, one with torchrun and two
+processes); the rest call the script's functions in this process to save start-up time.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "train_ID-Booth.py"
+RESOLUTION = 64
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_id_booth", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_id_booth"] = module  # dataclasses look their module up while defining
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_script()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on 2 shared cores run several times faster single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Assets:
+    sd: Path
+    arcface: Path
+    identities: Path
+    class_dir: Path
+    root: Path
+
+    def identity(self, name: str) -> Path:
+        return self.identities / name
+
+
+def _face_crop(image: Image.Image, box, scale: float, shift: float) -> Image.Image:
+    """96x96 square crop around a dlib face box, `scale` times its width, shifted right."""
+    left, top, right, bottom = box
+    half = (right - left) * scale / 2
+    cx, cy = (left + right) / 2 + shift * (right - left), (top + bottom) / 2
+    square = (int(cx - half), int(cy - half), int(cx + half), int(cy + half))
+    return image.crop(square).resize((96, 96), Image.Resampling.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Assets:
+    """Tiny SD, random IResNet-18 checkpoint, two identities and a class folder of real faces."""
+    import dlib
+    import insightface
+    from tiny_sd import build_tiny_sd
+
+    from arcface import build_iresnet
+
+    root = tmp_path_factory.mktemp("train_assets")
+    sd = build_tiny_sd(root / "tiny-sd")
+    torch.manual_seed(0)
+    arcface_path = root / "arcface_r18.pth"
+    torch.save(build_iresnet("r18").state_dict(), arcface_path)
+
+    photos = Path(insightface.__file__).parent / "data" / "images"
+    group = Image.open(photos / "t1.jpg").convert("RGB")
+    group = group.resize((group.width * 2, group.height * 2), Image.Resampling.BICUBIC)
+    rects = dlib.get_frontal_face_detector()(np.asarray(group), 0)
+    boxes = sorted((r.left(), r.top(), r.right(), r.bottom()) for r in rects)
+    assert len(boxes) == 6, "t1.jpg shows six people"
+
+    hanks_dir = root / "identities" / "hanks"
+    hanks_dir.mkdir(parents=True)
+    hanks = Image.open(photos / "Tom_Hanks_54745.png").convert("RGB")
+    hanks.resize((128, 128), Image.Resampling.BICUBIC).save(hanks_dir / "h0.png")
+    hanks.crop((8, 8, 104, 104)).resize((96, 96), Image.Resampling.BICUBIC).save(
+        hanks_dir / "h1.png"
+    )
+    person_dir = root / "identities" / "person0"
+    person_dir.mkdir()
+    _face_crop(group, boxes[0], 1.8, 0.0).save(person_dir / "p0.png")
+    _face_crop(group, boxes[0], 2.0, 0.05).save(person_dir / "p1.png")
+    class_dir = root / "class"
+    class_dir.mkdir()
+    for index in (3, 4):
+        _face_crop(group, boxes[index], 1.8, 0.0).save(class_dir / f"person{index}.png")
+    return Assets(sd, arcface_path, root / "identities", class_dir, root)
+
+
+def cli(assets: Assets, output_dir: Path, *extra: str, class_dir: Path | None = None) -> list[str]:
+    """Flags of a few-step CPU run on the tiny models (extra flags win)."""
+    return [
+        f"--pretrained_model_name_or_path={assets.sd}",
+        f"--class_data_dir={class_dir or assets.class_dir}",
+        f"--arcface_weights={assets.arcface}",
+        "--face_detector=dlib",
+        f"--resolution={RESOLUTION}",
+        "--mixed_precision=no",
+        "--num_class_images=2",
+        "--class_num_inference_steps=2",
+        "--validation_num_inference_steps=2",
+        "--num_validation_images=1",
+        "--logging_steps=1",
+        "--learning_rate=1e-2",
+        f"--output_dir={output_dir}",
+        *extra,
+    ]
+
+
+def run_cli(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def lora_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / train.LORA_WEIGHTS_NAME))
+
+
+def assert_same_lora(a: Path, b: Path, atol: float = 1e-6) -> None:
+    first, second = lora_weights(a), lora_weights(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=atol, msg=key)
+
+
+# ============================================================================ arguments
+
+
+def test_every_flag_has_help_and_defaults_are_the_reference_setup(assets):
+    parser = train.build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help text"
+    args = train.parse_args(
+        [f"--instance_data_dir={assets.identity('hanks')}", f"--arcface_weights={assets.arcface}"]
+        + [f"--class_data_dir={assets.class_dir}"]
+    )
+    reference = {
+        "pretrained_model_name_or_path": "stabilityai/stable-diffusion-2-1-base",
+        "loss": "triplet",
+        "triplet_margin": 1.0,
+        "identity_loss_weighting": "timestep",
+        "rank": 4,
+        "lora_alpha": 4,
+        "instance_prompt": "photo of sks person",
+        "class_prompt": "photo of a person",
+        "with_prior_preservation": True,
+        "prior_loss_weight": 1.0,
+        "num_class_images": 200,
+        "resolution": 512,
+        "center_crop": False,
+        "train_batch_size": 1,
+        "num_train_epochs": 32,
+        "max_train_steps": None,
+        "learning_rate": 1e-4,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 1e-2,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 1.0,
+        "mixed_precision": "fp16",
+        "allow_tf32": True,
+        "seed": 0,
+        "report_to": "tensorboard",
+    }
+    assert {key: getattr(args, key) for key in reference} == reference
+
+
+def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, str]]:
+    """name -> (flags replacing the good ones, exception, words of the message)."""
+    hanks = f"--instance_data_dir={assets.identity('hanks')}"
+    (tmp / "a_file").write_text("not a folder")
+    incomplete = tmp / "sd-without-vae"
+    if not incomplete.exists():
+        shutil.copytree(assets.sd, incomplete, ignore=shutil.ignore_patterns("vae"))
+    return {
+        "rank 0": ([hanks, "--rank=0"], ValueError, "--rank must be >= 1"),
+        "output dir is a file": (
+            [hanks, f"--output_dir={tmp / 'a_file'}"],
+            ValueError,
+            "is a file",
+        ),
+        "base model lacks the vae": (
+            [hanks, f"--pretrained_model_name_or_path={incomplete}"],
+            FileNotFoundError,
+            "missing vae/config.json",
+        ),
+        "base model folder missing": (
+            [hanks, f"--pretrained_model_name_or_path={tmp / 'nowhere'}"],
+            FileNotFoundError,
+            "does not exist",
+        ),
+        "resume checkpoint missing": (
+            [hanks, "--resume_from_checkpoint=checkpoint-7"],
+            FileNotFoundError,
+            "checkpoint checkpoint-7 not found",
+        ),
+        "identity loss without ArcFace": (
+            [hanks, "--loss=identity", "--arcface_weights="],
+            ValueError,
+            "needs --arcface_weights",
+        ),
+        "both identity sources": (
+            [hanks, f"--identities_root={assets.identities}"],
+            ValueError,
+            "exactly one of --instance_data_dir",
+        ),
+        "no identity source": ([], ValueError, "exactly one of --instance_data_dir"),
+        "triplet without class images": (
+            [hanks, "--no-with_prior_preservation"],
+            ValueError,
+            "negatives from the class images",
+        ),
+        "overwrite and resume": (
+            [hanks, "--overwrite", "--resume_from_checkpoint=latest"],
+            ValueError,
+            "cannot be combined",
+        ),
+        "resolution not a multiple of 8": (
+            [hanks, "--resolution=60"],
+            ValueError,
+            "multiple of 8",
+        ),
+        "identity folder missing": (
+            [f"--instance_data_dir={tmp / 'nobody'}"],
+            FileNotFoundError,
+            "does not exist",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rank 0",
+        "output dir is a file",
+        "base model lacks the vae",
+        "base model folder missing",
+        "resume checkpoint missing",
+        "identity loss without ArcFace",
+        "both identity sources",
+        "no identity source",
+        "triplet without class images",
+        "overwrite and resume",
+        "resolution not a multiple of 8",
+        "identity folder missing",
+    ],
+)
+def test_bad_flags_fail_right_after_parsing(assets, tmp_path, case):
+    flags, error, words = _bad_cases(assets, tmp_path)[case]
+    argv = cli(assets, tmp_path / "out") + flags
+    if "--arcface_weights=" in flags:  # drop the weights entirely
+        argv = [flag for flag in argv if not flag.startswith("--arcface_weights")]
+    with pytest.raises(error, match=words):
+        train.parse_args(argv)
+
+
+# ============================================================================ the training step
+
+
+@pytest.fixture(scope="module")
+def step_parts(assets):
+    """Frozen models and face tools of a triplet run, built once (CPU, fp32)."""
+    args = train.parse_args(
+        cli(assets, assets.root / "unused", f"--instance_data_dir={assets.identity('hanks')}")
+        + ["--lora_alpha=8"]  # alpha != rank: the saved LoRA must carry its scale
+    )
+    device = torch.device("cpu")
+    tools = train.load_face_tools(args, device)
+    frozen = train.load_frozen_models(args, device, "no", tools.encoder)
+    return args, tools, frozen
+
+
+@pytest.mark.parametrize("loss", ["identity", "triplet"])
+def test_identity_term_is_nonzero_and_its_gradient_reaches_only_the_lora(step_parts, loss):
+    from datasets import collate_dreambooth
+
+    args, tools, frozen = step_parts
+    args = copy.copy(args)
+    args.loss = loss
+    unet = train.load_unet_with_lora(args, frozen.device, "no")
+    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)  # 2 instance + 2 prior
+    generator = torch.Generator().manual_seed(3)
+    terms = train.compute_losses(
+        unet, frozen, train.encode_prompts(frozen, args), batch, generator, args
+    )
+    assert set(terms) == set(train.TERM_NAMES)
+    assert terms["identity_loss"].item() > 0 and terms["identity_term"].item() > 0
+    torch.testing.assert_close(
+        terms["loss"], terms["diffusion_loss"] + terms["prior_loss"] + terms["identity_term"]
+    )
+
+    terms["identity_term"].backward()  # the identity term alone
+    trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    lora_b_grad = sum(p.grad.abs().sum() for name, p in trainable.items() if "lora_B" in name)
+    assert lora_b_grad > 0, "the identity term's gradient does not reach the LoRA"
+    frozen_modules = (frozen.vae, frozen.text_encoder, frozen.arcface)
+    for module in (unet, *frozen_modules):
+        for name, parameter in module.named_parameters():
+            if "lora_" not in name:
+                assert not parameter.requires_grad and parameter.grad is None, name
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(step_parts):
+    """Checkpointed UNet blocks and VAE decoder must not drop the (frozen-input) LoRA grads."""
+    from datasets import collate_dreambooth
+
+    args, tools, frozen = step_parts
+    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    batch = collate_dreambooth([dataset[0]], with_prior=True)
+    gradients = []
+    for checkpointing in (False, True):
+        run_args = copy.copy(args)
+        run_args.gradient_checkpointing = checkpointing
+        run_frozen = train.load_frozen_models(run_args, frozen.device, "no", frozen.arcface)
+        unet = train.load_unet_with_lora(run_args, frozen.device, "no")
+        prompts = train.encode_prompts(run_frozen, run_args)
+        generator = torch.Generator().manual_seed(5)
+        terms = train.compute_losses(unet, run_frozen, prompts, batch, generator, run_args)
+        terms["loss"].backward()
+        gradients.append({n: p.grad for n, p in unet.named_parameters() if p.requires_grad})
+    assert run_frozen.vae.is_gradient_checkpointing and unet.is_gradient_checkpointing
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_bf16_mixed_precision_keeps_frozen_weights_low_and_lora_fp32(step_parts):
+    """The GPU recipe's dtype plumbing, run with bf16 autocast on the CPU.
+
+    A small conv net stands in for the IResNet inside the real ArcFaceEncoder wrapper: CPUs
+    without bf16 convolutions take ~10 s for the IResNet-18 under bf16 autocast.
+    """
+    from arcface import ArcFaceEncoder
+    from datasets import collate_dreambooth
+
+    args, tools, _ = step_parts
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(512)
+    )
+    small(torch.zeros(1, 3, 112, 112))  # materialise the lazy layer
+    encoder = ArcFaceEncoder(small, "small-stand-in")
+    frozen = train.load_frozen_models(args, torch.device("cpu"), "bf16", encoder)
+    unet = train.load_unet_with_lora(args, frozen.device, "bf16")
+    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    batch = collate_dreambooth([dataset[0]], with_prior=True)
+    with frozen.autocast():
+        terms = train.compute_losses(
+            unet,
+            frozen,
+            train.encode_prompts(frozen, args),
+            batch,
+            torch.Generator().manual_seed(0),
+            args,
+        )
+    terms["loss"].backward()
+    assert all(torch.isfinite(value) for value in terms.values())
+    for name, parameter in unet.named_parameters():
+        expected = torch.float32 if "lora_" in name else torch.bfloat16
+        assert parameter.dtype == expected, name
+    lora = [p for p in unet.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+    assert frozen.vae.dtype == torch.bfloat16 and frozen.text_encoder.dtype == torch.bfloat16
+
+
+def test_hub_ids_pass_and_fp16_falls_back_on_cpu():
+    assert not train._looks_like_path("stabilityai/stable-diffusion-2-1-base")
+    for path in ("./sd", "/models/sd", "~/sd", "models/sd/v2"):
+        assert train._looks_like_path(path), path
+    assert train.resolve_mixed_precision("fp16", torch.device("cpu")) == "no"
+    assert train.resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_dreambooth_loss_has_no_identity_terms(step_parts):
+    from datasets import collate_dreambooth
+
+    args, tools, frozen = step_parts
+    args = copy.copy(args)
+    args.loss = "dreambooth"
+    unet = train.load_unet_with_lora(args, frozen.device, "no")
+    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    batch = collate_dreambooth([dataset[0]], with_prior=True)
+    generator = torch.Generator().manual_seed(0)
+    terms = train.compute_losses(
+        unet, frozen, train.encode_prompts(frozen, args), batch, generator, args
+    )
+    assert terms["identity_term"].item() == 0 and terms["identity_loss"].item() == 0
+    torch.testing.assert_close(terms["loss"], terms["diffusion_loss"] + terms["prior_loss"])
+
+
+def test_an_update_changes_only_lora_and_the_saved_lora_reproduces_it(step_parts, tmp_path):
+    from accelerate import PartialState
+    from diffusers import StableDiffusionPipeline
+
+    args, tools, frozen = step_parts
+    identity = train.Identity("hanks", args.instance_data_dir, tmp_path / "hanks")
+    trainer = train.IdentityTrainer(args, identity, frozen, tools, PartialState(cpu=True))
+    unet_before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    frozen_modules = (frozen.vae, frozen.text_encoder, frozen.arcface)
+    frozen_before = [{k: v.clone() for k, v in m.state_dict().items()} for m in frozen_modules]
+    batch = next(iter(trainer._loader(epoch=0, start_batch=0)))
+    trainer.forward_backward(batch, seed=1)
+    trainer.optimizer_step()
+    assert trainer.global_step == 1
+
+    unet_after = trainer.unet.state_dict()
+    changed = {k for k in unet_before if not torch.equal(unet_before[k], unet_after[k])}
+    assert any("lora_B" in k for k in changed)
+    assert all("lora_" in k for k in changed), sorted(
+        changed - {k for k in changed if "lora_" in k}
+    )
+    for before, module in zip(frozen_before, frozen_modules, strict=True):
+        assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+    train.save_lora(trainer.unet, tmp_path / "lora")
+    pipeline = StableDiffusionPipeline.from_pretrained(str(args.pretrained_model_name_or_path))
+    latents, timestep = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    text = trainer.prompts.instance
+    trainer.unet.eval()
+    with torch.no_grad():
+        base = pipeline.unet(latents, timestep, text).sample
+        pipeline.load_lora_weights(str(tmp_path / "lora"))
+        loaded = pipeline.unet(latents, timestep, text).sample
+        trained = trainer.unet(latents, timestep, text).sample
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-6)
+    assert (loaded - base).abs().max() > 1e-4
+
+
+# ============================================================================ full runs
+
+
+@pytest.fixture(scope="module")
+def triplet_run(assets):
+    """The real command line: 4 triplet steps; 1 of 3 class images is sampled (faceless)."""
+    output = assets.root / "triplet-run"
+    class_dir = assets.root / "class-triplet"
+    shutil.copytree(assets.class_dir, class_dir)
+    flags = cli(
+        assets,
+        output,
+        f"--instance_data_dir={assets.identity('hanks')}",
+        "--num_class_images=3",
+        "--max_train_steps=4",
+        "--checkpointing_steps=2",
+        "--validation_steps=2",
+        class_dir=class_dir,
+    )
+    result = run_cli([sys.executable, str(SCRIPT), *flags])
+    return output, class_dir, flags, result
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def test_triplet_run_writes_every_output(triplet_run):
+    output, class_dir, flags, result = triplet_run
+    keys = lora_weights(output).keys()
+    assert keys and all(k.startswith("unet.") and ".lora" in k for k in keys)
+    for step in (2, 4):
+        checkpoint = output / f"checkpoint-{step}"
+        assert (checkpoint / train.LORA_WEIGHTS_NAME).is_file()
+        assert (checkpoint / train.TRAINING_STATE_NAME).is_file()
+        for index in (0,):
+            image = Image.open(output / "validation" / f"step_{step}_{index}.png")
+            assert image.size == (RESOLUTION, RESOLUTION)
+
+    config = json.loads((output / train.CONFIG_NAME).read_text())
+    assert config["status"] == "finished" and config["global_step"] == 4
+    assert config["args"]["loss"] == "triplet" and config["args"]["num_class_images"] == 3
+    assert {"torch", "diffusers", "transformers", "peft", "accelerate"} <= set(config["versions"])
+    assert config["data"]["class_images"] == 2  # the sampled one has no face ...
+    assert config["data"]["classes_skipped"] == {"no face detected": 1}  # ... and is counted
+    assert config["identity_samples"] == 4  # every instance sample had the identity term
+    card = (output / "README.md").read_text()
+    assert "load_lora_weights" in card and str(flags[0].split("=", 1)[1]) in card
+
+    generated = class_dir / "class_00000.png"
+    assert Image.open(generated).size == (RESOLUTION, RESOLUTION)
+    assert generated.stat().st_mode & 0o044, "outputs must not be private temp-file modes"
+
+    scalars = _scalars(output / "logs")
+    for tag in ("diffusion_loss", "prior_loss", "triplet_loss", "identity_weight", "lr"):
+        assert [step for step, _ in scalars[f"train/{tag}"]] == [1, 2, 3, 4], tag
+    assert [value for _, value in scalars["train/identity_samples"]] == [1, 2, 3, 4]
+    assert all(value > 0 for _, value in scalars["train/triplet_loss"])
+    assert len(scalars["epoch/triplet_loss"]) == 2  # 2 steps per epoch (max(2 inst, 2 class))
+    assert "triplet_loss=" in result.stderr  # tqdm postfix
+
+
+def test_saved_lora_changes_a_fresh_stock_pipeline(assets, triplet_run):
+    from diffusers import StableDiffusionPipeline
+
+    output = triplet_run[0]
+
+    def generate(pipeline) -> np.ndarray:
+        generator = torch.Generator().manual_seed(0)
+        result = pipeline(
+            "photo of sks person",
+            num_inference_steps=2,
+            generator=generator,
+            output_type="np",
+            height=RESOLUTION,
+            width=RESOLUTION,
+        )
+        return result.images[0]
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(assets.sd))
+    pipeline.set_progress_bar_config(disable=True)
+    base = generate(pipeline)
+    pipeline.load_lora_weights(str(output))
+    assert np.abs(generate(pipeline) - base).max() > 1e-3
+
+
+def test_killed_run_resumes_to_the_same_weights(triplet_run, tmp_path):
+    output, _, flags, _ = triplet_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    # What a run killed after step 2 leaves behind: its checkpoint-2 (and a half-written temp).
+    shutil.copytree(output / "checkpoint-2", resumed / "checkpoint-2")
+    (resumed / ".checkpoint-3-abandoned").mkdir()
+    argv = [f for f in flags if not f.startswith("--output_dir")] + [f"--output_dir={resumed}"]
+
+    with pytest.raises(ValueError, match="resume_from_checkpoint latest"):
+        train.main(train.parse_args(argv))  # would silently redo the killed run's steps
+
+    summary = train.main(train.parse_args([*argv, "--resume_from_checkpoint=latest"]))
+    assert [run["steps"] for run in summary["trained"]] == [4]
+    assert not (resumed / ".checkpoint-3-abandoned").exists()
+    assert_same_lora(output, resumed)
+    assert_same_lora(output / "checkpoint-4", resumed / "checkpoint-4")
+    state = torch.load(resumed / "checkpoint-4" / train.TRAINING_STATE_NAME, weights_only=True)
+    assert state["global_step"] == 4 and state["identity_samples"] == 4
+
+    (resumed / train.LORA_WEIGHTS_NAME).unlink()
+    changed = [*argv, "--resume_from_checkpoint=checkpoint-2", "--rank=8"]
+    with pytest.raises(ValueError, match="trained with other settings"):
+        train.main(train.parse_args(changed))
+
+
+def test_finished_identity_is_skipped_unless_overwrite(triplet_run, tmp_path):
+    output, _, flags, _ = triplet_run
+    copied = tmp_path / "copy"
+    shutil.copytree(output, copied)
+    argv = [f for f in flags if not f.startswith("--output_dir")] + [f"--output_dir={copied}"]
+    before = (copied / train.LORA_WEIGHTS_NAME).read_bytes()
+
+    summary = train.main(train.parse_args(argv))
+    assert summary == {"trained": [], "skipped": ["hanks"]}
+    assert (copied / train.LORA_WEIGHTS_NAME).read_bytes() == before
+
+    overwrite = [*argv, "--overwrite", "--max_train_steps=2", "--validation_prompt="]
+    overwrite += ["--checkpointing_steps=1", "--checkpoints_total_limit=1"]
+    summary = train.main(train.parse_args(overwrite))
+    assert [run["steps"] for run in summary["trained"]] == [2]
+    # The old run's checkpoint-4 and validation images are gone; the limit kept one checkpoint.
+    assert [step for step, _ in train.list_checkpoints(copied)] == [2]
+    assert not (copied / "validation").exists()
+    assert json.loads((copied / train.CONFIG_NAME).read_text())["global_step"] == 2
+
+
+@pytest.mark.parametrize("loss", ["dreambooth", "identity"])
+def test_other_losses_run(assets, tmp_path, loss):
+    from arcface import weights_name
+
+    flags = cli(
+        assets,
+        tmp_path / loss,
+        f"--instance_data_dir={assets.identity('person0')}",
+        f"--loss={loss}",
+        "--max_train_steps=2",
+        "--validation_prompt=",
+    )
+    if loss == "dreambooth":  # the baseline needs no ArcFace: every readable photo is used
+        flags = [f for f in flags if not f.startswith("--arcface_weights")]
+    summary = train.main(train.parse_args(flags))
+    assert [run["steps"] for run in summary["trained"]] == [2]
+    config = json.loads((tmp_path / loss / train.CONFIG_NAME).read_text())
+    assert config["identity_samples"] == (0 if loss == "dreambooth" else 2)
+    assert config["arcface"] == (None if loss == "dreambooth" else weights_name(assets.arcface))
+    tags = set(_scalars(tmp_path / loss / "logs"))
+    assert ("train/identity_loss" in tags) == (loss == "identity")
+    assert lora_weights(tmp_path / loss)
+
+
+def test_non_finite_loss_stops_with_step_and_term_keeping_the_checkpoint(assets, tmp_path):
+    flags = cli(
+        assets,
+        tmp_path / "nan",
+        f"--instance_data_dir={assets.identity('person0')}",
+        "--loss=dreambooth",
+        "--learning_rate=1e30",  # step 1 is finite (LoRA B = 0), then the weights explode
+        "--lr_scheduler=constant",
+        "--max_train_steps=4",
+        "--checkpointing_steps=1",
+        "--validation_prompt=",
+    )
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 2 \(terms: loss, diffusion_loss"):
+        train.main(train.parse_args(flags))
+    assert [step for step, _ in train.list_checkpoints(tmp_path / "nan")] == [1]
+    assert not (tmp_path / "nan" / train.LORA_WEIGHTS_NAME).exists()
+
+
+def test_identity_without_a_detectable_face_is_a_clear_error(assets, tmp_path):
+    faceless = tmp_path / "faceless"
+    faceless.mkdir()
+    noise = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(faceless / "noise.png")
+    flags = cli(assets, tmp_path / "out", f"--instance_data_dir={faceless}", "--max_train_steps=1")
+    with pytest.raises(ValueError, match="no usable face photo in"):
+        train.main(train.parse_args(flags))
+
+
+def test_identities_root_trains_each_identity_once_across_two_processes(assets, tmp_path):
+    class_dir = tmp_path / "class"
+    shutil.copytree(assets.class_dir, class_dir)
+    output = tmp_path / "loras"
+    flags = cli(
+        assets,
+        output,
+        f"--identities_root={assets.identities}",
+        "--num_class_images=4",  # 2 missing: one sampled by each process
+        "--max_train_steps=2",
+        "--validation_prompt=",
+        "--report_to=none",
+        class_dir=class_dir,
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = run_cli([*command, str(SCRIPT), *flags])
+    log = result.stdout + result.stderr
+
+    for rank, name in enumerate(["hanks", "person0"]):
+        assert log.count(f"training identity {name} ") == 1, log
+        config = json.loads((output / name / train.CONFIG_NAME).read_text())
+        assert config["resolved"]["process_index"] == rank
+        assert config["resolved"]["num_processes"] == 2
+        assert config["global_step"] == 2
+    assert sorted(p.name for p in class_dir.glob("class_*.png")) == [
+        "class_00000.png",
+        "class_00001.png",
+    ]
+
+    # No gradient sync between processes: person0 trained alone gives the same LoRA.
+    alone = tmp_path / "alone"
+    single = [f for f in flags if not f.startswith(("--identities_root", "--output_dir"))]
+    single += [f"--instance_data_dir={assets.identity('person0')}", f"--output_dir={alone}"]
+    train.main(train.parse_args(single))
+    assert_same_lora(output / "person0", alone, atol=1e-5)
