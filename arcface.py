@@ -12,7 +12,6 @@ Conventions used throughout:
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import importlib.util
 import itertools
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fileio import file_sha256
 
 # insightface.utils.face_align.arcface_dst: the 5 landmark positions of a 112x112 ArcFace crop.
 ARCFACE_DST = np.array(
@@ -443,15 +444,6 @@ class ArcFaceEncoder(nn.Module):
         return self(faces)
 
 
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_name(path: str | Path) -> str:
     """Id of a weights file: sanitised file stem + '-' + first 12 hex digits of its sha256."""
     stem = re.sub(r"[^A-Za-z0-9_.]+", "_", Path(path).stem)
@@ -658,18 +650,44 @@ def landmarks_68_to_5(points: np.ndarray) -> np.ndarray:
     ).astype(np.float32)
 
 
-@functools.cache
-def _dlib_models() -> tuple[object, object]:
-    """dlib's HOG face detector and 68-point shape predictor, loaded once per process (~1 s)."""
-    import dlib
-
-    predictor_path = face_recognition_models_dir() / "shape_predictor_68_face_landmarks.dat"
-    if not predictor_path.is_file():
+def dlib_model_path(file_name: str) -> Path:
+    """A .dat model shipped by face-recognition-models; FileNotFoundError with the fix if absent."""
+    path = face_recognition_models_dir() / file_name
+    if not path.is_file():
         raise FileNotFoundError(
-            f"{predictor_path} is missing: reinstall face-recognition-models "
+            f"{path} is missing: reinstall face-recognition-models "
             "(`pip install --force-reinstall face-recognition-models`)"
         )
-    return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(predictor_path))
+    return path
+
+
+@functools.cache
+def dlib_hog_detector() -> object:
+    """dlib's HOG frontal face detector, built once per process."""
+    import dlib
+
+    return dlib.get_frontal_face_detector()
+
+
+@functools.cache
+def _dlib_shape_predictor() -> object:
+    """dlib's 68-point shape predictor, loaded once per process (~1 s)."""
+    import dlib
+
+    return dlib.shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
+
+
+def dlib_detect_faces(detector, image: np.ndarray, max_upsample: int, max_pixels: int) -> list:
+    """dlib rectangles (original pixel coords) at the smallest upsampling that finds a face: up
+    to max_upsample 2x pyramid steps while the upsampled image has <= max_pixels pixels."""
+    pixels = image.shape[0] * image.shape[1]
+    for upsample in range(max_upsample + 1):
+        if upsample > 0 and pixels * 4**upsample > max_pixels:
+            break
+        faces = list(detector(image, upsample))
+        if faces:
+            return faces
+    return []
 
 
 class DlibFaceDetector:
@@ -682,20 +700,9 @@ class DlibFaceDetector:
     name = "dlib-hog68"
 
     def __init__(self, max_upsample: int = 2, max_pixels: int = 8_000_000):
-        self.detector, self.predictor = _dlib_models()
+        self.detector, self.predictor = dlib_hog_detector(), _dlib_shape_predictor()
         self.max_upsample = max_upsample
         self.max_pixels = max_pixels
-
-    def _detect_faces(self, image: np.ndarray) -> list:
-        """dlib rectangles (original pixel coords) at the smallest upsampling that finds a face."""
-        pixels = image.shape[0] * image.shape[1]
-        for upsample in range(self.max_upsample + 1):
-            if upsample > 0 and pixels * 4**upsample > self.max_pixels:
-                break
-            faces = list(self.detector(image, upsample))
-            if faces:
-                return faces
-        return []
 
     def _landmarks(self, image: np.ndarray, rect) -> np.ndarray:
         """(5, 2) float32 ArcFace landmarks of the face in dlib rectangle `rect`."""
@@ -707,7 +714,8 @@ class DlibFaceDetector:
         """(H, W, 3) uint8 RGB -> (5, 2) float32 landmarks of every face, largest first."""
         _check_rgb_uint8(image)
         image = np.ascontiguousarray(image)
-        faces = sorted(self._detect_faces(image), key=lambda rect: -rect.width() * rect.height())
+        faces = dlib_detect_faces(self.detector, image, self.max_upsample, self.max_pixels)
+        faces = sorted(faces, key=lambda rect: -rect.width() * rect.height())
         return [self._landmarks(image, rect) for rect in faces]
 
     def detect_landmarks(self, image: np.ndarray) -> np.ndarray | None:

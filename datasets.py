@@ -5,7 +5,8 @@ embedding of its aligned face are cached next to the data in
 `<folder>/.id_booth_cache/faces-<encoder.name>-<detector.name>.safetensors`, keyed by the sha256
 of the file's bytes, so a changed photo is recomputed and a renamed one is not. Dataset items
 carry the landmarks through resize + crop so the trainer can align the decoded x0_hat without
-running a detector inside the training step.
+running a detector inside the training step. Without a detector and encoder the dataset is plain
+DreamBooth: every readable photo, no annotation.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from arcface import align_face, images_to_arcface_input
+from fileio import atomic_path, stable_seed
 
 if TYPE_CHECKING:
     from arcface import FaceDetector
@@ -244,7 +244,7 @@ def _read_cache(path: Path, names: dict[str, str]) -> dict[str, _CacheEntry]:
 
 
 def _write_cache(path: Path, entries: list[_CacheEntry], names: dict[str, str]) -> None:
-    """Atomically write entries (temp file + os.replace); a read-only folder only warns."""
+    """Atomically write entries (fileio.atomic_path); a read-only folder only warns."""
     with_face = [entry for entry in entries if entry.landmarks is not None]
     dim = with_face[0].embedding.shape[0] if with_face else 0
     tensors = {
@@ -258,19 +258,11 @@ def _write_cache(path: Path, entries: list[_CacheEntry], names: dict[str, str]) 
     rows = {entry.sha256: row for row, entry in enumerate(with_face)}
     table = [[e.file, e.sha256, e.size[0], e.size[1], rows.get(e.sha256, -1)] for e in entries]
     metadata = {"format": CACHE_FORMAT, **names, "entries": json.dumps(table)}
-    temp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-        os.close(handle)
-        save_file(tensors, temp_name, metadata=metadata)
-        os.replace(temp_name, path)
-    except OSError as error:
+        with atomic_path(path) as temp:
+            save_file(tensors, str(temp), metadata=metadata)
+    except OSError as error:  # e.g. a read-only data folder: the cache is only an accelerator
         logger.warning("could not write face cache %s (%s); continuing without it", path, error)
-        if temp_name is not None and os.path.exists(temp_name):
-            os.unlink(temp_name)
 
 
 # ----------------------------------------------------------------------------- annotation
@@ -416,6 +408,38 @@ def annotate_folder(
     return annotations, state.report
 
 
+def readable_photos(
+    folder: str | Path, min_side: int = MIN_IMAGE_SIDE
+) -> tuple[list[Path], SkipReport]:
+    """Photos of `folder` that decode and whose shorter side is >= min_side (plain DreamBooth:
+    no face needed), in sorted order; the rest are counted in the SkipReport and named in one
+    logged warning. ValueError when no photo is left."""
+    folder = Path(folder)
+    files = _folder_files(folder)
+    report, usable = SkipReport(folder, len(files)), []
+    for path in files:
+        if not _is_image_name(path):
+            report.add(path, SKIP_NOT_IMAGE)
+            continue
+        try:
+            width, height = load_rgb_image(path).size
+        except UnreadableImageError as error:
+            report.add(path, SKIP_UNREADABLE, str(error.__cause__ or error))
+            continue
+        if min(width, height) < min_side:
+            report.add(path, SKIP_TOO_SMALL, f"{width}x{height} px")
+        else:
+            usable.append(path)
+    if not usable:
+        raise ValueError(
+            f"no usable image in {folder}: {report.summary() if files else 'no files'}; "
+            f"add readable photos (shorter side >= {min_side} px)"
+        )
+    if report:
+        logger.warning("%s", report.summary())
+    return usable, report
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
@@ -462,49 +486,72 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 @dataclass
-class _FaceSet:
-    """Usable photos of one folder with stacked annotations (index-consistent)."""
+class _PhotoSet:
+    """Usable photos of one folder, with their stacked face annotations when there are any."""
 
     paths: list[Path]
-    embeddings: torch.Tensor  # (N, D) float32
-    landmarks: np.ndarray  # (N, 5, 2) float32, original image coordinates
     report: SkipReport
+    embeddings: torch.Tensor | None = None  # (N, D) float32
+    landmarks: np.ndarray | None = None  # (N, 5, 2) float32, original image coordinates
 
     @classmethod
-    def build(cls, folder, detector, encoder, cache: bool, min_side: int) -> _FaceSet:
+    def build(cls, folder, detector, encoder, cache: bool, min_side: int) -> _PhotoSet:
+        """Photos with a detected face (embedding + landmarks each), or without a detector
+        every readable photo."""
+        if detector is None:
+            return cls(*readable_photos(folder, min_side))
         annotations, report = annotate_folder(folder, detector, encoder, cache, min_side)
         paths = list(annotations)
         embeddings = torch.from_numpy(np.stack([annotations[p].embedding for p in paths]))
         landmarks = np.stack([annotations[p].landmarks for p in paths])
-        return cls(paths, embeddings.float(), landmarks, report)
+        return cls(paths, report, embeddings.float(), landmarks)
+
+    @property
+    def has_faces(self) -> bool:
+        return self.embeddings is not None
+
+
+_NO_LANDMARKS = np.zeros((0, 2), dtype=np.float32)  # landmarks of a photo without annotation
 
 
 class DreamBoothFaceDataset(Dataset):
     """Identity photos (+ optional class / prior photos), each with its own embedding + landmarks.
 
     Item i uses instance photo i % N_inst and class photo i % N_class; len = max of the two.
-    Only photos with a detected face are used (see annotate_folder for the skip rules).
+    With a detector and encoder only photos with a detected face are used (see annotate_folder
+    for the skip rules); with neither (plain DreamBooth) every readable photo is, and items carry
+    no `*_embedding` / `*_landmarks`. With a `seed`, item i of epoch e (set_epoch) crops with a
+    generator seeded stable_seed(stable_seed(seed, "crop", e), i) (little-endian), so crops are a
+    function of position (a resumed run crops like an uninterrupted one); without one they come
+    from torch's global RNG.
     """
 
     def __init__(
         self,
         instance_folder: str | Path,
-        detector: FaceDetector,
-        encoder: torch.nn.Module,
+        detector: FaceDetector | None,
+        encoder: torch.nn.Module | None,
         class_folder: str | Path | None = None,
         resolution: int = 512,
         center_crop: bool = False,
         cache: bool = True,
         min_side: int = MIN_IMAGE_SIDE,
+        seed: int | None = None,
     ) -> None:
         if resolution <= 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+        if (detector is None) != (encoder is None):
+            raise ValueError(
+                "pass both a face detector and an encoder (face-annotated photos) or neither "
+                "(plain DreamBooth: every readable photo)"
+            )
         self.resolution = resolution
         self.center_crop = center_crop
-        self.instance = _FaceSet.build(instance_folder, detector, encoder, cache, min_side)
+        self.seed, self.epoch = seed, 0
+        self.instance = _PhotoSet.build(instance_folder, detector, encoder, cache, min_side)
         self.classes = None
         if class_folder is not None:
-            self.classes = _FaceSet.build(class_folder, detector, encoder, cache, min_side)
+            self.classes = _PhotoSet.build(class_folder, detector, encoder, cache, min_side)
 
     @property
     def num_instance_images(self) -> int:
@@ -517,31 +564,53 @@ class DreamBoothFaceDataset(Dataset):
     def __len__(self) -> int:
         return max(self.num_instance_images, self.num_class_images)
 
-    def _sample(self, faces: _FaceSet, index: int, prefix: str) -> dict[str, Any]:
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch whose seeded crops the items use (call before building its DataLoader)."""
+        self.epoch = epoch
+
+    def _crop_generator(self, index: int) -> torch.Generator | None:
+        """CPU generator of item `index` in this epoch, or None (global RNG) without a seed."""
+        if self.seed is None:
+            return None
+        epoch_seed = stable_seed(self.seed, "crop", self.epoch, byteorder="little")
+        return torch.Generator().manual_seed(stable_seed(epoch_seed, index, byteorder="little"))
+
+    def _sample(
+        self, photos: _PhotoSet, index: int, prefix: str, generator: torch.Generator | None
+    ) -> dict[str, Any]:
         """Load, resize and crop one photo; its landmarks follow, its embedding is its own."""
-        image = load_rgb_image(faces.paths[index])
+        image = load_rgb_image(photos.paths[index])
+        points = photos.landmarks[index] if photos.has_faces else _NO_LANDMARKS
         cropped, landmarks = resize_and_crop(
-            image, faces.landmarks[index], self.resolution, self.center_crop
+            image, points, self.resolution, self.center_crop, generator
         )
-        return {
+        example = {
             f"{prefix}_pixels": image_to_tensor(cropped),  # (3, R, R) in [-1, 1]
-            f"{prefix}_landmarks": torch.from_numpy(landmarks),  # (5, 2) pixels of the crop
-            f"{prefix}_embedding": faces.embeddings[index],  # (D,)
             f"{prefix}_index": index,
         }
+        if photos.has_faces:
+            example[f"{prefix}_landmarks"] = torch.from_numpy(landmarks)  # (5, 2) crop pixels
+            example[f"{prefix}_embedding"] = photos.embeddings[index]  # (D,)
+        return example
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
-        example = self._sample(self.instance, index % self.num_instance_images, "instance")
+        generator = self._crop_generator(index)  # instance crop first, then the class crop
+        example = self._sample(
+            self.instance, index % self.num_instance_images, "instance", generator
+        )
         if self.classes is not None:
-            example.update(self._sample(self.classes, index % self.num_class_images, "class"))
+            example.update(
+                self._sample(self.classes, index % self.num_class_images, "class", generator)
+            )
         return example
 
 
 def collate_dreambooth(examples: list[dict[str, Any]], with_prior: bool) -> dict[str, Any]:
-    """Stack a batch as [instance..., prior...]: pixel_values (B, 3, R, R), landmarks (B, 5, 2),
-    embeddings (B, D), num_instance, instance_indices / class_indices (long)."""
+    """Stack a batch as [instance..., prior...]: pixel_values (B, 3, R, R), landmarks (B, 5, 2)
+    and embeddings (B, D) (face-annotated items only), num_instance, instance_indices /
+    class_indices (long)."""
     if not examples:
         raise ValueError("collate_dreambooth got an empty batch")
     prefixes = ["instance", "class"] if with_prior else ["instance"]
@@ -549,10 +618,11 @@ def collate_dreambooth(examples: list[dict[str, Any]], with_prior: bool) -> dict
         raise ValueError("with_prior=True but the dataset has no class folder")
     batch: dict[str, Any] = {
         "pixel_values": torch.stack([e[f"{p}_pixels"] for p in prefixes for e in examples]),
-        "landmarks": torch.stack([e[f"{p}_landmarks"] for p in prefixes for e in examples]),
-        "embeddings": torch.stack([e[f"{p}_embedding"] for p in prefixes for e in examples]),
         "num_instance": len(examples),
     }
+    if "instance_embedding" in examples[0]:  # face-annotated items
+        batch["landmarks"] = torch.stack([e[f"{p}_landmarks"] for p in prefixes for e in examples])
+        batch["embeddings"] = torch.stack([e[f"{p}_embedding"] for p in prefixes for e in examples])
     for prefix in prefixes:
         batch[f"{prefix}_indices"] = torch.tensor([e[f"{prefix}_index"] for e in examples])
     batch["pixel_values"] = batch["pixel_values"].float().contiguous()

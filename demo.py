@@ -7,7 +7,9 @@ shipped detector finds them). The numbers it prints are therefore about plumbing
 quality. Give real weights to run the same stages for real:
 
     python demo.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \\
-        --arcface_weights ms1mv3_arcface_r100_fp16/backbone.pth --resolution 512 --max_train_steps 6400
+        --arcface_weights ms1mv3_arcface_r100_fp16/backbone.pth \\
+        --resolution 512 --max_train_steps 6400 \\
+        --num_images_per_identity 21 --num_inference_steps 30
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="Where every stage writes.")
+    parser.add_argument(
+        "--output_dir", type=Path, default=Path("demo_output"), help="Where every stage writes."
+    )
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
@@ -47,9 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="arcface_torch backbone.pth or ONNX recogniser; default: a random IResNet-18.",
     )
     parser.add_argument("--resolution", type=int, default=64, help="Training and generation size.")
-    parser.add_argument("--max_train_steps", type=int, default=6, help="Training steps per identity.")
-    parser.add_argument("--num_images_per_identity", type=int, default=3, help="Images generated per identity.")
-    parser.add_argument("--num_inference_steps", type=int, default=4, help="Sampler steps per image.")
+    parser.add_argument(
+        "--max_train_steps", type=int, default=6, help="Training steps per identity."
+    )
+    parser.add_argument(
+        "--num_images_per_identity", type=int, default=3, help="Images generated per identity."
+    )
+    parser.add_argument(
+        "--num_inference_steps", type=int, default=4, help="Sampler steps per image."
+    )
     return parser.parse_args(argv)
 
 
@@ -76,7 +86,9 @@ def prepare_embedded_models(models_dir: Path) -> tuple[Path, Path]:
     return sd_dir, arcface_path
 
 
-def crop_face(photo: Image.Image, landmarks: np.ndarray, scale: float, dx: float, dy: float) -> Image.Image:
+def crop_face(
+    photo: Image.Image, landmarks: np.ndarray, scale: float, dx: float, dy: float
+) -> Image.Image:
     """Square crop around the 5 landmarks, `scale` times the eye-mouth extent, shifted."""
     centre = landmarks.mean(axis=0)
     extent = float(np.ptp(landmarks, axis=0).max()) * scale
@@ -101,14 +113,18 @@ def prepare_embedded_identities(data_dir: Path) -> tuple[Path, Path, Path]:
     faces = DlibFaceDetector().detect_all_landmarks(np.asarray(upsampled))
     faces = sorted(faces, key=lambda points: points[:, 0].mean())
     if len(faces) < NUM_DEMO_IDENTITIES + 1:
-        raise RuntimeError(f"expected six faces in {images_dir / 't1.jpg'}, dlib found {len(faces)}")
+        raise RuntimeError(
+            f"expected six faces in {images_dir / 't1.jpg'}, dlib found {len(faces)}"
+        )
     for index, landmarks in enumerate(faces):
         is_identity = index < NUM_DEMO_IDENTITIES
         folder = identities_root / f"person_{index}" if is_identity else class_dir
         folder.mkdir(parents=True, exist_ok=True)
         variants = CROP_VARIANTS if is_identity else CROP_VARIANTS[:2]
         for variant, (scale, dx, dy) in enumerate(variants):
-            crop_face(upsampled, landmarks, scale, dx, dy).save(folder / f"person_{index}_{variant}.png")
+            crop_face(upsampled, landmarks, scale, dx, dy).save(
+                folder / f"person_{index}_{variant}.png"
+            )
     attributes = {f"person_{index}": {"gender": "female"} for index in range(NUM_DEMO_IDENTITIES)}
     attributes_path.write_text(json.dumps(attributes, indent=2))
     return identities_root, class_dir, attributes_path
@@ -117,7 +133,9 @@ def prepare_embedded_identities(data_dir: Path) -> tuple[Path, Path, Path]:
 def main(args: argparse.Namespace) -> None:
     from datasets import list_images
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1" if args.pretrained_model_name_or_path is None else "0")
+    os.environ.setdefault(
+        "HF_HUB_OFFLINE", "1" if args.pretrained_model_name_or_path is None else "0"
+    )
     out = args.output_dir
     sd_path, arcface_path = prepare_embedded_models(out / "models")
     sd_path = args.pretrained_model_name_or_path or str(sd_path)

@@ -26,7 +26,6 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import hashlib
 import io
 import json
 import logging
@@ -41,6 +40,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fileio import atomic_write_bytes, remove_stale_temps, stable_seed
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -85,7 +86,6 @@ RUN_CONFIG_NAME = "run_config.json"
 PNG_METADATA_KEY = "id_booth"
 ADAPTER_NAME = "identity"
 IMAGE_NAME_PATTERN = re.compile(r"^(\d+)\.png$")
-TEMP_NAME_PATTERN = re.compile(r"^\.(.+)\.tmp-\d+$")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -347,8 +347,7 @@ def validate_template(template: str, flag: str = "template") -> None:
 
 def image_seed(base_seed: int, identity: str, index: int) -> int:
     """Per-image seed: first 8 bytes of sha256('base_seed/identity/index') mod 2**63."""
-    digest = hashlib.sha256(f"{base_seed}/{identity}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 2**63
+    return stable_seed(base_seed, identity, index, byteorder="big")
 
 
 def prompt_choices(
@@ -698,25 +697,6 @@ def check_lora(identity: IdentitySource, pipeline: Any, model_name: str) -> str 
 # ------------------------------------------------------------------------- files on disk
 
 
-def _write_all(handle: Any, data: bytes) -> None:
-    """Write every byte (a separate function so tests can simulate a full disk)."""
-    handle.write(data)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp name + fsync + os.replace: `path` is complete or absent, never partial."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "wb") as handle:
-            _write_all(handle, data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def encode_png(image: PILImage.Image, record: dict) -> bytes:
     """PNG bytes with the metadata record in a text chunk (deterministic for equal input)."""
     from PIL import PngImagePlugin
@@ -754,19 +734,6 @@ def read_png_record(path: Path) -> dict | None:
         return None
 
 
-def remove_stale_temps(folder: Path, owned_names: set[str] | None = None) -> int:
-    """Delete temp files left by killed runs (only those for `owned_names`, if given)."""
-    removed = 0
-    if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
-        match = TEMP_NAME_PATTERN.match(path.name)
-        if match and (owned_names is None or match.group(1) in owned_names):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
 def image_paths(output_dir: Path) -> list[tuple[str, int, Path]]:
     """(identity, index, path) of every finished image under output_dir, sorted."""
     found = []
@@ -789,7 +756,7 @@ def rebuild_metadata(output_dir: Path) -> int:
             )
             continue
         lines.append(json.dumps(record, sort_keys=True))
-    write_bytes_atomic(output_dir / METADATA_NAME, "".join(f"{ln}\n" for ln in lines).encode())
+    atomic_write_bytes(output_dir / METADATA_NAME, "".join(f"{ln}\n" for ln in lines).encode())
     return len(lines)
 
 
@@ -807,7 +774,7 @@ def write_contact_sheet(paths: Sequence[Path], target: Path, thumbnail: int = 12
     buffer = io.BytesIO()
     sheet.save(buffer, format="JPEG", quality=90)
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(target, buffer.getvalue())
+    atomic_write_bytes(target, buffer.getvalue())
 
 
 def write_run_config(args: argparse.Namespace, settings: dict, identities, num_processes) -> None:
@@ -838,7 +805,7 @@ def write_run_config(args: argparse.Namespace, settings: dict, identities, num_p
         },
     }
     text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
-    write_bytes_atomic(args.output_dir / RUN_CONFIG_NAME, text.encode())
+    atomic_write_bytes(args.output_dir / RUN_CONFIG_NAME, text.encode())
 
 
 # ---------------------------------------------------------------------------- generation
@@ -950,7 +917,7 @@ def pending_indices(folder: Path, indices: Sequence[int], overwrite: bool) -> li
 def save_image(path: Path, image: PILImage.Image, record: dict) -> None:
     """Atomically write one image; an OSError (e.g. disk full) stops the run cleanly."""
     try:
-        write_bytes_atomic(path, encode_png(image, record))
+        atomic_write_bytes(path, encode_png(image, record))
     except OSError as error:
         raise OSError(
             error.errno,

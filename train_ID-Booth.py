@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import re
 import shutil
@@ -45,20 +43,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from arcface import DEFAULT_FACE_MODELS_ROOT, align_faces_torch, build_face_detector, load_arcface
-from datasets import (
-    IMAGE_EXTENSIONS,
-    MIN_IMAGE_SIDE,
-    DreamBoothFaceDataset,
-    UnreadableImageError,
-    annotate_folder,
-    collate_dreambooth,
-    image_to_tensor,
-    list_images,
-    load_rgb_image,
-    resize_and_crop,
+from datasets import IMAGE_EXTENSIONS, DreamBoothFaceDataset, annotate_folder, collate_dreambooth
+from fileio import (
+    atomic_folder,
+    atomic_save_image,
+    atomic_write_json,
+    atomic_write_text,
+    publish,
+    remove_stale_temps,
+    stable_seed,
 )
 from losses import (
     diffusion_target,
@@ -535,35 +531,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def derive_seed(*parts: object) -> int:
-    """Stable 63-bit seed from any parts (sha256), so randomness is a function of position."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def publish(temp: str | Path, final: Path) -> None:
-    """os.replace a finished temp file/folder onto its final name, with umask permissions
-    (mkstemp/mkdtemp create them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, (0o777 if Path(temp).is_dir() else 0o666) & ~umask)
-    os.replace(temp, final)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text via a temp file + os.replace (no half-written file after a crash)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    publish(temp_name, path)
-
-
-def atomic_save_image(image, path: Path) -> None:
-    """Save a PIL image as PNG via a temp file + os.replace."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    image.save(temp_name, format="PNG")
-    publish(temp_name, path)
+    """Training's stable 63-bit seed of any parts (fileio.stable_seed, little-endian)."""
+    return stable_seed(*parts, byteorder="little")
 
 
 def library_versions() -> dict[str, str]:
@@ -668,11 +637,10 @@ def check_unfinished_runs(identities: list[Identity], args: argparse.Namespace) 
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete temp folders/files that a killed run left while writing a checkpoint or LoRA."""
+    remove_stale_temps(folder)
     for path in folder.glob(".*"):
         if path.name.startswith((".checkpoint-", ".lora-")) and path.is_dir():
             shutil.rmtree(path)
-        elif path.name.endswith(".tmp") and path.is_file():
-            path.unlink()
 
 
 def clear_outputs(identity: Identity, logging_dir: str) -> None:
@@ -887,91 +855,6 @@ def encode_prompts(frozen: FrozenModels, args: argparse.Namespace) -> PromptEmbe
 # ============================================================================ data
 
 
-def readable_images(folder: Path) -> list[Path]:
-    """Images of folder that decode and are large enough; skips are counted and named once."""
-    usable, skipped = [], []
-    for path in list_images(folder):
-        try:
-            size = load_rgb_image(path).size
-        except UnreadableImageError as error:
-            skipped.append(f"{path.name} ({error})")
-            continue
-        if min(size) < MIN_IMAGE_SIDE:
-            skipped.append(f"{path.name} (smaller than {MIN_IMAGE_SIDE} px)")
-        else:
-            usable.append(path)
-    if skipped:
-        logger.warning(
-            "skipped %d of %d files in %s: %s",
-            len(skipped),
-            len(usable) + len(skipped),
-            folder,
-            "; ".join(skipped),
-        )
-    if not usable:
-        raise ValueError(
-            f"no usable image in {folder}; add readable photos of >= {MIN_IMAGE_SIDE} px"
-        )
-    return usable
-
-
-class PlainDreamBoothDataset(Dataset):
-    """DreamBoothFaceDataset's item layout without face annotations, for --loss dreambooth
-    without ArcFace weights: every readable photo is used; landmarks and embeddings are zeros."""
-
-    def __init__(
-        self, instance_folder: Path, class_folder: Path | None, resolution: int, center_crop: bool
-    ) -> None:
-        self.resolution, self.center_crop = resolution, center_crop
-        self.instance_paths = readable_images(instance_folder)
-        self.class_paths = readable_images(class_folder) if class_folder is not None else []
-
-    @property
-    def num_instance_images(self) -> int:
-        return len(self.instance_paths)
-
-    @property
-    def num_class_images(self) -> int:
-        return len(self.class_paths)
-
-    def __len__(self) -> int:
-        return max(self.num_instance_images, self.num_class_images)
-
-    def _sample(self, paths: list[Path], index: int, prefix: str) -> dict[str, Any]:
-        no_landmarks = np.zeros((5, 2), dtype=np.float32)
-        image, _ = resize_and_crop(
-            load_rgb_image(paths[index]), no_landmarks, self.resolution, self.center_crop
-        )
-        return {
-            f"{prefix}_pixels": image_to_tensor(image),  # (3, R, R) in [-1, 1]
-            f"{prefix}_landmarks": torch.zeros(5, 2),
-            f"{prefix}_embedding": torch.zeros(512),
-            f"{prefix}_index": index,
-        }
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self._sample(self.instance_paths, index % self.num_instance_images, "instance")
-        if self.class_paths:
-            example.update(self._sample(self.class_paths, index % self.num_class_images, "class"))
-        return example
-
-
-class SeededItems(Dataset):
-    """dataset[i] with the CPU RNG (random crops) seeded from (seed, i): data randomness is a
-    function of position, so a resumed run crops exactly like an uninterrupted one."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, index))
-            return self.dataset[index]
-
-
 @dataclass
 class FaceTools:
     """Landmark detector + frozen ArcFace encoder shared by every identity of a process."""
@@ -986,32 +869,32 @@ def load_face_tools(args: argparse.Namespace, device: torch.device) -> FaceTools
     return FaceTools(detector, load_arcface(args.arcface_weights, device=device))
 
 
-def build_dataset(args: argparse.Namespace, instance_dir: Path, face_tools: FaceTools | None):
+def build_dataset(
+    args: argparse.Namespace, instance_dir: Path, face_tools: FaceTools | None
+) -> DreamBoothFaceDataset:
     """Face-annotated dataset when ArcFace is given (every loss trains on the same photos),
-    else the plain DreamBooth dataset."""
-    class_dir = args.class_data_dir if args.with_prior_preservation else None
-    if face_tools is None:
-        return PlainDreamBoothDataset(instance_dir, class_dir, args.resolution, args.center_crop)
+    else plain DreamBooth (every readable photo); crops are seeded from --seed."""
     return DreamBoothFaceDataset(
         instance_dir,
-        face_tools.detector,
-        face_tools.encoder,
-        class_folder=class_dir,
+        face_tools.detector if face_tools is not None else None,
+        face_tools.encoder if face_tools is not None else None,
+        class_folder=args.class_data_dir if args.with_prior_preservation else None,
         resolution=args.resolution,
         center_crop=args.center_crop,
+        seed=args.seed,
     )
 
 
-def dataset_summary(dataset) -> dict[str, Any]:
-    """Counts of used and skipped photos (skips only known for the face dataset)."""
+def dataset_summary(dataset: DreamBoothFaceDataset) -> dict[str, Any]:
+    """Counts of used and skipped photos."""
     summary = {
         "instance_images": dataset.num_instance_images,
         "class_images": dataset.num_class_images,
     }
     for part in ("instance", "classes"):
-        faces = getattr(dataset, part, None)
-        if faces is not None:
-            summary[f"{part}_skipped"] = faces.report.counts()
+        photos = getattr(dataset, part)
+        if photos is not None:
+            summary[f"{part}_skipped"] = photos.report.counts()
     return summary
 
 
@@ -1357,7 +1240,7 @@ class IdentityTrainer:
         }
 
     def write_config(self, folder: Path, status: str) -> None:
-        atomic_write_text(folder / CONFIG_NAME, json.dumps(self.config(status), indent=2))
+        atomic_write_json(folder / CONFIG_NAME, self.config(status))
 
     def resume(self) -> None:
         """Restore LoRA, optimizer, scheduler, grad scaler and step from a checkpoint."""
@@ -1411,20 +1294,17 @@ class IdentityTrainer:
         """checkpoint-N: LoRA (loadable as is), optimizer/scheduler/scaler state, config."""
         self.watch.check(f"checkpoint-{self.global_step} was not written")
         folder = self.identity.output_dir / f"checkpoint-{self.global_step}"
-        temp = Path(tempfile.mkdtemp(dir=self.identity.output_dir, prefix=f".{folder.name}-"))
-        save_lora(self.unet, temp)
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "grad_scaler": self.scaler.state_dict(),
-            "global_step": self.global_step,
-            "identity_samples": self.identity_samples,
-        }
-        torch.save(state, temp / TRAINING_STATE_NAME)
-        self.write_config(temp, "checkpoint")
-        if folder.exists():
-            shutil.rmtree(folder)
-        publish(temp, folder)
+        with atomic_folder(folder) as temp:
+            save_lora(self.unet, temp)
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "grad_scaler": self.scaler.state_dict(),
+                "global_step": self.global_step,
+                "identity_samples": self.identity_samples,
+            }
+            torch.save(state, temp / TRAINING_STATE_NAME)
+            self.write_config(temp, "checkpoint")
         self._prune_checkpoints()
         logger.info("%s: saved %s", self.identity.name, folder)
         return folder
@@ -1540,8 +1420,9 @@ class IdentityTrainer:
         ).tolist()
         size = self.args.train_batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)][start_batch:]
+        self.dataset.set_epoch(epoch)  # crops of this epoch: seeded by (--seed, epoch, index)
         return DataLoader(
-            SeededItems(self.dataset, derive_seed(self.args.seed, "crop", epoch)),
+            self.dataset,
             batch_sampler=batches,
             collate_fn=self.collate,
             num_workers=self.args.dataloader_num_workers,

@@ -39,17 +39,18 @@ for _path in (REPO_ROOT, REPO_ROOT / "Evaluation"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-import metrics  # noqa: E402
 import numpy as np  # noqa: E402
+
+import metrics  # noqa: E402
+from fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
 from image_sets import (  # noqa: E402
     DEFAULT_EXCLUDE,
     STATUS_NO_FACE,
     STATUS_OK,
     STATUS_UNREADABLE,
     ImageSet,
-    atomic_write_bytes,
-    atomic_write_json,
     cached_rows,
+    json_safe,
     load_image_set,
 )
 
@@ -562,7 +563,7 @@ def main(args: argparse.Namespace) -> dict:
     figures = {**identity_figures(identity_scores, identity), **diversity_figures(diversity)}
     for key, png in figures.items():
         atomic_write_bytes(args.out / "plots" / f"{key}.png", png)
-    atomic_write_json(args.out / "metrics.json", results)
+    atomic_write_json(args.out / "metrics.json", json_safe(results), allow_nan=False)
     atomic_write_bytes(args.out / "report.html", report.render_report(results, figures).encode())
     for note in notes:
         log(note)

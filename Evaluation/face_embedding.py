@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from image_sets import STATUS_NO_FACE, STATUS_OK, load_images
+
+from image_sets import STATUS_NO_FACE, STATUS_OK, rows_of_readable_images
 
 DLIB_RECOGNISER_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 DLIB_LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"  # what dlib's recogniser example uses
@@ -62,31 +63,21 @@ class DlibEmbedder:
     def __init__(self, max_upsample: int = 2, max_pixels: int = 8_000_000):
         import dlib
 
-        from arcface import face_recognition_models_dir
+        from arcface import dlib_hog_detector, dlib_model_path  # the training detector's
 
-        models = face_recognition_models_dir()
-        for file_name in (DLIB_RECOGNISER_FILE, DLIB_LANDMARKS_FILE):
-            if not (models / file_name).is_file():
-                raise FileNotFoundError(
-                    f"{models / file_name} is missing: "
-                    "`pip install --force-reinstall face-recognition-models`"
-                )
-        self.detector = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(str(models / DLIB_LANDMARKS_FILE))
-        self.recogniser = dlib.face_recognition_model_v1(str(models / DLIB_RECOGNISER_FILE))
+        self.detector = dlib_hog_detector()
+        self.predictor = dlib.shape_predictor(str(dlib_model_path(DLIB_LANDMARKS_FILE)))
+        recogniser_path = dlib_model_path(DLIB_RECOGNISER_FILE)
+        self.recogniser = dlib.face_recognition_model_v1(str(recogniser_path))
         self.max_upsample = max_upsample
         self.max_pixels = max_pixels
 
     def _largest_face(self, image: np.ndarray):
         """dlib rectangle of the largest face at the smallest upsampling that finds one."""
-        pixels = image.shape[0] * image.shape[1]
-        for upsample in range(self.max_upsample + 1):
-            if upsample > 0 and pixels * 4**upsample > self.max_pixels:
-                break
-            faces = list(self.detector(image, upsample))
-            if faces:
-                return max(faces, key=lambda rect: rect.width() * rect.height())
-        return None
+        from arcface import dlib_detect_faces
+
+        faces = dlib_detect_faces(self.detector, image, self.max_upsample, self.max_pixels)
+        return max(faces, key=lambda rect: rect.width() * rect.height()) if faces else None
 
     def embed(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(N, 128) dlib descriptors (zero where no face) and (N,) found mask."""
@@ -151,11 +142,9 @@ def embed_image_files(
     embedder: FaceEmbedder, paths: Sequence[Path]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Files -> (N, D) embeddings and (N,) status (ok / no face / unreadable)."""
-    images, status = load_images(paths)
-    readable = [i for i, image in enumerate(images) if image is not None]
-    embeddings = np.zeros((len(paths), embedder.embedding_dim), dtype=np.float32)
-    if readable:
-        vectors, found = embedder.embed([np.asarray(images[i]) for i in readable])
-        embeddings[readable] = vectors
-        status[readable] = np.where(found, STATUS_OK, STATUS_NO_FACE)
-    return embeddings, status
+
+    def embed(images: list) -> tuple[np.ndarray, np.ndarray]:
+        vectors, found = embedder.embed([np.asarray(image) for image in images])
+        return vectors, np.where(found, STATUS_OK, STATUS_NO_FACE)
+
+    return rows_of_readable_images(paths, embedder.embedding_dim, embed)

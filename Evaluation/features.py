@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from image_sets import load_images
+
+from image_sets import STATUS_OK, rows_of_readable_images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -110,9 +111,6 @@ def extract_image_features(
     extractor: FeatureExtractor, paths: Sequence[Path]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Files -> (N, D) features (zero rows for unreadable files) and (N,) status."""
-    images, status = load_images(paths)
-    readable = [i for i, image in enumerate(images) if image is not None]
-    features = np.zeros((len(paths), extractor.feature_dim), dtype=np.float32)
-    if readable:
-        features[readable] = extractor.embed([images[i] for i in readable])
-    return features, status
+    return rows_of_readable_images(
+        paths, extractor.feature_dim, lambda images: (extractor.embed(images), STATUS_OK)
+    )

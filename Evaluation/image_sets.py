@@ -1,4 +1,4 @@
-"""Identity image folders (`ROOT/<identity>/<image>`), a per-image result cache, atomic writes.
+"""Identity image folders (`ROOT/<identity>/<image>`), a per-image result cache, JSON-safe values.
 
 The folder layout is the one `inference_ID-Booth.py` writes and FR training reads: one
 sub-folder per identity, its name being the identity. Files are listed and decoded with the
@@ -8,11 +8,7 @@ training code's own `datasets.list_images` / `datasets.load_rgb_image`.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import io
-import json
-import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -20,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fileio import atomic_write_bytes, file_sha256
 
 # Per-image status codes stored next to each cached feature row.
 STATUS_OK = 0
@@ -82,34 +80,14 @@ def load_image_set(
     return image_set
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes (cache key: results follow content, not names)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then os.replace: readers never see a partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temp_name, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value: object) -> object:
+def json_safe(value: object) -> object:
     """JSON-able copy: numpy scalars/arrays to Python, non-finite floats to 'inf'/'-inf'/'nan'."""
     if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
+        return {str(key): json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
@@ -117,12 +95,6 @@ def _json_safe(value: object) -> object:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def atomic_write_json(path: Path, payload: object) -> None:
-    """Strict JSON (non-finite numbers as strings), written atomically."""
-    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode())
 
 
 class RowCache:
@@ -168,6 +140,21 @@ def load_images(paths: Sequence[Path]) -> tuple[list, np.ndarray]:
             images.append(None)
             status[index] = STATUS_UNREADABLE
     return images, status
+
+
+def rows_of_readable_images(
+    paths: Sequence[Path],
+    width: int,
+    compute: Callable[[list], tuple[np.ndarray, np.ndarray | int]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, width) float32 rows and (N,) status of image files: `compute(readable PIL images)` ->
+    (rows (R, width), status (R,) or one code); files that do not decode: zero, unreadable."""
+    images, status = load_images(paths)
+    readable = [i for i, image in enumerate(images) if image is not None]
+    rows = np.zeros((len(paths), width), dtype=np.float32)
+    if readable:
+        rows[readable], status[readable] = compute([images[i] for i in readable])
+    return rows, status
 
 
 RowFunction = Callable[[Sequence[Path]], tuple[np.ndarray, np.ndarray]]

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
+
 from metrics import RocCurve
 
 DET_TICKS = (0.0001, 0.001, 0.01, 0.05, 0.2, 0.5, 0.8, 0.95)

@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -43,12 +42,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from margin_heads import MARGIN_HEADS, MarginHead, build_margin_head
 from torch import nn
 
+from margin_heads import MARGIN_HEADS, MarginHead, build_margin_head
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # arcface.py and datasets.py live at the repo root
+if str(REPO_ROOT) not in sys.path:  # arcface.py, datasets.py and fileio.py live at the repo root
     sys.path.append(str(REPO_ROOT))
+
+from fileio import (  # noqa: E402
+    atomic_folder,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temps,
+)
 
 logger = logging.getLogger("train_fr")
 
@@ -203,49 +211,49 @@ def prepare_faces(
             return _open_prepared(prepared_dir, manifest)
     prepared_dir.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)  # files below are replaced; no stale manifest meanwhile
+    remove_stale_temps(prepared_dir)  # the partial faces.npy of a killed preparation
     logger.info("preparing aligned faces in %s (align=%s)", prepared_dir, align)
     skips = SkipReport(**{k: list(v) for k, v in asdict(scan_skips).items()})
     items = [(key, path) for key, paths in identities.items() for path in paths]
-    faces_tmp = prepared_dir / "faces.tmp.npy"
-    faces = np.lib.format.open_memmap(
-        faces_tmp, mode="w+", dtype=np.uint8, shape=(len(items), FACE_SIZE, FACE_SIZE, 3)
-    )
-    kept_keys: list[str] = []
-    for (key, path), image in zip(items, _decode_in_threads(items, num_threads), strict=True):
-        if image is None:
-            skips.unreadable.append(str(path))
-            continue
-        face = _align_or_skip(image, path, align, get_detector, skips)
-        if face is not None:
-            faces[len(kept_keys)] = face
-            kept_keys.append(key)
-    faces.flush()
-    del faces
-    skips.empty_identities.extend(sorted(set(identities) - set(kept_keys)))
-    if not kept_keys:
-        skips.log()
-        raise ValueError(f"every image was skipped ({skips.counts()}); nothing to train on")
+    with atomic_path(prepared_dir / "faces.npy") as faces_tmp:
+        faces = np.lib.format.open_memmap(
+            faces_tmp, mode="w+", dtype=np.uint8, shape=(len(items), FACE_SIZE, FACE_SIZE, 3)
+        )
+        kept_keys: list[str] = []
+        for (key, path), image in zip(items, _decode_in_threads(items, num_threads), strict=True):
+            if image is None:
+                skips.unreadable.append(str(path))
+                continue
+            face = _align_or_skip(image, path, align, get_detector, skips)
+            if face is not None:
+                faces[len(kept_keys)] = face
+                kept_keys.append(key)
+        faces.flush()
+        del faces
+        skips.empty_identities.extend(sorted(set(identities) - set(kept_keys)))
+        if not kept_keys:
+            skips.log()
+            raise ValueError(f"every image was skipped ({skips.counts()}); nothing to train on")
     manifest = {"fingerprint": fingerprint, "align": align, "face_detector": detector_name}
-    return _finish_prepared(prepared_dir, faces_tmp, kept_keys, skips, manifest)
+    return _finish_prepared(prepared_dir, kept_keys, skips, manifest)
 
 
 def _finish_prepared(
-    prepared_dir: Path, faces_tmp: Path, kept_keys: list[str], skips: SkipReport, manifest: dict
+    prepared_dir: Path, kept_keys: list[str], skips: SkipReport, manifest: dict
 ) -> PreparedFaces:
-    """Dense labels over identities that kept an image; files moved into place, manifest last."""
+    """Dense labels over identities that kept an image, then the manifest (written last)."""
     identity_names = sorted(set(kept_keys))
     label_of = {name: label for label, name in enumerate(identity_names)}
     labels = np.array([label_of[k] for k in kept_keys], dtype=np.int64)
-    np.save(prepared_dir / "labels.tmp.npy", labels)
-    os.replace(prepared_dir / "labels.tmp.npy", prepared_dir / "labels.npy")
-    os.replace(faces_tmp, prepared_dir / "faces.npy")
+    with atomic_path(prepared_dir / "labels.npy") as labels_tmp, labels_tmp.open("wb") as handle:
+        np.save(handle, labels)
     manifest = {
         **manifest,
         "num_faces": len(kept_keys),
         "identities": identity_names,
         "skips": asdict(skips),
     }
-    _write_json_atomic(prepared_dir / "manifest.json", manifest)
+    atomic_write_json(prepared_dir / "manifest.json", manifest)
     return _open_prepared(prepared_dir, manifest)
 
 
@@ -410,18 +418,6 @@ class TrainState:
     epoch_loss_count: int = 0
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
-def _torch_save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoint-<step> folders, oldest first."""
     found = [
@@ -436,23 +432,19 @@ def save_checkpoint(run: Run) -> Path:
     """Write checkpoint-<step>/ atomically (temp folder + os.replace); prune beyond the limit."""
     output_dir, step = run.output_dir, run.state.global_step
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     scaler = getattr(run.accelerator, "scaler", None)
-    torch.save(
-        {
-            "model": run.accelerator.unwrap_model(run.model).state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "grad_scaler": scaler.state_dict() if scaler is not None else None,
-            "train_state": asdict(run.state),
-        },
-        tmp / "training_state.pt",
-    )
-    _write_json_atomic(tmp / "config.json", run.config())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_folder(final) as temp:
+        torch.save(
+            {
+                "model": run.accelerator.unwrap_model(run.model).state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                "train_state": asdict(run.state),
+            },
+            temp / "training_state.pt",
+        )
+        atomic_write_json(temp / "config.json", run.config())
     if run.args.checkpoints_total_limit:
         for old in list_checkpoints(output_dir)[: -run.args.checkpoints_total_limit]:
             shutil.rmtree(old)
@@ -501,9 +493,7 @@ def trim_log(log_path: Path, last_step: int) -> None:
     if log_path.is_file():
         lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
         kept = [ln for ln in lines if json.loads(ln)["step"] <= last_step]
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, log_path)
+        atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -802,7 +792,7 @@ def run_verification(run: Run) -> None:
     payload = verify.results_to_json(results, step=run.state.global_step, epoch=run.state.epoch)
     with (run.output_dir / "verification_log.jsonl").open("a") as handle:
         handle.write(json.dumps(payload) + "\n")
-    verify.write_json_atomic(run.output_dir / "verification.json", payload)
+    atomic_write_json(run.output_dir / "verification.json", payload)
 
 
 def end_epoch(args, scheduler, state: TrainState) -> None:
@@ -920,6 +910,7 @@ def setup_run(args: argparse.Namespace) -> Run:
             resume_path, model, optimizer, scheduler, accelerator, prepared.identities
         )
     if accelerator.is_main_process:
+        remove_stale_temps(output_dir)  # what a killed run left while writing
         for log in (run.log_path, output_dir / "verification_log.jsonl"):
             trim_log(log, run.state.global_step)
     if args.eval_bins and accelerator.is_main_process:
@@ -1002,8 +993,9 @@ def save_final(run: Run) -> None:
     """backbone.pth (arcface_torch keys, float32) + config.json (+ final verification)."""
     backbone = run.accelerator.unwrap_model(run.model).backbone
     state_dict = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}
-    _torch_save_atomic(state_dict, run.output_dir / "backbone.pth")
-    _write_json_atomic(run.output_dir / "config.json", run.config())
+    with atomic_path(run.output_dir / "backbone.pth") as temp:
+        torch.save(state_dict, temp)
+    atomic_write_json(run.output_dir / "config.json", run.config())
     if run.pair_sets:
         run_verification(run)
     logger.info("wrote %s", run.output_dir / "backbone.pth")

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
-import os
 import pickle
 import sys
 from collections.abc import Sequence
@@ -41,8 +39,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # arcface.py lives at the repo root
+if str(REPO_ROOT) not in sys.path:  # arcface.py and fileio.py live at the repo root
     sys.path.append(str(REPO_ROOT))
+
+from fileio import atomic_path, atomic_write_json  # noqa: E402
 
 logger = logging.getLogger("verify")
 
@@ -178,12 +178,9 @@ def load_bin(path: str | Path, name: str | None = None) -> PairSet:
 
 def write_bin(path: str | Path, encoded_images: Sequence[bytes], issame: Sequence[bool]) -> None:
     """Write a `.bin` as insightface lays it out: pickle of (list of bytes, list of bool)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        payload = ([bytes(b) for b in encoded_images], [bool(v) for v in issame])
+    payload = ([bytes(b) for b in encoded_images], [bool(v) for v in issame])
+    with atomic_path(path) as temp, temp.open("wb") as handle:
         pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -314,14 +311,6 @@ def results_to_json(results: Sequence[VerificationResult], **metadata: object) -
     }
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temp name and os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def load_backbone(path: str | Path, device: str) -> torch.nn.Module:
     """arcface_torch `.pth`/`.pt` -> IResNet (raw embeddings); `.onnx`/`.safetensors` -> encoder."""
     import arcface
@@ -388,7 +377,7 @@ def main(args: argparse.Namespace) -> dict:
     print(format_table(results))
     payload = results_to_json(results, backbone=str(args.backbone), bins=list(args.bins))
     out = Path(args.out) if args.out else Path(args.backbone).with_name("verification.json")
-    write_json_atomic(out, payload)
+    atomic_write_json(out, payload)
     logger.info("wrote %s", out)
     return payload
 

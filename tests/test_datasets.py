@@ -571,6 +571,94 @@ def test_collate_stacks_instance_then_prior(tmp_path: Path) -> None:
         collate_dreambooth([no_prior[0]], with_prior=True)
 
 
+# ----------------------------------------------------------------------------- modes
+
+
+def test_plain_dreambooth_uses_every_readable_photo_and_counts_skips(tmp_path, caplog) -> None:
+    instance, prior = build_pair_folders(tmp_path)
+    (prior / "notes.txt").write_text("not a photo")
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        dataset = DreamBoothFaceDataset(instance, None, None, class_folder=prior, resolution=64)
+    # b_noface.png has no face but is a readable photo: plain DreamBooth trains on it.
+    assert [p.name for p in dataset.classes.paths] == [
+        "a.png",
+        "b_noface.png",
+        "c.png",
+        "e.png",
+        "g.png",
+        "i.png",
+    ]
+    assert dataset.classes.report.counts() == {
+        SKIP_UNREADABLE: 1,
+        SKIP_TOO_SMALL: 1,
+        SKIP_NOT_IMAGE: 1,
+    }
+    assert len(dataset.instance.report) == 0 and len(dataset) == 6
+    [warning] = dataset_warnings(caplog)
+    for name in ("d_broken.jpg", "f_tiny.png", "notes.txt", "skipped 3 of 9 files"):
+        assert name in warning
+    item = dataset[2]
+    assert set(item) == {"instance_pixels", "instance_index", "class_pixels", "class_index"}
+    assert item["class_pixels"].shape == (3, 64, 64) and item["instance_index"] == 0
+    batch = collate_dreambooth([dataset[i] for i in range(3)], with_prior=True)
+    assert batch["pixel_values"].shape == (6, 3, 64, 64) and batch["num_instance"] == 3
+    assert "landmarks" not in batch and "embeddings" not in batch
+    assert batch["class_indices"].tolist() == [0, 1, 2]
+
+    broken = tmp_path / "broken"
+    save(broken, "tiny.png", face_photo(30, 30)[0])
+    (broken / "bad.jpg").write_bytes(b"\xff\xd8 nope")
+    with pytest.raises(ValueError, match=r"no usable image in .*broken.*bad\.jpg"):
+        DreamBoothFaceDataset(broken, None, None, resolution=64)
+    with pytest.raises(ValueError, match="both a face detector and an encoder"):
+        DreamBoothFaceDataset(instance, DotDetector(), None, resolution=64)
+
+
+def reference_seeded_item(dataset, seed: int, epoch: int, index: int) -> dict:
+    """What the trainer's former SeededItems wrapper gave: the global RNG seeded from
+    (seed, epoch, index) by the sha256 formula, then the instance crop and the class crop."""
+    digest = hashlib.sha256(f"{seed}/crop/{epoch}".encode()).digest()
+    epoch_seed = int.from_bytes(digest[:8], "little") % 2**63
+    digest = hashlib.sha256(f"{epoch_seed}/{index}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+        item = {}
+        for photos, prefix in ((dataset.instance, "instance"), (dataset.classes, "class")):
+            row = index % len(photos.paths)
+            points = photos.landmarks[row] if photos.landmarks is not None else np.zeros((0, 2))
+            image, moved = resize_and_crop(
+                load_rgb_image(photos.paths[row]), points, dataset.resolution
+            )
+            item[f"{prefix}_pixels"] = image_to_tensor(image)
+            if photos.landmarks is not None:
+                item[f"{prefix}_landmarks"] = torch.from_numpy(moved)
+    return item
+
+
+@pytest.mark.parametrize("faces", [True, False], ids=["face", "plain"])
+def test_seeded_crops_are_a_function_of_seed_epoch_and_index(tmp_path: Path, faces) -> None:
+    instance, prior = build_pair_folders(tmp_path)
+    tools = (DotDetector(), MedianColourEncoder()) if faces else (None, None)
+    dataset = DreamBoothFaceDataset(instance, *tools, class_folder=prior, resolution=64, seed=7)
+    crops = {}
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            torch.manual_seed(1000 * epoch + index)  # the global RNG plays no part
+            state = torch.get_rng_state()
+            item = dataset[index]
+            assert torch.equal(torch.get_rng_state(), state)  # ... and is left untouched
+            expected = reference_seeded_item(dataset, 7, epoch, index)
+            for key, value in expected.items():
+                assert torch.equal(item[key], value), (epoch, index, key)
+            crops[epoch, index] = item["instance_pixels"]
+    assert any(not torch.equal(crops[0, i], crops[1, i]) for i in range(len(dataset)))
+    dataset.set_epoch(0)
+    assert torch.equal(dataset[3]["instance_pixels"], crops[0, 3])  # a resumed epoch repeats
+    other_seed = DreamBoothFaceDataset(instance, *tools, resolution=64, seed=8)
+    assert any(not torch.equal(other_seed[i]["instance_pixels"], crops[0, i]) for i in range(2))
+
+
 # ----------------------------------------------------------------------------- real face
 
 

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import evaluate
-import metrics
 import numpy as np
 import pytest
 from evaluation_data import (
@@ -20,6 +18,9 @@ from evaluation_data import (
     write_identity_folders,
 )
 from PIL import Image
+
+import evaluate
+import metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "Evaluation" / "evaluate.py"
@@ -282,6 +283,7 @@ def test_argument_errors_are_clear(data, tmp_path):
 
 def test_dgm_eval_preprocessing_and_cls_features(data):
     import torch
+
     from features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 
     extractor = FeatureExtractor(data["dino"], image_size=56)

@@ -28,6 +28,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from tiny_sd import build_tiny_sd
 
+import fileio
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "inference_ID-Booth.py"
 FAST = ["--num_inference_steps", "4", "--resolution", "64", "--mixed_precision", "no"]
@@ -142,7 +144,7 @@ def metadata(output_dir: Path) -> list[dict]:
 
 
 def temp_files(output_dir: Path) -> list[Path]:
-    return [p for p in output_dir.rglob("*") if ".tmp-" in p.name]
+    return sorted(output_dir.rglob("*.tmp"))  # fileio's temp names: .<name>.<random>.tmp
 
 
 def subprocess_env(threads: int) -> dict[str, str]:
@@ -428,7 +430,7 @@ def test_every_scheduler_builds_and_is_reproducible(assets, name):
 def test_disk_full_leaves_no_partial_image_and_resume_completes(assets, tmp_path, monkeypatch):
     output = tmp_path / "out"
     argv = cli(assets, output, "--identities", "ID_a", "--num_images_per_identity", "4")
-    original = inference._write_all
+    original = fileio._write_all
     calls = []
 
     def disk_fills_up(handle, data):
@@ -438,7 +440,7 @@ def test_disk_full_leaves_no_partial_image_and_resume_completes(assets, tmp_path
             raise OSError(errno.ENOSPC, "No space left on device")
         original(handle, data)
 
-    monkeypatch.setattr(inference, "_write_all", disk_fills_up)
+    monkeypatch.setattr(fileio, "_write_all", disk_fills_up)
     with pytest.raises(OSError, match=r"could not write .*2\.png.*No space left") as error:
         run(argv)
     assert error.value.errno == errno.ENOSPC
@@ -446,7 +448,7 @@ def test_disk_full_leaves_no_partial_image_and_resume_completes(assets, tmp_path
     assert temp_files(output) == []
     assert not (output / "metadata.jsonl").exists()
 
-    monkeypatch.setattr(inference, "_write_all", original)
+    monkeypatch.setattr(fileio, "_write_all", original)
     summary = run(argv)
     assert (summary["written"], summary["skipped"]) == (2, 2)
     assert [r["index"] for r in metadata(output)] == [0, 1, 2, 3]
@@ -684,10 +686,10 @@ def test_png_completeness_and_metadata_rebuild(tmp_path):
     image = Image.new("RGB", (8, 8), "red")
     for index in range(3):
         record = {"identity": "ID_a", "index": index}
-        inference.write_bytes_atomic(folder / f"{index}.png", inference.encode_png(image, record))
+        fileio.atomic_write_bytes(folder / f"{index}.png", inference.encode_png(image, record))
     data = (folder / "2.png").read_bytes()
     (folder / "2.png").write_bytes(data[: len(data) - 5])  # truncated by something else
-    (folder / ".3.png.tmp-123").write_bytes(data[:10])
+    (folder / ".3.png.k1x9q2_z.tmp").write_bytes(data[:10])  # a killed writer's temp
     assert [inference.is_complete_png(folder / f"{i}.png") for i in range(3)] == [True, True, False]
     (tmp_path / "metadata.jsonl").write_text('{"identity": "ID_a", "index": 0}\n' * 3)
     assert inference.rebuild_metadata(tmp_path) == 2

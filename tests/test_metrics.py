@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import statistics
 
-import metrics
 import numpy as np
 import pytest
 import scipy.linalg
@@ -17,6 +16,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 from sklearn.metrics.pairwise import polynomial_kernel as sklearn_polynomial_kernel
 from vendi_score import vendi
+
+import metrics
 
 # ------------------------------------------------------------------ references
 
@@ -376,6 +377,7 @@ def test_prdc_matches_brute_force_on_random_sets_and_chunking():
 def real_face_embeddings():
     """dlib 128-d embeddings of 7 real people x 3 variants (original, mirror, re-crop)."""
     from evaluation_data import real_face_crops, variants
+
     from face_embedding import DlibEmbedder
 
     crops = real_face_crops()

@@ -9,16 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import margin_heads
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import train_fr
-import verify
 from PIL import Image
 
 import arcface
+import margin_heads
+import train_fr
+import verify
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "Evaluation" / "train_fr.py"

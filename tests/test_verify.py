@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import verify
 from PIL import Image
 from sklearn.model_selection import KFold
 
 import arcface
+import verify
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES_DIR = Path(importlib.util.find_spec("insightface").origin).parent / "data" / "images"
