@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="arcface_torch backbone.pth or ONNX recogniser; default: a random IResNet-18.",
     )
+    parser.add_argument(
+        "--feature_model",
+        default=None,
+        help="DINOv2 path or hub id for diversity/fidelity; default: a random tiny DINOv2.",
+    )
     parser.add_argument("--resolution", type=int, default=64, help="Training and generation size.")
     parser.add_argument(
         "--max_train_steps", type=int, default=6, help="Training steps per identity."
@@ -69,21 +74,26 @@ def run_stage(name: str, script: str, arguments: list[str]) -> None:
     subprocess.run([sys.executable, str(REPO_ROOT / script), *arguments], check=True)
 
 
-def prepare_embedded_models(models_dir: Path) -> tuple[Path, Path]:
-    """Random tiny SD pipeline + random IResNet-18 checkpoint, built once."""
+def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
+    """Random tiny SD pipeline, IResNet-18 checkpoint and DINOv2, built once."""
     import torch
 
     from arcface import build_iresnet
-    from random_models import build_tiny_sd
+    from random_models import build_tiny_dinov2, build_tiny_sd
 
-    sd_dir = models_dir / "tiny-sd"
-    if not (sd_dir / "model_index.json").exists():
-        build_tiny_sd(sd_dir)
-    arcface_path = models_dir / "arcface_r18_random.pth"
-    if not arcface_path.exists():
+    paths = {
+        "sd": models_dir / "tiny-sd",
+        "arcface": models_dir / "arcface_r18_random.pth",
+        "dinov2": models_dir / "tiny-dinov2",
+    }
+    if not (paths["sd"] / "model_index.json").exists():
+        build_tiny_sd(paths["sd"])
+    if not paths["arcface"].exists():
         torch.manual_seed(0)
-        torch.save(build_iresnet("r18").state_dict(), arcface_path)
-    return sd_dir, arcface_path
+        torch.save(build_iresnet("r18").state_dict(), paths["arcface"])
+    if not (paths["dinov2"] / "config.json").exists():
+        build_tiny_dinov2(paths["dinov2"])
+    return paths
 
 
 def crop_face(
@@ -130,6 +140,18 @@ def prepare_embedded_identities(data_dir: Path) -> tuple[Path, Path, Path]:
     return identities_root, class_dir, attributes_path
 
 
+def evaluation_models(args: argparse.Namespace, embedded: dict[str, Path]) -> list[str]:
+    """Embedder and feature-model flags: the user's weights, else real dlib + random DINOv2."""
+    # A random ArcFace says nothing about identity; dlib's shipped embedder is real.
+    if args.arcface_weights:
+        flags = ["--embedder=arcface", f"--arcface_weights={args.arcface_weights}"]
+    else:
+        flags = ["--embedder=dlib"]
+    if args.feature_model:
+        return [*flags, f"--feature_model={args.feature_model}"]
+    return [*flags, f"--feature_model={embedded['dinov2']}", "--feature_image_size=56"]
+
+
 def main(args: argparse.Namespace) -> None:
     from datasets import list_images
 
@@ -137,9 +159,9 @@ def main(args: argparse.Namespace) -> None:
         "HF_HUB_OFFLINE", "1" if args.pretrained_model_name_or_path is None else "0"
     )
     out = args.output_dir
-    sd_path, arcface_path = prepare_embedded_models(out / "models")
-    sd_path = args.pretrained_model_name_or_path or str(sd_path)
-    arcface_path = args.arcface_weights or arcface_path
+    embedded = prepare_embedded_models(out / "models")
+    sd_path = args.pretrained_model_name_or_path or str(embedded["sd"])
+    arcface_path = args.arcface_weights or embedded["arcface"]
     identities_root, class_dir, attributes_path = prepare_embedded_identities(out / "data")
     common = [f"--pretrained_model_name_or_path={sd_path}", f"--resolution={args.resolution}"]
     run_stage(
@@ -176,8 +198,8 @@ def main(args: argparse.Namespace) -> None:
         [
             f"--generated=ID-Booth={out / 'generated'}",
             f"--real={identities_root}",
-            "--embedder=dlib",
             "--face_detector=dlib",
+            *evaluation_models(args, embedded),
             f"--out={out / 'report'}",
         ],
     )

@@ -1,14 +1,17 @@
 """Generate identity datasets from ID-Booth LoRAs: OUTPUT/<identity>/<index>.png.
 
 Each image is a pure function of (base seed, identity, image index, batch): its noise seed
-and its prompt (side-portrait coin flip, background) are derived from
-sha256(base seed, identity, index), never from Python's `hash()` or a shared RNG stream,
-so any image can be regenerated on its own. Images of one identity are generated in fixed
-batches of consecutive indices ([0, B), [B, 2B), ...), whatever the number of processes
-and however often the run is interrupted, so a resumed or multi-process run writes the
-same bytes as one uninterrupted process (same hardware, library versions and, on CPU,
-thread count). The batch size itself moves pixels only at float-rounding level: the noise
-is per image, but matmul/conv kernels sum in an order that depends on the batch shape.
+and side-portrait coin flip are derived from sha256(base seed, identity, index), and its
+background (default `--background_sampling balanced`) from index i's slot i mod k in block
+i // k, a shuffle of the k backgrounds seeded by sha256(base seed, identity, "backgrounds",
+block); never from Python's `hash()` or a shared RNG stream, so any image can be regenerated
+on its own and adding images to an identity leaves the earlier ones unchanged. Images of
+one identity are generated in fixed batches of consecutive indices ([0, B), [B, 2B), ...),
+whatever the number of processes and however often the run is interrupted, so a resumed or
+multi-process run writes the same bytes as one uninterrupted process (same hardware,
+library versions and, on CPU, thread count). The batch size itself moves pixels only at
+float-rounding level: the noise is per image, but matmul/conv kernels sum in an order that
+depends on the batch shape.
 
 Outputs: `<identity>/<index>.png` (PNG text chunk `id_booth` holds the image's metadata
 record, so every image describes itself), `metadata.jsonl` (one line per image, rebuilt
@@ -37,7 +40,7 @@ import string
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +114,7 @@ GENERATION_KEYS = (
     "prompt_template",
     "prompt_template_no_background",
     "backgrounds",
+    "background_sampling",
     "side_portrait_probability",
     "negative_prompt",
     "scheduler",
@@ -121,6 +125,9 @@ GENERATION_KEYS = (
     "seed",
     "mixed_precision",
 )
+# Values of settings added after datasets were made with them: a run_config.json without
+# the key was written by the older script, which behaved like this value.
+LEGACY_GENERATION_VALUES = {"background_sampling": "independent"}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -182,8 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--backgrounds",
         nargs="+",
         default=list(PAPER_BACKGROUNDS),
-        help="Backgrounds drawn uniformly per image, or one path to a text file with one "
-        f"background per line; '{NO_BACKGROUND}' selects --prompt_template_no_background.",
+        help="Backgrounds (assigned per --background_sampling), or one path to a text file "
+        f"with one background per line; '{NO_BACKGROUND}' selects "
+        "--prompt_template_no_background.",
+    )
+    parser.add_argument(
+        "--background_sampling",
+        default="balanced",
+        choices=list(BACKGROUND_SAMPLERS),
+        help="How each image gets its background. 'balanced': indices are cut into "
+        "consecutive blocks of len(--backgrounds), each block a seeded shuffle of the list, "
+        "so every background appears floor(n/k) or ceil(n/k) times per identity and image i's "
+        "background does not depend on --num_images_per_identity. 'independent': a uniform "
+        "draw from each image's seed (the behaviour before this flag; reproduces datasets "
+        "made then).",
     )
     parser.add_argument(
         "--side_portrait_probability",
@@ -268,6 +287,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.side_portrait_probability <= 1.0:
         raise ValueError("--side_portrait_probability must be in [0, 1]")
     scheduler_class(args.scheduler)  # ValueError listing the options
+    background_sampler(args.background_sampling)
     validate_template(args.prompt_template, "--prompt_template")
     validate_template(args.prompt_template_no_background, "--prompt_template_no_background")
     if "background" in template_placeholders(args.prompt_template_no_background):
@@ -359,6 +379,50 @@ def prompt_choices(
     return rng.choice(list(backgrounds)), side_portrait
 
 
+def background_block(
+    base_seed: int, identity: str, block: int, backgrounds: Sequence[str]
+) -> list[str]:
+    """Block b's order: random.Random(sha256('base_seed/identity/backgrounds/b')).shuffle(list)."""
+    block_seed = stable_seed(base_seed, identity, "backgrounds", block, byteorder="big")
+    order = list(backgrounds)
+    random.Random(block_seed).shuffle(order)
+    return order
+
+
+def balanced_background(
+    base_seed: int, identity: str, index: int, backgrounds: Sequence[str]
+) -> str:
+    """Background of image i: slot i mod k of block i // k (k = len(backgrounds)).
+
+    Each block holds every background once, so over n images each appears floor(n/k) or
+    ceil(n/k) times, and image i's background does not depend on n.
+    """
+    block, slot = divmod(index, len(backgrounds))
+    return background_block(base_seed, identity, block, backgrounds)[slot]
+
+
+def independent_background(
+    base_seed: int, identity: str, index: int, backgrounds: Sequence[str]
+) -> str:
+    """Background drawn uniformly from the image's own seed (prompt_choices' choice)."""
+    return prompt_choices(image_seed(base_seed, identity, index), backgrounds, 0.0)[0]
+
+
+# Background sampler factory: name -> f(base_seed, identity, index, backgrounds) -> background.
+BACKGROUND_SAMPLERS: dict[str, Callable[[int, str, int, Sequence[str]], str]] = {
+    "balanced": balanced_background,
+    "independent": independent_background,
+}
+
+
+def background_sampler(name: str) -> Callable[[int, str, int, Sequence[str]], str]:
+    """Look up a background sampling name; ValueError listing the options when unknown."""
+    if name not in BACKGROUND_SAMPLERS:
+        options = ", ".join(BACKGROUND_SAMPLERS)
+        raise ValueError(f"unknown --background_sampling {name!r}; choose one of: {options}")
+    return BACKGROUND_SAMPLERS[name]
+
+
 def build_prompt(
     template: str,
     no_background_template: str,
@@ -394,9 +458,10 @@ class ImageJob:
 def plan_image(args: argparse.Namespace, identity: str, gender: str | None, index: int) -> ImageJob:
     """The job for image `index` of `identity` (pure function of the arguments)."""
     seed = image_seed(args.seed, identity, index)
-    background, side_portrait = prompt_choices(
-        seed, args.backgrounds, args.side_portrait_probability
-    )
+    # The coin is the first draw of random.Random(seed) in both modes (as before the flag).
+    _, side_portrait = prompt_choices(seed, args.backgrounds, args.side_portrait_probability)
+    sample_background = background_sampler(args.background_sampling)
+    background = sample_background(args.seed, identity, index, args.backgrounds)
     prompt = build_prompt(
         args.prompt_template,
         args.prompt_template_no_background,
@@ -609,7 +674,7 @@ def check_run_config(
     previous_config = read_run_config(output_dir)
     if overwrite or not previous_config:
         return
-    previous = previous_config.get("generation", {})
+    previous = {**LEGACY_GENERATION_VALUES, **previous_config.get("generation", {})}
     changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
     previous_files = previous_config.get("lora_files", {})
     for name, path in lora_files(identities).items():
@@ -882,6 +947,7 @@ def image_record(job: ImageJob, args: argparse.Namespace, lora_file: Path, batch
         "negative_prompt": args.negative_prompt,
         "gender": job.gender,
         "background": job.background,
+        "background_sampling": args.background_sampling,
         "side_portrait": job.side_portrait,
         "scheduler": args.scheduler,
         "num_inference_steps": args.num_inference_steps,

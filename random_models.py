@@ -4,7 +4,7 @@ Tests, the demo and the benchmarks load these with the very code that loads the 
 `stabilityai/stable-diffusion-2-1-base` and an insightface `backbone.pth`. Two sizes:
 "tiny" (a few channels; 64 px images in a fraction of a second on a CPU) and "sd21"
 (the real SD 2.1-base shapes, for GPU benchmarks; random weights, so only speed and
-memory mean anything).
+memory mean anything). A tiny random DINOv2 stands in for the evaluation's feature model.
 """
 
 from __future__ import annotations
@@ -163,3 +163,26 @@ def build_tiny_sd(folder: str | Path, seed: int = 0, size: str = "tiny") -> Path
         source = folder / "_tokenizer_src" / name
         (folder / "tokenizer" / name).write_bytes(source.read_bytes())
     return folder
+
+
+def build_tiny_dinov2(folder: str | Path, image_size: int = 56, seed: int = 0) -> Path:
+    """Random 2-layer Dinov2Model (hidden 32) + PIL image processor saved with save_pretrained."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=14,
+    )
+    Dinov2Model(config).eval().save_pretrained(folder)
+    BitImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
+    return Path(folder)

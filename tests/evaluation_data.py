@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from random_models import build_tiny_dinov2  # noqa: F401  (tests import it from here)
+
 CROP_SIZE = 128
 
 
@@ -82,27 +84,3 @@ def add_bad_images(folder: Path) -> tuple[str, str]:
     Image.fromarray(noise).save(folder / "zz_noise.png")
     (folder / "zz_broken.png").write_bytes(b"this is not a png")
     return "zz_noise.png", "zz_broken.png"
-
-
-def build_tiny_dinov2(folder: Path, image_size: int = 56, seed: int = 0) -> Path:
-    """Random 2-layer Dinov2Model (hidden 32) + PIL image processor saved with save_pretrained."""
-    import torch
-    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
-
-    torch.manual_seed(seed)
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=image_size,
-        patch_size=14,
-    )
-    Dinov2Model(config).eval().save_pretrained(folder)
-    BitImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(folder)
-    return Path(folder)

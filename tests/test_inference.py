@@ -264,6 +264,134 @@ def test_side_portrait_coin_and_backgrounds_are_balanced():
     assert min(counts.values()) > 4000 / 11 * 0.8
 
 
+def reference_background(base_seed: int, identity: str, index: int, backgrounds) -> str:
+    """Balanced rule written out: block i // k shuffled by a sha256-derived seed, slot i % k."""
+    import hashlib
+    import random
+
+    block, slot = divmod(index, len(backgrounds))
+    digest = hashlib.sha256(f"{base_seed}/{identity}/backgrounds/{block}".encode()).digest()
+    order = list(backgrounds)
+    random.Random(int.from_bytes(digest[:8], "big") % 2**63).shuffle(order)
+    return order[slot]
+
+
+def planning_args(*extra: str):
+    """Parsed arguments for plan_image (no model or folder is touched)."""
+    return inference.parse_args(["--lora_dir", "ID", "--output_dir", "unused", *extra])
+
+
+BACKGROUND_LISTS = st.lists(TEXT, min_size=1, max_size=12, unique=True)
+IDENTITIES = st.text(min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    identity=IDENTITIES,
+    backgrounds=BACKGROUND_LISTS,
+    n=st.integers(0, 60),
+)
+def test_balanced_backgrounds_counts_differ_by_at_most_one(seed, identity, backgrounds, n):
+    drawn = [inference.balanced_background(seed, identity, i, backgrounds) for i in range(n)]
+    counts = [drawn.count(background) for background in backgrounds]
+    assert sum(counts) == n and max(counts) - min(counts) <= 1
+    assert min(counts) == n // len(backgrounds)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    identity=IDENTITIES,
+    backgrounds=BACKGROUND_LISTS,
+    index=st.integers(0, 500),
+)
+def test_balanced_background_is_deterministic_and_regenerates_alone(
+    seed, identity, backgrounds, index
+):
+    background = inference.balanced_background(seed, identity, index, backgrounds)
+    assert background == reference_background(seed, identity, index, backgrounds)
+    assert background == inference.balanced_background(seed, identity, index, tuple(backgrounds))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    identity=st.from_regex(r"ID_[0-9]{1,4}", fullmatch=True),
+    sampling=st.sampled_from(sorted(inference.BACKGROUND_SAMPLERS)),
+    n=st.integers(1, 30),
+    more=st.integers(1, 30),
+)
+def test_adding_images_keeps_earlier_prompts(seed, identity, sampling, n, more):
+    def jobs(num_images):
+        args = planning_args(
+            "--seed",
+            str(seed),
+            "--background_sampling",
+            sampling,
+            "--num_images_per_identity",
+            str(num_images),
+        )
+        return [inference.plan_image(args, identity, "male", i) for i in range(num_images)]
+
+    assert jobs(n + more)[:n] == jobs(n)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), identity=IDENTITIES)
+def test_paper_backgrounds_over_21_images_each_once_or_twice(seed, identity):
+    args = planning_args("--seed", str(seed))
+    drawn = [inference.plan_image(args, identity, "male", i).background for i in range(21)]
+    counts = [drawn.count(background) for background in inference.PAPER_BACKGROUNDS]
+    assert min(counts) >= 1 and max(counts) <= 2
+
+
+def test_background_sampling_modes_share_seed_and_coin():
+    balanced, independent = planning_args(), planning_args("--background_sampling", "independent")
+    assert balanced.background_sampling == "balanced"  # the default
+    for index in range(40):
+        new = inference.plan_image(balanced, "ID_1", "female", index)
+        old = inference.plan_image(independent, "ID_1", "female", index)
+        assert (new.seed, new.side_portrait) == (old.seed, old.side_portrait)
+        # 'independent' is the draw made before the flag existed, from the image seed alone.
+        assert (old.background, old.side_portrait) == inference.prompt_choices(
+            old.seed, inference.PAPER_BACKGROUNDS, 0.5
+        )
+    # Pinned: changing the block shuffle would silently change every balanced dataset.
+    first_block = [
+        inference.balanced_background(0, "ID_1", i, inference.PAPER_BACKGROUNDS) for i in range(11)
+    ]
+    assert first_block == [
+        "none",
+        "hospital",
+        "bus",
+        "office",
+        "city street",
+        "laboratory",
+        "construction site",
+        "factory",
+        "beach",
+        "forest",
+        "night club",
+    ]
+    with pytest.raises(ValueError, match="unknown --background_sampling 'even'.*balanced"):
+        inference.background_sampler("even")
+
+
+def test_resume_compares_background_sampling_and_reads_old_configs(tmp_path):
+    args = planning_args("--background_sampling", "independent")
+    args.resolved_mixed_precision = "no"  # set by main() from the device
+    recorded = inference.generation_settings(args)
+    assert recorded["background_sampling"] == "independent"
+    old = {key: value for key, value in recorded.items() if key != "background_sampling"}
+    (tmp_path / "run_config.json").write_text(json.dumps({"generation": old}))
+    # A config written before the flag existed: made with independent draws.
+    inference.check_run_config(tmp_path, recorded, [], overwrite=False)
+    balanced = {**recorded, "background_sampling": "balanced"}
+    with pytest.raises(ValueError, match="background_sampling: 'independent' -> 'balanced'"):
+        inference.check_run_config(tmp_path, balanced, [], overwrite=False)
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     name=st.from_regex(r"[a-z_]{1,12}", fullmatch=True).filter(
@@ -624,6 +752,11 @@ def test_changed_settings_refuse_to_mix_into_existing_output(assets, tmp_path):
     run(argv)
     with pytest.raises(ValueError, match=r"guidance_scale: 5.0 -> 7.5"):
         run([*argv, "--guidance_scale", "7.5"])
+    with pytest.raises(ValueError, match=r"background_sampling: 'balanced' -> 'independent'"):
+        run([*argv, "--background_sampling", "independent"])
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["generation"]["background_sampling"] == "balanced"
+    assert metadata(tmp_path / "out")[0]["background_sampling"] == "balanced"
     summary = run([*argv, "--num_images_per_identity", "2"])
     assert (summary["written"], summary["skipped"]) == (1, 1)  # extending is fine
     shutil.copytree(root / "ID_a" / "checkpoint-100", root / "ID_a" / "checkpoint-200")
