@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per recipe.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per recipe.")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="Alternating timed rounds; the median is reported."
+    )
     parser.add_argument("--train_batch_size", type=int, default=1, help="Instance samples.")
     parser.add_argument("--workdir", type=Path, default=None, help="Where models are built.")
     return parser.parse_args(argv)
@@ -151,8 +155,7 @@ def run_recipe(name: str, forward, unet, frozen, optimizer, batch, args, steps: 
 
 
 def time_recipe(name: str, forward, unet, frozen, optimizer, batch, args) -> float:
-    """Seconds per step after warm-up, with one device sync at each end."""
-    run_recipe(name, forward, unet, frozen, optimizer, batch, args, args.warmup)
+    """Seconds per step over args.steps steps, with one device sync at each end."""
     synchronize(frozen.device)
     start = time.perf_counter()
     run_recipe(name, forward, unet, frozen, optimizer, batch, args, args.steps)
@@ -195,15 +198,19 @@ def main(args: argparse.Namespace) -> dict:
         "reference": lambda u, f, b, g: reference_losses(train, u, f, b, g, train_args),
         "ours": lambda u, f, b, g: train.compute_losses(u, f, prompts, b, g, train_args),
     }
-    seconds = {}
+    states = {}
     for name, forward in recipes.items():
         unet = train.load_unet_with_lora(train_args, device, mixed_precision)
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds[name] = time_recipe(name, forward, unet, frozen, optimizer, batch, args)
-        del unet, optimizer
+        run_recipe(name, forward, unet, frozen, optimizer, batch, args, args.warmup)
+        states[name] = (forward, unet, optimizer)
+    # Rounds alternate between the recipes so drift in machine load hits both alike.
+    rounds = {name: [] for name in recipes}
+    for _ in range(args.rounds):
+        for name, (forward, unet, optimizer) in states.items():
+            rounds[name].append(time_recipe(name, forward, unet, frozen, optimizer, batch, args))
+    seconds = {name: statistics.median(values) for name, values in rounds.items()}
     result = {
         "benchmark": "train_step",
         "size": args.size,
@@ -213,7 +220,8 @@ def main(args: argparse.Namespace) -> dict:
         "arcface": depth,
         "instance_samples_per_step": args.train_batch_size,
         "identity_samples_per_step": {"reference": 1, "ours": args.train_batch_size},
-        "steps_timed": args.steps,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
         "seconds_per_step": {name: round(value, 5) for name, value in seconds.items()},
         "speedup_vs_reference": round(seconds["reference"] / seconds["ours"], 3),
         "torch": torch.__version__,
