@@ -1196,5 +1196,8 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    summary = main(parse_args())
+    try:
+        summary = main(parse_args())
+    except (ValueError, OSError) as error:  # bad input: the message, not a traceback
+        raise SystemExit(f"inference_ID-Booth.py: error: {error}") from None
     sys.exit(1 if summary["failed"] else 0)

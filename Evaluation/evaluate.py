@@ -572,4 +572,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (ValueError, OSError) as error:  # bad input: the message, not a traceback
+        raise SystemExit(f"evaluate.py: error: {error}") from None

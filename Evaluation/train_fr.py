@@ -1002,4 +1002,7 @@ def save_final(run: Run) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (ValueError, OSError) as error:  # bad input: the message, not a traceback
+        raise SystemExit(f"train_fr.py: error: {error}") from None
