@@ -5,8 +5,10 @@ embedding of its aligned face are cached next to the data in
 `<folder>/.id_booth_cache/faces-<encoder.name>-<detector.name>.safetensors`, keyed by the sha256
 of the file's bytes, so a changed photo is recomputed and a renamed one is not. Dataset items
 carry the landmarks through resize + crop so the trainer can align the decoded x0_hat without
-running a detector inside the training step. Without a detector and encoder the dataset is plain
-DreamBooth: every readable photo, no annotation.
+running a detector inside the training step. Identity photos without a face are skipped (they
+have no positive for the identity term); class (prior) photos without one are kept for the prior
+loss and flagged (`class_has_face`, collated as `has_face`). Without a detector and encoder the
+dataset is plain DreamBooth: every readable photo, no annotation.
 """
 
 from __future__ import annotations
@@ -340,17 +342,18 @@ class _AnnotationPass:
         entry.file = path.name
         self.entries[path] = entry
 
-    def classify(self, min_side: int) -> dict[Path, FaceAnnotation]:
-        """Usable annotations in file order; tiny and face-less images go to the report."""
-        usable = {}
+    def classify(self, min_side: int) -> tuple[list[Path], dict[Path, FaceAnnotation]]:
+        """(usable photos, annotations of those with a face) in file order; tiny images go to
+        the report."""
+        usable, faces = [], {}
         for path, entry in self.entries.items():
             if min(entry.size) < min_side:
                 self.report.add(path, SKIP_TOO_SMALL, f"{entry.size[0]}x{entry.size[1]} px")
-            elif entry.landmarks is None:
-                self.report.add(path, SKIP_NO_FACE)
-            else:
-                usable[path] = FaceAnnotation(entry.embedding, entry.landmarks)
-        return usable
+                continue
+            usable.append(path)
+            if entry.landmarks is not None:
+                faces[path] = FaceAnnotation(entry.embedding, entry.landmarks)
+        return usable, faces
 
     def cacheable(self, min_side: int) -> dict[str, _CacheEntry]:
         """sha256 -> entry of every image that went through detection (tiny ones did not)."""
@@ -361,23 +364,10 @@ class _AnnotationPass:
         return bool(self.pending) or set(self.cacheable(min_side)) != set(self.cached)
 
 
-def annotate_folder(
-    folder: str | Path,
-    detector: FaceDetector,
-    encoder: torch.nn.Module,
-    cache: bool = True,
-    min_side: int = MIN_IMAGE_SIDE,
-) -> tuple[dict[Path, FaceAnnotation], SkipReport]:
-    """Detect 5 landmarks, align and embed the face of every photo in `folder` (cached by sha256).
-
-    Returns ({path: FaceAnnotation} in sorted file order, SkipReport). Skipped files (not an
-    image, unreadable, shorter side < min_side, no face) are named in one logged warning;
-    ValueError when no usable photo is left. The detector follows arcface.FaceDetector
-    (`.name`, `detect_landmarks(rgb uint8) -> (5, 2) | None`); the encoder maps
-    (B, 3, 112, 112) in [-1, 1] to (B, D) and has a `.name`.
-    """
-    folder = Path(folder)
-    files = _folder_files(folder)
+def _annotation_pass(
+    folder: Path, files: list[Path], detector: FaceDetector, encoder, cache: bool, min_side: int
+) -> _AnnotationPass:
+    """Look up or detect + embed every file of `folder`, and refresh its cache file."""
     cache_path = face_cache_path(folder, encoder, detector)
     names = {"encoder": str(encoder.name), "detector": str(detector.name)}
     state = _AnnotationPass(
@@ -397,7 +387,31 @@ def annotate_folder(
             entry.embedding = embedding
     if cache and state.needs_write(min_side):
         _write_cache(cache_path, list(state.cacheable(min_side).values()), names)
-    annotations = state.classify(min_side)
+    return state
+
+
+def annotate_folder(
+    folder: str | Path,
+    detector: FaceDetector,
+    encoder: torch.nn.Module,
+    cache: bool = True,
+    min_side: int = MIN_IMAGE_SIDE,
+) -> tuple[dict[Path, FaceAnnotation], SkipReport]:
+    """Detect 5 landmarks, align and embed the face of every photo in `folder` (cached by sha256).
+
+    Returns ({path: FaceAnnotation} in sorted file order, SkipReport). Skipped files (not an
+    image, unreadable, shorter side < min_side, no face) are named in one logged warning;
+    ValueError when no usable photo is left. The detector follows arcface.FaceDetector
+    (`.name`, `detect_landmarks(rgb uint8) -> (5, 2) | None`); the encoder maps
+    (B, 3, 112, 112) in [-1, 1] to (B, D) and has a `.name`.
+    """
+    folder = Path(folder)
+    files = _folder_files(folder)
+    state = _annotation_pass(folder, files, detector, encoder, cache, min_side)
+    usable, annotations = state.classify(min_side)
+    for path in usable:
+        if path not in annotations:
+            state.report.add(path, SKIP_NO_FACE)
     if not annotations:
         raise ValueError(
             f"no usable face photo in {folder}: {state.report.summary() if files else 'no files'}; "
@@ -406,6 +420,42 @@ def annotate_folder(
     if state.report:
         logger.warning("%s", state.report.summary())
     return annotations, state.report
+
+
+def annotate_photos(
+    folder: str | Path,
+    detector: FaceDetector,
+    encoder: torch.nn.Module,
+    cache: bool = True,
+    min_side: int = MIN_IMAGE_SIDE,
+) -> tuple[list[Path], dict[Path, FaceAnnotation], SkipReport]:
+    """Every usable photo of `folder` (readable, shorter side >= min_side) and the annotations
+    of those with a detected face (class / prior images: a faceless one still serves the prior
+    loss). Returns (photos, {path: FaceAnnotation}, SkipReport); only unusable files are skips
+    (one logged warning), faceless photos are named in a second one. ValueError when no photo
+    is usable."""
+    folder = Path(folder)
+    files = _folder_files(folder)
+    state = _annotation_pass(folder, files, detector, encoder, cache, min_side)
+    usable, annotations = state.classify(min_side)
+    if not usable:
+        raise ValueError(
+            f"no usable image in {folder}: {state.report.summary() if files else 'no files'}; "
+            f"add readable photos (shorter side >= {min_side} px)"
+        )
+    if state.report:
+        logger.warning("%s", state.report.summary())
+    faceless = [path.name for path in usable if path not in annotations]
+    if faceless:
+        logger.warning(
+            "%d of %d photos in %s have no detected face: they are used without a face "
+            "embedding (prior loss only): %s",
+            len(faceless),
+            len(usable),
+            folder,
+            ", ".join(faceless),
+        )
+    return usable, annotations, state.report
 
 
 def readable_photos(
@@ -491,24 +541,50 @@ class _PhotoSet:
 
     paths: list[Path]
     report: SkipReport
-    embeddings: torch.Tensor | None = None  # (N, D) float32
+    embeddings: torch.Tensor | None = None  # (N, D) float32, zero rows for faceless photos
     landmarks: np.ndarray | None = None  # (N, 5, 2) float32, original image coordinates
+    has_face: np.ndarray | None = None  # (N,) bool
 
     @classmethod
-    def build(cls, folder, detector, encoder, cache: bool, min_side: int) -> _PhotoSet:
-        """Photos with a detected face (embedding + landmarks each), or without a detector
-        every readable photo."""
-        if detector is None:
-            return cls(*readable_photos(folder, min_side))
+    def plain(cls, folder, min_side: int) -> _PhotoSet:
+        """Every readable photo, no annotation (plain DreamBooth)."""
+        return cls(*readable_photos(folder, min_side))
+
+    @classmethod
+    def faces_only(cls, folder, detector, encoder, cache: bool, min_side: int) -> _PhotoSet:
+        """Photos with a detected face, each with its embedding + landmarks (identity photos:
+        a faceless one has no positive for the identity term)."""
         annotations, report = annotate_folder(folder, detector, encoder, cache, min_side)
         paths = list(annotations)
         embeddings = torch.from_numpy(np.stack([annotations[p].embedding for p in paths]))
         landmarks = np.stack([annotations[p].landmarks for p in paths])
-        return cls(paths, report, embeddings.float(), landmarks)
+        has_face = np.ones(len(paths), dtype=bool)
+        return cls(paths, report, embeddings.float(), landmarks, has_face)
+
+    @classmethod
+    def all_photos(
+        cls, folder, detector, encoder, cache: bool, min_side: int, embedding_dim: int
+    ) -> _PhotoSet:
+        """Every usable photo (class images: all serve the prior loss); faceless ones get a zero
+        embedding (embedding_dim,), zero landmarks and has_face False."""
+        paths, annotations, report = annotate_photos(folder, detector, encoder, cache, min_side)
+        embeddings = np.zeros((len(paths), embedding_dim), dtype=np.float32)
+        landmarks = np.zeros((len(paths), 5, 2), dtype=np.float32)
+        has_face = np.array([path in annotations for path in paths], dtype=bool)
+        for row, path in enumerate(paths):
+            if has_face[row]:
+                embeddings[row] = annotations[path].embedding
+                landmarks[row] = annotations[path].landmarks
+        return cls(paths, report, torch.from_numpy(embeddings), landmarks, has_face)
 
     @property
-    def has_faces(self) -> bool:
+    def annotated(self) -> bool:
+        """True when the photos carry face annotations (a detector and encoder were given)."""
         return self.embeddings is not None
+
+    @property
+    def num_with_face(self) -> int:
+        return int(self.has_face.sum()) if self.has_face is not None else 0
 
 
 _NO_LANDMARKS = np.zeros((0, 2), dtype=np.float32)  # landmarks of a photo without annotation
@@ -518,9 +594,13 @@ class DreamBoothFaceDataset(Dataset):
     """Identity photos (+ optional class / prior photos), each with its own embedding + landmarks.
 
     Item i uses instance photo i % N_inst and class photo i % N_class; len = max of the two.
-    With a detector and encoder only photos with a detected face are used (see annotate_folder
-    for the skip rules); with neither (plain DreamBooth) every readable photo is, and items carry
-    no `*_embedding` / `*_landmarks`. With a `seed`, item i of epoch e (set_epoch) crops with a
+    With a detector and encoder the instance photos are those with a detected face (see
+    annotate_folder for the skip rules) and the class photos are every usable one (they all
+    serve the prior loss, as in the reference): a faceless class photo has `class_has_face`
+    False, a zero `class_embedding` and zero `class_landmarks`, so the trainer can mask the
+    triplet term that would use it as the negative. With neither (plain DreamBooth) every
+    readable photo is used and items carry no `*_embedding` / `*_landmarks` / `*_has_face`.
+    With a `seed`, item i of epoch e (set_epoch) crops with a
     generator seeded stable_seed(stable_seed(seed, "crop", e), i) (little-endian), so crops are a
     function of position (a resumed run crops like an uninterrupted one); without one they come
     from torch's global RNG.
@@ -548,10 +628,18 @@ class DreamBoothFaceDataset(Dataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.seed, self.epoch = seed, 0
-        self.instance = _PhotoSet.build(instance_folder, detector, encoder, cache, min_side)
         self.classes = None
+        if detector is None:
+            self.instance = _PhotoSet.plain(instance_folder, min_side)
+            if class_folder is not None:
+                self.classes = _PhotoSet.plain(class_folder, min_side)
+            return
+        self.instance = _PhotoSet.faces_only(instance_folder, detector, encoder, cache, min_side)
         if class_folder is not None:
-            self.classes = _PhotoSet.build(class_folder, detector, encoder, cache, min_side)
+            embedding_dim = self.instance.embeddings.shape[1]
+            self.classes = _PhotoSet.all_photos(
+                class_folder, detector, encoder, cache, min_side, embedding_dim
+            )
 
     @property
     def num_instance_images(self) -> int:
@@ -560,6 +648,11 @@ class DreamBoothFaceDataset(Dataset):
     @property
     def num_class_images(self) -> int:
         return len(self.classes.paths) if self.classes is not None else 0
+
+    @property
+    def num_class_images_with_face(self) -> int:
+        """Class photos with a detected face (0 without annotation or class folder)."""
+        return self.classes.num_with_face if self.classes is not None else 0
 
     def __len__(self) -> int:
         return max(self.num_instance_images, self.num_class_images)
@@ -580,7 +673,7 @@ class DreamBoothFaceDataset(Dataset):
     ) -> dict[str, Any]:
         """Load, resize and crop one photo; its landmarks follow, its embedding is its own."""
         image = load_rgb_image(photos.paths[index])
-        points = photos.landmarks[index] if photos.has_faces else _NO_LANDMARKS
+        points = photos.landmarks[index] if photos.annotated else _NO_LANDMARKS
         cropped, landmarks = resize_and_crop(
             image, points, self.resolution, self.center_crop, generator
         )
@@ -588,9 +681,13 @@ class DreamBoothFaceDataset(Dataset):
             f"{prefix}_pixels": image_to_tensor(cropped),  # (3, R, R) in [-1, 1]
             f"{prefix}_index": index,
         }
-        if photos.has_faces:
+        if photos.annotated:
+            has_face = bool(photos.has_face[index])
+            if not has_face:  # no face to point at: zeros, never used (has_face masks them)
+                landmarks = np.zeros((5, 2), dtype=np.float32)
             example[f"{prefix}_landmarks"] = torch.from_numpy(landmarks)  # (5, 2) crop pixels
-            example[f"{prefix}_embedding"] = photos.embeddings[index]  # (D,)
+            example[f"{prefix}_embedding"] = photos.embeddings[index]  # (D,), zero if faceless
+            example[f"{prefix}_has_face"] = has_face
         return example
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -608,9 +705,9 @@ class DreamBoothFaceDataset(Dataset):
 
 
 def collate_dreambooth(examples: list[dict[str, Any]], with_prior: bool) -> dict[str, Any]:
-    """Stack a batch as [instance..., prior...]: pixel_values (B, 3, R, R), landmarks (B, 5, 2)
-    and embeddings (B, D) (face-annotated items only), num_instance, instance_indices /
-    class_indices (long)."""
+    """Stack a batch as [instance..., prior...]: pixel_values (B, 3, R, R), landmarks (B, 5, 2),
+    embeddings (B, D) and has_face (B,) bool (face-annotated items only), num_instance,
+    instance_indices / class_indices (long)."""
     if not examples:
         raise ValueError("collate_dreambooth got an empty batch")
     prefixes = ["instance", "class"] if with_prior else ["instance"]
@@ -623,6 +720,9 @@ def collate_dreambooth(examples: list[dict[str, Any]], with_prior: bool) -> dict
     if "instance_embedding" in examples[0]:  # face-annotated items
         batch["landmarks"] = torch.stack([e[f"{p}_landmarks"] for p in prefixes for e in examples])
         batch["embeddings"] = torch.stack([e[f"{p}_embedding"] for p in prefixes for e in examples])
+        batch["has_face"] = torch.tensor(
+            [e[f"{p}_has_face"] for p in prefixes for e in examples], dtype=torch.bool
+        )
     for prefix in prefixes:
         batch[f"{prefix}_indices"] = torch.tensor([e[f"{prefix}_index"] for e in examples])
     batch["pixel_values"] = batch["pixel_values"].float().contiguous()

@@ -4,11 +4,14 @@ Per identity (SPEC.md's reference setup are the defaults):
 
     dreambooth: L = MSE(eps_hat_inst, eps) + w_prior * MSE(eps_hat_prior, eps_prior)
     identity:   L + mean_i w(t_i) * (1 - cos(E(x0_hat_i), e_inst_i))
-    triplet:    L + mean_i w(t_i) * max(d(E(x0_hat_i), e_inst_i) - d(E(x0_hat_i), e_prior_i) + m, 0)
+    triplet:    L + mean_{i in M} w(t_i) * max(d(a_i, e_inst_i) - d(a_i, e_prior_i) + m, 0)
 
-with w(t) = (1 - t/T)^2, d = 1 - cos, E a frozen ArcFace network, x0_hat the one-step estimate
-decoded by the frozen VAE (with gradients) and aligned to the ArcFace template with the 5
-landmarks of the training photo, carried through its resize + crop.
+with w(t) = (1 - t/T)^2, d = 1 - cos, E a frozen ArcFace network (run in fp32), a_i = E(x0_hat_i),
+x0_hat the one-step estimate (fp32) decoded by the frozen VAE (with gradients) and aligned to the
+ArcFace template with the 5 landmarks of the training photo, carried through its resize + crop.
+Every readable class image serves the prior loss; one without a detected face has no e_prior, so
+M, the instance samples that get the triplet term, leaves out those paired with one (masked on
+the device, and counted).
 
     python train_ID-Booth.py \\
         --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \\
@@ -46,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from arcface import DEFAULT_FACE_MODELS_ROOT, align_faces_torch, build_face_detector, load_arcface
-from datasets import IMAGE_EXTENSIONS, DreamBoothFaceDataset, annotate_folder, collate_dreambooth
+from datasets import IMAGE_EXTENSIONS, DreamBoothFaceDataset, annotate_photos, collate_dreambooth
 from fileio import (
     atomic_folder,
     atomic_save_image,
@@ -102,19 +105,47 @@ TERM_NAMES = (
     "identity_loss",
     "identity_term",
     "identity_weight",
+    "identity_count",  # instance samples of the micro-batch that had the identity term
 )
-# Arguments that must match between a checkpoint and the run resuming it.
+# Arguments that must match between a checkpoint and the run resuming it: anything that changes
+# the data, the loss, the model or the optimisation (the optimizer state restores AdamW's
+# hyper-parameters from the checkpoint, so a changed one would be silently ignored).
 RESUME_KEYS = (
     "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "face_detector",
+    "instance_prompt",
+    "class_prompt",
+    "with_prior_preservation",
+    "prior_loss_weight",
+    "resolution",
+    "center_crop",
     "loss",
+    "triplet_margin",
+    "identity_loss_weighting",
     "rank",
     "lora_alpha",
     "seed",
-    "resolution",
     "train_batch_size",
     "gradient_accumulation_steps",
-    "with_prior_preservation",
+    "learning_rate",
+    "scale_lr",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_num_cycles",
+    "lr_power",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "max_grad_norm",
 )
+# Resolved values that must match: total steps (--max_train_steps or --num_train_epochs; the
+# schedule depends on it), steps per epoch (the data order) and the precision actually used.
+RESUME_RESOLVED_KEYS = ("max_train_steps", "steps_per_epoch", "mixed_precision")
+# Data counts that must match (a changed photo set re-pairs instance and class images).
+RESUME_DATA_KEYS = ("instance_images", "class_images", "class_images_with_face")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -194,7 +225,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=200,
         help="Class images wanted in --class_data_dir; missing ones are sampled with "
-        "--class_prompt (faceless ones are then skipped for identity losses).",
+        "--class_prompt. All serve the prior loss; an instance sample paired with a class image "
+        "without a detected face gets no triplet term (counted in the logs).",
     )
     parser.add_argument(
         "--sample_batch_size", type=int, default=4, help="Batch size for class-image sampling."
@@ -886,11 +918,15 @@ def build_dataset(
 
 
 def dataset_summary(dataset: DreamBoothFaceDataset) -> dict[str, Any]:
-    """Counts of used and skipped photos."""
+    """Counts of used photos, class photos with / without a detected face, and skipped files."""
     summary = {
         "instance_images": dataset.num_instance_images,
         "class_images": dataset.num_class_images,
     }
+    if dataset.classes is not None and dataset.classes.annotated:
+        with_face = dataset.num_class_images_with_face
+        summary["class_images_with_face"] = with_face
+        summary["class_images_without_face"] = dataset.num_class_images - with_face
     for part in ("instance", "classes"):
         photos = getattr(dataset, part)
         if photos is not None:
@@ -1011,6 +1047,42 @@ IDENTITY_WEIGHTINGS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 }
 
 
+def identity_mask(batch: dict[str, Any], loss: str, device: torch.device) -> torch.Tensor:
+    """(n,) bool: instance samples that get the identity term. Instance photos all have a face;
+    the triplet also needs the paired class image's face (its negative e_prior). Batches without
+    `has_face` (every photo has a face) mask nothing."""
+    n = batch["num_instance"]
+    has_face = batch.get("has_face")
+    if has_face is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    has_face = has_face.to(device, non_blocking=True)  # (B,) [instance..., prior...]
+    mask = has_face[:n]
+    if loss == "triplet":
+        mask = mask & has_face[n : 2 * n]
+    return mask
+
+
+def decode_x0(
+    frozen: FrozenModels, noisy_latents: torch.Tensor, model_pred: torch.Tensor, timesteps
+) -> torch.Tensor:
+    """x0_hat in fp32 -> frozen VAE decode in its weight dtype (with grad): (n, 3, R, R)."""
+    scheduler, vae = frozen.noise_scheduler, frozen.vae
+    x0 = predict_x0(
+        noisy_latents.float(),
+        model_pred.float(),
+        timesteps,
+        scheduler.alphas_cumprod,
+        scheduler.config.prediction_type,
+    )  # (n, 4, R/8, R/8) float32
+    # No clamp to [-1, 1]: it would zero the gradient of every saturated pixel.
+    return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """sum_i [mask_i] values_i / max(count, 1): 0 when nothing is selected, without a sync."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / count.clamp_min(1)
+
+
 def identity_terms(
     frozen: FrozenModels,
     noisy_latents: torch.Tensor,
@@ -1018,33 +1090,37 @@ def identity_terms(
     timesteps: torch.Tensor,
     batch: dict[str, Any],
     args: argparse.Namespace,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean_i w_i L_i, mean_i L_i, mean_i w_i) over every instance sample i of the batch.
+) -> dict[str, torch.Tensor]:
+    """identity_term = mean_i w_i L_i, identity_loss = mean_i L_i, identity_weight = mean_i w_i
+    over the instance samples i of identity_mask, and identity_count = their number.
 
     x0_hat -> VAE decode (with grad) -> 5-point alignment with the photo's landmarks (pixels of
     the training crop = pixels of the decoded image) -> frozen ArcFace -> L against e_inst
-    (and e_prior of the same batch position for the triplet).
+    (and e_prior of the same batch position for the triplet). The alignment, ArcFace and L run
+    in fp32 outside autocast, like the precomputed e_inst / e_prior.
     """
-    n, scheduler, vae = batch["num_instance"], frozen.noise_scheduler, frozen.vae
-    x0 = predict_x0(
-        noisy_latents[:n],
-        model_pred[:n],
-        timesteps[:n],
-        scheduler.alphas_cumprod,
-        scheduler.config.prediction_type,
-    )  # (n, 4, R/8, R/8)
-    # No clamp to [-1, 1]: it would zero the gradient of every saturated pixel.
-    decoded = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample  # (n, 3, R, R)
-    landmarks = batch["landmarks"][:n].to(frozen.device, torch.float32)  # (n, 5, 2)
-    faces = align_faces_torch(decoded.float(), landmarks, fill=-1.0)  # (n, 3, 112, 112)
-    anchor = frozen.arcface(faces)  # (n, 512), unit norm
-    embeddings = batch["embeddings"].to(frozen.device, torch.float32)
+    n, device = batch["num_instance"], frozen.device
+    decoded = decode_x0(frozen, noisy_latents[:n], model_pred[:n], timesteps[:n])  # (n, 3, R, R)
+    landmarks = batch["landmarks"][:n].to(device, torch.float32)  # (n, 5, 2)
+    embeddings = batch["embeddings"].to(device, torch.float32)  # (B, D)
     negative = embeddings[n : 2 * n] if embeddings.shape[0] >= 2 * n else None
-    per_sample = IDENTITY_LOSSES[args.loss](anchor, embeddings[:n], negative, args.triplet_margin)
+    with torch.autocast(device.type, enabled=False):
+        faces = align_faces_torch(decoded.float(), landmarks, fill=-1.0)  # (n, 3, 112, 112)
+        anchor = frozen.arcface(faces.float())  # (n, 512) float32, unit norm
+        per_sample = IDENTITY_LOSSES[args.loss](
+            anchor, embeddings[:n], negative, args.triplet_margin
+        )  # (n,)
     weight = IDENTITY_WEIGHTINGS[args.identity_loss_weighting](
-        timesteps[:n], scheduler.config.num_train_timesteps
-    )
-    return (weight * per_sample).mean(), per_sample.mean(), weight.mean()
+        timesteps[:n], frozen.noise_scheduler.config.num_train_timesteps
+    )  # (n,) float32
+    mask = identity_mask(batch, args.loss, device)  # (n,) bool
+    count = mask.sum()
+    return {
+        "identity_term": masked_mean(weight * per_sample, mask, count),
+        "identity_loss": masked_mean(per_sample, mask, count),
+        "identity_weight": masked_mean(weight, mask, count),
+        "identity_count": count.float(),
+    }
 
 
 def compute_losses(
@@ -1085,13 +1161,11 @@ def compute_losses(
         "identity_loss": zero,
         "identity_term": zero,
         "identity_weight": zero,
+        "identity_count": zero,
     }
     if args.loss != "dreambooth":
-        term, raw, weight = identity_terms(
-            frozen, noisy_latents, model_pred, timesteps, batch, args
-        )
-        loss = loss + term
-        terms.update(identity_loss=raw, identity_term=term, identity_weight=weight)
+        terms.update(identity_terms(frozen, noisy_latents, model_pred, timesteps, batch, args))
+        loss = loss + terms["identity_term"]
     terms["loss"] = loss
     return terms
 
@@ -1161,6 +1235,30 @@ def _make_writer(args: argparse.Namespace, folder: Path):
     return SummaryWriter(log_dir=str(folder / args.logging_dir))
 
 
+def _changed(saved: dict, current: dict, keys: tuple[str, ...], label: str = "") -> list[str]:
+    """'label key: saved -> current' for each key present in `saved` whose value differs."""
+    return [
+        f"{label}{key}: {saved[key]!r} -> {current.get(key)!r}"
+        for key in keys
+        if key in saved and saved[key] != current.get(key)
+    ]
+
+
+def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Differences that forbid resuming, between a checkpoint's training_config.json and the
+    resuming run's config: RESUME_KEYS arguments, RESUME_RESOLVED_KEYS, RESUME_DATA_KEYS and
+    the ArcFace weights, by content (their name holds a sha256 prefix; the path when a saved
+    config lacks the name). Keys a saved config does not hold are not compared."""
+    changed = _changed(saved["args"], current["args"], RESUME_KEYS)
+    changed += _changed(saved.get("resolved", {}), current["resolved"], RESUME_RESOLVED_KEYS)
+    changed += _changed(saved.get("data", {}), current["data"], RESUME_DATA_KEYS, "data ")
+    if "arcface" in saved:
+        changed += _changed(saved, current, ("arcface",), "ArcFace weights ")
+    else:
+        changed += _changed(saved["args"], current["args"], ("arcface_weights",))
+    return changed
+
+
 class IdentityTrainer:
     """Trains one identity's LoRA: data, optimizer, loop, checkpoints, validation, outputs."""
 
@@ -1169,6 +1267,7 @@ class IdentityTrainer:
 
         self.args, self.identity, self.frozen, self.state = args, identity, frozen, state
         self.device = frozen.device
+        self.arcface_name = face_tools.encoder.name if face_tools is not None else None
         self.dataset = build_dataset(args, identity.instance_dir, face_tools)
         self.batches_per_epoch = math.ceil(len(self.dataset) / args.train_batch_size)
         self.updates_per_epoch = math.ceil(
@@ -1207,7 +1306,9 @@ class IdentityTrainer:
         self.generator = torch.Generator(self.device)
         self.watch = NonFiniteWatch(self.device)
         self.interval_means, self.epoch_means = RunningMeans(self.device), RunningMeans(self.device)
-        self.global_step, self.identity_samples, self.last_validated = 0, 0, -1
+        self.global_step, self.last_validated = 0, -1
+        # Instance samples that had the identity term, summed on the device (read when logging).
+        self.identity_samples = torch.zeros((), dtype=torch.long, device=self.device)
         self.collate = partial(collate_dreambooth, with_prior=args.with_prior_preservation)
         self.writer = self.progress = None
 
@@ -1233,9 +1334,9 @@ class IdentityTrainer:
                 "num_processes": self.state.num_processes,
             },
             "data": dataset_summary(self.dataset),
-            "arcface": getattr(self.frozen.arcface, "name", None),
+            "arcface": self.arcface_name,
             "global_step": self.global_step,
-            "identity_samples": self.identity_samples,
+            "identity_samples": int(self.identity_samples.item()),
             "versions": library_versions(),
         }
 
@@ -1257,7 +1358,7 @@ class IdentityTrainer:
         if self.scaler.is_enabled() and state["grad_scaler"]:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.global_step = int(state["global_step"])
-        self.identity_samples = int(state["identity_samples"])
+        self.identity_samples.fill_(int(state["identity_samples"]))
         logger.info("%s: resumed from %s at step %d", self.identity.name, folder, self.global_step)
 
     def _resume_folder(self) -> Path | None:
@@ -1273,17 +1374,11 @@ class IdentityTrainer:
         return checkpoints[-1][1]
 
     def _check_resume_config(self, folder: Path) -> None:
-        """ValueError when the checkpoint was made with different key arguments."""
+        """ValueError when the checkpoint was made with different settings (resume_mismatches)."""
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             return
-        saved = json.loads(config_path.read_text())["args"]
-        current = json_safe(self.args)
-        changed = [
-            f"{key}: {saved.get(key)!r} -> {current[key]!r}"
-            for key in RESUME_KEYS
-            if saved.get(key) != current[key]
-        ]
+        changed = resume_mismatches(json.loads(config_path.read_text()), self.config("resuming"))
         if changed:
             raise ValueError(
                 f"checkpoint {folder} was trained with other settings ({'; '.join(changed)}); "
@@ -1301,7 +1396,7 @@ class IdentityTrainer:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "grad_scaler": self.scaler.state_dict(),
                 "global_step": self.global_step,
-                "identity_samples": self.identity_samples,
+                "identity_samples": int(self.identity_samples.item()),
             }
             torch.save(state, temp / TRAINING_STATE_NAME)
             self.write_config(temp, "checkpoint")
@@ -1455,8 +1550,7 @@ class IdentityTrainer:
         self.watch.update(values, self.global_step + 1)
         self.interval_means.add(values)
         self.epoch_means.add(values)
-        if self.args.loss != "dreambooth":
-            self.identity_samples += batch["num_instance"]  # every instance sample has a face
+        self.identity_samples += terms["identity_count"].detach().round().long()
         return terms
 
     def optimizer_step(self) -> None:
@@ -1493,6 +1587,7 @@ class IdentityTrainer:
                 identity_loss=f"{self.args.loss}_loss",
                 identity_term="identity_term",
                 identity_weight="identity_weight",
+                identity_count="identity_samples_per_batch",
             )
         return tags
 
@@ -1510,7 +1605,7 @@ class IdentityTrainer:
         self.writer.add_scalar("train/lr", lr, self.global_step)
         if self.args.loss != "dreambooth":
             self.writer.add_scalar(
-                "train/identity_samples", self.identity_samples, self.global_step
+                "train/identity_samples", int(self.identity_samples.item()), self.global_step
             )
 
     def _log_epoch(self, epoch: int) -> None:
@@ -1595,13 +1690,14 @@ def _configure_logging(state) -> None:
 
 
 def prepare_class_data(args: argparse.Namespace, state, face_tools: FaceTools | None) -> None:
-    """Generate missing class images; annotate them once (rank 0 first, others read the cache)."""
+    """Generate missing class images; annotate them once (rank 0 first, others read the cache).
+    Faceless class images are kept: they serve the prior loss."""
     if not args.with_prior_preservation:
         return
     generate_class_images(args, state)
     if face_tools is not None:
         with state.main_process_first():
-            annotate_folder(args.class_data_dir, face_tools.detector, face_tools.encoder)
+            annotate_photos(args.class_data_dir, face_tools.detector, face_tools.encoder)
 
 
 def main(args: argparse.Namespace) -> dict[str, list]:

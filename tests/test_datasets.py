@@ -506,26 +506,70 @@ def test_dataset_items_pair_each_photo_with_its_own_embedding(tmp_path: Path) ->
     dataset = DreamBoothFaceDataset(
         instance, DotDetector(), MedianColourEncoder(), class_folder=prior, resolution=96
     )
-    assert len(dataset) == 5 and dataset.num_instance_images == 2
-    assert len(dataset.classes.report) == 3
+    # b_noface.png stays in the prior set (prior loss); unreadable and tiny files are skipped.
+    assert len(dataset) == 6 and dataset.num_instance_images == 2
+    assert len(dataset.classes.report) == 2
     torch.manual_seed(0)
     for index in range(len(dataset)):
         item = dataset[index]
         assert item["instance_index"] == index % 2 and item["class_index"] == index
+        assert item["instance_has_face"] is True
+        assert item["class_has_face"] is (dataset.classes.paths[index].name != "b_noface.png")
         for prefix in ("instance", "class"):
             pixels = item[f"{prefix}_pixels"]
             assert pixels.shape == (3, 96, 96) and pixels.dtype == torch.float32
             assert pixels.min() >= -1.0 and pixels.max() <= 1.0
+            if not item[f"{prefix}_has_face"]:
+                continue
             embedding = item[f"{prefix}_embedding"]
             assert embedding.shape == (512,) and not embedding.requires_grad
             # The embedding's median red is the photo's tint: it must be THIS photo's tint.
             torch.testing.assert_close(embedding[0], pixels[0, 0, 0], atol=2e-3, rtol=0)
             uint8 = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
             assert_landmarks_on_dots(uint8, item[f"{prefix}_landmarks"].numpy(), atol=0.15)
-    tints = sorted(round(float(dataset[i]["class_pixels"][0, 0, 0] + 1) * 127.5) for i in range(5))
-    assert tints == [25, 50, 125, 175, 200]
+    tints = sorted(round(float(dataset[i]["class_pixels"][0, 0, 0] + 1) * 127.5) for i in range(6))
+    assert tints == [25, 50, 100, 125, 175, 200]
     with pytest.raises(IndexError):
-        dataset[5]
+        dataset[6]
+
+
+def test_faceless_class_photos_stay_in_the_prior_set_flagged(tmp_path: Path) -> None:
+    """Every readable class photo is a prior sample; faceless ones carry has_face False, a zero
+    embedding and zero landmarks (the trainer masks their triplet term), and are not skips."""
+    instance, prior = build_pair_folders(tmp_path)
+    dataset = DreamBoothFaceDataset(
+        instance, DotDetector(), MedianColourEncoder(), class_folder=prior, resolution=64
+    )
+    names = [p.name for p in dataset.classes.paths]
+    assert names == ["a.png", "b_noface.png", "c.png", "e.png", "g.png", "i.png"]
+    assert dataset.classes.has_face.tolist() == [True, False, True, True, True, True]
+    assert dataset.classes.report.counts() == {SKIP_UNREADABLE: 1, SKIP_TOO_SMALL: 1}
+    assert dataset.num_class_images == 6 and dataset.num_class_images_with_face == 5
+    faceless = dataset[1]
+    assert faceless["class_has_face"] is False
+    assert torch.equal(faceless["class_embedding"], torch.zeros(512))
+    assert torch.equal(faceless["class_landmarks"], torch.zeros(5, 2))
+    assert faceless["class_pixels"].shape == (3, 64, 64)
+
+    batch = collate_dreambooth([dataset[i] for i in range(3)], with_prior=True)
+    assert batch["has_face"].dtype == torch.bool
+    assert batch["has_face"].tolist() == [True, True, True, True, False, True]
+    assert batch["embeddings"].shape == (6, 512) and batch["landmarks"].shape == (6, 5, 2)
+    assert torch.equal(batch["embeddings"][4], torch.zeros(512))
+
+    # A class folder without any face still gives a prior set (zero embeddings of the
+    # encoder's width), rather than an error or a silently empty prior.
+    no_faces = tmp_path / "no_faces"
+    for tint in (30, 90):
+        save(no_faces, f"blank_{tint}.png", dot_image(120, 100, np.zeros((0, 2)), tint=tint))
+    only_faceless = DreamBoothFaceDataset(
+        instance, DotDetector(), MedianColourEncoder(), class_folder=no_faces, resolution=64
+    )
+    assert only_faceless.num_class_images == 2 and only_faceless.num_class_images_with_face == 0
+    assert len(only_faceless) == 2 and not only_faceless[0]["class_has_face"]
+    assert only_faceless[0]["class_embedding"].shape == (512,)
+    instance_only = collate_dreambooth([dataset[0], dataset[1]], with_prior=False)
+    assert instance_only["has_face"].tolist() == [True, True]
 
 
 def test_dataset_without_class_folder_and_center_crop(tmp_path: Path) -> None:
@@ -559,9 +603,15 @@ def test_collate_stacks_instance_then_prior(tmp_path: Path) -> None:
     torch.testing.assert_close(batch["embeddings"], torch.stack(expected_embeddings))
     assert batch["instance_indices"].tolist() == [0, 1, 0]
     assert batch["class_indices"].tolist() == [0, 1, 2]
-    # Row k of pixel_values is the photo whose embedding is row k (tints agree).
+    # Row k of pixel_values is the photo whose embedding is row k (tints agree); class photo 1
+    # (b_noface.png) has no face, so a zero embedding.
+    assert batch["has_face"].tolist() == [True, True, True, True, False, True]
+    with_face = batch["has_face"]
     torch.testing.assert_close(
-        batch["embeddings"][:, 0], batch["pixel_values"][:, 0, 0, 0], atol=2e-3, rtol=0
+        batch["embeddings"][with_face, 0],
+        batch["pixel_values"][with_face, 0, 0, 0],
+        atol=2e-3,
+        rtol=0,
     )
     instance_only = collate_dreambooth(examples, with_prior=False)
     assert instance_only["pixel_values"].shape == (3, 3, 64, 64)
@@ -631,7 +681,8 @@ def reference_seeded_item(dataset, seed: int, epoch: int, index: int) -> dict:
             )
             item[f"{prefix}_pixels"] = image_to_tensor(image)
             if photos.landmarks is not None:
-                item[f"{prefix}_landmarks"] = torch.from_numpy(moved)
+                face = bool(photos.has_face[row])  # faceless prior photos: zero landmarks
+                item[f"{prefix}_landmarks"] = torch.from_numpy(moved * face)
     return item
 
 

@@ -2,9 +2,10 @@
 
 Identity photos are real people (insightface's shipped Tom Hanks crop and faces cut from its
 t1.jpg group photo) so dlib's real detector finds their landmarks. Class images are real faces
-too, plus ones the script samples with the tiny pipeline (faceless, so they are skipped and
-counted). Two runs go through the real command line (one plain, one with torchrun and two
-processes); the rest call the script's functions in this process to save start-up time.
+too, plus ones the script samples with the tiny pipeline (faceless: they stay prior samples, and
+the triplet term of the instance sample paired with one is masked out and counted). Two runs go
+through the real command line (one plain, one with torchrun and two processes); the rest call
+the script's functions in this process to save start-up time.
 """
 
 from __future__ import annotations
@@ -396,6 +397,130 @@ def test_bf16_mixed_precision_keeps_frozen_weights_low_and_lora_fp32(step_parts)
     assert frozen.vae.dtype == torch.bfloat16 and frozen.text_encoder.dtype == torch.bfloat16
 
 
+class Recorder:
+    """Wraps one of the trainer's functions and keeps what each call returned."""
+
+    def __init__(self, function):
+        self.function, self.outputs = function, []
+
+    def __call__(self, *args, **kwargs):
+        self.outputs.append(self.function(*args, **kwargs))
+        return self.outputs[-1]
+
+
+def test_bf16_runs_arcface_and_x0_in_fp32_and_the_identity_grad_reaches_the_lora(
+    step_parts, monkeypatch
+):
+    """Under bf16 autocast the frozen ArcFace (and the alignment) run in fp32, like e_inst /
+    e_prior were computed, and x0_hat is computed in fp32 and cast to the VAE dtype only for
+    the decode."""
+    from arcface import ArcFaceEncoder
+    from datasets import collate_dreambooth
+
+    args, tools, _ = step_parts
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(512)
+    )
+    small(torch.zeros(1, 3, 112, 112))
+    encoder = ArcFaceEncoder(small, "small-stand-in")
+    backbone_io = []
+    encoder.backbone.register_forward_hook(
+        lambda module, inputs, output: backbone_io.append((inputs[0].dtype, output.dtype))
+    )
+    x0_record = Recorder(train.predict_x0)
+    monkeypatch.setattr(train, "predict_x0", x0_record)
+    align_record = Recorder(train.align_faces_torch)
+    monkeypatch.setattr(train, "align_faces_torch", align_record)
+    frozen = train.load_frozen_models(args, torch.device("cpu"), "bf16", encoder)
+    decode_inputs = []
+    original_decode = frozen.vae.decode
+    monkeypatch.setattr(
+        frozen.vae,
+        "decode",
+        lambda latents, *a, **k: decode_inputs.append(latents.dtype) or original_decode(latents),
+    )
+    unet = train.load_unet_with_lora(args, frozen.device, "bf16")
+    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
+    with frozen.autocast():
+        terms = train.compute_losses(
+            unet,
+            frozen,
+            train.encode_prompts(frozen, args),
+            batch,
+            torch.Generator().manual_seed(0),
+            args,
+        )
+    assert backbone_io == [(torch.float32, torch.float32)], "ArcFace ran under autocast"
+    assert [x0.dtype for x0 in x0_record.outputs] == [torch.float32]
+    assert [faces.dtype for faces in align_record.outputs] == [torch.float32]
+    assert decode_inputs == [torch.bfloat16]  # the VAE itself stays in the weight dtype
+    assert terms["identity_term"].dtype == torch.float32
+    assert torch.isfinite(terms["identity_term"]) and terms["identity_term"] > 0
+    terms["identity_term"].backward()
+    lora_b = [p for n, p in unet.named_parameters() if "lora_B" in n]
+    assert sum(p.grad.abs().sum() for p in lora_b) > 0
+    assert all(p.grad.dtype == torch.float32 for p in lora_b)
+
+
+def _masked_step(step_parts, monkeypatch, loss: str, class_has_face: list[bool]):
+    """compute_losses on 2 instance + 2 prior samples with the given class has_face flags,
+    recording the per-sample identity losses and weights the trainer computed."""
+    from datasets import collate_dreambooth
+
+    args, tools, frozen = step_parts
+    args = copy.copy(args)
+    args.loss = loss
+    per_sample = Recorder(train.IDENTITY_LOSSES[loss])
+    weights = Recorder(train.IDENTITY_WEIGHTINGS["timestep"])
+    monkeypatch.setitem(train.IDENTITY_LOSSES, loss, per_sample)
+    monkeypatch.setitem(train.IDENTITY_WEIGHTINGS, "timestep", weights)
+    unet = train.load_unet_with_lora(args, frozen.device, "no")
+    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
+    batch["has_face"][2:] = torch.tensor(class_has_face)
+    terms = train.compute_losses(
+        unet,
+        frozen,
+        train.encode_prompts(frozen, args),
+        batch,
+        torch.Generator().manual_seed(3),
+        args,
+    )
+    [values], [weight] = per_sample.outputs, weights.outputs
+    return terms, values.detach(), weight, unet
+
+
+def test_triplet_term_skips_instance_samples_whose_class_image_has_no_face(step_parts, monkeypatch):
+    terms, values, weight, _ = _masked_step(step_parts, monkeypatch, "triplet", [True, False])
+    # Only sample 0 has a negative: the means are over it alone.
+    torch.testing.assert_close(terms["identity_term"], weight[0] * values[0])
+    torch.testing.assert_close(terms["identity_loss"], values[0])
+    torch.testing.assert_close(terms["identity_weight"], weight[0])
+    assert terms["identity_count"].item() == 1
+    torch.testing.assert_close(
+        terms["loss"], terms["diffusion_loss"] + terms["prior_loss"] + terms["identity_term"]
+    )
+
+
+def test_triplet_term_with_no_faceless_negative_is_zero_and_finite(step_parts, monkeypatch):
+    terms, _, _, unet = _masked_step(step_parts, monkeypatch, "triplet", [False, False])
+    assert terms["identity_count"].item() == 0
+    for name in ("identity_term", "identity_loss", "identity_weight"):
+        assert terms[name].item() == 0, name
+    torch.testing.assert_close(terms["loss"], terms["diffusion_loss"] + terms["prior_loss"])
+    terms["loss"].backward()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_identity_loss_ignores_whether_class_images_have_a_face(step_parts, monkeypatch):
+    terms, values, weight, _ = _masked_step(step_parts, monkeypatch, "identity", [False, False])
+    assert terms["identity_count"].item() == 2
+    torch.testing.assert_close(terms["identity_term"], (weight * values).mean())
+
+
 def test_hub_ids_pass_and_fp16_falls_back_on_cpu():
     assert not train._looks_like_path("stabilityai/stable-diffusion-2-1-base")
     for path in ("./sd", "/models/sd", "~/sd", "models/sd/v2"):
@@ -462,6 +587,20 @@ def test_an_update_changes_only_lora_and_the_saved_lora_reproduces_it(step_parts
 # ============================================================================ full runs
 
 
+def expected_identity_samples(steps: int, num_items: int, faceless_class_rows: set) -> list:
+    """Cumulative count of instance samples with the triplet term after each step (batch 1):
+    item i pairs with class row i % num_items; the trainer's epoch order is randperm seeded by
+    derive_seed(0, "order", epoch)."""
+    counts, total, epoch = [], 0, 0
+    while len(counts) < steps:
+        generator = torch.Generator().manual_seed(train.derive_seed(0, "order", epoch))
+        for item in torch.randperm(num_items, generator=generator).tolist()[: steps - len(counts)]:
+            total += item % num_items not in faceless_class_rows
+            counts.append(total)
+        epoch += 1
+    return counts
+
+
 @pytest.fixture(scope="module")
 def triplet_run(assets):
     """The real command line: 4 triplet steps; 1 of 3 class images is sampled (faceless)."""
@@ -508,9 +647,16 @@ def test_triplet_run_writes_every_output(triplet_run):
     assert config["status"] == "finished" and config["global_step"] == 4
     assert config["args"]["loss"] == "triplet" and config["args"]["num_class_images"] == 3
     assert {"torch", "diffusers", "transformers", "peft", "accelerate"} <= set(config["versions"])
-    assert config["data"]["class_images"] == 2  # the sampled one has no face ...
-    assert config["data"]["classes_skipped"] == {"no face detected": 1}  # ... and is counted
-    assert config["identity_samples"] == 4  # every instance sample had the identity term
+    # The sampled class image has no face: it stays a prior sample (3 steps per epoch, as the
+    # reference's max(#instance, #class)) and is reported, not skipped.
+    assert config["data"]["class_images"] == 3
+    assert config["data"]["class_images_with_face"] == 2
+    assert config["data"]["class_images_without_face"] == 1
+    assert config["data"]["classes_skipped"] == {}
+    assert config["resolved"]["steps_per_epoch"] == 3
+    # Only instance samples paired with a class image that has a face get the triplet term.
+    with_term = expected_identity_samples(steps=4, num_items=3, faceless_class_rows={0})
+    assert config["identity_samples"] == with_term[-1] < 4
     card = (output / "README.md").read_text()
     assert "load_lora_weights" in card and str(flags[0].split("=", 1)[1]) in card
 
@@ -521,9 +667,13 @@ def test_triplet_run_writes_every_output(triplet_run):
     scalars = _scalars(output / "logs")
     for tag in ("diffusion_loss", "prior_loss", "triplet_loss", "identity_weight", "lr"):
         assert [step for step, _ in scalars[f"train/{tag}"]] == [1, 2, 3, 4], tag
-    assert [value for _, value in scalars["train/identity_samples"]] == [1, 2, 3, 4]
-    assert all(value > 0 for _, value in scalars["train/triplet_loss"])
-    assert len(scalars["epoch/triplet_loss"]) == 2  # 2 steps per epoch (max(2 inst, 2 class))
+    assert [value for _, value in scalars["train/identity_samples"]] == with_term
+    per_step = np.diff([0, *with_term]).tolist()
+    assert [value for _, value in scalars["train/identity_samples_per_batch"]] == per_step
+    # A step without the term logs 0 for it; steps with it a positive triplet loss.
+    triplet = [value for _, value in scalars["train/triplet_loss"]]
+    assert all((value > 0) == bool(count) for value, count in zip(triplet, per_step, strict=True))
+    assert len(scalars["epoch/triplet_loss"]) == 2  # 3 steps per epoch (max(2 inst, 3 class))
     assert "triplet_loss=" in result.stderr  # tqdm postfix
 
 
@@ -569,12 +719,64 @@ def test_killed_run_resumes_to_the_same_weights(triplet_run, tmp_path):
     assert_same_lora(output, resumed)
     assert_same_lora(output / "checkpoint-4", resumed / "checkpoint-4")
     state = torch.load(resumed / "checkpoint-4" / train.TRAINING_STATE_NAME, weights_only=True)
-    assert state["global_step"] == 4 and state["identity_samples"] == 4
+    uninterrupted = json.loads((output / train.CONFIG_NAME).read_text())["identity_samples"]
+    assert state["global_step"] == 4 and state["identity_samples"] == uninterrupted
 
     (resumed / train.LORA_WEIGHTS_NAME).unlink()
     changed = [*argv, "--resume_from_checkpoint=checkpoint-2", "--rank=8"]
     with pytest.raises(ValueError, match="trained with other settings"):
         train.main(train.parse_args(changed))
+    changed = [*argv, "--resume_from_checkpoint=checkpoint-2", "--triplet_margin=0.5"]
+    with pytest.raises(ValueError, match=r"triplet_margin: 1\.0 -> 0\.5.*--overwrite"):
+        train.main(train.parse_args(changed))
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"args": {"prior_loss_weight": 0.5}}, "prior_loss_weight: 1.0 -> 0.5"),
+        ({"args": {"learning_rate": 1e-3}}, "learning_rate: 0.01 -> 0.001"),
+        ({"args": {"lr_scheduler": "constant"}}, "lr_scheduler: 'cosine' -> 'constant'"),
+        ({"args": {"lr_warmup_steps": 5}}, "lr_warmup_steps: 0 -> 5"),
+        ({"args": {"identity_loss_weighting": "none"}}, "identity_loss_weighting"),
+        ({"args": {"instance_prompt": "photo of zwx person"}}, "instance_prompt"),
+        ({"args": {"class_prompt": "photo of a face"}}, "class_prompt"),
+        ({"args": {"center_crop": True}}, "center_crop: False -> True"),
+        ({"args": {"train_batch_size": 2}}, "train_batch_size: 1 -> 2"),
+        ({"args": {"gradient_accumulation_steps": 2}}, "gradient_accumulation_steps"),
+        ({"args": {"resolution": 128}}, "resolution: 64 -> 128"),
+        ({"resolved": {"max_train_steps": 8}}, "max_train_steps: 4 -> 8"),
+        ({"resolved": {"mixed_precision": "bf16"}}, "mixed_precision: 'no' -> 'bf16'"),
+        ({"arcface": "other_weights-0123456789ab"}, "arcface"),
+        ({"data": {"class_images": 5}}, "class_images: 3 -> 5"),
+    ],
+)
+def test_resume_refuses_each_changed_setting(triplet_run, change, words):
+    """resume_mismatches compares the checkpoint's config with the resuming run's config."""
+    saved = json.loads((triplet_run[0] / "checkpoint-2" / train.CONFIG_NAME).read_text())
+    assert train.resume_mismatches(saved, copy.deepcopy(saved)) == []
+    current = copy.deepcopy(saved)
+    for section, values in change.items():
+        if isinstance(values, dict):
+            current[section].update(values)
+        else:
+            current[section] = values
+    assert any(words in line for line in train.resume_mismatches(saved, current)), words
+
+
+def test_resume_compares_arcface_by_content_not_path(triplet_run):
+    """The weights' name carries a sha256 prefix: a moved copy resumes, new content does not;
+    a config without the name (older runs) falls back to the path."""
+    saved = json.loads((triplet_run[0] / "checkpoint-2" / train.CONFIG_NAME).read_text())
+    moved = copy.deepcopy(saved)
+    moved["args"]["arcface_weights"] = "/elsewhere/arcface_r18.pth"
+    assert train.resume_mismatches(saved, moved) == []
+    retrained = copy.deepcopy(saved)
+    retrained["arcface"] = saved["arcface"][:-12] + "0" * 12
+    assert train.resume_mismatches(saved, retrained)
+    old = {key: value for key, value in saved.items() if key != "arcface"}
+    assert train.resume_mismatches(old, moved)
+    assert train.resume_mismatches(old, copy.deepcopy(saved)) == []
 
 
 def test_finished_identity_is_skipped_unless_overwrite(triplet_run, tmp_path):
@@ -615,6 +817,7 @@ def test_other_losses_run(assets, tmp_path, loss):
     summary = train.main(train.parse_args(flags))
     assert [run["steps"] for run in summary["trained"]] == [2]
     config = json.loads((tmp_path / loss / train.CONFIG_NAME).read_text())
+    # `identity` (1 - cos, no negative) does not depend on the class images' faces.
     assert config["identity_samples"] == (0 if loss == "dreambooth" else 2)
     assert config["arcface"] == (None if loss == "dreambooth" else weights_name(assets.arcface))
     tags = set(_scalars(tmp_path / loss / "logs"))
