@@ -82,6 +82,7 @@ MODEL_COMPONENTS = {  # subfolder -> a file it must hold
     "tokenizer": None,
     "scheduler": "scheduler_config.json",
 }
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRIOR_DTYPES = {"no": torch.float32, "fp32": torch.float32, **WEIGHT_DTYPES}
 LR_SCHEDULERS = (
@@ -457,6 +458,14 @@ def _looks_like_path(name: str) -> bool:
     return HUB_ID.match(name) is None
 
 
+def _has_weights(folder: Path) -> bool:
+    """Whether a component folder holds weights (single file, variant or sharded)."""
+    return any(
+        path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")
+        for path in folder.iterdir()
+    )
+
+
 def _validate_base_model(name: str) -> None:
     """FileNotFoundError when a local base model folder lacks a component."""
     path = Path(name).expanduser()
@@ -471,6 +480,11 @@ def _validate_base_model(name: str) -> None:
         f"{folder}/{required or ''}"
         for folder, required in MODEL_COMPONENTS.items()
         if not (path / folder / (required or "")).exists()
+    ]
+    missing += [
+        f"{folder}/ weights (*.safetensors or *.bin)"
+        for folder in WEIGHTED_COMPONENTS
+        if (path / folder).is_dir() and not _has_weights(path / folder)
     ]
     if not (path / "model_index.json").is_file():
         missing.insert(0, "model_index.json")
@@ -1748,7 +1762,6 @@ def main(args: argparse.Namespace) -> dict[str, list]:
 
 if __name__ == "__main__":
     try:
-        parsed = parse_args()
-    except (ValueError, FileNotFoundError) as error:  # bad flags: the message, no traceback
+        main(parse_args())
+    except (ValueError, OSError, NonFiniteLossError) as error:  # the message, no traceback
         raise SystemExit(f"train_ID-Booth.py: error: {error}") from None
-    main(parsed)
