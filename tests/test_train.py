@@ -731,6 +731,36 @@ def test_killed_run_resumes_to_the_same_weights(triplet_run, tmp_path):
         train.main(train.parse_args(changed))
 
 
+def test_sigkilled_process_resumes_to_the_same_weights(triplet_run, tmp_path):
+    """A real kill: the CLI is SIGKILLed after checkpoint-2, then resumed with `latest`."""
+    import signal
+    import time
+
+    output, _, flags, _ = triplet_run
+    killed = tmp_path / "killed"
+    argv = [f for f in flags if not f.startswith("--output_dir")] + [f"--output_dir={killed}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *argv],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoint-2").is_dir() and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / train.LORA_WEIGHTS_NAME).exists()
+
+    run_cli([sys.executable, str(SCRIPT), *argv, "--resume_from_checkpoint=latest"])
+    assert_same_lora(output, killed)
+    assert_same_lora(output / "checkpoint-4", killed / "checkpoint-4")
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
