@@ -24,6 +24,7 @@ matter since rows are L2-normalised in every forward.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 
@@ -34,7 +35,7 @@ from torch import nn
 COSINE_EPS = 1e-3  # AdaFace's eps for the cosine clamp, angle clip and sigma
 
 
-class MarginHead(nn.Module):
+class MarginHead(nn.Module, metaclass=abc.ABCMeta):
     """Base head: L2-normalised class weights; subclasses turn cosines into logits."""
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float, margin: float):
@@ -56,8 +57,9 @@ class MarginHead(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             return self.logits(embeddings.float(), labels)
 
+    @abc.abstractmethod
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, D) float32 embeddings, (B,) labels -> (B, C) margin-adjusted, scaled logits."""
 
 
 def target_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
