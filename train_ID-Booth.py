@@ -108,6 +108,9 @@ TERM_NAMES = (
     "identity_weight",
     "identity_count",  # instance samples of the micro-batch that had the identity term
 )
+PER_SAMPLE_TERMS = ("identity_loss", "identity_weight")  # means over the samples that had them
+PER_SAMPLE_INDICES = [TERM_NAMES.index(name) for name in PER_SAMPLE_TERMS]
+IDENTITY_COUNT_INDEX = TERM_NAMES.index("identity_count")
 # Arguments that must match between a checkpoint and the run resuming it: anything that changes
 # the data, the loss, the model or the optimisation (the optimizer state restores AdamW's
 # hyper-parameters from the checkpoint, so a changed one would be silently ignored).
@@ -1219,22 +1222,32 @@ class NonFiniteWatch:
 
 
 class RunningMeans:
-    """Sums the per-step term vectors on the device; the host reads them only on pop()."""
+    """Sums the per-step term vectors on the device; the host reads them only on pop().
+
+    Per-sample terms (the identity loss and its weight) are averaged over the instance samples
+    that had the identity term, so a micro-batch without any (its class image faceless) does not
+    pull the logged mean towards 0; the other terms are averaged over micro-batches.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(len(TERM_NAMES), dtype=torch.float64, device=device)
+        self.sample_sums = torch.zeros(len(PER_SAMPLE_TERMS), dtype=torch.float64, device=device)
         self.count = 0
 
     def add(self, values: torch.Tensor) -> None:
         self.sums += values
+        self.sample_sums += values[PER_SAMPLE_INDICES] * values[IDENTITY_COUNT_INDEX]
         self.count += 1
 
     def pop(self) -> dict[str, float]:
         """Means since the last pop (one sync), then reset."""
-        means = (self.sums / max(self.count, 1)).tolist()
+        means = self.sums / max(self.count, 1)
+        samples = self.sums[IDENTITY_COUNT_INDEX].clamp_min(1)
+        means[PER_SAMPLE_INDICES] = self.sample_sums / samples
         self.sums.zero_()
+        self.sample_sums.zero_()
         self.count = 0
-        return dict(zip(TERM_NAMES, means, strict=True))
+        return dict(zip(TERM_NAMES, means.tolist(), strict=True))
 
 
 # ============================================================================ per-identity loop

@@ -918,3 +918,21 @@ def test_identities_root_trains_each_identity_once_across_two_processes(assets, 
     single += [f"--instance_data_dir={assets.identity('person0')}", f"--output_dir={alone}"]
     train.main(train.parse_args(single))
     assert_same_lora(output / "person0", alone, atol=1e-5)
+
+
+def test_logged_identity_means_count_only_samples_that_had_the_term():
+    means = train.RunningMeans(torch.device("cpu"))
+    names = train.TERM_NAMES
+    with_term = dict.fromkeys(names, 1.0) | {"identity_loss": 0.5, "identity_weight": 0.8}
+    without_term = dict.fromkeys(names, 1.0) | {
+        "identity_loss": 0.0,
+        "identity_weight": 0.0,
+        "identity_count": 0.0,
+    }
+    for values in (with_term, without_term):
+        means.add(torch.tensor([values[name] for name in names], dtype=torch.float64))
+    result = means.pop()
+    assert result["identity_loss"] == pytest.approx(0.5)  # not (0.5 + 0) / 2
+    assert result["identity_weight"] == pytest.approx(0.8)
+    assert result["identity_count"] == pytest.approx(0.5)  # samples per micro-batch
+    assert means.pop()["loss"] == 0.0  # reset
