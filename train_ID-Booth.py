@@ -49,7 +49,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from arcface import DEFAULT_FACE_MODELS_ROOT, align_faces_torch, build_face_detector, load_arcface
-from datasets import IMAGE_EXTENSIONS, DreamBoothFaceDataset, annotate_photos, collate_dreambooth
+from datasets import (
+    DreamBoothFaceDataset,
+    annotate_photos,
+    collate_dreambooth,
+    readable_photos,
+)
 from fileio import (
     atomic_folder,
     atomic_save_image,
@@ -955,14 +960,15 @@ def dataset_summary(dataset: DreamBoothFaceDataset) -> dict[str, Any]:
 
 
 def _class_image_plan(class_dir: Path, wanted: int) -> list[int]:
-    """Indices i of class_{i:05d}.png to generate so the folder holds `wanted` images."""
-    existing = {
-        path.name
-        for path in class_dir.iterdir()
-        if path.is_file()
-        and not path.name.startswith(".")
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-    }
+    """Indices i of class_{i:05d}.png to generate so the folder holds `wanted` usable images.
+
+    Unreadable or too-small files do not count; one named class_{i:05d}.png is regenerated.
+    """
+    try:
+        usable, _ = readable_photos(class_dir)
+    except (ValueError, FileNotFoundError):  # no usable image yet, or no folder yet
+        usable = []
+    existing = {path.name for path in usable}
     missing, indices, index = wanted - len(existing), [], 0
     while len(indices) < missing:
         if f"class_{index:05d}.png" not in existing:

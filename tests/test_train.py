@@ -936,3 +936,13 @@ def test_logged_identity_means_count_only_samples_that_had_the_term():
     assert result["identity_weight"] == pytest.approx(0.8)
     assert result["identity_count"] == pytest.approx(0.5)  # samples per micro-batch
     assert means.pop()["loss"] == 0.0  # reset
+
+
+def test_class_image_plan_replaces_unusable_files(tmp_path):
+    for index in (0, 2):
+        Image.new("RGB", (96, 96), (index * 40, 90, 120)).save(tmp_path / f"class_{index:05d}.png")
+    (tmp_path / "class_00001.png").write_bytes(b"truncated")  # corrupt: regenerated in place
+    Image.new("RGB", (16, 16)).save(tmp_path / "tiny.png")  # too small: does not count
+    assert train._class_image_plan(tmp_path, 3) == [1]
+    assert train._class_image_plan(tmp_path, 5) == [1, 3, 4]
+    assert train._class_image_plan(tmp_path / "missing", 2) == [0, 1]
