@@ -1129,7 +1129,7 @@ def identity_terms(
     negative = embeddings[n : 2 * n] if embeddings.shape[0] >= 2 * n else None
     with torch.autocast(device.type, enabled=False):
         faces = align_faces_torch(decoded.float(), landmarks, fill=-1.0)  # (n, 3, 112, 112)
-        anchor = frozen.arcface(faces.float())  # (n, 512) float32, unit norm
+        anchor = frozen.arcface(faces)  # (n, 512) float32, unit norm
         per_sample = IDENTITY_LOSSES[args.loss](
             anchor, embeddings[:n], negative, args.triplet_margin
         )  # (n,)
