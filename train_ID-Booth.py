@@ -835,6 +835,12 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
+def lora_adapter_metadata(unet: torch.nn.Module) -> dict[str, Any]:
+    """The adapter's LoraConfig as a dict, sets sorted so that equal LoRAs give equal files."""
+    config = unet.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+
+
 def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
     """Write folder/pytorch_lora_weights.safetensors atomically (load_lora_weights reads it)."""
     from diffusers import StableDiffusionPipeline
@@ -844,7 +850,7 @@ def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
         StableDiffusionPipeline.save_lora_weights(
             temp_dir,
             unet_lora_layers=lora_state_dict(unet),
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            unet_lora_adapter_metadata=lora_adapter_metadata(unet),
             safe_serialization=True,
         )
         publish(Path(temp_dir) / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)
