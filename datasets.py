@@ -13,12 +13,14 @@ dataset is plain DreamBooth: every readable photo, no annotation.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,11 +32,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from arcface import align_face, images_to_arcface_input
+from arcface import embed_aligned_faces
+from faces import align_face
 from fileio import atomic_path, stable_seed
 
 if TYPE_CHECKING:
-    from arcface import FaceDetector
+    from faces import FaceDetector
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,15 @@ CACHE_FORMAT = "id-booth-faces-v1"
 EMBED_BATCH_SIZE = 32
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+GENDER_ALIASES = {
+    "male": "male",
+    "m": "male",
+    "man": "male",
+    "female": "female",
+    "f": "female",
+    "woman": "female",
+}
 
 SKIP_NOT_IMAGE = "not an image file"
 SKIP_UNREADABLE = "unreadable image"
@@ -177,6 +189,78 @@ def load_rgb_image(path: str | Path) -> Image.Image:
     return _decode_rgb(Path(path), str(path))
 
 
+# ----------------------------------------------------------------------------- identity attributes
+
+
+def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
+    """identity -> {column: value} from a CSV with an 'identity' column or a JSON mapping."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "identity" not in reader.fieldnames:
+                raise ValueError(f"{path}: CSV needs a header with an 'identity' column")
+            rows = [{k: (v or "").strip() for k, v in row.items()} for row in reader]
+        attributes = {row["identity"]: row for row in rows}
+        if len(attributes) != len(rows):
+            raise ValueError(f"{path}: an identity appears in more than one row")
+        return attributes
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, list):
+            if not all(isinstance(row, dict) and "identity" in row for row in data):
+                raise ValueError(
+                    f"{path}: a JSON list needs {{'identity': ..., 'gender': ...}} rows"
+                )
+            data = {str(row["identity"]): row for row in data}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: JSON must map identity -> gender or -> {{'gender': ...}}")
+        return {str(k): (v if isinstance(v, dict) else {"gender": v}) for k, v in data.items()}
+    raise ValueError(f"{path}: identity attributes must be a .csv or .json file")
+
+
+def normalise_gender(value: str) -> str | None:
+    """'M'/'man'/'male' -> 'male', 'F'/'woman'/'female' -> 'female', else None."""
+    return GENDER_ALIASES.get(str(value).strip().lower())
+
+
+def identity_genders(folders: dict[str, Path], attributes_file: Path | None) -> dict[str, str]:
+    """identity -> 'male' / 'female' from the attributes file, else from a 'gender' entry in the
+    identity folder's training_config.json; one ValueError listing every identity without one."""
+    attributes = load_identity_attributes(attributes_file) if attributes_file else {}
+    genders, missing, invalid = {}, [], []
+    for name, folder in folders.items():
+        raw = attributes.get(name, {}).get("gender") or _training_config_gender(folder)
+        if not raw:
+            missing.append(name)
+        elif (gender := normalise_gender(raw)) is None:
+            invalid.append(f"{name}={raw!r}")
+        else:
+            genders[name] = gender
+    if missing or invalid:
+        source = attributes_file or "no --identity_attributes file"
+        problems = []
+        if missing:
+            problems.append(f"no gender for {len(missing)} identities: {', '.join(missing)}")
+        if invalid:
+            problems.append(f"unknown gender values {', '.join(invalid)}")
+        raise ValueError(
+            f"{'; '.join(problems)} ({source}); the prompt template uses {{gender}}: add rows "
+            f"'identity,gender' with one of {sorted(set(GENDER_ALIASES))} to --identity_attributes"
+        )
+    return genders
+
+
+def _training_config_gender(folder: Path) -> str | None:
+    """A 'gender' entry in an identity's training_config.json, if there is one."""
+    config = folder / "training_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("gender")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 # ----------------------------------------------------------------------------- annotation cache
 
 
@@ -270,23 +354,33 @@ def _write_cache(path: Path, entries: list[_CacheEntry], names: dict[str, str]) 
 # ----------------------------------------------------------------------------- annotation
 
 
-def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of a module's first parameter (CPU float32 without any)."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
+def detect_and_align(
+    pixels: np.ndarray, detector: FaceDetector
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(H, W, 3) uint8 RGB -> ((5, 2) float32 landmarks, (112, 112, 3) aligned face), or Nones."""
+    landmarks = detector.detect_landmarks(pixels)
+    if landmarks is None:
+        return None, None
+    landmarks = np.asarray(landmarks, dtype=np.float32).reshape(5, 2)
+    try:
+        return landmarks, align_face(pixels, landmarks)
+    except ValueError:  # degenerate landmarks (all points coincide): no usable face
+        return None, None
 
 
-def _embed_aligned_faces(faces: list[np.ndarray], encoder: torch.nn.Module) -> np.ndarray:
-    """(N, 112, 112, 3) uint8 aligned faces -> (N, D) float32 encoder embeddings, batched."""
-    device, dtype = _module_device_dtype(encoder)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(faces), EMBED_BATCH_SIZE):
-            batch = images_to_arcface_input(np.stack(faces[start : start + EMBED_BATCH_SIZE]))
-            chunks.append(encoder(batch.to(device=device, dtype=dtype)).float().cpu().numpy())
-    return np.concatenate(chunks).astype(np.float32)
+def annotate_images(
+    images: Sequence[np.ndarray],
+    detector: FaceDetector,
+    encoder: torch.nn.Module,
+    batch_size: int = EMBED_BATCH_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory images -> (N, D) float32 embeddings (zero rows where no face), (N,) bool found."""
+    aligned = [detect_and_align(np.asarray(image), detector)[1] for image in images]
+    found = np.array([face is not None for face in aligned], dtype=bool)
+    embedded = embed_aligned_faces(encoder, [f for f in aligned if f is not None], batch_size)
+    embeddings = np.zeros((len(images), embedded.shape[1]), dtype=np.float32)
+    embeddings[found] = embedded
+    return embeddings, found
 
 
 def _detect_entry(
@@ -294,26 +388,25 @@ def _detect_entry(
 ) -> tuple[_CacheEntry, np.ndarray | None]:
     """Decode + detect one image: (entry, aligned 112x112 face or None). Tiny images: no detect."""
     image = _decode_rgb(io.BytesIO(data), str(path))
-    pixels = np.asarray(image)  # (H, W, 3) uint8 RGB
     if min(image.size) < min_side:
         return _CacheEntry(path.name, sha256, image.size, None), None
-    landmarks = detector.detect_landmarks(pixels)
-    if landmarks is None:
-        return _CacheEntry(path.name, sha256, image.size, None), None
-    landmarks = np.asarray(landmarks, dtype=np.float32).reshape(5, 2)
-    try:
-        aligned = align_face(pixels, landmarks)  # (112, 112, 3) uint8
-    except ValueError:  # degenerate landmarks (all points coincide): no usable face
-        return _CacheEntry(path.name, sha256, image.size, None), None
+    landmarks, aligned = detect_and_align(np.asarray(image), detector)
     return _CacheEntry(path.name, sha256, image.size, landmarks), aligned
 
 
+def _read_size(path: Path) -> tuple[int, int]:
+    """(W, H) of a fully decoded image (plain DreamBooth: no face needed)."""
+    return load_rgb_image(path).size
+
+
 @dataclass
-class _AnnotationPass:
-    """Working state of one annotate_folder call."""
+class _ScanPass:
+    """Working state of one scan: cached / detected annotations or plain sizes, and skips."""
 
     report: SkipReport
     cached: dict[str, _CacheEntry]
+    detector: FaceDetector | None
+    sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)
     entries: dict[Path, _CacheEntry] = field(default_factory=dict)
     pending: list[tuple[_CacheEntry, np.ndarray]] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
@@ -321,37 +414,44 @@ class _AnnotationPass:
     def __post_init__(self) -> None:
         self.cached_names = {entry.file for entry in self.cached.values()}
 
-    def visit(self, path: Path, detector: FaceDetector, min_side: int) -> None:
-        """Look one file up in the cache or decode + detect it; record skips."""
+    def visit(self, path: Path, min_side: int) -> None:
+        """Read one file's size (plain) or its cached / fresh face annotation; record skips."""
         if not _is_image_name(path):
             self.report.add(path, SKIP_NOT_IMAGE)
             return
+        try:
+            if self.detector is None:
+                self.sizes[path] = _read_size(path)
+            else:
+                self._annotate(path, min_side)
+        except UnreadableImageError as error:
+            self.report.add(path, SKIP_UNREADABLE, str(error.__cause__ or error))
+
+    def _annotate(self, path: Path, min_side: int) -> None:
         data = path.read_bytes()
         sha256 = hashlib.sha256(data).hexdigest()
         entry = self.cached.get(sha256)
         if entry is None:
             if path.name in self.cached_names:
                 self.changed.append(path.name)
-            try:
-                entry, aligned = _detect_entry(path, data, sha256, detector, min_side)
-            except UnreadableImageError as error:
-                self.report.add(path, SKIP_UNREADABLE, str(error.__cause__ or error))
-                return
+            entry, aligned = _detect_entry(path, data, sha256, self.detector, min_side)
             if aligned is not None:
                 self.pending.append((entry, aligned))
         entry.file = path.name
         self.entries[path] = entry
+        self.sizes[path] = entry.size
 
     def classify(self, min_side: int) -> tuple[list[Path], dict[Path, FaceAnnotation]]:
         """(usable photos, annotations of those with a face) in file order; tiny images go to
         the report."""
         usable, faces = [], {}
-        for path, entry in self.entries.items():
-            if min(entry.size) < min_side:
-                self.report.add(path, SKIP_TOO_SMALL, f"{entry.size[0]}x{entry.size[1]} px")
+        for path, (width, height) in self.sizes.items():
+            if min(width, height) < min_side:
+                self.report.add(path, SKIP_TOO_SMALL, f"{width}x{height} px")
                 continue
             usable.append(path)
-            if entry.landmarks is not None:
+            entry = self.entries.get(path)
+            if entry is not None and entry.landmarks is not None:
                 faces[path] = FaceAnnotation(entry.embedding, entry.landmarks)
         return usable, faces
 
@@ -364,30 +464,97 @@ class _AnnotationPass:
         return bool(self.pending) or set(self.cacheable(min_side)) != set(self.cached)
 
 
-def _annotation_pass(
-    folder: Path, files: list[Path], detector: FaceDetector, encoder, cache: bool, min_side: int
-) -> _AnnotationPass:
-    """Look up or detect + embed every file of `folder`, and refresh its cache file."""
-    cache_path = face_cache_path(folder, encoder, detector)
-    names = {"encoder": str(encoder.name), "detector": str(detector.name)}
-    state = _AnnotationPass(
-        SkipReport(folder, len(files)), _read_cache(cache_path, names) if cache else {}
+def _embed_pending(state: _ScanPass, encoder: torch.nn.Module) -> None:
+    """Embed the freshly aligned faces of a scan in batches."""
+    if not state.pending:
+        return
+    embeddings = embed_aligned_faces(encoder, [face for _, face in state.pending], EMBED_BATCH_SIZE)
+    for (entry, _), embedding in zip(state.pending, embeddings, strict=True):
+        entry.embedding = embedding
+
+
+def _scan_pass(folder: Path, files, detector, encoder, cache: bool, min_side: int) -> _ScanPass:
+    """Size or look up / detect + embed every file of `folder`; refresh its face cache file."""
+    names = (
+        {} if detector is None else {"encoder": str(encoder.name), "detector": str(detector.name)}
     )
+    cache_path = None if detector is None else face_cache_path(folder, encoder, detector)
+    cached = _read_cache(cache_path, names) if cache and cache_path is not None else {}
+    state = _ScanPass(SkipReport(folder, len(files)), cached, detector)
     for path in files:
-        state.visit(path, detector, min_side)
+        state.visit(path, min_side)
     if state.changed:
         logger.warning(
             "face cache %s held annotations of other content for %s; recomputed them",
             cache_path,
             ", ".join(state.changed),
         )
-    if state.pending:
-        embeddings = _embed_aligned_faces([face for _, face in state.pending], encoder)
-        for (entry, _), embedding in zip(state.pending, embeddings, strict=True):
-            entry.embedding = embedding
-    if cache and state.needs_write(min_side):
-        _write_cache(cache_path, list(state.cacheable(min_side).values()), names)
+    if detector is not None:
+        _embed_pending(state, encoder)
+        if cache and state.needs_write(min_side):
+            _write_cache(cache_path, list(state.cacheable(min_side).values()), names)
     return state
+
+
+@dataclass
+class PhotoScan:
+    """The usable photos of one folder, the face annotations of those with a face, the skips."""
+
+    photos: list[Path]
+    faces: dict[Path, FaceAnnotation]
+    report: SkipReport
+
+
+def scan_photos(
+    folder: str | Path,
+    detector: FaceDetector | None = None,
+    encoder: torch.nn.Module | None = None,
+    faceless: str = "keep",
+    cache: bool = True,
+    min_side: int = MIN_IMAGE_SIDE,
+) -> PhotoScan:
+    """The one way a folder of photos becomes training or evaluation data.
+
+    Usable = decodes and shorter side >= min_side. With a detector and encoder every usable
+    photo is detected, 5-point aligned and embedded (cached by sha256 of its bytes in
+    `face_cache_path`); `faceless="skip"` then drops photos without a face as skips (identity
+    photos: no positive for the identity term), `"keep"` keeps them without an annotation (class
+    photos: they still serve the prior loss; named in a second warning). Without a detector:
+    plain DreamBooth, every usable photo. Skips are named in one logged warning; ValueError when
+    nothing usable is left.
+    """
+    if faceless not in ("keep", "skip"):
+        raise ValueError(f"faceless must be 'keep' or 'skip', got {faceless!r}")
+    if (detector is None) != (encoder is None):
+        raise ValueError("pass both a face detector and an encoder, or neither")
+    folder = Path(folder)
+    files = _folder_files(folder)
+    state = _scan_pass(folder, files, detector, encoder, cache, min_side)
+    photos, faces = state.classify(min_side)
+    faceless_photos = [path for path in photos if detector is not None and path not in faces]
+    if faceless == "skip" and detector is not None:
+        for path in faceless_photos:
+            state.report.add(path, SKIP_NO_FACE)
+        photos = list(faces)
+    if not photos:
+        found = state.report.summary() if files else "no files"
+        if faceless == "skip" and detector is not None:
+            fix = f"add photos (shorter side >= {min_side} px) that show one detectable face"
+            raise ValueError(f"no usable face photo in {folder}: {found}; {fix}")
+        fix = f"add readable photos (shorter side >= {min_side} px)"
+        raise ValueError(f"no usable image in {folder}: {found}; {fix}")
+    if state.report:
+        logger.warning("%s", state.report.summary())
+    if faceless == "keep" and faceless_photos:
+        logger.warning(
+            "%d of %d photos in %s have no detected face: they are used without a face "
+            "embedding (prior loss only): %s",
+            len(faceless_photos),
+            len(photos),
+            folder,
+            ", ".join(path.name for path in faceless_photos),
+        )
+    return PhotoScan(photos, faces, state.report)
 
 
 def annotate_folder(
@@ -397,97 +564,10 @@ def annotate_folder(
     cache: bool = True,
     min_side: int = MIN_IMAGE_SIDE,
 ) -> tuple[dict[Path, FaceAnnotation], SkipReport]:
-    """Detect 5 landmarks, align and embed the face of every photo in `folder` (cached by sha256).
-
-    Returns ({path: FaceAnnotation} in sorted file order, SkipReport). Skipped files (not an
-    image, unreadable, shorter side < min_side, no face) are named in one logged warning;
-    ValueError when no usable photo is left. The detector follows arcface.FaceDetector
-    (`.name`, `detect_landmarks(rgb uint8) -> (5, 2) | None`); the encoder maps
-    (B, 3, 112, 112) in [-1, 1] to (B, D) and has a `.name`.
-    """
-    folder = Path(folder)
-    files = _folder_files(folder)
-    state = _annotation_pass(folder, files, detector, encoder, cache, min_side)
-    usable, annotations = state.classify(min_side)
-    for path in usable:
-        if path not in annotations:
-            state.report.add(path, SKIP_NO_FACE)
-    if not annotations:
-        raise ValueError(
-            f"no usable face photo in {folder}: {state.report.summary() if files else 'no files'}; "
-            f"add photos (shorter side >= {min_side} px) that show one detectable face"
-        )
-    if state.report:
-        logger.warning("%s", state.report.summary())
-    return annotations, state.report
-
-
-def annotate_photos(
-    folder: str | Path,
-    detector: FaceDetector,
-    encoder: torch.nn.Module,
-    cache: bool = True,
-    min_side: int = MIN_IMAGE_SIDE,
-) -> tuple[list[Path], dict[Path, FaceAnnotation], SkipReport]:
-    """Every usable photo of `folder` (readable, shorter side >= min_side) and the annotations
-    of those with a detected face (class / prior images: a faceless one still serves the prior
-    loss). Returns (photos, {path: FaceAnnotation}, SkipReport); only unusable files are skips
-    (one logged warning), faceless photos are named in a second one. ValueError when no photo
-    is usable."""
-    folder = Path(folder)
-    files = _folder_files(folder)
-    state = _annotation_pass(folder, files, detector, encoder, cache, min_side)
-    usable, annotations = state.classify(min_side)
-    if not usable:
-        raise ValueError(
-            f"no usable image in {folder}: {state.report.summary() if files else 'no files'}; "
-            f"add readable photos (shorter side >= {min_side} px)"
-        )
-    if state.report:
-        logger.warning("%s", state.report.summary())
-    faceless = [path.name for path in usable if path not in annotations]
-    if faceless:
-        logger.warning(
-            "%d of %d photos in %s have no detected face: they are used without a face "
-            "embedding (prior loss only): %s",
-            len(faceless),
-            len(usable),
-            folder,
-            ", ".join(faceless),
-        )
-    return usable, annotations, state.report
-
-
-def readable_photos(
-    folder: str | Path, min_side: int = MIN_IMAGE_SIDE
-) -> tuple[list[Path], SkipReport]:
-    """Photos of `folder` that decode and whose shorter side is >= min_side (plain DreamBooth:
-    no face needed), in sorted order; the rest are counted in the SkipReport and named in one
-    logged warning. ValueError when no photo is left."""
-    folder = Path(folder)
-    files = _folder_files(folder)
-    report, usable = SkipReport(folder, len(files)), []
-    for path in files:
-        if not _is_image_name(path):
-            report.add(path, SKIP_NOT_IMAGE)
-            continue
-        try:
-            width, height = load_rgb_image(path).size
-        except UnreadableImageError as error:
-            report.add(path, SKIP_UNREADABLE, str(error.__cause__ or error))
-            continue
-        if min(width, height) < min_side:
-            report.add(path, SKIP_TOO_SMALL, f"{width}x{height} px")
-        else:
-            usable.append(path)
-    if not usable:
-        raise ValueError(
-            f"no usable image in {folder}: {report.summary() if files else 'no files'}; "
-            f"add readable photos (shorter side >= {min_side} px)"
-        )
-    if report:
-        logger.warning("%s", report.summary())
-    return usable, report
+    """Face annotations of the photos of `folder` that show a face ({path: FaceAnnotation} in
+    file order) and the SkipReport: scan_photos(..., faceless="skip")."""
+    scan = scan_photos(folder, detector, encoder, "skip", cache, min_side)
+    return scan.faces, scan.report
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -546,36 +626,19 @@ class _PhotoSet:
     has_face: np.ndarray | None = None  # (N,) bool
 
     @classmethod
-    def plain(cls, folder, min_side: int) -> _PhotoSet:
-        """Every readable photo, no annotation (plain DreamBooth)."""
-        return cls(*readable_photos(folder, min_side))
-
-    @classmethod
-    def faces_only(cls, folder, detector, encoder, cache: bool, min_side: int) -> _PhotoSet:
-        """Photos with a detected face, each with its embedding + landmarks (identity photos:
-        a faceless one has no positive for the identity term)."""
-        annotations, report = annotate_folder(folder, detector, encoder, cache, min_side)
-        paths = list(annotations)
-        embeddings = torch.from_numpy(np.stack([annotations[p].embedding for p in paths]))
-        landmarks = np.stack([annotations[p].landmarks for p in paths])
-        has_face = np.ones(len(paths), dtype=bool)
-        return cls(paths, report, embeddings.float(), landmarks, has_face)
-
-    @classmethod
-    def all_photos(
-        cls, folder, detector, encoder, cache: bool, min_side: int, embedding_dim: int
-    ) -> _PhotoSet:
-        """Every usable photo (class images: all serve the prior loss); faceless ones get a zero
-        embedding (embedding_dim,), zero landmarks and has_face False."""
-        paths, annotations, report = annotate_photos(folder, detector, encoder, cache, min_side)
-        embeddings = np.zeros((len(paths), embedding_dim), dtype=np.float32)
-        landmarks = np.zeros((len(paths), 5, 2), dtype=np.float32)
-        has_face = np.array([path in annotations for path in paths], dtype=bool)
-        for row, path in enumerate(paths):
+    def from_scan(cls, scan: PhotoScan, embedding_dim: int | None = None) -> _PhotoSet:
+        """Stack a scan's annotations (faceless photos: zero embedding and landmarks, has_face
+        False); embedding_dim None = a plain scan without annotations."""
+        if embedding_dim is None:
+            return cls(scan.photos, scan.report)
+        embeddings = np.zeros((len(scan.photos), embedding_dim), dtype=np.float32)
+        landmarks = np.zeros((len(scan.photos), 5, 2), dtype=np.float32)
+        has_face = np.array([path in scan.faces for path in scan.photos], dtype=bool)
+        for row, path in enumerate(scan.photos):
             if has_face[row]:
-                embeddings[row] = annotations[path].embedding
-                landmarks[row] = annotations[path].landmarks
-        return cls(paths, report, torch.from_numpy(embeddings), landmarks, has_face)
+                embeddings[row] = scan.faces[path].embedding
+                landmarks[row] = scan.faces[path].landmarks
+        return cls(scan.photos, scan.report, torch.from_numpy(embeddings), landmarks, has_face)
 
     @property
     def annotated(self) -> bool:
@@ -629,17 +692,14 @@ class DreamBoothFaceDataset(Dataset):
         self.center_crop = center_crop
         self.seed, self.epoch = seed, 0
         self.classes = None
-        if detector is None:
-            self.instance = _PhotoSet.plain(instance_folder, min_side)
-            if class_folder is not None:
-                self.classes = _PhotoSet.plain(class_folder, min_side)
-            return
-        self.instance = _PhotoSet.faces_only(instance_folder, detector, encoder, cache, min_side)
+        instance = scan_photos(instance_folder, detector, encoder, "skip", cache, min_side)
+        embedding_dim = None
+        if detector is not None:
+            embedding_dim = next(iter(instance.faces.values())).embedding.shape[0]
+        self.instance = _PhotoSet.from_scan(instance, embedding_dim)
         if class_folder is not None:
-            embedding_dim = self.instance.embeddings.shape[1]
-            self.classes = _PhotoSet.all_photos(
-                class_folder, detector, encoder, cache, min_side, embedding_dim
-            )
+            classes = scan_photos(class_folder, detector, encoder, "keep", cache, min_side)
+            self.classes = _PhotoSet.from_scan(classes, embedding_dim)
 
     @property
     def num_instance_images(self) -> int:
@@ -656,6 +716,22 @@ class DreamBoothFaceDataset(Dataset):
 
     def __len__(self) -> int:
         return max(self.num_instance_images, self.num_class_images)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts of used photos, class photos with / without a detected face, skipped files."""
+        summary = {
+            "instance_images": self.num_instance_images,
+            "class_images": self.num_class_images,
+        }
+        if self.classes is not None and self.classes.annotated:
+            with_face = self.num_class_images_with_face
+            summary["class_images_with_face"] = with_face
+            summary["class_images_without_face"] = self.num_class_images - with_face
+        for part in ("instance", "classes"):
+            photos = getattr(self, part)
+            if photos is not None:
+                summary[f"{part}_skipped"] = photos.report.counts()
+        return summary
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch whose seeded crops the items use (call before building its DataLoader)."""

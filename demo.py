@@ -111,7 +111,7 @@ def prepare_embedded_identities(data_dir: Path) -> tuple[Path, Path, Path]:
     """Identity folders and a prior folder cut from insightface's shipped group photo."""
     import insightface
 
-    from arcface import DlibFaceDetector
+    from faces import DlibFaceDetector
 
     identities_root, class_dir = data_dir / "identities", data_dir / "class"
     attributes_path = data_dir / "identity_attributes.json"

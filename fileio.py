@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 TEMP_SUFFIX = ".tmp"
+PNG_METADATA_KEY = "id_booth"  # PNG text chunk holding a generated image's metadata record
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 # .<final name>.<the 8 random characters of mkstemp/mkdtemp>.tmp
 TEMP_NAME_PATTERN = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
@@ -159,3 +162,40 @@ def stable_seed(*parts: object, byteorder: Literal["big", "little"] = "big") -> 
     """int(sha256('/'.join(map(str, parts)))[:8], byteorder) mod 2**63: seed from position."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], byteorder) % 2**63
+
+
+def encode_png_with_record(image: Any, record: dict) -> bytes:
+    """PNG bytes with the metadata record in a text chunk (deterministic for equal input)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_METADATA_KEY, json.dumps(record, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def is_complete_png(path: Path) -> bool:
+    """A PNG file that starts with the signature and ends with the IEND chunk."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() < len(PNG_SIGNATURE) + len(PNG_IEND_CHUNK):
+                return False
+            handle.seek(-len(PNG_IEND_CHUNK), os.SEEK_END)
+            return head == PNG_SIGNATURE and handle.read() == PNG_IEND_CHUNK
+    except OSError:
+        return False
+
+
+def read_png_record(path: Path) -> dict | None:
+    """The metadata record stored in an image written by this script, or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(PNG_METADATA_KEY)
+        return json.loads(text) if text else None
+    except (OSError, ValueError):
+        return None

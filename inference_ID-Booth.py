@@ -26,25 +26,42 @@ genders.csv`, or `accelerate launch --num_processes N inference_ID-Booth.py ...`
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime
 import io
 import json
 import logging
 import math
-import os
-import random
 import re
-import string
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fileio import atomic_write_bytes, remove_stale_temps, stable_seed
+import runs
+from datasets import identity_genders
+from fileio import (
+    PNG_METADATA_KEY,
+    atomic_write_bytes,
+    encode_png_with_record,
+    is_complete_png,
+    read_png_record,
+    remove_stale_temps,
+)
+from lora import LORA_WEIGHTS_NAME, lora_mismatches
+from sampling import (
+    BACKGROUND_SAMPLERS,
+    DEFAULT_NO_BACKGROUND_TEMPLATE,
+    DEFAULT_PROMPT_TEMPLATE,
+    NO_BACKGROUND,
+    PAPER_BACKGROUNDS,
+    PROMPT_PLACEHOLDERS,
+    background_sampler,
+    build_prompt,
+    image_seed,
+    prompt_choices,
+    template_placeholders,
+    validate_template,
+)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -52,47 +69,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("inference_ID-Booth")
 
-PAPER_BACKGROUNDS = (
-    "forest",
-    "city street",
-    "beach",
-    "office",
-    "bus",
-    "laboratory",
-    "factory",
-    "construction site",
-    "hospital",
-    "night club",
-    "none",
-)
-NO_BACKGROUND = "none"  # background value that selects the no-background template
-DEFAULT_PROMPT_TEMPLATE = "face {portrait} photo of {gender} sks person, {background} background"
-DEFAULT_NO_BACKGROUND_TEMPLATE = "face {portrait} photo of {gender} sks person"
-DEFAULT_NEGATIVE_PROMPT = (
-    "cartoon, cgi, render, illustration, painting, drawing, black and white, "
-    "bad body proportions, landscape"
-)
-PROMPT_PLACEHOLDERS = ("background", "gender", "identity", "portrait")
-PORTRAIT_WORDS = {False: "portrait", True: "side-portrait"}
-GENDER_ALIASES = {
-    "male": "male",
-    "m": "male",
-    "man": "male",
-    "female": "female",
-    "f": "female",
-    "woman": "female",
-}
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAINING_CONFIG_NAME = "training_config.json"
 METADATA_NAME = "metadata.jsonl"
 RUN_CONFIG_NAME = "run_config.json"
-PNG_METADATA_KEY = "id_booth"
 ADAPTER_NAME = "identity"
 IMAGE_NAME_PATTERN = re.compile(r"^(\d+)\.png$")
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-BARRIER_TIMEOUT = datetime.timedelta(hours=72)
 
 # Scheduler factory: name -> (diffusers class name, kwargs over the base model's config).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -104,6 +85,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
+RESOLUTION = runs.Number(int, low=8, multiple_of=8)
 MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Settings that define the pixels; a resumed run must match them (batch size only moves
 # results at float-rounding level, so it may change between runs).
@@ -125,11 +107,6 @@ GENERATION_KEYS = (
     "seed",
     "mixed_precision",
 )
-# Values of settings added after datasets were made with them: a run_config.json without
-# the key was written by the older script, which behaved like this value.
-LEGACY_GENERATION_VALUES = {"background_sampling": "independent"}
-
-
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -168,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", type=Path, required=True, help="Dataset folder to fill.")
     parser.add_argument(
         "--num_images_per_identity",
-        type=int,
+        type=runs.POSITIVE_INT,
         default=21,
         help="Images per identity (paper: 21 for evaluation, 100 for FR augmentation).",
     )
@@ -201,12 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         "consecutive blocks of len(--backgrounds), each block a seeded shuffle of the list, "
         "so every background appears floor(n/k) or ceil(n/k) times per identity and image i's "
         "background does not depend on --num_images_per_identity. 'independent': a uniform "
-        "draw from each image's seed (the behaviour before this flag; reproduces datasets "
-        "made then).",
+        "draw from each image's seed.",
     )
     parser.add_argument(
         "--side_portrait_probability",
-        type=float,
+        type=runs.PROBABILITY,
         default=0.5,
         help="Probability that {portrait} becomes 'side-portrait'.",
     )
@@ -219,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"to a 'gender' key in the identity's {TRAINING_CONFIG_NAME}.",
     )
     parser.add_argument(
-        "--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="Negative prompt (paper's)."
+        "--negative_prompt", default=runs.PAPER_NEGATIVE_PROMPT, help="Negative prompt (paper's)."
     )
     parser.add_argument(
         "--scheduler",
@@ -227,25 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="Sampler, one of: " + ", ".join(SCHEDULERS) + " (built from the base model's "
         "scheduler config).",
     )
-    parser.add_argument("--num_inference_steps", type=int, default=30, help="Denoising steps.")
     parser.add_argument(
-        "--guidance_scale", type=float, default=5.0, help="Classifier-free guidance scale."
+        "--num_inference_steps", type=runs.POSITIVE_INT, default=30, help="Denoising steps."
     )
     parser.add_argument(
-        "--lora_scale", type=float, default=1.0, help="LoRA strength (0 = the base model)."
+        "--guidance_scale",
+        type=runs.NON_NEGATIVE,
+        default=5.0,
+        help="Classifier-free guidance scale.",
     )
     parser.add_argument(
-        "--resolution", type=int, default=512, help="Image height and width (multiple of 8)."
+        "--lora_scale",
+        type=runs.NON_NEGATIVE,
+        default=1.0,
+        help="LoRA strength (0 = the base model).",
+    )
+    parser.add_argument(
+        "--resolution", type=RESOLUTION, default=512, help="Image height and width (multiple of 8)."
     )
     parser.add_argument(
         "--batch_size",
-        type=int,
+        type=runs.POSITIVE_INT,
         default=1,
         help="Images per pipeline call, consecutive indices of one identity. Images depend on "
         "it only at float-rounding level (see README); raise it on a GPU for throughput.",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="Base seed; each image's seed is derived from it."
+        "--seed", type=runs.SEED, default=0, help="Base seed; each image's seed is derived from it."
     )
     parser.add_argument(
         "--mixed_precision",
@@ -278,14 +262,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Checks that need no model: numbers, templates, scheduler name, paths."""
-    positive = ("num_images_per_identity", "num_inference_steps", "batch_size", "resolution")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.resolution % 8:
-        raise ValueError(f"--resolution must be a multiple of 8, got {args.resolution}")
-    if not 0.0 <= args.side_portrait_probability <= 1.0:
-        raise ValueError("--side_portrait_probability must be in [0, 1]")
+    runs.check_numbers(args, build_parser())
     scheduler_class(args.scheduler)  # ValueError listing the options
     background_sampler(args.background_sampling)
     validate_template(args.prompt_template, "--prompt_template")
@@ -294,7 +271,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--prompt_template_no_background must not contain {background}")
     if args.identities is not None and args.lora_root is None:
         raise ValueError("--identities selects folders under --lora_root; use it with --lora_root")
-    if args.lora_dir is not None and CHECKPOINT_PATTERN.match(args.lora_dir.name):
+    if args.lora_dir is not None and runs.CHECKPOINT_PATTERN.match(args.lora_dir.name):
         raise ValueError(
             f"--lora_dir {args.lora_dir} is a checkpoint folder; pass the identity folder "
             f"as --lora_dir {args.lora_dir.parent} and --checkpoint {args.lora_dir.name}"
@@ -337,109 +314,12 @@ def scheduler_class(name: str) -> tuple[str, dict[str, Any]]:
     return SCHEDULERS[name]
 
 
-def build_scheduler(name: str, base_config: Any) -> Any:
+def build_sampler(name: str, base_config: Any) -> Any:
     """A diffusers scheduler of kind `name` with the base model's betas and timesteps."""
     import diffusers
 
     class_name, overrides = scheduler_class(name)
     return getattr(diffusers, class_name).from_config(base_config, **overrides)
-
-
-# ----------------------------------------------------------------------- prompts and seeds
-
-
-def template_placeholders(template: str) -> set[str]:
-    """Field names used in a str.format template ('{gender} x' -> {'gender'})."""
-    try:
-        return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
-    except ValueError as error:  # unbalanced braces
-        raise ValueError(f"malformed prompt template {template!r}: {error}") from error
-
-
-def validate_template(template: str, flag: str = "template") -> None:
-    """ValueError naming unknown, positional or attribute placeholders."""
-    unknown = sorted(template_placeholders(template) - set(PROMPT_PLACEHOLDERS))
-    if unknown:
-        allowed = ", ".join(f"{{{name}}}" for name in PROMPT_PLACEHOLDERS)
-        shown = ", ".join(f"{{{name}}}" for name in unknown)
-        raise ValueError(f"{flag} {template!r} has unknown placeholder(s) {shown}; use {allowed}")
-
-
-def image_seed(base_seed: int, identity: str, index: int) -> int:
-    """Per-image seed: first 8 bytes of sha256('base_seed/identity/index') mod 2**63."""
-    return stable_seed(base_seed, identity, index, byteorder="big")
-
-
-def prompt_choices(
-    seed: int, backgrounds: Sequence[str], side_portrait_probability: float
-) -> tuple[str, bool]:
-    """(background, side_portrait) drawn from random.Random(seed): coin flip, then choice."""
-    rng = random.Random(seed)
-    side_portrait = rng.random() < side_portrait_probability
-    return rng.choice(list(backgrounds)), side_portrait
-
-
-def background_block(
-    base_seed: int, identity: str, block: int, backgrounds: Sequence[str]
-) -> list[str]:
-    """Block b's order: random.Random(sha256('base_seed/identity/backgrounds/b')).shuffle(list)."""
-    block_seed = stable_seed(base_seed, identity, "backgrounds", block, byteorder="big")
-    order = list(backgrounds)
-    random.Random(block_seed).shuffle(order)
-    return order
-
-
-def balanced_background(
-    base_seed: int, identity: str, index: int, backgrounds: Sequence[str]
-) -> str:
-    """Background of image i: slot i mod k of block i // k (k = len(backgrounds)).
-
-    Each block holds every background once, so over n images each appears floor(n/k) or
-    ceil(n/k) times, and image i's background does not depend on n.
-    """
-    block, slot = divmod(index, len(backgrounds))
-    return background_block(base_seed, identity, block, backgrounds)[slot]
-
-
-def independent_background(
-    base_seed: int, identity: str, index: int, backgrounds: Sequence[str]
-) -> str:
-    """Background drawn uniformly from the image's own seed (prompt_choices' choice)."""
-    return prompt_choices(image_seed(base_seed, identity, index), backgrounds, 0.0)[0]
-
-
-# Background sampler factory: name -> f(base_seed, identity, index, backgrounds) -> background.
-BACKGROUND_SAMPLERS: dict[str, Callable[[int, str, int, Sequence[str]], str]] = {
-    "balanced": balanced_background,
-    "independent": independent_background,
-}
-
-
-def background_sampler(name: str) -> Callable[[int, str, int, Sequence[str]], str]:
-    """Look up a background sampling name; ValueError listing the options when unknown."""
-    if name not in BACKGROUND_SAMPLERS:
-        options = ", ".join(BACKGROUND_SAMPLERS)
-        raise ValueError(f"unknown --background_sampling {name!r}; choose one of: {options}")
-    return BACKGROUND_SAMPLERS[name]
-
-
-def build_prompt(
-    template: str,
-    no_background_template: str,
-    *,
-    gender: str | None,
-    background: str,
-    side_portrait: bool,
-    identity: str,
-) -> str:
-    """Fill the template; the background 'none' uses the no-background template."""
-    chosen = no_background_template if background == NO_BACKGROUND else template
-    return chosen.format(
-        gender=gender,
-        background=background,
-        portrait=PORTRAIT_WORDS[side_portrait],
-        identity=identity,
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,7 +338,7 @@ class ImageJob:
 def plan_image(args: argparse.Namespace, identity: str, gender: str | None, index: int) -> ImageJob:
     """The job for image `index` of `identity` (pure function of the arguments)."""
     seed = image_seed(args.seed, identity, index)
-    # The coin is the first draw of random.Random(seed) in both modes (as before the flag).
+    # The coin is the first draw of random.Random(seed) in both modes.
     _, side_portrait = prompt_choices(seed, args.backgrounds, args.side_portrait_probability)
     sample_background = background_sampler(args.background_sampling)
     background = sample_background(args.seed, identity, index, args.backgrounds)
@@ -510,15 +390,11 @@ def resolve_checkpoint(identity_folder: Path, checkpoint: str | None) -> Path:
         return identity_folder
     if checkpoint != "latest":
         return identity_folder / checkpoint
-    steps = [
-        (int(match.group(1)), path)
-        for path in identity_folder.glob("checkpoint-*")
-        if (match := CHECKPOINT_PATTERN.match(path.name)) and path.is_dir()
-    ]
-    return max(steps)[1] if steps else identity_folder / "checkpoint-<none found>"
+    steps = runs.list_checkpoints(identity_folder, None)
+    return steps[-1][1] if steps else identity_folder / "checkpoint-<none found>"
 
 
-def discover_identities(args: argparse.Namespace) -> list[IdentitySource]:
+def lora_sources(args: argparse.Namespace) -> list[IdentitySource]:
     """Identity folders from --lora_dir / --lora_root with their weights files checked."""
     if args.lora_dir is not None:
         if not args.lora_dir.is_dir():
@@ -527,15 +403,9 @@ def discover_identities(args: argparse.Namespace) -> list[IdentitySource]:
     else:
         if not args.lora_root.is_dir():
             raise FileNotFoundError(f"--lora_root {args.lora_root} is not a folder")
-        names = (
-            list(dict.fromkeys(args.identities))
-            if args.identities
-            else sorted(
-                path.name
-                for path in args.lora_root.iterdir()
-                if path.is_dir() and not path.name.startswith((".", "_"))
-            )
-        )
+        names = list(dict.fromkeys(args.identities or [])) or [
+            path.name for path in runs.identity_folders(args.lora_root)
+        ]
         if not names:
             raise ValueError(f"--lora_root {args.lora_root} has no identity folders")
         folders = [args.lora_root / name for name in names]
@@ -544,104 +414,25 @@ def discover_identities(args: argparse.Namespace) -> list[IdentitySource]:
 
 def _identity_source(folder: Path, checkpoint: str | None) -> IdentitySource:
     """Locate one identity's weights; a missing file becomes an error message."""
-    lora_file = resolve_checkpoint(folder, checkpoint) / LORA_WEIGHT_NAME
+    lora_file = resolve_checkpoint(folder, checkpoint) / LORA_WEIGHTS_NAME
     if lora_file.is_file():
         return IdentitySource(folder.name, folder, lora_file)
     where = f"checkpoint {checkpoint!r} of " if checkpoint else ""
     error = (
         f"identity {folder.name!r}: no LoRA weights at {lora_file} ({where}{folder}); expected "
-        f"train_ID-Booth.py's {LORA_WEIGHT_NAME}: train this identity or fix "
+        f"train_ID-Booth.py's {LORA_WEIGHTS_NAME}: train this identity or fix "
         "--lora_root/--lora_dir/--checkpoint"
     )
     return IdentitySource(folder.name, folder, None, error)
 
 
-def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
-    """identity -> {column: value} from a CSV with an 'identity' column or a JSON mapping."""
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or "identity" not in reader.fieldnames:
-                raise ValueError(f"{path}: CSV needs a header with an 'identity' column")
-            rows = [{k: (v or "").strip() for k, v in row.items()} for row in reader]
-        attributes = {row["identity"]: row for row in rows}
-        if len(attributes) != len(rows):
-            raise ValueError(f"{path}: an identity appears in more than one row")
-        return attributes
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        if isinstance(data, list):
-            if not all(isinstance(row, dict) and "identity" in row for row in data):
-                raise ValueError(
-                    f"{path}: a JSON list needs {{'identity': ..., 'gender': ...}} rows"
-                )
-            data = {str(row["identity"]): row for row in data}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: JSON must map identity -> gender or -> {{'gender': ...}}")
-        return {str(k): (v if isinstance(v, dict) else {"gender": v}) for k, v in data.items()}
-    raise ValueError(f"{path}: identity attributes must be a .csv or .json file")
-
-
-def normalise_gender(value: str) -> str | None:
-    """'M'/'man'/'male' -> 'male', 'F'/'woman'/'female' -> 'female', else None."""
-    return GENDER_ALIASES.get(str(value).strip().lower())
-
-
 def resolve_genders(
     identities: Sequence[IdentitySource], attributes_file: Path | None
 ) -> dict[str, str]:
-    """Each usable identity's gender; one ValueError listing every one without a valid one.
-
-    Identities whose LoRA is missing are skipped here: they fail on their own later.
-    """
-    attributes = load_identity_attributes(attributes_file) if attributes_file else {}
-    genders, missing, invalid = {}, [], []
-    for identity in (identity for identity in identities if identity.error is None):
-        raw = attributes.get(identity.name, {}).get("gender") or _training_config_gender(
-            identity.folder
-        )
-        if not raw:
-            missing.append(identity.name)
-        elif (gender := normalise_gender(raw)) is None:
-            invalid.append(f"{identity.name}={raw!r}")
-        else:
-            genders[identity.name] = gender
-    if missing or invalid:
-        source = attributes_file or "no --identity_attributes file"
-        problems = []
-        if missing:
-            problems.append(f"no gender for {len(missing)} identities: {', '.join(missing)}")
-        if invalid:
-            problems.append(f"unknown gender values {', '.join(invalid)}")
-        raise ValueError(
-            f"{'; '.join(problems)} ({source}); the prompt template uses {{gender}}: add rows "
-            f"'identity,gender' with one of {sorted(set(GENDER_ALIASES))} to --identity_attributes"
-        )
-    return genders
-
-
-def _training_config_gender(folder: Path) -> str | None:
-    """A 'gender' entry in the identity's training_config.json, if there is one."""
-    config = folder / TRAINING_CONFIG_NAME
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("gender")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-
-
-def check_output_dir(output_dir: Path) -> None:
-    """Create the output folder and prove it is writable (ValueError with the fix if not)."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=output_dir, prefix=".write-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise ValueError(
-            f"--output_dir {output_dir} is not a writable folder ({error}); choose another path"
-        ) from error
+    """Each usable identity's gender (datasets.identity_genders); identities whose LoRA is
+    missing are left out here: they fail on their own later."""
+    usable = {identity.name: identity.folder for identity in identities if identity.error is None}
+    return identity_genders(usable, attributes_file)
 
 
 def generation_settings(args: argparse.Namespace) -> dict:
@@ -674,7 +465,7 @@ def check_run_config(
     previous_config = read_run_config(output_dir)
     if overwrite or not previous_config:
         return
-    previous = {**LEGACY_GENERATION_VALUES, **previous_config.get("generation", {})}
+    previous = previous_config.get("generation", {})
     changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
     previous_files = previous_config.get("lora_files", {})
     for name, path in lora_files(identities).items():
@@ -689,57 +480,6 @@ def check_run_config(
 
 
 # ----------------------------------------------------------------------------- LoRA files
-
-_LORA_SUFFIXES = {
-    ".lora.down.weight": "down",
-    ".lora.up.weight": "up",
-    ".lora_A.weight": "down",
-    ".lora_B.weight": "up",
-    ".lora_linear_layer.down.weight": "down",
-    ".lora_linear_layer.up.weight": "up",
-}
-
-
-def lora_mismatches(lora_file: Path, components: dict[str, Any]) -> tuple[int, list[str]]:
-    """(#tensors checked, problems) for a LoRA file against the base model's layers.
-
-    Reads only the safetensors header. A down matrix is (r, in[, k, k]) and must match the
-    layer's input width; an up matrix is (out, r[, 1, 1]) and must match its output width.
-    """
-    from safetensors import safe_open
-
-    checked, problems = 0, []
-    with safe_open(str(lora_file), framework="pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-            prefix, _, rest = key.partition(".")
-            suffix = next((s for s in _LORA_SUFFIXES if rest.endswith(s)), None)
-            if prefix not in components or suffix is None:
-                continue  # another naming scheme: left to diffusers' loader
-            checked += 1
-            shape = tuple(handle.get_slice(key).get_shape())
-            problem = _layer_mismatch(
-                components[prefix], rest[: -len(suffix)], _LORA_SUFFIXES[suffix], shape
-            )
-            if problem:
-                problems.append(f"{prefix}.{problem}")
-    return checked, problems
-
-
-def _layer_mismatch(component: Any, module_path: str, kind: str, shape: tuple) -> str | None:
-    """Why a LoRA matrix of `shape` does not fit `component.<module_path>`, or None."""
-    try:
-        layer = component.get_submodule(module_path)
-    except AttributeError:
-        return f"{module_path}: no such layer in the base model"
-    widths = (
-        getattr(layer, "in_features", getattr(layer, "in_channels", None)),
-        getattr(layer, "out_features", getattr(layer, "out_channels", None)),
-    )
-    if kind == "down" and len(shape) >= 2 and shape[1] != widths[0]:
-        return f"{module_path}: LoRA input width {shape[1]} vs layer input {widths[0]}"
-    if kind == "up" and len(shape) >= 1 and shape[0] != widths[1]:
-        return f"{module_path}: LoRA output width {shape[0]} vs layer output {widths[1]}"
-    return None
 
 
 def check_lora(identity: IdentitySource, pipeline: Any, model_name: str) -> str | None:
@@ -760,43 +500,6 @@ def check_lora(identity: IdentitySource, pipeline: Any, model_name: str) -> str 
 
 
 # ------------------------------------------------------------------------- files on disk
-
-
-def encode_png(image: PILImage.Image, record: dict) -> bytes:
-    """PNG bytes with the metadata record in a text chunk (deterministic for equal input)."""
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_METADATA_KEY, json.dumps(record, sort_keys=True))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
-def is_complete_png(path: Path) -> bool:
-    """A PNG file that starts with the signature and ends with the IEND chunk."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            handle.seek(0, os.SEEK_END)
-            if handle.tell() < len(PNG_SIGNATURE) + len(PNG_IEND_CHUNK):
-                return False
-            handle.seek(-len(PNG_IEND_CHUNK), os.SEEK_END)
-            return head == PNG_SIGNATURE and handle.read() == PNG_IEND_CHUNK
-    except OSError:
-        return False
-
-
-def read_png_record(path: Path) -> dict | None:
-    """The metadata record stored in an image written by this script, or None."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            text = image.text.get(PNG_METADATA_KEY)
-        return json.loads(text) if text else None
-    except (OSError, ValueError):
-        return None
 
 
 def image_paths(output_dir: Path) -> list[tuple[str, int, Path]]:
@@ -844,15 +547,9 @@ def write_contact_sheet(paths: Sequence[Path], target: Path, thumbnail: int = 12
 
 def write_run_config(args: argparse.Namespace, settings: dict, identities, num_processes) -> None:
     """run_config.json: the generation settings, all arguments, identities and versions."""
-    import accelerate
-    import diffusers
-    import peft
-    import torch
-    import transformers
-
     config = {
         "generation": settings,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": runs.json_safe(vars(args)),
         "identities": [identity.name for identity in identities],
         # Every identity ever generated here, so a later run over any subset is checked.
         "lora_files": {
@@ -860,14 +557,7 @@ def write_run_config(args: argparse.Namespace, settings: dict, identities, num_p
             **lora_files(identities),
         },
         "num_processes": num_processes,
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "accelerate": accelerate.__version__,
-        },
+        "versions": runs.library_versions(),
     }
     text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
     atomic_write_bytes(args.output_dir / RUN_CONFIG_NAME, text.encode())
@@ -876,38 +566,12 @@ def write_run_config(args: argparse.Namespace, settings: dict, identities, num_p
 # ---------------------------------------------------------------------------- generation
 
 
-def make_partial_state() -> Any:
-    """accelerate's process state; cpu=True without CUDA so torchrun on CPU uses gloo.
-
-    The long timeout covers the final barrier: after a resume one process may have hours
-    more work than another, and the default (10-30 min) would kill the finished one.
-    """
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
-
-
-def resolve_mixed_precision(requested: str, device_type: str) -> str:
-    """fp16 on CPU is unsupported by some kernels: fall back to fp32 with a warning."""
-    if device_type == "cpu" and requested == "fp16":
-        logger.warning("fp16 is not supported on CPU; generating in fp32 instead")
-        return "no"
-    return requested
-
-
 def load_pipeline(args: argparse.Namespace) -> StableDiffusionPipeline:
-    """The base pipeline on CPU, frozen, with the chosen scheduler and no progress bar."""
-    from diffusers import StableDiffusionPipeline
+    """The base pipeline on CPU, frozen, with the chosen sampler and no progress bar."""
+    from sampling import load_pipeline as load_base
 
-    pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path)
-    pipeline.scheduler = build_scheduler(args.scheduler, pipeline.scheduler.config)
-    # Frozen weights: on CPU, linear kernels differ at float level with requires_grad, and
-    # a LoRA load freezes the base, so freezing up front keeps every identity on one path.
-    for component in pipeline.components.values():
-        if hasattr(component, "requires_grad_"):
-            component.requires_grad_(False)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = load_base(args.pretrained_model_name_or_path)
+    pipeline.scheduler = build_sampler(args.scheduler, pipeline.scheduler.config)
     return pipeline
 
 
@@ -983,7 +647,7 @@ def pending_indices(folder: Path, indices: Sequence[int], overwrite: bool) -> li
 def save_image(path: Path, image: PILImage.Image, record: dict) -> None:
     """Atomically write one image; an OSError (e.g. disk full) stops the run cleanly."""
     try:
-        atomic_write_bytes(path, encode_png(image, record))
+        atomic_write_bytes(path, encode_png_with_record(image, record))
     except OSError as error:
         raise OSError(
             error.errno,
@@ -1078,14 +742,14 @@ def _load_lora(pipeline: StableDiffusionPipeline, identity: IdentitySource, scal
 
 def prepare(args: argparse.Namespace, state: Any) -> dict:
     """Every check that needs no model, in the order a user would fix them."""
-    identities = discover_identities(args)
+    identities = lora_sources(args)
     placeholders = template_placeholders(args.prompt_template) | template_placeholders(
         args.prompt_template_no_background
     )
     genders = {}
     if "gender" in placeholders:
         genders = resolve_genders(identities, args.identity_attributes)
-    check_output_dir(args.output_dir)
+    runs.check_writable_folder(args.output_dir, "--output_dir")
     settings = generation_settings(args)
     check_run_config(args.output_dir, settings, identities, args.overwrite)
     for identity in identities:
@@ -1159,12 +823,11 @@ def main(args: argparse.Namespace) -> dict:
     """Validate inputs, load the base once, generate this process's share, summarise."""
     from tqdm.auto import tqdm
 
-    state = make_partial_state()
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"[rank {state.process_index}/{state.num_processes}] %(levelname)s %(message)s",
+    state = runs.process_state()
+    runs.setup_logging(state)
+    args.resolved_mixed_precision = runs.resolve_mixed_precision(
+        args.mixed_precision, state.device.type
     )
-    args.resolved_mixed_precision = resolve_mixed_precision(args.mixed_precision, state.device.type)
     plan = prepare(args, state)
     identities = plan["identities"]
     if state.is_main_process:
@@ -1196,8 +859,9 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        summary = main(parse_args())
-    except (ValueError, OSError) as error:  # bad input: the message, not a traceback
-        raise SystemExit(f"inference_ID-Booth.py: error: {error}") from None
-    sys.exit(1 if summary["failed"] else 0)
+    runs.run_cli(
+        "inference_ID-Booth.py",
+        parse_args,
+        main,
+        exit_code=lambda summary: int(summary["failed"] > 0),
+    )

@@ -1,4 +1,17 @@
-"""Losses of ID-Booth: DreamBooth prior preservation, identity (1 - cos) and triplet terms.
+"""The ID-Booth training objective: DreamBooth prior preservation plus an identity term.
+
+Paper: Tomasevic et al., "ID-Booth: Identity-consistent Face Generation with Diffusion Models",
+FG 2025 (https://arxiv.org/abs/2504.07392), Sec. 3; reference code:
+https://github.com/dariant/ID-Booth. Per batch [instance..., prior...]:
+
+    dreambooth: L = MSE(eps_hat_inst, eps) + w_prior * MSE(eps_hat_prior, eps_prior)
+    identity:   L + mean_i w(t_i) * (1 - cos(a_i, e_inst_i))               (PortraitBooth)
+    triplet:    L + mean_{i in M} w(t_i) * max(d(a_i, e_inst_i) - d(a_i, e_prior_i) + m, 0)
+
+with a_i the ArcFace embedding of the decoded one-step estimate x0_hat of instance sample i,
+d = 1 - cos, w(t) = (1 - t/T)^2, and M the instance samples that have the term (the triplet
+needs a face in the paired prior image). DreamBooth: Ruiz et al., CVPR 2023, Eq. 2;
+PortraitBooth: Peng et al., CVPR 2024, identity loss (Sec. 3.2).
 
 Shapes: latents (B, C, h, w); timesteps (B,) long; embeddings (B, D). Every function is
 batched over the whole batch and free of host syncs (no .item(), no branching on values),
@@ -8,6 +21,7 @@ so it can sit inside a compiled / accelerated training step.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +136,7 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(a, b, dim=-1)
 
 
-def identity_loss(anchor: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+def cosine_identity_loss(anchor: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """L_id = 1 - cos(E(x0_hat), e_inst) per sample (B,); gradients reach only the anchor."""
     _check_embeddings(anchor, positive)
     return cosine_distance(anchor, positive.detach())
@@ -145,3 +159,110 @@ def triplet_identity_loss(
     d_pos = cosine_distance(anchor, positive.detach())
     d_neg = cosine_distance(anchor, negative.detach())
     return torch.clamp_min(d_pos - d_neg + margin, 0.0)
+
+
+# ============================================================================ the objective
+
+LOSS_KINDS = ("dreambooth", "identity", "triplet")
+# Scalars the objective returns, in this order when stacked (logging, NaN watch).
+TERM_NAMES = (
+    "loss",
+    "diffusion_loss",
+    "prior_loss",
+    "identity_criterion",  # mean over M of the unweighted per-sample identity loss
+    "identity_term",  # mean over M of w(t_i) * criterion_i: what is added to the loss
+    "identity_weight",  # mean over M of w(t_i)
+    "identity_count",  # |M|: instance samples of the batch that had the identity term
+)
+
+
+def _cosine_per_sample(anchor, positive, negative, margin: float) -> torch.Tensor:
+    """PortraitBooth-style 1 - cos(a, p), (n,)."""
+    return cosine_identity_loss(anchor, positive)
+
+
+def _triplet_per_sample(anchor, positive, negative, margin: float) -> torch.Tensor:
+    """ID-Booth max(d(a, p) - d(a, n) + m, 0), (n,)."""
+    return triplet_identity_loss(anchor, positive, negative, margin)
+
+
+IDENTITY_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "identity": _cosine_per_sample,
+    "triplet": _triplet_per_sample,
+}
+IDENTITY_WEIGHTINGS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "timestep": timestep_weight,
+    "none": lambda timesteps, num_train_timesteps: torch.ones_like(timesteps, dtype=torch.float32),
+}
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Settings of the objective (defaults: the paper's reference setup)."""
+
+    loss: str = "triplet"  # one of LOSS_KINDS
+    triplet_margin: float = 1.0
+    identity_weighting: str = "timestep"  # one of IDENTITY_WEIGHTINGS
+    prior_loss_weight: float = 1.0
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"unknown loss {self.loss!r}; options: {', '.join(LOSS_KINDS)}")
+        if self.identity_weighting not in IDENTITY_WEIGHTINGS:
+            raise ValueError(
+                f"unknown identity weighting {self.identity_weighting!r}; options: "
+                f"{', '.join(IDENTITY_WEIGHTINGS)}"
+            )
+
+    @property
+    def has_identity_term(self) -> bool:
+        return self.loss != "dreambooth"
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """sum_i [mask_i] values_i / max(count, 1): 0 when nothing is selected, without a sync."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / count.clamp_min(1)
+
+
+def identity_terms(
+    config: ObjectiveConfig,
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None,
+    timesteps: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The identity TERM_NAMES over the instance samples of `mask`.
+
+    anchor (n, D) = E(x0_hat) of the instance samples; positive (n, D) = e_inst; negative
+    (n, D) = e_prior of the same batch positions (triplet only); timesteps (n,); mask (n,) bool.
+    """
+    per_sample = IDENTITY_LOSSES[config.loss](anchor, positive, negative, config.triplet_margin)
+    weight = IDENTITY_WEIGHTINGS[config.identity_weighting](timesteps, config.num_train_timesteps)
+    count = mask.sum()
+    return {
+        "identity_term": masked_mean(weight * per_sample, mask, count),
+        "identity_criterion": masked_mean(per_sample, mask, count),
+        "identity_weight": masked_mean(weight, mask, count),
+        "identity_count": count.float(),
+    }
+
+
+def objective(
+    config: ObjectiveConfig,
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    num_instance: int,
+    identity: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every TERM_NAMES scalar of a [instance..., prior...] batch: the prior-preservation loss
+    plus identity["identity_term"] (identity_terms' output) when the loss has an identity term."""
+    loss, instance_loss, prior_loss = prior_preservation_loss(
+        model_pred, target, num_instance, config.prior_loss_weight
+    )
+    zero = loss.new_zeros(())
+    terms = {"diffusion_loss": instance_loss, "prior_loss": prior_loss}
+    terms |= dict.fromkeys(TERM_NAMES[3:], zero) | (identity or {})
+    terms["loss"] = loss + terms["identity_term"] if identity is not None else loss
+    return terms

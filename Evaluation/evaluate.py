@@ -34,14 +34,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-for _path in (REPO_ROOT, REPO_ROOT / "Evaluation"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import numpy as np
 
-import numpy as np  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shared modules at the repo root
 
 import metrics  # noqa: E402
+import runs  # noqa: E402
+from faces import FACE_DETECTOR_NAMES  # noqa: E402
 from fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
 from image_sets import (  # noqa: E402
     DEFAULT_EXCLUDE,
@@ -50,12 +49,11 @@ from image_sets import (  # noqa: E402
     STATUS_UNREADABLE,
     ImageSet,
     cached_rows,
-    json_safe,
     load_image_set,
 )
 
 REAL_SET_NAME = "real"
-FACE_DETECTORS = ("auto", "dlib", "insightface")
+UNIT_INTERVAL = runs.Number(float, 0, 1, low_open=True, high_open=True)  # FMR / FNMR targets
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -104,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--face_detector",
         default="auto",
-        choices=FACE_DETECTORS,
+        choices=FACE_DETECTOR_NAMES,
         help="Face detector for --embedder arcface (auto = insightface when a "
         "pack with a detector is under --face_models_root, else dlib).",
     )
@@ -131,13 +129,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--feature_image_size",
-        type=int,
+        type=runs.POSITIVE_INT,
         default=224,
         help="Input size of the feature model under the dgm-eval protocol.",
     )
     parser.add_argument(
         "--max_impostor_pairs",
-        type=int,
+        type=runs.NON_NEGATIVE_INT,
         default=10_000_000,
         help="Cap on impostor pairs per comparison; above it a uniform seeded "
         "sample is used (0 = all pairs). 107 identities x 21 images (the paper) "
@@ -145,34 +143,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--fmr_targets",
-        type=float,
+        type=UNIT_INTERVAL,
         nargs="+",
         default=[1e-2, 1e-3],
         help="FMR operating points at which FNMR is reported.",
     )
     parser.add_argument(
         "--fnmr_targets",
-        type=float,
+        type=UNIT_INTERVAL,
         nargs="+",
         default=[1e-2, 1e-3],
         help="FNMR operating points at which FMR is reported.",
     )
     parser.add_argument(
         "--kd_subsets",
-        type=int,
+        type=runs.POSITIVE_INT,
         default=100,
         help="Kernel distance: number of random subsets (dgm-eval: 100).",
     )
     parser.add_argument(
         "--kd_subset_size",
-        type=int,
+        type=runs.POSITIVE_INT,
         default=1000,
         help="Kernel distance: images per subset (dgm-eval: 1000; capped at the smaller set size).",
     )
-    parser.add_argument("--prdc_k", type=int, default=5, help="Nearest neighbours for PRDC.")
+    parser.add_argument(
+        "--prdc_k", type=runs.POSITIVE_INT, default=5, help="Nearest neighbours for PRDC."
+    )
     parser.add_argument(
         "--prdc_max_samples",
-        type=int,
+        type=runs.POSITIVE_INT,
         default=10_000,
         help="PRDC uses at most this many images per set (seeded subsample; dgm-eval's reduced_n).",
     )
@@ -183,7 +183,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="File-name patterns that are not samples (e.g. contact sheets).",
     )
     parser.add_argument(
-        "--batch_size", type=int, default=32, help="Images per embedding / feature batch."
+        "--batch_size",
+        type=runs.POSITIVE_INT,
+        default=32,
+        help="Images per embedding / feature batch.",
     )
     parser.add_argument(
         "--device",
@@ -192,11 +195,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=runs.SEED,
         default=0,
         help="Seed of impostor-pair sampling, KD subsets and PRDC subsampling.",
     )
-    return validate_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    runs.check_numbers(args, parser)
+    return validate_args(args)
 
 
 def parse_generated(entries: Sequence[str]) -> dict[str, Path]:
@@ -233,14 +238,6 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if args.arcface_weights is not None and not args.arcface_weights.is_file():
         raise FileNotFoundError(f"--arcface_weights: {args.arcface_weights} is not a file")
-    if args.max_impostor_pairs < 0:
-        raise ValueError("--max_impostor_pairs must be >= 0 (0 = all pairs)")
-    for flag in ("kd_subsets", "kd_subset_size", "prdc_k", "prdc_max_samples", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1")
-    for target in (*args.fmr_targets, *args.fnmr_targets):
-        if not 0 < target < 1:
-            raise ValueError(f"FMR/FNMR targets must lie in (0, 1), got {target}")
     return args
 
 
@@ -563,7 +560,7 @@ def main(args: argparse.Namespace) -> dict:
     figures = {**identity_figures(identity_scores, identity), **diversity_figures(diversity)}
     for key, png in figures.items():
         atomic_write_bytes(args.out / "plots" / f"{key}.png", png)
-    atomic_write_json(args.out / "metrics.json", json_safe(results), allow_nan=False)
+    atomic_write_json(args.out / "metrics.json", runs.json_safe(results), allow_nan=False)
     atomic_write_bytes(args.out / "report.html", report.render_report(results, figures).encode())
     for note in notes:
         log(note)
@@ -572,7 +569,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, OSError) as error:  # bad input: the message, not a traceback
-        raise SystemExit(f"evaluate.py: error: {error}") from None
+    runs.run_cli("evaluate.py", parse_args, main)

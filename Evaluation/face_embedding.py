@@ -1,8 +1,8 @@
 """Identity embeddings of image folders: ArcFace (the paper's) or dlib's shipped 128-d model.
 
 - "arcface" (default): the project's pipeline, exactly as training uses it:
-  `arcface.build_face_detector` -> 5-point alignment to 112x112 -> `arcface.load_arcface`
-  (`arcface.embed_face_images`). Needs recogniser weights (--arcface_weights).
+  `faces.build_face_detector` -> 5-point alignment to 112x112 -> `arcface.load_arcface`
+  (`datasets.annotate_images`). Needs recogniser weights (--arcface_weights).
 - "dlib": dlib's ResNet face descriptor (`dlib_face_recognition_resnet_model_v1.dat` from
   face-recognition-models) with dlib's own HOG detector and 5-point shape predictor, as in
   dlib's dnn_face_recognition_ex (the recogniser expects dlib's own face chips, so
@@ -49,9 +49,9 @@ class ArcFaceEmbedder:
 
     def embed(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(N, 512) unit embeddings (zero where no face) and (N,) found mask."""
-        from arcface import embed_face_images
+        from datasets import annotate_images
 
-        return embed_face_images(list(images), self.detector, self.encoder, self.batch_size)
+        return annotate_images(list(images), self.detector, self.encoder, self.batch_size)
 
 
 class DlibEmbedder:
@@ -63,7 +63,7 @@ class DlibEmbedder:
     def __init__(self, max_upsample: int = 2, max_pixels: int = 8_000_000):
         import dlib
 
-        from arcface import dlib_hog_detector, dlib_model_path  # the training detector's
+        from faces import dlib_hog_detector, dlib_model_path  # the training detector's
 
         self.detector = dlib_hog_detector()
         self.predictor = dlib.shape_predictor(str(dlib_model_path(DLIB_LANDMARKS_FILE)))
@@ -74,7 +74,7 @@ class DlibEmbedder:
 
     def _largest_face(self, image: np.ndarray):
         """dlib rectangle of the largest face at the smallest upsampling that finds one."""
-        from arcface import dlib_detect_faces
+        from faces import dlib_detect_faces
 
         faces = dlib_detect_faces(self.detector, image, self.max_upsample, self.max_pixels)
         return max(faces, key=lambda rect: rect.width() * rect.height()) if faces else None
@@ -106,9 +106,11 @@ def _build_arcface(
             "--embedder arcface needs --arcface_weights (an arcface_torch backbone.pth or an "
             "insightface recogniser .onnx); or use --embedder dlib (offline, not the paper's)"
         )
-    from arcface import DEFAULT_FACE_MODELS_ROOT, build_face_detector, load_arcface
+    import faces
+    from arcface import load_arcface
 
-    detector = build_face_detector(face_detector, face_models_root or DEFAULT_FACE_MODELS_ROOT)
+    models_root = face_models_root or faces.DEFAULT_FACE_MODELS_ROOT
+    detector = faces.build_face_detector(face_detector, models_root)
     return ArcFaceEmbedder(detector, load_arcface(arcface_weights, device=device))
 
 

@@ -1,4 +1,4 @@
-"""Identity image folders (`ROOT/<identity>/<image>`), a per-image result cache, JSON-safe values.
+"""Identity image folders (`ROOT/<identity>/<image>`) and a per-image result cache.
 
 The folder layout is the one `inference_ID-Booth.py` writes and FR training reads: one
 sub-folder per identity, its name being the identity. Files are listed and decoded with the
@@ -78,23 +78,6 @@ def load_image_set(
     if not image_set.paths:
         raise ValueError(f"{name}: no images in the identity folders of {root}")
     return image_set
-
-
-def json_safe(value: object) -> object:
-    """JSON-able copy: numpy scalars/arrays to Python, non-finite floats to 'inf'/'-inf'/'nan'."""
-    if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 class RowCache:

@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,19 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from margin_heads import MARGIN_HEADS, MarginHead, build_margin_head
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shared modules at the repo root
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # arcface.py, datasets.py and fileio.py live at the repo root
-    sys.path.append(str(REPO_ROOT))
-
-from fileio import (  # noqa: E402
-    atomic_folder,
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    remove_stale_temps,
-)
+import runs  # noqa: E402
+from faces import FACE_DETECTOR_NAMES  # noqa: E402
+from fileio import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps  # noqa: E402
+from margin_heads import MARGIN_HEADS, MarginHead, build_margin_head  # noqa: E402
 
 logger = logging.getLogger("train_fr")
 
@@ -65,13 +57,14 @@ PREPARED_FORMAT_VERSION = 1
 HEAD_DEFAULT_MARGINS = {"adaface": 0.4, "arcface": 0.5, "cosface": 0.4}
 ALIGN_MODES = ("auto", "always", "never")
 LR_SCHEDULERS = ("step", "plateau")
+TRAINING_STATE_NAME = "training_state.pt"
 
 
 # ----------------------------------------------------------------------------- data
 
 
 @dataclass
-class SkipReport:
+class PreparationSkips:
     """Counted, named skips of the data preparation (no silent data loss)."""
 
     unreadable: list[str] = field(default_factory=list)
@@ -93,24 +86,24 @@ class SkipReport:
 
 def scan_identity_folders(
     data_dirs: Sequence[str | Path], keep_roots_apart: bool = False
-) -> tuple[dict[str, list[Path]], SkipReport]:
+) -> tuple[dict[str, list[Path]], PreparationSkips]:
     """Roots -> {identity key: sorted image paths}; key = folder name (merged) or folder path."""
     from datasets import IMAGE_EXTENSIONS
 
     extensions = {e.lower() for e in IMAGE_EXTENSIONS}
     identities: dict[str, list[Path]] = {}
-    skips = SkipReport()
+    skips = PreparationSkips()
     for root in map(Path, data_dirs):
         if not root.is_dir():
             raise FileNotFoundError(
                 f"--data_dir {root} is not a folder (one sub-folder per identity)"
             )
-        for entry in sorted(root.iterdir()):
-            if entry.name.startswith("."):
-                continue  # caches such as .id_booth_cache
-            if not entry.is_dir():
-                skips.ignored_files.append(str(entry))
-                continue
+        skips.ignored_files.extend(
+            str(entry)
+            for entry in sorted(root.iterdir())
+            if entry.is_file() and entry.name[0] != "."
+        )
+        for entry in runs.identity_folders(root):
             key = str(entry) if keep_roots_apart else entry.name
             files = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
             images = [p for p in files if p.suffix.lower() in extensions]
@@ -174,7 +167,7 @@ def _decode_in_threads(
 
 
 def _align_or_skip(
-    image: np.ndarray, path: Path, align: str, get_detector: Callable, skips: SkipReport
+    image: np.ndarray, path: Path, align: str, get_detector: Callable, skips: PreparationSkips
 ) -> np.ndarray | None:
     """Return the 112x112 aligned face of one image or record why it was skipped."""
     already_aligned_size = image.shape[:2] == (FACE_SIZE, FACE_SIZE)
@@ -183,7 +176,7 @@ def _align_or_skip(
             return image
         skips.not_aligned_size.append(str(path))
         return None
-    from arcface import align_face
+    from faces import align_face
 
     landmarks = get_detector().detect_landmarks(image)
     if landmarks is None:
@@ -198,7 +191,7 @@ def prepare_faces(
     align: str,
     get_detector: Callable,
     detector_name: str,
-    scan_skips: SkipReport,
+    scan_skips: PreparationSkips,
     num_threads: int = 4,
 ) -> PreparedFaces:
     """Decode + align every image once into `prepared_dir` (reused when the fingerprint matches)."""
@@ -213,7 +206,7 @@ def prepare_faces(
     manifest_path.unlink(missing_ok=True)  # files below are replaced; no stale manifest meanwhile
     remove_stale_temps(prepared_dir)  # the partial faces.npy of a killed preparation
     logger.info("preparing aligned faces in %s (align=%s)", prepared_dir, align)
-    skips = SkipReport(**{k: list(v) for k, v in asdict(scan_skips).items()})
+    skips = PreparationSkips(**{k: list(v) for k, v in asdict(scan_skips).items()})
     items = [(key, path) for key, paths in identities.items() for path in paths]
     with atomic_path(prepared_dir / "faces.npy") as faces_tmp:
         faces = np.lib.format.open_memmap(
@@ -239,7 +232,7 @@ def prepare_faces(
 
 
 def _finish_prepared(
-    prepared_dir: Path, kept_keys: list[str], skips: SkipReport, manifest: dict
+    prepared_dir: Path, kept_keys: list[str], skips: PreparationSkips, manifest: dict
 ) -> PreparedFaces:
     """Dense labels over identities that kept an image, then the manifest (written last)."""
     identity_names = sorted(set(kept_keys))
@@ -370,7 +363,7 @@ def parameter_groups(model: FaceRecognitionModel, weight_decay: float) -> list[d
     ]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+def build_lr_schedule(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
     """Epoch-wise schedule: MultiStepLR(milestones, gamma) or ReduceLROnPlateau(epoch loss)."""
     if args.lr_scheduler == "step":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
@@ -420,53 +413,31 @@ class TrainState:
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoint-<step> folders, oldest first."""
-    found = [
-        p
-        for p in output_dir.glob("checkpoint-*")
-        if p.is_dir() and p.name.split("-", 1)[1].isdigit() and (p / "training_state.pt").is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+    return [path for _, path in runs.list_checkpoints(output_dir, TRAINING_STATE_NAME)]
 
 
 def save_checkpoint(run: Run) -> Path:
     """Write checkpoint-<step>/ atomically (temp folder + os.replace); prune beyond the limit."""
-    output_dir, step = run.output_dir, run.state.global_step
-    final = output_dir / f"checkpoint-{step}"
     scaler = getattr(run.accelerator, "scaler", None)
-    with atomic_folder(final) as temp:
-        torch.save(
-            {
-                "model": run.accelerator.unwrap_model(run.model).state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(),
-                "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                "train_state": asdict(run.state),
-            },
-            temp / "training_state.pt",
-        )
+
+    def fill(temp: Path) -> None:
+        state = {
+            "model": run.accelerator.unwrap_model(run.model).state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "train_state": asdict(run.state),
+        }
+        torch.save(state, temp / TRAINING_STATE_NAME)
         atomic_write_json(temp / "config.json", run.config())
-    if run.args.checkpoints_total_limit:
-        for old in list_checkpoints(output_dir)[: -run.args.checkpoints_total_limit]:
-            shutil.rmtree(old)
-    return final
 
-
-def resolve_resume_path(output_dir: Path, resume_from: str | None) -> Path | None:
-    """'latest' -> newest checkpoint in output_dir (None if there is none); else that folder."""
-    if resume_from is None:
-        return None
-    if resume_from == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.info("no checkpoint in %s yet; starting from scratch", output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume_from)
-    if not (path / "training_state.pt").is_file():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {path} has no training_state.pt "
-            "(pass a checkpoint-<step> folder or 'latest')"
-        )
-    return path
+    return runs.write_checkpoint(
+        run.output_dir,
+        run.state.global_step,
+        fill,
+        TRAINING_STATE_NAME,
+        run.args.checkpoints_total_limit,
+    )
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, identities) -> TrainState:
@@ -477,7 +448,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, identi
             f"checkpoint {path} was trained on other identities than --data_dir gives now "
             "(same data and --keep_roots_apart setting needed to resume)"
         )
-    payload = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    payload = torch.load(path / TRAINING_STATE_NAME, map_location="cpu", weights_only=True)
     accelerator.unwrap_model(model).load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
@@ -526,7 +497,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--face_detector",
         default="auto",
-        help="arcface.build_face_detector backend: auto, dlib or insightface",
+        choices=FACE_DETECTOR_NAMES,
+        help="faces.build_face_detector backend: auto, dlib or insightface",
     )
     parser.add_argument(
         "--face_models_root",
@@ -543,45 +515,56 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="r50", help="IResNet depth (arcface.IRESNET_LAYERS)")
-    parser.add_argument("--embedding_size", type=int, default=512, help="embedding dimension")
+    parser.add_argument(
+        "--embedding_size", type=runs.POSITIVE_INT, default=512, help="embedding dimension"
+    )
     parser.add_argument(
         "--head", default="adaface", help=f"margin head: {', '.join(sorted(MARGIN_HEADS))}"
     )
-    parser.add_argument("--scale", type=float, default=64.0, help="logit scale s")
+    parser.add_argument("--scale", type=runs.POSITIVE, default=64.0, help="logit scale s")
     parser.add_argument(
         "--margin",
-        type=float,
+        type=runs.NON_NEGATIVE,
         default=None,
         help=f"margin m (default per head: {HEAD_DEFAULT_MARGINS})",
     )
     parser.add_argument(
         "--adaface_h",
-        type=float,
+        type=runs.POSITIVE,
         default=0.333,
         help="AdaFace h: fraction of the norm spread mapped into [-1, 1]",
     )
     parser.add_argument(
         "--adaface_t_alpha",
-        type=float,
+        type=runs.PROBABILITY,
         default=0.01,
         help="AdaFace EMA momentum of the feature-norm batch mean/std",
     )
 
 
 def _add_optim_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch_size", type=int, default=512, help="images per step per process")
-    parser.add_argument("--num_epochs", type=int, default=26, help="training epochs")
+    parser.add_argument(
+        "--batch_size", type=runs.POSITIVE_INT, default=512, help="images per step per process"
+    )
+    parser.add_argument("--num_epochs", type=runs.POSITIVE_INT, default=26, help="training epochs")
     parser.add_argument(
         "--max_train_steps",
-        type=int,
+        type=runs.POSITIVE_INT,
         default=None,
         help="stop after this many steps (overrides --num_epochs)",
     )
-    parser.add_argument("--learning_rate", type=float, default=0.1, help="SGD learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument(
+        "--learning_rate", type=runs.POSITIVE, default=0.1, help="SGD learning rate"
+    )
+    parser.add_argument(
+        "--momentum",
+        type=runs.Number(float, 0, 1, high_open=True),
+        default=0.9,
+        help="SGD momentum",
+    )
     parser.add_argument(
         "--weight_decay",
-        type=float,
+        type=runs.NON_NEGATIVE,
         default=5e-4,
         help="SGD weight decay (not on BatchNorm parameters)",
     )
@@ -594,21 +577,26 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--lr_milestones",
-        type=int,
+        type=runs.POSITIVE_INT,
         nargs="+",
         default=[12, 20, 24],
         help="epochs at which the step schedule decays the lr",
     )
-    parser.add_argument("--lr_gamma", type=float, default=0.1, help="lr decay factor")
+    parser.add_argument(
+        "--lr_gamma",
+        type=runs.Number(float, 0, 1, low_open=True),
+        default=0.1,
+        help="lr decay factor",
+    )
     parser.add_argument(
         "--plateau_patience",
-        type=int,
+        type=runs.NON_NEGATIVE_INT,
         default=2,
         help="epochs without improvement before the plateau schedule decays",
     )
     parser.add_argument(
         "--max_grad_norm",
-        type=float,
+        type=runs.NON_NEGATIVE,
         default=0.0,
         help="clip the gradient norm to this (0: no clipping, as AdaFace)",
     )
@@ -622,28 +610,30 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", required=True, help="where backbone.pth etc. are written")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the init, order and flips")
+    parser.add_argument(
+        "--seed", type=runs.SEED, default=0, help="seed of the init, order and flips"
+    )
     parser.add_argument(
         "--dataloader_num_workers",
-        type=int,
+        type=runs.NON_NEGATIVE_INT,
         default=4,
         help="batch-loading worker processes (0: load in the main process)",
     )
     parser.add_argument(
         "--log_every",
-        type=int,
+        type=runs.POSITIVE_INT,
         default=50,
         help="steps between loss reads (host syncs) written to train_log.jsonl",
     )
     parser.add_argument(
         "--checkpointing_steps",
-        type=int,
+        type=runs.POSITIVE_INT,
         default=2000,
         help="save a resumable checkpoint every this many steps (and at the end)",
     )
     parser.add_argument(
         "--checkpoints_total_limit",
-        type=int,
+        type=runs.NON_NEGATIVE_INT,
         default=3,
         help="keep only the newest this many checkpoints (0: keep all)",
     )
@@ -662,12 +652,15 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--eval_every_epochs",
-        type=int,
+        type=runs.NON_NEGATIVE_INT,
         default=1,
         help="epochs between verification runs (0: only at the end)",
     )
     parser.add_argument(
-        "--eval_batch_size", type=int, default=64, help="images per forward pass in verification"
+        "--eval_batch_size",
+        type=runs.POSITIVE_INT,
+        default=64,
+        help="images per forward pass in verification",
     )
 
 
@@ -680,11 +673,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     _add_optim_args(parser)
     _add_run_args(parser)
     args = parser.parse_args(argv)
-    validate_args(args)
+    validate_args(args, parser)
     return args
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Fail right after parsing with a readable message; fill per-head defaults."""
     from arcface import IRESNET_LAYERS
 
@@ -694,32 +687,19 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown --backbone {args.backbone!r}; options: {sorted(IRESNET_LAYERS)}")
     if args.margin is None:
         args.margin = HEAD_DEFAULT_MARGINS[args.head]
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError(
-            "--mixed_precision fp16 needs a CUDA GPU; pass --mixed_precision no or bf16"
-        )
     for path in args.eval_bins:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--eval_bin {path} does not exist")
-    _validate_numbers(args)
+    _validate_numbers(args, parser)
 
 
-def _validate_numbers(args: argparse.Namespace) -> None:
-    """Ranges of the numeric flags."""
+def _validate_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Ranges of the numeric flags (runs.Number types) and their combinations."""
+    runs.check_numbers(args, parser)
     if args.batch_size < 2:
         raise ValueError("--batch_size must be >= 2 (BatchNorm and AdaFace's batch std need it)")
-    if args.num_epochs < 1 or (args.max_train_steps is not None and args.max_train_steps < 1):
-        raise ValueError("--num_epochs and --max_train_steps must be >= 1")
-    if args.learning_rate <= 0:
-        raise ValueError("--learning_rate must be > 0")
-    if sorted(args.lr_milestones) != args.lr_milestones or min(args.lr_milestones) < 1:
-        raise ValueError(
-            f"--lr_milestones must be increasing positive epochs: {args.lr_milestones}"
-        )
-    if args.eval_every_epochs < 0 or args.dataloader_num_workers < 0:
-        raise ValueError("--eval_every_epochs and --dataloader_num_workers must be >= 0")
-    if args.log_every < 1 or args.checkpointing_steps < 1:
-        raise ValueError("--log_every and --checkpointing_steps must be >= 1")
+    if sorted(args.lr_milestones) != args.lr_milestones:
+        raise ValueError(f"--lr_milestones must be increasing epochs: {args.lr_milestones}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -729,7 +709,9 @@ def build_accelerator(args: argparse.Namespace):
     """accelerate.Accelerator; cpu=True when CUDA is absent so torchrun works on CPU too."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = runs.resolve_mixed_precision(args.mixed_precision, device_type)
+    return Accelerator(mixed_precision=precision, cpu=device_type == "cpu")
 
 
 def load_training_data(args: argparse.Namespace, output_dir: Path, accelerator) -> PreparedFaces:
@@ -740,7 +722,7 @@ def load_training_data(args: argparse.Namespace, output_dir: Path, accelerator) 
 
     def get_detector():
         if not detector_cache:
-            from arcface import DEFAULT_FACE_MODELS_ROOT, build_face_detector
+            from faces import DEFAULT_FACE_MODELS_ROOT, build_face_detector
 
             models_root = args.face_models_root or DEFAULT_FACE_MODELS_ROOT
             detector_cache.append(build_face_detector(args.face_detector, models_root))
@@ -757,7 +739,7 @@ def load_training_data(args: argparse.Namespace, output_dir: Path, accelerator) 
             num_threads=max(1, args.dataloader_num_workers),
         )
     if accelerator.is_main_process:
-        SkipReport(**prepared.skips).log()
+        PreparationSkips(**prepared.skips).log()
         logger.info("%d faces of %d identities", len(prepared.labels), len(prepared.identities))
     return prepared
 
@@ -898,13 +880,13 @@ def setup_run(args: argparse.Namespace) -> Run:
     optimizer = torch.optim.SGD(
         parameter_groups(model, args.weight_decay), lr=args.learning_rate, momentum=args.momentum
     )
-    scheduler = build_scheduler(optimizer, args)
+    scheduler = build_lr_schedule(optimizer, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     max_steps = args.max_train_steps or args.num_epochs * batches.steps_per_epoch()
     run = Run(
         args, accelerator, model, optimizer, scheduler, batches, prepared, output_dir, max_steps
     )
-    resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
+    resume_path = runs.find_checkpoint(args.resume_from_checkpoint, output_dir, TRAINING_STATE_NAME)
     if resume_path is not None:
         run.state = load_checkpoint(
             resume_path, model, optimizer, scheduler, accelerator, prepared.identities
@@ -921,9 +903,7 @@ def setup_run(args: argparse.Namespace) -> Run:
 
 
 def main(args: argparse.Namespace) -> Path:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    runs.setup_logging()
     run = setup_run(args)
     backbone_path = run.output_dir / "backbone.pth"
     if run.state.global_step >= run.max_steps and backbone_path.is_file():
@@ -1002,7 +982,4 @@ def save_final(run: Run) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, OSError) as error:  # bad input: the message, not a traceback
-        raise SystemExit(f"train_fr.py: error: {error}") from None
+    runs.run_cli("train_fr.py", parse_args, main)

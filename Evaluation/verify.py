@@ -38,10 +38,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # arcface.py and fileio.py live at the repo root
-    sys.path.append(str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shared modules at the repo root
 
+import runs  # noqa: E402
 from fileio import atomic_path, atomic_write_json  # noqa: E402
 
 logger = logging.getLogger("verify")
@@ -348,16 +347,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="JSON file for the results (default: verification.json beside the backbone)",
     )
-    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--num_folds", type=int, default=10, help="folds of the protocol")
+    parser.add_argument(
+        "--batch_size", type=runs.POSITIVE_INT, default=64, help="images per forward pass"
+    )
+    parser.add_argument(
+        "--num_folds", type=runs.Number(int, low=2), default=10, help="folds of the protocol"
+    )
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
     )
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
-    if args.num_folds < 2:
-        parser.error("--num_folds must be >= 2")
+    runs.check_numbers(args, parser)
     stems = [Path(b).stem for b in args.bins]
     if len(set(stems)) != len(stems):
         parser.error(f"--bin files must have distinct names, got {stems}")
@@ -365,7 +365,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    runs.setup_logging()
     backbone = load_backbone(args.backbone, args.device)
     results = []
     for bin_path in args.bins:
@@ -383,7 +383,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, OSError) as error:  # bad input: the message, not a traceback
-        raise SystemExit(f"verify.py: error: {error}") from None
+    runs.run_cli("verify.py", parse_args, main)

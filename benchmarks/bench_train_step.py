@@ -33,8 +33,14 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from arcface import ARCFACE_DST, build_iresnet  # noqa: E402
-from losses import predict_x0, timestep_weight, triplet_identity_loss  # noqa: E402
+from arcface import build_iresnet  # noqa: E402
+from faces import ARCFACE_DST  # noqa: E402
+from losses import (  # noqa: E402
+    predict_x0,
+    prior_preservation_loss,
+    timestep_weight,
+    triplet_identity_loss,
+)
 from random_models import build_tiny_sd  # noqa: E402
 
 SIZES = {  # size -> (resolution, IResNet depth)
@@ -129,7 +135,7 @@ def reference_losses(train, unet, frozen, batch: dict, generator, args) -> dict:
     noisy = scheduler.add_noise(latents, noise, timesteps)
     text = prompts.for_batch(n, total - n)
     model_pred = unet(noisy, timesteps, text, return_dict=False)[0]
-    loss, _, _ = train.prior_preservation_loss(model_pred, noise, n, args.prior_loss_weight)
+    loss, _, _ = prior_preservation_loss(model_pred, noise, n, args.prior_loss_weight)
     x0 = predict_x0(noisy[:1], model_pred[:1], timesteps[:1], scheduler.alphas_cumprod, "epsilon")
     decoded = frozen.vae.decode(x0.to(frozen.vae.dtype) / frozen.vae.config.scaling_factor).sample
     anchor = frozen.arcface(host_bbox_faces(decoded, batch["landmarks"][:1]))

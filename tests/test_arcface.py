@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import arcface
+import datasets
+import faces
 
 IMAGES_DIR = Path(importlib.util.find_spec("insightface").origin).parent / "data" / "images"
 EYES = slice(0, 2)
@@ -165,8 +167,8 @@ def r18_encoder(r18_checkpoint) -> arcface.ArcFaceEncoder:
 
 
 @pytest.fixture(scope="module")
-def dlib_detector() -> arcface.DlibFaceDetector:
-    return arcface.DlibFaceDetector()
+def dlib_detector() -> faces.DlibFaceDetector:
+    return faces.DlibFaceDetector()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +342,7 @@ def test_insightface_loads_the_same_onnx_and_agrees(r18_onnx, onnx_encoder, dlib
     # i.e. exactly images_to_arcface_input of the RGB image.
     assert (recogniser.input_mean, recogniser.input_std) == (127.5, 127.5)
     group = rgb("t1.jpg")  # colour (Tom_Hanks_54745.png is grey, blind to channel order)
-    aligned = arcface.align_face(group, dlib_detector.detect_landmarks(group))
+    aligned = faces.align_face(group, dlib_detector.detect_landmarks(group))
     theirs = recogniser.get_feat(np.ascontiguousarray(aligned[..., ::-1]))[0]
     ours = onnx_encoder.embed(arcface.images_to_arcface_input(aligned[None]))
     cosine = float(ours[0] @ torch.from_numpy(theirs / np.linalg.norm(theirs)))
@@ -391,27 +393,27 @@ def test_similarity_transforms_match_skimage():
             [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
         )
         noise = rng.normal(0, 2.0, (5, 2))
-        sources.append(arcface.ARCFACE_DST @ rotation.T + rng.uniform(0, 300, 2) + noise)
-    batched = arcface.similarity_transform_torch(
-        torch.from_numpy(np.stack(sources)), torch.from_numpy(arcface.ARCFACE_DST).double()
+        sources.append(faces.ARCFACE_DST @ rotation.T + rng.uniform(0, 300, 2) + noise)
+    batched = faces.similarity_transform_torch(
+        torch.from_numpy(np.stack(sources)), torch.from_numpy(faces.ARCFACE_DST).double()
     )
     for index, source in enumerate(sources):
-        expected = SimilarityTransform.from_estimate(source, arcface.ARCFACE_DST.astype(np.float64))
-        matrix = arcface.similarity_transform(source)
+        expected = SimilarityTransform.from_estimate(source, faces.ARCFACE_DST.astype(np.float64))
+        matrix = faces.similarity_transform(source)
         np.testing.assert_allclose(matrix, expected.params[:2], atol=1e-9)
         np.testing.assert_allclose(batched[index].numpy(), matrix, atol=1e-9)
     np.testing.assert_allclose(
-        arcface.similarity_transform(arcface.ARCFACE_DST), np.eye(2, 3), atol=1e-6
+        faces.similarity_transform(faces.ARCFACE_DST), np.eye(2, 3), atol=1e-6
     )
     with pytest.raises(ValueError, match="degenerate"):
-        arcface.similarity_transform(np.ones((5, 2)))
+        faces.similarity_transform(np.ones((5, 2)))
 
 
 def _template_in_image(angle_deg: float, scale: float, centre: tuple[float, float]) -> np.ndarray:
     """ARCFACE_DST rotated and scaled about the crop centre and moved to `centre`."""
     angle = np.deg2rad(angle_deg)
     rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    return (arcface.ARCFACE_DST - 55.5) @ rotation.T + np.asarray(centre)
+    return (faces.ARCFACE_DST - 55.5) @ rotation.T + np.asarray(centre)
 
 
 @pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside insightface
@@ -423,17 +425,17 @@ def test_differentiable_alignment_matches_cv2_path():
         [_template_in_image(15, 1.7, (400.3, 300.7)), _template_in_image(-30, 0.8, (25.2, 860.4))]
     )  # the second crop runs over the image corner: black border on both paths
     images = torch.from_numpy(image).permute(2, 0, 1)[None].double().expand(2, -1, -1, -1)
-    warped = arcface.align_faces_torch(images, torch.from_numpy(landmarks))
+    warped = faces.align_faces_torch(images, torch.from_numpy(landmarks))
     for index in range(2):
-        expected = arcface.align_face(image, landmarks[index])
+        expected = faces.align_face(image, landmarks[index])
         insightface_crop = norm_crop(image, landmarks[index].astype(np.float32))
         assert np.abs(expected.astype(int) - insightface_crop).max() <= 1  # float32 landmarks
         difference = np.abs(warped[index].permute(1, 2, 0).numpy() - expected)
         assert difference.max() <= 1.0 and difference.mean() < 0.4  # uint8 rounding of cv2
-    assert (arcface.align_face(image, landmarks[1]) == 0).all(axis=2).mean() > 0.2
+    assert (faces.align_face(image, landmarks[1]) == 0).all(axis=2).mean() > 0.2
     unit = images.float() / 127.5 - 1
-    border = arcface.align_faces_torch(unit, torch.from_numpy(landmarks).float(), fill=-1.0)
-    expected = arcface.images_to_arcface_input(arcface.align_face(image, landmarks[1])[None])
+    border = faces.align_faces_torch(unit, torch.from_numpy(landmarks).float(), fill=-1.0)
+    expected = arcface.images_to_arcface_input(faces.align_face(image, landmarks[1])[None])
     assert (border[1] - expected[0]).abs().max() < 0.01
 
 
@@ -445,7 +447,7 @@ def test_alignment_gradients_reach_images_and_landmarks():
     ) + 0.01 * torch.rand(2, 5, 2, generator=generator, dtype=torch.float64)
 
     def crop(imgs: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        return arcface.align_faces_torch(imgs, points, size=10)
+        return faces.align_faces_torch(imgs, points, size=10)
 
     images.requires_grad_(True)
     landmarks.requires_grad_(True)
@@ -458,16 +460,16 @@ def test_torch_alignment_needs_no_host_values():
     # Meta tensors hold no data: any .item() / data-dependent branch would raise here.
     images = torch.empty(3, 3, 64, 80, device="meta")
     landmarks = torch.empty(3, 5, 2, device="meta")
-    assert arcface.align_faces_torch(images, landmarks).shape == (3, 3, 112, 112)
+    assert faces.align_faces_torch(images, landmarks).shape == (3, 3, 112, 112)
     with pytest.raises(ValueError, match="landmark sets"):
-        arcface.align_faces_torch(torch.zeros(2, 3, 8, 8), torch.zeros(1, 5, 2))
+        faces.align_faces_torch(torch.zeros(2, 3, 8, 8), torch.zeros(1, 5, 2))
 
 
 # ---------------------------------------------------------------------------------------------
 # Real face detection (dlib HOG + 68 points from face-recognition-models)
 # ---------------------------------------------------------------------------------------------
 def _realigned_eyes(
-    detector: arcface.DlibFaceDetector, image: np.ndarray
+    detector: faces.DlibFaceDetector, image: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Align the largest face and re-detect it on the crop upsampled 4x.
 
@@ -476,8 +478,8 @@ def _realigned_eyes(
     """
     landmarks = detector.detect_landmarks(image)
     assert landmarks is not None and landmarks.shape == (5, 2) and landmarks.dtype == np.float32
-    matrix = arcface.similarity_transform(landmarks)
-    crop = arcface.align_face(image, landmarks)
+    matrix = faces.similarity_transform(landmarks)
+    crop = faces.align_face(image, landmarks)
     big_crop = cv2.resize(crop, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
     redetected = detector.detect_landmarks(big_crop)
     assert redetected is not None
@@ -495,15 +497,15 @@ def test_dlib_landmarks_align_tom_hanks_onto_the_template(dlib_detector):
     landmarks = dlib_detector.detect_landmarks(canvas)
     in_original = upsampled_to_original(landmarks - np.array([left, top]), scale)
     # The photo is itself an ArcFace crop, so its own eyes sit on the template (FACTS: 1-2 px).
-    assert _distances(in_original[EYES], arcface.ARCFACE_DST[EYES]).max() < 3.0
+    assert _distances(in_original[EYES], faces.ARCFACE_DST[EYES]).max() < 3.0
     eyes, _ = _realigned_eyes(dlib_detector, canvas)
-    assert _distances(eyes, arcface.ARCFACE_DST[EYES]).max() < 3.0
+    assert _distances(eyes, faces.ARCFACE_DST[EYES]).max() < 3.0
 
 
 def test_dlib_landmarks_align_every_face_in_t1(dlib_detector):
     image = rgb("t1.jpg")
     eyes, _ = _realigned_eyes(dlib_detector, image)  # the largest face of the group photo
-    assert _distances(eyes, arcface.ARCFACE_DST[EYES]).max() < 3.0
+    assert _distances(eyes, faces.ARCFACE_DST[EYES]).max() < 3.0
     boxes = list(dlib_detector.detector(image, 0))
     assert len(boxes) == 6
     for box in boxes:  # each face alone: a crop around it with a generous margin
@@ -517,7 +519,7 @@ def test_dlib_landmarks_align_every_face_in_t1(dlib_detector):
         assert _distances(eyes, mapped_eyes).max() < 4.0
         # ... and for these partly turned faces the 5-point least-squares fit trades eye
         # position against the nose / mouth residuals (measured: eyes 0.6-9.4 px off).
-        assert _distances(eyes, arcface.ARCFACE_DST[EYES]).mean() < 8.0
+        assert _distances(eyes, faces.ARCFACE_DST[EYES]).mean() < 8.0
 
 
 def test_dlib_returns_none_without_a_face_and_rejects_bad_images(dlib_detector):
@@ -530,23 +532,23 @@ def test_dlib_returns_none_without_a_face_and_rejects_bad_images(dlib_detector):
 
 def test_insightface_detector_missing_pack_names_the_files(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
-        arcface.InsightFaceDetector(tmp_path)
+        faces.InsightFaceDetector(tmp_path)
     message = str(error.value)
     assert str(tmp_path / "buffalo_l" / "det_10g.onnx") in message and "dlib" in message
     with pytest.raises(FileNotFoundError, match="det_10g.onnx"):
-        arcface.build_face_detector("insightface", tmp_path)
+        faces.build_face_detector("insightface", tmp_path)
     with pytest.raises(ValueError, match=r"\['auto', 'dlib', 'insightface'\]"):
-        arcface.build_face_detector("mtcnn", tmp_path)
+        faces.build_face_detector("mtcnn", tmp_path)
 
 
 def test_auto_detector_prefers_an_insightface_pack(tmp_path):
-    assert isinstance(arcface.build_face_detector("auto", tmp_path), arcface.DlibFaceDetector)
+    assert isinstance(faces.build_face_detector("auto", tmp_path), faces.DlibFaceDetector)
     pack = tmp_path / "antelopev2"
     pack.mkdir()
     (pack / "scrfd_10g_bnkps.onnx").write_bytes(b"not an onnx model")
-    assert arcface.find_detector_pack(tmp_path) == "antelopev2"
+    assert faces.find_detector_pack(tmp_path) == "antelopev2"
     with pytest.raises(ValueError, match="scrfd_10g_bnkps.onnx"):
-        arcface.build_face_detector("auto", tmp_path)
+        faces.build_face_detector("auto", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,13 +558,13 @@ def test_embed_face_images_marks_images_without_faces(dlib_detector, r18_encoder
     canvas = tom_hanks_canvas()[0]
     blank = np.full((120, 150, 3), 200, dtype=np.uint8)
     group = rgb("t1.jpg")
-    embeddings, found = arcface.embed_face_images(
+    embeddings, found = datasets.annotate_images(
         [canvas, blank, group], dlib_detector, r18_encoder, batch_size=1
     )  # batch_size 1: the two faces go through separate batches
     assert embeddings.shape == (3, 512) and embeddings.dtype == np.float32
     assert found.tolist() == [True, False, True]
     assert not embeddings[1].any()
-    crops = [arcface.align_face(im, dlib_detector.detect_landmarks(im)) for im in (canvas, group)]
+    crops = [faces.align_face(im, dlib_detector.detect_landmarks(im)) for im in (canvas, group)]
     with torch.no_grad():
         expected = r18_encoder.embed(arcface.images_to_arcface_input(np.stack(crops))).numpy()
     np.testing.assert_allclose(embeddings[[0, 2]], expected, atol=1e-5)

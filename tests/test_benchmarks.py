@@ -3,6 +3,7 @@
 import importlib.util
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 
@@ -15,6 +16,7 @@ def load_benchmark(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_times_both_recipes(tmp_path, capsys):
     bench = load_benchmark("bench_train_step")
     result = bench.main(

@@ -86,6 +86,7 @@ def test_training_base_model_without_weights_is_named(tmp_path, tiny_base):
     assert "unet/ weights" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_training_identity_without_a_face_is_one_error_line(tmp_path, tiny_base):
     import torch
 

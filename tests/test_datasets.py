@@ -22,13 +22,7 @@ from scipy import ndimage
 from torch.utils.data import DataLoader
 
 import datasets
-from arcface import (
-    ARCFACE_DST,
-    DlibFaceDetector,
-    FaceDetector,
-    align_face,
-    images_to_arcface_input,
-)
+from arcface import images_to_arcface_input
 from datasets import (
     SKIP_NO_FACE,
     SKIP_NOT_IMAGE,
@@ -44,6 +38,7 @@ from datasets import (
     load_rgb_image,
     resize_and_crop,
 )
+from faces import ARCFACE_DST, DlibFaceDetector, FaceDetector, align_face
 
 INSIGHTFACE_IMAGES = Path(insightface.__file__).parent / "data" / "images"
 DOT_RADIUS = 4

@@ -199,9 +199,11 @@ def test_arcface_embedder_path_matches_direct_embedding(data, tmp_path, monkeypa
     import torch
 
     import arcface
+    import datasets
+    import faces
 
-    detector = arcface.build_face_detector("dlib")
-    monkeypatch.setattr(arcface, "build_face_detector", lambda *args, **kwargs: detector)
+    detector = faces.build_face_detector("dlib")
+    monkeypatch.setattr(faces, "build_face_detector", lambda *args, **kwargs: detector)
     torch.manual_seed(0)
     weights = tmp_path / "r18.pth"
     torch.save(arcface.build_iresnet("r18").state_dict(), weights)
@@ -222,7 +224,7 @@ def test_arcface_embedder_path_matches_direct_embedding(data, tmp_path, monkeypa
 
     image_set = load_image_set("B", data["genB"])
     images = [np.asarray(Image.open(p).convert("RGB")) for p in image_set.paths]
-    embeddings, found = arcface.embed_face_images(images, detector, arcface.load_arcface(weights))
+    embeddings, found = datasets.annotate_images(images, detector, arcface.load_arcface(weights))
     assert found.all()
     genuine, impostor = metrics.within_set_scores(embeddings, image_set.identities)
     expected = metrics.verification_metrics(genuine, impostor)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from losses import (
+    cosine_identity_loss,
     diffusion_target,
-    identity_loss,
     predict_x0,
     prior_preservation_loss,
     timestep_weight,
@@ -98,10 +98,12 @@ def test_triplet_mixed_active_and_inactive_samples() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_identity_loss_is_one_minus_cosine(seed: int) -> None:
     anchor, positive, _ = _embeddings(seed)
-    ours = identity_loss(anchor, positive)
+    ours = cosine_identity_loss(anchor, positive)
     torch.testing.assert_close(ours, 1.0 - F.cosine_similarity(anchor, positive), atol=1e-6, rtol=0)
-    torch.testing.assert_close(identity_loss(positive, positive), torch.zeros(8), atol=1e-6, rtol=0)
-    torch.testing.assert_close(identity_loss(positive, -positive), torch.full((8,), 2.0))
+    torch.testing.assert_close(
+        cosine_identity_loss(positive, positive), torch.zeros(8), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(cosine_identity_loss(positive, -positive), torch.full((8,), 2.0))
 
 
 def test_gradients_reach_the_anchor_only() -> None:
@@ -110,7 +112,7 @@ def test_gradients_reach_the_anchor_only() -> None:
     positive.requires_grad_(True)  # even if a caller forgets to detach, no grad flows there
     negative.requires_grad_(True)
     (
-        triplet_identity_loss(anchor, positive, negative) + identity_loss(anchor, positive)
+        triplet_identity_loss(anchor, positive, negative) + cosine_identity_loss(anchor, positive)
     ).sum().backward()
     assert anchor.grad is not None and anchor.grad.abs().sum() > 0
     assert positive.grad is None and negative.grad is None
@@ -132,7 +134,7 @@ def test_embedding_shape_mismatch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="embeddings"):
         triplet_identity_loss(anchor, positive[:4], negative)
     with pytest.raises(ValueError, match="embeddings"):
-        identity_loss(anchor[0], positive[0])
+        cosine_identity_loss(anchor[0], positive[0])
 
 
 def _noise_setup(seed: int, batch: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -69,6 +69,7 @@ def run_notebook(name: str, env: dict[str, str], monkeypatch) -> str:
     return "\n".join(texts)
 
 
+@pytest.mark.slow
 def test_identity_notebook_runs_on_real_faces(notebook_env, monkeypatch):
     output = run_notebook("identity_analysis.ipynb", notebook_env, monkeypatch)
     assert "embedder: dlib-resnet128-hog5" in output
@@ -77,6 +78,7 @@ def test_identity_notebook_runs_on_real_faces(notebook_env, monkeypatch):
     assert output.count("data:image/png;base64,") == 9  # hist / ROC / DET x 3 comparisons
 
 
+@pytest.mark.slow
 def test_diversity_fidelity_notebook_runs(notebook_env, monkeypatch):
     output = run_notebook("diversity_fidelity.ipynb", notebook_env, monkeypatch)
     assert "feature model: dino-" in output

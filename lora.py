@@ -1,0 +1,199 @@
+"""LoRA adapters of the UNet in diffusers' file format: create, save, load, check.
+
+A trained identity is one `pytorch_lora_weights.safetensors` that
+`StableDiffusionPipeline.load_lora_weights(folder)` reads. Files are written atomically and
+with a canonical safetensors header, so equal weights give equal bytes (safetensors writes
+its metadata in the random order of a Rust hash map otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fileio import atomic_write_bytes, atomic_write_text, publish
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+# Suffixes of the LoRA matrices in the naming schemes diffusers writes -> down (A) / up (B).
+_LORA_SUFFIXES = {
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+}
+
+
+def lora_target_modules(unet: torch.nn.Module) -> list[str]:
+    """LORA_TARGET_MODULES that exist in this UNet (add_k/v_proj only in added-KV attention)."""
+    names = [name for name, _ in unet.named_modules()]
+    return [
+        target
+        for target in LORA_TARGET_MODULES
+        if any(name == target or name.endswith("." + target) for name in names)
+    ]
+
+
+def add_gaussian_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int) -> None:
+    """A fresh peft adapter (A ~ N(0, 1/r), B = 0) on the targeted layers; initialised on the
+    CPU RNG under `seed`, so an identity starts from the same LoRA on any device or process."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights="gaussian",
+        target_modules=lora_target_modules(unet),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights with diffusers key names (unet prefix added on save)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def lora_adapter_metadata(unet: torch.nn.Module) -> dict[str, Any]:
+    """The adapter's LoraConfig as a dict, sets sorted so that equal LoRAs give equal files."""
+    config = unet.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+
+
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys (same tensors, same offsets)."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    atomic_write_bytes(path, struct.pack("<Q", len(text)) + text + data[8 + length :])
+
+
+def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
+    """Write folder/pytorch_lora_weights.safetensors atomically (load_lora_weights reads it)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as temp_dir:
+        StableDiffusionPipeline.save_lora_weights(
+            temp_dir,
+            unet_lora_layers=lora_state_dict(unet),
+            unet_lora_adapter_metadata=lora_adapter_metadata(unet),
+            safe_serialization=True,
+        )
+        canonical_safetensors(Path(temp_dir) / LORA_WEIGHTS_NAME)
+        publish(Path(temp_dir) / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)
+    return folder / LORA_WEIGHTS_NAME
+
+
+def load_lora_into(unet: torch.nn.Module, folder: Path) -> None:
+    """Copy the LoRA weights saved in folder into the UNet's adapter (strict on LoRA keys)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
+    unet_state = {
+        key[len("unet.") :]: value for key, value in state.items() if key.startswith("unet.")
+    }
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), "default")
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected or not unet_state:
+        raise ValueError(
+            f"{folder / LORA_WEIGHTS_NAME} does not match this UNet's LoRA "
+            f"({len(unet_state)} keys, unexpected: {unexpected[:4]}); was it trained with "
+            "another base model or --rank?"
+        )
+
+
+def lora_mismatches(lora_file: Path, components: dict[str, Any]) -> tuple[int, list[str]]:
+    """(#tensors checked, problems) for a LoRA file against the base model's layers.
+
+    Reads only the safetensors header. A down matrix is (r, in[, k, k]) and must match the
+    layer's input width; an up matrix is (out, r[, 1, 1]) and must match its output width.
+    """
+    from safetensors import safe_open
+
+    checked, problems = 0, []
+    with safe_open(str(lora_file), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+            prefix, _, rest = key.partition(".")
+            suffix = next((s for s in _LORA_SUFFIXES if rest.endswith(s)), None)
+            if prefix not in components or suffix is None:
+                continue  # another naming scheme: left to diffusers' loader
+            checked += 1
+            shape = tuple(handle.get_slice(key).get_shape())
+            problem = _layer_mismatch(
+                components[prefix], rest[: -len(suffix)], _LORA_SUFFIXES[suffix], shape
+            )
+            if problem:
+                problems.append(f"{prefix}.{problem}")
+    return checked, problems
+
+
+def _layer_mismatch(component: Any, module_path: str, kind: str, shape: tuple) -> str | None:
+    """Why a LoRA matrix of `shape` does not fit `component.<module_path>`, or None."""
+    try:
+        layer = component.get_submodule(module_path)
+    except AttributeError:
+        return f"{module_path}: no such layer in the base model"
+    widths = (
+        getattr(layer, "in_features", getattr(layer, "in_channels", None)),
+        getattr(layer, "out_features", getattr(layer, "out_channels", None)),
+    )
+    if kind == "down" and len(shape) >= 2 and shape[1] != widths[0]:
+        return f"{module_path}: LoRA input width {shape[1]} vs layer input {widths[0]}"
+    if kind == "up" and len(shape) >= 1 and shape[0] != widths[1]:
+        return f"{module_path}: LoRA output width {shape[0]} vs layer output {widths[1]}"
+    return None
+
+
+MODEL_CARD = """---
+base_model: {base}
+instance_prompt: {instance_prompt}
+tags:
+- stable-diffusion
+- text-to-image
+- diffusers
+- lora
+- id-booth
+---
+
+# ID-Booth LoRA: {identity}
+
+LoRA weights (rank {rank}, alpha {alpha}) for `{base}`, trained on the photos of one identity with
+the `{loss}` loss (ID-Booth: DreamBooth prior preservation + triplet identity loss) for {steps}
+steps. Data: {data}.
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("path/to/this/folder")
+image = pipe("face portrait photo of sks person, forest background").images[0]
+```
+
+Validation prompt: `{validation_prompt}`
+
+{images}
+
+Training arguments, resolved settings and library versions: `training_config.json`.
+"""
+
+
+def write_model_card(folder: Path, validation_images: list[Path], **fields: Any) -> None:
+    """folder/README.md: what the LoRA is and how to load it (MODEL_CARD filled with fields)."""
+    images = "\n".join(f"![{p.stem}](validation/{p.name})" for p in validation_images)
+    atomic_write_text(folder / "README.md", MODEL_CARD.format(images=images or "(none)", **fields))

@@ -1,0 +1,497 @@
+"""Run plumbing shared by every script: command-line entry, logging, processes, precision,
+identity folders, checkpoints, run configs and resume checks.
+
+Each script reads top to bottom as parse -> validate -> build -> loop -> save; what they all
+need around that (one error line instead of a traceback, one logging format, one way to find
+`ROOT/<identity>/` folders, one checkpoint layout, one precision rule, the library versions in
+every config) lives here, so the scripts cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fileio import atomic_folder, remove_stale_temps
+
+logger = logging.getLogger("runs")
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# Long enough for the last barrier of a resumed multi-process run, where one process may have
+# hours more work than another (torch's default of 10-30 min would kill the finished one).
+BARRIER_TIMEOUT = datetime.timedelta(hours=72)
+MODEL_COMPONENTS = {  # subfolder of a diffusers SD pipeline folder -> a file it must hold
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": None,
+    "scheduler": "scheduler_config.json",
+}
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
+INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process ended by Ctrl-C (SIGINT)
+
+
+# The paper's negative prompt for generation (and training's validation images).
+PAPER_NEGATIVE_PROMPT = (
+    "cartoon, cgi, render, illustration, painting, drawing, black and white, "
+    "bad body proportions, landscape"
+)
+
+
+# ============================================================================ entry and logging
+
+
+def run_cli(
+    program: str,
+    parse_args: Callable[[], argparse.Namespace],
+    main: Callable[[argparse.Namespace], Any],
+    exit_code: Callable[[Any], int] | None = None,
+    errors: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Run a script's main; bad input (ValueError, OSError, `errors`) ends in one
+    `program: error: message` line, Ctrl-C in one line and exit code 130, never a traceback."""
+    try:
+        result = main(parse_args())
+    except KeyboardInterrupt:
+        print(
+            f"{program}: interrupted; finished outputs are kept, re-run to resume", file=sys.stderr
+        )
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    except (ValueError, OSError, *errors) as error:
+        raise SystemExit(f"{program}: error: {error}") from None
+    raise SystemExit(exit_code(result) if exit_code is not None else 0)
+
+
+def setup_logging(state: Any = None) -> None:
+    """INFO logs `time [rank i/n] LEVEL message` (no rank without a process state), unless the
+    host program (e.g. pytest) already configured logging."""
+    if logging.getLogger().handlers:
+        return
+    rank = "" if state is None else f"[rank {state.process_index}/{state.num_processes}] "
+    logging.basicConfig(format=f"%(asctime)s {rank}%(levelname)s %(message)s", level=logging.INFO)
+
+
+def process_state() -> Any:
+    """accelerate's PartialState; cpu=True without CUDA so torchrun on CPU uses gloo."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+
+
+def resolve_mixed_precision(requested: str, device_type: str) -> str:
+    """The precision a run uses: fp16 needs a GPU, so on other devices it falls back to full
+    precision with a warning; bf16 and 'no' run anywhere."""
+    if requested not in MIXED_PRECISIONS:
+        raise ValueError(f"unknown mixed precision {requested!r}; options: {MIXED_PRECISIONS}")
+    if requested == "fp16" and device_type != "cuda":
+        logger.warning("--mixed_precision fp16 needs a GPU; running in float32 on %s", device_type)
+        return "no"
+    return requested
+
+
+# ============================================================================ configs
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries a run depends on (and the GPU, if any)."""
+    import accelerate
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "peft": peft.__version__,
+        "numpy": np.__version__,
+    }
+    if torch.cuda.is_available():
+        versions["cuda"] = str(torch.version.cuda)
+        versions["gpu"] = torch.cuda.get_device_name()
+    return versions
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-serialisable copy: Namespaces and mappings to dicts, tuples/arrays to lists, numpy
+    scalars to Python, paths to strings, non-finite floats to 'nan' / 'inf' / '-inf'."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+MISSING = "<not set>"  # how a setting absent from one of two configs is shown
+
+
+def config_mismatches(
+    saved: Mapping[str, Any], current: Mapping[str, Any], may_change: Collection[str], label=""
+) -> list[str]:
+    """'label key: saved -> current' for every key of either config that is not in may_change
+    and differs, a key missing on one side included: settings nobody listed must match."""
+    keys = sorted((set(saved) | set(current)) - set(may_change))
+    return [
+        f"{label}{key}: {saved.get(key, MISSING)!r} -> {current.get(key, MISSING)!r}"
+        for key in keys
+        if saved.get(key, MISSING) != current.get(key, MISSING)
+    ]
+
+
+# ============================================================================ identity folders
+
+
+def identity_folders(root: Path) -> list[Path]:
+    """Sorted identity folders `ROOT/<identity>/`: every subfolder not hidden (caches, temps)."""
+    return sorted(
+        path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")
+    )
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One identity of a run: its name, the folder it is made from, the folder it writes."""
+
+    name: str
+    instance_dir: Path
+    output_dir: Path
+
+
+def identity_runs(single: Path | None, root: Path | None, output_dir: Path) -> list[Identity]:
+    """One identity (`single` -> output_dir) or every identity folder of `root`
+    (ROOT/<identity> -> output_dir/<identity>); ValueError when root holds none."""
+    if single is not None:
+        return [Identity(single.resolve().name, single, output_dir)]
+    folders = identity_folders(root)
+    if not folders:
+        raise ValueError(f"{root} holds no identity folders; put one folder per identity there")
+    return [Identity(path.name, path, output_dir / path.name) for path in folders]
+
+
+def remove_stale_temporaries(folder: Path, prefixes: tuple[str, ...] = ()) -> None:
+    """Delete what killed writers left in `folder`: fileio temps and folders named prefix*."""
+    remove_stale_temps(folder)
+    for path in folder.glob(".*"):
+        if path.is_dir() and path.name.startswith(prefixes):
+            shutil.rmtree(path)
+
+
+def delete_outputs(folder: Path, files: Iterable[str], folders: Iterable[str | Path]) -> None:
+    """Delete the named files and folders of an earlier run in `folder` (e.g. --overwrite)."""
+    for name in files:
+        (folder / name).unlink(missing_ok=True)
+    for name in folders:
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name)
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """Create the folder and prove it is writable (ValueError with the fix if not)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(
+            f"{flag} {folder} is not a writable folder ({error}); choose another path"
+        ) from error
+
+
+# ============================================================================ checkpoints
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def list_checkpoints(folder: Path, required_file: str | None) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoint-N folders (those holding required_file, if given), oldest
+    first."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        complete = path.is_dir() if required_file is None else (path / required_file).is_file()
+        if match and complete:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def write_checkpoint(
+    output_dir: Path,
+    step: int,
+    fill: Callable[[Path], None],
+    required_file: str,
+    keep: int | None = None,
+) -> Path:
+    """Write output_dir/checkpoint-<step>/ atomically (`fill` writes into a temp folder that
+    replaces it when complete), then keep only the newest `keep` checkpoints (None / 0: all)."""
+    folder = output_dir / checkpoint_name(step)
+    with atomic_folder(folder) as temp:
+        fill(temp)
+    if keep:
+        for _, old in list_checkpoints(output_dir, required_file)[:-keep]:
+            shutil.rmtree(old)
+    return folder
+
+
+def find_checkpoint(value: str | None, output_dir: Path, required_file: str) -> Path | None:
+    """The checkpoint a run resumes from: None for a fresh run; 'latest' is the newest complete
+    one in output_dir (None when there is none yet); any other value is that folder itself or
+    output_dir/<value>, FileNotFoundError when neither holds required_file."""
+    if value is None:
+        return None
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir, required_file)
+        if not checkpoints:
+            logger.info("no checkpoint in %s yet; starting a new run", output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    for candidate in (Path(value).expanduser(), output_dir / value):
+        if (candidate / required_file).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"checkpoint {value} not found (looked for {Path(value) / required_file} and "
+        f"{output_dir / value / required_file}); pass an existing checkpoint-N folder or 'latest'"
+    )
+
+
+# ============================================================================ base model
+
+
+def looks_like_path(name: str) -> bool:
+    """True for strings that cannot be a hub id: absolute, ./, ~, or more than one '/'."""
+    return HUB_ID.match(name) is None
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether a component folder holds weights (single file, variant or sharded)."""
+    return any(
+        path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")
+        for path in folder.iterdir()
+    )
+
+
+def check_base_model(name: str) -> None:
+    """FileNotFoundError when a local Stable Diffusion folder is missing or lacks a component;
+    a hub id is left to diffusers (which reads the local cache when offline)."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if looks_like_path(name):
+            raise FileNotFoundError(
+                f"base model folder {path} does not exist; pass a hub id "
+                "(stabilityai/stable-diffusion-2-1-base) or a folder saved with save_pretrained"
+            )
+        return
+    missing = [
+        f"{folder}/{required or ''}"
+        for folder, required in MODEL_COMPONENTS.items()
+        if not (path / folder / (required or "")).exists()
+    ]
+    missing += [
+        f"{folder}/ weights (*.safetensors or *.bin)"
+        for folder in WEIGHTED_COMPONENTS
+        if (path / folder).is_dir() and not _has_weights(path / folder)
+    ]
+    if not (path / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if missing:
+        raise FileNotFoundError(
+            f"base model folder {path} is incomplete: missing {', '.join(missing)}; save the "
+            "whole pipeline with StableDiffusionPipeline.save_pretrained (or download all of it)"
+        )
+
+
+def format_list(items: Iterable[str], limit: int = 8) -> str:
+    """The first `limit` items joined by ', ', plus how many more there are."""
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ============================================================================ device-side watches
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; training stopped before saving anything from that state."""
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first step whose named values held NaN/inf.
+
+    Updating costs a few tiny device ops and no sync; check() reads it (one sync) and is called
+    at log intervals, before every checkpoint and before the final save, so a bad state is never
+    saved and the step number reported is exact.
+    """
+
+    def __init__(self, names: tuple[str, ...], device: Any) -> None:
+        import torch
+
+        self.names = names
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad = torch.zeros(len(names), dtype=torch.bool, device=device)
+
+    def update(self, values: Any, step: int) -> None:
+        """values: (len(names),) tensor of one micro-batch at optimizer step `step`."""
+        import torch
+
+        bad = ~torch.isfinite(values)
+        first = bad.any() & (self.first_step < 0)
+        self.first_step = torch.where(
+            first, torch.full_like(self.first_step, step), self.first_step
+        )
+        self.bad = torch.where(first, bad, self.bad)
+
+    def check(self, where: str) -> None:
+        """Raise NonFiniteLossError naming the step and the offending values."""
+        step = int(self.first_step.item())
+        if step < 0:
+            return
+        names = [name for name, bad in zip(self.names, self.bad.tolist(), strict=True) if bad]
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (terms: {', '.join(names)}); training stopped "
+            f"before saving; {where}. Try a lower --learning_rate or --mixed_precision bf16/no, "
+            "and check the training photos"
+        )
+
+
+class RunningMeans:
+    """Sums per-step value vectors on the device; the host reads them only on pop().
+
+    `per_sample` values are averaged over the samples counted by the `count` value (a step
+    without any such sample does not pull their mean towards 0); the others over steps.
+    """
+
+    def __init__(
+        self, names: tuple[str, ...], device: Any, per_sample: tuple[str, ...] = (), count=None
+    ) -> None:
+        import torch
+
+        self.names = names
+        self.per_sample = [names.index(name) for name in per_sample]
+        self.count_index = names.index(count) if count is not None else None
+        self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+        self.sample_sums = torch.zeros(len(per_sample), dtype=torch.float64, device=device)
+        self.steps = 0
+        if self.per_sample:  # index tensors on the device: a list index would sync
+            self._per_sample = torch.tensor(self.per_sample, device=device)
+
+    def add(self, values: Any) -> None:
+        self.sums += values
+        if self.per_sample:
+            self.sample_sums += values[self._per_sample] * values[self.count_index]
+        self.steps += 1
+
+    def pop(self) -> dict[str, float]:
+        """Means since the last pop (one sync), then reset."""
+        means = self.sums / max(self.steps, 1)
+        if self.per_sample:
+            samples = self.sums[self.count_index].clamp_min(1)
+            means[self._per_sample] = self.sample_sums / samples
+        self.sums.zero_()
+        self.sample_sums.zero_()
+        self.steps = 0
+        return dict(zip(self.names, means.tolist(), strict=True))
+
+
+# ============================================================================ numeric flags
+
+
+class Number:
+    """argparse `type` of a numeric flag that also knows which values the flag accepts: finite,
+    within [low, high] (open ends optional), a multiple of `multiple_of`. Parsing only converts;
+    check_numbers checks every flag (defaults included) after parsing, with one message style."""
+
+    def __init__(
+        self,
+        kind: type = float,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+        high_open: bool = False,
+        multiple_of: int | None = None,
+    ) -> None:
+        self.kind, self.low, self.high = kind, low, high
+        self.low_open, self.high_open, self.multiple_of = low_open, high_open, multiple_of
+        self.__name__ = kind.__name__  # argparse names the type in "invalid int value" errors
+
+    def __call__(self, text: str) -> int | float:
+        return self.kind(text)
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is not accepted, or None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        too_low = self.low is not None and (
+            value <= self.low if self.low_open else value < self.low
+        )
+        too_high = self.high is not None and (
+            value >= self.high if self.high_open else value > self.high
+        )
+        if too_low or too_high:
+            return f"must be {self.describe()}"
+        if self.multiple_of and value % self.multiple_of:
+            return f"must be a multiple of {self.multiple_of} and {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        return " and ".join(part for part in (low, high) if part) or "a finite number"
+
+
+POSITIVE_INT = Number(int, low=1)
+NON_NEGATIVE_INT = Number(int, low=0)
+SEED = Number(int, low=0, high=2**63 - 1)
+POSITIVE = Number(float, low=0, low_open=True)
+NON_NEGATIVE = Number(float, low=0)
+FINITE = Number(float)
+PROBABILITY = Number(float, low=0, high=1)
+
+
+def check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """ValueError '--flag must be ..., got v' for the first numeric flag out of its range."""
+    for action in parser._actions:
+        if not isinstance(action.type, Number):
+            continue
+        value = getattr(args, action.dest)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            problem = None if item is None else action.type.problem(item)
+            if problem:
+                raise ValueError(f"--{action.dest} {problem}, got {item}")
+
+
+def unchecked_numeric_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Flags parsed as plain int / float, i.e. without a Number range (tests forbid them)."""
+    return [action.dest for action in parser._actions if action.type in (int, float)]

@@ -1,0 +1,146 @@
+"""runs.py: the plumbing every script shares (CLI errors, configs, checkpoints, numbers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runs
+
+
+def test_hub_ids_pass_and_fp16_falls_back_on_cpu():
+    assert not runs.looks_like_path("stabilityai/stable-diffusion-2-1-base")
+    for path in ("./sd", "/models/sd", "~/sd", "models/sd/v2"):
+        assert runs.looks_like_path(path), path
+    assert runs.resolve_mixed_precision("fp16", "cpu") == "no"
+    assert runs.resolve_mixed_precision("bf16", "cpu") == "bf16"
+    assert runs.resolve_mixed_precision("fp16", "cuda") == "fp16"
+    with pytest.raises(ValueError, match="unknown mixed precision"):
+        runs.resolve_mixed_precision("fp8", "cpu")
+
+
+def test_config_mismatches_compare_everything_not_listed_as_changeable():
+    saved = {"lr": 0.1, "out": "a", "old_flag": 1}
+    current = {"lr": 0.2, "out": "b", "new_flag": 3}
+    changed = runs.config_mismatches(saved, current, may_change={"out"})
+    assert changed == [
+        "lr: 0.1 -> 0.2",
+        f"new_flag: {runs.MISSING!r} -> 3",
+        f"old_flag: 1 -> {runs.MISSING!r}",
+    ]
+    assert runs.config_mismatches(saved, dict(saved), ()) == []
+
+
+def test_json_safe_makes_every_value_serialisable():
+    value = {
+        "path": Path("/a/b"),
+        "array": np.arange(3, dtype=np.int64),
+        "scalar": np.float32(0.5),
+        "tuple": (1, 2),
+        "nan": float("nan"),
+        "inf": -math.inf,
+        "namespace": argparse.Namespace(x=Path("c")),
+    }
+    text = json.dumps(runs.json_safe(value), allow_nan=False)
+    assert json.loads(text) == {
+        "path": "/a/b",
+        "array": [0, 1, 2],
+        "scalar": 0.5,
+        "tuple": [1, 2],
+        "nan": "nan",
+        "inf": "-inf",
+        "namespace": {"x": "c"},
+    }
+
+
+def test_numbers_reject_non_finite_and_out_of_range_values():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=runs.POSITIVE_INT, default=1)
+    parser.add_argument("--scale", type=runs.NON_NEGATIVE, default=1.0)
+    parser.add_argument("--size", type=runs.Number(int, low=8, multiple_of=8), default=64)
+    parser.add_argument("--beta", type=runs.Number(float, 0, 1, high_open=True), default=0.9)
+    parser.add_argument("--targets", type=runs.PROBABILITY, nargs="+", default=[0.1])
+    assert runs.unchecked_numeric_flags(parser) == []
+    cases = {
+        ("--steps", "0"): "--steps must be >= 1, got 0",
+        ("--scale", "nan"): "--scale must be a finite number, got nan",
+        ("--scale", "-inf"): "--scale must be a finite number",
+        ("--scale", "-0.5"): "--scale must be >= 0",
+        ("--size", "60"): "--size must be a multiple of 8",
+        ("--beta", "1"): "--beta must be >= 0 and < 1",
+        ("--targets", "0.5", "2"): "--targets must be >= 0 and <= 1, got 2.0",
+    }
+    for (flag, *values), message in cases.items():
+        argv = [f"{flag}={values[0]}"] if len(values) == 1 else [flag, *values]
+        args = parser.parse_args(argv)
+        with pytest.raises(ValueError, match=message):
+            runs.check_numbers(args, parser)
+    runs.check_numbers(parser.parse_args([]), parser)  # defaults are fine
+    parser.add_argument("--unchecked", type=float, default=0.0)
+    assert runs.unchecked_numeric_flags(parser) == ["unchecked"]
+
+
+def test_checkpoints_are_listed_by_step_and_pruned_to_the_limit(tmp_path):
+    for step in (10, 2, 30):
+        runs.write_checkpoint(
+            tmp_path, step, lambda temp: (temp / "state.pt").write_text("x"), "state.pt", keep=2
+        )
+    (tmp_path / "checkpoint-99").mkdir()  # incomplete: no state file
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [step for step, _ in runs.list_checkpoints(tmp_path, "state.pt")] == [10, 30]
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_identity_folders_skip_hidden_folders_and_files(tmp_path):
+    for name in ("b", "a", ".cache"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("not an identity")
+    assert [path.name for path in runs.identity_folders(tmp_path)] == ["a", "b"]
+    identities = runs.identity_runs(None, tmp_path, tmp_path / "out")
+    assert [(i.name, i.output_dir.name) for i in identities] == [("a", "a"), ("b", "b")]
+    with pytest.raises(ValueError, match="holds no identity folders"):
+        runs.identity_runs(None, tmp_path / "a", tmp_path / "out")
+
+
+SCRIPT = """
+import sys
+import runs
+
+def main(args):
+    if args == "value": raise ValueError("bad value given")
+    if args == "interrupt": raise KeyboardInterrupt
+    return 3
+
+runs.run_cli("prog.py", lambda: sys.argv[1], main, exit_code=lambda result: result)
+"""
+
+
+@pytest.mark.parametrize(
+    "argument, code, last_line",
+    [
+        ("value", 1, "prog.py: error: bad value given"),
+        ("interrupt", 130, "prog.py: interrupted"),
+        ("ok", 3, None),
+    ],
+)
+def test_run_cli_ends_in_one_line_and_the_right_exit_code(tmp_path, argument, code, last_line):
+    script = tmp_path / "prog.py"
+    script.write_text(SCRIPT)
+    repo = Path(runs.__file__).parent
+    result = subprocess.run(
+        [sys.executable, str(script), argument],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(repo)},
+    )
+    assert result.returncode == code
+    assert "Traceback" not in result.stderr
+    if last_line is not None:
+        assert result.stderr.strip().splitlines()[-1].startswith(last_line)
