@@ -664,7 +664,7 @@ class DreamBoothFaceDataset(Dataset):
     triplet term that would use it as the negative. With neither (plain DreamBooth) every
     readable photo is used and items carry no `*_embedding` / `*_landmarks` / `*_has_face`.
     With a `seed`, item i of epoch e (set_epoch) crops with a
-    generator seeded stable_seed(stable_seed(seed, "crop", e), i) (little-endian), so crops are a
+    generator seeded stable_seed(seed, "crop", e, i), so crops are a
     function of position (a resumed run crops like an uninterrupted one); without one they come
     from torch's global RNG.
     """
@@ -741,8 +741,7 @@ class DreamBoothFaceDataset(Dataset):
         """CPU generator of item `index` in this epoch, or None (global RNG) without a seed."""
         if self.seed is None:
             return None
-        epoch_seed = stable_seed(self.seed, "crop", self.epoch, byteorder="little")
-        return torch.Generator().manual_seed(stable_seed(epoch_seed, index, byteorder="little"))
+        return torch.Generator().manual_seed(stable_seed(self.seed, "crop", self.epoch, index))
 
     def _sample(
         self, photos: _PhotoSet, index: int, prefix: str, generator: torch.Generator | None

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 TEMP_SUFFIX = ".tmp"
 PNG_METADATA_KEY = "id_booth"  # PNG text chunk holding a generated image's metadata record
@@ -158,10 +158,11 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def stable_seed(*parts: object, byteorder: Literal["big", "little"] = "big") -> int:
-    """int(sha256('/'.join(map(str, parts)))[:8], byteorder) mod 2**63: seed from position."""
+def stable_seed(*parts: object) -> int:
+    """The project's one seed derivation: int(sha256('/'.join(map(str, parts)))[:8], big-endian)
+    mod 2**63, so every random stream is a function of its position, never of a shared RNG."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], byteorder) % 2**63
+    return int.from_bytes(digest[:8], "big") % 2**63
 
 
 def encode_png_with_record(image: Any, record: dict) -> bytes:

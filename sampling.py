@@ -70,7 +70,7 @@ def validate_template(template: str, flag: str = "template") -> None:
 
 def image_seed(base_seed: int, identity: str, index: int) -> int:
     """Per-image seed: first 8 bytes of sha256('base_seed/identity/index') mod 2**63."""
-    return stable_seed(base_seed, identity, index, byteorder="big")
+    return stable_seed(base_seed, identity, index)
 
 
 def prompt_choices(
@@ -86,7 +86,7 @@ def background_block(
     base_seed: int, identity: str, block: int, backgrounds: Sequence[str]
 ) -> list[str]:
     """Block b's order: random.Random(sha256('base_seed/identity/backgrounds/b')).shuffle(list)."""
-    block_seed = stable_seed(base_seed, identity, "backgrounds", block, byteorder="big")
+    block_seed = stable_seed(base_seed, identity, "backgrounds", block)
     order = list(backgrounds)
     random.Random(block_seed).shuffle(order)
     return order

@@ -482,11 +482,6 @@ def validate_args(args: argparse.Namespace) -> None:
 # ============================================================================ small utilities
 
 
-def derive_seed(*parts: object) -> int:
-    """Training's stable 63-bit seed of any parts (fileio.stable_seed, little-endian)."""
-    return stable_seed(*parts, byteorder="little")
-
-
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """(step, path) of an identity's complete checkpoint-N folders, oldest first."""
     return runs.list_checkpoints(folder, TRAINING_STATE_NAME)
@@ -627,7 +622,7 @@ def load_unet_with_lora(args: argparse.Namespace, device: torch.device, mixed_pr
         args.pretrained_model_name_or_path, subfolder="unet", **_hub_kwargs(args)
     )
     unet.requires_grad_(False)
-    add_gaussian_lora(unet, args.rank, args.lora_alpha, derive_seed(args.seed, "lora-init"))
+    add_gaussian_lora(unet, args.rank, args.lora_alpha, stable_seed(args.seed, "lora-init"))
     place(unet, device, WEIGHT_DTYPES[mixed_precision])
     cast_training_params(unet, dtype=torch.float32)  # fp16 grads cannot be unscaled
     if args.gradient_checkpointing:
@@ -998,7 +993,7 @@ class IdentityTrainer:
         ]
         images = sample_one_by_one(
             assemble_pipeline(frozen, self.unet),
-            [derive_seed(args.seed, "validation", index) for index in range(len(paths))],
+            [stable_seed(args.seed, "validation", index) for index in range(len(paths))],
             paths,
             frozen.autocast,
             prompt=args.validation_prompt,
@@ -1066,7 +1061,7 @@ class IdentityTrainer:
         epoch and position (resume = skipping batches, nothing to replay)."""
         order = torch.randperm(
             len(self.dataset),
-            generator=torch.Generator().manual_seed(derive_seed(self.args.seed, "order", epoch)),
+            generator=torch.Generator().manual_seed(stable_seed(self.args.seed, "order", epoch)),
         ).tolist()
         size = self.args.train_batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)][start_batch:]
@@ -1083,7 +1078,7 @@ class IdentityTrainer:
         accumulation = self.args.gradient_accumulation_steps
         start_batch = (self.global_step - epoch * self.updates_per_epoch) * accumulation
         for batch_index, batch in enumerate(self._loader(epoch, start_batch), start=start_batch):
-            self.forward_backward(batch, derive_seed(self.args.seed, "noise", epoch, batch_index))
+            self.forward_backward(batch, stable_seed(self.args.seed, "noise", epoch, batch_index))
             last_of_epoch = batch_index == self.batches_per_epoch - 1
             if (batch_index + 1) % accumulation and not last_of_epoch:
                 continue
@@ -1227,7 +1222,7 @@ def prepare_class_data(args: argparse.Namespace, state, face_tools: FaceTools | 
         args.class_data_dir,
         args.num_class_images,
         args.class_prompt,
-        partial(derive_seed, args.seed, "class"),
+        partial(stable_seed, args.seed, "class"),
         state,
         args.sample_batch_size,
         height=args.resolution,

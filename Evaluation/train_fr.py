@@ -47,7 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shared modules a
 
 import runs  # noqa: E402
 from faces import FACE_DETECTOR_NAMES  # noqa: E402
-from fileio import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps  # noqa: E402
+from fileio import (  # noqa: E402
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temps,
+    stable_seed,
+)
 from margin_heads import MARGIN_HEADS, MarginHead, build_margin_head  # noqa: E402
 
 logger = logging.getLogger("train_fr")
@@ -283,7 +289,7 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Order and flips of an epoch depend only on (seed, epoch)."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "epoch", epoch))
         self.order = torch.randperm(len(self.labels), generator=generator)
         self.flips = torch.rand(len(self.labels), generator=generator) < 0.5
 

@@ -660,13 +660,11 @@ def test_plain_dreambooth_uses_every_readable_photo_and_counts_skips(tmp_path, c
 
 
 def reference_seeded_item(dataset, seed: int, epoch: int, index: int) -> dict:
-    """What the trainer's former SeededItems wrapper gave: the global RNG seeded from
-    (seed, epoch, index) by the sha256 formula, then the instance crop and the class crop."""
-    digest = hashlib.sha256(f"{seed}/crop/{epoch}".encode()).digest()
-    epoch_seed = int.from_bytes(digest[:8], "little") % 2**63
-    digest = hashlib.sha256(f"{epoch_seed}/{index}".encode()).digest()
+    """The global RNG seeded from (seed, "crop", epoch, index) by the sha256 formula, then the
+    instance crop and the class crop."""
+    digest = hashlib.sha256(f"{seed}/crop/{epoch}/{index}".encode()).digest()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+        torch.manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
         item = {}
         for photos, prefix in ((dataset.instance, "instance"), (dataset.classes, "class")):
             row = index % len(photos.paths)

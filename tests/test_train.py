@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import fileio
 import losses
 import sampling
 
@@ -585,10 +586,10 @@ def test_an_update_changes_only_lora_and_the_saved_lora_reproduces_it(step_parts
 def expected_identity_samples(steps: int, num_items: int, faceless_class_rows: set) -> list:
     """Cumulative count of instance samples with the triplet term after each step (batch 1):
     item i pairs with class row i % num_items; the trainer's epoch order is randperm seeded by
-    derive_seed(0, "order", epoch)."""
+    stable_seed(0, "order", epoch)."""
     counts, total, epoch = [], 0, 0
     while len(counts) < steps:
-        generator = torch.Generator().manual_seed(train.derive_seed(0, "order", epoch))
+        generator = torch.Generator().manual_seed(fileio.stable_seed(0, "order", epoch))
         for item in torch.randperm(num_items, generator=generator).tolist()[: steps - len(counts)]:
             total += item % num_items not in faceless_class_rows
             counts.append(total)
