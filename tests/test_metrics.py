@@ -122,6 +122,15 @@ def test_eer_and_auc_property_on_heavily_tied_scores(genuine, impostor):
     assert result["eer"] == pytest.approx(reference_eer(genuine, impostor), abs=1e-9)
 
 
+def test_auc_does_not_need_numpy_2(monkeypatch):
+    # requirements.txt allows numpy 1.26, which has no np.trapezoid: simulate it.
+    monkeypatch.delattr(np, "trapezoid", raising=False)
+    genuine, impostor = SCORE_SETS["gaussian"]
+    labels = np.r_[np.ones(len(genuine)), np.zeros(len(impostor))]
+    expected = roc_auc_score(labels, np.r_[genuine, impostor])
+    assert metrics.verification_metrics(genuine, impostor)["auc"] == pytest.approx(expected)
+
+
 def test_eer_hand_computed_values():
     separated = metrics.verification_metrics([0.9, 0.8], [0.2, 0.1])
     assert separated["eer"] == 0.0 and separated["auc"] == 1.0
