@@ -8,6 +8,7 @@ import statistics
 
 import numpy as np
 import pytest
+import reference_prdc
 import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -354,29 +355,61 @@ def test_prdc_hand_made_k5():
     assert far["precision"] == far["density"] == far["coverage"] == far["recall"] == 0.0
 
 
-def test_prdc_matches_brute_force_on_random_sets_and_chunking():
-    rng = np.random.default_rng(8)
-    real, fake = rng.normal(size=(40, 3)), rng.normal(0.4, 1.2, size=(35, 3))
-    k = 5
+def brute_force_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
+    """PRDC from the definitions, each distance ||a - b|| computed from the pair alone."""
 
     def radius(points, i):
         return sorted(np.linalg.norm(points - points[i], axis=1))[k]
 
-    r_real = [radius(real, i) for i in range(40)]
-    r_fake = [radius(fake, j) for j in range(35)]
-    d = np.linalg.norm(real[:, None] - fake[None], axis=2)
-    expected = {
-        "precision": np.mean([any(d[i, j] < r_real[i] for i in range(40)) for j in range(35)]),
-        "recall": np.mean([any(d[i, j] < r_fake[j] for j in range(35)) for i in range(40)]),
-        "density": sum(d[i, j] < r_real[i] for i in range(40) for j in range(35)) / (k * 35),
-        "coverage": np.mean([d[i].min() < r_real[i] for i in range(40)]),
+    r_real = [radius(real, i) for i in range(len(real))]
+    r_fake = [radius(fake, j) for j in range(len(fake))]
+    d = np.linalg.norm(real[:, None] - fake[None], axis=2)  # (N_r, N_f)
+    rows, columns = range(len(real)), range(len(fake))
+    return {
+        "precision": np.mean([any(d[i, j] < r_real[i] for i in rows) for j in columns]),
+        "recall": np.mean([any(d[i, j] < r_fake[j] for j in columns) for i in rows]),
+        "density": sum(d[i, j] < r_real[i] for i in rows for j in columns) / (k * len(fake)),
+        "coverage": np.mean([d[i].min() < r_real[i] for i in rows]),
     }
+
+
+def test_prdc_matches_brute_force_on_random_sets_and_chunking():
+    rng = np.random.default_rng(8)
+    real, fake = rng.normal(size=(40, 3)), rng.normal(0.4, 1.2, size=(35, 3))
+    expected = brute_force_prdc(real, fake, 5)
+    assert reference_prdc.compute_prdc(real, fake, 5) == pytest.approx(expected)
     for chunk in (7, 2048):
-        result = metrics.prdc(real, fake, k=k, chunk=chunk)
+        result = metrics.prdc(real, fake, k=5, chunk=chunk)
         for key, value in expected.items():
             assert result[key] == pytest.approx(value), key
     with pytest.raises(ValueError, match="more than 5"):
         metrics.prdc(real[:5], fake, k=5)
+
+
+PRDC_ONES = {"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}
+
+
+@pytest.mark.parametrize("dim", [4, 16, 32])
+def test_prdc_of_an_exact_copy_is_exactly_one_as_in_prdc(dim):
+    # A fake that copies a real point lies at exactly that point's real-real distances, so
+    # strict '<' gives k per ball: density 1.0 exactly. The old code read 1.0004-1.0008 here
+    # (real-real and real-fake distances came from differently rounded matrix products).
+    real = np.random.default_rng(1).normal(size=(500, dim))
+    assert reference_prdc.compute_prdc(real, real.copy(), 5) == PRDC_ONES  # what prdc gives
+    permutation = np.random.default_rng(2).permutation(len(real))
+    for fake in (real.copy(), real[::-1].copy(), real[permutation]):  # any order: same values
+        result = metrics.prdc(real, fake, k=5)
+        assert {key: result[key] for key in PRDC_ONES} == PRDC_ONES
+
+
+def test_prdc_with_repeated_points_matches_pairwise_distances():
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=(60, 6))
+    real = np.concatenate([base, base[:4], base[:4]])  # points 0-3 three times: radius 0
+    fake = np.concatenate([base[10:40], rng.normal(size=(25, 6)), base[10:13]])
+    expected = brute_force_prdc(real, fake, 5)
+    result = metrics.prdc(real, fake, k=5, chunk=16)
+    assert {key: result[key] for key in expected} == pytest.approx(expected, abs=1e-15)
 
 
 # ------------------------------------------------------------------ real faces
