@@ -48,7 +48,9 @@ METRIC_DEFINITIONS = {
     "(dgm-eval: 100 subsets of 1000)",
     "prdc": "precision, recall, density, coverage of Naeem et al. 2020 with k nearest "
     "neighbours (Euclidean, strict '<' as in the reference code; float64, and a repeated "
-    "vector is at exactly the same distances as its copy, so duplicates count exactly)",
+    "vector is at exactly the same distances as its copy, so duplicates count exactly), on "
+    "n = min(max_samples, N_real, N_generated) images drawn from EACH set, uniformly without "
+    "replacement with np.random.RandomState(seed), real first (dgm-eval: reduced_n 10000)",
 }
 
 
@@ -561,9 +563,35 @@ def prdc(real: np.ndarray, generated: np.ndarray, k: int = 5, chunk: int = 512) 
     }
 
 
-def subsample_rows(features: np.ndarray, max_rows: int | None, seed: int = 0) -> np.ndarray:
-    """At most max_rows rows, chosen uniformly without replacement with a fixed seed."""
-    if max_rows is None or len(features) <= max_rows:
-        return features
-    rows = np.sort(np.random.default_rng(seed).choice(len(features), max_rows, replace=False))
-    return features[rows]
+def dgm_eval_sample_rows(
+    n_real: int, n_generated: int, max_samples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """dgm-eval's PRDC draw: n = min(max_samples, N_r, N_g) row indices of EACH set, uniform
+    without replacement, real first, from one np.random.RandomState(seed)."""
+    # dgm-eval (__main__.compute_scores) calls np.random.choice on the global legacy RNG; a
+    # seeded RandomState is that generator without the global state.
+    size = min(max_samples, n_real, n_generated)
+    random = np.random.RandomState(seed)
+    real_rows = random.choice(n_real, size, replace=False)
+    return real_rows, random.choice(n_generated, size, replace=False)
+
+
+def prdc_dgm_eval(
+    real: np.ndarray, generated: np.ndarray, k: int = 5, max_samples: int = 10_000, seed: int = 0
+) -> dict:
+    """PRDC as dgm-eval runs it: on n = min(max_samples, N_r, N_g) images drawn from each set."""
+    size = min(max_samples, len(real), len(generated))
+    if size <= k:
+        raise ValueError(
+            f"PRDC with k={k} needs more than {k} images drawn from each set, got "
+            f"min(max {max_samples}, {len(real)} real, {len(generated)} generated) = {size}"
+        )
+    real_rows, generated_rows = dgm_eval_sample_rows(len(real), len(generated), max_samples, seed)
+    result = prdc(np.asarray(real)[real_rows], np.asarray(generated)[generated_rows], k)
+    return {
+        **result,
+        "n_real_available": int(len(real)),
+        "n_generated_available": int(len(generated)),
+        "max_samples": int(max_samples),
+        "seed": int(seed),
+    }

@@ -331,11 +331,18 @@ def _fidelity_cells(entry: Mapping) -> list[object]:
         cells += [prdc["precision"], prdc["recall"], prdc["density"], prdc["coverage"]]
     counts = fd if "n_real" in fd else kd
     cells.append(f"{counts.get('n_real', '?')} / {counts.get('n_generated', '?')}")
-    if "k" in prdc:
-        cells.append(f"k={prdc['k']}, {prdc['n_real']} / {prdc['n_generated']}")
-    else:
-        cells.append("")
+    cells.append(_prdc_sizes_cell(prdc))
     return cells
+
+
+def _prdc_sizes_cell(prdc: Mapping) -> str:
+    """'k=5, 500 / 500 of 2000 / 500': images PRDC used of each set, of those available."""
+    if "k" not in prdc:
+        return ""
+    cell = f"k={prdc['k']}, {prdc['n_real']} / {prdc['n_generated']}"
+    if "n_real_available" in prdc:
+        cell += f" of {prdc['n_real_available']} / {prdc['n_generated_available']}"
+    return cell
 
 
 FIDELITY_HEADER = [
@@ -348,7 +355,7 @@ FIDELITY_HEADER = [
     "density",
     "coverage",
     "images real / generated",
-    "PRDC k, images real / generated",
+    "PRDC k, images used real / generated (of available)",
 ]
 
 

@@ -150,6 +150,7 @@ def test_features_add_diversity_and_fidelity_from_cached_faces(full_run, data):
     report = (full_run / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 10  # + the Vendi box plot
     assert "coverage" in report and "Vendi" in report
+    assert "k=5, 6 / 6 of 10 / 6" in report  # genB's PRDC: 6 of each set drawn
     assert len(list((full_run / "plots").glob("*.png"))) == 10
     # The numbers equal features computed directly from the files.
     extractor = FeatureExtractor(data["dino"], image_size=56)
@@ -162,7 +163,12 @@ def test_features_add_diversity_and_fidelity_from_cached_faces(full_run, data):
     genb = results["fidelity"]["genB"]
     expected = metrics.frechet_distance_features(real, fake)["value"]
     assert genb["frechet_distance"]["value"] == pytest.approx(expected, rel=1e-4)
-    assert genb["prdc"] == pytest.approx(metrics.prdc(real, fake, k=5))
+    import reference_prdc  # PRDC draws min(10000, 10, 6) = 6 images of each set
+
+    rows_real, rows_fake = reference_prdc.dgm_eval_prdc_rows(len(real), len(fake), 10_000, 0)
+    expected = metrics.prdc(real[rows_real], fake[rows_fake], k=5)  # prdc itself needs >= 7
+    assert {key: genb["prdc"][key] for key in expected} == pytest.approx(expected)
+    assert (genb["prdc"]["n_real"], genb["prdc"]["n_real_available"]) == (6, 10)
 
 
 def test_row_cache_resumes_and_follows_file_content(tmp_path):
@@ -332,6 +338,36 @@ def test_identity_comparisons_skip_with_a_reason(tmp_path):
     # 'singletons' vs real: a-a gives 1 pair (the faceless real 'a' is left out), b-b gives 2.
     assert cross["singletons"]["n_genuine"] == 1 + 2
     assert results["real_vs_real"]["real"]["n_genuine"] == 1
+
+
+def features_set(tmp_path: Path, rows: np.ndarray) -> evaluate.EmbeddedSet:
+    """An EmbeddedSet of given feature rows (one identity, every row usable)."""
+    from image_sets import STATUS_OK, ImageSet
+
+    paths = [tmp_path / "x" / f"{k}.png" for k in range(len(rows))]
+    image_set = ImageSet("s", tmp_path, paths, ["x"] * len(rows))
+    return evaluate.EmbeddedSet(image_set, rows, np.full(len(rows), STATUS_OK, dtype=np.int8))
+
+
+def test_fidelity_prdc_draws_the_same_number_of_images_from_both_sets(tmp_path):
+    import reference_prdc
+
+    rng = np.random.default_rng(0)
+    centres = 40.0 * np.eye(12)[:6]  # the same 6 well-separated clusters for both sets
+    real = centres[rng.integers(0, 6, 2000)] + rng.normal(size=(2000, 12))
+    fake = centres[rng.integers(0, 6, 500)] + rng.normal(size=(500, 12))
+    features = {"real": features_set(tmp_path, real), "gen": features_set(tmp_path, fake)}
+    args = evaluate.parse_args(
+        [f"--generated={tmp_path}", "--embedder=dlib", f"--out={tmp_path / 'out'}", "--seed=4"]
+    )
+    args.kd_subsets = 2
+    prdc = evaluate.fidelity_metrics(features, ["gen"], args)["gen"]["prdc"]
+    assert (prdc["n_real"], prdc["n_generated"]) == (500, 500)  # min(10000, 2000, 500) each
+    assert (prdc["n_real_available"], prdc["n_generated_available"]) == (2000, 500)
+    assert prdc["coverage"] > 0.92  # one distribution: 0.969 expected (0.673 at 2000 vs 500)
+    rows_real, rows_fake = reference_prdc.dgm_eval_prdc_rows(2000, 500, 10_000, seed=4)
+    expected = reference_prdc.compute_prdc(real[rows_real], fake[rows_fake], 5)
+    assert {key: prdc[key] for key in expected} == pytest.approx(expected, abs=1e-12)
 
 
 def test_missing_feature_model_is_a_clear_error(tmp_path):

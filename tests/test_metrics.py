@@ -4,6 +4,7 @@ hand-made point sets) and on real faces with a real embedder (dlib's shipped 128
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 
 import numpy as np
@@ -410,6 +411,40 @@ def test_prdc_with_repeated_points_matches_pairwise_distances():
     expected = brute_force_prdc(real, fake, 5)
     result = metrics.prdc(real, fake, k=5, chunk=16)
     assert {key: result[key] for key in expected} == pytest.approx(expected, abs=1e-15)
+
+
+def cluster_features(n: int, clusters: range, seed: int) -> np.ndarray:
+    """(n, 16) points of unit Gaussians around 8 centres 70 apart, uniform over `clusters`."""
+    rng = np.random.default_rng(seed)
+    centres = 50.0 * np.eye(16)[:8]
+    return centres[rng.choice(np.asarray(clusters), n)] + rng.normal(size=(n, 16))
+
+
+def expected_coverage_same_distribution(n_real: int, n_fake: int, k: int) -> float:
+    """E[coverage] = 1 - C(N_r - 1, k) / C(N_r - 1 + N_f, k) for one shared distribution."""
+    return 1.0 - math.comb(n_real - 1, k) / math.comb(n_real - 1 + n_fake, k)
+
+
+def test_prdc_draws_equal_sample_sizes_from_both_sets_as_dgm_eval():
+    real, fake = cluster_features(2000, range(8), 10), cluster_features(500, range(8), 11)
+    result = metrics.prdc_dgm_eval(real, fake, k=5, max_samples=10_000, seed=3)
+    assert (result["n_real"], result["n_generated"]) == (500, 500)
+    assert (result["n_real_available"], result["n_generated_available"]) == (2000, 500)
+    # Same distribution: E[coverage] = 0.969 at 500 vs 500 (0.673 at 2000 vs 500), E[density] 1.
+    assert result["coverage"] == pytest.approx(
+        expected_coverage_same_distribution(500, 500, 5), abs=0.04
+    )
+    assert result["density"] == pytest.approx(1.0, abs=0.15)
+    rows_real, rows_fake = reference_prdc.dgm_eval_prdc_rows(2000, 500, 10_000, seed=3)
+    expected = reference_prdc.compute_prdc(real[rows_real], fake[rows_fake], 5)
+    assert {key: result[key] for key in expected} == pytest.approx(expected, abs=1e-12)
+    # Half the modes dropped: half the real points covered.
+    dropped = metrics.prdc_dgm_eval(real, cluster_features(500, range(4), 12), k=5, seed=3)
+    assert dropped["coverage"] == pytest.approx(0.5, abs=0.06)
+    capped = metrics.prdc_dgm_eval(real, fake, k=5, max_samples=300, seed=3)
+    assert (capped["n_real"], capped["n_generated"], capped["max_samples"]) == (300, 300, 300)
+    with pytest.raises(ValueError, match=r"2000 real, 500 generated\) = 5"):
+        metrics.prdc_dgm_eval(real, fake, k=5, max_samples=5)
 
 
 # ------------------------------------------------------------------ real faces
