@@ -44,7 +44,8 @@ METRIC_DEFINITIONS = {
     "frechet_distance": "||mu_r - mu_g||^2 + tr(S_r) + tr(S_g) - 2 tr((S_r^1/2 S_g S_r^1/2)^1/2), "
     "unbiased covariances (ddof 1)",
     "kernel_distance": "unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 (the KID estimator) on "
-    "n_subsets random subsets of subset_size images of each set; mean and std over subsets "
+    "n_subsets random subsets of subset_size images of each set (np.random.RandomState(seed), "
+    "without replacement, real then generated, as dgm-eval); mean and std over subsets "
     "(dgm-eval: 100 subsets of 1000)",
     "prdc": "precision, recall, density, coverage of Naeem et al. 2020 with k nearest "
     "neighbours (Euclidean, strict '<' as in the reference code; float64, and a repeated "
@@ -452,12 +453,14 @@ def kernel_distance(
 ) -> dict:
     """KD (KID form): MMD^2 over random equal-size subsets, as dgm-eval's compute_mmd."""
     size = min(subset_size, len(real), len(generated))
-    rng = np.random.default_rng(seed)
+    # dgm-eval draws with np.random.choice (legacy global RNG), real then generated per subset;
+    # a seeded RandomState gives those same draws without the global state.
+    choice = np.random.RandomState(seed).choice
     values = np.array(
         [
             mmd2_unbiased(
-                real[rng.choice(len(real), size, replace=False)],
-                generated[rng.choice(len(generated), size, replace=False)],
+                real[choice(len(real), size, replace=False)],
+                generated[choice(len(generated), size, replace=False)],
             )
             for _ in range(n_subsets)
         ]

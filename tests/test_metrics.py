@@ -333,6 +333,15 @@ def test_kernel_distance_subsets_and_counts():
     assert abs(same["mean"]) < shifted["mean"] / 5  # unbiased: ~0 for equal distributions
 
 
+def test_kernel_distance_draws_the_subsets_dgm_eval_draws():
+    rng = np.random.default_rng(11)
+    real, fake = rng.normal(size=(80, 5)), rng.normal(0.3, 1.0, size=(60, 5))
+    result = metrics.kernel_distance(real, fake, n_subsets=20, subset_size=25, seed=7)
+    expected = reference_prdc.dgm_eval_mmd(real, fake, n_subsets=20, subset_size=25, seed=7)
+    assert result["mean"] == pytest.approx(expected.mean(), rel=1e-10)
+    assert result["std"] == pytest.approx(expected.std(), rel=1e-10)
+
+
 def test_prdc_hand_made_k1():
     real = np.arange(10, dtype=float)[:, None]  # every real ball has radius 1
     fake = np.array([[0.5], [4.2], [20.0]])  # fake radii (k=1): 3.7, 3.7, 15.8
