@@ -224,6 +224,8 @@ class RocCurve:
     thresholds: np.ndarray  # (K,) thresholds[0] = +inf
     fmr: np.ndarray  # (K,) non-decreasing, 0 -> 1
     fnmr: np.ndarray  # (K,) non-increasing, 1 -> 0
+    n_genuine: int  # FNMR moves in steps of 1 / n_genuine
+    n_impostor: int  # FMR moves in steps of 1 / n_impostor
 
 
 def _check_scores(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,6 +254,8 @@ def roc_curve(genuine: np.ndarray, impostor: np.ndarray) -> RocCurve:
         thresholds=np.r_[np.inf, scores[last_of_tie]],
         fmr=np.r_[0, accepted_impostor] / impostor.size,
         fnmr=np.r_[genuine.size, genuine.size - accepted_genuine] / genuine.size,
+        n_genuine=int(genuine.size),
+        n_impostor=int(impostor.size),
     )
 
 

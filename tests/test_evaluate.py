@@ -377,3 +377,81 @@ def test_missing_feature_model_is_a_clear_error(tmp_path):
         FeatureExtractor(tmp_path / "no-such-dinov2")
     with pytest.raises(ValueError, match="options"):
         FeatureExtractor(tmp_path, protocol="other")
+
+
+# ------------------------------------------------------------------ report figures
+
+
+def plotted(figure) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(x, y) data of every line of a one-axis figure."""
+    return [tuple(np.asarray(v) for v in line.get_data()) for line in figure.axes[0].get_lines()]
+
+
+def as_counts(roc: metrics.RocCurve, fmr: np.ndarray, fnmr: np.ndarray) -> set[tuple[int, int]]:
+    """(FMR, FNMR) points as (accepted impostors, rejected genuines) counts of `roc`'s sets."""
+    impostors = np.rint(fmr * roc.n_impostor).astype(int)
+    genuines = np.rint(fnmr * roc.n_genuine).astype(int)
+    return set(zip(impostors.tolist(), genuines.tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def paper_scale_roc() -> metrics.RocCurve:
+    """3,000 genuine vs 1.5M impostor scores (paper-scale impostor count): FMR steps of 6.7e-7."""
+    rng = np.random.default_rng(0)
+    return metrics.roc_curve(rng.normal(0.6, 0.1, 3000), rng.normal(0.1, 0.1, 1_500_000))
+
+
+def test_det_reaches_the_smallest_fmr_the_data_give_without_a_jump(paper_scale_roc):
+    from scipy.stats import norm
+
+    import report
+
+    roc = paper_scale_roc
+    figure = report.det_figure({"m": roc})
+    ((x, y),) = plotted(figure)
+    fmr, fnmr = norm.cdf(x), norm.cdf(y)
+    zero = 0.5 / roc.n_impostor  # where FMR 0 is drawn
+    assert fmr[0] == pytest.approx(zero) and np.all(fmr[1:] > 1.5 * zero)  # one FMR-0 point
+    assert fmr[1] == pytest.approx(1 / roc.n_impostor)  # the smallest FMR the data can give
+    assert np.sum(fmr < 1e-5) > 5  # the curve runs below the old floor 1e-5
+    # Every point is a true operating point: no clipped (jumped) ones. The first is the
+    # lowest FNMR at FMR 0 (~0.5 here), not ~1 as when all FMR < 1e-5 were drawn at 1e-5.
+    assert as_counts(roc, fmr[1:], fnmr[1:]) <= as_counts(roc, roc.fmr, roc.fnmr)
+    assert fnmr[0] == pytest.approx(roc.fnmr[np.flatnonzero(roc.fmr == 0)[-1]])
+    assert np.all(np.diff(fnmr) <= 1e-12)  # non-increasing: no jump back up
+    assert figure.axes[0].get_xlim()[0] < norm.ppf(zero)  # visible
+    assert "1e-06" in [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+    assert len(x) < 2 * (roc.n_genuine + 2)  # only the corners of the staircase are drawn
+
+
+def test_roc_reaches_the_smallest_fmr_the_data_give(paper_scale_roc):
+    import report
+
+    roc = paper_scale_roc
+    figure = report.roc_figure({"m": roc})
+    ((fmr, tpr),) = plotted(figure)
+    zero = 0.5 / roc.n_impostor
+    assert figure.axes[0].get_xlim()[0] == pytest.approx(zero)
+    assert fmr[0] == pytest.approx(zero) and np.sum(fmr == fmr[0]) == 1
+    assert fmr[1] == pytest.approx(1 / roc.n_impostor) and np.sum(fmr < 1e-5) > 5
+    assert as_counts(roc, fmr[1:], 1 - tpr[1:]) <= as_counts(roc, roc.fmr, roc.fnmr)
+    assert len(report.figure_png(figure)) > 1000
+
+
+@pytest.mark.parametrize(
+    "genuine, impostor",
+    [([0.5], [0.4]), ([0.3] * 3, [0.3] * 4), ([0.1, 0.2], [0.8, 0.9, 0.7]), ([0.9], [0.9, 0.1])],
+)
+def test_roc_and_det_of_tiny_score_sets_render(genuine, impostor):
+    import warnings
+
+    import report
+
+    rocs = {"tiny": metrics.roc_curve(genuine, impostor)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no log(0) / ppf(0) on the way
+        for figure in (report.roc_figure(rocs), report.det_figure(rocs)):
+            assert report.figure_png(figure).startswith(b"\x89PNG")
+            ((x, y),) = plotted(figure)
+            assert np.all(np.isfinite(x)) and np.all(np.isfinite(y))
+            assert np.all(np.isfinite(figure.axes[0].get_xlim()))
