@@ -174,7 +174,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--prdc_max_samples",
         type=runs.POSITIVE_INT,
         default=10_000,
-        help="PRDC uses at most this many images per set (seeded subsample; dgm-eval's reduced_n).",
+        help="PRDC draws n = min(this, real images, generated images) images from each set "
+        "(seeded, without replacement; dgm-eval's reduced_n).",
     )
     parser.add_argument(
         "--exclude",
@@ -431,10 +432,12 @@ def fidelity_metrics(
                 args.seed,
             ),
             "prdc": _guarded(
-                metrics.prdc,
-                metrics.subsample_rows(real, args.prdc_max_samples, args.seed),
-                metrics.subsample_rows(fake, args.prdc_max_samples, args.seed),
+                metrics.prdc_dgm_eval,
+                real,
+                fake,
                 args.prdc_k,
+                args.prdc_max_samples,
+                args.seed,
             ),
         }
     return results

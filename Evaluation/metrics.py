@@ -44,10 +44,14 @@ METRIC_DEFINITIONS = {
     "frechet_distance": "||mu_r - mu_g||^2 + tr(S_r) + tr(S_g) - 2 tr((S_r^1/2 S_g S_r^1/2)^1/2), "
     "unbiased covariances (ddof 1)",
     "kernel_distance": "unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 (the KID estimator) on "
-    "n_subsets random subsets of subset_size images of each set; mean and std over subsets "
+    "n_subsets random subsets of subset_size images of each set (np.random.RandomState(seed), "
+    "without replacement, real then generated, as dgm-eval); mean and std over subsets "
     "(dgm-eval: 100 subsets of 1000)",
     "prdc": "precision, recall, density, coverage of Naeem et al. 2020 with k nearest "
-    "neighbours (Euclidean, strict '<' as in the reference code)",
+    "neighbours (Euclidean, strict '<' as in the reference code; float64, and a repeated "
+    "vector is at exactly the same distances as its copy, so duplicates count exactly), on "
+    "n = min(max_samples, N_real, N_generated) images drawn from EACH set, uniformly without "
+    "replacement with np.random.RandomState(seed), real first (dgm-eval: reduced_n 10000)",
 }
 
 
@@ -220,6 +224,8 @@ class RocCurve:
     thresholds: np.ndarray  # (K,) thresholds[0] = +inf
     fmr: np.ndarray  # (K,) non-decreasing, 0 -> 1
     fnmr: np.ndarray  # (K,) non-increasing, 1 -> 0
+    n_genuine: int  # FNMR moves in steps of 1 / n_genuine
+    n_impostor: int  # FMR moves in steps of 1 / n_impostor
 
 
 def _check_scores(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -248,6 +254,8 @@ def roc_curve(genuine: np.ndarray, impostor: np.ndarray) -> RocCurve:
         thresholds=np.r_[np.inf, scores[last_of_tie]],
         fmr=np.r_[0, accepted_impostor] / impostor.size,
         fnmr=np.r_[genuine.size, genuine.size - accepted_genuine] / genuine.size,
+        n_genuine=int(genuine.size),
+        n_impostor=int(impostor.size),
     )
 
 
@@ -284,8 +292,10 @@ def fmr_at_fnmr(roc: RocCurve, target: float) -> dict[str, float]:
 
 
 def roc_auc(roc: RocCurve) -> float:
-    """Trapezoidal area under TPR = 1 - FNMR against FMR."""
-    return float(np.trapezoid(1.0 - roc.fnmr, roc.fmr))
+    """Trapezoidal area sum_i (FMR_i+1 - FMR_i) (TPR_i+1 + TPR_i) / 2, TPR = 1 - FNMR."""
+    # Written out rather than np.trapezoid (numpy >= 2.0 only; requirements allow 1.26).
+    tpr = 1.0 - roc.fnmr
+    return float((np.diff(roc.fmr) * (tpr[1:] + tpr[:-1]) / 2.0).sum())
 
 
 def fisher_discriminant_ratio(genuine: np.ndarray, impostor: np.ndarray) -> float:
@@ -447,12 +457,14 @@ def kernel_distance(
 ) -> dict:
     """KD (KID form): MMD^2 over random equal-size subsets, as dgm-eval's compute_mmd."""
     size = min(subset_size, len(real), len(generated))
-    rng = np.random.default_rng(seed)
+    # dgm-eval draws with np.random.choice (legacy global RNG), real then generated per subset;
+    # a seeded RandomState gives those same draws without the global state.
+    choice = np.random.RandomState(seed).choice
     values = np.array(
         [
             mmd2_unbiased(
-                real[rng.choice(len(real), size, replace=False)],
-                generated[rng.choice(len(generated), size, replace=False)],
+                real[choice(len(real), size, replace=False)],
+                generated[choice(len(generated), size, replace=False)],
             )
             for _ in range(n_subsets)
         ]
@@ -467,22 +479,71 @@ def kernel_distance(
     }
 
 
-def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Euclidean distances (N_a, N_b) = sqrt(max(|a|^2 + |b|^2 - 2 a.b, 0)) in float64."""
-    squared = np.sum(a * a, axis=1)[:, None] + np.sum(b * b, axis=1)[None, :] - 2.0 * (a @ b.T)
-    return np.sqrt(np.clip(squared, 0.0, None))
+def _distinct_rows(
+    real: np.ndarray, generated: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bitwise-distinct rows U (M, D) of both sets in order of first appearance, and each real
+    (N_r,) / generated (N_g,) row's index into U (a plain range when nothing repeats)."""
+    both = np.ascontiguousarray(np.concatenate([real, generated]))  # (N_r + N_g, D)
+    as_bytes = both.view(np.dtype((np.void, both.dtype.itemsize * both.shape[1]))).ravel()
+    _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # distinct rows by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    index = rank[inverse.reshape(-1)]
+    return both[first[order]], index[: len(real)], index[len(real) :]
 
 
-def _kth_neighbour_radii(points: np.ndarray, k: int, chunk: int) -> np.ndarray:
-    """Distance of each point to its k-th nearest other point (the self-distance is index 0)."""
-    radii = np.empty(len(points))
-    for begin in range(0, len(points), chunk):
-        distances = _pairwise_distances(points[begin : begin + chunk], points)
-        radii[begin : begin + chunk] = np.partition(distances, k, axis=1)[:, k]
-    return radii
+def _columns(matrix: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """matrix[:, index], as a view when index is a contiguous range (the usual, duplicate-free
+    case), which saves a gather of the whole block."""
+    if index.size and np.all(np.diff(index) == 1):
+        return matrix[:, index[0] : index[-1] + 1]
+    return matrix[:, index]
 
 
-def prdc(real: np.ndarray, generated: np.ndarray, k: int = 5, chunk: int = 2048) -> dict:
+def _distances_from(rows: np.ndarray, points: np.ndarray, squared_norms: np.ndarray) -> np.ndarray:
+    """Euclidean distances (c, M) from points[rows] to every point, 0 to the row's own point.
+
+    sqrt(max(|a|^2 + |b|^2 - 2 a.b, 0)) in float64. A BLAS product rounds the same pair
+    differently at different positions, so PRDC takes every distance it compares from one row
+    of one call against the distinct points: a duplicate is the same entry, not a near-copy.
+    """
+    distances = points[rows] @ points.T  # (c, M), becomes the squared distances in place
+    distances *= -2.0
+    distances += squared_norms[rows, None]
+    distances += squared_norms[None, :]
+    distances[np.arange(len(rows)), rows] = 0.0
+    np.maximum(distances, 0.0, out=distances)
+    return np.sqrt(distances, out=distances)
+
+
+def _ball_memberships(
+    centres: np.ndarray,
+    others: np.ndarray,
+    points: np.ndarray,
+    k: int,
+    chunk: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-NN balls around each centre (radius: k-th nearest other centre, strict '<'):
+    how many balls hold each of `others` (N_o,), and whether each ball holds any (N_c,).
+
+    centres (N_c,) and others (N_o,) index rows of `points` (the distinct vectors).
+    """
+    squared_norms = np.einsum("md,md->m", points, points)
+    holding = np.zeros(len(others), dtype=np.int64)
+    holds_any = np.zeros(len(centres), dtype=bool)
+    for begin in range(0, len(centres), chunk):
+        distances = _distances_from(centres[begin : begin + chunk], points, squared_norms)
+        # The centre itself (distance 0) is index 0, as in prdc's k + 1-th smallest.
+        radii = np.partition(_columns(distances, centres), k, axis=1)[:, k]  # (c,)
+        inside = _columns(distances, others) < radii[:, None]  # (c, N_o)
+        holding += inside.sum(axis=0)
+        holds_any[begin : begin + chunk] = inside.any(axis=1)
+    return holding, holds_any
+
+
+def prdc(real: np.ndarray, generated: np.ndarray, k: int = 5, chunk: int = 512) -> dict:
     """Precision, recall, density, coverage (Naeem et al. 2020) with k-NN balls."""
     real = np.asarray(real, dtype=np.float64)
     generated = np.asarray(generated, dtype=np.float64)
@@ -491,21 +552,17 @@ def prdc(real: np.ndarray, generated: np.ndarray, k: int = 5, chunk: int = 2048)
             f"PRDC with k={k} needs more than {k} samples per set, "
             f"got {len(real)} real and {len(generated)} generated"
         )
-    real_radii = _kth_neighbour_radii(real, k, chunk)  # (N_r,)
-    generated_radii = _kth_neighbour_radii(generated, k, chunk)  # (N_g,)
-    balls_holding = np.zeros(len(generated), dtype=np.int64)  # real balls around each fake
-    real_recalled = np.zeros(len(real), dtype=bool)
-    real_covered = np.zeros(len(real), dtype=bool)
-    for begin in range(0, len(real), chunk):
-        distances = _pairwise_distances(real[begin : begin + chunk], generated)  # (c, N_g)
-        inside_real_ball = distances < real_radii[begin : begin + chunk, None]
-        balls_holding += inside_real_ball.sum(axis=0)
-        real_recalled[begin : begin + chunk] = np.any(distances < generated_radii[None, :], axis=1)
-        real_covered[begin : begin + chunk] = inside_real_ball.any(axis=1)
+    points, real_index, generated_index = _distinct_rows(real, generated)
+    # Real balls: which fakes they hold (precision, density) and whether any (coverage).
+    fakes_in_real_balls, real_covered = _ball_memberships(
+        real_index, generated_index, points, k, chunk
+    )
+    # Fake balls: which reals they hold (recall).
+    reals_in_fake_balls, _ = _ball_memberships(generated_index, real_index, points, k, chunk)
     return {
-        "precision": float(np.mean(balls_holding > 0)),
-        "recall": float(np.mean(real_recalled)),
-        "density": float(balls_holding.sum() / (k * len(generated))),
+        "precision": float(np.mean(fakes_in_real_balls > 0)),
+        "recall": float(np.mean(reals_in_fake_balls > 0)),
+        "density": float(fakes_in_real_balls.sum() / (k * len(generated))),
         "coverage": float(np.mean(real_covered)),
         "k": int(k),
         "n_real": int(len(real)),
@@ -513,9 +570,35 @@ def prdc(real: np.ndarray, generated: np.ndarray, k: int = 5, chunk: int = 2048)
     }
 
 
-def subsample_rows(features: np.ndarray, max_rows: int | None, seed: int = 0) -> np.ndarray:
-    """At most max_rows rows, chosen uniformly without replacement with a fixed seed."""
-    if max_rows is None or len(features) <= max_rows:
-        return features
-    rows = np.sort(np.random.default_rng(seed).choice(len(features), max_rows, replace=False))
-    return features[rows]
+def dgm_eval_sample_rows(
+    n_real: int, n_generated: int, max_samples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """dgm-eval's PRDC draw: n = min(max_samples, N_r, N_g) row indices of EACH set, uniform
+    without replacement, real first, from one np.random.RandomState(seed)."""
+    # dgm-eval (__main__.compute_scores) calls np.random.choice on the global legacy RNG; a
+    # seeded RandomState is that generator without the global state.
+    size = min(max_samples, n_real, n_generated)
+    random = np.random.RandomState(seed)
+    real_rows = random.choice(n_real, size, replace=False)
+    return real_rows, random.choice(n_generated, size, replace=False)
+
+
+def prdc_dgm_eval(
+    real: np.ndarray, generated: np.ndarray, k: int = 5, max_samples: int = 10_000, seed: int = 0
+) -> dict:
+    """PRDC as dgm-eval runs it: on n = min(max_samples, N_r, N_g) images drawn from each set."""
+    size = min(max_samples, len(real), len(generated))
+    if size <= k:
+        raise ValueError(
+            f"PRDC with k={k} needs more than {k} images drawn from each set, got "
+            f"min(max {max_samples}, {len(real)} real, {len(generated)} generated) = {size}"
+        )
+    real_rows, generated_rows = dgm_eval_sample_rows(len(real), len(generated), max_samples, seed)
+    result = prdc(np.asarray(real)[real_rows], np.asarray(generated)[generated_rows], k)
+    return {
+        **result,
+        "n_real_available": int(len(real)),
+        "n_generated_available": int(len(generated)),
+        "max_samples": int(max_samples),
+        "seed": int(seed),
+    }

@@ -18,8 +18,9 @@ from matplotlib.figure import Figure
 
 from metrics import RocCurve
 
-DET_TICKS = (0.0001, 0.001, 0.01, 0.05, 0.2, 0.5, 0.8, 0.95)
-DET_FLOOR = 1e-5  # probabilities clipped to [DET_FLOOR, 1 - DET_FLOOR] on the DET's probit axes
+DET_TICKS_ABOVE_1E2 = (0.05, 0.2, 0.5, 0.8, 0.95)  # below 0.01 the DET ticks every decade
+DET_TOP = 0.95  # upper end of both DET axes
+ZERO_AT_MOST = 0.01  # tiny sets: rates of 0 still drawn at 1%, below all their other rates
 
 
 def figure_png(figure: Figure, dpi: int = 100) -> bytes:
@@ -52,19 +53,45 @@ def score_histogram_figure(
     return figure
 
 
+def zero_position(rocs: Mapping[str, RocCurve], rate: str) -> float:
+    """Where a rate of 0 is drawn on a log / probit axis: half the finest step any curve has,
+    0.5 / the most impostor pairs (rate 'fmr') or genuine pairs ('fnmr'); at most ZERO_AT_MOST.
+    """
+    pairs = max(roc.n_impostor if rate == "fmr" else roc.n_genuine for roc in rocs.values())
+    return min(0.5 / pairs, ZERO_AT_MOST)
+
+
+def _drop_inner_points(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The polyline without the inner points of its horizontal and vertical runs, which lie on
+    the segment between the run's ends on any axis scale (drawing stays the same)."""
+    inner = np.zeros(x.size, dtype=bool)
+    inner[1:-1] = ((x[:-2] == x[1:-1]) & (x[1:-1] == x[2:])) | (
+        (y[:-2] == y[1:-1]) & (y[1:-1] == y[2:])
+    )
+    return x[~inner], y[~inner]
+
+
+def curve_vertices(roc: RocCurve, stop_at_zero_fnmr: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(FMR, FNMR) vertices to draw: from the last one with FMR = 0 (the earlier ones have the
+    same FMR and a higher FNMR), to the first with FNMR = 0 when asked (as scikit-learn's
+    det_curve), without the inner points of straight runs."""
+    start = int(np.flatnonzero(roc.fmr == 0)[-1])
+    stop = int(np.flatnonzero(roc.fnmr == 0)[0]) if stop_at_zero_fnmr else roc.fmr.size - 1
+    return _drop_inner_points(roc.fmr[start : stop + 1], roc.fnmr[start : stop + 1])
+
+
 def roc_figure(rocs: Mapping[str, RocCurve], title: str = "") -> Figure:
-    """TPR (1 - FNMR) against FMR on a log axis, one line per method."""
+    """TPR (1 - FNMR) against FMR on a log axis down to the finest FMR step, one per method."""
     figure = Figure(figsize=(4.8, 3.8), layout="constrained")
     axis = figure.subplots()
-    floor = 1.0
+    zero = zero_position(rocs, "fmr")
     for method, roc in rocs.items():
-        positive = roc.fmr[roc.fmr > 0]
-        floor = min(floor, positive.min() if positive.size else 1.0)
-        axis.plot(np.maximum(roc.fmr, DET_FLOOR), 1.0 - roc.fnmr, label=method)
+        fmr, fnmr = curve_vertices(roc, stop_at_zero_fnmr=False)
+        axis.plot(np.maximum(fmr, zero), 1.0 - fnmr, label=method)
     axis.set_xscale("log")
-    axis.set_xlim(max(DET_FLOOR, floor / 2), 1.0)
+    axis.set_xlim(zero, 1.0)
     axis.set_ylim(0.0, 1.01)
-    axis.set_xlabel("FMR (false match rate)")
+    axis.set_xlabel(f"FMR (false match rate; 0 drawn at {zero:.2g})")
     axis.set_ylabel("TPR = 1 - FNMR")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
@@ -72,26 +99,38 @@ def roc_figure(rocs: Mapping[str, RocCurve], title: str = "") -> Figure:
     return figure
 
 
+def det_ticks(zero: float) -> np.ndarray:
+    """Probability ticks from the zero position up: every decade to 0.01, then 0.05 ... 0.95."""
+    decades = 10.0 ** np.arange(np.ceil(np.log10(zero)), -1.0)  # 10^-m ... 10^-2
+    ticks = np.concatenate([decades, DET_TICKS_ABOVE_1E2])
+    return ticks[ticks >= zero]
+
+
 def det_figure(rocs: Mapping[str, RocCurve], title: str = "") -> Figure:
-    """DET: FNMR against FMR on normal-deviate (probit) axes, one line per method."""
+    """DET: FNMR against FMR on normal-deviate (probit) axes, one line per method; each axis
+    reaches down to the finest step any curve has (1 / pairs), a rate of 0 at zero_position."""
     from scipy.stats import norm
 
-    def probit(values: np.ndarray) -> np.ndarray:
-        return norm.ppf(np.clip(values, DET_FLOOR, 1.0 - DET_FLOOR))
+    zeros = {rate: zero_position(rocs, rate) for rate in ("fmr", "fnmr")}
+
+    def probit(values: np.ndarray, rate: str) -> np.ndarray:
+        return norm.ppf(np.clip(values, zeros[rate], 1.0 - zeros[rate]))
 
     figure = Figure(figsize=(4.8, 3.8), layout="constrained")
     axis = figure.subplots()
     for method, roc in rocs.items():
-        axis.plot(probit(roc.fmr[1:]), probit(roc.fnmr[1:]), label=method)
-    ticks = probit(np.array(DET_TICKS))
-    labels = [f"{tick:g}" for tick in DET_TICKS]
-    axis.set_xticks(ticks, labels, fontsize=7)
-    axis.set_yticks(ticks, labels, fontsize=7)
-    limits = (probit(np.array(DET_FLOOR)) - 0.1, ticks[-1])
-    axis.set_xlim(*limits)
-    axis.set_ylim(*limits)
-    axis.set_xlabel(f"FMR (0 drawn at {DET_FLOOR:g})")
-    axis.set_ylabel(f"FNMR (0 drawn at {DET_FLOOR:g})")
+        fmr, fnmr = curve_vertices(roc, stop_at_zero_fnmr=True)
+        marker = "o" if fmr.size == 1 else None  # perfect separation: one point at (0, 0)
+        axis.plot(probit(fmr, "fmr"), probit(fnmr, "fnmr"), marker=marker, label=method)
+    for rate, set_ticks, set_limits in (
+        ("fmr", axis.set_xticks, axis.set_xlim),
+        ("fnmr", axis.set_yticks, axis.set_ylim),
+    ):
+        ticks = det_ticks(zeros[rate])
+        set_ticks(probit(ticks, rate), [f"{tick:g}" for tick in ticks], fontsize=7)
+        set_limits(probit(np.array(zeros[rate]), rate) - 0.1, norm.ppf(DET_TOP))
+    axis.set_xlabel(f"FMR (0 drawn at {zeros['fmr']:.2g})")
+    axis.set_ylabel(f"FNMR (0 drawn at {zeros['fnmr']:.2g})")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title(title, fontsize=10)
@@ -331,11 +370,18 @@ def _fidelity_cells(entry: Mapping) -> list[object]:
         cells += [prdc["precision"], prdc["recall"], prdc["density"], prdc["coverage"]]
     counts = fd if "n_real" in fd else kd
     cells.append(f"{counts.get('n_real', '?')} / {counts.get('n_generated', '?')}")
-    if "k" in prdc:
-        cells.append(f"k={prdc['k']}, {prdc['n_real']} / {prdc['n_generated']}")
-    else:
-        cells.append("")
+    cells.append(_prdc_sizes_cell(prdc))
     return cells
+
+
+def _prdc_sizes_cell(prdc: Mapping) -> str:
+    """'k=5, 500 / 500 of 2000 / 500': images PRDC used of each set, of those available."""
+    if "k" not in prdc:
+        return ""
+    cell = f"k={prdc['k']}, {prdc['n_real']} / {prdc['n_generated']}"
+    if "n_real_available" in prdc:
+        cell += f" of {prdc['n_real_available']} / {prdc['n_generated_available']}"
+    return cell
 
 
 FIDELITY_HEADER = [
@@ -348,7 +394,7 @@ FIDELITY_HEADER = [
     "density",
     "coverage",
     "images real / generated",
-    "PRDC k, images real / generated",
+    "PRDC k, images used real / generated (of available)",
 ]
 
 

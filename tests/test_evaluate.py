@@ -150,6 +150,7 @@ def test_features_add_diversity_and_fidelity_from_cached_faces(full_run, data):
     report = (full_run / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 10  # + the Vendi box plot
     assert "coverage" in report and "Vendi" in report
+    assert "k=5, 6 / 6 of 10 / 6" in report  # genB's PRDC: 6 of each set drawn
     assert len(list((full_run / "plots").glob("*.png"))) == 10
     # The numbers equal features computed directly from the files.
     extractor = FeatureExtractor(data["dino"], image_size=56)
@@ -162,7 +163,12 @@ def test_features_add_diversity_and_fidelity_from_cached_faces(full_run, data):
     genb = results["fidelity"]["genB"]
     expected = metrics.frechet_distance_features(real, fake)["value"]
     assert genb["frechet_distance"]["value"] == pytest.approx(expected, rel=1e-4)
-    assert genb["prdc"] == pytest.approx(metrics.prdc(real, fake, k=5))
+    import reference_prdc  # PRDC draws min(10000, 10, 6) = 6 images of each set
+
+    rows_real, rows_fake = reference_prdc.dgm_eval_prdc_rows(len(real), len(fake), 10_000, 0)
+    expected = metrics.prdc(real[rows_real], fake[rows_fake], k=5)  # prdc itself needs >= 7
+    assert {key: genb["prdc"][key] for key in expected} == pytest.approx(expected)
+    assert (genb["prdc"]["n_real"], genb["prdc"]["n_real_available"]) == (6, 10)
 
 
 def test_row_cache_resumes_and_follows_file_content(tmp_path):
@@ -336,6 +342,36 @@ def test_identity_comparisons_skip_with_a_reason(tmp_path):
     assert results["real_vs_real"]["real"]["n_genuine"] == 1
 
 
+def features_set(tmp_path: Path, rows: np.ndarray) -> evaluate.EmbeddedSet:
+    """An EmbeddedSet of given feature rows (one identity, every row usable)."""
+    from image_sets import STATUS_OK, ImageSet
+
+    paths = [tmp_path / "x" / f"{k}.png" for k in range(len(rows))]
+    image_set = ImageSet("s", tmp_path, paths, ["x"] * len(rows))
+    return evaluate.EmbeddedSet(image_set, rows, np.full(len(rows), STATUS_OK, dtype=np.int8))
+
+
+def test_fidelity_prdc_draws_the_same_number_of_images_from_both_sets(tmp_path):
+    import reference_prdc
+
+    rng = np.random.default_rng(0)
+    centres = 40.0 * np.eye(12)[:6]  # the same 6 well-separated clusters for both sets
+    real = centres[rng.integers(0, 6, 2000)] + rng.normal(size=(2000, 12))
+    fake = centres[rng.integers(0, 6, 500)] + rng.normal(size=(500, 12))
+    features = {"real": features_set(tmp_path, real), "gen": features_set(tmp_path, fake)}
+    args = evaluate.parse_args(
+        [f"--generated={tmp_path}", "--embedder=dlib", f"--out={tmp_path / 'out'}", "--seed=4"]
+    )
+    args.kd_subsets = 2
+    prdc = evaluate.fidelity_metrics(features, ["gen"], args)["gen"]["prdc"]
+    assert (prdc["n_real"], prdc["n_generated"]) == (500, 500)  # min(10000, 2000, 500) each
+    assert (prdc["n_real_available"], prdc["n_generated_available"]) == (2000, 500)
+    assert prdc["coverage"] > 0.92  # one distribution: 0.969 expected (0.673 at 2000 vs 500)
+    rows_real, rows_fake = reference_prdc.dgm_eval_prdc_rows(2000, 500, 10_000, seed=4)
+    expected = reference_prdc.compute_prdc(real[rows_real], fake[rows_fake], 5)
+    assert {key: prdc[key] for key in expected} == pytest.approx(expected, abs=1e-12)
+
+
 def test_missing_feature_model_is_a_clear_error(tmp_path):
     from features import FeatureExtractor
 
@@ -343,3 +379,81 @@ def test_missing_feature_model_is_a_clear_error(tmp_path):
         FeatureExtractor(tmp_path / "no-such-dinov2")
     with pytest.raises(ValueError, match="options"):
         FeatureExtractor(tmp_path, protocol="other")
+
+
+# ------------------------------------------------------------------ report figures
+
+
+def plotted(figure) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(x, y) data of every line of a one-axis figure."""
+    return [tuple(np.asarray(v) for v in line.get_data()) for line in figure.axes[0].get_lines()]
+
+
+def as_counts(roc: metrics.RocCurve, fmr: np.ndarray, fnmr: np.ndarray) -> set[tuple[int, int]]:
+    """(FMR, FNMR) points as (accepted impostors, rejected genuines) counts of `roc`'s sets."""
+    impostors = np.rint(fmr * roc.n_impostor).astype(int)
+    genuines = np.rint(fnmr * roc.n_genuine).astype(int)
+    return set(zip(impostors.tolist(), genuines.tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def paper_scale_roc() -> metrics.RocCurve:
+    """3,000 genuine vs 1.5M impostor scores (paper-scale impostor count): FMR steps of 6.7e-7."""
+    rng = np.random.default_rng(0)
+    return metrics.roc_curve(rng.normal(0.6, 0.1, 3000), rng.normal(0.1, 0.1, 1_500_000))
+
+
+def test_det_reaches_the_smallest_fmr_the_data_give_without_a_jump(paper_scale_roc):
+    from scipy.stats import norm
+
+    import report
+
+    roc = paper_scale_roc
+    figure = report.det_figure({"m": roc})
+    ((x, y),) = plotted(figure)
+    fmr, fnmr = norm.cdf(x), norm.cdf(y)
+    zero = 0.5 / roc.n_impostor  # where FMR 0 is drawn
+    assert fmr[0] == pytest.approx(zero) and np.all(fmr[1:] > 1.5 * zero)  # one FMR-0 point
+    assert fmr[1] == pytest.approx(1 / roc.n_impostor)  # the smallest FMR the data can give
+    assert np.sum(fmr < 1e-5) > 5  # the curve runs below the old floor 1e-5
+    # Every point is a true operating point: no clipped (jumped) ones. The first is the
+    # lowest FNMR at FMR 0 (~0.5 here), not ~1 as when all FMR < 1e-5 were drawn at 1e-5.
+    assert as_counts(roc, fmr[1:], fnmr[1:]) <= as_counts(roc, roc.fmr, roc.fnmr)
+    assert fnmr[0] == pytest.approx(roc.fnmr[np.flatnonzero(roc.fmr == 0)[-1]])
+    assert np.all(np.diff(fnmr) <= 1e-12)  # non-increasing: no jump back up
+    assert figure.axes[0].get_xlim()[0] < norm.ppf(zero)  # visible
+    assert "1e-06" in [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+    assert len(x) < 2 * (roc.n_genuine + 2)  # only the corners of the staircase are drawn
+
+
+def test_roc_reaches_the_smallest_fmr_the_data_give(paper_scale_roc):
+    import report
+
+    roc = paper_scale_roc
+    figure = report.roc_figure({"m": roc})
+    ((fmr, tpr),) = plotted(figure)
+    zero = 0.5 / roc.n_impostor
+    assert figure.axes[0].get_xlim()[0] == pytest.approx(zero)
+    assert fmr[0] == pytest.approx(zero) and np.sum(fmr == fmr[0]) == 1
+    assert fmr[1] == pytest.approx(1 / roc.n_impostor) and np.sum(fmr < 1e-5) > 5
+    assert as_counts(roc, fmr[1:], 1 - tpr[1:]) <= as_counts(roc, roc.fmr, roc.fnmr)
+    assert len(report.figure_png(figure)) > 1000
+
+
+@pytest.mark.parametrize(
+    "genuine, impostor",
+    [([0.5], [0.4]), ([0.3] * 3, [0.3] * 4), ([0.1, 0.2], [0.8, 0.9, 0.7]), ([0.9], [0.9, 0.1])],
+)
+def test_roc_and_det_of_tiny_score_sets_render(genuine, impostor):
+    import warnings
+
+    import report
+
+    rocs = {"tiny": metrics.roc_curve(genuine, impostor)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no log(0) / ppf(0) on the way
+        for figure in (report.roc_figure(rocs), report.det_figure(rocs)):
+            assert report.figure_png(figure).startswith(b"\x89PNG")
+            ((x, y),) = plotted(figure)
+            assert np.all(np.isfinite(x)) and np.all(np.isfinite(y))
+            assert np.all(np.isfinite(figure.axes[0].get_xlim()))

@@ -4,10 +4,12 @@ hand-made point sets) and on real faces with a real embedder (dlib's shipped 128
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 
 import numpy as np
 import pytest
+import reference_prdc
 import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -120,6 +122,15 @@ def test_eer_and_auc_property_on_heavily_tied_scores(genuine, impostor):
         roc_auc_score(labels, np.r_[genuine, impostor]), abs=1e-12
     )
     assert result["eer"] == pytest.approx(reference_eer(genuine, impostor), abs=1e-9)
+
+
+def test_auc_does_not_need_numpy_2(monkeypatch):
+    # requirements.txt allows numpy 1.26, which has no np.trapezoid: simulate it.
+    monkeypatch.delattr(np, "trapezoid", raising=False)
+    genuine, impostor = SCORE_SETS["gaussian"]
+    labels = np.r_[np.ones(len(genuine)), np.zeros(len(impostor))]
+    expected = roc_auc_score(labels, np.r_[genuine, impostor])
+    assert metrics.verification_metrics(genuine, impostor)["auc"] == pytest.approx(expected)
 
 
 def test_eer_hand_computed_values():
@@ -322,6 +333,15 @@ def test_kernel_distance_subsets_and_counts():
     assert abs(same["mean"]) < shifted["mean"] / 5  # unbiased: ~0 for equal distributions
 
 
+def test_kernel_distance_draws_the_subsets_dgm_eval_draws():
+    rng = np.random.default_rng(11)
+    real, fake = rng.normal(size=(80, 5)), rng.normal(0.3, 1.0, size=(60, 5))
+    result = metrics.kernel_distance(real, fake, n_subsets=20, subset_size=25, seed=7)
+    expected = reference_prdc.dgm_eval_mmd(real, fake, n_subsets=20, subset_size=25, seed=7)
+    assert result["mean"] == pytest.approx(expected.mean(), rel=1e-10)
+    assert result["std"] == pytest.approx(expected.std(), rel=1e-10)
+
+
 def test_prdc_hand_made_k1():
     real = np.arange(10, dtype=float)[:, None]  # every real ball has radius 1
     fake = np.array([[0.5], [4.2], [20.0]])  # fake radii (k=1): 3.7, 3.7, 15.8
@@ -345,29 +365,95 @@ def test_prdc_hand_made_k5():
     assert far["precision"] == far["density"] == far["coverage"] == far["recall"] == 0.0
 
 
-def test_prdc_matches_brute_force_on_random_sets_and_chunking():
-    rng = np.random.default_rng(8)
-    real, fake = rng.normal(size=(40, 3)), rng.normal(0.4, 1.2, size=(35, 3))
-    k = 5
+def brute_force_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
+    """PRDC from the definitions, each distance ||a - b|| computed from the pair alone."""
 
     def radius(points, i):
         return sorted(np.linalg.norm(points - points[i], axis=1))[k]
 
-    r_real = [radius(real, i) for i in range(40)]
-    r_fake = [radius(fake, j) for j in range(35)]
-    d = np.linalg.norm(real[:, None] - fake[None], axis=2)
-    expected = {
-        "precision": np.mean([any(d[i, j] < r_real[i] for i in range(40)) for j in range(35)]),
-        "recall": np.mean([any(d[i, j] < r_fake[j] for j in range(35)) for i in range(40)]),
-        "density": sum(d[i, j] < r_real[i] for i in range(40) for j in range(35)) / (k * 35),
-        "coverage": np.mean([d[i].min() < r_real[i] for i in range(40)]),
+    r_real = [radius(real, i) for i in range(len(real))]
+    r_fake = [radius(fake, j) for j in range(len(fake))]
+    d = np.linalg.norm(real[:, None] - fake[None], axis=2)  # (N_r, N_f)
+    rows, columns = range(len(real)), range(len(fake))
+    return {
+        "precision": np.mean([any(d[i, j] < r_real[i] for i in rows) for j in columns]),
+        "recall": np.mean([any(d[i, j] < r_fake[j] for j in columns) for i in rows]),
+        "density": sum(d[i, j] < r_real[i] for i in rows for j in columns) / (k * len(fake)),
+        "coverage": np.mean([d[i].min() < r_real[i] for i in rows]),
     }
+
+
+def test_prdc_matches_brute_force_on_random_sets_and_chunking():
+    rng = np.random.default_rng(8)
+    real, fake = rng.normal(size=(40, 3)), rng.normal(0.4, 1.2, size=(35, 3))
+    expected = brute_force_prdc(real, fake, 5)
+    assert reference_prdc.compute_prdc(real, fake, 5) == pytest.approx(expected)
     for chunk in (7, 2048):
-        result = metrics.prdc(real, fake, k=k, chunk=chunk)
+        result = metrics.prdc(real, fake, k=5, chunk=chunk)
         for key, value in expected.items():
             assert result[key] == pytest.approx(value), key
     with pytest.raises(ValueError, match="more than 5"):
         metrics.prdc(real[:5], fake, k=5)
+
+
+PRDC_ONES = {"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}
+
+
+@pytest.mark.parametrize("dim", [4, 16, 32])
+def test_prdc_of_an_exact_copy_is_exactly_one_as_in_prdc(dim):
+    # A fake that copies a real point lies at exactly that point's real-real distances, so
+    # strict '<' gives k per ball: density 1.0 exactly. The old code read 1.0004-1.0008 here
+    # (real-real and real-fake distances came from differently rounded matrix products).
+    real = np.random.default_rng(1).normal(size=(500, dim))
+    assert reference_prdc.compute_prdc(real, real.copy(), 5) == PRDC_ONES  # what prdc gives
+    permutation = np.random.default_rng(2).permutation(len(real))
+    for fake in (real.copy(), real[::-1].copy(), real[permutation]):  # any order: same values
+        result = metrics.prdc(real, fake, k=5)
+        assert {key: result[key] for key in PRDC_ONES} == PRDC_ONES
+
+
+def test_prdc_with_repeated_points_matches_pairwise_distances():
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=(60, 6))
+    real = np.concatenate([base, base[:4], base[:4]])  # points 0-3 three times: radius 0
+    fake = np.concatenate([base[10:40], rng.normal(size=(25, 6)), base[10:13]])
+    expected = brute_force_prdc(real, fake, 5)
+    result = metrics.prdc(real, fake, k=5, chunk=16)
+    assert {key: result[key] for key in expected} == pytest.approx(expected, abs=1e-15)
+
+
+def cluster_features(n: int, clusters: range, seed: int) -> np.ndarray:
+    """(n, 16) points of unit Gaussians around 8 centres 70 apart, uniform over `clusters`."""
+    rng = np.random.default_rng(seed)
+    centres = 50.0 * np.eye(16)[:8]
+    return centres[rng.choice(np.asarray(clusters), n)] + rng.normal(size=(n, 16))
+
+
+def expected_coverage_same_distribution(n_real: int, n_fake: int, k: int) -> float:
+    """E[coverage] = 1 - C(N_r - 1, k) / C(N_r - 1 + N_f, k) for one shared distribution."""
+    return 1.0 - math.comb(n_real - 1, k) / math.comb(n_real - 1 + n_fake, k)
+
+
+def test_prdc_draws_equal_sample_sizes_from_both_sets_as_dgm_eval():
+    real, fake = cluster_features(2000, range(8), 10), cluster_features(500, range(8), 11)
+    result = metrics.prdc_dgm_eval(real, fake, k=5, max_samples=10_000, seed=3)
+    assert (result["n_real"], result["n_generated"]) == (500, 500)
+    assert (result["n_real_available"], result["n_generated_available"]) == (2000, 500)
+    # Same distribution: E[coverage] = 0.969 at 500 vs 500 (0.673 at 2000 vs 500), E[density] 1.
+    assert result["coverage"] == pytest.approx(
+        expected_coverage_same_distribution(500, 500, 5), abs=0.04
+    )
+    assert result["density"] == pytest.approx(1.0, abs=0.15)
+    rows_real, rows_fake = reference_prdc.dgm_eval_prdc_rows(2000, 500, 10_000, seed=3)
+    expected = reference_prdc.compute_prdc(real[rows_real], fake[rows_fake], 5)
+    assert {key: result[key] for key in expected} == pytest.approx(expected, abs=1e-12)
+    # Half the modes dropped: half the real points covered.
+    dropped = metrics.prdc_dgm_eval(real, cluster_features(500, range(4), 12), k=5, seed=3)
+    assert dropped["coverage"] == pytest.approx(0.5, abs=0.06)
+    capped = metrics.prdc_dgm_eval(real, fake, k=5, max_samples=300, seed=3)
+    assert (capped["n_real"], capped["n_generated"], capped["max_samples"]) == (300, 300, 300)
+    with pytest.raises(ValueError, match=r"2000 real, 500 generated\) = 5"):
+        metrics.prdc_dgm_eval(real, fake, k=5, max_samples=5)
 
 
 # ------------------------------------------------------------------ real faces
