@@ -1,0 +1,453 @@
+"""K identities' LoRAs in one UNet: batched LoRA layers, exact per-identity init, I/O and AdamW.
+
+Each targeted `nn.Linear` of the UNet becomes a `BatchedLoRALinear` holding stacked factors
+A (K, r, in) and B (K, out, r); every sample of a batch picks its identity's factors through
+one (B,) long index shared by all layers (`BatchedLoRA.set_identities`):
+
+    y_b = base(x_b) + (alpha / r) * (x_b A[idx_b]^T) B[idx_b]^T
+
+Per identity everything equals an ordinary peft LoRA (`unet.add_adapter(LoraConfig(...))`):
+the gaussian init for a seed (`init_identity_`), the diffusers LoRA file
+(`identity_state_dict` / `load_identity_`), the forward under autocast, gradient clipping
+(`clip_grad_norm_per_identity_`) and AdamW (`StackedAdamW`, with a per-identity active mask so a
+non-finite identity is frozen while the others train). Nothing here reads a tensor on the host.
+
+A training step for a packed batch (identity losses summed, so each identity gets exactly its
+solo gradient; with fp16, `scaler.unscale_(optimizer)` first, then `scaler.update()` after the
+step instead of `scaler.step`):
+
+    lora.set_identities(identities)                       # (B,) long, on the UNet's device
+    loss = identity_means(per_sample_loss, identities, K).sum()
+    loss.backward()
+    norms = clip_grad_norm_per_identity_(lora, max_norm)  # (K,)
+    optimizer.step(active=present & torch.isfinite(norms))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+
+class IdentitySelection:
+    """The (B,) identity index of the current batch, shared by all layers of one UNet."""
+
+    def __init__(self) -> None:
+        self.identities: torch.Tensor | None = None
+
+    def current(self) -> torch.Tensor:
+        if self.identities is None:
+            raise RuntimeError(
+                "no identities selected: call set_identities(identities) before the forward"
+            )
+        return self.identities
+
+
+class BatchedLoRALinear(nn.Module):
+    """`base(x) + scaling * B[idx] A[idx] x` per sample; A (K, r, in), B (K, out, r) in fp32."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        num_identities: int,
+        rank: int,
+        scaling: float,
+        selection: IdentitySelection,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        factory = dict(device=base_layer.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(
+            torch.zeros(num_identities, rank, base_layer.in_features, **factory)
+        )
+        self.lora_B = nn.Parameter(
+            torch.zeros(num_identities, base_layer.out_features, rank, **factory)
+        )
+        self.scaling = scaling
+        self.selection = selection
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ..., in) -> (B, ..., out); sample b uses identity `identities[b]`."""
+        identities = self.selection.current()
+        if x.dim() < 2 or identities.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not match the {identities.shape[0]} "
+                "selected identities (one per sample; repeat them for classifier-free guidance)"
+            )
+        if identities.device != self.lora_A.device:
+            raise ValueError(
+                f"identities are on {identities.device}, the LoRA factors on "
+                f"{self.lora_A.device}; move them first (an implicit copy would sync)"
+            )
+        result = self.base_layer(x)
+        result_dtype = result.dtype
+        # As peft: the input is cast to the factors' dtype; under autocast bmm then runs in the
+        # autocast dtype exactly like peft's nn.Linear factors do.
+        hidden = x.to(self.lora_A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, N, in)
+        down = self.lora_A[identities].transpose(1, 2)  # (B, in, r)
+        up = self.lora_B[identities].transpose(1, 2)  # (B, r, out)
+        delta = torch.bmm(torch.bmm(hidden, down), up) * self.scaling  # (B, N, out)
+        return (result + delta.reshape(result.shape)).to(result_dtype)
+
+    def extra_repr(self) -> str:
+        identities, rank, _ = self.lora_A.shape
+        return f"identities={identities}, rank={rank}, scaling={self.scaling}"
+
+
+@dataclass
+class BatchedLoRA:
+    """Handle of the batched LoRA injected into one UNet (`inject_batched_lora`)."""
+
+    unet: nn.Module
+    layers: dict[str, BatchedLoRALinear]  # module name -> layer, in named_modules order
+    selection: IdentitySelection
+    num_identities: int
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    _removed: bool = field(default=False, repr=False)
+
+    def set_identities(self, identities: torch.Tensor) -> None:
+        """Select (B,) long identity indices for the following forwards (and their backward).
+
+        It stays set until the next call, since gradient checkpointing re-runs the forward
+        during backward and must see the same index.
+        """
+        if identities.dim() != 1 or identities.dtype != torch.long:
+            raise ValueError(
+                f"identities must be a (B,) long tensor, got {identities.dtype} of shape "
+                f"{tuple(identities.shape)}"
+            )
+        self.selection.identities = identities
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Stacked factors in peft's parameter order: A (K, r, in), B (K, out, r) per module."""
+        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    def remove(self) -> None:
+        """Put the original nn.Linear modules back (the factors are dropped)."""
+        for name, layer in self.layers.items():
+            parent, child = _parent_and_child(self.unet, name)
+            setattr(parent, child, layer.base_layer)
+        self.layers = {}
+        self.selection.identities = None
+        self._removed = True
+
+
+def _matches_target(name: str, target_modules: Sequence[str]) -> bool:
+    """peft's rule for a list of target names: the module name equals or ends with '.target'."""
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def _parent_and_child(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), child
+
+
+def inject_batched_lora(
+    unet: nn.Module,
+    target_modules: Sequence[str],
+    num_identities: int,
+    rank: int,
+    alpha: float,
+) -> BatchedLoRA:
+    """Replace every targeted nn.Linear with a BatchedLoRALinear (B = 0, A = 0) in place.
+
+    Like peft's add_adapter, every other parameter of the UNet is frozen. Initialise each
+    identity with `init_identity_` (or `load_identity_`) afterwards.
+    """
+    if num_identities < 1 or rank < 1:
+        raise ValueError(f"num_identities and rank must be >= 1, got {num_identities}, {rank}")
+    names = [name for name, _ in unet.named_modules() if name]
+    targeted = [name for name in names if _matches_target(name, target_modules)]
+    if not targeted:
+        raise ValueError(f"no module of the UNet matches target_modules {list(target_modules)}")
+    not_linear = [n for n in targeted if type(unet.get_submodule(n)) is not nn.Linear]
+    if not_linear:
+        raise ValueError(f"batched LoRA supports nn.Linear only; targeted: {not_linear[:4]}")
+    unet.requires_grad_(False)
+    selection = IdentitySelection()
+    layers: dict[str, BatchedLoRALinear] = {}
+    for name in targeted:
+        parent, child = _parent_and_child(unet, name)
+        layers[name] = BatchedLoRALinear(
+            getattr(parent, child), num_identities, rank, alpha / rank, selection
+        )
+        setattr(parent, child, layers[name])
+    return BatchedLoRA(
+        unet, layers, selection, num_identities, rank, alpha, sorted(set(target_modules))
+    )
+
+
+def lora_config(handle: BatchedLoRA) -> LoraConfig:
+    """The peft LoraConfig one identity's adapter has (for the LoRA file's metadata)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=handle.rank,
+        lora_alpha=handle.alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(handle.target_modules),
+    )
+
+
+def _check_identity(handle: BatchedLoRA, k: int) -> None:
+    if handle._removed:
+        raise RuntimeError("this batched LoRA was removed from its UNet")
+    if not 0 <= k < handle.num_identities:
+        raise IndexError(f"identity {k} out of range for {handle.num_identities} identities")
+
+
+@torch.no_grad()
+def init_identity_(handle: BatchedLoRA, k: int, seed: int) -> None:
+    """Identity k's factors = peft's gaussian init after `torch.manual_seed(seed)`, bit for bit.
+
+    peft's add_adapter visits the targeted modules in named_modules order and for each builds
+    nn.Linear(in, r) and nn.Linear(r, out) (their default kaiming-uniform init draws from the
+    CPU generator), then redraws A ~ N(0, (1/r)^2) and zeroes B. The same draws are replayed
+    here on a forked CPU generator, so the caller's RNG state is untouched.
+    """
+    _check_identity(handle, k)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in handle.layers.values():
+            down = nn.Linear(layer.in_features, handle.rank, bias=False, device="cpu")
+            nn.Linear(handle.rank, layer.out_features, bias=False, device="cpu")  # B's draws
+            nn.init.normal_(down.weight, std=1 / handle.rank)
+            layer.lora_A[k].copy_(down.weight)
+            layer.lora_B[k].zero_()
+
+
+def _peft_keys(name: str) -> tuple[str, str]:
+    """get_peft_model_state_dict's names of a module's A and B (adapter name removed)."""
+    return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+
+
+@torch.no_grad()
+def identity_state_dict(handle: BatchedLoRA, k: int) -> dict[str, torch.Tensor]:
+    """Identity k as `convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))` gives it.
+
+    Values are fp32 copies: A (r, in) under '...lora.down.weight', B (out, r) under
+    '...lora.up.weight'; `StableDiffusionPipeline.save_lora_weights(dir, unet_lora_layers=...)`
+    writes the ordinary per-identity file.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    _check_identity(handle, k)
+    peft_state: dict[str, torch.Tensor] = {}
+    for name, layer in handle.layers.items():
+        key_a, key_b = _peft_keys(name)
+        peft_state[key_a] = layer.lora_A[k].detach().clone()
+        peft_state[key_b] = layer.lora_B[k].detach().clone()
+    return convert_state_dict_to_diffusers(peft_state)
+
+
+def _diffusers_targets(handle: BatchedLoRA) -> dict[str, nn.Parameter]:
+    """Diffusers key of each factor -> its stacked parameter (the key's tensor is param[k])."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    stacked: dict[str, nn.Parameter] = {}
+    for name, layer in handle.layers.items():
+        key_a, key_b = _peft_keys(name)
+        stacked[key_a], stacked[key_b] = layer.lora_A, layer.lora_B
+    return dict(convert_state_dict_to_diffusers(stacked))
+
+
+@torch.no_grad()
+def load_identity_(handle: BatchedLoRA, k: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy a diffusers-format LoRA state dict (no 'unet.' prefix) into identity k, strictly.
+
+    ValueError naming the missing and unexpected keys and the wrong shapes; nothing is copied
+    then.
+    """
+    _check_identity(handle, k)
+    targets = _diffusers_targets(handle)
+    missing = sorted(set(targets) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(targets))
+    wrong_shapes = [
+        f"{key}: {tuple(state_dict[key].shape)} != {tuple(param.shape[1:])}"
+        for key, param in targets.items()
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape[1:])
+    ]
+    if missing or unexpected or wrong_shapes:
+        raise ValueError(
+            f"LoRA state dict does not match the batched LoRA: missing {missing[:4]} "
+            f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)}), "
+            f"wrong shapes {wrong_shapes[:4]} ({len(wrong_shapes)})"
+        )
+    for key, param in targets.items():
+        param[k].copy_(state_dict[key])
+
+
+def identity_means(
+    values: torch.Tensor, identities: torch.Tensor, num_identities: int
+) -> torch.Tensor:
+    """(B,) per-sample values -> (K,) mean per identity (0 for identities without samples)."""
+    sums = values.new_zeros(num_identities).index_add(0, identities, values)
+    counts = values.new_zeros(num_identities).index_add(0, identities, torch.ones_like(values))
+    return sums / counts.clamp_min(1)
+
+
+@torch.no_grad()
+def clip_grad_norm_per_identity_(
+    parameters: BatchedLoRA | Iterable[torch.Tensor], max_norm: float
+) -> torch.Tensor:
+    """Per identity, torch.nn.utils.clip_grad_norm_ over its own factors; returns (K,) norms.
+
+    `parameters`: a handle or stacked (K, ...) tensors. norm_k = || (||g_k||_2 per tensor) ||_2,
+    and identity k's gradients are scaled by min(max_norm / (norm_k + 1e-6), 1), on the device.
+    """
+    if isinstance(parameters, BatchedLoRA):
+        parameters = parameters.parameters()
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(parameters[0].shape[0], device=parameters[0].device)
+    per_tensor = torch.stack(
+        [torch.linalg.vector_norm(g.flatten(1), 2, dim=1) for g in grads]
+    )  # (T, K)
+    norms = torch.linalg.vector_norm(per_tensor, 2, dim=0)  # (K,)
+    coefficients = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    for grad in grads:
+        grad.mul_(coefficients.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+    return norms
+
+
+class StackedAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW (foreach=False, amsgrad off) per identity over stacked (K, ...) params.
+
+    Each identity has its own step count and learning rate (group["lr"], a (K,) float64 tensor
+    on the parameters' device: set it from the identity's own schedule position, e.g. with
+    `set_learning_rates`; torch's LR schedulers do not apply). `step(active)` updates only the
+    identities where the (K,) bool mask is True; the others keep their factors and state bit
+    for bit. An identity with zero gradient (no samples in the batch) still decays, as in
+    AdamW, so mark it inactive.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        num_identities: int,
+        lr: float | Sequence[float] | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        self.num_identities = num_identities
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Optimizer.add_param_group; every parameter stacked (K, ...), lr made a (K,) vector."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        K = self.num_identities
+        bad = [tuple(p.shape) for p in group["params"] if p.dim() < 1 or p.shape[0] != K]
+        if bad:
+            raise ValueError(f"every parameter must have a leading dim of {K}: {bad}")
+        group["lr"] = self._lr_vector(group["lr"], group["params"][0].device)
+
+    def _lr_vector(self, lr: Any, device: torch.device) -> torch.Tensor:
+        """(K,) float64 on device; float64 so that a float lr gives torch's Python-float maths."""
+        lr = torch.as_tensor(lr, dtype=torch.float64).to(device)
+        if lr.dim() == 0:
+            lr = lr.expand(self.num_identities)
+        if lr.shape != (self.num_identities,):
+            raise ValueError(f"lr must be a float or ({self.num_identities},), got {lr.shape}")
+        return lr.clone()
+
+    def set_learning_rates(self, lr: float | Sequence[float] | torch.Tensor) -> None:
+        """Set every group's (K,) learning rates (a device tensor keeps this sync-free)."""
+        for group in self.param_groups:
+            group["lr"].copy_(self._lr_vector(lr, group["lr"].device))
+
+    def identity_steps(self) -> torch.Tensor:
+        """(K,) long: how many updates each identity has had (for its schedule position)."""
+        for state in self.state.values():
+            return state["step"].clone()
+        device = self.param_groups[0]["params"][0].device
+        return torch.zeros(self.num_identities, dtype=torch.long, device=device)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Optimizer.load_state_dict, then steps and learning rates back onto the params' device."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            device = group["params"][0].device
+            group["lr"] = self._lr_vector(group["lr"], device)
+            for param in group["params"]:
+                if param in self.state:
+                    self.state[param]["step"] = self.state[param]["step"].to(device, torch.long)
+
+    def _state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros(self.num_identities, dtype=torch.long, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor | None = None) -> None:  # type: ignore[override]
+        """One AdamW update of the identities where `active` (K,) bool is True (default all)."""
+        if active is None:
+            device = self.param_groups[0]["params"][0].device
+            active = torch.ones(self.num_identities, dtype=torch.bool, device=device)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, self._state(param), group, active)
+
+    def _update(
+        self,
+        param: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        group: dict[str, Any],
+        active: torch.Tensor,
+    ) -> None:
+        """torch's _single_tensor_adam, per-identity scalars as (K, 1, ...) float32 factors."""
+        beta1, beta2 = group["betas"]
+        grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
+        row = (-1,) + (1,) * (param.dim() - 1)
+        keep = active.view(row)
+        step = state["step"] + active.long()  # (K,)
+        # torch computes these in Python floats (float64), then the kernels cast them to fp32.
+        steps = step.double()
+        lr = group["lr"]
+        decay = (1 - lr * group["weight_decay"]).to(param.dtype).view(row)
+        step_size = (lr / (1 - beta1**steps)).neg().to(param.dtype).view(row)
+        bias_correction2_sqrt = (1 - beta2**steps).sqrt().to(param.dtype).view(row)
+
+        new_param = param * decay
+        new_exp_avg = exp_avg.lerp(grad, 1 - beta1)
+        new_exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (new_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        # addcdiv_(exp_avg, denom, value=-step_size) computes self + value * t1 / t2.
+        new_param = new_param + step_size * new_exp_avg / denom
+
+        param.copy_(torch.where(keep, new_param, param))
+        exp_avg.copy_(torch.where(keep, new_exp_avg, exp_avg))
+        exp_avg_sq.copy_(torch.where(keep, new_exp_avg_sq, exp_avg_sq))
+        state["step"] = step
