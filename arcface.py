@@ -23,6 +23,7 @@ from torch import nn
 
 from faces import ARCFACE_SIZE
 from fileio import file_sha256
+from runs import format_list
 
 # Residual blocks per stage, as in insightface recognition/arcface_torch/backbones/iresnet.py.
 IRESNET_LAYERS = {
@@ -149,12 +150,6 @@ def infer_iresnet_depth(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def _format_keys(keys: Sequence[str], limit: int = 8) -> str:
-    """First `limit` keys, plus how many more there are."""
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def _check_iresnet_keys(
     state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
 ) -> None:
@@ -168,11 +163,11 @@ def _check_iresnet_keys(
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_format_keys(missing)}")
+        problems.append(f"missing keys: {format_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_format_keys(unexpected)}")
+        problems.append(f"unexpected keys: {format_list(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatch: {_format_keys(mismatched)}")
+        problems.append(f"shape mismatch: {format_list(mismatched)}")
     if problems:
         raise ValueError(
             f"{source} is not an arcface_torch IResNet checkpoint loadable strictly; "

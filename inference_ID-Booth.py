@@ -48,7 +48,7 @@ from fileio import (
     remove_stale_temps,
 )
 from lora import LORA_WEIGHTS_NAME, lora_mismatches
-from sampling import (
+from prompts import (
     BACKGROUND_SAMPLERS,
     DEFAULT_NO_BACKGROUND_TEMPLATE,
     DEFAULT_PROMPT_TEMPLATE,

@@ -3,7 +3,7 @@
 Pose = the rotation `cv2.solvePnP` finds between a generic 3D face (14 landmarks, MODEL_POINTS)
 and the face's dlib landmarks, seen by a pinhole camera with focal length = image width,
 principal point at the image centre ((W - 1) / 2, (H - 1) / 2: pixel centres at integer
-coordinates, as in arcface.py) and no distortion.
+coordinates, as in faces.py) and no distortion.
 
 Angle conventions (degrees, in the camera's frame: x to the image's right, y down, z away from
 the camera; a face looking straight into the camera is (0, 0, 0)):
@@ -148,20 +148,20 @@ def solve_head_pose(image_points: np.ndarray, width: int, height: int) -> np.nda
 class PoseEstimator:
     """dlib HOG detector (largest face) + 68-point landmarks -> PnP head pose per image.
 
-    Uses arcface.py's dlib detector, shape predictor and upsampling rule (upsampled only when no
+    Uses faces.py's dlib detector, shape predictor and upsampling rule (upsampled only when no
     face is found, up to `max_upsample` 2x steps and `max_pixels` pixels), as training does.
     """
 
     name = "dlib-hog68-pnp14"
 
     def __init__(self, max_upsample: int = 2, max_pixels: int = 8_000_000):
-        from arcface import DlibFaceDetector
+        from faces import DlibFaceDetector
 
         self.faces = DlibFaceDetector(max_upsample=max_upsample, max_pixels=max_pixels)
 
     def landmarks(self, image: np.ndarray) -> np.ndarray | None:
         """(H, W, 3) uint8 RGB -> (68, 2) float64 dlib landmarks of the largest face, or None."""
-        from arcface import dlib_detect_faces
+        from faces import dlib_detect_faces
 
         image = np.ascontiguousarray(image, dtype=np.uint8)
         faces = dlib_detect_faces(

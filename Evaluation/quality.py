@@ -15,7 +15,7 @@ which `CRFIQANet` reproduces key for key:
 - CR-FIQA(S) = iresnet50 trained on CASIA-WebFace, file `32572backbone.pth`; CR-FIQA(L) =
   iresnet100 trained on MS1MV2, file `181952backbone.pth` (a plain `state_dict()`, no wrapper).
 - Input: a 5-point aligned 112x112 RGB crop (their alignment warps to insightface's
-  `arcface_dst`, the template `arcface.align_face` uses), scaled (x / 255 - 0.5) / 0.5, i.e.
+  `arcface_dst`, the template `faces.align_face` uses), scaled (x / 255 - 0.5) / 0.5, i.e.
   `arcface.images_to_arcface_input`. The official scripts read BGR files whose channels were
   swapped on export, so the network sees RGB, as in training (mxnet decode + ToTensor).
 
@@ -37,20 +37,21 @@ import torch
 from torch import nn
 
 from arcface import (
-    ARCFACE_SIZE,
-    DEFAULT_FACE_MODELS_ROOT,
     IRESNET_LAYERS,
-    FaceDetector,
     IResNet,
-    _format_keys,
-    align_face,
-    build_face_detector,
     images_to_arcface_input,
     infer_iresnet_depth,
     read_state_dict,
     weights_name,
 )
+from faces import (
+    ARCFACE_SIZE,
+    DEFAULT_FACE_MODELS_ROOT,
+    FaceDetector,
+    build_face_detector,
+)
 from image_sets import STATUS_NO_FACE, STATUS_OK, rows_of_readable_images
+from runs import format_list
 
 # Depths the official backbones/iresnet.py defines (iresnet18/34/50/100); released: r50, r100.
 CRFIQA_DEPTHS = ("r18", "r34", "r50", "r100")
@@ -94,7 +95,7 @@ def _check_keys(
         if key in state and state[key].shape != tensor.shape
     ]
     problems = [
-        f"{label}: {_format_keys(keys)}"
+        f"{label}: {format_list(keys)}"
         for label, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
@@ -159,7 +160,7 @@ class CRFIQAScorer:
     """CR-FIQA quality of RGB images: detect + 5-point align (or take aligned crops) + score.
 
     With `detector=None` every image must already be an aligned 112x112 crop (the official
-    evaluation input); otherwise the detector's largest face is aligned with `arcface.align_face`,
+    evaluation input); otherwise the detector's largest face is aligned with `faces.align_face`,
     exactly as training and identity evaluation do. `name` keys result caches.
     """
 
@@ -199,8 +200,9 @@ class CRFIQAScorer:
                     "takes aligned 112x112 RGB crops; pass a detector to align other images"
                 )
             return image
-        landmarks = self.detector.detect_landmarks(image)
-        return None if landmarks is None else align_face(image, landmarks)
+        from datasets import detect_and_align  # the one detect + align path of the project
+
+        return detect_and_align(image, self.detector)[1]
 
     def score(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 RGB images -> (N,) float32 scores (NaN where no face), (N,) found."""

@@ -29,7 +29,7 @@ from PIL import Image
 from tiny_sd import build_tiny_sd
 
 import fileio
-import sampling
+import prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "inference_ID-Booth.py"
@@ -163,10 +163,10 @@ def test_image_seed_is_sha256_of_seed_identity_index():
     for base_seed, identity, index in [(0, "ID_1", 0), (42, "ID_107", 99), (7, "a/b", 3)]:
         digest = hashlib.sha256(f"{base_seed}/{identity}/{index}".encode()).digest()
         expected = int.from_bytes(digest[:8], "big") % 2**63
-        assert sampling.image_seed(base_seed, identity, index) == expected
+        assert prompts.image_seed(base_seed, identity, index) == expected
     # Pinned: changing the derivation would silently change every published dataset.
-    assert sampling.image_seed(0, "ID_1", 0) == 6552712344683382331
-    seeds = {sampling.image_seed(0, f"ID_{i}", j) for i in range(30) for j in range(30)}
+    assert prompts.image_seed(0, "ID_1", 0) == 6552712344683382331
+    seeds = {prompts.image_seed(0, f"ID_{i}", j) for i in range(30) for j in range(30)}
     assert len(seeds) == 900
 
 
@@ -184,9 +184,9 @@ TEXT = st.text(
 )
 def test_default_prompt_follows_the_paper(gender, background, side, identity):
     portrait = "side-portrait" if side else "portrait"
-    prompt = sampling.build_prompt(
-        sampling.DEFAULT_PROMPT_TEMPLATE,
-        sampling.DEFAULT_NO_BACKGROUND_TEMPLATE,
+    prompt = prompts.build_prompt(
+        prompts.DEFAULT_PROMPT_TEMPLATE,
+        prompts.DEFAULT_NO_BACKGROUND_TEMPLATE,
         gender=gender,
         background=background,
         side_portrait=side,
@@ -195,9 +195,9 @@ def test_default_prompt_follows_the_paper(gender, background, side, identity):
     assert prompt == "face " + portrait + " photo of " + gender + " sks person, " + background + (
         " background"
     )
-    no_background = sampling.build_prompt(
-        sampling.DEFAULT_PROMPT_TEMPLATE,
-        sampling.DEFAULT_NO_BACKGROUND_TEMPLATE,
+    no_background = prompts.build_prompt(
+        prompts.DEFAULT_PROMPT_TEMPLATE,
+        prompts.DEFAULT_NO_BACKGROUND_TEMPLATE,
         gender=gender,
         background="none",
         side_portrait=side,
@@ -216,9 +216,9 @@ def test_default_prompt_follows_the_paper(gender, background, side, identity):
 def test_custom_template_substitutes_each_placeholder(pieces, order, values, side):
     template = "".join(p + "{" + name + "}" for p, name in zip(pieces, order, strict=False))
     template += pieces[-1]
-    sampling.validate_template(template)
+    prompts.validate_template(template)
     background, gender, identity = values
-    prompt = sampling.build_prompt(
+    prompt = prompts.build_prompt(
         template,
         "x",
         gender=gender,
@@ -243,9 +243,9 @@ def test_custom_template_substitutes_each_placeholder(pieces, order, values, sid
     probability=st.floats(0.0, 1.0),
 )
 def test_prompt_choices_are_a_pure_function_of_the_seed(seed, backgrounds, probability):
-    background, side = sampling.prompt_choices(seed, backgrounds, probability)
+    background, side = prompts.prompt_choices(seed, backgrounds, probability)
     assert background in backgrounds
-    assert (background, side) == sampling.prompt_choices(seed, list(backgrounds), probability)
+    assert (background, side) == prompts.prompt_choices(seed, list(backgrounds), probability)
     if probability == 0.0:
         assert not side
     if probability == 1.0:
@@ -254,12 +254,12 @@ def test_prompt_choices_are_a_pure_function_of_the_seed(seed, backgrounds, proba
 
 def test_side_portrait_coin_and_backgrounds_are_balanced():
     draws = [
-        sampling.prompt_choices(sampling.image_seed(0, "ID_1", i), sampling.PAPER_BACKGROUNDS, 0.5)
+        prompts.prompt_choices(prompts.image_seed(0, "ID_1", i), prompts.PAPER_BACKGROUNDS, 0.5)
         for i in range(4000)
     ]
     side_fraction = np.mean([side for _, side in draws])
     assert 0.46 < side_fraction < 0.54
-    counts = {bg: sum(b == bg for b, _ in draws) for bg in sampling.PAPER_BACKGROUNDS}
+    counts = {bg: sum(b == bg for b, _ in draws) for bg in prompts.PAPER_BACKGROUNDS}
     assert min(counts.values()) > 4000 / 11 * 0.8
 
 
@@ -292,7 +292,7 @@ IDENTITIES = st.text(min_size=1, max_size=12)
     n=st.integers(0, 60),
 )
 def test_balanced_backgrounds_counts_differ_by_at_most_one(seed, identity, backgrounds, n):
-    drawn = [sampling.balanced_background(seed, identity, i, backgrounds) for i in range(n)]
+    drawn = [prompts.balanced_background(seed, identity, i, backgrounds) for i in range(n)]
     counts = [drawn.count(background) for background in backgrounds]
     assert sum(counts) == n and max(counts) - min(counts) <= 1
     assert min(counts) == n // len(backgrounds)
@@ -308,16 +308,16 @@ def test_balanced_backgrounds_counts_differ_by_at_most_one(seed, identity, backg
 def test_balanced_background_is_deterministic_and_regenerates_alone(
     seed, identity, backgrounds, index
 ):
-    background = sampling.balanced_background(seed, identity, index, backgrounds)
+    background = prompts.balanced_background(seed, identity, index, backgrounds)
     assert background == reference_background(seed, identity, index, backgrounds)
-    assert background == sampling.balanced_background(seed, identity, index, tuple(backgrounds))
+    assert background == prompts.balanced_background(seed, identity, index, tuple(backgrounds))
 
 
 @settings(max_examples=30, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
     identity=st.from_regex(r"ID_[0-9]{1,4}", fullmatch=True),
-    sampling=st.sampled_from(sorted(sampling.BACKGROUND_SAMPLERS)),
+    sampling=st.sampled_from(sorted(prompts.BACKGROUND_SAMPLERS)),
     n=st.integers(1, 30),
     more=st.integers(1, 30),
 )
@@ -341,7 +341,7 @@ def test_adding_images_keeps_earlier_prompts(seed, identity, sampling, n, more):
 def test_paper_backgrounds_over_21_images_each_once_or_twice(seed, identity):
     args = planning_args("--seed", str(seed))
     drawn = [inference.plan_image(args, identity, "male", i).background for i in range(21)]
-    counts = [drawn.count(background) for background in sampling.PAPER_BACKGROUNDS]
+    counts = [drawn.count(background) for background in prompts.PAPER_BACKGROUNDS]
     assert min(counts) >= 1 and max(counts) <= 2
 
 
@@ -353,12 +353,12 @@ def test_background_sampling_modes_share_seed_and_coin():
         old = inference.plan_image(independent, "ID_1", "female", index)
         assert (new.seed, new.side_portrait) == (old.seed, old.side_portrait)
         # 'independent' is the draw made before the flag existed, from the image seed alone.
-        assert (old.background, old.side_portrait) == sampling.prompt_choices(
-            old.seed, sampling.PAPER_BACKGROUNDS, 0.5
+        assert (old.background, old.side_portrait) == prompts.prompt_choices(
+            old.seed, prompts.PAPER_BACKGROUNDS, 0.5
         )
     # Pinned: changing the block shuffle would silently change every balanced dataset.
     first_block = [
-        sampling.balanced_background(0, "ID_1", i, sampling.PAPER_BACKGROUNDS) for i in range(11)
+        prompts.balanced_background(0, "ID_1", i, prompts.PAPER_BACKGROUNDS) for i in range(11)
     ]
     assert first_block == [
         "none",
@@ -374,7 +374,7 @@ def test_background_sampling_modes_share_seed_and_coin():
         "night club",
     ]
     with pytest.raises(ValueError, match="unknown --background_sampling 'even'.*balanced"):
-        sampling.background_sampler("even")
+        prompts.background_sampler("even")
 
 
 def test_resume_compares_background_sampling(tmp_path):
@@ -392,12 +392,12 @@ def test_resume_compares_background_sampling(tmp_path):
 @settings(max_examples=100, deadline=None)
 @given(
     name=st.from_regex(r"[a-z_]{1,12}", fullmatch=True).filter(
-        lambda name: name not in sampling.PROMPT_PLACEHOLDERS
+        lambda name: name not in prompts.PROMPT_PLACEHOLDERS
     )
 )
 def test_unknown_placeholder_is_rejected_with_the_options(name):
     with pytest.raises(ValueError, match=r"unknown placeholder.*\{" + name + r"\}") as error:
-        sampling.validate_template("photo of {gender} and {" + name + "}")
+        prompts.validate_template("photo of {gender} and {" + name + "}")
     assert "{background}, {gender}, {identity}, {portrait}" in str(error.value)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-import arcface
+import faces as face_tools
 import pose
 from image_sets import STATUS_NO_FACE, STATUS_OK, STATUS_UNREADABLE, cached_rows
 
@@ -56,7 +56,7 @@ def estimator() -> pose.PoseEstimator:
 def group_faces() -> list[np.ndarray]:
     """Square crops (2.4x dlib's box) of the six people of t1.jpg, left to right."""
     group = insightface_image("t1.jpg")
-    rects = sorted(arcface.dlib_hog_detector()(group, 0), key=lambda rect: rect.left())
+    rects = sorted(face_tools.dlib_hog_detector()(group, 0), key=lambda rect: rect.left())
     assert len(rects) == 6
     crops = []
     for rect in rects:

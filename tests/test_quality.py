@@ -18,6 +18,7 @@ from test_arcface import (
 from torch import nn
 
 import arcface
+import faces as face_tools
 import quality
 from image_sets import STATUS_NO_FACE, STATUS_OK, STATUS_UNREADABLE, cached_rows
 
@@ -72,8 +73,8 @@ def r18_checkpoint(tmp_path_factory, r18_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dlib_detector() -> arcface.DlibFaceDetector:
-    return arcface.DlibFaceDetector()
+def dlib_detector() -> face_tools.DlibFaceDetector:
+    return face_tools.DlibFaceDetector()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def colour_face(dlib_detector) -> np.ndarray:
     """(112, 112, 3) uint8 aligned crop of the largest face in insightface's t1.jpg (colour;
     Tom_Hanks_54745.png is grey, so it cannot tell RGB from BGR)."""
     group = rgb("t1.jpg")
-    return arcface.align_face(group, dlib_detector.detect_landmarks(group))
+    return face_tools.align_face(group, dlib_detector.detect_landmarks(group))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_image_files_get_scores_or_status_and_cache(
     assert rows.shape == (4, 1) and rows.dtype == np.float32
     assert status.tolist() == [STATUS_OK, STATUS_OK, STATUS_NO_FACE, STATUS_UNREADABLE]
     assert np.isfinite(rows[:2]).all() and np.isnan(rows[2:]).all()
-    crop = arcface.align_face(tom_and_flip[0], dlib_detector.detect_landmarks(tom_and_flip[0]))
+    crop = face_tools.align_face(tom_and_flip[0], dlib_detector.detect_landmarks(tom_and_flip[0]))
     np.testing.assert_allclose(rows[0], scorer.score_aligned(crop[None]), rtol=1e-5, atol=1e-5)
 
     cache = tmp_path / "cache" / f"quality-{scorer.name}.npz"
