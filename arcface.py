@@ -342,6 +342,12 @@ def load_onnx_recogniser(path: str | Path) -> tuple[nn.Module, bool, int]:
             f"could not read {path} as an ONNX model ({type(err).__name__}: {err}); "
             "the file is truncated or corrupt: download or export it again"
         ) from err
+    if len(model.graph.input) != 1 or len(model.graph.output) < 1 or not model.graph.node:
+        raise ValueError(
+            f"{path} is not an ONNX face recogniser: a recogniser has one image input and an "
+            f"embedding output ({len(model.graph.input)} inputs, {len(model.graph.output)} "
+            f"outputs, {len(model.graph.node)} nodes)"
+        )
     # dim_value 0 = a dynamic axis; only fixed axes that disagree with (B, 3, 112, 112) are errors
     input_dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     channels_height_width = (3, ARCFACE_SIZE, ARCFACE_SIZE)
@@ -463,7 +469,25 @@ def load_arcface(
         )
     backbone, expects_pixels, embedding_dim = RECOGNISER_LOADERS[path.suffix](path)
     encoder = ArcFaceEncoder(backbone, weights_name(path), embedding_dim, expects_pixels)
+    _check_embeds(encoder, path)
     return encoder.to(device=device, dtype=dtype)
+
+
+def _check_embeds(encoder: ArcFaceEncoder, path: Path) -> None:
+    """ValueError unless one aligned face gives one finite (1, D) embedding (a probe forward)."""
+    try:
+        with torch.inference_mode():
+            probe = encoder(torch.zeros(1, 3, ARCFACE_SIZE, ARCFACE_SIZE))
+    except Exception as error:  # a graph of another model fails in ways of its own
+        raise ValueError(
+            f"{path} does not run as a face recogniser on a (1, 3, 112, 112) face "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
+    if tuple(probe.shape) != (1, encoder.embedding_dim):
+        raise ValueError(
+            f"{path} gives output of shape {tuple(probe.shape)} for one face; a recogniser "
+            f"gives one embedding (1, {encoder.embedding_dim})"
+        )
 
 
 def images_to_arcface_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:

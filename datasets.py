@@ -195,11 +195,11 @@ def load_rgb_image(path: str | Path) -> Image.Image:
 def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
     """identity -> {column: value} from a CSV with an 'identity' column or a JSON mapping."""
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM is not a column
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or "identity" not in reader.fieldnames:
                 raise ValueError(f"{path}: CSV needs a header with an 'identity' column")
-            rows = [{k: (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = [_attribute_row(path, reader.line_num, row) for row in reader]
         attributes = {row["identity"]: row for row in rows}
         if len(attributes) != len(rows):
             raise ValueError(f"{path}: an identity appears in more than one row")
@@ -221,6 +221,13 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
 def normalise_gender(value: str) -> str | None:
     """'M'/'man'/'male' -> 'male', 'F'/'woman'/'female' -> 'female', else None."""
     return GENDER_ALIASES.get(str(value).strip().lower())
+
+
+def _attribute_row(path: Path, line: int, row: dict) -> dict[str, str]:
+    """One CSV row with stripped values; ValueError naming the line of a malformed one."""
+    if None in row:  # csv.DictReader puts fields beyond the header under the key None
+        raise ValueError(f"{path}: line {line} has more fields than the header {list(row)[:-1]}")
+    return {key: (value or "").strip() for key, value in row.items()}
 
 
 def identity_genders(folders: dict[str, Path], attributes_file: Path | None) -> dict[str, str]:
@@ -394,11 +401,6 @@ def _detect_entry(
     return _CacheEntry(path.name, sha256, image.size, landmarks), aligned
 
 
-def _read_size(path: Path) -> tuple[int, int]:
-    """(W, H) of a fully decoded image (plain DreamBooth: no face needed)."""
-    return load_rgb_image(path).size
-
-
 @dataclass
 class _ScanPass:
     """Working state of one scan: cached / detected annotations or plain sizes, and skips."""
@@ -407,6 +409,7 @@ class _ScanPass:
     cached: dict[str, _CacheEntry]
     detector: FaceDetector | None
     sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    sha256: dict[Path, str] = field(default_factory=dict)  # content hash of every decoded file
     entries: dict[Path, _CacheEntry] = field(default_factory=dict)
     pending: list[tuple[_CacheEntry, np.ndarray]] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
@@ -420,16 +423,22 @@ class _ScanPass:
             self.report.add(path, SKIP_NOT_IMAGE)
             return
         try:
-            if self.detector is None:
-                self.sizes[path] = _read_size(path)
+            data = path.read_bytes()
+            self.sha256[path] = hashlib.sha256(data).hexdigest()
+            if self.detector is None:  # plain DreamBooth: decodes and is large enough
+                self.sizes[path] = _decode_rgb(io.BytesIO(data), str(path)).size
             else:
-                self._annotate(path, min_side)
+                self._annotate(path, data, min_side)
         except UnreadableImageError as error:
             self.report.add(path, SKIP_UNREADABLE, str(error.__cause__ or error))
+        except OSError as error:  # no permission, vanished, I/O error: skipped and named too
+            self.report.add(path, SKIP_UNREADABLE, f"{type(error).__name__}: {error.strerror}")
 
-    def _annotate(self, path: Path, min_side: int) -> None:
-        data = path.read_bytes()
-        sha256 = hashlib.sha256(data).hexdigest()
+    def usable_count(self, min_side: int) -> int:
+        return sum(min(size) >= min_side for size in self.sizes.values())
+
+    def _annotate(self, path: Path, data: bytes, min_side: int) -> None:
+        sha256 = self.sha256[path]
         entry = self.cached.get(sha256)
         if entry is None:
             if path.name in self.cached_names:
@@ -473,8 +482,11 @@ def _embed_pending(state: _ScanPass, encoder: torch.nn.Module) -> None:
         entry.embedding = embedding
 
 
-def _scan_pass(folder: Path, files, detector, encoder, cache: bool, min_side: int) -> _ScanPass:
-    """Size or look up / detect + embed every file of `folder`; refresh its face cache file."""
+def _scan_pass(
+    folder: Path, files, detector, encoder, cache: bool, min_side: int, limit: int | None
+) -> _ScanPass:
+    """Size or look up / detect + embed the files of `folder` in order (until `limit` usable
+    ones are found); refresh its face cache file."""
     names = (
         {} if detector is None else {"encoder": str(encoder.name), "detector": str(detector.name)}
     )
@@ -482,6 +494,8 @@ def _scan_pass(folder: Path, files, detector, encoder, cache: bool, min_side: in
     cached = _read_cache(cache_path, names) if cache and cache_path is not None else {}
     state = _ScanPass(SkipReport(folder, len(files)), cached, detector)
     for path in files:
+        if limit is not None and state.usable_count(min_side) >= limit:
+            break
         state.visit(path, min_side)
     if state.changed:
         logger.warning(
@@ -503,6 +517,13 @@ class PhotoScan:
     photos: list[Path]
     faces: dict[Path, FaceAnnotation]
     report: SkipReport
+    fingerprint: str  # sha256 over (name, content sha256) of the photos, in order
+
+
+def _fingerprint(photos: list[Path], sha256: dict[Path, str]) -> str:
+    """What a set of photos is, by content: sha256 of 'name:sha256' lines in order."""
+    lines = "".join(f"{path.name}:{sha256[path]}\n" for path in photos)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def scan_photos(
@@ -512,6 +533,7 @@ def scan_photos(
     faceless: str = "keep",
     cache: bool = True,
     min_side: int = MIN_IMAGE_SIDE,
+    limit: int | None = None,
 ) -> PhotoScan:
     """The one way a folder of photos becomes training or evaluation data.
 
@@ -520,8 +542,9 @@ def scan_photos(
     `face_cache_path`); `faceless="skip"` then drops photos without a face as skips (identity
     photos: no positive for the identity term), `"keep"` keeps them without an annotation (class
     photos: they still serve the prior loss; named in a second warning). Without a detector:
-    plain DreamBooth, every usable photo. Skips are named in one logged warning; ValueError when
-    nothing usable is left.
+    plain DreamBooth, every usable photo. With `limit`, only the first `limit` usable photos in
+    file-name order (a folder of 1,000 class images serves 200 when asked for 200). Skips are
+    named in one logged warning; ValueError when nothing usable is left.
     """
     if faceless not in ("keep", "skip"):
         raise ValueError(f"faceless must be 'keep' or 'skip', got {faceless!r}")
@@ -529,7 +552,7 @@ def scan_photos(
         raise ValueError("pass both a face detector and an encoder, or neither")
     folder = Path(folder)
     files = _folder_files(folder)
-    state = _scan_pass(folder, files, detector, encoder, cache, min_side)
+    state = _scan_pass(folder, files, detector, encoder, cache, min_side, limit)
     photos, faces = state.classify(min_side)
     faceless_photos = [path for path in photos if detector is not None and path not in faces]
     if faceless == "skip" and detector is not None:
@@ -554,7 +577,7 @@ def scan_photos(
             folder,
             ", ".join(path.name for path in faceless_photos),
         )
-    return PhotoScan(photos, faces, state.report)
+    return PhotoScan(photos, faces, state.report, _fingerprint(photos, state.sha256))
 
 
 def annotate_folder(
@@ -621,6 +644,7 @@ class _PhotoSet:
 
     paths: list[Path]
     report: SkipReport
+    fingerprint: str  # PhotoScan.fingerprint: the photos by content
     embeddings: torch.Tensor | None = None  # (N, D) float32, zero rows for faceless photos
     landmarks: np.ndarray | None = None  # (N, 5, 2) float32, original image coordinates
     has_face: np.ndarray | None = None  # (N,) bool
@@ -630,7 +654,7 @@ class _PhotoSet:
         """Stack a scan's annotations (faceless photos: zero embedding and landmarks, has_face
         False); embedding_dim None = a plain scan without annotations."""
         if embedding_dim is None:
-            return cls(scan.photos, scan.report)
+            return cls(scan.photos, scan.report, scan.fingerprint)
         embeddings = np.zeros((len(scan.photos), embedding_dim), dtype=np.float32)
         landmarks = np.zeros((len(scan.photos), 5, 2), dtype=np.float32)
         has_face = np.array([path in scan.faces for path in scan.photos], dtype=bool)
@@ -638,7 +662,8 @@ class _PhotoSet:
             if has_face[row]:
                 embeddings[row] = scan.faces[path].embedding
                 landmarks[row] = scan.faces[path].landmarks
-        return cls(scan.photos, scan.report, torch.from_numpy(embeddings), landmarks, has_face)
+        embeddings = torch.from_numpy(embeddings)
+        return cls(scan.photos, scan.report, scan.fingerprint, embeddings, landmarks, has_face)
 
     @property
     def annotated(self) -> bool:
@@ -658,8 +683,10 @@ class DreamBoothFaceDataset(Dataset):
 
     Item i uses instance photo i % N_inst and class photo i % N_class; len = max of the two.
     With a detector and encoder the instance photos are those with a detected face (see
-    annotate_folder for the skip rules) and the class photos are every usable one (they all
-    serve the prior loss, as in the reference): a faceless class photo has `class_has_face`
+    annotate_folder for the skip rules) and the class photos are the first `max_class_images`
+    usable ones in file-name order (all of them if None; they all serve the prior loss, as in
+    the reference, and the reference caps them the same way): a faceless class photo has
+    `class_has_face`
     False, a zero `class_embedding` and zero `class_landmarks`, so the trainer can mask the
     triplet term that would use it as the negative. With neither (plain DreamBooth) every
     readable photo is used and items carry no `*_embedding` / `*_landmarks` / `*_has_face`.
@@ -675,6 +702,7 @@ class DreamBoothFaceDataset(Dataset):
         detector: FaceDetector | None,
         encoder: torch.nn.Module | None,
         class_folder: str | Path | None = None,
+        max_class_images: int | None = None,
         resolution: int = 512,
         center_crop: bool = False,
         cache: bool = True,
@@ -698,7 +726,9 @@ class DreamBoothFaceDataset(Dataset):
             embedding_dim = next(iter(instance.faces.values())).embedding.shape[0]
         self.instance = _PhotoSet.from_scan(instance, embedding_dim)
         if class_folder is not None:
-            classes = scan_photos(class_folder, detector, encoder, "keep", cache, min_side)
+            classes = scan_photos(
+                class_folder, detector, encoder, "keep", cache, min_side, max_class_images
+            )
             self.classes = _PhotoSet.from_scan(classes, embedding_dim)
 
     @property
@@ -722,6 +752,8 @@ class DreamBoothFaceDataset(Dataset):
         summary = {
             "instance_images": self.num_instance_images,
             "class_images": self.num_class_images,
+            "instance_sha256": self.instance.fingerprint,
+            "class_sha256": self.classes.fingerprint if self.classes is not None else None,
         }
         if self.classes is not None and self.classes.annotated:
             with_face = self.num_class_images_with_face

@@ -15,7 +15,6 @@ quality. Give real weights to run the same stages for real:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+import runs
 
 REPO_ROOT = Path(__file__).resolve().parent
 # Faces of t1.jpg (six people), left to right; the first two (both women) become identities,
@@ -55,23 +56,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="DINOv2 path or hub id for diversity/fidelity; default: a random tiny DINOv2.",
     )
-    parser.add_argument("--resolution", type=int, default=64, help="Training and generation size.")
     parser.add_argument(
-        "--max_train_steps", type=int, default=6, help="Training steps per identity."
+        "--resolution",
+        type=runs.Number(int, low=8, multiple_of=8),
+        default=64,
+        help="Training and generation size.",
     )
     parser.add_argument(
-        "--num_images_per_identity", type=int, default=3, help="Images generated per identity."
+        "--max_train_steps", type=runs.POSITIVE_INT, default=6, help="Training steps per identity."
     )
     parser.add_argument(
-        "--num_inference_steps", type=int, default=4, help="Sampler steps per image."
+        "--num_images_per_identity",
+        type=runs.POSITIVE_INT,
+        default=3,
+        help="Images generated per identity.",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--num_inference_steps", type=runs.POSITIVE_INT, default=4, help="Sampler steps per image."
+    )
+    args = parser.parse_args(argv)
+    runs.check_numbers(args, parser)
+    return args
+
+
+class StageError(RuntimeError):
+    """One of the pipeline's scripts exited with an error (its own message is printed above)."""
 
 
 def run_stage(name: str, script: str, arguments: list[str]) -> None:
-    """Run one of the project's scripts as a user would, failing loudly."""
+    """Run one of the project's scripts as a user would; StageError naming it if it fails."""
     print(f"\n=== {name}: python {script} {' '.join(arguments)}", flush=True)
-    subprocess.run([sys.executable, str(REPO_ROOT / script), *arguments], check=True)
+    completed = subprocess.run([sys.executable, str(REPO_ROOT / script), *arguments])
+    if completed.returncode != 0:
+        raise StageError(
+            f"the {name} stage ({script}) failed with exit code {completed.returncode}; its "
+            "error is printed above. Finished outputs are kept: re-run to resume"
+        )
 
 
 def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
@@ -79,6 +99,7 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
     import torch
 
     from arcface import build_iresnet
+    from fileio import atomic_folder, atomic_path
     from random_models import build_tiny_dinov2, build_tiny_sd
 
     paths = {
@@ -86,13 +107,18 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
         "arcface": models_dir / "arcface_r18_random.pth",
         "dinov2": models_dir / "tiny-dinov2",
     }
-    if not (paths["sd"] / "model_index.json").exists():
-        build_tiny_sd(paths["sd"])
-    if not paths["arcface"].exists():
+    # Each model is written to a temp name and renamed when complete, so a demo killed during
+    # set-up leaves no half-written model that a rerun would trust.
+    if not paths["sd"].is_dir():
+        with atomic_folder(paths["sd"]) as temp:
+            build_tiny_sd(temp)
+    if not paths["arcface"].is_file():
         torch.manual_seed(0)
-        torch.save(build_iresnet("r18").state_dict(), paths["arcface"])
-    if not (paths["dinov2"] / "config.json").exists():
-        build_tiny_dinov2(paths["dinov2"])
+        with atomic_path(paths["arcface"]) as temp:
+            torch.save(build_iresnet("r18").state_dict(), temp)
+    if not paths["dinov2"].is_dir():
+        with atomic_folder(paths["dinov2"]) as temp:
+            build_tiny_dinov2(temp)
     return paths
 
 
@@ -112,6 +138,7 @@ def prepare_embedded_identities(data_dir: Path) -> tuple[Path, Path, Path]:
     import insightface
 
     from faces import DlibFaceDetector
+    from fileio import atomic_write_json
 
     identities_root, class_dir = data_dir / "identities", data_dir / "class"
     attributes_path = data_dir / "identity_attributes.json"
@@ -136,7 +163,7 @@ def prepare_embedded_identities(data_dir: Path) -> tuple[Path, Path, Path]:
                 folder / f"person_{index}_{variant}.png"
             )
     attributes = {f"person_{index}": {"gender": "female"} for index in range(NUM_DEMO_IDENTITIES)}
-    attributes_path.write_text(json.dumps(attributes, indent=2))
+    atomic_write_json(attributes_path, attributes)  # written last: the marker of a finished set-up
     return identities_root, class_dir, attributes_path
 
 
@@ -207,4 +234,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runs.run_cli("demo.py", parse_args, main, errors=(StageError,))

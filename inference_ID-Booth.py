@@ -271,6 +271,14 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--prompt_template_no_background must not contain {background}")
     if args.identities is not None and args.lora_root is None:
         raise ValueError("--identities selects folders under --lora_root; use it with --lora_root")
+    for name in args.identities or []:
+        runs.check_identity_name(name, "--identities")
+    source = args.lora_root or args.lora_dir
+    if runs.is_inside(args.output_dir, source) or runs.is_inside(source, args.output_dir):
+        raise ValueError(
+            f"--output_dir {args.output_dir} and the LoRA folder {source} overlap: generated "
+            "images would be read as identities (or LoRAs as images); keep them apart"
+        )
     if args.lora_dir is not None and runs.CHECKPOINT_PATTERN.match(args.lora_dir.name):
         raise ValueError(
             f"--lora_dir {args.lora_dir} is a checkpoint folder; pass the identity folder "
@@ -278,17 +286,11 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.identity_attributes is not None and not args.identity_attributes.is_file():
         raise FileNotFoundError(f"--identity_attributes file {args.identity_attributes} not found")
-    if args.grid_dir is not None and _is_inside(args.grid_dir, args.output_dir):
+    if args.grid_dir is not None and runs.is_inside(args.grid_dir, args.output_dir):
         raise ValueError(
             f"--grid_dir {args.grid_dir} is inside --output_dir; contact sheets there would "
             "be read as an identity by image-folder loaders. Choose a folder outside it."
         )
-
-
-def _is_inside(path: Path, folder: Path) -> bool:
-    """True when `path` is `folder` or lies below it."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
 
 
 def resolve_backgrounds(values: Sequence[str]) -> list[str]:
@@ -463,8 +465,8 @@ def check_run_config(
     Per-identity LoRA paths catch e.g. `--checkpoint latest` resolving to a newer checkpoint.
     """
     previous_config = read_run_config(output_dir)
-    if overwrite or not previous_config:
-        return
+    if overwrite or not previous_config or not image_paths(output_dir):
+        return  # nothing made with the old settings: a corrected command may change them
     previous = previous_config.get("generation", {})
     changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
     previous_files = previous_config.get("lora_files", {})
@@ -830,9 +832,6 @@ def main(args: argparse.Namespace) -> dict:
     )
     plan = prepare(args, state)
     identities = plan["identities"]
-    if state.is_main_process:
-        remove_stale_temps(args.output_dir)
-        write_run_config(args, plan["settings"], identities, state.num_processes)
     batches = make_batches(
         [identity.name for identity in identities], args.num_images_per_identity, args.batch_size
     )
@@ -841,6 +840,10 @@ def main(args: argparse.Namespace) -> dict:
         args, split_work(batches, state.num_processes, state.process_index), counts
     )
     pipeline, lora_errors = checked_pipeline(args, identities, state)
+    if state.is_main_process:  # only once the model loaded: a failed start blocks no rerun
+        remove_stale_temps(args.output_dir)
+        write_run_config(args, plan["settings"], identities, state.num_processes)
+    state.wait_for_everyone()
     context = {"args": args, "counts": counts, "genders": plan["genders"]}
     context["lora_errors"] = lora_errors
     by_name = {identity.name: identity for identity in identities}

@@ -10,6 +10,7 @@ every config) lives here, so the scripts cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import math
@@ -19,7 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,23 @@ def config_mismatches(
 
 
 # ============================================================================ identity folders
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """True when `path` is `folder` or lies below it (both resolved)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_identity_name(name: str, flag: str) -> str:
+    """An identity name is one path component: ValueError for '', '.', '..', separators or an
+    absolute path, so a path built from it stays inside the folder it belongs to."""
+    bad = name in ("", ".", "..") or "/" in name or "\\" in name or Path(name).is_absolute()
+    if bad or Path(name).name != name:
+        raise ValueError(
+            f"{flag}: {name!r} is not an identity name (one folder name, without '/' or '..')"
+        )
+    return name
 
 
 def identity_folders(root: Path) -> list[Path]:
@@ -331,6 +349,22 @@ def check_base_model(name: str) -> None:
             f"base model folder {path} is incomplete: missing {', '.join(missing)}; save the "
             "whole pipeline with StableDiffusionPipeline.save_pretrained (or download all of it)"
         )
+
+
+@contextlib.contextmanager
+def loading(what: str, source: object) -> Iterator[None]:
+    """Turn any failure while loading user-given weights into one ValueError naming them (a
+    truncated or garbage file raises SafetensorError, UnpicklingError, RuntimeError, ...)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"could not load {what} from {source} ({type(error).__name__}: {first_line}); "
+            "a weights file is truncated, corrupt or of another model: download or save it again"
+        ) from error
 
 
 def format_list(items: Iterable[str], limit: int = 8) -> str:

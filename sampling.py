@@ -660,13 +660,12 @@ def load_pipeline(
     """A StableDiffusionPipeline without safety checker or progress bar, weights frozen."""
     from diffusers import StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        model,
-        **(dtype_keyword(dtype) if dtype is not None else {}),
-        safety_checker=None,
-        requires_safety_checker=False,
-        **hub,
-    )
+    from runs import loading
+
+    with loading("the Stable Diffusion pipeline", model):
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            model, **(dtype_keyword(dtype) if dtype is not None else {}), **hub
+        )
     # Frozen weights: on CPU, linear kernels differ at float level with requires_grad, and
     # a LoRA load freezes the base, so freezing up front keeps every identity on one path.
     for component in pipeline.components.values():

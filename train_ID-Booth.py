@@ -107,7 +107,7 @@ RESUME_MAY_CHANGE = frozenset(
     # compared through the resolved max_train_steps:
     "num_train_epochs max_train_steps "
     # paths and class-image sampling: the photos are compared through the data summary
-    "instance_data_dir identities_root class_data_dir num_class_images sample_batch_size "
+    "instance_data_dir identities_root class_data_dir sample_batch_size "
     "class_num_inference_steps prior_generation_precision face_models_root "
     # compared by content (the encoder's name holds a sha256 prefix of the weights):
     "arcface_weights".split()
@@ -116,7 +116,13 @@ RESUME_MAY_CHANGE = frozenset(
 # schedule depends on it), steps per epoch (the data order) and the precision actually used.
 RESUME_RESOLVED_KEYS = ("max_train_steps", "steps_per_epoch", "mixed_precision")
 # Data counts that must match (a changed photo set re-pairs instance and class images).
-RESUME_DATA_KEYS = ("instance_images", "class_images", "class_images_with_face")
+RESUME_DATA_KEYS = (
+    "instance_images",
+    "class_images",
+    "class_images_with_face",
+    "instance_sha256",  # the photos by content: another person's photos never resume a run
+    "class_sha256",
+)
 
 
 # ============================================================================ arguments
@@ -189,10 +195,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--num_class_images",
-        type=NON_NEGATIVE_INT,
+        type=POSITIVE_INT,
         default=200,
-        help="Class images wanted in --class_data_dir; missing ones are sampled with "
-        "--class_prompt. All serve the prior loss; an instance sample paired with a class image "
+        help="Class images per identity: exactly the first N usable ones of --class_data_dir "
+        "in file-name order (missing ones are sampled with --class_prompt first). All serve "
+        "the prior loss; an instance sample paired with a class image "
         "without a detected face gets no triplet term (counted in the logs).",
     )
     parser.add_argument(
@@ -241,6 +248,13 @@ def _add_loss_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--triplet_margin", type=NON_NEGATIVE, default=1.0, help="Margin m of the triplet loss."
+    )
+    parser.add_argument(
+        "--clamp_decoded_x0",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Clamp the decoded x0_hat to [-1, 1] before the face crop, as the reference code "
+        "does; --no-clamp_decoded_x0 keeps the gradient of saturated pixels.",
     )
     parser.add_argument(
         "--identity_loss_weighting",
@@ -433,6 +447,16 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ValueError(f"--class_data_dir {args.class_data_dir} is a file, not a folder")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise ValueError(f"--output_dir {args.output_dir} is a file; pass a folder path")
+    flag = "--instance_data_dir" if args.instance_data_dir is not None else "--identities_root"
+    for name, folder in (
+        ("--output_dir", args.output_dir),
+        ("--class_data_dir", args.class_data_dir),
+    ):
+        if folder is not None and runs.is_inside(folder, source):
+            raise ValueError(
+                f"{name} {folder} lies inside {flag} {source}: its files would be read as "
+                "training photos or identities; choose a folder outside it"
+            )
 
 
 def _validate_losses(args: argparse.Namespace) -> None:
@@ -570,10 +594,17 @@ def load_frozen_models(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     base, dtype = args.pretrained_model_name_or_path, WEIGHT_DTYPES[mixed_precision]
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **_hub_kwargs(args))
-    text_encoder = CLIPTextModel.from_pretrained(
-        base, subfolder="text_encoder", **_hub_kwargs(args)
-    )
+    with runs.loading("the VAE and text encoder", base):
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **_hub_kwargs(args))
+        text_encoder = CLIPTextModel.from_pretrained(
+            base, subfolder="text_encoder", **_hub_kwargs(args)
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(
+            base, subfolder="tokenizer", revision=args.revision
+        )
+        scheduler = DDPMScheduler.from_pretrained(
+            base, subfolder="scheduler", revision=args.revision
+        )
     for model in (vae, text_encoder):
         model.requires_grad_(False)
         model.eval()
@@ -583,12 +614,8 @@ def load_frozen_models(
     return FrozenModels(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(
-            base, subfolder="tokenizer", revision=args.revision
-        ),
-        noise_scheduler=DDPMScheduler.from_pretrained(
-            base, subfolder="scheduler", revision=args.revision
-        ),
+        tokenizer=tokenizer,
+        noise_scheduler=scheduler,
         arcface=arcface,
         device=device,
         mixed_precision=mixed_precision,
@@ -618,9 +645,9 @@ def load_unet_with_lora(args: argparse.Namespace, device: torch.device, mixed_pr
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
 
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", **_hub_kwargs(args)
-    )
+    base = args.pretrained_model_name_or_path
+    with runs.loading("the UNet", base):
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **_hub_kwargs(args))
     unet.requires_grad_(False)
     add_gaussian_lora(unet, args.rank, args.lora_alpha, stable_seed(args.seed, "lora-init"))
     place(unet, device, WEIGHT_DTYPES[mixed_precision])
@@ -693,6 +720,7 @@ def build_dataset(
         face_tools.detector if face_tools is not None else None,
         face_tools.encoder if face_tools is not None else None,
         class_folder=args.class_data_dir if args.with_prior_preservation else None,
+        max_class_images=args.num_class_images,
         resolution=args.resolution,
         center_crop=args.center_crop,
         seed=args.seed,
@@ -729,9 +757,17 @@ def identity_mask(batch: dict[str, Any], loss: str, device: torch.device) -> tor
 
 
 def decode_x0(
-    frozen: FrozenModels, noisy_latents: torch.Tensor, model_pred: torch.Tensor, timesteps
+    frozen: FrozenModels,
+    noisy_latents: torch.Tensor,
+    model_pred: torch.Tensor,
+    timesteps: torch.Tensor,
+    mask: torch.Tensor,
+    clamp: bool,
 ) -> torch.Tensor:
-    """x0_hat in fp32 -> frozen VAE decode in its weight dtype (with grad): (n, 3, R, R)."""
+    """x0_hat in fp32 -> frozen VAE decode in its weight dtype (with grad) -> clamped to
+    [-1, 1] like the reference code (clamp=False keeps the gradient of saturated pixels):
+    (n, 3, R, R). Rows outside `mask` (no identity term) enter the decoder detached, so even a
+    NaN in them cannot reach the LoRA through the backward pass."""
     scheduler, vae = frozen.noise_scheduler, frozen.vae
     x0 = predict_x0(
         noisy_latents.float(),
@@ -740,8 +776,9 @@ def decode_x0(
         scheduler.alphas_cumprod,
         scheduler.config.prediction_type,
     )  # (n, 4, R/8, R/8) float32
-    # No clamp to [-1, 1]: it would zero the gradient of every saturated pixel.
-    return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
+    x0 = torch.where(mask[:, None, None, None], x0, x0.detach())
+    decoded = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
+    return decoded.clamp(-1.0, 1.0) if clamp else decoded
 
 
 def face_embeddings_of_x0(
@@ -750,11 +787,13 @@ def face_embeddings_of_x0(
     model_pred: torch.Tensor,
     timesteps: torch.Tensor,
     landmarks: torch.Tensor,
+    mask: torch.Tensor,
+    clamp: bool = True,
 ) -> torch.Tensor:
     """a_i = E(x0_hat_i): decode (with grad) -> 5-point alignment with the photo's landmarks
     (pixels of the training crop = pixels of the decoded image) -> frozen ArcFace, the last two
     in fp32 outside autocast like the precomputed e_inst / e_prior. (n, D) unit vectors."""
-    decoded = decode_x0(frozen, noisy_latents, model_pred, timesteps)  # (n, 3, R, R)
+    decoded = decode_x0(frozen, noisy_latents, model_pred, timesteps, mask, clamp)  # (n,3,R,R)
     with torch.autocast(frozen.device.type, enabled=False):
         faces = align_faces_torch(decoded.float(), landmarks, fill=-1.0)  # (n, 3, 112, 112)
         return frozen.arcface(faces)  # (n, 512) float32, unit norm
@@ -793,11 +832,17 @@ def compute_losses(
         n = num_instance
         landmarks = batch["landmarks"][:n].to(device, torch.float32)  # (n, 5, 2)
         embeddings = batch["embeddings"].to(device, torch.float32)  # (B, D)
+        mask = identity_mask(batch, args.loss, device)  # (n,) bool
         anchor = face_embeddings_of_x0(
-            frozen, noisy_latents[:n], model_pred[:n], timesteps[:n], landmarks
+            frozen,
+            noisy_latents[:n],
+            model_pred[:n],
+            timesteps[:n],
+            landmarks,
+            mask,
+            args.clamp_decoded_x0,
         )
         negative = embeddings[n : 2 * n] if embeddings.shape[0] >= 2 * n else None
-        mask = identity_mask(batch, args.loss, device)  # (n,) bool
         identity = identity_terms(config, anchor, embeddings[:n], negative, timesteps[:n], mask)
     return objective(config, model_pred, target, num_instance, identity)
 
@@ -886,6 +931,7 @@ class IdentityTrainer:
         self.prompts = encode_prompts(frozen, args)
         self.generator = torch.Generator(self.device)
         self.watch = NonFiniteWatch(TERM_NAMES, self.device)
+        self.grad_watch = NonFiniteWatch(("grad_norm",), self.device)
         self.interval_means, self.epoch_means = term_means(self.device), term_means(self.device)
         self.global_step, self.last_validated = 0, -1
         # Instance samples that had the identity term, summed on the device (read when logging).
@@ -957,7 +1003,7 @@ class IdentityTrainer:
 
     def save_checkpoint(self) -> Path:
         """checkpoint-N: LoRA (loadable as is), optimizer/scheduler/scaler state, config."""
-        self.watch.check(f"checkpoint-{self.global_step} was not written")
+        self.check_finite(f"checkpoint-{self.global_step} was not written")
 
         def fill(temp: Path) -> None:
             save_lora(self.unet, temp)
@@ -1106,7 +1152,9 @@ class IdentityTrainer:
     def optimizer_step(self) -> None:
         """Unscale, clip, step (skipped by the fp16 scaler on inf grads), schedule, zero."""
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.lora_parameters, self.args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_parameters, self.args.max_grad_norm)
+        if not self.scaler.is_enabled():  # the fp16 scaler skips the steps with inf grads itself
+            self.grad_watch.update(grad_norm.detach().double()[None], self.global_step + 1)
         # With fp16 the scaler syncs here anyway (it must know whether grads were finite);
         # like accelerate, the schedule only advances when the optimizer really stepped.
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
@@ -1126,7 +1174,7 @@ class IdentityTrainer:
         if step % self.checkpointing_steps == 0:
             self.save_checkpoint()
         if step % self.validation_steps == 0:
-            self.watch.check("no validation images were made")
+            self.check_finite("no validation images were made")
             self.validate()
 
     def _tags(self) -> dict[str, str]:
@@ -1143,6 +1191,7 @@ class IdentityTrainer:
 
     def _log_interval(self) -> None:
         self.watch.check(f"last checkpoint kept in {self.identity.output_dir}")
+        self.grad_watch.check(f"last checkpoint kept in {self.identity.output_dir}")
         means = self.interval_means.pop()
         lr = self.lr_scheduler.get_last_lr()[0]
         postfix = {tag: f"{means[name]:.4g}" for name, tag in self._tags().items()}
@@ -1169,9 +1218,21 @@ class IdentityTrainer:
             for name, tag in self._tags().items():
                 self.writer.add_scalar(f"epoch/{tag}", means[name], epoch)
 
+    def check_finite(self, where: str) -> None:
+        """NonFiniteLossError if a loss term, a gradient norm or the LoRA weights themselves
+        held NaN/inf since the start (one host sync): nothing non-finite is ever saved."""
+        self.watch.check(where)
+        self.grad_watch.check(where)
+        finite = torch.stack([p.detach().isfinite().all() for p in self.lora_parameters]).all()
+        if not bool(finite):
+            raise NonFiniteLossError(
+                f"the LoRA weights are non-finite at step {self.global_step}; training stopped "
+                f"before saving; {where}. Try a lower --learning_rate or --max_grad_norm"
+            )
+
     def finish(self) -> None:
         """Final validation, config and model card, then the LoRA (the 'finished' marker)."""
-        self.watch.check(
+        self.check_finite(
             f"no final LoRA written; last checkpoint kept in {self.identity.output_dir}"
         )
         if self.last_validated != self.global_step:
@@ -1217,6 +1278,8 @@ def prepare_class_data(args: argparse.Namespace, state, face_tools: FaceTools | 
             args.pretrained_model_name_or_path,
             state.device,
             _prior_dtype(args, state.device),
+            safety_checker=None,
+            requires_safety_checker=False,
             **_hub_kwargs(args),
         ),
         args.class_data_dir,
@@ -1231,7 +1294,8 @@ def prepare_class_data(args: argparse.Namespace, state, face_tools: FaceTools | 
     )
     if face_tools is not None:
         with state.main_process_first():
-            scan_photos(args.class_data_dir, face_tools.detector, face_tools.encoder, "keep")
+            detector, encoder = face_tools.detector, face_tools.encoder
+            scan_photos(args.class_data_dir, detector, encoder, limit=args.num_class_images)
 
 
 def main(args: argparse.Namespace) -> dict[str, list]:
@@ -1269,14 +1333,36 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         )
         frozen = load_frozen_models(args, state.device, mixed_precision, arcface)
         for identity in todo:
-            if args.overwrite:
-                clear_outputs(identity, args.logging_dir)
-            logger.info("training identity %s -> %s", identity.name, identity.output_dir)
-            results.append(IdentityTrainer(args, identity, frozen, face_tools, state).run())
+            results.append(train_identity(args, identity, frozen, face_tools, state))
     if state.num_processes > 1:
         state.destroy_process_group()
-    return {"trained": results, "skipped": skipped}
+    failed = [result for result in results if "error" in result]
+    if failed:
+        logger.error("%d of %d identities failed: %s", len(failed), len(todo), failed)
+    trained = [result for result in results if "error" not in result]
+    return {"trained": trained, "skipped": skipped, "failed": failed}
+
+
+def train_identity(args: argparse.Namespace, identity: Identity, frozen, face_tools, state):
+    """Train one identity; with --identities_root a failure of one (bad photos, NaN, an I/O
+    error) is reported and the others go on; a single --instance_data_dir run raises."""
+    if args.overwrite:
+        clear_outputs(identity, args.logging_dir)
+    logger.info("training identity %s -> %s", identity.name, identity.output_dir)
+    try:
+        return IdentityTrainer(args, identity, frozen, face_tools, state).run()
+    except (ValueError, OSError, NonFiniteLossError) as error:
+        if args.identities_root is None:
+            raise
+        logger.error("identity %s failed: %s", identity.name, error)
+        return {"identity": identity.name, "error": f"{type(error).__name__}: {error}"}
 
 
 if __name__ == "__main__":
-    runs.run_cli("train_ID-Booth.py", parse_args, main, errors=(NonFiniteLossError,))
+    runs.run_cli(
+        "train_ID-Booth.py",
+        parse_args,
+        main,
+        exit_code=lambda summary: int(bool(summary["failed"])),
+        errors=(NonFiniteLossError,),
+    )

@@ -232,6 +232,15 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise FileNotFoundError(f"--generated {name}: folder {folder} does not exist")
     if args.real is not None and not args.real.is_dir():
         raise FileNotFoundError(f"--real: folder {args.real} does not exist")
+    inputs = {f"--generated {name}": folder for name, folder in args.generated_sets.items()}
+    if args.real is not None:
+        inputs["--real"] = args.real
+    for flag, folder in inputs.items():
+        if runs.is_inside(args.out, folder) or runs.is_inside(folder, args.out):
+            raise ValueError(
+                f"--out {args.out} and {flag} {folder} overlap: the report's own files would be "
+                "read as images of an identity; write the report to a folder outside the data"
+            )
     if args.embedder == "arcface" and args.arcface_weights is None:
         raise ValueError(
             "--embedder arcface needs --arcface_weights (backbone.pth or .onnx); "

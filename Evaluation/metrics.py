@@ -29,6 +29,10 @@ METRIC_DEFINITIONS = {
     "FMR(t) = share of impostor scores >= t, FNMR(t) = share of genuine scores < t",
     "eer": "the point where the ROC polyline (straight segments between operating points) "
     "crosses FMR = FNMR; exact linear interpolation between the two bracketing points",
+    "eer_fvc2000": "EER as pyeer (used by the official ID-Booth evaluation) reports it: the "
+    "midpoint (FMR + FNMR) / 2 at the operating point next to the crossing with the smaller "
+    "FMR + FNMR (FVC2000's convention); it departs from eer where the ROC steps are coarse "
+    "(few pairs, tied scores)",
     "eer_threshold": "threshold of the ROC operating point next to the EER crossing with the "
     "smaller |FMR - FNMR| (an achievable threshold; its FMR/FNMR are reported beside it)",
     "fnmr_at_fmr": "FNMR(t) at t = the lowest threshold with FMR(t) <= target, i.e. the lowest "
@@ -279,6 +283,20 @@ def equal_error_rate(roc: RocCurve) -> dict[str, float]:
     }
 
 
+def eer_fvc2000(roc: RocCurve) -> float:
+    """EER as pyeer reports it (the convention of the official ID-Booth evaluation; Maio et al.,
+    FVC2000, IEEE TPAMI 2002): at the first threshold (ascending) where FMR <= FNMR, or the one
+    before it, whichever has the smaller FMR + FNMR, the midpoint (FMR + FNMR) / 2."""
+    # Ascending thresholds as pyeer's ROC, plus the vertex +inf (FMR 0, FNMR 1) last: pyeer
+    # has no such point and returns EER = 1 when every score ties; here that gives 0.5.
+    fmr, fnmr = roc.fmr[::-1], roc.fnmr[::-1]
+    diff = fmr - fnmr
+    after = int(np.flatnonzero(diff <= 0)[0])  # the vertex +inf qualifies
+    before = after - 1 if diff[after] != 0 and after != 0 else after
+    chosen = before if fmr[before] + fnmr[before] <= fmr[after] + fnmr[after] else after
+    return float((fmr[chosen] + fnmr[chosen]) / 2)
+
+
 def fnmr_at_fmr(roc: RocCurve, target: float) -> dict[str, float]:
     """Lowest FNMR among thresholds with FMR <= target, and that threshold."""
     index = int(np.flatnonzero(roc.fmr <= target)[-1])  # vertex +inf always qualifies
@@ -338,6 +356,7 @@ def verification_metrics(
         "impostor_mean": float(impostor.mean()),
         "impostor_std": float(impostor.std()),
         **equal_error_rate(roc),
+        "eer_fvc2000": eer_fvc2000(roc),
         "auc": roc_auc(roc),
         "fdr": fisher_discriminant_ratio(genuine, impostor),
         "decidability": decidability(genuine, impostor),

@@ -63,6 +63,27 @@ PREPARED_FORMAT_VERSION = 1
 HEAD_DEFAULT_MARGINS = {"adaface": 0.4, "arcface": 0.5, "cosface": 0.4}
 ALIGN_MODES = ("auto", "always", "never")
 LR_SCHEDULERS = ("step", "plateau")
+# Arguments that may differ between a checkpoint and the run resuming it (where outputs go, how
+# often they are written, worker counts, verification sets, data paths whose images are compared
+# by dataset_fingerprint, and the length: the step and plateau schedules do not depend on it, so
+# a run may be extended); every other one must match.
+RESUME_MAY_CHANGE = frozenset(
+    (
+        "num_epochs",
+        "max_train_steps",
+        "output_dir",
+        "resume_from_checkpoint",
+        "prepared_dir",
+        "data_dirs",
+        "dataloader_num_workers",
+        "log_every",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "eval_bins",
+        "eval_every_epochs",
+        "eval_batch_size",
+    )
+)
 TRAINING_STATE_NAME = "training_state.pt"
 
 
@@ -145,6 +166,7 @@ class PreparedFaces:
     labels: np.ndarray
     identities: list[str]
     skips: dict[str, list[str]]
+    fingerprint: str = ""  # dataset_fingerprint of the images it was prepared from
 
     def open_faces(self) -> np.ndarray:
         """Memory-map the faces: (N, 112, 112, 3) uint8, read lazily."""
@@ -262,7 +284,11 @@ def _open_prepared(prepared_dir: Path, manifest: dict) -> PreparedFaces:
     if len(labels) != manifest["num_faces"]:
         raise ValueError(f"{prepared_dir} is inconsistent; delete it to prepare the faces again")
     return PreparedFaces(
-        prepared_dir / "faces.npy", labels, manifest["identities"], manifest["skips"]
+        prepared_dir / "faces.npy",
+        labels,
+        manifest["identities"],
+        manifest["skips"],
+        manifest["fingerprint"],
     )
 
 
@@ -424,6 +450,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def save_checkpoint(run: Run) -> Path:
     """Write checkpoint-<step>/ atomically (temp folder + os.replace); prune beyond the limit."""
+    check_finite(run, f"checkpoint-{run.state.global_step} was not written")
     scaler = getattr(run.accelerator, "scaler", None)
 
     def fill(temp: Path) -> None:
@@ -446,13 +473,29 @@ def save_checkpoint(run: Run) -> Path:
     )
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, identities) -> TrainState:
-    """Restore model, optimizer, scheduler and grad scaler (weights_only=True) and the step."""
-    saved_config = json.loads((path / "config.json").read_text())
-    if saved_config.get("identities") != identities:
+def resume_mismatches(saved: dict, current: dict) -> list[str]:
+    """Differences that forbid resuming: every argument except RESUME_MAY_CHANGE, the
+    identities and the images (dataset_fingerprint)."""
+    changed = runs.config_mismatches(saved.get("args", {}), current["args"], RESUME_MAY_CHANGE)
+    for key in ("identities", "dataset_fingerprint"):
+        changed += runs.config_mismatches({key: saved.get(key)}, {key: current[key]}, ())
+    return changed
+
+
+def load_checkpoint(path: Path, run: Run) -> TrainState:
+    """Restore model, optimizer, scheduler and grad scaler (weights_only=True) and the step;
+    ValueError when the checkpoint was made with other settings or data."""
+    model, optimizer, scheduler, accelerator = (
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.accelerator,
+    )
+    changed = resume_mismatches(json.loads((path / "config.json").read_text()), run.config())
+    if changed:
         raise ValueError(
-            f"checkpoint {path} was trained on other identities than --data_dir gives now "
-            "(same data and --keep_roots_apart setting needed to resume)"
+            f"checkpoint {path} was trained with other settings or data ({'; '.join(changed)}); "
+            "resume with the same ones, or choose another --output_dir"
         )
     payload = torch.load(path / TRAINING_STATE_NAME, map_location="cpu", weights_only=True)
     accelerator.unwrap_model(model).load_state_dict(payload["model"])
@@ -466,11 +509,20 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, identi
 
 
 def trim_log(log_path: Path, last_step: int) -> None:
-    """Drop log lines past the resumed step so a resumed run does not duplicate them."""
-    if log_path.is_file():
-        lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["step"] <= last_step]
-        atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+    """Drop log lines past the resumed step so a resumed run does not duplicate them, and
+    lines a killed writer left torn (they are named in a warning)."""
+    if not log_path.is_file():
+        return
+    kept, torn = [], []
+    for line in filter(str.strip, log_path.read_text().splitlines()):
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            torn.append(line)
+    if torn:
+        logger.warning("%s: dropped %d torn line(s): %s", log_path, len(torn), torn[:3])
+    atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -754,6 +806,8 @@ def run_config(args: argparse.Namespace, prepared: PreparedFaces, state: TrainSt
     """The resolved settings that made this model, stored beside it and in each checkpoint."""
     return {
         **vars(args),
+        "args": runs.json_safe(vars(args)),
+        "dataset_fingerprint": prepared.fingerprint,
         "face_size": FACE_SIZE,
         "input_normalisation": "(x / 255 - 0.5) / 0.5, RGB",
         "num_classes": len(prepared.identities),
@@ -859,6 +913,7 @@ class Run:
     max_steps: int
     state: TrainState = field(default_factory=TrainState)
     pair_sets: list = field(default_factory=list)
+    watch: runs.NonFiniteWatch | None = None  # NaN/inf of the loss, on the device
 
     @property
     def log_path(self) -> Path:
@@ -894,9 +949,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     )
     resume_path = runs.find_checkpoint(args.resume_from_checkpoint, output_dir, TRAINING_STATE_NAME)
     if resume_path is not None:
-        run.state = load_checkpoint(
-            resume_path, model, optimizer, scheduler, accelerator, prepared.identities
-        )
+        run.state = load_checkpoint(resume_path, run)
     if accelerator.is_main_process:
         remove_stale_temps(output_dir)  # what a killed run left while writing
         for log in (run.log_path, output_dir / "verification_log.jsonl"):
@@ -935,12 +988,14 @@ def train_loop(run: Run) -> None:
     device = accelerator.device
     meter = LossMeter(torch.zeros((), device=device), torch.zeros((), device=device))
     meter.epoch_sum += state.epoch_loss_sum
+    run.watch = runs.NonFiniteWatch(("loss",), device)
     while state.global_step < run.max_steps:
         run.batches.set_epoch(state.epoch)
         for batch in batches_from(run.batches, state.step_in_epoch, args.dataloader_num_workers):
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
             loss = training_step(run.model, run.optimizer, accelerator, batch, args.max_grad_norm)
             meter.add(loss)
+            run.watch.update(loss.double()[None], state.global_step + 1)
             state.global_step += 1
             state.step_in_epoch += 1
             state.epoch_loss_count += 1
@@ -954,6 +1009,7 @@ def after_step(run: Run, meter: LossMeter) -> None:
     args, accelerator, state = run.args, run.accelerator, run.state
     if state.global_step % args.log_every == 0 or state.global_step == run.max_steps:
         write_log_line(accelerator, meter, run.optimizer, state, run.log_path)
+        run.watch.check(f"last checkpoint kept in {run.output_dir}")
     epoch_done = state.step_in_epoch == run.batches.steps_per_epoch()
     save_now = (
         state.global_step % args.checkpointing_steps == 0 or state.global_step == run.max_steps
@@ -975,8 +1031,23 @@ def after_step(run: Run, meter: LossMeter) -> None:
             save_checkpoint(run)
 
 
+def check_finite(run: Run, where: str) -> None:
+    """NonFiniteLossError if a loss or the model's weights became NaN/inf (one host sync):
+    a non-finite model is never written as a checkpoint or as backbone.pth."""
+    if run.watch is not None:
+        run.watch.check(where)
+    weights = run.accelerator.unwrap_model(run.model).state_dict().values()
+    finite = torch.stack([w.isfinite().all() for w in weights if w.is_floating_point()]).all()
+    if not bool(finite):
+        raise runs.NonFiniteLossError(
+            f"the model's weights are non-finite at step {run.state.global_step}; training "
+            f"stopped before saving; {where}. Try a lower --learning_rate or --max_grad_norm"
+        )
+
+
 def save_final(run: Run) -> None:
     """backbone.pth (arcface_torch keys, float32) + config.json (+ final verification)."""
+    check_finite(run, f"no backbone.pth written; last checkpoint kept in {run.output_dir}")
     backbone = run.accelerator.unwrap_model(run.model).backbone
     state_dict = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}
     with atomic_path(run.output_dir / "backbone.pth") as temp:
@@ -988,4 +1059,4 @@ def save_final(run: Run) -> None:
 
 
 if __name__ == "__main__":
-    runs.run_cli("train_fr.py", parse_args, main)
+    runs.run_cli("train_fr.py", parse_args, main, errors=(runs.NonFiniteLossError,))

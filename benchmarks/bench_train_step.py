@@ -181,11 +181,12 @@ def main(args: argparse.Namespace) -> dict:
     resolution, depth = SIZES[args.size]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="idbooth-bench-"))
     sd_dir, arcface_path = build_models(workdir, args.size)
+    (workdir / "photos").mkdir(exist_ok=True)  # the step runs on synthetic batches
     train_args = train.parse_args(
         [
             f"--pretrained_model_name_or_path={sd_dir}",
-            f"--instance_data_dir={workdir}",
-            f"--class_data_dir={workdir}",
+            f"--instance_data_dir={workdir / 'photos'}",
+            f"--class_data_dir={workdir / 'class'}",
             f"--output_dir={workdir / 'out'}",
             f"--arcface_weights={arcface_path}",
             f"--resolution={resolution}",

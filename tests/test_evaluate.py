@@ -324,7 +324,7 @@ def test_identity_comparisons_skip_with_a_reason(tmp_path):
         "real": embedded(["a", "a", "b", "b"], [STATUS_OK, STATUS_NO_FACE, STATUS_OK, STATUS_OK]),
     }
     args = evaluate.parse_args(
-        [f"--generated={tmp_path}", "--embedder=dlib", f"--out={tmp_path / 'out'}"]
+        [f"--generated={tmp_path}", "--embedder=dlib", f"--out={tmp_path}_report"]
     )
     results, scores = evaluate.identity_metrics(
         faces, ["one_identity", "singletons", "other_names"], args
@@ -360,7 +360,7 @@ def test_fidelity_prdc_draws_the_same_number_of_images_from_both_sets(tmp_path):
     fake = centres[rng.integers(0, 6, 500)] + rng.normal(size=(500, 12))
     features = {"real": features_set(tmp_path, real), "gen": features_set(tmp_path, fake)}
     args = evaluate.parse_args(
-        [f"--generated={tmp_path}", "--embedder=dlib", f"--out={tmp_path / 'out'}", "--seed=4"]
+        [f"--generated={tmp_path}", "--embedder=dlib", f"--out={tmp_path}_report", "--seed=4"]
     )
     args.kd_subsets = 2
     prdc = evaluate.fidelity_metrics(features, ["gen"], args)["gen"]["prdc"]

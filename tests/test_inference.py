@@ -385,6 +385,9 @@ def test_resume_compares_background_sampling(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"generation": recorded}))
     inference.check_run_config(tmp_path, recorded, [], overwrite=False)
     balanced = {**recorded, "background_sampling": "balanced"}
+    inference.check_run_config(tmp_path, balanced, [], overwrite=False)  # no image made yet
+    (tmp_path / "ID_a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "ID_a" / "0.png")
     with pytest.raises(ValueError, match="background_sampling: 'independent' -> 'balanced'"):
         inference.check_run_config(tmp_path, balanced, [], overwrite=False)
 
@@ -830,3 +833,32 @@ def test_png_completeness_and_metadata_rebuild(tmp_path):
     assert [r["index"] for r in metadata(tmp_path)] == [0, 1]
     assert inference.remove_stale_temps(folder, {"4.png"}) == 0
     assert inference.remove_stale_temps(folder, {"3.png"}) == 1
+
+
+# --------------------------------------------------------------------- reruns and paths
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(assets, tmp_path):
+    """A wrong base model path fails before any image exists: the fixed command runs."""
+    broken = tmp_path / "broken_sd"
+    shutil.copytree(assets["model"], broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "1")
+    bad = [*argv]
+    bad[bad.index("--pretrained_model_name_or_path") + 1] = str(broken)
+    with pytest.raises(ValueError, match="could not load the Stable Diffusion pipeline"):
+        run(bad)
+    summary = run(argv)
+    assert summary["written"] == 3 and summary["failed"] == 0
+
+
+@pytest.mark.parametrize("name", ["../ID_a", "/tmp/ID_a", "ID_a/..", "a/b", "..", ""])
+def test_identity_names_are_single_folder_names(assets, tmp_path, name):
+    with pytest.raises(ValueError, match="is not an identity name"):
+        inference.parse_args(cli(assets, tmp_path / "out", "--identities", name))
+
+
+def test_output_dir_inside_the_lora_root_is_refused(assets):
+    with pytest.raises(ValueError, match="overlap"):
+        inference.parse_args(cli(assets, assets["loras"] / "generated"))

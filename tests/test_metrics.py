@@ -502,3 +502,17 @@ def test_real_faces_cross_set_genuine_is_same_name(real_face_embeddings):
     result = metrics.verification_metrics(genuine, impostor)
     assert (result["n_genuine"], result["n_impostor"]) == (7 * 2, 14 * 7 - 14)
     assert result["eer"] == 0.0 and result["decidability"] > 4.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_eer_fvc2000_equals_pyeer(seed):
+    """The official evaluation reports pyeer's EER; eer_fvc2000 is that number, exactly."""
+    from pyeer.eer_stats import calculate_roc, get_eer_values
+
+    rng = np.random.default_rng(seed)
+    genuine = np.round(rng.normal(0.6, 0.15, 300), 2)  # rounded: ties, as real scores have
+    impostor = np.round(rng.normal(0.2, 0.15, 3000), 2)
+    _, fmr, fnmr = calculate_roc(genuine, impostor)
+    expected = get_eer_values(np.asarray(fmr), np.asarray(fnmr))[-1]  # (..., EER)
+    ours = metrics.verification_metrics(genuine, impostor)
+    assert ours["eer_fvc2000"] == pytest.approx(expected, abs=1e-12)

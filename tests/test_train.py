@@ -835,7 +835,7 @@ def test_finished_identity_is_skipped_unless_overwrite(triplet_run, tmp_path):
     before = (copied / train.LORA_WEIGHTS_NAME).read_bytes()
 
     summary = train.main(train.parse_args(argv))
-    assert summary == {"trained": [], "skipped": ["hanks"]}
+    assert summary == {"trained": [], "skipped": ["hanks"], "failed": []}
     assert (copied / train.LORA_WEIGHTS_NAME).read_bytes() == before
 
     overwrite = [*argv, "--overwrite", "--max_train_steps=2", "--validation_prompt="]
@@ -965,3 +965,151 @@ def test_class_image_plan_replaces_unusable_files(tmp_path):
     assert sampling.class_image_plan(tmp_path, 3) == [1]
     assert sampling.class_image_plan(tmp_path, 5) == [1, 3, 4]
     assert sampling.class_image_plan(tmp_path / "missing", 2) == [0, 1]
+
+
+# ======================================================================== fidelity and robustness
+
+
+def test_decoded_x0_is_clamped_like_the_reference_unless_asked_not_to(step_parts, monkeypatch):
+    """The official step clamps the decoded x0 to [-1, 1] before ArcFace (the default here);
+    --no-clamp_decoded_x0 keeps saturated pixels, and their gradient."""
+    args, _, frozen = step_parts
+    assert args.clamp_decoded_x0 is True
+    latents = torch.randn(2, 4, 8, 8)
+    monkeypatch.setattr(
+        frozen.vae, "decode", lambda z: type("Out", (), {"sample": 3 * torch.tanh(z[:, :3])})()
+    )
+    mask = torch.tensor([True, True])
+    timesteps = torch.tensor([10, 900])
+    clamped = train.decode_x0(frozen, latents, latents, timesteps, mask, clamp=True)
+    raw = train.decode_x0(frozen, latents, latents, timesteps, mask, clamp=False)
+    assert clamped.abs().max() <= 1.0 < raw.abs().max()
+    torch.testing.assert_close(clamped, raw.clamp(-1, 1))
+
+
+def test_a_nan_in_a_masked_sample_reaches_neither_the_loss_nor_the_gradient(
+    step_parts, monkeypatch
+):
+    """Instance sample 1 has no triplet term (its class image is faceless); even if its decode
+    is NaN, the loss and every LoRA gradient stay finite."""
+    from datasets import collate_dreambooth
+
+    args, tools, frozen = step_parts
+    unet = train.load_unet_with_lora(args, frozen.device, "no")
+    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
+    batch["has_face"][2:] = torch.tensor([True, False])
+    decode = frozen.vae.decode
+
+    def decode_with_a_nan_row(latents):
+        out = decode(latents)
+        out.sample = torch.cat([out.sample[:1], out.sample[1:] * float("nan")])
+        return out
+
+    monkeypatch.setattr(frozen.vae, "decode", decode_with_a_nan_row)
+    generator = torch.Generator().manual_seed(3)
+    terms = train.compute_losses(
+        unet, frozen, train.encode_prompts(frozen, args), batch, generator, args
+    )
+    assert torch.isfinite(terms["loss"]) and terms["identity_count"].item() == 1
+    terms["loss"].backward()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_non_finite_weights_or_gradients_are_never_saved(step_parts, tmp_path):
+    from accelerate import PartialState
+
+    args, tools, frozen = step_parts
+    identity = train.Identity("hanks", args.instance_data_dir, tmp_path / "hanks")
+    trainer = train.IdentityTrainer(args, identity, frozen, tools, PartialState(cpu=True))
+    trainer.forward_backward(next(iter(trainer._loader(0, 0))), seed=1)
+    trainer.optimizer_step()
+    with torch.no_grad():
+        next(p for n, p in trainer.unet.named_parameters() if "lora_B" in n)[0, 0] = float("inf")
+    with pytest.raises(train.NonFiniteLossError, match="LoRA weights are non-finite at step 1"):
+        trainer.save_checkpoint()
+    with pytest.raises(train.NonFiniteLossError, match="no final LoRA written"):
+        trainer.finish()
+    assert not list(identity.output_dir.glob("checkpoint-*"))
+    assert not (identity.output_dir / train.LORA_WEIGHTS_NAME).exists()
+
+    # A NaN that reaches only a gradient (the losses stay finite) stops the run as well.
+    trainer = train.IdentityTrainer(args, identity, frozen, tools, PartialState(cpu=True))
+    trainer.forward_backward(next(iter(trainer._loader(0, 0))), seed=1)
+    next(p for p in trainer.lora_parameters if p.grad is not None).grad[0] = float("nan")
+    trainer.optimizer_step()
+    with pytest.raises(train.NonFiniteLossError, match=r"step 1 \(terms: grad_norm\)"):
+        trainer.save_checkpoint()
+
+
+def test_num_class_images_uses_exactly_the_first_n_class_images(assets, tmp_path):
+    class_dir = tmp_path / "class"
+    shutil.copytree(assets.class_dir, class_dir)
+    for index in range(3):  # 2 real faces + 3 more: 5 files, 3 wanted
+        shutil.copy(next(assets.class_dir.iterdir()), class_dir / f"zz_{index}.png")
+    args = train.parse_args(
+        cli(assets, tmp_path / "out", f"--instance_data_dir={assets.identity('hanks')}")
+        + [f"--class_data_dir={class_dir}", "--num_class_images=3"]
+    )
+    tools = train.load_face_tools(args, torch.device("cpu"))
+    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    names = sorted(path.name for path in class_dir.iterdir() if path.is_file())
+    assert [path.name for path in dataset.classes.paths] == names[:3]
+    assert len(dataset) == 3 and dataset.summary()["class_images"] == 3
+
+
+def test_resume_with_another_persons_photos_is_refused(triplet_run, assets, tmp_path):
+    """Same number of photos, other content: the data fingerprint differs."""
+    output, class_dir, flags, _ = triplet_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(output / "checkpoint-2", resumed / "checkpoint-2")
+    other = tmp_path / "someone_else"
+    shutil.copytree(assets.identity("person0"), other)  # 2 photos, as hanks has
+    argv = [
+        f
+        for f in flags
+        if not f.startswith(("--output_dir", "--instance_data_dir", "--class_data_dir"))
+    ]
+    argv += [f"--output_dir={resumed}", f"--instance_data_dir={other}"]
+    argv += [f"--class_data_dir={class_dir}", "--resume_from_checkpoint=latest"]
+    with pytest.raises(ValueError, match="instance_sha256"):
+        train.main(train.parse_args(argv))
+
+
+def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeypatch):
+    root = tmp_path / "identities"
+    shutil.copytree(assets.identity("person0"), root / "person0")
+    faceless = root / "a_faceless"
+    faceless.mkdir()
+    noise = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(faceless / "noise.png")
+    unreadable = root / "person0" / "p1.png"
+    read_bytes = Path.read_bytes
+
+    def no_permission(path):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", no_permission)
+    flags = cli(assets, tmp_path / "loras", f"--identities_root={root}", "--max_train_steps=1")
+    summary = train.main(train.parse_args([*flags, "--validation_prompt=", "--report_to=none"]))
+    assert [run["identity"] for run in summary["trained"]] == ["person0"]
+    assert [run["identity"] for run in summary["failed"]] == ["a_faceless"]
+    assert "no usable face photo" in summary["failed"][0]["error"]
+    config = json.loads((tmp_path / "loras" / "person0" / train.CONFIG_NAME).read_text())
+    assert config["data"]["instance_images"] == 1
+    assert config["data"]["instance_skipped"] == {"unreadable image": 1}
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--output_dir={root}/person0/out", "--class_data_dir={root}/class"],
+)
+def test_outputs_and_class_images_must_lie_outside_the_identities(assets, tmp_path, flag):
+    root = tmp_path / "identities"
+    shutil.copytree(assets.identities, root)
+    argv = cli(assets, tmp_path / "out", f"--identities_root={root}")
+    with pytest.raises(ValueError, match="lies inside --identities_root"):
+        train.parse_args([*argv, flag.format(root=root)])

@@ -418,3 +418,62 @@ def verify_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: nothing non-finite is saved; resume checks settings and data; torn log lines
+# ---------------------------------------------------------------------------------------------
+def fr_flags(tmp_path: Path, output: str, *extra: str) -> list[str]:
+    real, synthetic = tmp_path / "real", tmp_path / "synthetic"
+    if not real.exists():
+        build_mixed_roots(tmp_path)
+    return [
+        "--data_dir", str(real), "--data_dir", str(synthetic), "--backbone", "r18",
+        "--batch_size", "4", "--max_train_steps", "2", "--mixed_precision", "no",
+        "--log_every", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "0",
+        "--dataloader_num_workers", "0", "--learning_rate", "0.01",
+        "--output_dir", str(tmp_path / output), *extra,
+    ]  # fmt: skip
+
+
+def test_a_non_finite_model_is_never_written(tmp_path):
+    flags = fr_flags(tmp_path, "nan", "--learning_rate", "1e30", "--max_train_steps", "3")
+    with pytest.raises(train_fr.runs.NonFiniteLossError, match="non-finite"):
+        train_fr.main(train_fr.parse_args(flags))
+    assert not (tmp_path / "nan" / "backbone.pth").exists()
+    for checkpoint in (tmp_path / "nan").glob("checkpoint-*"):
+        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+        assert all(
+            torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+        )
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (["--learning_rate", "0.02"], "learning_rate: 0.01 -> 0.02"),
+        (["--batch_size", "2"], "batch_size: 4 -> 2"),
+        (["--seed", "9"], "seed: 0 -> 9"),
+        (["--lr_milestones", "5", "9"], "lr_milestones"),
+        (["--head", "cosface"], "head: 'adaface' -> 'cosface'"),
+    ],
+)
+def test_resume_refuses_changed_settings(tmp_path, change, words):
+    train_fr.main(train_fr.parse_args(fr_flags(tmp_path, "run", "--max_train_steps", "1")))
+    resume = fr_flags(tmp_path, "run", "--resume_from_checkpoint", "latest", *change)
+    with pytest.raises(ValueError, match="trained with other settings or data.*" + words):
+        train_fr.main(train_fr.parse_args(resume))
+
+
+def test_resume_refuses_other_images_and_survives_a_torn_log_line(tmp_path):
+    train_fr.main(train_fr.parse_args(fr_flags(tmp_path, "run", "--max_train_steps", "1")))
+    with (tmp_path / "run" / "train_log.jsonl").open("a") as handle:
+        handle.write('{"step": 2, "lo')  # a writer killed mid-line
+    resume = fr_flags(tmp_path, "run", "--resume_from_checkpoint", "latest")
+    train_fr.main(train_fr.parse_args(resume))
+    assert [r["step"] for r in read_log(tmp_path / "run" / "train_log.jsonl")] == [1, 2]
+
+    save(pattern_face(1, 2), tmp_path / "real" / "bob" / "0.png")  # same name, new content
+    more = fr_flags(tmp_path, "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "3")
+    with pytest.raises(ValueError, match="dataset_fingerprint"):
+        train_fr.main(train_fr.parse_args(more))
