@@ -457,3 +457,10 @@ def test_roc_and_det_of_tiny_score_sets_render(genuine, impostor):
             ((x, y),) = plotted(figure)
             assert np.all(np.isfinite(x)) and np.all(np.isfinite(y))
             assert np.all(np.isfinite(figure.axes[0].get_xlim()))
+
+
+def test_a_report_folder_inside_an_input_folder_is_refused(data, tmp_path):
+    """The report's own files (plots, caches) would otherwise be read as an identity's images."""
+    for out in (data["genA"] / "report", data["genA"]):
+        with pytest.raises(ValueError, match="overlap"):
+            evaluate.parse_args([f"--generated={data['genA']}", "--embedder=dlib", f"--out={out}"])
