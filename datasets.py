@@ -607,6 +607,25 @@ def crop_offset(
     return left, top
 
 
+def resize_shorter_side(image: Image.Image, resolution: int) -> tuple[Image.Image, np.ndarray]:
+    """Shorter side -> R (bilinear, the longer one rounded, never below R); (x, y) factors."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_width = max(resolution, round(width * scale))
+    new_height = max(resolution, round(height * scale))
+    resized = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
+    return resized, np.array([new_width / width, new_height / height], dtype=np.float64)
+
+
+def move_landmarks(landmarks: np.ndarray, factors: np.ndarray, left: int, top: int) -> np.ndarray:
+    """Landmarks through a resize by `factors` and a crop at (left, top): x' = (x + 0.5) * s_x -
+    0.5 - left. The half-pixel terms make the mapping exact for pixel-centre coordinates (PIL's
+    resize convention), so a landmark keeps pointing at the same image content."""
+    offset = np.array([left, top], dtype=np.float64)
+    moved = (np.asarray(landmarks, dtype=np.float64) + 0.5) * factors - 0.5 - offset
+    return moved.astype(np.float32)
+
+
 def resize_and_crop(
     image: Image.Image,
     landmarks: np.ndarray,
@@ -614,22 +633,11 @@ def resize_and_crop(
     center_crop: bool = False,
     generator: torch.Generator | None = None,
 ) -> tuple[Image.Image, np.ndarray]:
-    """Shorter side -> R (bilinear), R x R crop; landmarks: x' = (x + 0.5) * s_x - 0.5 - left.
-
-    The half-pixel terms make the mapping exact for pixel-centre coordinates (PIL's resize
-    convention), so a landmark keeps pointing at the same image content.
-    """
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_width = max(resolution, round(width * scale))
-    new_height = max(resolution, round(height * scale))
-    resized = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
-    left, top = crop_offset(new_width, new_height, resolution, center_crop, generator)
+    """Shorter side -> R (bilinear), R x R crop (centred or seeded); landmarks follow."""
+    resized, factors = resize_shorter_side(image, resolution)
+    left, top = crop_offset(*resized.size, resolution, center_crop, generator)
     cropped = resized.crop((left, top, left + resolution, top + resolution))
-    factors = np.array([new_width / width, new_height / height], dtype=np.float64)
-    offset = np.array([left, top], dtype=np.float64)
-    moved = (np.asarray(landmarks, dtype=np.float64) + 0.5) * factors - 0.5 - offset
-    return cropped, moved.astype(np.float32)
+    return cropped, move_landmarks(landmarks, factors, left, top)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -648,6 +656,33 @@ class _PhotoSet:
     embeddings: torch.Tensor | None = None  # (N, D) float32, zero rows for faceless photos
     landmarks: np.ndarray | None = None  # (N, 5, 2) float32, original image coordinates
     has_face: np.ndarray | None = None  # (N,) bool
+    # index -> (photo resized to shorter side R as (H', W', 3) uint8, (x, y) resize factors):
+    # every photo is decoded and resized once, then items only crop it.
+    resized: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def resized_photo(self, index: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+        """Photo `index` with its shorter side at `resolution` (decoded once, then kept)."""
+        if index not in self.resized:
+            image, factors = resize_shorter_side(load_rgb_image(self.paths[index]), resolution)
+            self.resized[index] = (np.asarray(image), factors)
+        return self.resized[index]
+
+    def preload(self, resolution: int, num_threads: int = 0) -> None:
+        """Decode and resize every photo now, in threads (PIL releases the GIL while decoding)."""
+        missing = [index for index in range(len(self.paths)) if index not in self.resized]
+        if num_threads <= 1:
+            for index in missing:
+                self.resized_photo(index, resolution)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        def load(index: int) -> tuple[np.ndarray, np.ndarray]:
+            image, factors = resize_shorter_side(load_rgb_image(self.paths[index]), resolution)
+            return np.asarray(image), factors
+
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+            for index, loaded in zip(missing, pool.map(load, missing), strict=True):
+                self.resized[index] = loaded
 
     @classmethod
     def from_scan(cls, scan: PhotoScan, embedding_dim: int | None = None) -> _PhotoSet:
@@ -675,7 +710,16 @@ class _PhotoSet:
         return int(self.has_face.sum()) if self.has_face is not None else 0
 
 
-_NO_LANDMARKS = np.zeros((0, 2), dtype=np.float32)  # landmarks of a photo without annotation
+@dataclass(frozen=True)
+class Crop:
+    """Which pixels one half of a dataset item is: photo `index` of `part` ("instance" or
+    "class"), resized to shorter side R, cropped R x R at (left, top). Equal crops are equal
+    pixels, so a trainer may cache what it computes from them (e.g. VAE latents)."""
+
+    part: str
+    index: int
+    left: int
+    top: int
 
 
 class DreamBoothFaceDataset(Dataset):
@@ -708,6 +752,7 @@ class DreamBoothFaceDataset(Dataset):
         cache: bool = True,
         min_side: int = MIN_IMAGE_SIDE,
         seed: int | None = None,
+        class_photos: _PhotoSet | None = None,
     ) -> None:
         if resolution <= 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
@@ -725,7 +770,9 @@ class DreamBoothFaceDataset(Dataset):
         if detector is not None:
             embedding_dim = next(iter(instance.faces.values())).embedding.shape[0]
         self.instance = _PhotoSet.from_scan(instance, embedding_dim)
-        if class_folder is not None:
+        if class_photos is not None:  # another identity's dataset already holds them
+            self.classes = class_photos
+        elif class_folder is not None:
             classes = scan_photos(
                 class_folder, detector, encoder, "keep", cache, min_side, max_class_images
             )
@@ -775,39 +822,55 @@ class DreamBoothFaceDataset(Dataset):
             return None
         return torch.Generator().manual_seed(stable_seed(self.seed, "crop", self.epoch, index))
 
-    def _sample(
-        self, photos: _PhotoSet, index: int, prefix: str, generator: torch.Generator | None
-    ) -> dict[str, Any]:
-        """Load, resize and crop one photo; its landmarks follow, its embedding is its own."""
-        image = load_rgb_image(photos.paths[index])
-        points = photos.landmarks[index] if photos.annotated else _NO_LANDMARKS
-        cropped, landmarks = resize_and_crop(
-            image, points, self.resolution, self.center_crop, generator
-        )
-        example = {
-            f"{prefix}_pixels": image_to_tensor(cropped),  # (3, R, R) in [-1, 1]
-            f"{prefix}_index": index,
-        }
+    def crops(self, index: int) -> list[Crop]:
+        """The crops item `index` of this epoch takes: [instance] or [instance, class] (the
+        instance crop is drawn first from the item's generator, then the class crop)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        generator = self._crop_generator(index)
+        parts = [("instance", self.instance, index % self.num_instance_images)]
+        if self.classes is not None:
+            parts.append(("class", self.classes, index % self.num_class_images))
+        crops = []
+        for part, photos, photo in parts:
+            resized, _ = photos.resized_photo(photo, self.resolution)  # (H', W', 3)
+            height, width = resized.shape[:2]
+            left, top = crop_offset(width, height, self.resolution, self.center_crop, generator)
+            crops.append(Crop(part, photo, left, top))
+        return crops
+
+    def photos(self, part: str) -> _PhotoSet:
+        return self.instance if part == "instance" else self.classes
+
+    def pixels(self, crop: Crop) -> torch.Tensor:
+        """(3, R, R) float32 in [-1, 1]: the crop of the resized photo."""
+        resized, _ = self.photos(crop.part).resized_photo(crop.index, self.resolution)
+        size = self.resolution
+        window = resized[crop.top : crop.top + size, crop.left : crop.left + size]
+        return image_to_tensor(window)
+
+    def landmarks(self, crop: Crop) -> np.ndarray:
+        """(5, 2) float32 landmarks in crop pixels (zeros for a photo without a face)."""
+        photos = self.photos(crop.part)
+        if photos.has_face is not None and not photos.has_face[crop.index]:
+            return np.zeros((5, 2), dtype=np.float32)  # nothing to point at; has_face masks it
+        _, factors = photos.resized_photo(crop.index, self.resolution)
+        return move_landmarks(photos.landmarks[crop.index], factors, crop.left, crop.top)
+
+    def _sample(self, crop: Crop) -> dict[str, Any]:
+        """One half of an item: pixels, index and (annotated photos) landmarks, embedding."""
+        photos, prefix = self.photos(crop.part), crop.part
+        example = {f"{prefix}_pixels": self.pixels(crop), f"{prefix}_index": crop.index}
         if photos.annotated:
-            has_face = bool(photos.has_face[index])
-            if not has_face:  # no face to point at: zeros, never used (has_face masks them)
-                landmarks = np.zeros((5, 2), dtype=np.float32)
-            example[f"{prefix}_landmarks"] = torch.from_numpy(landmarks)  # (5, 2) crop pixels
-            example[f"{prefix}_embedding"] = photos.embeddings[index]  # (D,), zero if faceless
-            example[f"{prefix}_has_face"] = has_face
+            example[f"{prefix}_landmarks"] = torch.from_numpy(self.landmarks(crop))  # (5, 2)
+            example[f"{prefix}_embedding"] = photos.embeddings[crop.index]  # (D,), 0 if faceless
+            example[f"{prefix}_has_face"] = bool(photos.has_face[crop.index])
         return example
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        generator = self._crop_generator(index)  # instance crop first, then the class crop
-        example = self._sample(
-            self.instance, index % self.num_instance_images, "instance", generator
-        )
-        if self.classes is not None:
-            example.update(
-                self._sample(self.classes, index % self.num_class_images, "class", generator)
-            )
+        example: dict[str, Any] = {}
+        for crop in self.crops(index):
+            example.update(self._sample(crop))
         return example
 
 
@@ -834,3 +897,74 @@ def collate_dreambooth(examples: list[dict[str, Any]], with_prior: bool) -> dict
         batch[f"{prefix}_indices"] = torch.tensor([e[f"{prefix}_index"] for e in examples])
     batch["pixel_values"] = batch["pixel_values"].float().contiguous()
     return batch
+
+
+# ----------------------------------------------------------------------------- device tables
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device without a stream sync (pinned memory, non-blocking copy)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+class RowTable:
+    """Per-crop or per-photo rows kept on the device, keyed by (owner, ...) on the host.
+
+    Owners are identities (their instance photos) or "class" (the class folder every identity
+    shares); `drop(owner)` frees an identity's rows when its slot takes the next one.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, int] = {}
+        self.columns: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, keys: list[tuple], columns: dict[str, torch.Tensor]) -> None:
+        """Append rows (each column (len(keys), ...) on the device) under new keys."""
+        start = len(self.rows)
+        for name, values in columns.items():
+            old = self.columns.get(name)
+            self.columns[name] = values if old is None else torch.cat([old, values])
+        self.rows.update({key: start + i for i, key in enumerate(keys)})
+
+    def drop(self, owner: Any) -> None:
+        """Remove every row of `owner` (device index_select of the rows kept)."""
+        kept = [(key, row) for key, row in self.rows.items() if key[0] != owner]
+        if len(kept) == len(self.rows):
+            return
+        device = next(iter(self.columns.values())).device
+        index = to_device(torch.tensor([row for _, row in kept], dtype=torch.long), device)
+        self.columns = {name: values[index] for name, values in self.columns.items()}
+        self.rows = {key: i for i, (key, _) in enumerate(kept)}
+
+    def index(self, keys: list[tuple], device: torch.device) -> torch.Tensor:
+        """(len(keys),) long device index of the keys' rows."""
+        return to_device(torch.tensor([self.rows[key] for key in keys], dtype=torch.long), device)
+
+
+class LatentCache(RowTable):
+    """VAE latent distributions (mean, std) of dataset crops, encoded once, on the device.
+
+    Equal crops are equal pixels (datasets.Crop), so a crop's distribution is computed at its
+    first use and kept; each step samples it with the step's own generator, as
+    `vae.encode(pixels).latent_dist.sample(generator)` does (an exact alternative to encoding
+    every crop a photo can give up front). Class images (R x R) have one crop each.
+    """
+
+    def __init__(self, vae: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.vae, self.device = vae, device
+
+    @torch.no_grad()
+    def ensure(self, keys: list[tuple], pixels: dict[tuple, Any]) -> None:
+        """Encode the keys not cached yet, in one batch (`pixels[key]()` -> (3, R, R))."""
+        missing = list(dict.fromkeys(key for key in keys if key not in self.rows))
+        if not missing:
+            return
+        batch = torch.stack([pixels[key]() for key in missing])
+        dist = self.vae.encode(to_device(batch, self.device).to(self.vae.dtype)).latent_dist
+        self.add(missing, {"mean": dist.mean, "std": dist.std})

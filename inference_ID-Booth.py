@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed_precision",
         default="fp16",
         choices=sorted(MIXED_PRECISION_DTYPES),
-        help="Weights/activations dtype on GPU (paper: fp16); on CPU fp16 falls back to fp32.",
+        help="Weights and activations dtype (paper: fp16; runs on the CPU too, slowly).",
     )
     parser.add_argument(
         "--grid_dir",

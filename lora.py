@@ -41,36 +41,6 @@ def lora_target_modules(unet: torch.nn.Module) -> list[str]:
     ]
 
 
-def add_gaussian_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int) -> None:
-    """A fresh peft adapter (A ~ N(0, 1/r), B = 0) on the targeted layers; initialised on the
-    CPU RNG under `seed`, so an identity starts from the same LoRA on any device or process."""
-    from peft import LoraConfig
-
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        init_lora_weights="gaussian",
-        target_modules=lora_target_modules(unet),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet.add_adapter(config)
-
-
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA weights with diffusers key names (unet prefix added on save)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
-def lora_adapter_metadata(unet: torch.nn.Module) -> dict[str, Any]:
-    """The adapter's LoraConfig as a dict, sets sorted so that equal LoRAs give equal files."""
-    config = unet.peft_config["default"].to_dict()
-    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
-
-
 def canonical_safetensors(path: Path) -> None:
     """Rewrite a safetensors file's JSON header with sorted keys (same tensors, same offsets)."""
     data = path.read_bytes()
@@ -81,16 +51,23 @@ def canonical_safetensors(path: Path) -> None:
     atomic_write_bytes(path, struct.pack("<Q", len(text)) + text + data[8 + length :])
 
 
-def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
-    """Write folder/pytorch_lora_weights.safetensors atomically (load_lora_weights reads it)."""
+def write_lora_file(
+    folder: Path, unet_lora_layers: dict[str, torch.Tensor], adapter_config: dict[str, Any]
+) -> Path:
+    """folder/pytorch_lora_weights.safetensors, atomically, in diffusers' format (keys without
+    the 'unet.' prefix in, with it on disk; the adapter's LoraConfig as metadata, so alpha !=
+    rank loads with its scale); `StableDiffusionPipeline.load_lora_weights(folder)` reads it."""
     from diffusers import StableDiffusionPipeline
 
+    metadata = {
+        k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in adapter_config.items()
+    }
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as temp_dir:
         StableDiffusionPipeline.save_lora_weights(
             temp_dir,
-            unet_lora_layers=lora_state_dict(unet),
-            unet_lora_adapter_metadata=lora_adapter_metadata(unet),
+            unet_lora_layers=unet_lora_layers,
+            unet_lora_adapter_metadata=metadata,
             safe_serialization=True,
         )
         canonical_safetensors(Path(temp_dir) / LORA_WEIGHTS_NAME)
@@ -98,24 +75,12 @@ def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
     return folder / LORA_WEIGHTS_NAME
 
 
-def load_lora_into(unet: torch.nn.Module, folder: Path) -> None:
-    """Copy the LoRA weights saved in folder into the UNet's adapter (strict on LoRA keys)."""
+def read_lora_file(folder: Path) -> dict[str, torch.Tensor]:
+    """The UNet part of a LoRA file in diffusers' format, keys without the 'unet.' prefix."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
 
     state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
-    unet_state = {
-        key[len("unet.") :]: value for key, value in state.items() if key.startswith("unet.")
-    }
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), "default")
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected or not unet_state:
-        raise ValueError(
-            f"{folder / LORA_WEIGHTS_NAME} does not match this UNet's LoRA "
-            f"({len(unet_state)} keys, unexpected: {unexpected[:4]}); was it trained with "
-            "another base model or --rank?"
-        )
+    return {key[len("unet.") :]: value for key, value in state.items() if key.startswith("unet.")}
 
 
 def lora_mismatches(lora_file: Path, components: dict[str, Any]) -> tuple[int, list[str]]:

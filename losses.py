@@ -220,9 +220,18 @@ class ObjectiveConfig:
         return self.loss != "dreambooth"
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """sum_i [mask_i] values_i / max(count, 1): 0 when nothing is selected, without a sync."""
-    return torch.where(mask, values, torch.zeros_like(values)).sum() / count.clamp_min(1)
+def group_means(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """(n,) values, (S, n) bool membership -> (S,) mean of each group's members (0 for an empty
+    group). A non-member's value never enters a group's mean, not even as 0 * NaN."""
+    selected = torch.where(members, values[None, :], torch.zeros_like(values)[None, :])
+    return selected.sum(1) / members.sum(1).clamp_min(1)
+
+
+def sample_mse(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE in float32 (as diffusers' DreamBooth under mixed precision): (B,)."""
+    if model_pred.shape != target.shape:
+        raise ValueError(f"model_pred {tuple(model_pred.shape)} != target {tuple(target.shape)}")
+    return (model_pred.float() - target.float()).square().flatten(1).mean(1)
 
 
 def identity_terms(
@@ -231,38 +240,43 @@ def identity_terms(
     positive: torch.Tensor,
     negative: torch.Tensor | None,
     timesteps: torch.Tensor,
-    mask: torch.Tensor,
+    members: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """The identity TERM_NAMES over the instance samples of `mask`.
+    """The identity TERM_NAMES of each identity: (S,) each.
 
     anchor (n, D) = E(x0_hat) of the instance samples; positive (n, D) = e_inst; negative
-    (n, D) = e_prior of the same batch positions (triplet only); timesteps (n,); mask (n,) bool.
+    (n, D) = e_prior of the paired prior samples (triplet only); timesteps (n,); members (S, n)
+    bool: instance sample i counts for identity s (its identity, and it has the term).
     """
     per_sample = IDENTITY_LOSSES[config.loss](anchor, positive, negative, config.triplet_margin)
     weight = IDENTITY_WEIGHTINGS[config.identity_weighting](timesteps, config.num_train_timesteps)
-    count = mask.sum()
     return {
-        "identity_term": masked_mean(weight * per_sample, mask, count),
-        "identity_criterion": masked_mean(per_sample, mask, count),
-        "identity_weight": masked_mean(weight, mask, count),
-        "identity_count": count.float(),
+        "identity_term": group_means(weight * per_sample, members),
+        "identity_criterion": group_means(per_sample, members),
+        "identity_weight": group_means(weight, members),
+        "identity_count": members.sum(1).float(),
     }
 
 
 def objective(
     config: ObjectiveConfig,
-    model_pred: torch.Tensor,
-    target: torch.Tensor,
-    num_instance: int,
+    sample_losses: torch.Tensor,
+    is_prior: torch.Tensor,
+    members: torch.Tensor,
     identity: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every TERM_NAMES scalar of a [instance..., prior...] batch: the prior-preservation loss
-    plus identity["identity_term"] (identity_terms' output) when the loss has an identity term."""
-    loss, instance_loss, prior_loss = prior_preservation_loss(
-        model_pred, target, num_instance, config.prior_loss_weight
-    )
-    zero = loss.new_zeros(())
-    terms = {"diffusion_loss": instance_loss, "prior_loss": prior_loss}
+    """Every TERM_NAMES value of each identity of a packed batch: (S,) each.
+
+    sample_losses (B,) = per-sample diffusion MSE (sample_mse); is_prior (B,) bool; members
+    (S, B) bool = which samples are identity s's. loss_s = mean of s's instance losses +
+    w_prior * mean of its prior losses (DreamBooth, Ruiz et al. 2023, Eq. 2) + its identity
+    term (identity_terms). The packed loss is sum_s loss_s: each identity's LoRA gets exactly
+    the gradient its own run would.
+    """
+    diffusion = group_means(sample_losses, members & ~is_prior[None, :])
+    prior = group_means(sample_losses, members & is_prior[None, :])
+    zero = torch.zeros_like(diffusion)
+    terms = {"diffusion_loss": diffusion, "prior_loss": prior}
     terms |= dict.fromkeys(TERM_NAMES[3:], zero) | (identity or {})
-    terms["loss"] = loss + terms["identity_term"] if identity is not None else loss
+    terms["loss"] = diffusion + config.prior_loss_weight * prior + terms["identity_term"]
     return terms

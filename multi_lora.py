@@ -37,12 +37,19 @@ if TYPE_CHECKING:
 
 
 class IdentitySelection:
-    """The (B,) identity index of the current batch, shared by all layers of one UNet."""
+    """The (B,) identity index of the current batch, shared by all layers of one UNet; or one
+    identity for every sample, whatever the batch size (validation, generation pipelines)."""
 
     def __init__(self) -> None:
         self.identities: torch.Tensor | None = None
+        self.everyone: int | None = None
+        self._broadcast: torch.Tensor | None = None
 
-    def current(self) -> torch.Tensor:
+    def current(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        if self.everyone is not None:
+            if self._broadcast is None or self._broadcast.shape[0] != batch_size:
+                self._broadcast = torch.full((batch_size,), self.everyone, device=device)
+            return self._broadcast
         if self.identities is None:
             raise RuntimeError(
                 "no identities selected: call set_identities(identities) before the forward"
@@ -91,7 +98,7 @@ class BatchedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ..., in) -> (B, ..., out); sample b uses identity `identities[b]`."""
-        identities = self.selection.current()
+        identities = self.selection.current(x.shape[0], self.lora_A.device)
         if x.dim() < 2 or identities.shape[0] != x.shape[0]:
             raise ValueError(
                 f"input of shape {tuple(x.shape)} does not match the {identities.shape[0]} "
@@ -142,6 +149,12 @@ class BatchedLoRA:
                 f"{tuple(identities.shape)}"
             )
         self.selection.identities = identities
+        self.selection.everyone = None
+
+    def select_everyone(self, k: int) -> None:
+        """Every sample of the following forwards uses identity k (any batch size)."""
+        _check_identity(self, k)
+        self.selection.everyone, self.selection._broadcast = k, None
 
     def parameters(self) -> list[nn.Parameter]:
         """Stacked factors in peft's parameter order: A (K, r, in), B (K, out, r) per module."""
@@ -401,6 +414,33 @@ class StackedAdamW(torch.optim.Optimizer):
                 if param in self.state:
                     self.state[param]["step"] = self.state[param]["step"].to(device, torch.long)
 
+    def identity_state(self, k: int) -> list[dict[str, torch.Tensor]]:
+        """Identity k's AdamW state, one {step, exp_avg, exp_avg_sq} per parameter (in order):
+        what an ordinary per-identity checkpoint holds."""
+        rows = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self._state(param)
+                rows.append({name: value[k].detach().clone() for name, value in state.items()})
+        return rows
+
+    @torch.no_grad()
+    def load_identity_state(self, k: int, rows: list[dict[str, torch.Tensor]] | None) -> None:
+        """Put identity k's state back (identity_state's output), or zero it (None: a fresh
+        identity in slot k). ValueError when the rows do not fit the parameters."""
+        params = [param for group in self.param_groups for param in group["params"]]
+        if rows is not None and len(rows) != len(params):
+            raise ValueError(f"{len(rows)} saved optimizer states for {len(params)} parameters")
+        for index, param in enumerate(params):
+            state = self._state(param)
+            for name, value in state.items():
+                saved = rows[index][name] if rows is not None else torch.zeros_like(value[k])
+                if saved.shape != value[k].shape:
+                    raise ValueError(
+                        f"saved {name} {tuple(saved.shape)} != {tuple(value[k].shape)}"
+                    )
+                value[k].copy_(saved)
+
     def _state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[param]
         if not state:
@@ -451,3 +491,19 @@ class StackedAdamW(torch.optim.Optimizer):
         exp_avg.copy_(torch.where(keep, new_exp_avg, exp_avg))
         exp_avg_sq.copy_(torch.where(keep, new_exp_avg_sq, exp_avg_sq))
         state["step"] = step
+
+
+def schedule_table(
+    name: str, learning_rate: float, total_steps: int, **options: Any
+) -> torch.Tensor:
+    """(total_steps + 1,) float64: the learning rate of update u (0-based) under diffusers'
+    schedule `name` (get_scheduler's LambdaLR, evaluated on the host once), for StackedAdamW:
+    index it with an identity's step count on the device, no host sync per step."""
+    from diffusers.optimization import get_scheduler
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
+    schedule = get_scheduler(name, probe, num_training_steps=total_steps, **options)
+    factor = schedule.lr_lambdas[0]
+    return torch.tensor(
+        [learning_rate * factor(u) for u in range(total_steps + 1)], dtype=torch.float64
+    )

@@ -97,13 +97,10 @@ def process_state() -> Any:
 
 
 def resolve_mixed_precision(requested: str, device_type: str) -> str:
-    """The precision a run uses: fp16 needs a GPU, so on other devices it falls back to full
-    precision with a warning; bf16 and 'no' run anywhere."""
+    """The precision a run uses: the one asked for, on any device (torch runs fp16 and bf16 on
+    the CPU too, slowly, so the mixed-precision code paths are the same everywhere)."""
     if requested not in MIXED_PRECISIONS:
         raise ValueError(f"unknown mixed precision {requested!r}; options: {MIXED_PRECISIONS}")
-    if requested == "fp16" and device_type != "cuda":
-        logger.warning("--mixed_precision fp16 needs a GPU; running in float32 on %s", device_type)
-        return "no"
     return requested
 
 
@@ -382,37 +379,45 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteWatch:
-    """Remembers, on the device, the first step whose named values held NaN/inf.
+    """Remembers, on the device, the first step whose named values held NaN/inf, for each of
+    `rows` independent runs (the identities of a packed trainer; 1 for a plain run).
 
     Updating costs a few tiny device ops and no sync; check() reads it (one sync) and is called
     at log intervals, before every checkpoint and before the final save, so a bad state is never
     saved and the step number reported is exact.
     """
 
-    def __init__(self, names: tuple[str, ...], device: Any) -> None:
+    def __init__(self, names: tuple[str, ...], device: Any, rows: int = 1) -> None:
         import torch
 
         self.names = names
-        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad = torch.zeros(len(names), dtype=torch.bool, device=device)
+        self.first_step = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.bad = torch.zeros(rows, len(names), dtype=torch.bool, device=device)
 
-    def update(self, values: Any, step: int) -> None:
-        """values: (len(names),) tensor of one micro-batch at optimizer step `step`."""
+    def update(self, values: Any, step: Any, index: Any = None) -> None:
+        """values: (S, len(names)) of rows `index` (S,) at their steps `step` (S,) (device
+        tensors), or (len(names),) of row 0 at int step."""
         import torch
 
-        bad = ~torch.isfinite(values)
-        first = bad.any() & (self.first_step < 0)
-        self.first_step = torch.where(
-            first, torch.full_like(self.first_step, step), self.first_step
-        )
-        self.bad = torch.where(first, bad, self.bad)
+        if index is None:
+            values, index = values[None], torch.zeros(1, dtype=torch.long, device=values.device)
+            step = torch.full((1,), step, dtype=torch.long, device=values.device)
+        bad = ~torch.isfinite(values)  # (S, T)
+        first = bad.any(1) & (self.first_step[index] < 0)  # (S,)
+        self.first_step[index] = torch.where(first, step, self.first_step[index])
+        self.bad[index] = torch.where(first[:, None], bad, self.bad[index])
 
-    def check(self, where: str) -> None:
-        """Raise NonFiniteLossError naming the step and the offending values."""
-        step = int(self.first_step.item())
+    def reset(self, row: int = 0) -> None:
+        self.first_step[row] = -1
+        self.bad[row] = False
+
+    def check(self, where: str, row: int = 0) -> None:
+        """Raise NonFiniteLossError naming the row's step and its offending values."""
+        step = int(self.first_step[row].item())
         if step < 0:
             return
-        names = [name for name, bad in zip(self.names, self.bad.tolist(), strict=True) if bad]
+        bad = self.bad[row].tolist()
+        names = [name for name, is_bad in zip(self.names, bad, strict=True) if is_bad]
         raise NonFiniteLossError(
             f"non-finite loss at step {step} (terms: {', '.join(names)}); training stopped "
             f"before saving; {where}. Try a lower --learning_rate or --mixed_precision bf16/no, "
@@ -421,42 +426,57 @@ class NonFiniteWatch:
 
 
 class RunningMeans:
-    """Sums per-step value vectors on the device; the host reads them only on pop().
+    """Sums per-step value vectors on the device (one row per run); the host reads a row only
+    on pop().
 
     `per_sample` values are averaged over the samples counted by the `count` value (a step
     without any such sample does not pull their mean towards 0); the others over steps.
     """
 
     def __init__(
-        self, names: tuple[str, ...], device: Any, per_sample: tuple[str, ...] = (), count=None
+        self,
+        names: tuple[str, ...],
+        device: Any,
+        per_sample: tuple[str, ...] = (),
+        count: str | None = None,
+        rows: int = 1,
     ) -> None:
         import torch
 
         self.names = names
-        self.per_sample = [names.index(name) for name in per_sample]
         self.count_index = names.index(count) if count is not None else None
-        self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
-        self.sample_sums = torch.zeros(len(per_sample), dtype=torch.float64, device=device)
-        self.steps = 0
-        if self.per_sample:  # index tensors on the device: a list index would sync
-            self._per_sample = torch.tensor(self.per_sample, device=device)
+        self.sums = torch.zeros(rows, len(names), dtype=torch.float64, device=device)
+        self.sample_sums = torch.zeros(rows, len(per_sample), dtype=torch.float64, device=device)
+        self.steps = torch.zeros(rows, dtype=torch.long, device=device)
+        # index tensors on the device: a Python list index would sync
+        self.per_sample = torch.tensor([names.index(n) for n in per_sample], device=device)
 
-    def add(self, values: Any) -> None:
-        self.sums += values
-        if self.per_sample:
-            self.sample_sums += values[self._per_sample] * values[self.count_index]
-        self.steps += 1
+    def add(self, values: Any, index: Any = None) -> None:
+        """values: (S, T) of rows `index` (S,), or (T,) of row 0."""
+        import torch
 
-    def pop(self) -> dict[str, float]:
-        """Means since the last pop (one sync), then reset."""
-        means = self.sums / max(self.steps, 1)
-        if self.per_sample:
-            samples = self.sums[self.count_index].clamp_min(1)
-            means[self._per_sample] = self.sample_sums / samples
-        self.sums.zero_()
-        self.sample_sums.zero_()
-        self.steps = 0
-        return dict(zip(self.names, means.tolist(), strict=True))
+        if index is None:
+            values, index = values[None], torch.zeros(1, dtype=torch.long, device=values.device)
+        self.sums.index_add_(0, index, values)
+        if len(self.per_sample):
+            counts = values[:, self.count_index, None]
+            self.sample_sums.index_add_(0, index, values[:, self.per_sample] * counts)
+        self.steps.index_add_(0, index, torch.ones_like(index))
+
+    def reset(self, row: int = 0) -> None:
+        self.sums[row] = 0
+        self.sample_sums[row] = 0
+        self.steps[row] = 0
+
+    def pop(self, row: int = 0) -> dict[str, float]:
+        """Means of a row since its last pop (one sync), then reset."""
+        means = self.sums[row] / self.steps[row].clamp_min(1)
+        if len(self.per_sample):
+            samples = self.sums[row, self.count_index].clamp_min(1)
+            means[self.per_sample] = self.sample_sums[row] / samples
+        result = dict(zip(self.names, means.tolist(), strict=True))
+        self.reset(row)
+        return result
 
 
 # ============================================================================ numeric flags

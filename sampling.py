@@ -675,22 +675,6 @@ def load_pipeline(
     return pipeline.to(device)
 
 
-@torch.no_grad()
-def sample_one_by_one(
-    pipeline: Any, seeds: list[int], paths: list[Path], context: Any, **call: Any
-) -> list[Any]:
-    """One image per seed (a generator on the pipeline's device), each saved atomically to its
-    path; `context()` wraps every call (e.g. autocast); `call` goes to the pipeline."""
-    images = []
-    for seed, path in zip(seeds, paths, strict=True):
-        generator = torch.Generator(pipeline.device).manual_seed(seed)
-        with context():
-            images.append(pipeline(generator=generator, **call).images[0])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_image(images[-1], path)
-    return images
-
-
 def class_image_plan(class_dir: Path, wanted: int) -> list[int]:
     """Indices i of class_{i:05d}.png to generate so the folder holds `wanted` usable images.
 

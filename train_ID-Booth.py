@@ -38,24 +38,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import runs
 from arcface import load_arcface
-from datasets import DreamBoothFaceDataset, collate_dreambooth, scan_photos
+from datasets import DreamBoothFaceDataset, LatentCache, RowTable, scan_photos, to_device
 from faces import (
     DEFAULT_FACE_MODELS_ROOT,
     FACE_DETECTOR_NAMES,
     align_faces_torch,
     build_face_detector,
 )
-from fileio import atomic_write_json, stable_seed
+from fileio import atomic_save_image, atomic_write_json, stable_seed
 from lora import (
     LORA_WEIGHTS_NAME,
-    add_gaussian_lora,
-    load_lora_into,
     lora_target_modules,
-    save_lora,
+    read_lora_file,
+    write_lora_file,
     write_model_card,
 )
 from losses import (
@@ -65,6 +63,18 @@ from losses import (
     identity_terms,
     objective,
     predict_x0,
+    sample_mse,
+)
+from multi_lora import (
+    BatchedLoRA,
+    StackedAdamW,
+    clip_grad_norm_per_identity_,
+    identity_state_dict,
+    init_identity_,
+    inject_batched_lora,
+    load_identity_,
+    lora_config,
+    schedule_table,
 )
 from runs import (
     NON_NEGATIVE,
@@ -78,7 +88,7 @@ from runs import (
     Number,
     RunningMeans,
 )
-from sampling import generate_class_images, load_pipeline, sample_one_by_one
+from sampling import generate_class_images, load_pipeline
 
 logger = logging.getLogger("train_ID-Booth")
 
@@ -104,6 +114,7 @@ RESUME_MAY_CHANGE = frozenset(
     "checkpointing_steps checkpoints_total_limit validation_prompt validation_negative_prompt "
     "validation_steps num_validation_images validation_num_inference_steps "
     "validation_guidance_scale dataloader_num_workers gradient_checkpointing allow_tf32 "
+    "pack compile compile_mode "
     # compared through the resolved max_train_steps:
     "num_train_epochs max_train_steps "
     # paths and class-image sampling: the photos are compared through the data summary
@@ -235,7 +246,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--dataloader_num_workers",
         type=NON_NEGATIVE_INT,
         default=0,
-        help="Data loading subprocesses.",
+        help="Threads that decode and resize the photos (once per identity; 0: the main one).",
     )
 
 
@@ -331,7 +342,26 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
         "--mixed_precision",
         default="fp16",
         choices=list(WEIGHT_DTYPES),
-        help="Frozen weights and autocast dtype (LoRA stays fp32); fp16 falls back to 'no' on CPU.",
+        help="Frozen weights and autocast dtype (LoRA stays fp32; fp16 uses a grad scaler).",
+    )
+    parser.add_argument(
+        "--pack",
+        type=POSITIVE_INT,
+        default=1,
+        help="Identities trained together in one process and one step, each with its own LoRA "
+        "(a batched LoRA layer): each gets exactly the updates of a run of it alone. A finished "
+        "identity's slot takes the next one. With accelerate, K per process.",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (its first steps are slow while it compiles).",
+    )
+    parser.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode; 'reduce-overhead' captures CUDA graphs.",
     )
     parser.add_argument(
         "--allow_tf32",
@@ -459,6 +489,15 @@ def _validate_data(args: argparse.Namespace) -> None:
             )
 
 
+def _validate_packing(args: argparse.Namespace) -> None:
+    """Packed identities step together, so they cannot accumulate gradients on their own."""
+    if args.pack > 1 and args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "--pack > 1 trains identities in one step and needs --gradient_accumulation_steps 1; "
+            "raise --train_batch_size instead, or train one identity at a time (--pack 1)"
+        )
+
+
 def _validate_losses(args: argparse.Namespace) -> None:
     """Identity losses need ArcFace weights; the triplet needs class images as negatives."""
     if args.loss != "dreambooth" and args.arcface_weights is None:
@@ -499,6 +538,7 @@ def validate_args(args: argparse.Namespace) -> None:
     runs.check_numbers(args, build_parser())
     _validate_data(args)
     _validate_losses(args)
+    _validate_packing(args)
     _validate_resume(args)
     runs.check_base_model(args.pretrained_model_name_or_path)
 
@@ -640,22 +680,29 @@ def assemble_pipeline(frozen: FrozenModels, unet: torch.nn.Module):
     return pipeline
 
 
-def load_unet_with_lora(args: argparse.Namespace, device: torch.device, mixed_precision: str):
-    """Base UNet (frozen, weight dtype) + a fresh gaussian-init LoRA adapter in float32."""
+def load_unet_with_slots(
+    args: argparse.Namespace, device: torch.device, mixed_precision: str, num_slots: int = 1
+) -> tuple[torch.nn.Module, BatchedLoRA]:
+    """The base UNet (frozen, weight dtype, loaded once per process) with a batched LoRA of
+    `num_slots` identities (fp32 factors, all zero until a slot is filled)."""
     from diffusers import UNet2DConditionModel
-    from diffusers.training_utils import cast_training_params
 
     base = args.pretrained_model_name_or_path
     with runs.loading("the UNet", base):
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **_hub_kwargs(args))
     unet.requires_grad_(False)
-    add_gaussian_lora(unet, args.rank, args.lora_alpha, stable_seed(args.seed, "lora-init"))
+    lora = inject_batched_lora(
+        unet, lora_target_modules(unet), num_slots, args.rank, args.lora_alpha
+    )
     place(unet, device, WEIGHT_DTYPES[mixed_precision])
-    cast_training_params(unet, dtype=torch.float32)  # fp16 grads cannot be unscaled
+    for parameter in lora.parameters():  # fp16 grads cannot be unscaled: factors stay fp32
+        parameter.data = parameter.data.float()
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    return unet
+    return unet, lora
 
 
 @dataclass
@@ -665,12 +712,9 @@ class PromptEmbeddings:
     instance: torch.Tensor
     class_: torch.Tensor
 
-    def for_batch(self, num_instance: int, num_prior: int) -> torch.Tensor:
-        """(num_instance + num_prior, L, D) conditioning in batch order [instance..., prior...]."""
-        parts = [self.instance.expand(num_instance, -1, -1)]
-        if num_prior:
-            parts.append(self.class_.expand(num_prior, -1, -1))
-        return torch.cat(parts)
+    def for_rows(self, is_prior: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) conditioning: the class prompt for prior rows, the instance prompt else."""
+        return torch.where(is_prior[:, None, None], self.class_, self.instance)
 
 
 @torch.no_grad()
@@ -711,10 +755,14 @@ def load_face_tools(args: argparse.Namespace, device: torch.device) -> FaceTools
 
 
 def build_dataset(
-    args: argparse.Namespace, instance_dir: Path, face_tools: FaceTools | None
+    args: argparse.Namespace,
+    instance_dir: Path,
+    face_tools: FaceTools | None,
+    class_photos: Any = None,
 ) -> DreamBoothFaceDataset:
     """Face-annotated dataset when ArcFace is given (every loss trains on the same photos),
-    else plain DreamBooth (every readable photo); crops are seeded from --seed."""
+    else plain DreamBooth (every readable photo); crops are seeded from --seed. `class_photos`:
+    another identity's class photos (the class folder is the same for every identity)."""
     return DreamBoothFaceDataset(
         instance_dir,
         face_tools.detector if face_tools is not None else None,
@@ -724,6 +772,7 @@ def build_dataset(
         resolution=args.resolution,
         center_crop=args.center_crop,
         seed=args.seed,
+        class_photos=class_photos,
     )
 
 
@@ -741,18 +790,55 @@ def objective_config(args: argparse.Namespace, frozen: FrozenModels) -> Objectiv
     )
 
 
-def identity_mask(batch: dict[str, Any], loss: str, device: torch.device) -> torch.Tensor:
-    """(n,) bool: instance samples that get the identity term. Instance photos all have a face;
-    the triplet also needs the paired class image's face (its negative e_prior). Batches without
-    `has_face` (every photo has a face) mask nothing."""
-    n = batch["num_instance"]
-    has_face = batch.get("has_face")
-    if has_face is None:
-        return torch.ones(n, dtype=torch.bool, device=device)
-    has_face = has_face.to(device, non_blocking=True)  # (B,) [instance..., prior...]
-    mask = has_face[:n]
+@dataclass
+class PackedBatch:
+    """One micro-batch of S identities on the device, identity-major: identity s holds rows
+    [inst_s..., prior_s...] (the order its own run uses), n_s instance + n_s (or 0) prior rows.
+
+    `mean` / `std`: (B, 4, h, w) latent distributions; `slots`: (B,) long LoRA slot of each
+    row; `is_prior`: (B,) bool; `members`: (S, B) bool; `instance_rows`, `prior_rows`: (n,)
+    long (prior_rows[i] = the row paired with instance row i, or -1); `landmarks`: (n, 5, 2)
+    crop pixels of the instance rows; `embeddings`: (B, D) precomputed ArcFace embeddings;
+    `has_face`: (B,) bool; `sizes`: rows per identity (host ints, for the random draws).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    slots: torch.Tensor
+    is_prior: torch.Tensor
+    members: torch.Tensor
+    instance_rows: torch.Tensor
+    prior_rows: torch.Tensor
+    sizes: list[int]
+    landmarks: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    has_face: torch.Tensor | None = None
+
+
+def draw_randomness(
+    batch: PackedBatch, generators: list[torch.Generator], num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent draw, noise, timesteps) of every row, each identity's rows from its own generator
+    in its own run's order (latent sample, noise, timesteps): (B, 4, h, w) x 2 fp32, (B,)."""
+    draws, noises, timesteps, start = [], [], [], 0
+    device = batch.mean.device
+    for size, generator in zip(batch.sizes, generators, strict=True):
+        shape = (size, *batch.mean.shape[1:])
+        draws.append(torch.randn(shape, generator=generator, device=device))
+        noises.append(torch.randn(shape, generator=generator, device=device))
+        timesteps.append(
+            torch.randint(0, num_train_timesteps, (size,), generator=generator, device=device)
+        )
+        start += size
+    return torch.cat(draws), torch.cat(noises), torch.cat(timesteps)
+
+
+def identity_mask(batch: PackedBatch, loss: str) -> torch.Tensor:
+    """(n,) bool: instance rows that get the identity term. Instance photos all have a face;
+    the triplet also needs the paired class image's face (its negative e_prior)."""
+    mask = batch.has_face[batch.instance_rows]
     if loss == "triplet":
-        mask = mask & has_face[n : 2 * n]
+        mask = mask & batch.has_face[batch.prior_rows.clamp_min(0)] & (batch.prior_rows >= 0)
     return mask
 
 
@@ -799,63 +885,60 @@ def face_embeddings_of_x0(
         return frozen.arcface(faces)  # (n, 512) float32, unit norm
 
 
-def compute_losses(
+def packed_losses(
     unet: torch.nn.Module,
+    lora: BatchedLoRA,
     frozen: FrozenModels,
     prompts: PromptEmbeddings,
-    batch: dict[str, Any],
-    generator: torch.Generator,
+    batch: PackedBatch,
+    generators: list[torch.Generator],
     args: argparse.Namespace,
 ) -> dict[str, torch.Tensor]:
-    """One forward pass on a [instance..., prior...] batch -> every TERM_NAMES scalar (device).
+    """One forward pass of a packed micro-batch -> every TERM_NAMES value per identity, (S,).
 
-    All randomness (VAE sample, noise, timesteps) comes from `generator`; no host syncs.
+    All randomness comes from the identities' generators; latents and noise are in fp32 (the
+    noise is added in fp32: diffusers' add_noise in bf16 adds none at t = 0, 1), the UNet runs
+    in the weight dtype. No host syncs.
     """
-    device, scheduler = frozen.device, frozen.noise_scheduler
-    pixels = batch["pixel_values"].to(
-        device, frozen.weight_dtype, non_blocking=True
-    )  # (B, 3, R, R)
-    num_instance, batch_size = batch["num_instance"], pixels.shape[0]
-    with torch.no_grad():
-        latent_dist = frozen.vae.encode(pixels).latent_dist
-        latents = latent_dist.sample(generator) * frozen.vae.config.scaling_factor  # (B, 4, h, w)
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=device
-    )
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    text = prompts.for_batch(num_instance, batch_size - num_instance)  # (B, L, D)
-    model_pred = unet(noisy_latents, timesteps, text, return_dict=False)[0]
+    scheduler, config = frozen.noise_scheduler, objective_config(args, frozen)
+    draw, noise, timesteps = draw_randomness(batch, generators, config.num_train_timesteps)
+    latents = (batch.mean.float() + batch.std.float() * draw) * frozen.vae.config.scaling_factor
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w) fp32
+    text = prompts.for_rows(batch.is_prior)  # (B, L, D)
+    lora.set_identities(batch.slots)
+    model_pred = unet(noisy_latents.to(frozen.weight_dtype), timesteps, text, return_dict=False)[0]
     target = diffusion_target(noise, latents, timesteps, scheduler)
-    config, identity = objective_config(args, frozen), None
+    identity = None
     if config.has_identity_term:
-        n = num_instance
-        landmarks = batch["landmarks"][:n].to(device, torch.float32)  # (n, 5, 2)
-        embeddings = batch["embeddings"].to(device, torch.float32)  # (B, D)
-        mask = identity_mask(batch, args.loss, device)  # (n,) bool
+        rows = batch.instance_rows
+        mask = identity_mask(batch, args.loss)  # (n,) bool
         anchor = face_embeddings_of_x0(
             frozen,
-            noisy_latents[:n],
-            model_pred[:n],
-            timesteps[:n],
-            landmarks,
+            noisy_latents[rows],
+            model_pred[rows],
+            timesteps[rows],
+            batch.landmarks,
             mask,
             args.clamp_decoded_x0,
         )
-        negative = embeddings[n : 2 * n] if embeddings.shape[0] >= 2 * n else None
-        identity = identity_terms(config, anchor, embeddings[:n], negative, timesteps[:n], mask)
-    return objective(config, model_pred, target, num_instance, identity)
-
-
-def term_means(device: torch.device) -> RunningMeans:
-    """Running means of TERM_NAMES; the identity criterion and weight over the samples that
-    had the identity term."""
-    return RunningMeans(
-        TERM_NAMES, device, ("identity_criterion", "identity_weight"), "identity_count"
+        negative = batch.embeddings[batch.prior_rows.clamp_min(0)]  # masked where absent
+        members = batch.members[:, rows] & mask[None, :]  # (S, n)
+        positive = batch.embeddings[rows]
+        identity = identity_terms(config, anchor, positive, negative, timesteps[rows], members)
+    return objective(
+        config, sample_mse(model_pred, target), batch.is_prior, batch.members, identity
     )
 
 
-# ============================================================================ per-identity loop
+def term_means(device: torch.device, num_slots: int = 1) -> RunningMeans:
+    """Running means of TERM_NAMES per slot; the identity criterion and weight over the samples
+    that had the identity term."""
+    return RunningMeans(
+        TERM_NAMES, device, ("identity_criterion", "identity_weight"), "identity_count", num_slots
+    )
+
+
+# ============================================================================ the packed trainer
 
 
 def _make_writer(args: argparse.Namespace, folder: Path):
@@ -885,16 +968,29 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return changed
 
 
-class IdentityTrainer:
-    """Trains one identity's LoRA: data, optimizer, loop, checkpoints, validation, outputs."""
+def learning_rate_table(args: argparse.Namespace, total_steps: int) -> torch.Tensor:
+    """(total_steps + 1,) float64 learning rate of update u under --lr_scheduler (diffusers')."""
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps
+    return schedule_table(
+        args.lr_scheduler,
+        learning_rate,
+        total_steps,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
 
-    def __init__(self, args, identity: Identity, frozen: FrozenModels, face_tools, state) -> None:
-        from diffusers.optimization import get_scheduler
 
-        self.args, self.identity, self.frozen, self.state = args, identity, frozen, state
-        self.device = frozen.device
-        self.arcface_name = face_tools.encoder.name if face_tools is not None else None
-        self.dataset = build_dataset(args, identity.instance_dir, face_tools)
+class Slot:
+    """One identity in one LoRA slot of the packed trainer: its data, its place in its own
+    schedule (epoch, batch, step: exactly those of a run of it alone), its watches and outputs."""
+
+    def __init__(self, trainer: PackedTrainer, index: int, identity: Identity) -> None:
+        args = trainer.args
+        self.trainer, self.index, self.identity, self.args = trainer, index, identity, args
+        self.dataset = trainer.build_dataset(identity)
         self.batches_per_epoch = math.ceil(len(self.dataset) / args.train_batch_size)
         self.updates_per_epoch = math.ceil(
             self.batches_per_epoch / args.gradient_accumulation_steps
@@ -905,44 +1001,45 @@ class IdentityTrainer:
         self.num_epochs = math.ceil(self.max_train_steps / self.updates_per_epoch)
         self.checkpointing_steps = args.checkpointing_steps or 8 * self.updates_per_epoch
         self.validation_steps = args.validation_steps or self.checkpointing_steps
-        self.unet = load_unet_with_lora(args, self.device, frozen.mixed_precision)
-        self.lora_parameters = [p for p in self.unet.parameters() if p.requires_grad]
-        learning_rate = args.learning_rate
-        if args.scale_lr:
-            learning_rate *= args.train_batch_size * args.gradient_accumulation_steps
-        self.optimizer = torch.optim.AdamW(
-            self.lora_parameters,
-            lr=learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay,
-            eps=args.adam_epsilon,
-        )
-        self.lr_scheduler = get_scheduler(
-            args.lr_scheduler,
-            self.optimizer,
-            num_warmup_steps=args.lr_warmup_steps,
-            num_training_steps=self.max_train_steps,
-            num_cycles=args.lr_num_cycles,
-            power=args.lr_power,
-        )
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=frozen.mixed_precision == "fp16"
-        )
-        self.prompts = encode_prompts(frozen, args)
-        self.generator = torch.Generator(self.device)
-        self.watch = NonFiniteWatch(TERM_NAMES, self.device)
-        self.grad_watch = NonFiniteWatch(("grad_norm",), self.device)
-        self.interval_means, self.epoch_means = term_means(self.device), term_means(self.device)
-        self.global_step, self.last_validated = 0, -1
-        # Instance samples that had the identity term, summed on the device (read when logging).
-        self.identity_samples = torch.zeros((), dtype=torch.long, device=self.device)
-        self.collate = partial(collate_dreambooth, with_prior=args.with_prior_preservation)
+        self.global_step, self.last_validated, self.micro_batch = 0, -1, 0
+        self.order: tuple[int, list[int]] | None = None  # (epoch, item order) cache
+        self.generator = torch.Generator(trainer.device)
+        self.identity_samples = 0  # host copy, updated at log intervals
         self.writer = self.progress = None
+        self.started = time.time()
 
-    # ------------------------------------------------------------------ setup and outputs
+    # ------------------------------------------------------------------ data order
+
+    @property
+    def epoch(self) -> int:
+        return self.global_step // self.updates_per_epoch
+
+    def next_micro_batch(self) -> tuple[list[int], int]:
+        """The items of this identity's next micro-batch and its noise seed: a function of
+        (seed, epoch, position), as in a run of this identity alone."""
+        accumulation = self.args.gradient_accumulation_steps
+        epoch = self.epoch
+        position = (self.global_step - epoch * self.updates_per_epoch) * accumulation
+        position += self.micro_batch
+        if self.order is None or self.order[0] != epoch:
+            generator = torch.Generator().manual_seed(stable_seed(self.args.seed, "order", epoch))
+            self.order = (epoch, torch.randperm(len(self.dataset), generator=generator).tolist())
+            self.dataset.set_epoch(epoch)  # crops of this epoch: seeded by (--seed, epoch, index)
+        size = self.args.train_batch_size
+        items = self.order[1][position * size : (position + 1) * size]
+        return items, stable_seed(self.args.seed, "noise", epoch, position)
+
+    def is_update_due(self, position: int) -> bool:
+        """Whether the micro-batch at `position` of the epoch ends an accumulation."""
+        accumulation = self.args.gradient_accumulation_steps
+        last_of_epoch = position == self.batches_per_epoch - 1
+        return (position + 1) % accumulation == 0 or last_of_epoch
+
+    # ------------------------------------------------------------------ config and outputs
 
     def config(self, status: str) -> dict[str, Any]:
         """Everything needed to reproduce or resume this identity's run."""
+        trainer = self.trainer
         return {
             "status": status,
             "identity": self.identity.name,
@@ -954,109 +1051,34 @@ class IdentityTrainer:
                 "steps_per_epoch": self.updates_per_epoch,
                 "checkpointing_steps": self.checkpointing_steps,
                 "validation_steps": self.validation_steps,
-                "mixed_precision": self.frozen.mixed_precision,
-                "lora_target_modules": lora_target_modules(self.unet),
-                "device": str(self.device),
-                "process_index": self.state.process_index,
-                "num_processes": self.state.num_processes,
+                "mixed_precision": trainer.frozen.mixed_precision,
+                "lora_target_modules": trainer.lora.target_modules,
+                "device": str(trainer.device),
+                "process_index": trainer.state.process_index,
+                "num_processes": trainer.state.num_processes,
+                "pack": trainer.num_slots,
             },
             "data": self.dataset.summary(),
-            "arcface": self.arcface_name,
+            "arcface": trainer.arcface_name,
             "global_step": self.global_step,
-            "identity_samples": int(self.identity_samples.item()),
+            "identity_samples": self.identity_samples,
             "versions": runs.library_versions(),
         }
 
     def write_config(self, folder: Path, status: str) -> None:
         atomic_write_json(folder / CONFIG_NAME, self.config(status))
 
-    def resume(self) -> None:
-        """Restore LoRA, optimizer, scheduler, grad scaler and step from a checkpoint."""
-        output_dir, value = self.identity.output_dir, self.args.resume_from_checkpoint
-        folder = runs.find_checkpoint(value, output_dir, TRAINING_STATE_NAME)
-        if folder is None:
-            return
-        self._check_resume_config(folder)
-        load_lora_into(self.unet, folder)
-        state = torch.load(
-            folder / TRAINING_STATE_NAME, map_location=self.device, weights_only=True
-        )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.scaler.is_enabled() and state["grad_scaler"]:
-            self.scaler.load_state_dict(state["grad_scaler"])
-        self.global_step = int(state["global_step"])
-        self.identity_samples.fill_(int(state["identity_samples"]))
-        logger.info("%s: resumed from %s at step %d", self.identity.name, folder, self.global_step)
-
-    def _check_resume_config(self, folder: Path) -> None:
-        """ValueError when the checkpoint was made with different settings (resume_mismatches)."""
-        config_path = folder / CONFIG_NAME
-        if not config_path.is_file():
-            raise ValueError(f"checkpoint {folder} has no {CONFIG_NAME}; it cannot be checked")
-        changed = resume_mismatches(json.loads(config_path.read_text()), self.config("resuming"))
-        if changed:
-            raise ValueError(
-                f"checkpoint {folder} was trained with other settings ({'; '.join(changed)}); "
-                "resume with the same ones, or pass --overwrite to start over"
+    def tags(self) -> dict[str, str]:
+        """TensorBoard tag per logged term (identity terms only for identity losses)."""
+        tags = {"loss": "loss", "diffusion_loss": "diffusion_loss", "prior_loss": "prior_loss"}
+        if self.args.loss != "dreambooth":
+            tags.update(
+                identity_criterion=f"{self.args.loss}_loss",
+                identity_term="identity_term",
+                identity_weight="identity_weight",
+                identity_count="identity_samples_per_batch",
             )
-
-    def save_checkpoint(self) -> Path:
-        """checkpoint-N: LoRA (loadable as is), optimizer/scheduler/scaler state, config."""
-        self.check_finite(f"checkpoint-{self.global_step} was not written")
-
-        def fill(temp: Path) -> None:
-            save_lora(self.unet, temp)
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "grad_scaler": self.scaler.state_dict(),
-                "global_step": self.global_step,
-                "identity_samples": int(self.identity_samples.item()),
-            }
-            torch.save(state, temp / TRAINING_STATE_NAME)
-            self.write_config(temp, "checkpoint")
-
-        folder = runs.write_checkpoint(
-            self.identity.output_dir,
-            self.global_step,
-            fill,
-            TRAINING_STATE_NAME,
-            self.args.checkpoints_total_limit,
-        )
-        logger.info("%s: saved %s", self.identity.name, folder)
-        return folder
-
-    def validate(self) -> list[Path]:
-        """validation/step_N_i.png from --validation_prompt with the current LoRA."""
-        args, frozen = self.args, self.frozen
-        if not args.validation_prompt or args.num_validation_images == 0:
-            return []
-        self.unet.eval()
-        folder = self.identity.output_dir / "validation"
-        paths = [
-            folder / f"step_{self.global_step}_{i}.png" for i in range(args.num_validation_images)
-        ]
-        images = sample_one_by_one(
-            assemble_pipeline(frozen, self.unet),
-            [stable_seed(args.seed, "validation", index) for index in range(len(paths))],
-            paths,
-            frozen.autocast,
-            prompt=args.validation_prompt,
-            negative_prompt=args.validation_negative_prompt or None,
-            num_inference_steps=args.validation_num_inference_steps,
-            guidance_scale=args.validation_guidance_scale,
-            height=args.resolution,
-            width=args.resolution,
-        )
-        for index, image in enumerate(images):
-            if self.writer is not None:
-                self.writer.add_image(
-                    f"validation/{index}", np.asarray(image), self.global_step, dataformats="HWC"
-                )
-        self.unet.train()
-        self.last_validated = self.global_step
-        return paths
+        return tags
 
     def write_model_card(self) -> None:
         args, folder = self.args, self.identity.output_dir
@@ -1074,182 +1096,474 @@ class IdentityTrainer:
             validation_prompt=args.validation_prompt,
         )
 
-    # ------------------------------------------------------------------ the loop
 
-    def run(self) -> dict[str, Any]:
-        """Train to max_train_steps (resuming if asked) and write the final outputs."""
-        start_time = time.time()
-        self.identity.output_dir.mkdir(parents=True, exist_ok=True)
-        runs.remove_stale_temporaries(self.identity.output_dir, (".checkpoint-", ".lora-"))
-        self.resume()
-        self.write_config(self.identity.output_dir, "running")
-        self.writer = _make_writer(self.args, self.identity.output_dir)
-        self.progress = _progress_bar(self)
-        try:
-            first_epoch = self.global_step // self.updates_per_epoch
-            for epoch in range(first_epoch, self.num_epochs):
-                if self.global_step >= self.max_train_steps:
-                    break
-                self._train_epoch(epoch)
-            self.finish()
-        finally:
-            self.progress.close()
-            if self.writer is not None:
-                self.writer.close()
-        seconds = time.time() - start_time
+class PackedTrainer:
+    """Trains identities K at a time in one process: one base UNet (loaded once) with a batched
+    LoRA of K slots, one StackedAdamW; each step packs every occupied slot's micro-batch. An
+    identity's LoRA gets exactly the gradient, update, data, noise, checkpoints and outputs of
+    a run of it alone; a NaN in one freezes that identity only. A slot that is done (finished
+    or failed) takes the next identity of the queue."""
+
+    def __init__(self, args, frozen: FrozenModels, face_tools, state, num_slots: int) -> None:
+        self.args, self.frozen, self.face_tools, self.state = args, frozen, face_tools, state
+        self.device, self.num_slots = frozen.device, num_slots
+        self.arcface_name = face_tools.encoder.name if face_tools is not None else None
+        self.unet, self.lora = load_unet_with_slots(
+            args, self.device, frozen.mixed_precision, num_slots
+        )
+        self.model = torch.compile(self.unet, mode=args.compile_mode) if args.compile else self.unet
+        self.optimizer = StackedAdamW(
+            self.lora.parameters(),
+            num_slots,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=frozen.mixed_precision == "fp16"
+        )
+        self.prompts = encode_prompts(frozen, args)
+        self.pipeline = assemble_pipeline(frozen, self.unet)
+        self.latents = LatentCache(frozen.vae, self.device)  # every slot's crops and the class's
+        self.faces = RowTable()  # embedding + has_face of every photo, by (owner, part, index)
+        self.class_photos = None
+        self.slots: list[Slot | None] = [None] * num_slots
+        # Device-side bookkeeping, read only at log intervals and before saving (no syncs):
+        self.healthy = torch.ones(num_slots, dtype=torch.bool, device=self.device)
+        self.watch = NonFiniteWatch(TERM_NAMES, self.device, num_slots)
+        self.grad_watch = NonFiniteWatch(("grad_norm",), self.device, num_slots)
+        self.interval_means = term_means(self.device, num_slots)
+        self.epoch_means = term_means(self.device, num_slots)
+        self.identity_samples = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.lr_tables = torch.zeros(num_slots, 1, dtype=torch.float64, device=self.device)
+        self.results: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ slots
+
+    def build_dataset(self, identity: Identity) -> DreamBoothFaceDataset:
+        dataset = build_dataset(
+            self.args, identity.instance_dir, self.face_tools, self.class_photos
+        )
+        self.class_photos = dataset.classes
+        for part in (dataset.instance, dataset.classes):
+            if part is not None:
+                part.preload(self.args.resolution, self.args.dataloader_num_workers)
+        return dataset
+
+    def fill(self, index: int, identity: Identity) -> Slot:
+        """Put an identity into slot `index`: fresh LoRA (peft's init for --seed) and optimizer
+        state, or its checkpoint when resuming."""
+        if self.args.overwrite:
+            clear_outputs(identity, self.args.logging_dir)
         logger.info(
-            "%s: finished %d steps in %.1f s", self.identity.name, self.global_step, seconds
+            "training identity %s -> %s (slot %d)", identity.name, identity.output_dir, index
         )
-        return {"identity": self.identity.name, "steps": self.global_step, "seconds": seconds}
+        slot = Slot(self, index, identity)
+        init_identity_(self.lora, index, stable_seed(self.args.seed, "lora-init"))
+        self.optimizer.load_identity_state(index, None)
+        self._reset_watches(index)
+        table = learning_rate_table(self.args, slot.max_train_steps).to(self.device)
+        if table.shape[0] > self.lr_tables.shape[1]:  # longer runs need a wider table
+            wider = self.lr_tables.new_zeros(self.num_slots, table.shape[0])
+            wider[:, : self.lr_tables.shape[1]] = self.lr_tables
+            self.lr_tables = wider
+        self.lr_tables[index, : table.shape[0]] = table
+        self._add_faces(slot)
+        identity.output_dir.mkdir(parents=True, exist_ok=True)
+        runs.remove_stale_temporaries(identity.output_dir, (".checkpoint-", ".lora-"))
+        self.resume(slot)
+        slot.write_config(identity.output_dir, "running")
+        slot.writer = _make_writer(self.args, identity.output_dir)
+        slot.progress = _progress_bar(self, slot)
+        self.slots[index] = slot
+        return slot
 
-    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
-        """This epoch's batches from start_batch on: order and crops are functions of the seed,
-        epoch and position (resume = skipping batches, nothing to replay)."""
-        order = torch.randperm(
-            len(self.dataset),
-            generator=torch.Generator().manual_seed(stable_seed(self.args.seed, "order", epoch)),
-        ).tolist()
-        size = self.args.train_batch_size
-        batches = [order[i : i + size] for i in range(0, len(order), size)][start_batch:]
-        self.dataset.set_epoch(epoch)  # crops of this epoch: seeded by (--seed, epoch, index)
-        return DataLoader(
-            self.dataset,
-            batch_sampler=batches,
-            collate_fn=self.collate,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-
-    def _train_epoch(self, epoch: int) -> None:
-        accumulation = self.args.gradient_accumulation_steps
-        start_batch = (self.global_step - epoch * self.updates_per_epoch) * accumulation
-        for batch_index, batch in enumerate(self._loader(epoch, start_batch), start=start_batch):
-            self.forward_backward(batch, stable_seed(self.args.seed, "noise", epoch, batch_index))
-            last_of_epoch = batch_index == self.batches_per_epoch - 1
-            if (batch_index + 1) % accumulation and not last_of_epoch:
+    def _add_faces(self, slot: Slot) -> None:
+        """The identity's (and, once, the class folder's) embeddings and has_face on the device."""
+        parts = [(slot.identity.name, "instance", slot.dataset.instance)]
+        if slot.dataset.classes is not None and ("class", "class", 0) not in self.faces.rows:
+            parts.append(("class", "class", slot.dataset.classes))
+        for owner, part, photos in parts:
+            if not photos.annotated:
                 continue
-            self.optimizer_step()
-            self._after_update()
-            if self.global_step >= self.max_train_steps:
-                break
-        self._log_epoch(epoch)
+            keys = [(owner, part, index) for index in range(len(photos.paths))]
+            columns = {
+                "embedding": photos.embeddings.float(),
+                "has_face": torch.from_numpy(photos.has_face),
+            }
+            self.faces.add(keys, {name: to_device(v, self.device) for name, v in columns.items()})
 
-    def forward_backward(self, batch: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
-        """Losses of one micro-batch (noise from `seed`), backward of loss / accumulation."""
-        self.generator.manual_seed(seed)
-        with self.frozen.autocast():
-            terms = compute_losses(
-                self.unet, self.frozen, self.prompts, batch, self.generator, self.args
-            )
-        self.scaler.scale(terms["loss"] / self.args.gradient_accumulation_steps).backward()
-        values = torch.stack([terms[name].detach().double() for name in TERM_NAMES])  # (K,)
-        self.watch.update(values, self.global_step + 1)
-        self.interval_means.add(values)
-        self.epoch_means.add(values)
-        self.identity_samples += terms["identity_count"].detach().round().long()
-        return terms
+    def _reset_watches(self, index: int) -> None:
+        self.healthy[index] = True
+        for watch in (self.watch, self.grad_watch):
+            watch.reset(index)
+        for means in (self.interval_means, self.epoch_means):
+            means.reset(index)
+        self.identity_samples[index] = 0
 
-    def optimizer_step(self) -> None:
-        """Unscale, clip, step (skipped by the fp16 scaler on inf grads), schedule, zero."""
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_parameters, self.args.max_grad_norm)
-        if not self.scaler.is_enabled():  # the fp16 scaler skips the steps with inf grads itself
-            self.grad_watch.update(grad_norm.detach().double()[None], self.global_step + 1)
-        # With fp16 the scaler syncs here anyway (it must know whether grads were finite);
-        # like accelerate, the schedule only advances when the optimizer really stepped.
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if not self.scaler.is_enabled() or self.scaler.get_scale() >= scale:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
-        if self.progress is not None:
-            self.progress.update(1)
+    def release(self, slot: Slot, result: dict[str, Any]) -> None:
+        """The slot's identity is done (finished or failed): close its outputs, free the slot."""
+        if slot.progress is not None:
+            slot.progress.close()
+        if slot.writer is not None:
+            slot.writer.close()
+        self.slots[slot.index] = None
+        self.latents.drop(slot.identity.name)
+        self.faces.drop(slot.identity.name)
+        self.results.append(result)
 
-    def _after_update(self) -> None:
-        step = self.global_step
-        if step % self.args.logging_steps == 0 or step == self.max_train_steps:
-            self._log_interval()
-        if step % self.checkpointing_steps == 0:
-            self.save_checkpoint()
-        if step % self.validation_steps == 0:
-            self.check_finite("no validation images were made")
-            self.validate()
+    def active_slots(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot is not None]
 
-    def _tags(self) -> dict[str, str]:
-        """TensorBoard tag per logged term (identity terms only for identity losses)."""
-        tags = {"loss": "loss", "diffusion_loss": "diffusion_loss", "prior_loss": "prior_loss"}
-        if self.args.loss != "dreambooth":
-            tags.update(
-                identity_criterion=f"{self.args.loss}_loss",
-                identity_term="identity_term",
-                identity_weight="identity_weight",
-                identity_count="identity_samples_per_batch",
-            )
-        return tags
+    # ------------------------------------------------------------------ checkpoints
 
-    def _log_interval(self) -> None:
-        self.watch.check(f"last checkpoint kept in {self.identity.output_dir}")
-        self.grad_watch.check(f"last checkpoint kept in {self.identity.output_dir}")
-        means = self.interval_means.pop()
-        lr = self.lr_scheduler.get_last_lr()[0]
-        postfix = {tag: f"{means[name]:.4g}" for name, tag in self._tags().items()}
-        if self.progress is not None:
-            self.progress.set_postfix(postfix | {"lr": f"{lr:.2e}"}, refresh=False)
-        if self.writer is None:
+    def resume(self, slot: Slot) -> None:
+        """Restore the slot's LoRA, optimizer state, grad scaler and step from a checkpoint."""
+        output_dir, value = slot.identity.output_dir, self.args.resume_from_checkpoint
+        folder = runs.find_checkpoint(value, output_dir, TRAINING_STATE_NAME)
+        if folder is None:
             return
-        for name, tag in self._tags().items():
-            self.writer.add_scalar(f"train/{tag}", means[name], self.global_step)
-        self.writer.add_scalar("train/lr", lr, self.global_step)
-        if self.args.loss != "dreambooth":
-            self.writer.add_scalar(
-                "train/identity_samples", int(self.identity_samples.item()), self.global_step
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise ValueError(f"checkpoint {folder} has no {CONFIG_NAME}; it cannot be checked")
+        changed = resume_mismatches(json.loads(config_path.read_text()), slot.config("resuming"))
+        if changed:
+            raise ValueError(
+                f"checkpoint {folder} was trained with other settings ({'; '.join(changed)}); "
+                "resume with the same ones, or pass --overwrite to start over"
             )
+        load_identity_(self.lora, slot.index, read_lora_file(folder))
+        state = torch.load(
+            folder / TRAINING_STATE_NAME, map_location=self.device, weights_only=True
+        )
+        self.optimizer.load_identity_state(slot.index, state["optimizer"])
+        if self.scaler.is_enabled() and state["grad_scaler"]:
+            self.scaler.load_state_dict(state["grad_scaler"])  # shared by the slots of a pack
+        slot.global_step = int(state["global_step"])
+        slot.identity_samples = int(state["identity_samples"])
+        self.identity_samples[slot.index] = slot.identity_samples
+        logger.info("%s: resumed from %s at step %d", slot.identity.name, folder, slot.global_step)
 
-    def _log_epoch(self, epoch: int) -> None:
-        if self.epoch_means.steps == 0:
-            return
-        self.watch.check(f"last checkpoint kept in {self.identity.output_dir}")
-        means = self.epoch_means.pop()
-        text = ", ".join(f"{tag} {means[name]:.4g}" for name, tag in self._tags().items())
-        logger.info("%s: epoch %d means: %s", self.identity.name, epoch, text)
-        if self.writer is not None:
-            for name, tag in self._tags().items():
-                self.writer.add_scalar(f"epoch/{tag}", means[name], epoch)
+    def save_lora_of(self, slot: Slot, folder: Path) -> None:
+        write_lora_file(
+            folder,
+            identity_state_dict(self.lora, slot.index),
+            lora_config(self.lora).to_dict(),
+        )
 
-    def check_finite(self, where: str) -> None:
-        """NonFiniteLossError if a loss term, a gradient norm or the LoRA weights themselves
-        held NaN/inf since the start (one host sync): nothing non-finite is ever saved."""
-        self.watch.check(where)
-        self.grad_watch.check(where)
-        finite = torch.stack([p.detach().isfinite().all() for p in self.lora_parameters]).all()
+    def save_checkpoint(self, slot: Slot) -> Path:
+        """checkpoint-N: LoRA (loadable as is), optimizer/scaler state, config."""
+        self.check_finite(slot, f"checkpoint-{slot.global_step} was not written")
+
+        def fill(temp: Path) -> None:
+            self.save_lora_of(slot, temp)
+            state = {
+                "optimizer": self.optimizer.identity_state(slot.index),
+                "grad_scaler": self.scaler.state_dict(),
+                "global_step": slot.global_step,
+                "identity_samples": slot.identity_samples,
+            }
+            torch.save(state, temp / TRAINING_STATE_NAME)
+            slot.write_config(temp, "checkpoint")
+
+        folder = runs.write_checkpoint(
+            slot.identity.output_dir,
+            slot.global_step,
+            fill,
+            TRAINING_STATE_NAME,
+            self.args.checkpoints_total_limit,
+        )
+        logger.info("%s: saved %s", slot.identity.name, folder)
+        return folder
+
+    def check_finite(self, slot: Slot, where: str) -> None:
+        """NonFiniteLossError if the slot's loss terms, gradient norm or LoRA weights held
+        NaN/inf since it started (one host sync): nothing non-finite is ever saved."""
+        self.watch.check(where, slot.index)
+        self.grad_watch.check(where, slot.index)
+        k = slot.index
+        finite = torch.stack([p[k].isfinite().all() for p in self.lora.parameters()]).all()
         if not bool(finite):
             raise NonFiniteLossError(
-                f"the LoRA weights are non-finite at step {self.global_step}; training stopped "
+                f"the LoRA weights are non-finite at step {slot.global_step}; training stopped "
                 f"before saving; {where}. Try a lower --learning_rate or --max_grad_norm"
             )
 
-    def finish(self) -> None:
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self, slot: Slot) -> list[Path]:
+        """validation/step_N_i.png from --validation_prompt with the slot's LoRA, in one batch."""
+        args, frozen = self.args, self.frozen
+        if not args.validation_prompt or args.num_validation_images == 0:
+            return []
+        folder = slot.identity.output_dir / "validation"
+        count = args.num_validation_images
+        generators = [
+            torch.Generator(self.device).manual_seed(stable_seed(args.seed, "validation", i))
+            for i in range(count)
+        ]
+        self.unet.eval()
+        self.lora.select_everyone(slot.index)
+        with frozen.autocast():
+            images = self.pipeline(
+                [args.validation_prompt] * count,
+                negative_prompt=[args.validation_negative_prompt] * count
+                if args.validation_negative_prompt
+                else None,
+                num_inference_steps=args.validation_num_inference_steps,
+                guidance_scale=args.validation_guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generators,
+            ).images
+        self.unet.train()
+        paths = [folder / f"step_{slot.global_step}_{i}.png" for i in range(count)]
+        for index, (image, path) in enumerate(zip(images, paths, strict=True)):
+            atomic_save_image(image, path)
+            if slot.writer is not None:
+                slot.writer.add_image(
+                    f"validation/{index}", np.asarray(image), slot.global_step, dataformats="HWC"
+                )
+        slot.last_validated = slot.global_step
+        return paths
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, identities: list[Identity]) -> list[dict[str, Any]]:
+        """Train every identity of the queue, K at a time; one result dict each."""
+        queue = list(identities)
+        while queue or self.active_slots():
+            for index in range(self.num_slots):
+                while self.slots[index] is None and queue:
+                    self._start(index, queue.pop(0))
+            if not self.active_slots():
+                break
+            self.step()
+        return self.results
+
+    def _start(self, index: int, identity: Identity) -> None:
+        """Fill a slot; an identity that cannot start (no face photo, bad checkpoint) fails
+        alone unless it is the run's only one."""
+        try:
+            slot = self.fill(index, identity)
+            if slot.global_step >= slot.max_train_steps:
+                self.finish(slot)
+        except (ValueError, OSError, NonFiniteLossError) as error:
+            self._fail(identity, error)
+
+    def _fail(self, identity: Identity, error: Exception, slot: Slot | None = None) -> None:
+        if self.args.identities_root is None:
+            raise error
+        logger.error("identity %s failed: %s", identity.name, error)
+        result = {"identity": identity.name, "error": f"{type(error).__name__}: {error}"}
+        if slot is not None:
+            self.release(slot, result)
+        else:
+            self.results.append(result)
+
+    def gather(self, slots: list[Slot]) -> tuple[PackedBatch, list[torch.Generator]]:
+        """Each slot's next micro-batch as one packed batch on the device: latents from the
+        cache (new crops encoded first), embeddings and faces from the device tables, the
+        per-row indices in a few non-blocking copies."""
+        keys, owners, pixels, slot_of, is_prior, landmarks = [], [], {}, [], [], []
+        instance_rows, prior_rows, sizes, generators = [], [], [], []
+        for slot in slots:
+            items, seed = slot.next_micro_batch()
+            generators.append(slot.generator.manual_seed(seed))
+            crops = [slot.dataset.crops(item) for item in items]
+            instance, prior = [c[0] for c in crops], [c[1] for c in crops if len(c) > 1]
+            start = len(keys)
+            instance_rows += range(start, start + len(instance))
+            prior_rows += range(start + len(instance), start + 2 * len(prior)) or [-1] * len(
+                instance
+            )
+            for crop in [*instance, *prior]:
+                owner = slot.identity.name if crop.part == "instance" else "class"
+                key = (owner, crop.part, crop.index, crop.left, crop.top)
+                keys.append(key)
+                owners.append((owner, crop.part, crop.index))
+                pixels[key] = partial(slot.dataset.pixels, crop)
+                slot_of.append(slot.index)
+                is_prior.append(crop.part == "class")
+                if crop.part == "instance" and self.faces.rows:
+                    landmarks.append(torch.from_numpy(slot.dataset.landmarks(crop)))
+            sizes.append(len(instance) + len(prior))
+        return self._packed(
+            keys,
+            owners,
+            pixels,
+            slot_of,
+            is_prior,
+            landmarks,
+            instance_rows,
+            prior_rows,
+            sizes,
+            len(slots),
+        ), generators
+
+    def _packed(
+        self, keys, owners, pixels, slot_of, is_prior, landmarks, instance_rows, prior_rows,
+        sizes, num_slots,
+    ) -> PackedBatch:  # fmt: skip
+        device = self.device
+        self.latents.ensure(keys, pixels)
+        latent_rows = self.latents.index(keys, device)
+        ranks = [sorted(set(slot_of)).index(s) for s in slot_of]
+        ranks_tensor = to_device(torch.tensor(ranks), device)
+        batch = PackedBatch(
+            mean=self.latents.columns["mean"][latent_rows],
+            std=self.latents.columns["std"][latent_rows],
+            slots=to_device(torch.tensor(slot_of), device),
+            is_prior=to_device(torch.tensor(is_prior), device),
+            members=ranks_tensor[None, :] == torch.arange(num_slots, device=device)[:, None],
+            instance_rows=to_device(torch.tensor(instance_rows, dtype=torch.long), device),
+            prior_rows=to_device(torch.tensor(prior_rows, dtype=torch.long), device),
+            sizes=sizes,
+        )
+        if self.faces.rows:
+            face_rows = self.faces.index(owners, device)
+            batch.embeddings = self.faces.columns["embedding"][face_rows]
+            batch.has_face = self.faces.columns["has_face"][face_rows]
+            batch.landmarks = to_device(torch.stack(landmarks), device)
+        return batch
+
+    def step(self) -> None:
+        """One micro-batch of every occupied slot: plan it on the host, train on the device,
+        then the host bookkeeping (log intervals are the only host syncs)."""
+        slots = self.active_slots()
+        batch, generators = self.gather(slots)
+        due = self.train_on(slots, batch, generators)
+        if not due:  # accumulating (one slot only)
+            slots[0].micro_batch += 1
+            return
+        for slot in slots:
+            slot.global_step += 1
+            slot.micro_batch = 0
+            slot.progress.update(1)
+            try:
+                self.after_update(slot)
+            except (ValueError, OSError, NonFiniteLossError) as error:
+                self._fail(slot.identity, error, slot)
+
+    def train_on(self, slots: list[Slot], batch: PackedBatch, generators) -> bool:
+        """Forward and backward of a packed micro-batch, the watches and means, and at the end
+        of an accumulation the update. Device work only: no host reads. True if it updated."""
+        index = to_device(torch.tensor([slot.index for slot in slots]), self.device)  # (S,)
+        with self.frozen.autocast():
+            terms = packed_losses(
+                self.model, self.lora, self.frozen, self.prompts, batch, generators, self.args
+            )
+        total = terms["loss"].sum() / self.args.gradient_accumulation_steps
+        self.scaler.scale(total).backward()
+        values = torch.stack([terms[name].detach().double() for name in TERM_NAMES], dim=1)
+        steps = to_device(torch.tensor([slot.global_step + 1 for slot in slots]), self.device)
+        self.watch.update(values, steps, index)
+        self.healthy[index] = self.healthy[index] & torch.isfinite(values).all(1)
+        self.interval_means.add(values, index)
+        self.epoch_means.add(values, index)
+        self.identity_samples.index_add_(0, index, terms["identity_count"].detach().round().long())
+        position = slots[0].global_step % slots[0].updates_per_epoch
+        position = position * self.args.gradient_accumulation_steps + slots[0].micro_batch
+        if not slots[0].is_update_due(position):  # only one slot when accumulating
+            return False
+        self.update(index, steps)
+        return True
+
+    def update(self, index: torch.Tensor, steps: torch.Tensor) -> None:
+        """Unscale (fp16), clip per identity, AdamW for the present, healthy identities whose
+        gradient is finite (the fp16 scaler's inf steps are skipped per identity), schedule."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        norms = clip_grad_norm_per_identity_(self.lora, self.args.max_grad_norm)  # (K,)
+        present = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
+        present[index] = True
+        finite = torch.isfinite(norms)
+        if not self.scaler.is_enabled():  # outside fp16 a non-finite gradient is an error
+            self.grad_watch.update(norms[index].double()[:, None], steps, index)
+            self.healthy[index] = self.healthy[index] & finite[index]
+        updates = self.optimizer.identity_steps().clamp_max(self.lr_tables.shape[1] - 1)
+        self.optimizer.set_learning_rates(self.lr_tables.gather(1, updates[:, None])[:, 0])
+        self.optimizer.step(active=present & self.healthy & finite)
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def after_update(self, slot: Slot) -> None:
+        step, args = slot.global_step, self.args
+        if step % args.logging_steps == 0 or step == slot.max_train_steps:
+            self.log_interval(slot)
+        if step % slot.checkpointing_steps == 0:
+            self.save_checkpoint(slot)
+        if step % slot.validation_steps == 0:
+            self.check_finite(slot, "no validation images were made")
+            self.validate(slot)
+        if step % slot.updates_per_epoch == 0 or step >= slot.max_train_steps:
+            self.log_epoch(slot, (step - 1) // slot.updates_per_epoch)
+        if step >= slot.max_train_steps:
+            self.finish(slot)
+
+    def log_interval(self, slot: Slot) -> None:
+        """Read the slot's interval means (one sync), check them, write TensorBoard and tqdm."""
+        where = f"last checkpoint kept in {slot.identity.output_dir}"
+        self.watch.check(where, slot.index)
+        self.grad_watch.check(where, slot.index)
+        means = self.interval_means.pop(slot.index)
+        slot.identity_samples = int(self.identity_samples[slot.index].item())
+        lr = float(self.optimizer.param_groups[0]["lr"][slot.index].item())
+        tags = slot.tags()
+        postfix = {tag: f"{means[name]:.4g}" for name, tag in tags.items()}
+        slot.progress.set_postfix(postfix | {"lr": f"{lr:.2e}"}, refresh=False)
+        if slot.writer is None:
+            return
+        for name, tag in tags.items():
+            slot.writer.add_scalar(f"train/{tag}", means[name], slot.global_step)
+        slot.writer.add_scalar("train/lr", lr, slot.global_step)
+        if self.args.loss != "dreambooth":
+            slot.writer.add_scalar(
+                "train/identity_samples", slot.identity_samples, slot.global_step
+            )
+
+    def log_epoch(self, slot: Slot, epoch: int) -> None:
+        if int(self.epoch_means.steps[slot.index]) == 0:
+            return
+        self.watch.check(f"last checkpoint kept in {slot.identity.output_dir}", slot.index)
+        means = self.epoch_means.pop(slot.index)
+        tags = slot.tags()
+        text = ", ".join(f"{tag} {means[name]:.4g}" for name, tag in tags.items())
+        logger.info("%s: epoch %d means: %s", slot.identity.name, epoch, text)
+        if slot.writer is not None:
+            for name, tag in tags.items():
+                slot.writer.add_scalar(f"epoch/{tag}", means[name], epoch)
+
+    def finish(self, slot: Slot) -> None:
         """Final validation, config and model card, then the LoRA (the 'finished' marker)."""
         self.check_finite(
-            f"no final LoRA written; last checkpoint kept in {self.identity.output_dir}"
+            slot, f"no final LoRA written; last checkpoint kept in {slot.identity.output_dir}"
         )
-        if self.last_validated != self.global_step:
-            self.validate()
-        self.write_config(self.identity.output_dir, "finished")
-        self.write_model_card()
-        save_lora(self.unet, self.identity.output_dir)
+        slot.identity_samples = int(self.identity_samples[slot.index].item())
+        if slot.last_validated != slot.global_step:
+            self.validate(slot)
+        slot.write_config(slot.identity.output_dir, "finished")
+        slot.write_model_card()
+        self.save_lora_of(slot, slot.identity.output_dir)
+        seconds = time.time() - slot.started
+        logger.info(
+            "%s: finished %d steps in %.1f s", slot.identity.name, slot.global_step, seconds
+        )
+        result = {"identity": slot.identity.name, "steps": slot.global_step, "seconds": seconds}
+        self.release(slot, result)
 
 
-def _progress_bar(trainer: IdentityTrainer):
+def _progress_bar(trainer: PackedTrainer, slot: Slot):
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=trainer.max_train_steps,
-        initial=trainer.global_step,
-        desc=f"[{trainer.state.process_index}] {trainer.identity.name}",
-        position=trainer.state.local_process_index,
+        total=slot.max_train_steps,
+        initial=slot.global_step,
+        desc=f"[{trainer.state.process_index}] {slot.identity.name}",
+        position=trainer.state.local_process_index * trainer.num_slots + slot.index,
         dynamic_ncols=True,
     )
 
@@ -1258,14 +1572,10 @@ def _progress_bar(trainer: IdentityTrainer):
 
 
 def _prior_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
-    """--prior_generation_precision, default fp16 on GPU; half precision needs a GPU."""
-    dtype = PRIOR_DTYPES[
+    """--prior_generation_precision, default fp16 on GPU and fp32 elsewhere."""
+    return PRIOR_DTYPES[
         args.prior_generation_precision or ("fp16" if device.type == "cuda" else "fp32")
     ]
-    if dtype == torch.float16 and device.type != "cuda":
-        logger.warning("fp16 class-image sampling needs a GPU; sampling in float32")
-        return torch.float32
-    return dtype
 
 
 def prepare_class_data(args: argparse.Namespace, state, face_tools: FaceTools | None) -> None:
@@ -1332,8 +1642,8 @@ def main(args: argparse.Namespace) -> dict[str, list]:
             face_tools.encoder if face_tools is not None and args.loss != "dreambooth" else None
         )
         frozen = load_frozen_models(args, state.device, mixed_precision, arcface)
-        for identity in todo:
-            results.append(train_identity(args, identity, frozen, face_tools, state))
+        trainer = PackedTrainer(args, frozen, face_tools, state, min(args.pack, len(todo)))
+        results = trainer.run(todo)
     if state.num_processes > 1:
         state.destroy_process_group()
     failed = [result for result in results if "error" in result]
@@ -1341,21 +1651,6 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         logger.error("%d of %d identities failed: %s", len(failed), len(todo), failed)
     trained = [result for result in results if "error" not in result]
     return {"trained": trained, "skipped": skipped, "failed": failed}
-
-
-def train_identity(args: argparse.Namespace, identity: Identity, frozen, face_tools, state):
-    """Train one identity; with --identities_root a failure of one (bad photos, NaN, an I/O
-    error) is reported and the others go on; a single --instance_data_dir run raises."""
-    if args.overwrite:
-        clear_outputs(identity, args.logging_dir)
-    logger.info("training identity %s -> %s", identity.name, identity.output_dir)
-    try:
-        return IdentityTrainer(args, identity, frozen, face_tools, state).run()
-    except (ValueError, OSError, NonFiniteLossError) as error:
-        if args.identities_root is None:
-            raise
-        logger.error("identity %s failed: %s", identity.name, error)
-        return {"identity": identity.name, "error": f"{type(error).__name__}: {error}"}
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
-"""Training-step throughput: this project's ID-Booth step vs the reference recipe, same run.
+"""Training throughput: the reference recipe vs this project's trainer, 1 and K identities a step.
 
-Both steps train the same LoRA on the same random-weight, SD-2.1-shaped models with the
-triplet identity loss, batch = instance + prior. They differ only in what the reference code
-does around the maths:
+Both train LoRAs on the same random-weight models with the triplet identity loss, batch = 1
+instance + 1 prior image per identity:
 
-- reference: re-encodes both prompts with the text encoder every step, applies the identity
-  term to the first instance sample only, crops the face by copying the decoded image to the
-  host (bounding box of the landmarks, resized to 112 -- the reference uses MTCNN boxes, which
-  also run on the host), and reads every loss with `.item()` each step for logging;
-- ours (train_ID-Booth.compute_losses): prompt embeddings computed once, the identity term on
-  every instance sample through the differentiable 5-point alignment, no host sync in the step.
+- reference: the official recipe's step re-typed (a peft LoRA; prompts re-encoded every step,
+  the VAE encode every step, the identity term on the first instance sample only with a host
+  crop of the decoded image, every loss read with `.item()` each step);
+- ours: `train_ID-Booth.PackedTrainer.step()` itself, on identities written to disk and
+  annotated by the real data path (a template "detector" stands in for a face detector, since
+  random images have no faces): cached latent distributions, device-side tables, per-identity
+  AdamW, schedule, grad scaler and bookkeeping, K identities per step (`--packs`).
 
-Prints one JSON object. `--size tiny` runs anywhere in seconds; `--size sd21 --device cuda`
-measures the real SD 2.1-base shapes (random weights; only time and memory mean anything).
+A random IResNet with arcface_torch's init overflows at depth 100, so its BatchNorm statistics
+are calibrated on random faces first (finite, unit-norm embeddings); every loss is checked
+finite. Prints one JSON object: seconds per step, per identity-step, identity-term images/s,
+peak memory, ratios to the reference. `--size tiny` runs anywhere in seconds; `--size sd21
+--device cuda` measures the SD 2.1-base shapes (random weights: only time and memory mean
+anything). On CUDA the timed steps of ours run under `torch.cuda.set_sync_debug_mode("error")`.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shared modules at the repo root
 
-from arcface import build_iresnet  # noqa: E402
+import runs  # noqa: E402
+from arcface import build_iresnet, load_arcface  # noqa: E402
 from faces import ARCFACE_DST  # noqa: E402
 from losses import (  # noqa: E402
     predict_x0,
@@ -43,15 +48,14 @@ from losses import (  # noqa: E402
 )
 from random_models import build_tiny_sd  # noqa: E402
 
-SIZES = {  # size -> (resolution, IResNet depth)
-    "tiny": (64, "r18"),
-    "sd21": (512, "r100"),
-}
+SIZES = {"tiny": (64, "r18"), "sd21": (512, "r100")}  # size -> (resolution, IResNet depth)
+PHOTOS_PER_IDENTITY = 2  # R x R photos: one crop each, so the latent cache is warm after warmup
 
 
 def load_train_module():
     """train_ID-Booth.py as a module (its name has a hyphen)."""
-    spec = importlib.util.spec_from_file_location("train_id_booth", REPO_ROOT / "train_ID-Booth.py")
+    path = Path(__file__).resolve().parents[1] / "train_ID-Booth.py"
+    spec = importlib.util.spec_from_file_location("train_id_booth", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -69,42 +73,98 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
         default=None,
-        help="Default: fp16 on CUDA (the paper's), no on CPU.",
+        help="Default: bf16 on CUDA, no on CPU.",
     )
-    parser.add_argument("--steps", type=int, default=10, help="Timed steps per recipe.")
-    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per recipe.")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="Alternating timed rounds; the median is reported."
+        "--packs", type=runs.POSITIVE_INT, nargs="+", default=[1, 2, 4, 8], help="K values."
     )
-    parser.add_argument("--train_batch_size", type=int, default=1, help="Instance samples.")
+    parser.add_argument("--steps", type=runs.POSITIVE_INT, default=10, help="Timed steps.")
+    parser.add_argument("--warmup", type=runs.POSITIVE_INT, default=3, help="Untimed steps.")
+    parser.add_argument(
+        "--rounds", type=runs.POSITIVE_INT, default=3, help="Timed rounds; the median is kept."
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile our UNet.")
     parser.add_argument("--workdir", type=Path, default=None, help="Where models are built.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    runs.check_numbers(args, parser)
+    return args
+
+
+# ------------------------------------------------------------------------------ models, data
+
+
+def calibrated_iresnet(depth: str, seed: int = 0, faces: int = 16) -> torch.nn.Module:
+    """A random arcface_torch IResNet whose BatchNorm statistics are those of random faces
+    (cumulative averages over a few train-mode passes): finite embeddings at any depth."""
+    torch.manual_seed(seed)
+    model = build_iresnet(depth)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative moving average
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.rand(faces, 3, 112, 112) * 2 - 1)
+    return model.eval()
 
 
 def build_models(workdir: Path, size: str) -> tuple[Path, Path]:
-    """Random pipeline folder and random IResNet checkpoint (built once per workdir)."""
+    """Random pipeline folder and calibrated random IResNet checkpoint (built once)."""
     sd_dir, arcface_path = workdir / f"sd-{size}", workdir / f"arcface-{SIZES[size][1]}.pth"
     if not (sd_dir / "model_index.json").exists():
         build_tiny_sd(sd_dir, size=size)
     if not arcface_path.exists():
-        torch.manual_seed(0)
-        torch.save(build_iresnet(SIZES[size][1]).state_dict(), arcface_path)
+        torch.save(calibrated_iresnet(SIZES[size][1]).state_dict(), arcface_path)
     return sd_dir, arcface_path
 
 
-def synthetic_batch(batch_size: int, resolution: int) -> dict:
-    """[instance..., prior...] pixels, landmarks on the ArcFace template, unit embeddings."""
-    generator = torch.Generator().manual_seed(0)
-    total = 2 * batch_size
-    scale = resolution / 112.0
-    landmarks = torch.from_numpy(ARCFACE_DST * scale).expand(total, 5, 2).clone()
-    embeddings = F.normalize(torch.randn(total, 512, generator=generator), dim=-1)
-    return {
-        "pixel_values": torch.rand(total, 3, resolution, resolution, generator=generator) * 2 - 1,
-        "landmarks": landmarks,
-        "embeddings": embeddings,
-        "num_instance": batch_size,
-    }
+class TemplateDetector:
+    """Stands in for a face detector on random photos: the ArcFace template, scaled."""
+
+    name = "template"
+
+    def detect_landmarks(self, image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        return (ARCFACE_DST * np.array([width, height]) / 112.0).astype(np.float32)
+
+
+def write_identities(workdir: Path, count: int, resolution: int) -> tuple[Path, Path]:
+    """`count` identities of random R x R photos and a folder of random class images."""
+    rng = np.random.default_rng(0)
+    root, class_dir = workdir / f"identities-{resolution}", workdir / f"class-{resolution}"
+    for index in range(max(count, 1)):
+        folder = root / f"id_{index:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for photo in range(PHOTOS_PER_IDENTITY):
+            pixels = rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{photo}.png")
+    class_dir.mkdir(parents=True, exist_ok=True)
+    for photo in range(PHOTOS_PER_IDENTITY):
+        pixels = rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(class_dir / f"class_{photo:05d}.png")
+    return root, class_dir
+
+
+# ------------------------------------------------------------------------------ the reference
+
+
+def reference_unet(train, args, device: torch.device, precision: str):
+    """The reference's UNet: a peft LoRA adapter (rank 4, gaussian), weights in `precision`."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet"
+    )
+    unet.requires_grad_(False)
+    targets = ["to_k", "to_q", "to_v", "to_out.0"]
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets)
+    )
+    train.place(unet, device, train.WEIGHT_DTYPES[precision])
+    cast_training_params(unet, dtype=torch.float32)
+    return unet
 
 
 def host_bbox_faces(decoded: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
@@ -121,52 +181,52 @@ def host_bbox_faces(decoded: torch.Tensor, landmarks: torch.Tensor) -> torch.Ten
     return torch.stack(faces).to(decoded.device)
 
 
-def reference_losses(train, unet, frozen, batch: dict, generator, args) -> dict:
-    """The reference recipe's forward: prompts encoded per step, one identity sample, host crop."""
+def reference_step(train, unet, frozen, optimizer, batch: dict, generator, args) -> float:
+    """One step of the reference recipe; returns its loss (read on the host every step)."""
     device, scheduler = frozen.device, frozen.noise_scheduler
-    pixels = batch["pixel_values"].to(device, frozen.weight_dtype)
-    n, total = batch["num_instance"], batch["pixel_values"].shape[0]
-    with torch.no_grad():
-        prompts = train.encode_prompts(frozen, args)  # every step, as the reference does
-        latents = frozen.vae.encode(pixels).latent_dist.sample(generator)
-        latents = latents * frozen.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    timesteps = torch.randint(0, 1000, (total,), generator=generator, device=device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    text = prompts.for_batch(n, total - n)
-    model_pred = unet(noisy, timesteps, text, return_dict=False)[0]
-    loss, _, _ = prior_preservation_loss(model_pred, noise, n, args.prior_loss_weight)
-    x0 = predict_x0(noisy[:1], model_pred[:1], timesteps[:1], scheduler.alphas_cumprod, "epsilon")
-    decoded = frozen.vae.decode(x0.to(frozen.vae.dtype) / frozen.vae.config.scaling_factor).sample
-    anchor = frozen.arcface(host_bbox_faces(decoded, batch["landmarks"][:1]))
-    embeddings = batch["embeddings"].to(device)
-    triplet = triplet_identity_loss(anchor, embeddings[:1], embeddings[n : n + 1])
-    identity = (timestep_weight(timesteps[:1]) * triplet).mean()
-    return {"loss": loss + identity, "identity_loss": identity}
+    with frozen.autocast():
+        pixels = batch["pixel_values"].to(device, frozen.weight_dtype)
+        with torch.no_grad():
+            prompts = train.encode_prompts(frozen, args)  # every step, as the reference does
+            latents = frozen.vae.encode(pixels).latent_dist.sample(generator)
+            latents = latents * frozen.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        timesteps = torch.randint(0, 1000, (2,), generator=generator, device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        text = torch.cat([prompts.instance, prompts.class_])
+        model_pred = unet(noisy, timesteps, text, return_dict=False)[0]
+        loss, _, _ = prior_preservation_loss(model_pred, noise, 1, args.prior_loss_weight)
+        x0 = predict_x0(
+            noisy[:1], model_pred[:1], timesteps[:1], scheduler.alphas_cumprod, "epsilon"
+        )
+        decoded = frozen.vae.decode(
+            x0.to(frozen.vae.dtype) / frozen.vae.config.scaling_factor
+        ).sample
+        anchor = frozen.arcface(host_bbox_faces(decoded.clamp(-1, 1), batch["landmarks"][:1]))
+        embeddings = batch["embeddings"].to(device)
+        triplet = triplet_identity_loss(anchor, embeddings[:1], embeddings[1:2])
+        loss = loss + (timestep_weight(timesteps[:1]) * triplet).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = loss.item()  # per-step logging, as the reference does
+    if not np.isfinite(value):
+        raise RuntimeError(f"the reference step gave a non-finite loss {value}")
+    return value
 
 
-def run_recipe(name: str, forward, unet, frozen, optimizer, batch, args, steps: int) -> None:
-    """`steps` optimizer steps of one recipe (forward -> backward -> clip -> step)."""
-    generator = torch.Generator(frozen.device).manual_seed(0)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for _ in range(steps):
-        with frozen.autocast():
-            terms = forward(unet, frozen, batch, generator)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if name == "reference":
-            _ = {key: value.item() for key, value in terms.items()}  # per-step logging
+def reference_batch(resolution: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    landmarks = torch.from_numpy(ARCFACE_DST * resolution / 112.0).expand(2, 5, 2).clone()
+    return {
+        "pixel_values": torch.rand(2, 3, resolution, resolution, generator=generator) * 2 - 1,
+        "landmarks": landmarks,
+        "embeddings": F.normalize(torch.randn(2, 512, generator=generator), dim=-1),
+    }
 
 
-def time_recipe(name: str, forward, unet, frozen, optimizer, batch, args) -> float:
-    """Seconds per step over args.steps steps, with one device sync at each end."""
-    synchronize(frozen.device)
-    start = time.perf_counter()
-    run_recipe(name, forward, unet, frozen, optimizer, batch, args, args.steps)
-    synchronize(frozen.device)
-    return (time.perf_counter() - start) / args.steps
+# ------------------------------------------------------------------------------ timing
 
 
 def synchronize(device: torch.device) -> None:
@@ -174,69 +234,154 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(args: argparse.Namespace) -> dict:
-    train = load_train_module()
-    device = torch.device(args.device)
-    mixed_precision = args.mixed_precision or ("fp16" if device.type == "cuda" else "no")
-    resolution, depth = SIZES[args.size]
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="idbooth-bench-"))
-    sd_dir, arcface_path = build_models(workdir, args.size)
-    (workdir / "photos").mkdir(exist_ok=True)  # the step runs on synthetic batches
-    train_args = train.parse_args(
-        [
-            f"--pretrained_model_name_or_path={sd_dir}",
-            f"--instance_data_dir={workdir / 'photos'}",
-            f"--class_data_dir={workdir / 'class'}",
-            f"--output_dir={workdir / 'out'}",
-            f"--arcface_weights={arcface_path}",
-            f"--resolution={resolution}",
-            f"--mixed_precision={mixed_precision}",
-        ]
-    )
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    from arcface import load_arcface
+def timed(device: torch.device, run, steps: int) -> float:
+    """Seconds per call of `run` over `steps` calls, one device sync at each end."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
 
-    arcface = load_arcface(arcface_path, device=device)
-    frozen = train.load_frozen_models(train_args, device, mixed_precision, arcface)
-    batch = synthetic_batch(args.train_batch_size, resolution)
-    prompts = train.encode_prompts(frozen, train_args)
-    recipes = {
-        "reference": lambda u, f, b, g: reference_losses(train, u, f, b, g, train_args),
-        "ours": lambda u, f, b, g: train.compute_losses(u, f, prompts, b, g, train_args),
-    }
-    states = {}
-    for name, forward in recipes.items():
-        unet = train.load_unet_with_lora(train_args, device, mixed_precision)
-        params = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-        run_recipe(name, forward, unet, frozen, optimizer, batch, args, args.warmup)
-        states[name] = (forward, unet, optimizer)
-    # Rounds alternate between the recipes so drift in machine load hits both alike.
-    rounds = {name: [] for name in recipes}
-    for _ in range(args.rounds):
-        for name, (forward, unet, optimizer) in states.items():
-            rounds[name].append(time_recipe(name, forward, unet, frozen, optimizer, batch, args))
-    seconds = {name: statistics.median(values) for name, values in rounds.items()}
-    result = {
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure_reference(train, train_args, frozen, args) -> dict:
+    device = frozen.device
+    reset_peak(device)
+    unet = reference_unet(train, train_args, device, frozen.mixed_precision)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+    batch, generator = reference_batch(SIZES[args.size][0]), torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        reference_step(train, unet, frozen, optimizer, batch, generator, train_args)
+
+    for _ in range(args.warmup):
+        step()
+    seconds = statistics.median(timed(device, step, args.steps) for _ in range(args.rounds))
+    return {"seconds_per_step": seconds, "identities_per_step": 1, "peak_gib": peak_gib(device)}
+
+
+def measure_packed(train, train_args, frozen, face_tools, state, identities, args, k) -> dict:
+    """PackedTrainer.step() with K identities; its device part once more under sync checks."""
+    device = frozen.device
+    reset_peak(device)
+    trainer = train.PackedTrainer(train_args, frozen, face_tools, state, k)
+    for index, identity in enumerate(identities[:k]):
+        trainer.fill(index, identity)
+    for _ in range(args.warmup):
+        trainer.step()
+    seconds = statistics.median(timed(device, trainer.step, args.steps) for _ in range(args.rounds))
+    for slot in trainer.active_slots():
+        trainer.check_finite(slot, "the benchmark stopped")  # every loss and weight finite
+    result = {"seconds_per_step": seconds, "identities_per_step": k, "peak_gib": peak_gib(device)}
+    result["sync_free"] = sync_free_step(trainer, device)
+    for slot in trainer.active_slots():
+        trainer.release(slot, {})
+    return result
+
+
+def sync_free_step(trainer, device: torch.device) -> bool | str | None:
+    """Whether the device part of a step runs under set_sync_debug_mode('error') (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    slots = trainer.active_slots()
+    batch, generators = trainer.gather(slots)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_on(slots, batch, generators)
+        return True
+    except RuntimeError as error:
+        return f"synced: {str(error).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def summarise(reference: dict, packed: dict[int, dict], args, precision: str, device) -> dict:
+    per_identity = {k: r["seconds_per_step"] / k for k, r in packed.items()}
+    reference_seconds = reference["seconds_per_step"]
+    return {
         "benchmark": "train_step",
         "size": args.size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "mixed_precision": mixed_precision,
-        "resolution": resolution,
-        "arcface": depth,
-        "instance_samples_per_step": args.train_batch_size,
-        "identity_samples_per_step": {"reference": 1, "ours": args.train_batch_size},
-        "steps_per_round": args.steps,
+        "mixed_precision": precision,
+        "resolution": SIZES[args.size][0],
+        "arcface": SIZES[args.size][1],
+        "steps": args.steps,
         "rounds": args.rounds,
-        "seconds_per_step": {name: round(value, 5) for name, value in seconds.items()},
-        "speedup_vs_reference": round(seconds["reference"] / seconds["ours"], 3),
+        "compile": args.compile,
+        "reference": {k: round(v, 5) if isinstance(v, float) else v for k, v in reference.items()},
+        "ours": {
+            f"pack_{k}": {
+                "seconds_per_step": round(r["seconds_per_step"], 5),
+                "seconds_per_identity_step": round(per_identity[k], 5),
+                "identity_images_per_second": round(k / r["seconds_per_step"], 3),
+                "peak_gib": r["peak_gib"],
+                "sync_free": r["sync_free"],
+                "throughput_vs_reference": round(reference_seconds / per_identity[k], 3),
+            }
+            for k, r in packed.items()
+        },
+        "packed_vs_single_throughput": {
+            f"pack_{k}": round(per_identity[min(packed)] / per_identity[k], 3) for k in packed
+        },
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+
+
+def main(args: argparse.Namespace) -> dict:
+    train = load_train_module()
+    device = torch.device(args.device)
+    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    resolution, _ = SIZES[args.size]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="idbooth-bench-"))
+    sd_dir, arcface_path = build_models(workdir, args.size)
+    root, class_dir = write_identities(workdir, max(args.packs), resolution)
+    flags = [
+        f"--pretrained_model_name_or_path={sd_dir}",
+        f"--identities_root={root}",
+        f"--class_data_dir={class_dir}",
+        f"--num_class_images={PHOTOS_PER_IDENTITY}",
+        f"--output_dir={workdir / 'loras'}",
+        f"--arcface_weights={arcface_path}",
+        f"--resolution={resolution}",
+        f"--mixed_precision={precision}",
+        f"--pack={max(args.packs)}",
+        "--validation_prompt=",
+        "--report_to=none",
+        "--logging_steps=1000000",  # the timed steps hold no log interval (no host read)
+        "--max_train_steps=100000",
+        "--overwrite",
+    ]
+    train_args = train.parse_args(flags + (["--compile"] if args.compile else []))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    encoder = load_arcface(arcface_path, device=device)
+    face_tools = train.FaceTools(TemplateDetector(), encoder)
+    frozen = train.load_frozen_models(train_args, device, precision, encoder)
+    state = runs.process_state()
+    identities = train.discover_identities(train_args)
+    reference = measure_reference(train, train_args, frozen, args)
+    packed = {
+        k: measure_packed(train, train_args, frozen, face_tools, state, identities, args, k)
+        for k in sorted(set(args.packs))
+    }
+    result = summarise(reference, packed, args, precision, device)
     print(json.dumps(result, indent=2))
     return result
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runs.run_cli("bench_train_step.py", parse_args, main)

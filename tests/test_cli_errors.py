@@ -39,6 +39,7 @@ def run_script(script: str, *arguments: str) -> subprocess.CompletedProcess:
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_prints_one_error_line_without_traceback(tmp_path, script, arguments, message):
     (tmp_path / "empty").mkdir()
     result = run_script(script, *(argument.format(tmp=tmp_path) for argument in arguments))
@@ -67,6 +68,7 @@ def faceless_identity(root):
     return folder
 
 
+@pytest.mark.slow
 def test_training_base_model_without_weights_is_named(tmp_path, tiny_base):
     import shutil
 

@@ -862,3 +862,13 @@ def test_identity_names_are_single_folder_names(assets, tmp_path, name):
 def test_output_dir_inside_the_lora_root_is_refused(assets):
     with pytest.raises(ValueError, match="overlap"):
         inference.parse_args(cli(assets, assets["loras"] / "generated"))
+
+
+def test_fp16_generation_runs_on_the_cpu(assets, tmp_path):
+    argv = cli(assets, tmp_path / "fp16", "--num_images_per_identity", "1", "--identities", "ID_a")
+    argv[argv.index("--mixed_precision") + 1] = "fp16"
+    summary = run(argv)
+    assert summary["written"] == 1
+    image = pixels(tmp_path / "fp16" / "ID_a" / "0.png")
+    assert image.std() > 0  # not a blank (NaN-decoded) image
+    assert metadata(tmp_path / "fp16")[0]["mixed_precision"] == "fp16"

@@ -15,13 +15,13 @@ import pytest
 import runs
 
 
-def test_hub_ids_pass_and_fp16_falls_back_on_cpu():
+def test_hub_ids_pass_and_precision_is_the_one_asked_for_on_every_device():
     assert not runs.looks_like_path("stabilityai/stable-diffusion-2-1-base")
     for path in ("./sd", "/models/sd", "~/sd", "models/sd/v2"):
         assert runs.looks_like_path(path), path
-    assert runs.resolve_mixed_precision("fp16", "cpu") == "no"
-    assert runs.resolve_mixed_precision("bf16", "cpu") == "bf16"
-    assert runs.resolve_mixed_precision("fp16", "cuda") == "fp16"
+    for device in ("cpu", "cuda"):
+        for precision in ("no", "fp16", "bf16"):
+            assert runs.resolve_mixed_precision(precision, device) == precision
     with pytest.raises(ValueError, match="unknown mixed precision"):
         runs.resolve_mixed_precision("fp8", "cpu")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -306,6 +307,39 @@ def step_parts(assets):
     return args, tools, frozen
 
 
+def unet_with_one_identity(args, device, precision):
+    """The trainer's UNet with a batched LoRA of one slot, initialised as a fresh identity."""
+    unet, lora = train.load_unet_with_slots(args, device, precision, 1)
+    train.init_identity_(lora, 0, fileio.stable_seed(args.seed, "lora-init"))
+    return unet, lora
+
+
+def compute_losses(unet_and_lora, frozen, prompts, batch, generator, args) -> dict:
+    """The trainer's step maths (packed_losses) on a collated [instance..., prior...] batch of
+    one identity: its terms as scalars."""
+    unet, lora = unet_and_lora
+    pixels = batch["pixel_values"].to(frozen.device, frozen.weight_dtype)
+    with torch.no_grad():
+        dist = frozen.vae.encode(pixels).latent_dist
+    n, size = batch["num_instance"], pixels.shape[0]
+    rows = torch.arange(size)
+    packed = train.PackedBatch(
+        mean=dist.mean,
+        std=dist.std,
+        slots=torch.zeros(size, dtype=torch.long),
+        is_prior=rows >= n,
+        members=torch.ones(1, size, dtype=torch.bool),
+        instance_rows=rows[:n],
+        prior_rows=rows[n : 2 * n] if size >= 2 * n else torch.full((n,), -1),
+        sizes=[size],
+        landmarks=batch["landmarks"][:n].float(),
+        embeddings=batch["embeddings"].float(),
+        has_face=batch["has_face"],
+    )
+    terms = train.packed_losses(unet, lora, frozen, prompts, packed, [generator], args)
+    return {name: value[0] for name, value in terms.items()}
+
+
 @pytest.mark.parametrize("loss", ["identity", "triplet"])
 def test_identity_term_is_nonzero_and_its_gradient_reaches_only_the_lora(step_parts, loss):
     from datasets import collate_dreambooth
@@ -313,12 +347,12 @@ def test_identity_term_is_nonzero_and_its_gradient_reaches_only_the_lora(step_pa
     args, tools, frozen = step_parts
     args = copy.copy(args)
     args.loss = loss
-    unet = train.load_unet_with_lora(args, frozen.device, "no")
+    unet, lora = unet_with_one_identity(args, frozen.device, "no")
     dataset = train.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)  # 2 instance + 2 prior
     generator = torch.Generator().manual_seed(3)
-    terms = train.compute_losses(
-        unet, frozen, train.encode_prompts(frozen, args), batch, generator, args
+    terms = compute_losses(
+        (unet, lora), frozen, train.encode_prompts(frozen, args), batch, generator, args
     )
     assert set(terms) == set(train.TERM_NAMES)
     assert terms["identity_criterion"].item() > 0 and terms["identity_term"].item() > 0
@@ -350,10 +384,10 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(step_parts):
         run_args = copy.copy(args)
         run_args.gradient_checkpointing = checkpointing
         run_frozen = train.load_frozen_models(run_args, frozen.device, "no", frozen.arcface)
-        unet = train.load_unet_with_lora(run_args, frozen.device, "no")
+        unet, lora = unet_with_one_identity(run_args, frozen.device, "no")
         prompts = train.encode_prompts(run_frozen, run_args)
         generator = torch.Generator().manual_seed(5)
-        terms = train.compute_losses(unet, run_frozen, prompts, batch, generator, run_args)
+        terms = compute_losses((unet, lora), run_frozen, prompts, batch, generator, run_args)
         terms["loss"].backward()
         gradients.append({n: p.grad for n, p in unet.named_parameters() if p.requires_grad})
     assert run_frozen.vae.is_gradient_checkpointing and unet.is_gradient_checkpointing
@@ -379,12 +413,12 @@ def test_bf16_mixed_precision_keeps_frozen_weights_low_and_lora_fp32(step_parts)
     small(torch.zeros(1, 3, 112, 112))  # materialise the lazy layer
     encoder = ArcFaceEncoder(small, "small-stand-in")
     frozen = train.load_frozen_models(args, torch.device("cpu"), "bf16", encoder)
-    unet = train.load_unet_with_lora(args, frozen.device, "bf16")
+    unet, lora = unet_with_one_identity(args, frozen.device, "bf16")
     dataset = train.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0]], with_prior=True)
     with frozen.autocast():
-        terms = train.compute_losses(
-            unet,
+        terms = compute_losses(
+            (unet, lora),
             frozen,
             train.encode_prompts(frozen, args),
             batch,
@@ -444,12 +478,12 @@ def test_bf16_runs_arcface_and_x0_in_fp32_and_the_identity_grad_reaches_the_lora
         "decode",
         lambda latents, *a, **k: decode_inputs.append(latents.dtype) or original_decode(latents),
     )
-    unet = train.load_unet_with_lora(args, frozen.device, "bf16")
+    unet, lora = unet_with_one_identity(args, frozen.device, "bf16")
     dataset = train.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
     with frozen.autocast():
-        terms = train.compute_losses(
-            unet,
+        terms = compute_losses(
+            (unet, lora),
             frozen,
             train.encode_prompts(frozen, args),
             batch,
@@ -480,12 +514,12 @@ def _masked_step(step_parts, monkeypatch, loss: str, class_has_face: list[bool])
     weights = Recorder(losses.IDENTITY_WEIGHTINGS["timestep"])
     monkeypatch.setitem(losses.IDENTITY_LOSSES, loss, per_sample)
     monkeypatch.setitem(losses.IDENTITY_WEIGHTINGS, "timestep", weights)
-    unet = train.load_unet_with_lora(args, frozen.device, "no")
+    unet, lora = unet_with_one_identity(args, frozen.device, "no")
     dataset = train.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
     batch["has_face"][2:] = torch.tensor(class_has_face)
-    terms = train.compute_losses(
-        unet,
+    terms = compute_losses(
+        (unet, lora),
         frozen,
         train.encode_prompts(frozen, args),
         batch,
@@ -531,31 +565,39 @@ def test_dreambooth_loss_has_no_identity_terms(step_parts):
     args, tools, frozen = step_parts
     args = copy.copy(args)
     args.loss = "dreambooth"
-    unet = train.load_unet_with_lora(args, frozen.device, "no")
+    unet, lora = unet_with_one_identity(args, frozen.device, "no")
     dataset = train.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0]], with_prior=True)
     generator = torch.Generator().manual_seed(0)
-    terms = train.compute_losses(
-        unet, frozen, train.encode_prompts(frozen, args), batch, generator, args
+    terms = compute_losses(
+        (unet, lora), frozen, train.encode_prompts(frozen, args), batch, generator, args
     )
     assert terms["identity_term"].item() == 0 and terms["identity_criterion"].item() == 0
     torch.testing.assert_close(terms["loss"], terms["diffusion_loss"] + terms["prior_loss"])
 
 
-def test_an_update_changes_only_lora_and_the_saved_lora_reproduces_it(step_parts, tmp_path):
+def one_slot_trainer(step_parts, tmp_path):
+    """A PackedTrainer of one slot holding identity 'hanks' (nothing trained yet)."""
     from accelerate import PartialState
-    from diffusers import StableDiffusionPipeline
 
     args, tools, frozen = step_parts
+    args = copy.copy(args)
+    args.validation_prompt = ""
     identity = train.Identity("hanks", args.instance_data_dir, tmp_path / "hanks")
-    trainer = train.IdentityTrainer(args, identity, frozen, tools, PartialState(cpu=True))
+    trainer = train.PackedTrainer(args, frozen, tools, PartialState(cpu=True), 1)
+    return trainer, trainer.fill(0, identity)
+
+
+def test_an_update_changes_only_lora_and_the_saved_lora_reproduces_it(step_parts, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    args, _, frozen = step_parts
+    trainer, slot = one_slot_trainer(step_parts, tmp_path)
     unet_before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
     frozen_modules = (frozen.vae, frozen.text_encoder, frozen.arcface)
     frozen_before = [{k: v.clone() for k, v in m.state_dict().items()} for m in frozen_modules]
-    batch = next(iter(trainer._loader(epoch=0, start_batch=0)))
-    trainer.forward_backward(batch, seed=1)
-    trainer.optimizer_step()
-    assert trainer.global_step == 1
+    trainer.step()
+    assert slot.global_step == 1
 
     unet_after = trainer.unet.state_dict()
     changed = {k for k in unet_before if not torch.equal(unet_before[k], unet_after[k])}
@@ -566,11 +608,12 @@ def test_an_update_changes_only_lora_and_the_saved_lora_reproduces_it(step_parts
     for before, module in zip(frozen_before, frozen_modules, strict=True):
         assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
-    train.save_lora(trainer.unet, tmp_path / "lora")
+    trainer.save_lora_of(slot, tmp_path / "lora")
     pipeline = StableDiffusionPipeline.from_pretrained(str(args.pretrained_model_name_or_path))
     latents, timestep = torch.randn(1, 4, 8, 8), torch.tensor([500])
     text = trainer.prompts.instance
     trainer.unet.eval()
+    trainer.lora.select_everyone(0)
     with torch.no_grad():
         base = pipeline.unet(latents, timestep, text).sample
         pipeline.load_lora_weights(str(tmp_path / "lora"))
@@ -995,7 +1038,7 @@ def test_a_nan_in_a_masked_sample_reaches_neither_the_loss_nor_the_gradient(
     from datasets import collate_dreambooth
 
     args, tools, frozen = step_parts
-    unet = train.load_unet_with_lora(args, frozen.device, "no")
+    unet, lora = unet_with_one_identity(args, frozen.device, "no")
     dataset = train.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
     batch["has_face"][2:] = torch.tensor([True, False])
@@ -1008,8 +1051,8 @@ def test_a_nan_in_a_masked_sample_reaches_neither_the_loss_nor_the_gradient(
 
     monkeypatch.setattr(frozen.vae, "decode", decode_with_a_nan_row)
     generator = torch.Generator().manual_seed(3)
-    terms = train.compute_losses(
-        unet, frozen, train.encode_prompts(frozen, args), batch, generator, args
+    terms = compute_losses(
+        (unet, lora), frozen, train.encode_prompts(frozen, args), batch, generator, args
     )
     assert torch.isfinite(terms["loss"]) and terms["identity_count"].item() == 1
     terms["loss"].backward()
@@ -1018,29 +1061,25 @@ def test_a_nan_in_a_masked_sample_reaches_neither_the_loss_nor_the_gradient(
 
 
 def test_non_finite_weights_or_gradients_are_never_saved(step_parts, tmp_path):
-    from accelerate import PartialState
-
-    args, tools, frozen = step_parts
-    identity = train.Identity("hanks", args.instance_data_dir, tmp_path / "hanks")
-    trainer = train.IdentityTrainer(args, identity, frozen, tools, PartialState(cpu=True))
-    trainer.forward_backward(next(iter(trainer._loader(0, 0))), seed=1)
-    trainer.optimizer_step()
+    trainer, slot = one_slot_trainer(step_parts, tmp_path)
+    trainer.step()
     with torch.no_grad():
-        next(p for n, p in trainer.unet.named_parameters() if "lora_B" in n)[0, 0] = float("inf")
+        next(p for n, p in trainer.unet.named_parameters() if "lora_B" in n)[0, 0, 0] = math.inf
     with pytest.raises(train.NonFiniteLossError, match="LoRA weights are non-finite at step 1"):
-        trainer.save_checkpoint()
+        trainer.save_checkpoint(slot)
     with pytest.raises(train.NonFiniteLossError, match="no final LoRA written"):
-        trainer.finish()
-    assert not list(identity.output_dir.glob("checkpoint-*"))
-    assert not (identity.output_dir / train.LORA_WEIGHTS_NAME).exists()
+        trainer.finish(slot)
+    assert not list(slot.identity.output_dir.glob("checkpoint-*"))
+    assert not (slot.identity.output_dir / train.LORA_WEIGHTS_NAME).exists()
 
     # A NaN that reaches only a gradient (the losses stay finite) stops the run as well.
-    trainer = train.IdentityTrainer(args, identity, frozen, tools, PartialState(cpu=True))
-    trainer.forward_backward(next(iter(trainer._loader(0, 0))), seed=1)
-    next(p for p in trainer.lora_parameters if p.grad is not None).grad[0] = float("nan")
-    trainer.optimizer_step()
+    trainer, slot = one_slot_trainer(step_parts, tmp_path / "again")
+    factor = trainer.lora.parameters()[0]
+    factor.register_hook(lambda grad: grad * math.nan)
     with pytest.raises(train.NonFiniteLossError, match=r"step 1 \(terms: grad_norm\)"):
-        trainer.save_checkpoint()
+        trainer.step()  # found at the step's log interval (--logging_steps 1)
+    assert not list(slot.identity.output_dir.glob("checkpoint-*"))
+    assert torch.isfinite(factor).all()  # the NaN gradient was never applied
 
 
 def test_num_class_images_uses_exactly_the_first_n_class_images(assets, tmp_path):
@@ -1113,3 +1152,147 @@ def test_outputs_and_class_images_must_lie_outside_the_identities(assets, tmp_pa
     argv = cli(assets, tmp_path / "out", f"--identities_root={root}")
     with pytest.raises(ValueError, match="lies inside --identities_root"):
         train.parse_args([*argv, flag.format(root=root)])
+
+
+# ======================================================================== speed: the packed step
+
+
+def test_the_step_equals_the_reference_recipe_for_the_same_seed_and_crop(step_parts):
+    """packed_losses on cached latent distributions gives today's losses: the reference step
+    re-typed (encode + sample, noise, timesteps from one generator, the UNet, F.mse_loss per
+    part, the triplet term on the aligned decode) on the same batch, seed and crops."""
+    from datasets import collate_dreambooth
+
+    args, tools, frozen = step_parts
+    unet, lora = unet_with_one_identity(args, frozen.device, "no")
+    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
+    prompts = train.encode_prompts(frozen, args)
+    ours = compute_losses(
+        (unet, lora), frozen, prompts, batch, torch.Generator().manual_seed(7), args
+    )
+
+    generator = torch.Generator().manual_seed(7)
+    scheduler, vae = frozen.noise_scheduler, frozen.vae
+    with torch.no_grad():
+        latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generator)
+    latents = latents * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (4,), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    text = torch.cat([prompts.instance.expand(2, -1, -1), prompts.class_.expand(2, -1, -1)])
+    lora.set_identities(torch.zeros(4, dtype=torch.long))
+    pred = unet(noisy, timesteps, text).sample
+    loss, instance, prior = losses.prior_preservation_loss(pred, noise, 2, 1.0)
+    x0 = losses.predict_x0(noisy[:2], pred[:2], timesteps[:2], scheduler.alphas_cumprod, "epsilon")
+    decoded = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1)
+    faces = train.align_faces_torch(decoded, batch["landmarks"][:2], fill=-1.0)
+    anchor = frozen.arcface(faces)
+    embeddings = batch["embeddings"]
+    criterion = losses.triplet_identity_loss(anchor, embeddings[:2], embeddings[2:], 1.0)
+    weight = losses.timestep_weight(timesteps[:2])
+    term = (weight * criterion).mean()
+    torch.testing.assert_close(ours["diffusion_loss"], instance, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["prior_loss"], prior, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["identity_term"], term, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["loss"], loss + term, rtol=1e-5, atol=1e-6)
+
+
+class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on every op that reads a tensor on the host (a stream sync on a GPU)."""
+
+    SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCS:
+            raise AssertionError(f"host sync in the step: {func._schema.name}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_nothing_on_the_host(step_parts, tmp_path):
+    """The device part of a step (forward, backward, clip, AdamW, schedule, watches and means
+    on cached latents) under a dispatch mode that fails on host reads."""
+    trainer, slot = one_slot_trainer(step_parts, tmp_path)
+    trainer.args.logging_steps = 1000  # no log interval in these steps
+    trainer.step()  # the first step encodes the new crops (allowed to do anything)
+    slot.order = None
+    slot.global_step = 0  # the same crops again: cached, so the step itself is measured
+    batch, generators = trainer.gather([slot])  # planned on the host: crops, cache rows
+    with NoHostSync():
+        assert trainer.train_on([slot], batch, generators)
+
+
+def packed_flags(assets, output: Path, root: Path, *extra: str) -> list[str]:
+    return cli(
+        assets,
+        output,
+        f"--identities_root={root}",
+        "--max_train_steps=3",
+        "--validation_prompt=",
+        "--report_to=none",
+        # The paper's lr: AdamW's update ~ lr * m / sqrt(v) turns float reassociation of the
+        # (tiny) first gradients of A into O(lr) steps, so the batch shape shows at O(1e-2 lr).
+        "--learning_rate=1e-4",
+        *extra,
+    )
+
+
+def test_a_packed_run_equals_single_runs_and_a_nan_freezes_only_its_identity(
+    assets, tmp_path, monkeypatch
+):
+    root = tmp_path / "identities"
+    for name in ("hanks", "person0"):
+        shutil.copytree(assets.identity(name), root / name)
+    alone = tmp_path / "alone"
+    train.main(train.parse_args(packed_flags(assets, alone, root, "--pack=1")))
+    packed = tmp_path / "packed"
+    summary = train.main(train.parse_args(packed_flags(assets, packed, root, "--pack=2")))
+    assert [r["identity"] for r in summary["trained"]] == ["hanks", "person0"]
+    config = json.loads((packed / "hanks" / train.CONFIG_NAME).read_text())
+    assert config["resolved"]["pack"] == 2
+    for name in ("hanks", "person0"):
+        assert_same_lora(alone / name, packed / name, atol=1e-5)
+
+    # A NaN in hanks' embeddings poisons its identity term: hanks fails, person0 is untouched.
+    add_faces = train.PackedTrainer._add_faces
+
+    def with_a_bad_identity(self, slot):
+        add_faces(self, slot)
+        if slot.identity.name == "hanks":
+            rows = [row for key, row in self.faces.rows.items() if key[0] == "hanks"]
+            self.faces.columns["embedding"][rows] = float("nan")
+
+    monkeypatch.setattr(train.PackedTrainer, "_add_faces", with_a_bad_identity)
+    poisoned = tmp_path / "poisoned"
+    summary = train.main(train.parse_args(packed_flags(assets, poisoned, root, "--pack=2")))
+    assert [r["identity"] for r in summary["failed"]] == ["hanks"]
+    assert "non-finite loss at step 1" in summary["failed"][0]["error"]
+    assert not (poisoned / "hanks" / train.LORA_WEIGHTS_NAME).exists()
+    assert_same_lora(packed / "person0", poisoned / "person0", atol=1e-6)
+
+
+def test_pack_and_gradient_accumulation_do_not_combine(assets, tmp_path):
+    flags = cli(assets, tmp_path / "out", f"--identities_root={assets.identities}")
+    with pytest.raises(ValueError, match="--pack > 1"):
+        train.parse_args([*flags, "--pack=2", "--gradient_accumulation_steps=2"])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_runs_on_the_cpu(assets, tmp_path, precision):
+    """The GPU recipes' precision paths, run here: half-precision frozen weights, fp32 LoRA, and
+    for fp16 the grad scaler (unscale, per-identity inf skip, update) in every step."""
+    flags = cli(assets, tmp_path / precision, f"--instance_data_dir={assets.identity('hanks')}")
+    flags = [f for f in flags if not f.startswith("--mixed_precision")]
+    flags += [f"--mixed_precision={precision}", "--max_train_steps=2", "--checkpointing_steps=2"]
+    flags += ["--validation_prompt=", "--report_to=none"]
+    summary = train.main(train.parse_args(flags))
+    assert [run["steps"] for run in summary["trained"]] == [2]
+    weights = lora_weights(tmp_path / precision)
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    state = torch.load(
+        tmp_path / precision / "checkpoint-2" / train.TRAINING_STATE_NAME, weights_only=True
+    )
+    scaler = state["grad_scaler"]
+    assert bool(scaler) == (precision == "fp16")  # an fp16 scaler state, none for bf16
+    config = json.loads((tmp_path / precision / train.CONFIG_NAME).read_text())
+    assert config["resolved"]["mixed_precision"] == precision

@@ -321,6 +321,7 @@ def test_evaluate_backbone_on_a_known_answer_bin(tmp_path):
     assert result.num_pairs == 60 and result.name == "colours"
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_writes_json(tmp_path):
     """Two sets through the script with a real (random) r18; 2 folds keep the sets tiny."""
     torch.manual_seed(0)
