@@ -165,14 +165,15 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") % 2**63
 
 
-def encode_png_with_record(image: Any, record: dict) -> bytes:
-    """PNG bytes with the metadata record in a text chunk (deterministic for equal input)."""
+def encode_png_with_record(image: Any, record: dict, compress_level: int = 6) -> bytes:
+    """PNG bytes with the metadata record in a text chunk (deterministic for equal input;
+    zlib `compress_level` 0-9 changes only the size, PIL's default is 6)."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_METADATA_KEY, json.dumps(record, sort_keys=True))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
 
 

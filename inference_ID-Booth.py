@@ -5,13 +5,18 @@ and side-portrait coin flip are derived from sha256(base seed, identity, index),
 background (default `--background_sampling balanced`) from index i's slot i mod k in block
 i // k, a shuffle of the k backgrounds seeded by sha256(base seed, identity, "backgrounds",
 block); never from Python's `hash()` or a shared RNG stream, so any image can be regenerated
-on its own and adding images to an identity leaves the earlier ones unchanged. Images of
-one identity are generated in fixed batches of consecutive indices ([0, B), [B, 2B), ...),
-whatever the number of processes and however often the run is interrupted, so a resumed or
-multi-process run writes the same bytes as one uninterrupted process (same hardware,
-library versions and, on CPU, thread count). The batch size itself moves pixels only at
-float-rounding level: the noise is per image, but matmul/conv kernels sum in an order that
-depends on the batch shape.
+on its own and adding images to an identity leaves the earlier ones unchanged.
+
+Batches: the job list [(identity, index) for each identity for index < n] is cut into fixed
+runs of B consecutive jobs, so one batch may mix identities; every sample applies its own
+identity's LoRA through one batched LoRA layer (multi_lora.py), whose slots hold the LoRAs
+the current batch needs. The batches depend on the settings alone, whatever the number of
+processes and however often the run is interrupted, so a resumed or multi-process run writes
+the same bytes as one uninterrupted process (same hardware, library versions and, on CPU,
+thread count). The batch size itself moves pixels only at float-rounding level: the noise
+is per image, but kernels sum in an order that depends on the batch shape. Denoising runs in
+sampling.Sampler (no host syncs; DDPM, DDIM, Euler ancestral) or the stock pipeline loop for
+other schedulers; PNGs are encoded and written by worker threads while the next batch runs.
 
 Outputs: `<identity>/<index>.png` (PNG text chunk `id_booth` holds the image's metadata
 record, so every image describes itself), `metadata.jsonl` (one line per image, rebuilt
@@ -47,7 +52,7 @@ from fileio import (
     read_png_record,
     remove_stale_temps,
 )
-from lora import LORA_WEIGHTS_NAME, lora_mismatches
+from lora import LORA_WEIGHTS_NAME, LoraLayout, lora_layout, lora_mismatches, read_lora_file
 from prompts import (
     BACKGROUND_SAMPLERS,
     DEFAULT_NO_BACKGROUND_TEMPLATE,
@@ -72,7 +77,6 @@ logger = logging.getLogger("inference_ID-Booth")
 TRAINING_CONFIG_NAME = "training_config.json"
 METADATA_NAME = "metadata.jsonl"
 RUN_CONFIG_NAME = "run_config.json"
-ADAPTER_NAME = "identity"
 IMAGE_NAME_PATTERN = re.compile(r"^(\d+)\.png$")
 
 # Scheduler factory: name -> (diffusers class name, kwargs over the base model's config).
@@ -86,6 +90,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 RESOLUTION = runs.Number(int, low=8, multiple_of=8)
+PNG_COMPRESS_LEVEL = runs.Number(int, low=0, high=9)
+DEFAULT_CUDA_BATCH_SIZE = 16
 MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Settings that define the pixels; a resumed run must match them (batch size only moves
 # results at float-rounding level, so it may change between runs).
@@ -224,9 +230,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch_size",
         type=runs.POSITIVE_INT,
+        default=None,
+        help="Images per denoising batch: consecutive (identity, index) jobs, so one batch may "
+        "mix identities (each sample applies its own LoRA). Default: 16 on CUDA, 1 elsewhere. "
+        "Images depend on it only at float-rounding level (see README).",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the denoising step (the first batch of each size is slow while "
+        "it compiles); pixels move at float-rounding level.",
+    )
+    parser.add_argument(
+        "--png_compress_level",
+        type=PNG_COMPRESS_LEVEL,
         default=1,
-        help="Images per pipeline call, consecutive indices of one identity. Images depend on "
-        "it only at float-rounding level (see README); raise it on a GPU for throughput.",
+        help="zlib level of the PNGs, 0-9 (PIL's default is 6: about 3x the encoding time for "
+        "files a few percent smaller). Lossless at every level.",
+    )
+    parser.add_argument(
+        "--png_workers",
+        type=runs.POSITIVE_INT,
+        default=2,
+        help="Threads that encode and write PNGs while the next batch is sampled.",
     )
     parser.add_argument(
         "--seed", type=runs.SEED, default=0, help="Base seed; each image's seed is derived from it."
@@ -355,15 +381,17 @@ def plan_image(args: argparse.Namespace, identity: str, gender: str | None, inde
     return ImageJob(identity, index, seed, prompt, background, side_portrait, gender)
 
 
+Job = tuple[str, int]  # (identity, image index)
+
+
 def make_batches(
     identities: Sequence[str], num_images: int, batch_size: int
-) -> list[tuple[str, tuple[int, ...]]]:
-    """Work units (identity, indices): consecutive index ranges [kB, (k+1)B) per identity."""
-    return [
-        (identity, tuple(range(start, min(start + batch_size, num_images))))
-        for identity in identities
-        for start in range(0, num_images, batch_size)
-    ]
+) -> list[tuple[Job, ...]]:
+    """Work units: consecutive runs of B jobs of the list [(x, i) for x in identities for i in
+    range(n)], crossing identities (a batch mixes them: each sample has its own LoRA). Fixed
+    by the settings alone, so a resumed run regenerates exactly the batches it did."""
+    jobs = [(identity, index) for identity in identities for index in range(num_images)]
+    return [tuple(jobs[start : start + batch_size]) for start in range(0, len(jobs), batch_size)]
 
 
 def split_work(items: Sequence[Any], num_processes: int, process_index: int) -> list[Any]:
@@ -484,21 +512,28 @@ def check_run_config(
 # ----------------------------------------------------------------------------- LoRA files
 
 
-def check_lora(identity: IdentitySource, pipeline: Any, model_name: str) -> str | None:
-    """An error message if the identity's LoRA is unreadable or made for another base."""
+def check_lora(
+    identity: IdentitySource, pipeline: Any, model_name: str
+) -> tuple[str | None, LoraLayout | None]:
+    """(error message, None) if the identity's LoRA is unreadable, made for another base or
+    not a plain UNet LoRA; else (None, its layout). Reads the file's header only."""
     components = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
+    where = f"identity {identity.name!r}: LoRA {identity.lora_file}"
     try:
         checked, problems = lora_mismatches(identity.lora_file, components)
     except Exception as error:  # safetensors raises its own types for corrupt headers
-        return f"identity {identity.name!r}: cannot read LoRA {identity.lora_file}: {error}"
+        return f"identity {identity.name!r}: cannot read LoRA {identity.lora_file}: {error}", None
     if problems:
         shown = "; ".join(problems[:3])
         return (
-            f"identity {identity.name!r}: LoRA {identity.lora_file} does not fit the base model "
-            f"{model_name} ({len(problems)} of {checked} tensors mismatch, e.g. {shown}); it was "
-            "trained on a different base: pass that --pretrained_model_name_or_path or retrain"
-        )
-    return None
+            f"{where} does not fit the base model {model_name} ({len(problems)} of {checked} "
+            f"tensors mismatch, e.g. {shown}); it was trained on a different base: pass that "
+            "--pretrained_model_name_or_path or retrain"
+        ), None
+    try:
+        return None, lora_layout(identity.lora_file)
+    except ValueError as error:
+        return f"{where} cannot be applied: {error}", None
 
 
 # ------------------------------------------------------------------------- files on disk
@@ -577,29 +612,64 @@ def load_pipeline(args: argparse.Namespace) -> StableDiffusionPipeline:
     return pipeline
 
 
-def generate_batch(
-    pipeline: StableDiffusionPipeline, jobs: Sequence[ImageJob], args: argparse.Namespace
-) -> tuple[list[PILImage.Image], list[bool]]:
-    """Images for one batch; per-image CPU generators give each its own noise streams.
+def make_sampler(pipeline: StableDiffusionPipeline, args: argparse.Namespace):
+    """The sync-free sampling loop for this pipeline's scheduler, or None (stock pipeline)."""
+    from sampling import Sampler, check_scheduler_config
 
-    The initial latents and every stochastic scheduler step draw sample i's noise from
-    generator i, so an image's noise does not depend on its batch-mates or the device.
-    """
-    import torch
-
-    generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
-    output = pipeline(
-        prompt=[job.prompt for job in jobs],
-        negative_prompt=[args.negative_prompt] * len(jobs),
-        generator=generators,
+    try:
+        check_scheduler_config(type(pipeline.scheduler).__name__, pipeline.scheduler.config)
+    except ValueError as reason:
+        logger.info("sampling with the stock pipeline loop: %s", reason)
+        return None
+    return Sampler.from_pipeline(
+        pipeline,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         height=args.resolution,
         width=args.resolution,
-        output_type="pil",
+        compile=args.compile,
     )
-    flagged = output.nsfw_content_detected or [False] * len(jobs)
-    return output.images, [bool(flag) for flag in flagged]
+
+
+def generate_batch(
+    pipeline: StableDiffusionPipeline,
+    jobs: Sequence[ImageJob],
+    args: argparse.Namespace,
+    lora: Any = None,
+    slots: Sequence[int] | None = None,
+    sampler: Any = None,
+) -> tuple[list[PILImage.Image], list[bool]]:
+    """Images of one batch, which may mix identities: sample i uses slot slots[i] of the
+    batched LoRA `lora` (None: the base model) and its own CPU generator seeded with its seed,
+    so its noise depends neither on its batch-mates nor on the device. The sync-free loop
+    (sampling.Sampler) samples when it supports the scheduler, else the stock pipeline."""
+    import torch
+
+    from sampling import decode_checked, encode_prompts
+
+    sampler = sampler if sampler is not None else make_sampler(pipeline, args)
+    guided = args.guidance_scale > 1
+    if lora is not None:  # one host-to-device copy per batch; [negative; positive] under CFG
+        identities = torch.tensor(list(slots) * (2 if guided else 1), device=pipeline.device)
+        lora.set_identities(identities)
+    prompts, negatives = [job.prompt for job in jobs], [args.negative_prompt] * len(jobs)
+    if sampler is None:
+        output = pipeline(
+            prompt=prompts,
+            negative_prompt=negatives,
+            generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            height=args.resolution,
+            width=args.resolution,
+            output_type="pil",
+        )
+        flagged = output.nsfw_content_detected or [False] * len(jobs)
+        return output.images, [bool(flag) for flag in flagged]
+    with torch.no_grad():
+        embeddings, negative = encode_prompts(pipeline, prompts, negatives, guided)
+        latents = sampler.sample(embeddings, negative, [job.seed for job in jobs])
+        return decode_checked(pipeline, latents)
 
 
 def image_record(job: ImageJob, args: argparse.Namespace, lora_file: Path, batch) -> dict:
@@ -624,7 +694,7 @@ def image_record(job: ImageJob, args: argparse.Namespace, lora_file: Path, batch
         "model": args.pretrained_model_name_or_path,
         "mixed_precision": args.resolved_mixed_precision,
         "base_seed": args.seed,
-        "batch_indices": list(batch),
+        "batch": [list(member) for member in batch],  # (identity, index) of the batch's images
     }
 
 
@@ -639,107 +709,145 @@ class Counts:
     seconds: float = 0.0
 
 
-def pending_indices(folder: Path, indices: Sequence[int], overwrite: bool) -> list[int]:
-    """Indices of a batch whose image is not on disk yet (all of them with --overwrite)."""
+def pending_jobs(output_dir: Path, batch: Sequence[Job], overwrite: bool) -> list[Job]:
+    """The jobs of a batch whose image is not on disk yet (all of them with --overwrite)."""
     if overwrite:
-        return list(indices)
-    return [index for index in indices if not is_complete_png(folder / f"{index}.png")]
+        return list(batch)
+    return [job for job in batch if not is_complete_png(output_dir / job[0] / f"{job[1]}.png")]
 
 
-def save_image(path: Path, image: PILImage.Image, record: dict) -> None:
-    """Atomically write one image; an OSError (e.g. disk full) stops the run cleanly."""
-    try:
-        atomic_write_bytes(path, encode_png_with_record(image, record))
-    except OSError as error:
-        raise OSError(
-            error.errno,
-            f"could not write {path} ({error.strerror or error}); no partial file was left, "
-            "free space / fix the folder and re-run to resume",
-        ) from error
+class ImageWriter:
+    """Encodes PNGs and writes them atomically in worker threads while the next batch is
+    sampled (PIL's encoder releases the GIL). At most `pending` images wait; the first write
+    error (e.g. a full disk) is raised on the main thread, and nothing half-written is left."""
+
+    def __init__(self, workers: int, compress_level: int, pending: int = 64) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png")
+        self.compress_level, self.pending, self.futures = compress_level, pending, []
+        self.written = 0
+
+    def submit(self, path: Path, image: PILImage.Image, record: dict) -> None:
+        """Queue one image; raises an earlier write's error instead (the run stops there)."""
+        if any(future.done() and future.exception() for future in self.futures):
+            self.close()
+        self.futures.append(self.pool.submit(self._write, path, image, record))
+        while len(self.futures) > self.pending:
+            self._collect(self.futures.pop(0))
+
+    def _write(self, path: Path, image: PILImage.Image, record: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write_bytes(path, encode_png_with_record(image, record, self.compress_level))
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"could not write {path} ({error.strerror or error}); no partial file was "
+                "left, free space / fix the folder and re-run to resume",
+            ) from error
+
+    def _collect(self, future) -> None:
+        future.result()  # raises a worker's error here
+        self.written += 1
+
+    def close(self) -> None:
+        """Wait for every write (raising the first error); always shuts the pool down."""
+        try:
+            for future in self.futures:
+                self._collect(future)
+        finally:
+            self.futures = []
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_identity(
-    pipeline: StableDiffusionPipeline,
-    identity: IdentitySource,
-    todo: Sequence[tuple[tuple[int, ...], list[int]]],
+def run_batches(
+    generator: dict,
+    work: Sequence[tuple[tuple[Job, ...], list[Job]]],
     context: dict,
     progress: Any,
+    writer: ImageWriter,
 ) -> None:
-    """Generate the missing images of this process's batches of one identity.
+    """Generate this process's batches and hand the missing images to the writer.
 
-    `todo` holds (batch indices, missing indices) pairs; the identity's LoRA is swapped
-    into the resident base pipeline and unloaded afterwards.
+    Every job of a batch whose identity is usable is sampled again, written or not, so the
+    batch's numerics match an uninterrupted run; jobs of failed identities are counted.
     """
-    args, counts = context["args"], context["counts"]
-    num_missing = sum(len(missing) for _, missing in todo)
-    error = identity.error or context["lora_errors"].get(identity.name)
-    if error is None:
-        error = _load_lora(pipeline, identity, args.lora_scale)
-    if error is not None:
-        counts.failed += num_missing
-        counts.failed_identities.append(identity.name)
-        logger.error("%s; skipping its %d images", error, num_missing)
-        progress.update(num_missing)
-        return
-    folder = args.output_dir / identity.name
-    folder.mkdir(parents=True, exist_ok=True)
-    gender = context["genders"].get(identity.name)
-    try:
-        for batch, missing in todo:
-            # The whole batch is regenerated so its numerics match an uninterrupted run.
-            jobs = [plan_image(args, identity.name, gender, index) for index in batch]
-            images, flagged = generate_batch(pipeline, jobs, args)
-            for job, image, nsfw in zip(jobs, images, flagged, strict=True):
-                if job.index not in missing:
-                    continue
-                if nsfw:
-                    counts.failed += 1
-                    logger.error("%s flagged by the safety checker; not written", job)
-                else:
-                    record = image_record(job, args, identity.lora_file, batch)
-                    save_image(folder / f"{job.index}.png", image, record)
-                    counts.written += 1
-                progress.update(1)
-    finally:
-        pipeline.unload_lora_weights()
+    args, counts, errors = context["args"], context["counts"], context["lora_errors"]
+    for batch, missing in work:
+        slots = place_identities(generator["pool"], [name for name, _ in batch], errors)
+        usable = [job for job in batch if job[0] in slots]
+        for name in dict.fromkeys(name for name, _ in missing if name not in slots):
+            fail_identity(name, sum(job[0] == name for job in missing), context, progress)
+        if not any(job in missing for job in usable):
+            continue
+        genders = context["genders"]
+        jobs = [plan_image(args, name, genders.get(name), index) for name, index in usable]
+        images, flagged = generate_batch(
+            generator["pipeline"],
+            jobs,
+            args,
+            generator["lora"],
+            [slots[job.identity] for job in jobs],
+            generator["sampler"],
+        )
+        for job, image, nsfw in zip(jobs, images, flagged, strict=True):
+            if (job.identity, job.index) not in missing:
+                continue
+            if nsfw:
+                counts.failed += 1
+                logger.error("%s flagged by the safety checker; not written", job)
+            else:
+                lora_file = context["identities"][job.identity].lora_file
+                record = image_record(job, args, lora_file, usable)
+                writer.submit(args.output_dir / job.identity / f"{job.index}.png", image, record)
+                counts.written += 1
+            progress.update(1)
+
+
+def place_identities(pool: Any, names: Sequence[str], errors: dict[str, str]) -> dict[str, int]:
+    """identity -> LoRA slot for the usable identities of a batch, loading them as needed; a
+    LoRA that fails to load joins `errors` (its identity is skipped from then on)."""
+    slots: dict[str, int] = {}
+    for name in dict.fromkeys(names):
+        if name in errors:
+            continue
+        try:
+            slots[name] = pool.place(name, pinned=slots.values())
+        except Exception as error:  # safetensors/torch raise many types for a corrupt file
+            errors[name] = f"identity {name!r}: loading its LoRA failed: {error}"
+    return slots
+
+
+def fail_identity(name: str, num_images: int, context: dict, progress: Any) -> None:
+    """Count an unusable identity's images of one batch as failed; log it once."""
+    counts = context["counts"]
+    if name not in counts.failed_identities:
+        counts.failed_identities.append(name)
+        logger.error("%s; skipping its images", context["lora_errors"][name])
+    counts.failed += num_images
+    progress.update(num_images)
 
 
 def plan_process_work(
-    args: argparse.Namespace, my_batches: Sequence[tuple[str, tuple[int, ...]]], counts: Counts
-) -> dict[str, list[tuple[tuple[int, ...], list[int]]]]:
-    """identity -> [(batch, missing indices)] for this process; counts what is done.
-
-    Also deletes temp files that killed runs left for this process's own images (never
-    another process's: the work split is disjoint).
-    """
-    by_identity: dict[str, list[tuple[int, ...]]] = {}
-    for name, batch in my_batches:
-        by_identity.setdefault(name, []).append(batch)
-    work: dict[str, list[tuple[tuple[int, ...], list[int]]]] = {}
-    for name, batches in by_identity.items():
-        folder = args.output_dir / name
-        remove_stale_temps(folder, {f"{index}.png" for batch in batches for index in batch})
-        for batch in batches:
-            missing = pending_indices(folder, batch, args.overwrite)
-            counts.skipped += len(batch) - len(missing)
-            if missing:
-                work.setdefault(name, []).append((batch, missing))
+    args: argparse.Namespace, my_batches: Sequence[tuple[Job, ...]], counts: Counts
+) -> list[tuple[tuple[Job, ...], list[Job]]]:
+    """[(batch, missing jobs)] of this process's batches that hold a missing image; counts what
+    is done. Also deletes temp files that killed runs left for this process's own images (never
+    another process's: the work split is disjoint)."""
+    mine: dict[str, set[str]] = {}
+    for batch in my_batches:
+        for name, index in batch:
+            mine.setdefault(name, set()).add(f"{index}.png")
+    for name, files in mine.items():
+        remove_stale_temps(args.output_dir / name, files)
+    work = []
+    for batch in my_batches:
+        missing = pending_jobs(args.output_dir, batch, args.overwrite)
+        counts.skipped += len(batch) - len(missing)
+        if missing:
+            work.append((batch, missing))
     return work
-
-
-def _load_lora(pipeline: StableDiffusionPipeline, identity: IdentitySource, scale: float):
-    """Swap the identity's LoRA into the resident base; an error message on failure."""
-    try:
-        pipeline.load_lora_weights(
-            str(identity.lora_file.parent),
-            weight_name=identity.lora_file.name,
-            adapter_name=ADAPTER_NAME,
-        )
-        pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
-    except Exception as error:  # diffusers/peft raise many types; the identity is skipped
-        pipeline.unload_lora_weights()  # a failed load can leave half-injected layers
-        return f"identity {identity.name!r}: loading LoRA {identity.lora_file} failed: {error}"
-    return None
 
 
 def prepare(args: argparse.Namespace, state: Any) -> dict:
@@ -802,23 +910,65 @@ def write_contact_sheets(args: argparse.Namespace, identities) -> None:
 
 
 def checked_pipeline(args: argparse.Namespace, identities, state: Any):
-    """Load the base on CPU, check every LoRA header against it, then move it to the device."""
+    """The base pipeline on the device and, per identity, its LoRA layout or why it fails.
+
+    Identities whose weights are missing carry their error from lora_sources; the others have
+    their LoRA header checked against the base model (on CPU, before the move).
+    """
     import torch
 
     pipeline = load_pipeline(args)
-    lora_errors = {}
+    layouts, lora_errors = {}, {}
     for identity in identities:
-        if identity.error is None:
-            message = check_lora(identity, pipeline, args.pretrained_model_name_or_path)
-            if message is not None:
-                lora_errors[identity.name] = message
-                if state.is_main_process:
-                    logger.error("%s", message)
+        if identity.error is not None:
+            lora_errors[identity.name] = identity.error
+            continue
+        message, layout = check_lora(identity, pipeline, args.pretrained_model_name_or_path)
+        if message is None:
+            layouts[identity.name] = layout
+        else:
+            lora_errors[identity.name] = message
     dtype = getattr(torch, MIXED_PRECISION_DTYPES[args.resolved_mixed_precision])
     pipeline.to(state.device)
     if dtype != torch.float32:
         pipeline.to(dtype=dtype)
-    return pipeline, lora_errors
+    return pipeline, layouts, lora_errors
+
+
+def slots_needed(work: Sequence[tuple[tuple[Job, ...], list[Job]]]) -> int:
+    """The most distinct identities any one batch of `work` holds (at least 1)."""
+    return max((len({name for name, _ in batch}) for batch, _ in work), default=1)
+
+
+def build_generator(
+    args: argparse.Namespace,
+    pipeline: Any,
+    layouts: dict[str, LoraLayout],
+    sources: dict[str, IdentitySource],
+    num_slots: int,
+) -> dict:
+    """Pipeline, batched LoRA over the union of the identities' layers (rank: their largest),
+    the slot pool that loads each identity's file on demand, and the sampler."""
+    from multi_lora import SlotPool, inject_batched_lora
+
+    modules = sorted({module for layout in layouts.values() for module in layout.ranks})
+    rank = max((r for layout in layouts.values() for r in layout.ranks.values()), default=1)
+    lora = pool = None
+    if modules:
+        lora = inject_batched_lora(pipeline.unet, modules, num_slots, rank, alpha=rank)
+        folders = {name: sources[name].lora_file.parent for name in layouts}
+
+        def load(name: str) -> tuple[dict, dict]:
+            scalings = {m: s * args.lora_scale for m, s in layouts[name].scalings.items()}
+            return read_lora_file(folders[name]), scalings
+
+        pool = SlotPool(lora, load)
+    return {
+        "pipeline": pipeline,
+        "lora": lora,
+        "pool": pool,
+        "sampler": make_sampler(pipeline, args),
+    }
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -830,6 +980,8 @@ def main(args: argparse.Namespace) -> dict:
     args.resolved_mixed_precision = runs.resolve_mixed_precision(
         args.mixed_precision, state.device.type
     )
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_CUDA_BATCH_SIZE if state.device.type == "cuda" else 1
     plan = prepare(args, state)
     identities = plan["identities"]
     batches = make_batches(
@@ -839,24 +991,27 @@ def main(args: argparse.Namespace) -> dict:
     work = plan_process_work(
         args, split_work(batches, state.num_processes, state.process_index), counts
     )
-    pipeline, lora_errors = checked_pipeline(args, identities, state)
+    pipeline, layouts, lora_errors = checked_pipeline(args, identities, state)
     if state.is_main_process:  # only once the model loaded: a failed start blocks no rerun
         remove_stale_temps(args.output_dir)
         write_run_config(args, plan["settings"], identities, state.num_processes)
     state.wait_for_everyone()
+    sources = {identity.name: identity for identity in identities}
+    generator = build_generator(args, pipeline, layouts, sources, slots_needed(work))
     context = {"args": args, "counts": counts, "genders": plan["genders"]}
-    context["lora_errors"] = lora_errors
-    by_name = {identity.name: identity for identity in identities}
-    total = sum(len(missing) for todo in work.values() for _, missing in todo)
+    context.update(identities=sources, lora_errors=lora_errors)
+    total = sum(len(missing) for _, missing in work)
     logger.info("%d images to generate here, %d already on disk", total, counts.skipped)
     started = time.perf_counter()
+    writer = ImageWriter(args.png_workers, args.png_compress_level)
     progress_bar = tqdm(
         total=total, unit="img", desc="generating", disable=not state.is_local_main_process
     )
-    with progress_bar as progress:
-        for name, todo in work.items():
-            run_identity(pipeline, by_name[name], todo, context, progress)
-            progress.set_postfix(written=counts.written, failed=counts.failed)
+    try:
+        with progress_bar as progress:
+            run_batches(generator, work, context, progress, writer)
+    finally:
+        writer.close()  # every queued image lands (or the first write error is raised)
     counts.seconds = time.perf_counter() - started
     return finish(args, state, counts, identities)
 

@@ -8,7 +8,10 @@ its metadata in the random order of a Rust hash map otherwise).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -123,6 +126,56 @@ def _layer_mismatch(component: Any, module_path: str, kind: str, shape: tuple) -
     if kind == "up" and len(shape) >= 1 and shape[0] != widths[1]:
         return f"{module_path}: LoRA output width {shape[0]} vs layer output {widths[1]}"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraLayout:
+    """What a UNet LoRA file holds, from its header: each layer's rank and peft scaling."""
+
+    ranks: dict[str, int]  # UNet module path -> r
+    scalings: dict[str, float]  # UNet module path -> lora_alpha / r (or / sqrt(r), rsLoRA)
+
+
+def lora_layout(lora_file: Path) -> LoraLayout:
+    """The layers, ranks and scalings of a diffusers-format UNet LoRA file (header only).
+
+    The scaling is what diffusers' `load_lora_weights` gives each layer: the adapter
+    metadata's lora_alpha over the layer's rank (alpha = r without metadata). ValueError for
+    what a plain batched LoRA cannot apply: text-encoder layers, other key formats, DoRA,
+    per-layer alpha patterns, mixed ranks without metadata.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata() or {}
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    config = {k[len("unet.") :]: v for k, v in config.items() if k.startswith("unet.")}
+    if config.get("use_dora") or config.get("alpha_pattern"):
+        raise ValueError("DoRA and per-layer alpha_pattern adapters are not supported")
+    ranks: dict[str, int] = {}
+    for key, shape in shapes.items():
+        match = re.fullmatch(r"unet\.(.+)\.lora\.(down|up)\.weight", key)
+        if match is None:
+            raise ValueError(
+                f"key {key!r} is not a diffusers-format UNet LoRA matrix (unet.<layer>"
+                ".lora.down/up.weight); text-encoder and other formats are not supported"
+            )
+        if len(shape) != 2:
+            raise ValueError(f"key {key!r} has shape {shape}: only linear-layer LoRAs apply")
+        module, kind = match.groups()
+        rank = shape[0] if kind == "down" else shape[1]
+        if ranks.setdefault(module, rank) != rank:
+            raise ValueError(f"layer {module}: down and up matrices disagree on the rank")
+    if not ranks:
+        raise ValueError("the file holds no UNet LoRA matrices")
+    if "lora_alpha" not in config and len(set(ranks.values())) > 1:
+        raise ValueError("layers of different ranks and no adapter metadata giving lora_alpha")
+    scalings = {}
+    for module, rank in ranks.items():
+        alpha = config.get("lora_alpha", rank)
+        scalings[module] = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    return LoraLayout(ranks, scalings)
 
 
 MODEL_CARD = """---

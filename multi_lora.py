@@ -315,6 +315,74 @@ def load_identity_(handle: BatchedLoRA, k: int, state_dict: Mapping[str, torch.T
         param[k].copy_(state_dict[key])
 
 
+@torch.no_grad()
+def load_identity_scaled_(
+    handle: BatchedLoRA,
+    k: int,
+    state_dict: Mapping[str, torch.Tensor],
+    scalings: Mapping[str, float],
+) -> None:
+    """Identity k from a diffusers-format LoRA (keys '<module>.lora.down/up.weight') of any
+    rank <= handle.rank on any subset of the batched layers, with each module's scaling
+    (its file's alpha / r times a LoRA strength) folded into B, for generation, where one
+    batched layer serves LoRAs trained with other settings. Padded ranks and layers the file
+    lacks stay zero. ValueError for layers the handle lacks or ranks above its own."""
+    _check_identity(handle, k)
+    targets = _diffusers_targets(handle)
+    unexpected = sorted(set(state_dict) - set(targets))
+    too_large = [
+        key
+        for key, value in state_dict.items()
+        if key in targets and value.shape[0 if key.endswith("down.weight") else 1] > handle.rank
+    ]
+    if unexpected or too_large:
+        raise ValueError(
+            f"LoRA does not fit the batched layers: keys of other layers {unexpected[:4]} "
+            f"({len(unexpected)}), ranks above {handle.rank}: {too_large[:4]}"
+        )
+    handle_scaling = handle.alpha / handle.rank
+    for key, param in targets.items():
+        param[k].zero_()
+        value = state_dict.get(key)
+        if value is None:
+            continue
+        module = key.rsplit(".lora.", 1)[0]
+        if key.endswith("down.weight"):  # A (r, in)
+            param[k, : value.shape[0]].copy_(value)
+        else:  # B (out, r)
+            param[k, :, : value.shape[1]].copy_(value * (scalings[module] / handle_scaling))
+
+
+class SlotPool:
+    """Named LoRAs resident in the K slots of one batched LoRA, loaded on demand.
+
+    For generation over more identities than slots: `place(name, pinned)` returns the slot
+    holding `name`, loading it with `load(name) -> (state_dict, scalings)` into the least
+    recently used slot outside `pinned` (the slots the current batch already uses).
+    """
+
+    def __init__(self, handle: BatchedLoRA, load: Any) -> None:
+        self.handle, self.load = handle, load
+        self.resident: dict[str, int] = {}  # name -> slot, least recently used first
+
+    def place(self, name: str, pinned: Iterable[int] = ()) -> int:
+        if name in self.resident:
+            self.resident[name] = self.resident.pop(name)  # most recently used now
+            return self.resident[name]
+        pinned = set(pinned)
+        used = set(self.resident.values())
+        free = [slot for slot in range(self.handle.num_identities) if slot not in used]
+        if not free:
+            evictable = [n for n, slot in self.resident.items() if slot not in pinned]
+            if not evictable:
+                raise RuntimeError(f"all {self.handle.num_identities} slots are pinned")
+            free = [self.resident.pop(evictable[0])]
+        state_dict, scalings = self.load(name)
+        load_identity_scaled_(self.handle, free[0], state_dict, scalings)
+        self.resident[name] = free[0]
+        return free[0]
+
+
 def identity_means(
     values: torch.Tensor, identities: torch.Tensor, num_identities: int
 ) -> torch.Tensor:

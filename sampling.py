@@ -619,13 +619,18 @@ def encode_prompts(
 
 
 @torch.no_grad()
-def decode_latents(pipeline: Any, latents: torch.Tensor, output_type: str = "pil") -> Any:
-    """VAE decode + `image_processor.postprocess` as the pipeline does without a safety checker."""
+def decode_checked(
+    pipeline: Any, latents: torch.Tensor, output_type: str = "pil"
+) -> tuple[Any, list[bool]]:
+    """(images, NSFW flags) from final latents, as the pipeline's __call__ ends: VAE decode,
+    its safety checker when it has one (it blacks flagged images out), postprocess."""
     image = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
-    do_denormalize = [True] * image.shape[0]
-    return pipeline.image_processor.postprocess(
-        image, output_type=output_type, do_denormalize=do_denormalize
+    image, flagged = pipeline.run_safety_checker(image, latents.device, latents.dtype)
+    flagged = [False] * image.shape[0] if flagged is None else [bool(f) for f in flagged]
+    images = pipeline.image_processor.postprocess(
+        image, output_type=output_type, do_denormalize=[not flag for flag in flagged]
     )
+    return images, flagged
 
 
 def generate_images(
@@ -641,7 +646,7 @@ def generate_images(
         pipeline, prompts, negative_prompts, sampler.do_classifier_free_guidance
     )
     latents = sampler.sample(prompt_embeds, negative_prompt_embeds, seeds)
-    return decode_latents(pipeline, latents, output_type)
+    return decode_checked(pipeline, latents, output_type)[0]
 
 
 # ------------------------------------------------------------------- pipelines and class images

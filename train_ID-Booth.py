@@ -1204,10 +1204,7 @@ class PackedTrainer:
 
     def release(self, slot: Slot, result: dict[str, Any]) -> None:
         """The slot's identity is done (finished or failed): close its outputs, free the slot."""
-        if slot.progress is not None:
-            slot.progress.close()
-        if slot.writer is not None:
-            slot.writer.close()
+        self._close_outputs(slot)
         self.slots[slot.index] = None
         self.latents.drop(slot.identity.name)
         self.faces.drop(slot.identity.name)
@@ -1331,16 +1328,26 @@ class PackedTrainer:
 
     # ------------------------------------------------------------------ the loop
 
+    @staticmethod
+    def _close_outputs(slot: Slot) -> None:
+        for output in (slot.progress, slot.writer):
+            if output is not None:
+                output.close()
+
     def run(self, identities: list[Identity]) -> list[dict[str, Any]]:
         """Train every identity of the queue, K at a time; one result dict each."""
         queue = list(identities)
-        while queue or self.active_slots():
-            for index in range(self.num_slots):
-                while self.slots[index] is None and queue:
-                    self._start(index, queue.pop(0))
-            if not self.active_slots():
-                break
-            self.step()
+        try:
+            while queue or self.active_slots():
+                for index in range(self.num_slots):
+                    while self.slots[index] is None and queue:
+                        self._start(index, queue.pop(0))
+                if not self.active_slots():
+                    break
+                self.step()
+        finally:  # on an error or Ctrl-C too: no progress bar redraws after the last message
+            for slot in self.active_slots():
+                self._close_outputs(slot)
         return self.results
 
     def _start(self, index: int, identity: Identity) -> None:

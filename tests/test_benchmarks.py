@@ -36,6 +36,25 @@ def test_train_step_benchmark_times_the_reference_and_packed_trainers(tmp_path, 
 
 
 @pytest.mark.slow
+def test_generation_benchmark_times_the_reference_and_our_batch_sizes(tmp_path, capsys):
+    bench = load_benchmark("bench_generate")
+    argv = ["--identities=2", "--images_per_identity=3", "--batch_sizes", "1", "4"]
+    argv += ["--reference_batch_sizes", "1", "2", f"--workdir={tmp_path}"]
+    result = bench.main(bench.parse_args(argv))
+    assert set(result["reference"]) == {"batch_1", "batch_2"}
+    best = max(timing["images_per_second"] for timing in result["reference"].values())
+    assert set(result["ours"]) == {"batch_1", "batch_4"}
+    for name, timing in result["ours"].items():
+        assert timing["images"] == 6 and timing["images_per_second"] > 0
+        ratio = timing["images_per_second"] / best
+        assert abs(timing["speedup_vs_best_reference"] - ratio) < 1e-2 * ratio
+        assert ("speedup_vs_reference_same_batch" in timing) == (name == "batch_1")
+    for folder in ("ours_b4", "reference_b2"):  # both ran to completion on the same jobs
+        assert len(list((tmp_path / folder / "timed").glob("*/*.png"))) == 6
+    assert '"benchmark": "generate"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_a_calibrated_random_iresnet_100_gives_finite_unit_embeddings():
     """arcface_torch's init overflows at depth 100; calibrated BatchNorm statistics do not."""
     import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import stat
@@ -74,6 +75,20 @@ def test_saved_image_keeps_pixels_and_png_text(tmp_path):
     with Image.open(tmp_path / "b.jpg") as image:
         assert image.format == "JPEG" and image.size == (7, 9)
     assert names(tmp_path) == ["a.png", "b.jpg"]
+
+
+def test_png_compress_levels_keep_pixels_and_record_and_change_only_the_size():
+    smooth = np.tile(np.arange(64, dtype=np.uint8), (64, 1))[..., None].repeat(3, axis=2)
+    encoded = {
+        level: fileio.encode_png_with_record(Image.fromarray(smooth), {"index": 1}, level)
+        for level in (0, 1, 6, 9)
+    }
+    assert encoded[6] == fileio.encode_png_with_record(Image.fromarray(smooth), {"index": 1})
+    assert len(encoded[0]) > len(encoded[1]) >= len(encoded[9])
+    for data in encoded.values():
+        with Image.open(io.BytesIO(data)) as image:
+            np.testing.assert_array_equal(np.asarray(image), smooth)
+            assert json.loads(image.text[fileio.PNG_METADATA_KEY]) == {"index": 1}
 
 
 def test_json_options_reach_json_dumps_and_a_refused_payload_writes_nothing(tmp_path):

@@ -415,13 +415,16 @@ def test_split_work_partitions_without_overlap(num_items, num_processes):
 
 @settings(max_examples=100, deadline=None)
 @given(num_identities=st.integers(1, 4), num_images=st.integers(1, 30), batch=st.integers(1, 9))
-def test_batches_are_fixed_index_ranges_per_identity(num_identities, num_images, batch):
+def test_batches_are_fixed_runs_of_the_job_list(num_identities, num_images, batch):
     names = [f"ID_{i}" for i in range(num_identities)]
     batches = inference.make_batches(names, num_images, batch)
-    for name in names:
-        mine = [indices for owner, indices in batches if owner == name]
-        assert [i for indices in mine for i in indices] == list(range(num_images))
-        assert all(indices[0] % batch == 0 and len(indices) <= batch for indices in mine)
+    jobs = [(name, index) for name in names for index in range(num_images)]
+    assert [job for members in batches for job in members] == jobs
+    assert all(len(members) == batch for members in batches[:-1])
+    assert 1 <= len(batches[-1]) <= batch
+    assert inference.slots_needed([(b, list(b)) for b in batches]) == max(
+        len({name for name, _ in members}) for members in batches
+    )
 
 
 # ------------------------------------------------------------------- generation results
@@ -448,11 +451,11 @@ def test_batch_size_changes_only_float_rounding(assets, tmp_path):
     argv = ["--identities", "ID_b", "--num_images_per_identity", "4"]
     run(cli(assets, tmp_path / "b1", *argv, "--batch_size", "1"))
     run(cli(assets, tmp_path / "b3", *argv, "--batch_size", "3"))  # batches [0, 1, 2], [3]
-    strip = ("batch_indices",)
-    rows1 = [{k: v for k, v in r.items() if k not in strip} for r in metadata(tmp_path / "b1")]
-    rows3 = [{k: v for k, v in r.items() if k not in strip} for r in metadata(tmp_path / "b3")]
+    rows1 = [{k: v for k, v in r.items() if k != "batch"} for r in metadata(tmp_path / "b1")]
+    rows3 = [{k: v for k, v in r.items() if k != "batch"} for r in metadata(tmp_path / "b3")]
     assert rows1 == rows3  # same seeds, prompts, settings
-    assert [r["batch_indices"] for r in metadata(tmp_path / "b3")] == [[0, 1, 2]] * 3 + [[3]]
+    first, last = [["ID_b", i] for i in range(3)], [["ID_b", 3]]
+    assert [r["batch"] for r in metadata(tmp_path / "b3")] == [first] * 3 + [last]
     for index in range(4):
         one = pixels(tmp_path / "b1" / "ID_b" / f"{index}.png")
         three = pixels(tmp_path / "b3" / "ID_b" / f"{index}.png")
@@ -462,6 +465,21 @@ def test_batch_size_changes_only_float_rounding(assets, tmp_path):
         assert difference.max() <= 2 and (difference > 0).mean() < 0.01
         if index == 3:  # same batch shape in both runs: exactly equal
             assert difference.max() == 0
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "euler"])  # sampling.Sampler / stock loop
+def test_batches_mixing_identities_equal_images_made_one_by_one(assets, tmp_path, scheduler):
+    argv = ["--num_images_per_identity", "3", "--scheduler", scheduler]
+    run(cli(assets, tmp_path / "one", *argv, "--batch_size", "1"))
+    run(cli(assets, tmp_path / "mixed", *argv, "--batch_size", "4"))
+    batches = {json.dumps(r["batch"]) for r in metadata(tmp_path / "mixed")}
+    assert json.dumps([["ID_a", 0], ["ID_a", 1], ["ID_a", 2], ["ID_b", 0]]) in batches
+    one, mixed = pngs(tmp_path / "one"), pngs(tmp_path / "mixed")
+    assert sorted(one) == sorted(mixed) and len(one) == 9
+    for name in one:
+        difference = np.abs(pixels(tmp_path / "one" / name) - pixels(tmp_path / "mixed" / name))
+        # The right LoRA per sample: another identity's LoRA moves the mean by > 5 levels.
+        assert difference.max() <= 2 and (difference > 0).mean() < 0.01, name
 
 
 def _stock_pipeline(model: Path):
@@ -696,6 +714,26 @@ def test_missing_and_wrong_base_loras_fail_alone(assets, tmp_path, caplog):
     log = caplog.text
     assert "identity 'ID_x': no LoRA weights at" in log
     assert "identity 'ID_w'" in log and "different base" in log and "attn2.to_k" in log
+
+
+def test_a_lora_that_fails_to_load_mid_run_fails_only_its_identity(assets, tmp_path, monkeypatch):
+    read = inference.read_lora_file
+
+    def read_or_fail(folder):
+        if folder.name == "ID_b":  # e.g. the file was replaced after the header check
+            raise OSError(5, "Input/output error")
+        return read(folder)
+
+    monkeypatch.setattr(inference, "read_lora_file", read_or_fail)
+    argv = ["--num_images_per_identity", "3", "--batch_size", "4"]
+    summary = run(cli(assets, tmp_path / "out", *argv))
+    assert (summary["written"], summary["failed"]) == (6, 3)
+    assert summary["failed_identities"] == ["ID_b"]
+    assert sorted(pngs(tmp_path / "out")) == [
+        f"{n}/{i}.png" for n in ("ID_a", "ID_c") for i in range(3)
+    ]
+    monkeypatch.setattr(inference, "read_lora_file", read)
+    assert run(cli(assets, tmp_path / "out", *argv))["written"] == 3  # the rerun fills ID_b
 
 
 def test_unknown_scheduler_lists_the_options(assets, tmp_path):

@@ -505,3 +505,117 @@ def test_training_step_has_no_host_syncs(pipe):
     assert optimizer.identity_steps().tolist() == [1, 0, 1]
     with pytest.raises(RuntimeError, match="host sync"), NoHostSyncs():
         norms.sum().item()
+
+
+# ------------------------------------------------------------------- generation: slot pool
+
+
+def _saved_peft_lora(base_unet, folder: Path, rank: int, alpha: float, targets, seed: int, **extra):
+    """A diffusers LoRA file of a random non-zero peft adapter, with its adapter metadata."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    unet = copy.deepcopy(base_unet).requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), **extra)
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=_peft_state(unet),
+        unet_lora_adapter_metadata=metadata,
+        safe_serialization=True,
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_slot_pool_serves_loras_of_other_ranks_alphas_and_layers_like_diffusers(pipe, tmp_path):
+    """Three LoRAs (r 4 alpha 4 on all targets, r 2 alpha 8 on to_q/to_v, rsLoRA r 3) in a
+    pool of 2 slots of rank 4: each sample's output equals load_lora_weights' for its file."""
+    from lora import lora_layout, read_lora_file
+
+    files = {
+        "plain": _saved_peft_lora(pipe.unet, tmp_path / "plain", 4, 4, TARGETS, 1),
+        "small": _saved_peft_lora(pipe.unet, tmp_path / "small", 2, 8, ["to_q", "to_v"], 2),
+        "rslora": _saved_peft_lora(pipe.unet, tmp_path / "rs", 3, 6, TARGETS, 3, use_rslora=True),
+    }
+    layouts = {name: lora_layout(path) for name, path in files.items()}
+    assert set(layouts["plain"].scalings.values()) == {1.0}
+    assert set(layouts["small"].ranks.values()) == {2}
+    assert set(layouts["small"].scalings.values()) == {4.0}
+    assert list(layouts["rslora"].scalings.values()) == pytest.approx([6 / 3**0.5] * 32)
+    modules = sorted({m for layout in layouts.values() for m in layout.ranks})
+    unet = copy.deepcopy(pipe.unet)
+    handle = ml.inject_batched_lora(unet, modules, num_identities=2, rank=4, alpha=4)
+    loads = []
+
+    def load(name):
+        loads.append(name)
+        return read_lora_file(files[name].parent), layouts[name].scalings
+
+    pool = ml.SlotPool(handle, load)
+    inputs = _inputs(3)
+    for names in (["plain", "small", "plain"], ["small", "rslora", "rslora"]):
+        slots = {}
+        for name in names:
+            slots[name] = pool.place(name, pinned=slots.values())
+        handle.set_identities(torch.tensor([slots[name] for name in names]))
+        with torch.no_grad():
+            batched = unet(**inputs).sample
+        for row, name in enumerate(names):
+            fresh = copy.deepcopy(pipe)
+            fresh.load_lora_weights(files[name].parent)
+            with torch.no_grad():
+                solo = fresh.unet(**_rows(inputs, [row])).sample
+            torch.testing.assert_close(batched[[row]], solo, rtol=1e-4, atol=5e-5)
+    assert loads == ["plain", "small", "rslora"]  # "small" stayed resident; "plain" was evicted
+    assert pool.resident == {"small": 1, "rslora": 0}
+    with pytest.raises(RuntimeError, match="pinned"):
+        pool.place("plain", pinned=[0, 1])
+
+
+def test_scaled_load_refuses_what_the_handle_cannot_hold(pipe, tmp_path):
+    from lora import lora_layout, read_lora_file
+
+    path = _saved_peft_lora(pipe.unet, tmp_path / "big", 6, 6, TARGETS, 4)
+    state, scalings = read_lora_file(path.parent), lora_layout(path).scalings
+    _, rank_4 = _batched(pipe.unet)
+    with pytest.raises(ValueError, match="ranks above 4"):
+        ml.load_identity_scaled_(rank_4, 0, state, scalings)
+    only_q = ml.inject_batched_lora(copy.deepcopy(pipe.unet), ["to_q"], 1, 8, 8)
+    with pytest.raises(ValueError, match="keys of other layers"):
+        ml.load_identity_scaled_(only_q, 0, state, scalings)
+
+
+def test_lora_layout_names_what_batched_generation_cannot_apply(pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora import lora_layout
+
+    text_encoder = tmp_path / "te.safetensors"
+    save_file({"text_encoder.layer.lora.down.weight": torch.zeros(4, 8)}, text_encoder)
+    with pytest.raises(ValueError, match="text-encoder and other formats"):
+        lora_layout(text_encoder)
+    conv = tmp_path / "conv.safetensors"
+    save_file({"unet.conv_in.lora.down.weight": torch.zeros(4, 4, 3, 3)}, conv)
+    with pytest.raises(ValueError, match="only linear-layer LoRAs"):
+        lora_layout(conv)
+    dora = _saved_peft_lora(pipe.unet, tmp_path / "dora", 4, 4, TARGETS, 5, use_dora=True)
+    with pytest.raises(ValueError, match="DoRA"):
+        lora_layout(dora)
+    mixed = tmp_path / "mixed.safetensors"  # no metadata: diffusers' alpha would be ambiguous
+    save_file(
+        {
+            "unet.a.lora.down.weight": torch.zeros(2, 8),
+            "unet.a.lora.up.weight": torch.zeros(8, 2),
+            "unet.b.lora.down.weight": torch.zeros(4, 8),
+            "unet.b.lora.up.weight": torch.zeros(8, 4),
+        },
+        mixed,
+    )
+    with pytest.raises(ValueError, match="different ranks"):
+        lora_layout(mixed)

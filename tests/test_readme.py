@@ -26,6 +26,8 @@ def test_the_differences_list_names_every_known_difference():
         '"none"',
         "side-portrait coin",
         "per-image seeds",
+        "batched lora",
+        "packed training",
         "pyeer",
         "dinov2-large",
         "augmentation",
