@@ -69,6 +69,7 @@ def run_cli(
     `program: error: message` line, Ctrl-C in one line and exit code 130, never a traceback."""
     try:
         result = main(parse_args())
+        end_process_group()
     except KeyboardInterrupt:
         print(
             f"{program}: interrupted; finished outputs are kept, re-run to resume", file=sys.stderr
@@ -77,6 +78,15 @@ def run_cli(
     except (ValueError, OSError, *errors) as error:
         raise SystemExit(f"{program}: error: {error}") from None
     raise SystemExit(exit_code(result) if exit_code is not None else 0)
+
+
+def end_process_group() -> None:
+    """Destroy torch.distributed's default group if a launcher started one (at a script's end,
+    not inside main: a caller may run several scripts' mains in one process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup_logging(state: Any = None) -> None:

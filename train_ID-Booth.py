@@ -1651,8 +1651,6 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         frozen = load_frozen_models(args, state.device, mixed_precision, arcface)
         trainer = PackedTrainer(args, frozen, face_tools, state, min(args.pack, len(todo)))
         results = trainer.run(todo)
-    if state.num_processes > 1:
-        state.destroy_process_group()
     failed = [result for result in results if "error" in result]
     if failed:
         logger.error("%d of %d identities failed: %s", len(failed), len(todo), failed)
