@@ -1,10 +1,12 @@
-"""End-to-end ID-Booth run: identity data -> LoRA training -> generation -> evaluation.
+"""The paper's experiment in miniature: reproduce_ID-Booth.py on embedded models, tiny settings.
 
 With no arguments everything is embedded and offline: a random-weight SD-2.1-shaped
-pipeline and a random IResNet stand in for SD 2.1-base and ArcFace, and the identities
-are real people cut from the photos that ship inside insightface's wheel (dlib's
-shipped detector finds them). The numbers it prints are therefore about plumbing, not
-quality. Give real weights to run the same stages for real:
+pipeline, a random IResNet (ArcFace), a random CR-FIQA quality model and a random DINOv2
+stand in for the real ones, and the identities are real people cut from the photos that
+ship inside insightface's wheel (dlib's shipped detector finds them). All three variants
+(dreambooth, identity, triplet) are trained, generated and evaluated side by side; the
+report says on top which models are random, and its numbers are about plumbing, not
+quality. Give real weights to run the same stages for real (or call reproduce_ID-Booth.py):
 
     python demo.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \\
         --arcface_weights ms1mv3_arcface_r100_fp16/backbone.pth \\
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="DINOv2 path or hub id for diversity/fidelity; default: a random tiny DINOv2.",
     )
     parser.add_argument(
+        "--quality_weights",
+        type=Path,
+        default=None,
+        help="CR-FIQA checkpoint for the quality section; default: a random CR-FIQA IResNet-18.",
+    )
+    parser.add_argument(
         "--resolution",
         type=runs.Number(int, low=8, multiple_of=8),
         default=64,
@@ -79,21 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class StageError(RuntimeError):
-    """One of the pipeline's scripts exited with an error (its own message is printed above)."""
-
-
-def run_stage(name: str, script: str, arguments: list[str]) -> None:
-    """Run one of the project's scripts as a user would; StageError naming it if it fails."""
-    print(f"\n=== {name}: python {script} {' '.join(arguments)}", flush=True)
-    completed = subprocess.run([sys.executable, str(REPO_ROOT / script), *arguments])
-    if completed.returncode != 0:
-        raise StageError(
-            f"the {name} stage ({script}) failed with exit code {completed.returncode}; its "
-            "error is printed above. Finished outputs are kept: re-run to resume"
-        )
-
-
 def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
     """Random tiny SD pipeline, IResNet-18 checkpoint and DINOv2, built once."""
     import torch
@@ -106,6 +98,7 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
         "sd": models_dir / "tiny-sd",
         "arcface": models_dir / "arcface_r18_random.pth",
         "dinov2": models_dir / "tiny-dinov2",
+        "crfiqa": models_dir / "crfiqa_r18_random.pth",
     }
     # Each model is written to a temp name and renamed when complete, so a demo killed during
     # set-up leaves no half-written model that a rerun would trust.
@@ -119,7 +112,24 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
     if not paths["dinov2"].is_dir():
         with atomic_folder(paths["dinov2"]) as temp:
             build_tiny_dinov2(temp)
+    if not paths["crfiqa"].is_file():
+        with atomic_path(paths["crfiqa"]) as temp:
+            torch.save(random_crfiqa().state_dict(), temp)
     return paths
+
+
+def random_crfiqa():
+    """A random CR-FIQA IResNet-18 with BatchNorm statistics of random faces (finite scores)."""
+    import torch
+
+    from random_models import calibrate_batchnorm
+
+    sys.path.append(str(REPO_ROOT / "Evaluation"))
+    from quality import build_crfiqa
+
+    torch.manual_seed(0)
+    faces = torch.rand((8, 3, 112, 112), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return calibrate_batchnorm(build_crfiqa("r18"), [faces])
 
 
 def crop_face(
@@ -167,71 +177,71 @@ def prepare_embedded_identities(data_dir: Path) -> tuple[Path, Path, Path]:
     return identities_root, class_dir, attributes_path
 
 
-def evaluation_models(args: argparse.Namespace, embedded: dict[str, Path]) -> list[str]:
-    """Embedder and feature-model flags: the user's weights, else real dlib + random DINOv2."""
-    # A random ArcFace says nothing about identity; dlib's shipped embedder is real.
-    if args.arcface_weights:
-        flags = ["--embedder=arcface", f"--arcface_weights={args.arcface_weights}"]
-    else:
-        flags = ["--embedder=dlib"]
-    if args.feature_model:
-        return [*flags, f"--feature_model={args.feature_model}"]
-    return [*flags, f"--feature_model={embedded['dinov2']}", "--feature_image_size=56"]
+def random_models_banner(args: argparse.Namespace) -> str | None:
+    """The report's banner naming the embedded random models this run uses, if any."""
+    random = [
+        name
+        for name, given in (
+            ("Stable Diffusion", args.pretrained_model_name_or_path),
+            ("ArcFace (training)", args.arcface_weights),
+            ("DINOv2", args.feature_model),
+            ("CR-FIQA", args.quality_weights),
+        )
+        if not given
+    ]
+    if not random:
+        return None
+    return (
+        f"Demo with random-weight models ({', '.join(random)}): the images are not faces and "
+        "every number below is plumbing, not quality. Identity metrics use dlib's real "
+        "embedder unless --arcface_weights is given."
+    )
 
 
-def main(args: argparse.Namespace) -> None:
+def reproduce_argv(args: argparse.Namespace, embedded: dict[str, Path], data: tuple) -> list[str]:
+    """reproduce_ID-Booth.py's command line: the user's weights, else the embedded ones."""
     from datasets import list_images
 
+    identities_root, class_dir, attributes_path = data
+    # A random ArcFace says nothing about identity; dlib's shipped embedder is real.
+    embedder = "arcface" if args.arcface_weights else "dlib"
+    steps = args.max_train_steps
+    argv = [
+        f"--pretrained_model_name_or_path={args.pretrained_model_name_or_path or embedded['sd']}",
+        f"--identities_root={identities_root}",
+        f"--class_data_dir={class_dir}",
+        f"--identity_attributes={attributes_path}",
+        f"--arcface_weights={args.arcface_weights or embedded['arcface']}",
+        f"--output_dir={args.output_dir}",
+        f"--resolution={args.resolution}",
+        f"--num_images_per_identity={args.num_images_per_identity}",
+        "--face_detector=dlib",
+        f"--embedder={embedder}",
+        f"--feature_model={args.feature_model or embedded['dinov2']}",
+        f"--quality_weights={args.quality_weights or embedded['crfiqa']}",
+        f"--train_flags=--max_train_steps={steps} --checkpointing_steps={steps} "
+        f"--validation_steps={steps} --num_class_images={len(list_images(class_dir))}",
+        f"--generate_flags=--num_inference_steps={args.num_inference_steps}",
+    ]
+    if not args.feature_model:
+        argv.append("--evaluate_flags=--feature_image_size=56")
+    banner = random_models_banner(args)
+    return [*argv, f"--banner={banner}"] if banner else argv
+
+
+def main(args: argparse.Namespace) -> dict:
     os.environ.setdefault(
         "HF_HUB_OFFLINE", "1" if args.pretrained_model_name_or_path is None else "0"
     )
-    out = args.output_dir
-    embedded = prepare_embedded_models(out / "models")
-    sd_path = args.pretrained_model_name_or_path or str(embedded["sd"])
-    arcface_path = args.arcface_weights or embedded["arcface"]
-    identities_root, class_dir, attributes_path = prepare_embedded_identities(out / "data")
-    common = [f"--pretrained_model_name_or_path={sd_path}", f"--resolution={args.resolution}"]
-    run_stage(
-        "train",
-        "train_ID-Booth.py",
-        [
-            *common,
-            f"--identities_root={identities_root}",
-            f"--class_data_dir={class_dir}",
-            f"--num_class_images={len(list_images(class_dir))}",
-            f"--arcface_weights={arcface_path}",
-            "--face_detector=dlib",
-            f"--max_train_steps={args.max_train_steps}",
-            f"--checkpointing_steps={args.max_train_steps}",
-            f"--validation_steps={args.max_train_steps}",
-            f"--output_dir={out / 'loras'}",
-        ],
-    )
-    run_stage(
-        "generate",
-        "inference_ID-Booth.py",
-        [
-            *common,
-            f"--lora_root={out / 'loras'}",
-            f"--identity_attributes={attributes_path}",
-            f"--num_images_per_identity={args.num_images_per_identity}",
-            f"--num_inference_steps={args.num_inference_steps}",
-            f"--output_dir={out / 'generated'}",
-        ],
-    )
-    run_stage(
-        "evaluate",
-        "Evaluation/evaluate.py",
-        [
-            f"--generated=ID-Booth={out / 'generated'}",
-            f"--real={identities_root}",
-            "--face_detector=dlib",
-            *evaluation_models(args, embedded),
-            f"--out={out / 'report'}",
-        ],
-    )
-    print(f"\nDone. Report: {out / 'report' / 'report.html'}")
+    embedded = prepare_embedded_models(args.output_dir / "models")
+    data = prepare_embedded_identities(args.output_dir / "data")
+    reproduce = runs.load_script(REPO_ROOT / "reproduce_ID-Booth.py")
+    result = reproduce.main(reproduce.parse_args(reproduce_argv(args, embedded, data)))
+    if result:
+        print(f"\nDone. Report: {result['report']}")
+    return result
 
 
 if __name__ == "__main__":
-    runs.run_cli("demo.py", parse_args, main, errors=(StageError,))
+    reproduce_script = runs.load_script(REPO_ROOT / "reproduce_ID-Booth.py")
+    runs.run_cli("demo.py", parse_args, main, errors=(reproduce_script.StageError,))

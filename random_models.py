@@ -10,6 +10,7 @@ memory mean anything). A tiny random DINOv2 stands in for the evaluation's featu
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -186,3 +187,19 @@ def build_tiny_dinov2(folder: str | Path, image_size: int = 56, seed: int = 0) -
         image_std=[0.229, 0.224, 0.225],
     ).save_pretrained(folder)
     return Path(folder)
+
+
+def calibrate_batchnorm(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> torch.nn.Module:
+    """Set every BatchNorm's running statistics to the cumulative average over train-mode
+    passes of `inputs`, then eval. A random IResNet with arcface_torch's init (unit running
+    variances) grows its activations by ~2.4x per conv and overflows at depth 100; measured
+    statistics keep the outputs finite at any depth."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative moving average
+    model.train()
+    with torch.no_grad():
+        for batch in inputs:
+            model(batch)
+    return model.eval()

@@ -80,6 +80,29 @@ def run_cli(
     raise SystemExit(exit_code(result) if exit_code is not None else 0)
 
 
+def load_script(path: Path) -> Any:
+    """A script of this repo imported as a module, once per process (file names such as
+    train_ID-Booth.py hold a hyphen, so `import` cannot name them). Its folder joins the end of
+    sys.path, so the script's sibling modules import as when it runs as a program."""
+    import importlib.util
+
+    path = Path(path).resolve()
+    name = path.stem.replace("-", "_")
+    if name in sys.modules:
+        return sys.modules[name]
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here while it executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def end_process_group() -> None:
     """Destroy torch.distributed's default group if a launcher started one (at a script's end,
     not inside main: a caller may run several scripts' mains in one process group)."""

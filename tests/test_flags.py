@@ -17,6 +17,8 @@ SCRIPTS = {
     "evaluate": REPO_ROOT / "Evaluation" / "evaluate.py",
     "train_fr": REPO_ROOT / "Evaluation" / "train_fr.py",
     "verify": REPO_ROOT / "Evaluation" / "verify.py",
+    "reproduce": REPO_ROOT / "reproduce_ID-Booth.py",
+    "demo": REPO_ROOT / "demo.py",
 }
 
 
@@ -54,6 +56,7 @@ def _minimal_argv(name: str) -> list[str]:
         "evaluate": ["--generated=a", "--out=o"],
         "train_fr": ["--data_dir=d", "--output_dir=o"],
         "verify": ["--backbone=b.pth", "--bin=lfw.bin"],
+        "demo": [],
     }[name]
 
 

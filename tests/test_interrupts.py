@@ -151,4 +151,5 @@ def test_a_failing_demo_stage_is_one_line(tmp_path):
     )  # fmt: skip
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("demo.py: error: the train stage") and "Traceback" not in done.stderr
+    assert last.startswith("demo.py: error:") and "no_such_model" in last
+    assert "Traceback" not in done.stderr

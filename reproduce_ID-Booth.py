@@ -1,0 +1,291 @@
+"""The paper's experiment in one command: train every identity x variant, generate, evaluate.
+
+Given identity photos (ROOT/<identity>/*), the base model and ArcFace weights, it runs the
+three scripts' own code in order (no second implementation):
+
+1. train_ID-Booth.py once per variant (default: dreambooth, identity, triplet; the class images
+   of --class_data_dir are sampled by the first and reused by the others) -> OUT/loras/<variant>;
+2. inference_ID-Booth.py per variant with the paper's generation settings
+   -> OUT/generated/<variant>/<identity>/<i>.png;
+3. Evaluation/evaluate.py on every variant side by side against the real photos, with each
+   variant's training curves -> OUT/report/report.html + metrics.json.
+
+Every stage skips what is done (finished identities, images on disk; evaluation re-reads its
+caches), and training resumes an identity from its last checkpoint, so a killed run re-run
+finishes the rest. Variants share --seed, so their LoRAs start from the same init and see the
+same data order and noise: a paired comparison.
+
+    accelerate launch --num_processes 8 reproduce_ID-Booth.py \\
+        --identities_root data/tufts --class_data_dir data/class_person \\
+        --identity_attributes genders.csv \\
+        --arcface_weights ms1mv3_arcface_r100_fp16/backbone.pth --output_dir experiment
+
+Under `accelerate launch` (or torchrun) each stage splits its work over the processes; the
+evaluation runs on the main process. Stage-specific flags go through --train_flags,
+--generate_flags and --evaluate_flags (appended last, so they override).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import shlex
+from pathlib import Path
+from typing import Any
+
+import runs
+
+logger = logging.getLogger("reproduce_ID-Booth")
+
+REPO_ROOT = Path(__file__).resolve().parent
+VARIANTS = ("dreambooth", "identity", "triplet")
+STAGE_SCRIPTS = {
+    "train": REPO_ROOT / "train_ID-Booth.py",
+    "generate": REPO_ROOT / "inference_ID-Booth.py",
+    "evaluate": REPO_ROOT / "Evaluation" / "evaluate.py",
+}
+
+
+class StageError(RuntimeError):
+    """A stage finished with failures (named in the message); finished work is kept."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default="stabilityai/stable-diffusion-2-1-base",
+        help="Base Stable Diffusion model (hub id or local folder).",
+    )
+    parser.add_argument(
+        "--identities_root", type=Path, required=True, help="ROOT/<identity>/<photos>."
+    )
+    parser.add_argument(
+        "--class_data_dir",
+        type=Path,
+        required=True,
+        help="Prior (class) images; missing ones are sampled once, by the first variant.",
+    )
+    parser.add_argument(
+        "--arcface_weights",
+        type=Path,
+        required=True,
+        help="arcface_torch backbone.pth or ONNX recogniser: the identity loss, the photos' "
+        "face annotation (every variant trains on the same photos) and, with --embedder "
+        "arcface, the evaluation.",
+    )
+    parser.add_argument(
+        "--identity_attributes",
+        type=Path,
+        default=None,
+        help="CSV/JSON of each identity's gender for the paper's prompts (inference_ID-Booth.py).",
+    )
+    parser.add_argument("--output_dir", type=Path, required=True, help="The experiment folder.")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS,
+        help="Training losses to compare (each is one --loss of train_ID-Booth.py).",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=runs.Number(int, low=8, multiple_of=8),
+        default=512,
+        help="Training and generation size.",
+    )
+    parser.add_argument(
+        "--num_images_per_identity",
+        type=runs.POSITIVE_INT,
+        default=21,
+        help="Images per identity and variant (paper: 21 for evaluation, 100 for FR training).",
+    )
+    parser.add_argument(
+        "--face_detector",
+        default="auto",
+        help="Face detector of training and evaluation (see train_ID-Booth.py).",
+    )
+    parser.add_argument(
+        "--real",
+        type=Path,
+        default=None,
+        help="Real photos the evaluation compares with; default: --identities_root.",
+    )
+    parser.add_argument(
+        "--embedder",
+        default="arcface",
+        choices=("arcface", "dlib"),
+        help="Evaluation's identity embedder (arcface: --arcface_weights, the paper's).",
+    )
+    parser.add_argument(
+        "--feature_model",
+        default="facebook/dinov2-large",
+        help="DINOv2 model of the diversity and fidelity metrics (dgm-eval's).",
+    )
+    parser.add_argument(
+        "--quality_weights",
+        type=Path,
+        default=None,
+        help="CR-FIQA checkpoint for the quality section (not given: not computed).",
+    )
+    parser.add_argument("--banner", default=None, help="A note shown on top of the report.")
+    for stage in ("train", "generate", "evaluate"):
+        parser.add_argument(
+            f"--{stage}_flags",
+            default="",
+            help=f"Extra flags of the {stage} stage, one shell-quoted string "
+            "(e.g. --train_flags '--max_train_steps 3200 --pack 4').",
+        )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    runs.check_numbers(args, parser)
+    args.variants = list(dict.fromkeys(args.variants))
+    args.real = args.real or args.identities_root
+    for stage in ("train", "generate", "evaluate"):
+        setattr(args, f"{stage}_flags", shlex.split(getattr(args, f"{stage}_flags")))
+    if not args.identities_root.is_dir():
+        raise FileNotFoundError(f"--identities_root {args.identities_root} is not a folder")
+    return args
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def loras_of(args: argparse.Namespace, variant: str) -> Path:
+    return args.output_dir / "loras" / variant
+
+
+def images_of(args: argparse.Namespace, variant: str) -> Path:
+    return args.output_dir / "generated" / variant
+
+
+def train_argv(args: argparse.Namespace, variant: str) -> list[str]:
+    """train_ID-Booth.py's command line for one variant; resumes unfinished identities."""
+    return [
+        f"--pretrained_model_name_or_path={args.pretrained_model_name_or_path}",
+        f"--identities_root={args.identities_root}",
+        f"--class_data_dir={args.class_data_dir}",
+        f"--arcface_weights={args.arcface_weights}",
+        f"--face_detector={args.face_detector}",
+        f"--loss={variant}",
+        f"--resolution={args.resolution}",
+        f"--output_dir={loras_of(args, variant)}",
+        "--resume_from_checkpoint=latest",
+        *args.train_flags,
+    ]
+
+
+def generate_argv(args: argparse.Namespace, variant: str) -> list[str]:
+    """inference_ID-Booth.py's command line for one variant (the paper's settings)."""
+    attributes = []
+    if args.identity_attributes is not None:
+        attributes = [f"--identity_attributes={args.identity_attributes}"]
+    return [
+        f"--pretrained_model_name_or_path={args.pretrained_model_name_or_path}",
+        f"--lora_root={loras_of(args, variant)}",
+        f"--output_dir={images_of(args, variant)}",
+        f"--num_images_per_identity={args.num_images_per_identity}",
+        f"--resolution={args.resolution}",
+        *attributes,
+        *args.generate_flags,
+    ]
+
+
+def evaluate_argv(args: argparse.Namespace) -> list[str]:
+    """Evaluation/evaluate.py's command line: every variant side by side."""
+    argv = [f"--generated={variant}={images_of(args, variant)}" for variant in args.variants]
+    argv += [f"--training_logs={variant}={loras_of(args, variant)}" for variant in args.variants]
+    argv += [
+        f"--real={args.real}",
+        f"--out={args.output_dir / 'report'}",
+        f"--face_detector={args.face_detector}",
+        f"--embedder={args.embedder}",
+        f"--feature_model={args.feature_model}",
+    ]
+    if args.embedder == "arcface":
+        argv.append(f"--arcface_weights={args.arcface_weights}")
+    if args.quality_weights is not None:
+        argv.append(f"--quality_weights={args.quality_weights}")
+    if args.banner:
+        argv.append(f"--banner={args.banner}")
+    return [*argv, *args.evaluate_flags]
+
+
+def run_stage(name: str, argv: list[str]) -> Any:
+    """One script's main on its own parsed command line, in this process."""
+    script = runs.load_script(STAGE_SCRIPTS[name])
+    logger.info("%s: %s %s", name, STAGE_SCRIPTS[name].name, shlex.join(argv))
+    try:
+        return script.main(script.parse_args(argv))
+    finally:
+        free_device_memory()
+
+
+def free_device_memory() -> None:
+    """Drop what a finished stage left cached on the GPU before the next loads its models."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def stop_if_failed(state: Any, stage: str, failed: list[str]) -> None:
+    """StageError on every process when any process had failures (so none waits forever)."""
+    from accelerate.utils import gather_object
+
+    everyone = sorted(gather_object(failed)) if state.num_processes > 1 else sorted(failed)
+    if everyone:
+        raise StageError(
+            f"{stage}: {len(everyone)} failed ({', '.join(everyone[:10])}); their errors are "
+            "logged above. Fix them and re-run: finished identities and images are kept"
+        )
+
+
+def train_variants(args: argparse.Namespace, state: Any) -> None:
+    for variant in args.variants:
+        summary = run_stage("train", train_argv(args, variant))
+        failed = [f"{variant}/{result['identity']}" for result in summary["failed"]]
+        stop_if_failed(state, f"training {variant}", failed)
+    state.wait_for_everyone()  # every variant's LoRAs exist before any generation starts
+
+
+def generate_variants(args: argparse.Namespace, state: Any) -> None:
+    for variant in args.variants:
+        summary = run_stage("generate", generate_argv(args, variant))
+        # The summary holds the totals over all processes, so every process stops alike.
+        failed = [f"{variant}/{name}" for name in summary["failed_identities"]]
+        if summary["failed"] and not failed:  # e.g. images flagged by a safety checker
+            failed = [f"{summary['failed']} images of {variant}"]
+        if failed:
+            raise StageError(
+                f"generating {variant}: {', '.join(failed[:10])} failed; their errors are "
+                "logged above. Fix them and re-run: finished images are kept"
+            )
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, generate, evaluate; the report's path and the metrics on the main process."""
+    state = runs.process_state()
+    runs.setup_logging(state)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    train_variants(args, state)
+    generate_variants(args, state)
+    if not state.is_main_process:
+        return {}
+    results = run_stage("evaluate", evaluate_argv(args))
+    report = args.output_dir / "report" / "report.html"
+    logger.info("report: %s", report)
+    return {"report": str(report), "metrics": results}
+
+
+if __name__ == "__main__":
+    runs.run_cli("reproduce_ID-Booth.py", parse_args, main, errors=(StageError,))

@@ -1,0 +1,175 @@
+"""reproduce_ID-Booth.py: the whole experiment in one command, killed anywhere and re-run.
+
+Tiny random models and the demo's real faces; two variants to keep it short. The run is
+killed (SIGKILL: no handler runs) once mid-training and once mid-generation; the third run
+must finish the rest without touching what was finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+import runs
+
+SCRIPT = REPO_ROOT / "reproduce_ID-Booth.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    import demo
+
+    root = tmp_path_factory.mktemp("reproduce")
+    models = demo.prepare_embedded_models(root / "models")
+    identities, class_dir, attributes = demo.prepare_embedded_identities(root / "data")
+    return {
+        "root": root,
+        "models": models,
+        "identities": identities,
+        "class": class_dir,
+        "attributes": attributes,
+    }
+
+
+def command(inputs: dict, output_dir: Path) -> list[str]:
+    models = inputs["models"]
+    return [
+        sys.executable,
+        str(SCRIPT),
+        f"--pretrained_model_name_or_path={models['sd']}",
+        f"--identities_root={inputs['identities']}",
+        f"--class_data_dir={inputs['class']}",
+        f"--identity_attributes={inputs['attributes']}",
+        f"--arcface_weights={models['arcface']}",
+        f"--output_dir={output_dir}",
+        "--variants", "dreambooth", "triplet",
+        "--resolution=64",
+        "--num_images_per_identity=4",
+        "--face_detector=dlib",
+        "--embedder=dlib",
+        f"--feature_model={models['dinov2']}",
+        "--train_flags=--max_train_steps=8 --checkpointing_steps=2 --validation_steps=8 "
+        "--num_class_images=4 --report_to=tensorboard",
+        "--generate_flags=--num_inference_steps=3 --batch_size=1",
+        "--evaluate_flags=--feature_image_size=56",
+    ]  # fmt: skip
+
+
+def run_until(argv: list[str], done: Callable[[], bool], timeout: float = 300) -> str:
+    """Start the command, SIGKILL it as soon as `done()` holds; its output."""
+    process = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while not done():
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, f"not reached in {timeout} s"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        output, _ = process.communicate()
+    return output.decode(errors="replace")
+
+
+def fingerprints(paths: list[Path]) -> dict[str, tuple[int, str]]:
+    """path -> (mtime_ns, sha256): a rewrite changes it even with equal bytes."""
+    return {
+        str(path): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        for path in paths
+    }
+
+
+@pytest.mark.slow
+def test_a_killed_experiment_resumes_without_redoing_finished_work(inputs, tmp_path):
+    out = tmp_path / "experiment"
+    argv = command(inputs, out)
+    # 1. Killed mid-training: the dreambooth LoRAs are done, triplet/person_0 has a checkpoint.
+    checkpoint = out / "loras" / "triplet" / "person_0" / "checkpoint-2"
+    run_until(argv, lambda: checkpoint.is_dir())
+    finished_loras = sorted((out / "loras" / "dreambooth").glob("*/pytorch_lora_weights*"))
+    assert len(finished_loras) == 2
+    after_training_kill = fingerprints(finished_loras)
+    # 2. Killed mid-generation: some images on disk.
+    images = lambda: sorted((out / "generated").glob("*/*/*.png"))  # noqa: E731
+    second = run_until(argv, lambda: len(images()) >= 3)
+    assert "resumed from" in second  # triplet/person_0 continued from its checkpoint
+    finished_images = images()
+    after_generation_kill = fingerprints(finished_images)
+    # 3. The rerun finishes the rest.
+    completed = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert fingerprints(finished_loras) == after_training_kill
+    assert fingerprints(finished_images) == after_generation_kill
+    assert len(images()) == 2 * 2 * 4
+    for variant in ("dreambooth", "triplet"):
+        for identity in ("person_0", "person_1"):
+            lora = out / "loras" / variant / identity / "pytorch_lora_weights.safetensors"
+            config = json.loads((lora.parent / "training_config.json").read_text())
+            assert config["status"] == "finished" and config["global_step"] == 8
+        rows = (out / "generated" / variant / "metadata.jsonl").read_text().splitlines()
+        assert len(rows) == 8 and len({json.loads(r)["file"] for r in rows}) == 8
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert {"dreambooth", "triplet"} <= set(metrics["sets"])
+
+
+def test_stage_command_lines_follow_the_arguments(tmp_path):
+    reproduce = runs.load_script(SCRIPT)
+    identities = tmp_path / "photos"
+    identities.mkdir()
+    args = reproduce.parse_args(
+        [
+            f"--identities_root={identities}",
+            "--class_data_dir=class",
+            "--arcface_weights=backbone.pth",
+            f"--output_dir={tmp_path}",
+            "--variants", "triplet", "dreambooth", "triplet",
+            "--train_flags=--pack 2 --max_train_steps '3'",
+            "--embedder=dlib",
+        ]
+    )  # fmt: skip
+    assert args.variants == ["triplet", "dreambooth"] and args.real == identities
+    train = reproduce.train_argv(args, "dreambooth")
+    assert "--loss=dreambooth" in train
+    assert train[-4:] == ["--pack", "2", "--max_train_steps", "3"]  # last: they override
+    assert f"--output_dir={tmp_path / 'loras' / 'dreambooth'}" in train
+    assert "--resume_from_checkpoint=latest" in train
+    generate = reproduce.generate_argv(args, "triplet")
+    assert f"--lora_root={tmp_path / 'loras' / 'triplet'}" in generate
+    assert "--identity_attributes" not in " ".join(generate)  # not given: not passed
+    evaluate = reproduce.evaluate_argv(args)
+    assert evaluate[:2] == [
+        f"--generated=triplet={tmp_path / 'generated' / 'triplet'}",
+        f"--generated=dreambooth={tmp_path / 'generated' / 'dreambooth'}",
+    ]
+    assert not any(flag.startswith("--arcface_weights") for flag in evaluate)  # dlib embedder
+    with pytest.raises(FileNotFoundError, match="--identities_root"):
+        reproduce.parse_args(
+            [
+                f"--identities_root={tmp_path / 'missing'}",
+                "--class_data_dir=class",
+                "--arcface_weights=backbone.pth",
+                f"--output_dir={tmp_path}",
+            ]
+        )
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_keeps_finished_work(inputs, tmp_path):
+    from test_interrupts import interrupt_when
+
+    out = tmp_path / "experiment"
+    stopped = interrupt_when(command(inputs, out), "loras/triplet/person_0", cwd=tmp_path)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stdout, stopped.stdout[-3000:]
+    last = stopped.stdout.strip().splitlines()[-1]
+    assert last.startswith("reproduce_ID-Booth.py: interrupted"), last
+    assert len(list((out / "loras" / "dreambooth").glob("*/pytorch_lora_weights*"))) == 2
