@@ -22,6 +22,12 @@ and features are cached per file content in OUT/cache, so re-runs only process n
   each generated set against --real on DINOv2 features (dgm-eval protocol).
 Diversity and fidelity need --feature_model (a DINOv2 folder or hub id); without it they are
 skipped with a note.
+- Image grids (first in the report): per method and identity, up to --grid_images generated
+  samples beside as many real photos of that identity (96 px JPEG thumbnails, inline).
+- Quality: CR-FIQA score per detected face (--quality_weights; not computed without it).
+- Pose: yaw / pitch / roll from dlib's 68 landmarks, spread per identity (--no-pose skips it).
+- Training curves: the TensorBoard scalars of train_ID-Booth.py runs (--training_logs).
+- --banner: a boxed line at the very top (e.g. "random-weight models").
 """
 
 from __future__ import annotations
@@ -200,9 +206,52 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="Seed of impostor-pair sampling, KD subsets and PRDC subsampling.",
     )
+    add_report_arguments(parser)
     args = parser.parse_args(argv)
     runs.check_numbers(args, parser)
     return validate_args(args)
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the sections beside the metrics: grids, training curves, quality, pose, banner."""
+    parser.add_argument(
+        "--grid_images",
+        type=runs.POSITIVE_INT,
+        default=6,
+        help="Image grids: generated samples and real photos shown per identity (each).",
+    )
+    parser.add_argument(
+        "--grid_identities",
+        type=runs.POSITIVE_INT,
+        default=8,
+        help="Image grids: identities shown per method (the first by name).",
+    )
+    parser.add_argument(
+        "--training_logs",
+        action="append",
+        default=[],
+        metavar="NAME=LORA_ROOT",
+        help="Training curves of the --generated set NAME: train_ID-Booth.py's --output_dir "
+        "(one folder per identity, TensorBoard logs in <identity>/<logging_dir>); repeatable.",
+    )
+    parser.add_argument(
+        "--banner",
+        default=None,
+        help="Text shown in a box at the very top of the report (and stored in metrics.json).",
+    )
+    parser.add_argument(
+        "--quality_weights",
+        type=Path,
+        default=None,
+        help="CR-FIQA checkpoint (github.com/fdbtrs/CR-FIQA: 32572backbone.pth or "
+        "181952backbone.pth; CC BY-NC 4.0) for face image quality. Not given: not computed.",
+    )
+    parser.add_argument(
+        "--pose",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Head-pose spread (yaw/pitch/roll from dlib's 68 landmarks); --no-pose skips it.",
+    )
 
 
 def parse_generated(entries: Sequence[str]) -> dict[str, Path]:
@@ -224,9 +273,29 @@ def parse_generated(entries: Sequence[str]) -> dict[str, Path]:
     return generated
 
 
+def parse_training_logs(entries: Sequence[str], methods: Sequence[str]) -> dict[str, Path]:
+    """'NAME=LORA_ROOT' entries -> {name: folder}; NAME must be a --generated name, once."""
+    roots: dict[str, Path] = {}
+    for entry in entries:
+        name, separator, folder = entry.partition("=")
+        name = name.strip()
+        if not separator or not name or not folder:
+            raise ValueError(f"--training_logs {entry!r}: expected NAME=LORA_ROOT")
+        if name not in methods:
+            raise ValueError(
+                f"--training_logs {entry!r}: {name!r} is not a --generated name "
+                f"({', '.join(methods)})"
+            )
+        if name in roots:
+            raise ValueError(f"--training_logs {name!r} is given twice")
+        roots[name] = Path(folder).expanduser()
+    return roots
+
+
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Readable errors for unusable flag combinations, right after parsing."""
     args.generated_sets = parse_generated(args.generated)
+    args.training_log_roots = parse_training_logs(args.training_logs, list(args.generated_sets))
     for name, folder in args.generated_sets.items():
         if not folder.is_dir():
             raise FileNotFoundError(f"--generated {name}: folder {folder} does not exist")
@@ -246,8 +315,12 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             "--embedder arcface needs --arcface_weights (backbone.pth or .onnx); "
             "or use --embedder dlib (offline, dlib's shipped 128-d model)"
         )
-    if args.arcface_weights is not None and not args.arcface_weights.is_file():
-        raise FileNotFoundError(f"--arcface_weights: {args.arcface_weights} is not a file")
+    for flag, path in (
+        ("--arcface_weights", args.arcface_weights),
+        ("--quality_weights", args.quality_weights),
+    ):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{flag}: {path} is not a file")
     return args
 
 
@@ -298,6 +371,14 @@ def embed_sets(
     return embedded
 
 
+def cached_per_set(
+    image_sets: dict[str, ImageSet], compute, kind: str, model_name: str, args: argparse.Namespace
+) -> dict[str, EmbeddedSet]:
+    """embed_sets with the cache OUT/cache/<kind>-<model name>.npz."""
+    cache_path = args.out / "cache" / f"{kind}-{_safe(model_name)}.npz"
+    return embed_sets(image_sets, compute, cache_path, args.batch_size)
+
+
 def load_sets(args: argparse.Namespace) -> dict[str, ImageSet]:
     """The generated sets (in flag order) and, when given, the real set."""
     image_sets = {
@@ -317,11 +398,8 @@ def embed_faces(
     embedder = build_embedder(
         args.embedder, args.arcface_weights, args.face_detector, args.face_models_root, args.device
     )
-    faces = embed_sets(
-        image_sets,
-        lambda paths: embed_image_files(embedder, paths),
-        args.out / "cache" / f"faces-{_safe(embedder.name)}.npz",
-        args.batch_size,
+    faces = cached_per_set(
+        image_sets, lambda paths: embed_image_files(embedder, paths), "faces", embedder.name, args
     )
     return embedder.name, faces
 
@@ -464,11 +542,12 @@ def feature_sections(
     extractor = FeatureExtractor(
         args.feature_model, args.device, args.feature_protocol, args.feature_image_size
     )
-    features = embed_sets(
+    features = cached_per_set(
         image_sets,
         lambda paths: extract_image_features(extractor, paths),
-        args.out / "cache" / f"features-{_safe(extractor.name)}.npz",
-        args.batch_size,
+        "features",
+        extractor.name,
+        args,
     )
     diversity = diversity_metrics(features)
     if REAL_SET_NAME in features:
@@ -476,6 +555,105 @@ def feature_sections(
     else:
         fidelity = {"skipped": "no --real folder given"}
     return diversity, fidelity, extractor.name
+
+
+# ------------------------------------------------------- grids, quality, pose, training
+
+QUALITY_NOT_COMPUTED = (
+    "not computed: pass --quality_weights PATH, an official CR-FIQA checkpoint: CR-FIQA(S) "
+    "32572backbone.pth (iresnet50, CASIA-WebFace) or CR-FIQA(L) 181952backbone.pth (iresnet100, "
+    "MS1MV2), Google Drive folders linked under 'Pretrained model' in github.com/fdbtrs/CR-FIQA; "
+    "licence CC BY-NC 4.0 (Fraunhofer IGD): non-commercial research use only"
+)
+
+
+def grid_section(
+    image_sets: dict[str, ImageSet], generated: Sequence[str], args: argparse.Namespace
+) -> tuple[dict, dict[str, dict[str, bytes]]]:
+    """(files shown per method and identity, {set: {file: thumbnail JPEG}})."""
+    from grids import build_grids
+
+    return build_grids(
+        image_sets, list(generated), REAL_SET_NAME, args.grid_images, args.grid_identities
+    )
+
+
+def status_counts(entry: EmbeddedSet) -> dict:
+    """Images, those without a face (listed) and unreadable ones of one set."""
+    no_face = np.flatnonzero(entry.status == STATUS_NO_FACE)
+    return {
+        "n_images": len(entry.status),
+        "n_no_face": len(no_face),
+        "no_face": entry.image_set.relative(no_face),
+        "n_unreadable": int(np.sum(entry.status == STATUS_UNREADABLE)),
+    }
+
+
+def quality_section(
+    image_sets: dict[str, ImageSet], args: argparse.Namespace
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """CR-FIQA score summary per set and the finite scores behind it (cached in OUT/cache)."""
+    if args.quality_weights is None:
+        return {"skipped": QUALITY_NOT_COMPUTED}, {}
+    from quality import build_quality_scorer, quality_summary, score_image_files
+
+    scorer = build_quality_scorer(
+        args.quality_weights,
+        args.face_detector,
+        args.face_models_root,
+        args.device,
+        args.batch_size,
+    )
+    scored = cached_per_set(
+        image_sets, lambda paths: score_image_files(scorer, paths), "quality", scorer.name, args
+    )
+    sets, scores = {}, {}
+    for name, entry in scored.items():
+        values = entry.usable()[0][:, 0]
+        summary = _guarded(quality_summary, entry.rows, entry.status)
+        sets[name] = {**status_counts(entry), **summary}
+        scores[name] = values[np.isfinite(values)]
+    return {"model": scorer.name, "weights": str(args.quality_weights), "sets": sets}, scores
+
+
+def pose_section(
+    image_sets: dict[str, ImageSet], args: argparse.Namespace
+) -> tuple[dict, dict[str, tuple[np.ndarray, list[str]]]]:
+    """Pose spread per set and its (angles (N, 3), identities) of the faces found."""
+    if not args.pose:
+        return {"skipped": "--no-pose given"}, {}
+    from pose import ANGLE_NAMES, PoseEstimator, estimate_pose_files, pose_spread
+
+    estimator = PoseEstimator()
+    posed = cached_per_set(
+        image_sets,
+        lambda paths: estimate_pose_files(estimator, paths),
+        "pose",
+        estimator.name,
+        args,
+    )
+    sets, angles = {}, {}
+    for name, entry in posed.items():
+        angles[name] = entry.usable()
+        found = entry.image_set.relative(np.flatnonzero(entry.status == STATUS_OK))
+        sets[name] = {
+            **status_counts(entry),
+            **pose_spread(*angles[name]),
+            "per_image": dict(zip(found, angles[name][0].tolist(), strict=True)),
+        }
+    return {"estimator": estimator.name, "angle_order": list(ANGLE_NAMES), "sets": sets}, angles
+
+
+def training_section(args: argparse.Namespace) -> tuple[dict, dict[str, dict]]:
+    """Per method: its identities' TensorBoard curve summaries, and the curves themselves."""
+    if not args.training_log_roots:
+        return {"skipped": "no --training_logs NAME=LORA_ROOT given"}, {}
+    from training_logs import read_training_logs
+
+    methods, curves = {}, {}
+    for name, root in args.training_log_roots.items():
+        methods[name], curves[name] = read_training_logs(root)
+    return {"methods": methods}, curves
 
 
 # ---------------------------------------------------------------------- output
@@ -507,6 +685,51 @@ def diversity_figures(diversity: dict) -> dict[str, bytes]:
     if "skipped" in diversity:
         return {}
     return {"vendi": report.figure_png(report.vendi_figure(diversity, "Vendi score"))}
+
+
+def figure_keys(prefix: str, names: Sequence[str]) -> dict[str, str]:
+    """{name: '<prefix>_<safe name>'} (plots/<key>.png), distinct even where safe names clash."""
+    keys: dict[str, str] = {}
+    for name in names:
+        key = f"{prefix}_{_safe(name)}"
+        while key in keys.values():
+            key += "_"
+        keys[name] = key
+    return keys
+
+
+def quality_figures(quality: dict, scores: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """PNG of the CR-FIQA score histograms (none when quality was not computed)."""
+    import report
+
+    if "skipped" in quality or not any(len(values) for values in scores.values()):
+        return {}
+    quality["figure"] = "quality_hist"
+    return {"quality_hist": report.figure_png(report.quality_figure(scores, quality["model"]))}
+
+
+def pose_figures(pose: dict, angles: dict[str, tuple[np.ndarray, list[str]]]) -> dict[str, bytes]:
+    """PNG of a yaw-vs-pitch scatter per set; each set's entry names its figure."""
+    import report
+
+    figures = {}
+    for name, key in figure_keys("pose", list(angles)).items():
+        pose["sets"][name]["figure"] = key
+        figures[key] = report.figure_png(report.pose_scatter_figure(*angles[name], name))
+    return figures
+
+
+def training_figures(training: dict, curves: dict[str, dict]) -> dict[str, bytes]:
+    """PNG of each method's loss curves (a panel per term, a line per identity)."""
+    import report
+
+    figures = {}
+    for name, key in figure_keys("training", list(curves)).items():
+        if not curves[name]:
+            continue
+        training["methods"][name]["figure"] = key
+        figures[key] = report.figure_png(report.training_figure(curves[name], name))
+    return figures
 
 
 def data_notes(sets: dict[str, dict]) -> list[str]:
@@ -556,24 +779,40 @@ def main(args: argparse.Namespace) -> dict:
     embedder_name, faces = embed_faces(image_sets, args)
     identity, identity_scores = identity_metrics(faces, generated, args)
     diversity, fidelity, feature_name = feature_sections(image_sets, generated, args)
+    grids, thumbnails = grid_section(image_sets, generated, args)
+    quality, quality_scores = quality_section(image_sets, args)
+    pose, pose_angles = pose_section(image_sets, args)
+    training, curves = training_section(args)
     sets = summarise_sets(faces)
     notes = data_notes(sets)
+    figures = {
+        **identity_figures(identity_scores, identity),
+        **diversity_figures(diversity),
+        **quality_figures(quality, quality_scores),
+        **pose_figures(pose, pose_angles),
+        **training_figures(training, curves),
+    }
     results = {
+        "banner": args.banner,
         "config": run_config(args),
         "embedder": embedder_name,
         "feature_model": feature_name,
         "definitions": metrics.METRIC_DEFINITIONS,
         "sets": sets,
+        "grids": grids,
         "identity": identity,
         "diversity": diversity,
         "fidelity": fidelity,
+        "quality": quality,
+        "pose": pose,
+        "training": training,
         "notes": notes,
     }
-    figures = {**identity_figures(identity_scores, identity), **diversity_figures(diversity)}
     for key, png in figures.items():
         atomic_write_bytes(args.out / "plots" / f"{key}.png", png)
     atomic_write_json(args.out / "metrics.json", runs.json_safe(results), allow_nan=False)
-    atomic_write_bytes(args.out / "report.html", report.render_report(results, figures).encode())
+    page = report.render_report(results, figures, thumbnails)
+    atomic_write_bytes(args.out / "report.html", page.encode())
     for note in notes:
         log(note)
     log(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.html'}")

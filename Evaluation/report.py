@@ -157,6 +157,73 @@ def vendi_figure(diversity: Mapping[str, Mapping], title: str = "") -> Figure:
     return figure
 
 
+def quality_figure(scores: Mapping[str, np.ndarray], model: str = "") -> Figure:
+    """Density histograms of CR-FIQA scores, one outline per set, shared bins."""
+    figure = Figure(figsize=(5.2, 3.4), layout="constrained")
+    axis = figure.subplots()
+    every = np.concatenate([np.asarray(values, dtype=np.float64) for values in scores.values()])
+    low, high = float(every.min()), float(every.max())
+    bins = np.linspace(low, high if high > low else low + 1.0, 41)
+    for name, values in scores.items():
+        if len(values):
+            axis.hist(
+                values, bins=bins, density=True, histtype="step", label=f"{name} (n={len(values)})"
+            )
+    axis.set_xlabel("CR-FIQA quality score (higher = better)")
+    axis.set_ylabel("density")
+    axis.legend(fontsize=7)
+    axis.set_title(f"Face image quality ({model})", fontsize=9)
+    return figure
+
+
+MAX_LEGEND_ENTRIES = 12  # more identities than this: colours only, no legend
+
+
+def pose_scatter_figure(angles: np.ndarray, identities: list[str], title: str = "") -> Figure:
+    """Yaw against pitch (degrees) of every face found, coloured by identity."""
+    figure = Figure(figsize=(4.0, 3.6), layout="constrained")
+    axis = figure.subplots()
+    angles = np.asarray(angles, dtype=np.float64).reshape(-1, 3)
+    labels = np.asarray(identities, dtype=object)
+    names = sorted(set(identities))
+    for name in names:
+        members = angles[labels == name]
+        axis.scatter(members[:, 0], members[:, 1], s=12, alpha=0.7, label=name)
+    axis.axhline(0.0, color="0.7", linewidth=0.6)
+    axis.axvline(0.0, color="0.7", linewidth=0.6)
+    axis.set_xlabel("yaw (deg, + = turned to image right)")
+    axis.set_ylabel("pitch (deg, + = looking up)")
+    if 0 < len(names) <= MAX_LEGEND_ENTRIES:
+        axis.legend(fontsize=6, markerscale=0.8)
+    axis.set_title(f"{title}: {len(angles)} faces, {len(names)} identities", fontsize=9)
+    return figure
+
+
+def training_figure(curves: Mapping[str, Mapping[str, tuple]], title: str = "") -> Figure:
+    """A panel per logged loss term (train/<term> against step), a line per identity."""
+    from training_logs import CURVE_PREFIX, curve_panels
+
+    panels = curve_panels(curves) or ["loss"]
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(2.6 * columns, 2.0 * rows + 0.4), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, term in zip(axes, panels, strict=False):
+        for identity, scalars in curves.items():
+            if CURVE_PREFIX + term in scalars:
+                steps, values = scalars[CURVE_PREFIX + term]
+                axis.plot(steps, values, linewidth=0.9, label=identity)
+        axis.set_title(term, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=7)
+    for axis in axes[len(panels) :]:
+        axis.set_visible(False)
+    if len(curves) <= MAX_LEGEND_ENTRIES:
+        axes[0].legend(fontsize=6)
+    figure.suptitle(f"{title}: training curves of {len(curves)} identities", fontsize=10)
+    return figure
+
+
 # ------------------------------------------------------------------------------ HTML
 
 STYLE = """
@@ -167,6 +234,9 @@ th:first-child,td:first-child{text-align:left}
 th{background:#f0f0f0} img{max-width:100%;margin:0.3em 0}
 .note{color:#8a4b00} code,pre{background:#f6f6f6;font-size:12px}
 pre{padding:0.6em;overflow-x:auto}
+.banner{border:3px solid #b00;background:#fff3cd;color:#600;font-weight:bold;font-size:1.25em;
+padding:0.8em 1em;margin:0 0 1em}
+.grid td{text-align:left;vertical-align:top} img.thumb{margin:1px;vertical-align:top}
 """
 
 
@@ -191,10 +261,11 @@ def html_table(header: list[str], rows: list[list[object]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def html_image(png: bytes, alt: str) -> str:
-    """Inline <img> with base64 PNG data."""
-    encoded = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+def html_image(data: bytes, alt: str, mime: str = "image/png", css_class: str = "") -> str:
+    """Inline <img> with base64 data (PNG unless `mime` says otherwise)."""
+    encoded = base64.b64encode(data).decode("ascii")
+    extra = f' class="{css_class}" title="{html.escape(alt)}"' if css_class else ""
+    return f'<img alt="{html.escape(alt)}"{extra} src="data:{mime};base64,{encoded}">'
 
 
 def _mean_std(entry: Mapping, mean_key: str, std_key: str) -> str:
@@ -413,21 +484,214 @@ def fidelity_section(fidelity: Mapping) -> str:
     return "\n".join(parts)
 
 
-def render_report(results: Mapping, figures: Mapping[str, bytes]) -> str:
-    """The whole report as one HTML string (figures inline)."""
+def banner_html(text: str | None) -> str:
+    """A boxed warning at the top of the report ('' without text)."""
+    return f'<div class="banner">{html.escape(text)}</div>' if text else ""
+
+
+def _skipped(title: str, section: Mapping) -> str | None:
+    """Title + the skip reason when the section was not computed, else None."""
+    if "skipped" not in section:
+        return None
+    return f'{title}<p class="note">{html.escape(section["skipped"])}</p>'
+
+
+def _thumbnail_cell(set_name: str, files: list[str], thumbnails: Mapping) -> str:
+    """Inline JPEG thumbnails of one set's files (a note when there are none)."""
+    if not files:
+        return '<span class="note">no images</span>'
+    return "".join(
+        html_image(thumbnails[set_name][file], f"{set_name}/{file}", "image/jpeg", "thumb")
+        for file in files
+    )
+
+
+def grids_section(grids: Mapping, thumbnails: Mapping[str, Mapping[str, bytes]]) -> str:
+    """Per method, one row per identity: generated samples, then that identity's real photos."""
+    real = grids["real_set"]
+    parts = [
+        "<h2>Samples: generated images beside real photos of the same identity</h2>",
+        f"<p>Up to {grids['max_images']} generated and {grids['max_images']} real images per "
+        f"identity, the first {grids['max_identities']} identities by name "
+        f"({grids['thumbnail_size']} px thumbnails).</p>",
+    ]
+    for method, grid in grids["methods"].items():
+        rows = "".join(
+            f"<tr><td>{html.escape(identity)}</td>"
+            f"<td>{_thumbnail_cell(method, row['generated'], thumbnails)}</td>"
+            f"<td>{_real_cell(real, row['real'], thumbnails)}</td></tr>"
+            for identity, row in grid["rows"].items()
+        )
+        parts.append(
+            f'<section class="grid" data-method="{html.escape(method)}">'
+            f"<h3>{html.escape(method)} ({len(grid['rows'])} of {grid['n_identities']} "
+            f'identities)</h3><table class="grid"><tr><th>identity</th><th>generated</th>'
+            f"<th>real</th></tr>{rows}</table></section>"
+        )
+    return "\n".join(parts)
+
+
+def _real_cell(real: str | None, files: list[str], thumbnails: Mapping) -> str:
+    """Real thumbnails, or why there are none."""
+    if real is None:
+        return '<span class="note">no --real folder given</span>'
+    if not files:
+        return '<span class="note">no real photos of this identity</span>'
+    return _thumbnail_cell(real, files, thumbnails)
+
+
+def _counts_cells(entry: Mapping) -> list[object]:
+    """Images, no face, unreadable cells of a quality / pose entry."""
+    return [entry["n_images"], entry["n_no_face"], entry["n_unreadable"]]
+
+
+def quality_section(quality: Mapping, figures: Mapping[str, bytes]) -> str:
+    """CR-FIQA score table per set (+ histogram)."""
+    title = "<h2>Face image quality (CR-FIQA)</h2>"
+    skipped = _skipped(title, quality)
+    if skipped is not None:
+        return skipped
+    rows = []
+    for name, entry in quality["sets"].items():
+        if "skipped" in entry:
+            rows.append([name, *_counts_cells(entry), f"skipped: {entry['skipped']}", "", ""])
+        else:
+            cells = [entry["n"], _mean_std(entry, "mean", "std"), entry["median"]]
+            rows.append([name, *_counts_cells(entry), *cells])
+    header = ["set", "images", "no face", "unreadable", "scored", "mean ± std", "median"]
+    parts = [
+        title,
+        f"<p>Model <code>{html.escape(quality['model'])}</code> "
+        f"(<code>{html.escape(quality['weights'])}</code>): the predicted relative "
+        "classifiability of each detected, aligned face; higher = more useful for "
+        "recognition.</p>",
+        html_table(header, rows),
+    ]
+    if quality.get("figure") in figures:
+        parts.append(html_image(figures[quality["figure"]], quality["figure"]))
+    return "\n".join(parts)
+
+
+def _angle_cells(entry: Mapping) -> list[object]:
+    """'mean ± std over identities' of the per-identity yaw, pitch, roll stds, then overall."""
+    angles = ("yaw", "pitch", "roll")
+    cells: list[object] = [_mean_std(entry[angle], "mean", "std") for angle in angles]
+    return cells + [entry["overall_std"][angle] for angle in angles]
+
+
+POSE_HEADER = [
+    "set",
+    "images",
+    "no face / landmarks",
+    "unreadable",
+    "faces",
+    "identities (>= 2 faces)",
+    "yaw std per identity",
+    "pitch std per identity",
+    "roll std per identity",
+    "yaw std, all faces",
+    "pitch std, all faces",
+    "roll std, all faces",
+]
+
+
+def pose_section(pose: Mapping, figures: Mapping[str, bytes]) -> str:
+    """Head-pose spread table (degrees) and a yaw-vs-pitch scatter per set."""
+    title = "<h2>Head-pose diversity (yaw / pitch / roll, degrees)</h2>"
+    skipped = _skipped(title, pose)
+    if skipped is not None:
+        return skipped
+    rows = [
+        [name, *_counts_cells(e), e["n_faces"], e["n_identities"], *_angle_cells(e)]
+        for name, e in pose["sets"].items()
+    ]
+    parts = [
+        title,
+        f"<p>Estimator <code>{html.escape(pose['estimator'])}</code> (dlib's 68 landmarks, "
+        "PnP on a generic 3D face). Per identity: population std of each angle over its "
+        "faces; shown as mean ± std over identities; then the std over all faces of the "
+        "set.</p>",
+        html_table(POSE_HEADER, rows),
+    ]
+    parts += [
+        html_image(figures[e["figure"]], e["figure"])
+        for e in pose["sets"].values()
+        if e.get("figure") in figures
+    ]
+    return "\n".join(parts)
+
+
+def _first_last(summary: Mapping | None) -> str:
+    """'first → last (step n)' of a curve summary ('' when the term was not logged)."""
+    if not summary:
+        return ""
+    first, last = format_value(summary["first"]), format_value(summary["last"])
+    return f"{first} → {last} (step {summary['last_step']})"
+
+
+def _training_table(method: Mapping) -> str:
+    """Collapsible table: per identity, first -> last value of each logged train/ term."""
+    from training_logs import CURVE_PREFIX, curve_panels
+
+    terms = curve_panels({name: e["tags"] for name, e in method["identities"].items()})
+    rows = [
+        [identity] + [_first_last(entry["tags"].get(CURVE_PREFIX + term)) for term in terms]
+        for identity, entry in method["identities"].items()
+    ]
+    table = html_table(["identity", *terms], rows)
+    return f"<details><summary>first → last logged value per identity</summary>{table}</details>"
+
+
+def training_section(training: Mapping, figures: Mapping[str, bytes]) -> str:
+    """Per method: loss curves from its TensorBoard logs, or where they were looked for."""
+    title = "<h2>Training curves (TensorBoard logs of train_ID-Booth.py)</h2>"
+    skipped = _skipped(title, training)
+    if skipped is not None:
+        return skipped
+    parts = [title]
+    for name, method in training["methods"].items():
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        for entry in method.get("missing", []):
+            parts.append(
+                f'<p class="note">{html.escape(entry["identity"])}: no TensorBoard scalars in '
+                f"<code>{html.escape(entry['looked_at'])}</code></p>"
+            )
+        if "skipped" in method:
+            parts.append(
+                f'<p class="note">No training curves: {html.escape(method["skipped"])}</p>'
+            )
+            continue
+        if method.get("figure") in figures:
+            parts.append(html_image(figures[method["figure"]], method["figure"]))
+        parts.append(_training_table(method))
+    return "\n".join(parts)
+
+
+def render_report(
+    results: Mapping,
+    figures: Mapping[str, bytes],
+    thumbnails: Mapping[str, Mapping[str, bytes]] | None = None,
+) -> str:
+    """The whole report as one HTML string (figures and thumbnails inline)."""
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in results.get("notes", []))
     definitions = html_table(
         ["quantity", "definition"], [[k, v] for k, v in results["definitions"].items()]
     )
+    absent = {"skipped": "not computed"}
     body = [
+        banner_html(results.get("banner")),
         "<h1>ID-Booth evaluation report</h1>",
         f"<p>Identity embedder: <code>{html.escape(results['embedder'])}</code>; "
         f"feature model: <code>{html.escape(str(results.get('feature_model')))}</code></p>",
         f'<ul class="note">{notes}</ul>' if notes else "",
+        grids_section(results["grids"], thumbnails or {}) if "grids" in results else "",
         sets_section(results["sets"]),
         identity_section(results["identity"], figures),
         diversity_section(results["diversity"], figures),
         fidelity_section(results["fidelity"]),
+        quality_section(results.get("quality", absent), figures),
+        pose_section(results.get("pose", absent), figures),
+        training_section(results.get("training", absent), figures),
         "<h2>Definitions</h2>",
         definitions,
         "<h2>Configuration</h2>",

@@ -3,8 +3,11 @@ embedder or a random ArcFace), a tiny random DINOv2, and broken / faceless image
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +44,51 @@ def data(tmp_path_factory) -> dict[str, Path]:
     add_bad_images(paths["genA"] / names[0])
     Image.new("RGB", (64, 64)).save(paths["genA"] / "stray.png")  # outside identity folders
     Image.new("RGB", (64, 64)).save(paths["genA"] / names[1] / "grid.jpg")  # a contact sheet
+    paths["loras"] = write_training_logs(root / "loras")
     return paths
+
+
+# train_ID-Booth.py's tags for --loss triplet (Slot.tags, log_interval, log_epoch).
+TRAIN_TERMS = (
+    "loss",
+    "diffusion_loss",
+    "prior_loss",
+    "triplet_loss",
+    "identity_term",
+    "identity_weight",
+    "identity_samples_per_batch",
+)
+
+
+def logged_value(term_index: int, step: int, run: int) -> float:
+    """The value the fake trainer logs: distinct per term, step and run (0 first, 1 resumed)."""
+    return 100.0 * run + 10.0 * term_index + 1.0 / step
+
+
+def write_training_logs(root: Path) -> Path:
+    """LoRA root with real TensorBoard logs: person_0 ran steps 1-5, was resumed from step 3 and
+    ran to 6 (a second event file rewriting steps 3-5); person_1 logs to a custom logging_dir
+    named in its training_config.json; person_2 has a config but no logs."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def run(log_dir: Path, steps: range, index: int) -> None:
+        writer = SummaryWriter(log_dir=str(log_dir))
+        for step in steps:
+            for term_index, term in enumerate(TRAIN_TERMS):
+                writer.add_scalar(f"train/{term}", logged_value(term_index, step, index), step)
+            writer.add_scalar("train/lr", 1e-4, step)
+            writer.add_scalar("train/identity_samples", 2 * step, step)
+        writer.add_scalar("epoch/loss", logged_value(0, steps[-1], index), 0)
+        writer.close()
+
+    run(root / "person_0" / "logs", range(1, 6), 0)
+    run(root / "person_0" / "logs", range(3, 7), 1)
+    (root / "person_1").mkdir(parents=True)
+    (root / "person_1" / "training_config.json").write_text('{"args": {"logging_dir": "tb"}}')
+    run(root / "person_1" / "tb", range(1, 4), 0)
+    (root / "person_2").mkdir()
+    (root / "person_2" / "training_config.json").write_text('{"args": {"logging_dir": "logs"}}')
+    return root
 
 
 def strict_json(path: Path) -> dict:
@@ -71,13 +118,26 @@ def refuse(*args, **kwargs):
     raise AssertionError("a cached image was embedded again")
 
 
+BANNER = "Random-weight models: every number below is plumbing, not quality <ok>"
+
+
+def report_flags(data: dict[str, Path]) -> tuple[str, ...]:
+    """A banner, training logs for A and a missing log folder for genB."""
+    return (
+        f"--banner={BANNER}",
+        f"--training_logs=A={data['loras']}",
+        f"--training_logs=genB={data['loras'] / 'no-such-run'}",
+    )
+
+
 @pytest.fixture(scope="module")
 def cli_run(data, tmp_path_factory) -> Path:
-    """The real command line (subprocess), identity only: no --feature_model."""
+    """The real command line (subprocess), identity only: no --feature_model; report_flags,
+    default grids and pose."""
     out = tmp_path_factory.mktemp("report")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), *dlib_argv(data, out)],
+        [sys.executable, str(SCRIPT), *dlib_argv(data, out, *report_flags(data))],
         capture_output=True,
         text=True,
         env=env,
@@ -94,7 +154,8 @@ def full_run(cli_run, data) -> Path:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(face_embedding.DlibEmbedder, "embed", refuse)
-        argv = dlib_argv(data, cli_run, f"--feature_model={data['dino']}", *FEATURE_FLAGS)
+        features = (f"--feature_model={data['dino']}", *FEATURE_FLAGS)
+        argv = dlib_argv(data, cli_run, *features, *report_flags(data))
         evaluate.main(evaluate.parse_args(argv))
     return cli_run
 
@@ -122,7 +183,8 @@ def test_cli_writes_identity_metrics_report_and_plots(cli_run):
     assert "--feature_model" in results["fidelity"]["skipped"]
     assert "FMR = FNMR" in results["definitions"]["eer"]
     report = (cli_run / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 9  # 3 comparisons x hist/ROC/DET
+    # 3 comparisons x hist/ROC/DET, a pose scatter per set (A, genB, real), A's training curves
+    assert report.count("data:image/png;base64,") == 9 + 3 + 1
     for text in ("zz_noise.png", "zz_broken.png", "stray.png", "genB", "EER", "decidability"):
         assert text in report
     assert not list(cli_run.glob("**/*.tmp"))
@@ -148,10 +210,10 @@ def test_features_add_diversity_and_fidelity_from_cached_faces(full_run, data):
     assert fidelity["kernel_distance"]["subset_size"] == 10
     assert fidelity["prdc"]["k"] == 5 and set(results["fidelity"]) == {"A", "genB"}
     report = (full_run / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 10  # + the Vendi box plot
+    assert report.count("data:image/png;base64,") == 10 + 3 + 1  # + Vendi box plot, pose, training
     assert "coverage" in report and "Vendi" in report
     assert "k=5, 6 / 6 of 10 / 6" in report  # genB's PRDC: 6 of each set drawn
-    assert len(list((full_run / "plots").glob("*.png"))) == 10
+    assert len(list((full_run / "plots").glob("*.png"))) == 10 + 3 + 1
     # The numbers equal features computed directly from the files.
     extractor = FeatureExtractor(data["dino"], image_size=56)
 
@@ -464,3 +526,217 @@ def test_a_report_folder_inside_an_input_folder_is_refused(data, tmp_path):
     for out in (data["genA"] / "report", data["genA"]):
         with pytest.raises(ValueError, match="overlap"):
             evaluate.parse_args([f"--generated={data['genA']}", "--embedder=dlib", f"--out={out}"])
+
+
+# ------------------------------------------------------ grids, banner, training, quality, pose
+
+
+def grid_sections(page: str) -> dict[str, str]:
+    """{method: HTML of its grid section}."""
+    return dict(re.findall(r'<section class="grid" data-method="([^"]+)">(.*?)</section>', page))
+
+
+def thumbnails_of(section: str, set_name: str) -> list[bytes]:
+    """Decoded JPEG thumbnails of one set (by their alt text) in an HTML fragment."""
+    pattern = rf'<img alt="{set_name}/[^"]+" class="thumb"[^>]*src="data:image/jpeg;base64,([^"]+)"'
+    return [base64.b64decode(encoded) for encoded in re.findall(pattern, section)]
+
+
+def test_grids_embed_generated_beside_real_thumbnails_in_one_file(cli_run, data):
+    results = strict_json(cli_run / "metrics.json")
+    grids = results["grids"]
+    assert (grids["max_images"], grids["max_identities"], grids["real_set"]) == (6, 8, "real")
+    rows_a = grids["methods"]["A"]["rows"]
+    assert list(rows_a) == [f"person_{k}" for k in range(5)]
+    # zz_broken.png does not decode: passed over; the faceless noise image is a sample too.
+    assert rows_a["person_0"]["generated"] == [
+        "person_0/0.png",
+        "person_0/1.png",
+        "person_0/2.png",
+        "person_0/zz_noise.png",
+    ]
+    assert rows_a["person_0"]["real"] == ["person_0/0.png", "person_0/1.png"]
+    assert list(grids["methods"]["genB"]["rows"]) == ["person_0", "person_1", "person_2"]
+    page = (cli_run / "report.html").read_text()
+    sections = grid_sections(page)
+    assert set(sections) == {"A", "genB"}
+    assert (len(thumbnails_of(sections["A"], "A")), len(thumbnails_of(sections["A"], "real"))) == (
+        4 + 3 * 4,
+        2 * 5,
+    )
+    assert len(thumbnails_of(sections["genB"], "genB")) == 3 * 2
+    assert len(thumbnails_of(sections["genB"], "real")) == 3 * 2
+    assert page.count("data:image/jpeg;base64,") == 16 + 10 + 6 + 6
+    assert page.index('class="grid"') < page.index("<h2>Image sets</h2>")  # faces first
+    # Self-contained: every resource is inline, nothing points at a file or the web.
+    assert not re.search(r"https?://", page)
+    assert set(re.findall(r'(?:src|href)="([a-z]+:)', page)) == {"data:"}
+    assert page.count("src=") == page.count('src="data:')
+    thumbnail = Image.open(io.BytesIO(thumbnails_of(sections["A"], "real")[0]))
+    assert thumbnail.format == "JPEG" and max(thumbnail.size) == 96
+    # The first real thumbnail is person_0/0.png itself, shrunk.
+    original = Image.open(data["real"] / "person_0" / "0.png").convert("RGB").resize((96, 96))
+    difference = np.abs(np.asarray(thumbnail, float) - np.asarray(original, float)).mean()
+    assert difference < 6
+
+
+def test_grid_caps_and_identities_without_real_photos(data):
+    import grids
+    import report
+    from image_sets import load_image_set
+
+    # A "real" set with only 3 of A's 5 identities.
+    sets = {"A": load_image_set("A", data["genA"]), "real": load_image_set("real", data["genB"])}
+    shown, thumbnails = grids.build_grids(sets, ["A"], "real", max_images=2, max_identities=4)
+    rows = shown["methods"]["A"]["rows"]
+    assert list(rows) == ["person_0", "person_1", "person_2", "person_3"]
+    assert all(len(row["generated"]) == 2 for row in rows.values())
+    assert [len(row["real"]) for row in rows.values()] == [2, 2, 2, 0]
+    assert shown["methods"]["A"]["n_identities"] == 5
+    assert sorted(thumbnails["A"]) == sorted(f for row in rows.values() for f in row["generated"])
+    page = report.grids_section(shown, thumbnails)
+    assert page.count("data:image/jpeg;base64,") == 8 + 6
+    assert "no real photos of this identity" in page
+    assert "4 of 5 identities" in page
+    natural = [Path(name) for name in ("10.png", "2.png", "1.png")]
+    assert sorted(natural, key=grids.natural_key) == [Path("1.png"), Path("2.png"), Path("10.png")]
+
+
+def test_banner_is_the_first_thing_in_the_report(cli_run):
+    assert strict_json(cli_run / "metrics.json")["banner"] == BANNER
+    page = (cli_run / "report.html").read_text()
+    body = page[page.index("<body>") + len("<body>") :]
+    escaped = BANNER.replace("<", "&lt;").replace(">", "&gt;")
+    assert body.startswith(f'<div class="banner">{escaped}</div>')
+
+
+def test_training_curves_keep_the_last_value_of_each_step(data, cli_run):
+    import report
+    import training_logs
+
+    summary, curves = training_logs.read_training_logs(data["loras"])
+    steps, values = curves["person_0"]["train/triplet_loss"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run rewrote 3-5 and added 6
+    assert values == pytest.approx(
+        [logged_value(3, 1, 0), logged_value(3, 2, 0)]
+        + [logged_value(3, k, 1) for k in (3, 4, 5, 6)]
+    )
+    assert curves["person_1"]["train/loss"][0] == [1, 2, 3]  # read from its config's "tb"
+    assert summary["missing"] == [
+        {"identity": "person_2", "looked_at": str(data["loras"] / "person_2" / "logs")}
+    ]
+    assert training_logs.curve_panels(curves) == list(TRAIN_TERMS)
+    figure = report.training_figure(curves, "A")
+    titled = [axis for axis in figure.axes if axis.get_visible()]
+    assert [axis.get_title() for axis in titled] == list(TRAIN_TERMS)
+    lines = {line.get_label(): line for line in titled[3].get_lines()}
+    assert set(lines) == {"person_0", "person_1"}
+    np.testing.assert_allclose(lines["person_0"].get_ydata(), values)
+    # Through the command line: summaries in metrics.json, the figure and notes in the report.
+    training = strict_json(cli_run / "metrics.json")["training"]["methods"]
+    loss = training["A"]["identities"]["person_0"]["tags"]["train/loss"]
+    assert (loss["n_points"], loss["first_step"], loss["last_step"]) == (6, 1, 6)
+    assert loss["last"] == pytest.approx(logged_value(0, 6, 1))
+    assert training["A"]["figure"] == "training_A"
+    missing = data["loras"] / "no-such-run"
+    assert training["genB"]["looked_at"] == str(missing) and "skipped" in training["genB"]
+    page = (cli_run / "report.html").read_text()
+    assert 'alt="training_A"' in page
+    assert f"no TensorBoard scalars in <code>{data['loras'] / 'person_2' / 'logs'}</code>" in page
+    assert "No training curves: no identity run" in page and str(missing) in page
+
+
+def test_quality_says_how_to_get_the_weights_without_them(cli_run):
+    quality = strict_json(cli_run / "metrics.json")["quality"]
+    assert quality["skipped"].startswith("not computed: pass --quality_weights")
+    page = (cli_run / "report.html").read_text()
+    assert "not computed: pass --quality_weights" in page
+    for where in ("github.com/fdbtrs/CR-FIQA", "CC BY-NC 4.0", "181952backbone.pth"):
+        assert where in page
+
+
+def test_pose_of_a_face_and_its_mirror_image_through_evaluate(cli_run, data):
+    import pose as pose_tools
+
+    pose = strict_json(cli_run / "metrics.json")["pose"]
+    assert pose["angle_order"] == ["yaw", "pitch", "roll"]
+    real = pose["sets"]["real"]
+    assert (real["n_faces"], real["n_no_face"], real["n_identities"]) == (10, 0, 5)
+    estimator = pose_tools.PoseEstimator()
+    turned = 0
+    for person in range(5):
+        original = np.array(real["per_image"][f"person_{person}/0.png"])
+        mirrored = np.array(real["per_image"][f"person_{person}/1.png"])  # variant 1 = mirror
+        image = np.asarray(Image.open(data["real"] / f"person_{person}" / "0.png").convert("RGB"))
+        np.testing.assert_allclose(original, estimator.estimate_image(image), atol=1e-3)
+        assert abs(original[1] - mirrored[1]) < 4  # pitch stays
+        spread = real["per_identity"][f"person_{person}"]
+        assert spread["yaw"] == pytest.approx(abs(original[0] - mirrored[0]) / 2, abs=1e-4)
+        if abs(original[0]) > 10:
+            turned += 1
+            assert np.sign(mirrored[0]) == -np.sign(original[0])  # yaw flips
+            assert abs(original[0] + mirrored[0]) < 0.15 * abs(original[0])
+    assert turned >= 2
+    generated = pose["sets"]["A"]
+    assert generated["no_face"] == ["person_0/zz_noise.png"] and generated["n_unreadable"] == 1
+    assert generated["n_faces"] == 15 and generated["figure"] == "pose_A"
+    page = (cli_run / "report.html").read_text()
+    assert "Head-pose diversity" in page and 'alt="pose_real"' in page
+
+
+@pytest.mark.slow
+def test_quality_from_a_crfiqa_checkpoint_grid_caps_and_no_pose(data, tmp_path):
+    import torch
+
+    import quality
+    from image_sets import load_image_set
+
+    torch.manual_seed(0)
+    weights = tmp_path / "32572backbone.pth"
+    torch.save(quality.build_crfiqa("r18").state_dict(), weights)
+    out = tmp_path / "report"
+    argv = dlib_argv(
+        data,
+        out,
+        f"--quality_weights={weights}",
+        "--face_detector=dlib",
+        "--no-pose",
+        "--grid_images=2",
+        "--grid_identities=3",
+    )
+    results = evaluate.main(evaluate.parse_args(argv))
+    scorer = quality.build_quality_scorer(weights, "dlib")
+    for name, folder in (("A", data["genA"]), ("real", data["real"])):
+        rows, status = quality.score_image_files(scorer, load_image_set(name, folder).paths)
+        expected = quality.quality_summary(rows, status)
+        measured = results["quality"]["sets"][name]
+        assert {key: measured[key] for key in expected} == pytest.approx(expected, rel=1e-5)
+    assert results["quality"]["sets"]["A"]["n_no_face"] == 1
+    assert results["quality"]["sets"]["A"]["n_unreadable"] == 1
+    assert results["pose"] == {"skipped": "--no-pose given"}
+    page = (out / "report.html").read_text()
+    assert 'alt="quality_hist"' in page and "not computed" not in page
+    assert "--no-pose given" in page and 'alt="pose_' not in page
+    sections = grid_sections(page)
+    for method in ("A", "genB"):
+        rows = results["grids"]["methods"][method]["rows"]
+        assert list(rows) == ["person_0", "person_1", "person_2"]
+        assert len(thumbnails_of(sections[method], method)) == 3 * 2
+        assert len(thumbnails_of(sections[method], "real")) == 3 * 2
+    assert page.count("data:image/jpeg;base64,") == 24
+    assert results["training"] == {"skipped": "no --training_logs NAME=LORA_ROOT given"}
+
+
+def test_report_flag_errors_are_clear(data, tmp_path):
+    base = [f"--generated=A={data['genA']}", "--embedder=dlib", f"--out={tmp_path / 'out'}"]
+    with pytest.raises(ValueError, match="not a --generated name"):
+        evaluate.parse_args([*base, f"--training_logs=B={data['loras']}"])
+    with pytest.raises(ValueError, match="expected NAME=LORA_ROOT"):
+        evaluate.parse_args([*base, f"--training_logs={data['loras']}"])
+    with pytest.raises(ValueError, match="given twice"):
+        evaluate.parse_args([*base, "--training_logs=A=x", "--training_logs=A=y"])
+    with pytest.raises(FileNotFoundError, match="--quality_weights"):
+        evaluate.parse_args([*base, f"--quality_weights={tmp_path / 'none.pth'}"])
+    with pytest.raises(ValueError, match="--grid_images"):
+        evaluate.parse_args([*base, "--grid_images=0"])
+    assert evaluate.parse_args(base).pose and not evaluate.parse_args([*base, "--no-pose"]).pose
