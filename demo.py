@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Training and generation size.",
     )
     parser.add_argument(
-        "--max_train_steps", type=runs.POSITIVE_INT, default=6, help="Training steps per identity."
+        "--max_train_steps", type=runs.POSITIVE_INT, default=40, help="Training steps per identity."
     )
     parser.add_argument(
         "--num_images_per_identity",
@@ -220,7 +220,8 @@ def reproduce_argv(args: argparse.Namespace, embedded: dict[str, Path], data: tu
         f"--feature_model={args.feature_model or embedded['dinov2']}",
         f"--quality_weights={args.quality_weights or embedded['crfiqa']}",
         f"--train_flags=--max_train_steps={steps} --checkpointing_steps={steps} "
-        f"--validation_steps={steps} --num_class_images={len(list_images(class_dir))}",
+        f"--validation_steps={steps} --num_class_images={len(list_images(class_dir))} "
+        f"--logging_steps={max(1, steps // 20)}",
         f"--generate_flags=--num_inference_steps={args.num_inference_steps}",
     ]
     if not args.feature_model:

@@ -21,6 +21,7 @@ from metrics import RocCurve
 DET_TICKS_ABOVE_1E2 = (0.05, 0.2, 0.5, 0.8, 0.95)  # below 0.01 the DET ticks every decade
 DET_TOP = 0.95  # upper end of both DET axes
 ZERO_AT_MOST = 0.01  # tiny sets: rates of 0 still drawn at 1%, below all their other rates
+NOT_AVAILABLE = "n/a"  # a NaN statistic in a table, e.g. the mean over zero faces
 
 
 def figure_png(figure: Figure, dpi: int = 100) -> bytes:
@@ -247,7 +248,7 @@ def format_value(value: object) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        return f"{float(value):.4g}"
+        return NOT_AVAILABLE if np.isnan(value) else f"{float(value):.4g}"
     return str(value)
 
 
@@ -269,8 +270,9 @@ def html_image(data: bytes, alt: str, mime: str = "image/png", css_class: str = 
 
 
 def _mean_std(entry: Mapping, mean_key: str, std_key: str) -> str:
-    """'mean +- std' of two keys."""
-    return f"{format_value(entry[mean_key])} ± {format_value(entry[std_key])}"
+    """'mean +- std' of two keys ('n/a' when there is no mean, e.g. no face was found)."""
+    mean = format_value(entry[mean_key])
+    return mean if mean in ("", NOT_AVAILABLE) else f"{mean} ± {format_value(entry[std_key])}"
 
 
 def _threshold_cell(entry: Mapping) -> str:

@@ -1,29 +1,50 @@
-"""The README's first command: demo.py runs every stage end to end on embedded models."""
+"""The README's first command: demo.py runs the whole experiment end to end on embedded models."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO_ROOT
 
+VARIANTS = ["dreambooth", "identity", "triplet"]
+
 
 @pytest.mark.slow
-def test_demo_trains_generates_and_evaluates(tmp_path):
+def test_demo_compares_the_three_variants_in_one_report(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(REPO_ROOT / "demo.py"), f"--output_dir={out}"]
     subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=900)
 
-    identities = sorted(path.name for path in (out / "loras").iterdir() if path.is_dir())
-    assert identities == ["person_0", "person_1"]
-    for identity in identities:
-        assert (out / "loras" / identity / "pytorch_lora_weights.safetensors").is_file()
-        assert len(list((out / "generated" / identity).glob("*.png"))) == 3
+    for variant in VARIANTS:
+        identities = sorted(p.name for p in (out / "loras" / variant).iterdir() if p.is_dir())
+        assert identities == ["person_0", "person_1"]
+        for identity in identities:
+            lora = out / "loras" / variant / identity / "pytorch_lora_weights.safetensors"
+            assert lora.is_file()
+            assert len(list((out / "generated" / variant / identity).glob("*.png"))) == 3
     metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert "random-weight models" in metrics["banner"]
     # dlib's real embedder tells the two real identities apart; random-weight SD makes no faces.
     assert metrics["identity"]["real_vs_real"]["real"]["eer"] == 0.0
-    assert "skipped" in metrics["identity"]["synthetic_vs_synthetic"]["ID-Booth"]
-    assert "skipped" not in metrics["diversity"]
-    assert (out / "report" / "report.html").stat().st_size > 10_000
+    for variant in VARIANTS:
+        assert "skipped" in metrics["identity"]["synthetic_vs_synthetic"][variant]
+        assert metrics["grids"]["methods"][variant]["n_identities"] == 2
+        curves = metrics["training"]["methods"][variant]["identities"]["person_0"]["tags"]
+        assert curves["train/loss"]["n_points"] >= 10  # logged every 2 of the 40 steps
+        assert metrics["quality"]["sets"][variant]["n_images"] == 3
+        assert metrics["pose"]["sets"][variant]["n_images"] == 3
+    assert (
+        "train/triplet_loss"
+        in metrics["training"]["methods"]["triplet"]["identities"]["person_0"]["tags"]
+    )
+    assert metrics["quality"]["sets"]["real"]["n"] == 8  # every real photo scored
+    assert metrics["pose"]["sets"]["real"]["n_faces"] == 8
+    page = (out / "report" / "report.html").read_text()
+    assert page.index("random-weight models") < page.index("<h1")  # the banner comes first
+    # 3 variants x 2 identities x (3 generated + 4 real) thumbnails, all embedded.
+    assert len(re.findall(r'src="data:image/jpeg;base64,', page)) == 3 * 2 * (3 + 4)
+    assert not re.search(r"https?://", page)

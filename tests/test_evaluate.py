@@ -740,3 +740,12 @@ def test_report_flag_errors_are_clear(data, tmp_path):
     with pytest.raises(ValueError, match="--grid_images"):
         evaluate.parse_args([*base, "--grid_images=0"])
     assert evaluate.parse_args(base).pose and not evaluate.parse_args([*base, "--no-pose"]).pose
+
+
+def test_statistics_over_no_face_show_as_not_available():
+    import report
+
+    assert report.format_value(float("nan")) == "n/a" and report.format_value(0.5) == "0.5"
+    entry = {"mean": float("nan"), "std": float("nan")}
+    assert report._mean_std(entry, "mean", "std") == "n/a"
+    assert report._mean_std({"mean": 1.0, "std": 0.25}, "mean", "std") == "1 ± 0.25"
