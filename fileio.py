@@ -3,7 +3,8 @@
 Every output is written under a temp name in its own folder (`.<name>.<random>.tmp`) and moved
 onto its final name with os.replace, so a reader (or a resumed run) sees the whole file or
 none of it; a writer that fails deletes its temp, and `remove_stale_temps` clears the ones a
-killed process left behind.
+killed process left behind. `ImageWriter` encodes and writes PNGs (each carrying its metadata
+record) that way in worker threads.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import shutil
 import tempfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
 
 TEMP_SUFFIX = ".tmp"
 PNG_METADATA_KEY = "id_booth"  # PNG text chunk holding a generated image's metadata record
@@ -201,3 +205,48 @@ def read_png_record(path: Path) -> dict | None:
         return json.loads(text) if text else None
     except (OSError, ValueError):
         return None
+
+
+class ImageWriter:
+    """Encodes PNGs and writes them atomically in worker threads while the next batch is
+    sampled (PIL's encoder releases the GIL). At most `pending` images wait; the first write
+    error (e.g. a full disk) is raised on the main thread, and nothing half-written is left."""
+
+    def __init__(self, workers: int, compress_level: int, pending: int = 64) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png")
+        self.compress_level, self.pending, self.futures = compress_level, pending, []
+        self.written = 0
+
+    def submit(self, path: Path, image: PILImage.Image, record: dict) -> None:
+        """Queue one image; raises an earlier write's error instead (the run stops there)."""
+        if any(future.done() and future.exception() for future in self.futures):
+            self.close()
+        self.futures.append(self.pool.submit(self._write, path, image, record))
+        while len(self.futures) > self.pending:
+            self._collect(self.futures.pop(0))
+
+    def _write(self, path: Path, image: PILImage.Image, record: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write_bytes(path, encode_png_with_record(image, record, self.compress_level))
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"could not write {path} ({error.strerror or error}); no partial file was "
+                "left, free space / fix the folder and re-run to resume",
+            ) from error
+
+    def _collect(self, future) -> None:
+        future.result()  # raises a worker's error here
+        self.written += 1
+
+    def close(self) -> None:
+        """Wait for every write (raising the first error); always shuts the pool down."""
+        try:
+            for future in self.futures:
+                self._collect(future)
+        finally:
+            self.futures = []
+            self.pool.shutdown(wait=True, cancel_futures=True)

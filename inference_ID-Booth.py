@@ -26,6 +26,10 @@ from the PNGs at the end of every run, so it never holds duplicates), `run_confi
 Run: `python inference_ID-Booth.py --lora_root LORAS --output_dir OUT --identity_attributes
 genders.csv`, or `accelerate launch --num_processes N inference_ID-Booth.py ...` /
 `torchrun --nproc_per_node N ...` to split the (identity, batch) work list.
+
+This script plans, batches and records the images; the scheduler factory is in sampling.py,
+the LoRA header check in lora.py, the slot pool in multi_lora.py, the PNG writer threads in
+fileio.py and the background list in prompts.py.
 """
 
 from __future__ import annotations
@@ -46,13 +50,14 @@ import runs
 from datasets import identity_genders
 from fileio import (
     PNG_METADATA_KEY,
+    ImageWriter,
     atomic_write_bytes,
-    encode_png_with_record,
     is_complete_png,
     read_png_record,
     remove_stale_temps,
 )
-from lora import LORA_WEIGHTS_NAME, LoraLayout, lora_layout, lora_mismatches, read_lora_file
+from lora import LORA_WEIGHTS_NAME, IdentitySource, LoraLayout, check_lora, read_lora_file
+from multi_lora import place_identities, slot_pool_for_layouts
 from prompts import (
     BACKGROUND_SAMPLERS,
     DEFAULT_NO_BACKGROUND_TEMPLATE,
@@ -64,9 +69,11 @@ from prompts import (
     build_prompt,
     image_seed,
     prompt_choices,
+    resolve_backgrounds,
     template_placeholders,
     validate_template,
 )
+from sampling import SCHEDULERS, build_sampler, scheduler_class
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -79,16 +86,6 @@ METADATA_NAME = "metadata.jsonl"
 RUN_CONFIG_NAME = "run_config.json"
 IMAGE_NAME_PATTERN = re.compile(r"^(\d+)\.png$")
 
-# Scheduler factory: name -> (diffusers class name, kwargs over the base model's config).
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 RESOLUTION = runs.Number(int, low=8, multiple_of=8)
 PNG_COMPRESS_LEVEL = runs.Number(int, low=0, high=9)
 DEFAULT_CUDA_BATCH_SIZE = 16
@@ -319,37 +316,6 @@ def validate_args(args: argparse.Namespace) -> None:
         )
 
 
-def resolve_backgrounds(values: Sequence[str]) -> list[str]:
-    """The background list: the values themselves, or the lines of the one file given."""
-    if len(values) == 1 and (Path(values[0]).is_file() or values[0].endswith(".txt")):
-        path = Path(values[0])
-        if not path.is_file():
-            raise FileNotFoundError(f"--backgrounds file {path} not found")
-        values = [line.strip() for line in path.read_text().splitlines()]
-        values = [line for line in values if line and not line.startswith("#")]
-        if not values:
-            raise ValueError(f"--backgrounds file {path} lists no backgrounds")
-    backgrounds = list(values)
-    if len(set(backgrounds)) != len(backgrounds):
-        raise ValueError(f"--backgrounds has duplicates: {backgrounds}")
-    return backgrounds
-
-
-def scheduler_class(name: str) -> tuple[str, dict[str, Any]]:
-    """Look up a scheduler name; ValueError listing the options when unknown."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown --scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name]
-
-
-def build_sampler(name: str, base_config: Any) -> Any:
-    """A diffusers scheduler of kind `name` with the base model's betas and timesteps."""
-    import diffusers
-
-    class_name, overrides = scheduler_class(name)
-    return getattr(diffusers, class_name).from_config(base_config, **overrides)
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageJob:
     """Everything that defines one image except the model settings."""
@@ -402,16 +368,6 @@ def split_work(items: Sequence[Any], num_processes: int, process_index: int) -> 
 
 
 # -------------------------------------------------------------------------- input checks
-
-
-@dataclasses.dataclass
-class IdentitySource:
-    """An identity's LoRA weights file, or why it cannot be used."""
-
-    name: str
-    folder: Path
-    lora_file: Path | None
-    error: str | None = None
 
 
 def resolve_checkpoint(identity_folder: Path, checkpoint: str | None) -> Path:
@@ -507,33 +463,6 @@ def check_run_config(
             f"{output_dir} holds images made with other settings ({lines}); use a new "
             "--output_dir, or --overwrite to regenerate them"
         )
-
-
-# ----------------------------------------------------------------------------- LoRA files
-
-
-def check_lora(
-    identity: IdentitySource, pipeline: Any, model_name: str
-) -> tuple[str | None, LoraLayout | None]:
-    """(error message, None) if the identity's LoRA is unreadable, made for another base or
-    not a plain UNet LoRA; else (None, its layout). Reads the file's header only."""
-    components = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
-    where = f"identity {identity.name!r}: LoRA {identity.lora_file}"
-    try:
-        checked, problems = lora_mismatches(identity.lora_file, components)
-    except Exception as error:  # safetensors raises its own types for corrupt headers
-        return f"identity {identity.name!r}: cannot read LoRA {identity.lora_file}: {error}", None
-    if problems:
-        shown = "; ".join(problems[:3])
-        return (
-            f"{where} does not fit the base model {model_name} ({len(problems)} of {checked} "
-            f"tensors mismatch, e.g. {shown}); it was trained on a different base: pass that "
-            "--pretrained_model_name_or_path or retrain"
-        ), None
-    try:
-        return None, lora_layout(identity.lora_file)
-    except ValueError as error:
-        return f"{where} cannot be applied: {error}", None
 
 
 # ------------------------------------------------------------------------- files on disk
@@ -716,51 +645,6 @@ def pending_jobs(output_dir: Path, batch: Sequence[Job], overwrite: bool) -> lis
     return [job for job in batch if not is_complete_png(output_dir / job[0] / f"{job[1]}.png")]
 
 
-class ImageWriter:
-    """Encodes PNGs and writes them atomically in worker threads while the next batch is
-    sampled (PIL's encoder releases the GIL). At most `pending` images wait; the first write
-    error (e.g. a full disk) is raised on the main thread, and nothing half-written is left."""
-
-    def __init__(self, workers: int, compress_level: int, pending: int = 64) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png")
-        self.compress_level, self.pending, self.futures = compress_level, pending, []
-        self.written = 0
-
-    def submit(self, path: Path, image: PILImage.Image, record: dict) -> None:
-        """Queue one image; raises an earlier write's error instead (the run stops there)."""
-        if any(future.done() and future.exception() for future in self.futures):
-            self.close()
-        self.futures.append(self.pool.submit(self._write, path, image, record))
-        while len(self.futures) > self.pending:
-            self._collect(self.futures.pop(0))
-
-    def _write(self, path: Path, image: PILImage.Image, record: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            atomic_write_bytes(path, encode_png_with_record(image, record, self.compress_level))
-        except OSError as error:
-            raise OSError(
-                error.errno,
-                f"could not write {path} ({error.strerror or error}); no partial file was "
-                "left, free space / fix the folder and re-run to resume",
-            ) from error
-
-    def _collect(self, future) -> None:
-        future.result()  # raises a worker's error here
-        self.written += 1
-
-    def close(self) -> None:
-        """Wait for every write (raising the first error); always shuts the pool down."""
-        try:
-            for future in self.futures:
-                self._collect(future)
-        finally:
-            self.futures = []
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def run_batches(
     generator: dict,
     work: Sequence[tuple[tuple[Job, ...], list[Job]]],
@@ -803,20 +687,6 @@ def run_batches(
                 writer.submit(args.output_dir / job.identity / f"{job.index}.png", image, record)
                 counts.written += 1
             progress.update(1)
-
-
-def place_identities(pool: Any, names: Sequence[str], errors: dict[str, str]) -> dict[str, int]:
-    """identity -> LoRA slot for the usable identities of a batch, loading them as needed; a
-    LoRA that fails to load joins `errors` (its identity is skipped from then on)."""
-    slots: dict[str, int] = {}
-    for name in dict.fromkeys(names):
-        if name in errors:
-            continue
-        try:
-            slots[name] = pool.place(name, pinned=slots.values())
-        except Exception as error:  # safetensors/torch raise many types for a corrupt file
-            errors[name] = f"identity {name!r}: loading its LoRA failed: {error}"
-    return slots
 
 
 def fail_identity(name: str, num_images: int, context: dict, progress: Any) -> None:
@@ -949,20 +819,13 @@ def build_generator(
 ) -> dict:
     """Pipeline, batched LoRA over the union of the identities' layers (rank: their largest),
     the slot pool that loads each identity's file on demand, and the sampler."""
-    from multi_lora import SlotPool, inject_batched_lora
+    folders = {name: sources[name].lora_file.parent for name in layouts}
 
-    modules = sorted({module for layout in layouts.values() for module in layout.ranks})
-    rank = max((r for layout in layouts.values() for r in layout.ranks.values()), default=1)
-    lora = pool = None
-    if modules:
-        lora = inject_batched_lora(pipeline.unet, modules, num_slots, rank, alpha=rank)
-        folders = {name: sources[name].lora_file.parent for name in layouts}
+    def load(name: str) -> tuple[dict, dict]:
+        scalings = {m: s * args.lora_scale for m, s in layouts[name].scalings.items()}
+        return read_lora_file(folders[name]), scalings
 
-        def load(name: str) -> tuple[dict, dict]:
-            scalings = {m: s * args.lora_scale for m, s in layouts[name].scalings.items()}
-            return read_lora_file(folders[name]), scalings
-
-        pool = SlotPool(lora, load)
+    lora, pool = slot_pool_for_layouts(pipeline.unet, layouts, num_slots, load)
     return {
         "pipeline": pipeline,
         "lora": lora,

@@ -3,7 +3,9 @@
 A trained identity is one `pytorch_lora_weights.safetensors` that
 `StableDiffusionPipeline.load_lora_weights(folder)` reads. Files are written atomically and
 with a canonical safetensors header, so equal weights give equal bytes (safetensors writes
-its metadata in the random order of a Rust hash map otherwise).
+its metadata in the random order of a Rust hash map otherwise). Before generation,
+`check_lora` tells from the header alone whether an identity's file fits the base model and
+what layout it has, or why it cannot be used.
 """
 
 from __future__ import annotations
@@ -176,6 +178,40 @@ def lora_layout(lora_file: Path) -> LoraLayout:
         alpha = config.get("lora_alpha", rank)
         scalings[module] = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     return LoraLayout(ranks, scalings)
+
+
+@dataclasses.dataclass
+class IdentitySource:
+    """An identity's LoRA weights file, or why it cannot be used."""
+
+    name: str
+    folder: Path
+    lora_file: Path | None
+    error: str | None = None
+
+
+def check_lora(
+    identity: IdentitySource, pipeline: Any, model_name: str
+) -> tuple[str | None, LoraLayout | None]:
+    """(error message, None) if the identity's LoRA is unreadable, made for another base or
+    not a plain UNet LoRA; else (None, its layout). Reads the file's header only."""
+    components = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
+    where = f"identity {identity.name!r}: LoRA {identity.lora_file}"
+    try:
+        checked, problems = lora_mismatches(identity.lora_file, components)
+    except Exception as error:  # safetensors raises its own types for corrupt headers
+        return f"identity {identity.name!r}: cannot read LoRA {identity.lora_file}: {error}", None
+    if problems:
+        shown = "; ".join(problems[:3])
+        return (
+            f"{where} does not fit the base model {model_name} ({len(problems)} of {checked} "
+            f"tensors mismatch, e.g. {shown}); it was trained on a different base: pass that "
+            "--pretrained_model_name_or_path or retrain"
+        ), None
+    try:
+        return None, lora_layout(identity.lora_file)
+    except ValueError as error:
+        return f"{where} cannot be applied: {error}", None
 
 
 MODEL_CARD = """---

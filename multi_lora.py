@@ -11,6 +11,9 @@ the gaussian init for a seed (`init_identity_`), the diffusers LoRA file
 (`identity_state_dict` / `load_identity_`), the forward under autocast, gradient clipping
 (`clip_grad_norm_per_identity_`) and AdamW (`StackedAdamW`, with a per-identity active mask so a
 non-finite identity is frozen while the others train). Nothing here reads a tensor on the host.
+For generation, `slot_pool_for_layouts` builds one batched LoRA for any set of LoRA file
+layouts and a `SlotPool` that loads each identity into a slot on demand (`place_identities`:
+a batch's identities, recording the ones whose file fails to load).
 
 A training step for a packed batch (identity losses summed, so each identity gets exactly its
 solo gradient; with fp16, `scaler.unscale_(optimizer)` first, then `scaler.update()` after the
@@ -34,6 +37,8 @@ from torch import nn
 
 if TYPE_CHECKING:
     from peft import LoraConfig
+
+    from lora import LoraLayout
 
 
 class IdentitySelection:
@@ -381,6 +386,34 @@ class SlotPool:
         load_identity_scaled_(self.handle, free[0], state_dict, scalings)
         self.resident[name] = free[0]
         return free[0]
+
+
+def place_identities(pool: Any, names: Sequence[str], errors: dict[str, str]) -> dict[str, int]:
+    """identity -> LoRA slot for the usable identities of a batch, loading them as needed; a
+    LoRA that fails to load joins `errors` (its identity is skipped from then on)."""
+    slots: dict[str, int] = {}
+    for name in dict.fromkeys(names):
+        if name in errors:
+            continue
+        try:
+            slots[name] = pool.place(name, pinned=slots.values())
+        except Exception as error:  # safetensors/torch raise many types for a corrupt file
+            errors[name] = f"identity {name!r}: loading its LoRA failed: {error}"
+    return slots
+
+
+def slot_pool_for_layouts(
+    unet: nn.Module, layouts: Mapping[str, LoraLayout], num_slots: int, load: Any
+) -> tuple[BatchedLoRA | None, SlotPool | None]:
+    """A batched LoRA of `num_slots` slots over the union of the layouts' layers (rank: their
+    largest; alpha = rank, so each identity's own scaling comes with its `load`) and the
+    SlotPool that fills it on demand; (None, None) when no layout holds a layer."""
+    modules = sorted({module for layout in layouts.values() for module in layout.ranks})
+    rank = max((r for layout in layouts.values() for r in layout.ranks.values()), default=1)
+    if not modules:
+        return None, None
+    lora = inject_batched_lora(unet, modules, num_slots, rank, alpha=rank)
+    return lora, SlotPool(lora, load)
 
 
 def identity_means(

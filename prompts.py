@@ -7,7 +7,7 @@ seeded shuffle of the backgrounds per block of k = len(backgrounds) indices (bal
 its own seed (independent): pure functions of the position, so any image can be regenerated
 alone and adding images never changes earlier ones. Prompt: "face {portrait} photo of {gender}
 sks person, {background} background" with the paper's eleven backgrounds ("none" drops the
-background clause).
+background clause); `resolve_backgrounds` reads --backgrounds (a list, or a file of lines).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fileio import stable_seed
 
@@ -130,3 +131,19 @@ def build_prompt(
         portrait=PORTRAIT_WORDS[side_portrait],
         identity=identity,
     )
+
+
+def resolve_backgrounds(values: Sequence[str]) -> list[str]:
+    """The background list: the values themselves, or the lines of the one file given."""
+    if len(values) == 1 and (Path(values[0]).is_file() or values[0].endswith(".txt")):
+        path = Path(values[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"--backgrounds file {path} not found")
+        values = [line.strip() for line in path.read_text().splitlines()]
+        values = [line for line in values if line and not line.startswith("#")]
+        if not values:
+            raise ValueError(f"--backgrounds file {path} lists no backgrounds")
+    backgrounds = list(values)
+    if len(set(backgrounds)) != len(backgrounds):
+        raise ValueError(f"--backgrounds has duplicates: {backgrounds}")
+    return backgrounds

@@ -1,5 +1,6 @@
 """Sampling images from Stable Diffusion: a loop without host syncs that reproduces
-`StableDiffusionPipeline`'s images, pipeline loading, and DreamBooth's class (prior) images.
+`StableDiffusionPipeline`'s images, schedulers by name, pipeline loading, and DreamBooth's
+class (prior) images.
 
 The stock loop syncs the host several times per step (`DDPMScheduler.step` indexes CPU
 `alphas_cumprod` with a device timestep, branches on `t > 0` and `prev_t >= 0`, looks the
@@ -13,7 +14,9 @@ per-step coefficients are 0-dim host tensors (read at kernel launch like any Pyt
 exactly as the stock scheduler's are), or device tensors on the compiled / CUDA-graph paths.
 
 Supported: `DDPMScheduler` (the paper's), `DDIMScheduler` (any eta) and
-`EulerAncestralDiscreteScheduler`; see `SUPPORTED_CONFIGS` for the config values.
+`EulerAncestralDiscreteScheduler`; see `SUPPORTED_CONFIGS` for the config values. Any of
+`SCHEDULERS` (the names of inference_ID-Booth.py's --scheduler) is built from the base model's
+scheduler config by `build_sampler`; the stock pipeline loop samples the unsupported ones.
 
 Class images are sampled once per class folder with the base model, `class_{i:05d}.png`, each
 from its own seed (so the folder is the same however many processes made it and however often
@@ -34,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from datasets import scan_photos
 from fileio import atomic_save_image
@@ -366,6 +368,10 @@ def guided_noise_prediction(
     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
     guided = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
     if guidance_rescale > 0.0:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+            rescale_noise_cfg,
+        )
+
         guided = rescale_noise_cfg(guided, noise_pred_text, guidance_rescale=guidance_rescale)
     return guided
 
@@ -647,6 +653,35 @@ def generate_images(
     )
     latents = sampler.sample(prompt_embeds, negative_prompt_embeds, seeds)
     return decode_checked(pipeline, latents, output_type)[0]
+
+
+# ----------------------------------------------------------------- schedulers by name
+
+# Scheduler factory: name -> (diffusers class name, kwargs over the base model's config).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def scheduler_class(name: str) -> tuple[str, dict[str, Any]]:
+    """Look up a scheduler name; ValueError listing the options when unknown."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown --scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name]
+
+
+def build_sampler(name: str, base_config: Any) -> Any:
+    """A diffusers scheduler of kind `name` with the base model's betas and timesteps."""
+    import diffusers
+
+    class_name, overrides = scheduler_class(name)
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)
 
 
 # ------------------------------------------------------------------- pipelines and class images

@@ -6,7 +6,7 @@ instance + 1 prior image per identity:
 - reference: the official recipe's step re-typed (a peft LoRA; prompts re-encoded every step,
   the VAE encode every step, the identity term on the first instance sample only with a host
   crop of the decoded image, every loss read with `.item()` each step);
-- ours: `train_ID-Booth.PackedTrainer.step()` itself, on identities written to disk and
+- ours: `trainer.PackedTrainer.step()` itself, on identities written to disk and
   annotated by the real data path (a template "detector" stands in for a face detector, since
   random images have no faces): cached latent distributions, device-side tables, per-identity
   AdamW, schedule, grad scaler and bookkeeping, K identities per step (`--packs`).
@@ -47,6 +47,14 @@ from losses import (  # noqa: E402
     triplet_identity_loss,
 )
 from random_models import build_tiny_sd  # noqa: E402
+from trainer import (  # noqa: E402
+    WEIGHT_DTYPES,
+    FaceTools,
+    PackedTrainer,
+    encode_prompts,
+    load_frozen_models,
+    place,
+)
 
 SIZES = {"tiny": (64, "r18"), "sd21": (512, "r100")}  # size -> (resolution, IResNet depth)
 PHOTOS_PER_IDENTITY = 2  # R x R photos: one crop each, so the latent cache is warm after warmup
@@ -148,7 +156,7 @@ def write_identities(workdir: Path, count: int, resolution: int) -> tuple[Path, 
 # ------------------------------------------------------------------------------ the reference
 
 
-def reference_unet(train, args, device: torch.device, precision: str):
+def reference_unet(args, device: torch.device, precision: str):
     """The reference's UNet: a peft LoRA adapter (rank 4, gaussian), weights in `precision`."""
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
@@ -162,7 +170,7 @@ def reference_unet(train, args, device: torch.device, precision: str):
     unet.add_adapter(
         LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets)
     )
-    train.place(unet, device, train.WEIGHT_DTYPES[precision])
+    place(unet, device, WEIGHT_DTYPES[precision])
     cast_training_params(unet, dtype=torch.float32)
     return unet
 
@@ -181,13 +189,13 @@ def host_bbox_faces(decoded: torch.Tensor, landmarks: torch.Tensor) -> torch.Ten
     return torch.stack(faces).to(decoded.device)
 
 
-def reference_step(train, unet, frozen, optimizer, batch: dict, generator, args) -> float:
+def reference_step(unet, frozen, optimizer, batch: dict, generator, args) -> float:
     """One step of the reference recipe; returns its loss (read on the host every step)."""
     device, scheduler = frozen.device, frozen.noise_scheduler
     with frozen.autocast():
         pixels = batch["pixel_values"].to(device, frozen.weight_dtype)
         with torch.no_grad():
-            prompts = train.encode_prompts(frozen, args)  # every step, as the reference does
+            prompts = encode_prompts(frozen, args)  # every step, as the reference does
             latents = frozen.vae.encode(pixels).latent_dist.sample(generator)
             latents = latents * frozen.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
@@ -256,15 +264,15 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure_reference(train, train_args, frozen, args) -> dict:
+def measure_reference(train_args, frozen, args) -> dict:
     device = frozen.device
     reset_peak(device)
-    unet = reference_unet(train, train_args, device, frozen.mixed_precision)
+    unet = reference_unet(train_args, device, frozen.mixed_precision)
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     batch, generator = reference_batch(SIZES[args.size][0]), torch.Generator(device).manual_seed(0)
 
     def step() -> None:
-        reference_step(train, unet, frozen, optimizer, batch, generator, train_args)
+        reference_step(unet, frozen, optimizer, batch, generator, train_args)
 
     for _ in range(args.warmup):
         step()
@@ -272,11 +280,11 @@ def measure_reference(train, train_args, frozen, args) -> dict:
     return {"seconds_per_step": seconds, "identities_per_step": 1, "peak_gib": peak_gib(device)}
 
 
-def measure_packed(train, train_args, frozen, face_tools, state, identities, args, k) -> dict:
+def measure_packed(train_args, frozen, face_tools, state, identities, args, k) -> dict:
     """PackedTrainer.step() with K identities; its device part once more under sync checks."""
     device = frozen.device
     reset_peak(device)
-    trainer = train.PackedTrainer(train_args, frozen, face_tools, state, k)
+    trainer = PackedTrainer(train_args, frozen, face_tools, state, k)
     for index, identity in enumerate(identities[:k]):
         trainer.fill(index, identity)
     for _ in range(args.warmup):
@@ -369,13 +377,13 @@ def main(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     encoder = load_arcface(arcface_path, device=device)
-    face_tools = train.FaceTools(TemplateDetector(), encoder)
-    frozen = train.load_frozen_models(train_args, device, precision, encoder)
+    face_tools = FaceTools(TemplateDetector(), encoder)
+    frozen = load_frozen_models(train_args, device, precision, encoder)
     state = runs.process_state()
     identities = train.discover_identities(train_args)
-    reference = measure_reference(train, train_args, frozen, args)
+    reference = measure_reference(train_args, frozen, args)
     packed = {
-        k: measure_packed(train, train_args, frozen, face_tools, state, identities, args, k)
+        k: measure_packed(train_args, frozen, face_tools, state, identities, args, k)
         for k in sorted(set(args.packs))
     }
     result = summarise(reference, packed, args, precision, device)

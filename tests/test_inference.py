@@ -29,7 +29,9 @@ from PIL import Image
 from tiny_sd import build_tiny_sd
 
 import fileio
+import lora
 import prompts
+import sampling
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "inference_ID-Booth.py"
@@ -550,7 +552,7 @@ def test_base_loads_once_and_lora_swaps_leave_no_trace(assets, tmp_path, monkeyp
     assert all_images["ID_a/0.png"] != all_images["ID_b/0.png"]  # the swap happened
 
 
-@pytest.mark.parametrize("name", sorted(inference.SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(sampling.SCHEDULERS))
 def test_every_scheduler_builds_and_is_reproducible(assets, name):
     import diffusers
 
@@ -558,7 +560,7 @@ def test_every_scheduler_builds_and_is_reproducible(assets, name):
         cli(assets, Path("unused"), "--scheduler", name, "--num_inference_steps", "3")
     )
     pipeline = inference.load_pipeline(args)
-    class_name, overrides = inference.SCHEDULERS[name]
+    class_name, overrides = sampling.SCHEDULERS[name]
     assert type(pipeline.scheduler) is getattr(diffusers, class_name)
     for key, value in overrides.items():
         assert pipeline.scheduler.config[key] == value
@@ -827,8 +829,8 @@ def test_other_argument_errors(assets, tmp_path):
 def test_backgrounds_file_and_checkpoint_choice(tmp_path):
     listing = tmp_path / "backgrounds.txt"
     listing.write_text("# mine\nforest\n\nrainy street\n")
-    assert inference.resolve_backgrounds([str(listing)]) == ["forest", "rainy street"]
-    assert inference.resolve_backgrounds(["a", "b"]) == ["a", "b"]
+    assert prompts.resolve_backgrounds([str(listing)]) == ["forest", "rainy street"]
+    assert prompts.resolve_backgrounds(["a", "b"]) == ["a", "b"]
     for step in (400, 6400, 800):
         (tmp_path / "ID" / f"checkpoint-{step}").mkdir(parents=True)
     chosen = inference.resolve_checkpoint(tmp_path / "ID", "latest")
@@ -836,7 +838,7 @@ def test_backgrounds_file_and_checkpoint_choice(tmp_path):
 
 
 def test_attributes_csv_json_and_training_config_fallback(tmp_path):
-    sources = [inference.IdentitySource(n, tmp_path / n, None) for n in ("A", "B", "C")]
+    sources = [lora.IdentitySource(n, tmp_path / n, None) for n in ("A", "B", "C")]
     (tmp_path / "C").mkdir()
     (tmp_path / "C" / "training_config.json").write_text(json.dumps({"gender": "Female"}))
     table = tmp_path / "attributes.csv"

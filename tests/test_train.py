@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 import fileio
 import losses
 import sampling
+import trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "train_ID-Booth.py"
@@ -302,15 +303,15 @@ def step_parts(assets):
         + ["--lora_alpha=8"]  # alpha != rank: the saved LoRA must carry its scale
     )
     device = torch.device("cpu")
-    tools = train.load_face_tools(args, device)
-    frozen = train.load_frozen_models(args, device, "no", tools.encoder)
+    tools = trainer.load_face_tools(args, device)
+    frozen = trainer.load_frozen_models(args, device, "no", tools.encoder)
     return args, tools, frozen
 
 
 def unet_with_one_identity(args, device, precision):
     """The trainer's UNet with a batched LoRA of one slot, initialised as a fresh identity."""
-    unet, lora = train.load_unet_with_slots(args, device, precision, 1)
-    train.init_identity_(lora, 0, fileio.stable_seed(args.seed, "lora-init"))
+    unet, lora = trainer.load_unet_with_slots(args, device, precision, 1)
+    trainer.init_identity_(lora, 0, fileio.stable_seed(args.seed, "lora-init"))
     return unet, lora
 
 
@@ -323,7 +324,7 @@ def compute_losses(unet_and_lora, frozen, prompts, batch, generator, args) -> di
         dist = frozen.vae.encode(pixels).latent_dist
     n, size = batch["num_instance"], pixels.shape[0]
     rows = torch.arange(size)
-    packed = train.PackedBatch(
+    packed = trainer.PackedBatch(
         mean=dist.mean,
         std=dist.std,
         slots=torch.zeros(size, dtype=torch.long),
@@ -336,7 +337,7 @@ def compute_losses(unet_and_lora, frozen, prompts, batch, generator, args) -> di
         embeddings=batch["embeddings"].float(),
         has_face=batch["has_face"],
     )
-    terms = train.packed_losses(unet, lora, frozen, prompts, packed, [generator], args)
+    terms = trainer.packed_losses(unet, lora, frozen, prompts, packed, [generator], args)
     return {name: value[0] for name, value in terms.items()}
 
 
@@ -348,13 +349,13 @@ def test_identity_term_is_nonzero_and_its_gradient_reaches_only_the_lora(step_pa
     args = copy.copy(args)
     args.loss = loss
     unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)  # 2 instance + 2 prior
     generator = torch.Generator().manual_seed(3)
     terms = compute_losses(
-        (unet, lora), frozen, train.encode_prompts(frozen, args), batch, generator, args
+        (unet, lora), frozen, trainer.encode_prompts(frozen, args), batch, generator, args
     )
-    assert set(terms) == set(train.TERM_NAMES)
+    assert set(terms) == set(trainer.TERM_NAMES)
     assert terms["identity_criterion"].item() > 0 and terms["identity_term"].item() > 0
     torch.testing.assert_close(
         terms["loss"], terms["diffusion_loss"] + terms["prior_loss"] + terms["identity_term"]
@@ -377,15 +378,15 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(step_parts):
     from datasets import collate_dreambooth
 
     args, tools, frozen = step_parts
-    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0]], with_prior=True)
     gradients = []
     for checkpointing in (False, True):
         run_args = copy.copy(args)
         run_args.gradient_checkpointing = checkpointing
-        run_frozen = train.load_frozen_models(run_args, frozen.device, "no", frozen.arcface)
+        run_frozen = trainer.load_frozen_models(run_args, frozen.device, "no", frozen.arcface)
         unet, lora = unet_with_one_identity(run_args, frozen.device, "no")
-        prompts = train.encode_prompts(run_frozen, run_args)
+        prompts = trainer.encode_prompts(run_frozen, run_args)
         generator = torch.Generator().manual_seed(5)
         terms = compute_losses((unet, lora), run_frozen, prompts, batch, generator, run_args)
         terms["loss"].backward()
@@ -412,15 +413,15 @@ def test_bf16_mixed_precision_keeps_frozen_weights_low_and_lora_fp32(step_parts)
     )
     small(torch.zeros(1, 3, 112, 112))  # materialise the lazy layer
     encoder = ArcFaceEncoder(small, "small-stand-in")
-    frozen = train.load_frozen_models(args, torch.device("cpu"), "bf16", encoder)
+    frozen = trainer.load_frozen_models(args, torch.device("cpu"), "bf16", encoder)
     unet, lora = unet_with_one_identity(args, frozen.device, "bf16")
-    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0]], with_prior=True)
     with frozen.autocast():
         terms = compute_losses(
             (unet, lora),
             frozen,
-            train.encode_prompts(frozen, args),
+            trainer.encode_prompts(frozen, args),
             batch,
             torch.Generator().manual_seed(0),
             args,
@@ -466,11 +467,11 @@ def test_bf16_runs_arcface_and_x0_in_fp32_and_the_identity_grad_reaches_the_lora
     encoder.backbone.register_forward_hook(
         lambda module, inputs, output: backbone_io.append((inputs[0].dtype, output.dtype))
     )
-    x0_record = Recorder(train.predict_x0)
-    monkeypatch.setattr(train, "predict_x0", x0_record)
-    align_record = Recorder(train.align_faces_torch)
-    monkeypatch.setattr(train, "align_faces_torch", align_record)
-    frozen = train.load_frozen_models(args, torch.device("cpu"), "bf16", encoder)
+    x0_record = Recorder(trainer.predict_x0)
+    monkeypatch.setattr(trainer, "predict_x0", x0_record)
+    align_record = Recorder(trainer.align_faces_torch)
+    monkeypatch.setattr(trainer, "align_faces_torch", align_record)
+    frozen = trainer.load_frozen_models(args, torch.device("cpu"), "bf16", encoder)
     decode_inputs = []
     original_decode = frozen.vae.decode
     monkeypatch.setattr(
@@ -479,13 +480,13 @@ def test_bf16_runs_arcface_and_x0_in_fp32_and_the_identity_grad_reaches_the_lora
         lambda latents, *a, **k: decode_inputs.append(latents.dtype) or original_decode(latents),
     )
     unet, lora = unet_with_one_identity(args, frozen.device, "bf16")
-    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
     with frozen.autocast():
         terms = compute_losses(
             (unet, lora),
             frozen,
-            train.encode_prompts(frozen, args),
+            trainer.encode_prompts(frozen, args),
             batch,
             torch.Generator().manual_seed(0),
             args,
@@ -515,13 +516,13 @@ def _masked_step(step_parts, monkeypatch, loss: str, class_has_face: list[bool])
     monkeypatch.setitem(losses.IDENTITY_LOSSES, loss, per_sample)
     monkeypatch.setitem(losses.IDENTITY_WEIGHTINGS, "timestep", weights)
     unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
     batch["has_face"][2:] = torch.tensor(class_has_face)
     terms = compute_losses(
         (unet, lora),
         frozen,
-        train.encode_prompts(frozen, args),
+        trainer.encode_prompts(frozen, args),
         batch,
         torch.Generator().manual_seed(3),
         args,
@@ -566,11 +567,11 @@ def test_dreambooth_loss_has_no_identity_terms(step_parts):
     args = copy.copy(args)
     args.loss = "dreambooth"
     unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0]], with_prior=True)
     generator = torch.Generator().manual_seed(0)
     terms = compute_losses(
-        (unet, lora), frozen, train.encode_prompts(frozen, args), batch, generator, args
+        (unet, lora), frozen, trainer.encode_prompts(frozen, args), batch, generator, args
     )
     assert terms["identity_term"].item() == 0 and terms["identity_criterion"].item() == 0
     torch.testing.assert_close(terms["loss"], terms["diffusion_loss"] + terms["prior_loss"])
@@ -584,8 +585,8 @@ def one_slot_trainer(step_parts, tmp_path):
     args = copy.copy(args)
     args.validation_prompt = ""
     identity = train.Identity("hanks", args.instance_data_dir, tmp_path / "hanks")
-    trainer = train.PackedTrainer(args, frozen, tools, PartialState(cpu=True), 1)
-    return trainer, trainer.fill(0, identity)
+    packed = trainer.PackedTrainer(args, frozen, tools, PartialState(cpu=True), 1)
+    return packed, packed.fill(0, identity)
 
 
 def test_an_update_changes_only_lora_and_the_saved_lora_reproduces_it(step_parts, tmp_path):
@@ -677,12 +678,12 @@ def test_triplet_run_writes_every_output(triplet_run):
     for step in (2, 4):
         checkpoint = output / f"checkpoint-{step}"
         assert (checkpoint / train.LORA_WEIGHTS_NAME).is_file()
-        assert (checkpoint / train.TRAINING_STATE_NAME).is_file()
+        assert (checkpoint / trainer.TRAINING_STATE_NAME).is_file()
         for index in (0,):
             image = Image.open(output / "validation" / f"step_{step}_{index}.png")
             assert image.size == (RESOLUTION, RESOLUTION)
 
-    config = json.loads((output / train.CONFIG_NAME).read_text())
+    config = json.loads((output / trainer.CONFIG_NAME).read_text())
     assert config["status"] == "finished" and config["global_step"] == 4
     assert config["args"]["loss"] == "triplet" and config["args"]["num_class_images"] == 3
     assert {"torch", "diffusers", "transformers", "peft", "accelerate"} <= set(config["versions"])
@@ -757,8 +758,8 @@ def test_killed_run_resumes_to_the_same_weights(triplet_run, tmp_path):
     assert not (resumed / ".checkpoint-3-abandoned").exists()
     assert_same_lora(output, resumed)
     assert_same_lora(output / "checkpoint-4", resumed / "checkpoint-4")
-    state = torch.load(resumed / "checkpoint-4" / train.TRAINING_STATE_NAME, weights_only=True)
-    uninterrupted = json.loads((output / train.CONFIG_NAME).read_text())["identity_samples"]
+    state = torch.load(resumed / "checkpoint-4" / trainer.TRAINING_STATE_NAME, weights_only=True)
+    uninterrupted = json.loads((output / trainer.CONFIG_NAME).read_text())["identity_samples"]
     assert state["global_step"] == 4 and state["identity_samples"] == uninterrupted
 
     (resumed / train.LORA_WEIGHTS_NAME).unlink()
@@ -790,8 +791,8 @@ def test_resume_refuses_a_setting_nobody_listed(triplet_run, tmp_path, monkeypat
         train.main(train.parse_args([*argv, "--resume_from_checkpoint=latest"]))
     # Paths, intervals and logging may change: the same run resumes with new ones.
     assert (
-        "logging_steps" in train.RESUME_MAY_CHANGE
-        and "learning_rate" not in train.RESUME_MAY_CHANGE
+        "logging_steps" in trainer.RESUME_MAY_CHANGE
+        and "learning_rate" not in trainer.RESUME_MAY_CHANGE
     )
 
 
@@ -848,26 +849,26 @@ def test_sigkilled_process_resumes_to_the_same_weights(triplet_run, tmp_path):
 )
 def test_resume_refuses_each_changed_setting(triplet_run, change, words):
     """resume_mismatches compares the checkpoint's config with the resuming run's config."""
-    saved = json.loads((triplet_run[0] / "checkpoint-2" / train.CONFIG_NAME).read_text())
-    assert train.resume_mismatches(saved, copy.deepcopy(saved)) == []
+    saved = json.loads((triplet_run[0] / "checkpoint-2" / trainer.CONFIG_NAME).read_text())
+    assert trainer.resume_mismatches(saved, copy.deepcopy(saved)) == []
     current = copy.deepcopy(saved)
     for section, values in change.items():
         if isinstance(values, dict):
             current[section].update(values)
         else:
             current[section] = values
-    assert any(words in line for line in train.resume_mismatches(saved, current)), words
+    assert any(words in line for line in trainer.resume_mismatches(saved, current)), words
 
 
 def test_resume_compares_arcface_by_content_not_path(triplet_run):
     """The weights' name carries a sha256 prefix: a moved copy resumes, new content does not."""
-    saved = json.loads((triplet_run[0] / "checkpoint-2" / train.CONFIG_NAME).read_text())
+    saved = json.loads((triplet_run[0] / "checkpoint-2" / trainer.CONFIG_NAME).read_text())
     moved = copy.deepcopy(saved)
     moved["args"]["arcface_weights"] = "/elsewhere/arcface_r18.pth"
-    assert train.resume_mismatches(saved, moved) == []
+    assert trainer.resume_mismatches(saved, moved) == []
     retrained = copy.deepcopy(saved)
     retrained["arcface"] = saved["arcface"][:-12] + "0" * 12
-    assert train.resume_mismatches(saved, retrained)
+    assert trainer.resume_mismatches(saved, retrained)
 
 
 def test_finished_identity_is_skipped_unless_overwrite(triplet_run, tmp_path):
@@ -886,9 +887,9 @@ def test_finished_identity_is_skipped_unless_overwrite(triplet_run, tmp_path):
     summary = train.main(train.parse_args(overwrite))
     assert [run["steps"] for run in summary["trained"]] == [2]
     # The old run's checkpoint-4 and validation images are gone; the limit kept one checkpoint.
-    assert [step for step, _ in train.list_checkpoints(copied)] == [2]
+    assert [step for step, _ in trainer.list_checkpoints(copied)] == [2]
     assert not (copied / "validation").exists()
-    assert json.loads((copied / train.CONFIG_NAME).read_text())["global_step"] == 2
+    assert json.loads((copied / trainer.CONFIG_NAME).read_text())["global_step"] == 2
 
 
 @pytest.mark.parametrize("loss", ["dreambooth", "identity"])
@@ -907,7 +908,7 @@ def test_other_losses_run(assets, tmp_path, loss):
         flags = [f for f in flags if not f.startswith("--arcface_weights")]
     summary = train.main(train.parse_args(flags))
     assert [run["steps"] for run in summary["trained"]] == [2]
-    config = json.loads((tmp_path / loss / train.CONFIG_NAME).read_text())
+    config = json.loads((tmp_path / loss / trainer.CONFIG_NAME).read_text())
     # `identity` (1 - cos, no negative) does not depend on the class images' faces.
     assert config["identity_samples"] == (0 if loss == "dreambooth" else 2)
     assert config["arcface"] == (None if loss == "dreambooth" else weights_name(assets.arcface))
@@ -930,7 +931,7 @@ def test_non_finite_loss_stops_with_step_and_term_keeping_the_checkpoint(assets,
     )
     with pytest.raises(train.NonFiniteLossError, match=r"at step 2 \(terms: loss, diffusion_loss"):
         train.main(train.parse_args(flags))
-    assert [step for step, _ in train.list_checkpoints(tmp_path / "nan")] == [1]
+    assert [step for step, _ in trainer.list_checkpoints(tmp_path / "nan")] == [1]
     assert not (tmp_path / "nan" / train.LORA_WEIGHTS_NAME).exists()
 
 
@@ -965,7 +966,7 @@ def test_identities_root_trains_each_identity_once_across_two_processes(assets, 
 
     for rank, name in enumerate(["hanks", "person0"]):
         assert log.count(f"training identity {name} ") == 1, log
-        config = json.loads((output / name / train.CONFIG_NAME).read_text())
+        config = json.loads((output / name / trainer.CONFIG_NAME).read_text())
         assert config["resolved"]["process_index"] == rank
         assert config["resolved"]["num_processes"] == 2
         assert config["global_step"] == 2
@@ -983,8 +984,8 @@ def test_identities_root_trains_each_identity_once_across_two_processes(assets, 
 
 
 def test_logged_identity_means_count_only_samples_that_had_the_term():
-    means = train.term_means(torch.device("cpu"))
-    names = train.TERM_NAMES
+    means = trainer.term_means(torch.device("cpu"))
+    names = trainer.TERM_NAMES
     with_term = dict.fromkeys(names, 1.0) | {"identity_criterion": 0.5, "identity_weight": 0.8}
     without_term = dict.fromkeys(names, 1.0) | {
         "identity_criterion": 0.0,
@@ -1024,8 +1025,8 @@ def test_decoded_x0_is_clamped_like_the_reference_unless_asked_not_to(step_parts
     )
     mask = torch.tensor([True, True])
     timesteps = torch.tensor([10, 900])
-    clamped = train.decode_x0(frozen, latents, latents, timesteps, mask, clamp=True)
-    raw = train.decode_x0(frozen, latents, latents, timesteps, mask, clamp=False)
+    clamped = trainer.decode_x0(frozen, latents, latents, timesteps, mask, clamp=True)
+    raw = trainer.decode_x0(frozen, latents, latents, timesteps, mask, clamp=False)
     assert clamped.abs().max() <= 1.0 < raw.abs().max()
     torch.testing.assert_close(clamped, raw.clamp(-1, 1))
 
@@ -1039,7 +1040,7 @@ def test_a_nan_in_a_masked_sample_reaches_neither_the_loss_nor_the_gradient(
 
     args, tools, frozen = step_parts
     unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
     batch["has_face"][2:] = torch.tensor([True, False])
     decode = frozen.vae.decode
@@ -1052,7 +1053,7 @@ def test_a_nan_in_a_masked_sample_reaches_neither_the_loss_nor_the_gradient(
     monkeypatch.setattr(frozen.vae, "decode", decode_with_a_nan_row)
     generator = torch.Generator().manual_seed(3)
     terms = compute_losses(
-        (unet, lora), frozen, train.encode_prompts(frozen, args), batch, generator, args
+        (unet, lora), frozen, trainer.encode_prompts(frozen, args), batch, generator, args
     )
     assert torch.isfinite(terms["loss"]) and terms["identity_count"].item() == 1
     terms["loss"].backward()
@@ -1091,8 +1092,8 @@ def test_num_class_images_uses_exactly_the_first_n_class_images(assets, tmp_path
         cli(assets, tmp_path / "out", f"--instance_data_dir={assets.identity('hanks')}")
         + [f"--class_data_dir={class_dir}", "--num_class_images=3"]
     )
-    tools = train.load_face_tools(args, torch.device("cpu"))
-    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    tools = trainer.load_face_tools(args, torch.device("cpu"))
+    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     names = sorted(path.name for path in class_dir.iterdir() if path.is_file())
     assert [path.name for path in dataset.classes.paths] == names[:3]
     assert len(dataset) == 3 and dataset.summary()["class_images"] == 3
@@ -1137,7 +1138,7 @@ def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeyp
     assert [run["identity"] for run in summary["trained"]] == ["person0"]
     assert [run["identity"] for run in summary["failed"]] == ["a_faceless"]
     assert "no usable face photo" in summary["failed"][0]["error"]
-    config = json.loads((tmp_path / "loras" / "person0" / train.CONFIG_NAME).read_text())
+    config = json.loads((tmp_path / "loras" / "person0" / trainer.CONFIG_NAME).read_text())
     assert config["data"]["instance_images"] == 1
     assert config["data"]["instance_skipped"] == {"unreadable image": 1}
 
@@ -1165,9 +1166,9 @@ def test_the_step_equals_the_reference_recipe_for_the_same_seed_and_crop(step_pa
 
     args, tools, frozen = step_parts
     unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = train.build_dataset(args, args.instance_data_dir, tools)
+    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
-    prompts = train.encode_prompts(frozen, args)
+    prompts = trainer.encode_prompts(frozen, args)
     ours = compute_losses(
         (unet, lora), frozen, prompts, batch, torch.Generator().manual_seed(7), args
     )
@@ -1186,7 +1187,7 @@ def test_the_step_equals_the_reference_recipe_for_the_same_seed_and_crop(step_pa
     loss, instance, prior = losses.prior_preservation_loss(pred, noise, 2, 1.0)
     x0 = losses.predict_x0(noisy[:2], pred[:2], timesteps[:2], scheduler.alphas_cumprod, "epsilon")
     decoded = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1)
-    faces = train.align_faces_torch(decoded, batch["landmarks"][:2], fill=-1.0)
+    faces = trainer.align_faces_torch(decoded, batch["landmarks"][:2], fill=-1.0)
     anchor = frozen.arcface(faces)
     embeddings = batch["embeddings"]
     criterion = losses.triplet_identity_loss(anchor, embeddings[:2], embeddings[2:], 1.0)
@@ -1248,13 +1249,13 @@ def test_a_packed_run_equals_single_runs_and_a_nan_freezes_only_its_identity(
     packed = tmp_path / "packed"
     summary = train.main(train.parse_args(packed_flags(assets, packed, root, "--pack=2")))
     assert [r["identity"] for r in summary["trained"]] == ["hanks", "person0"]
-    config = json.loads((packed / "hanks" / train.CONFIG_NAME).read_text())
+    config = json.loads((packed / "hanks" / trainer.CONFIG_NAME).read_text())
     assert config["resolved"]["pack"] == 2
     for name in ("hanks", "person0"):
         assert_same_lora(alone / name, packed / name, atol=1e-5)
 
     # A NaN in hanks' embeddings poisons its identity term: hanks fails, person0 is untouched.
-    add_faces = train.PackedTrainer._add_faces
+    add_faces = trainer.PackedTrainer._add_faces
 
     def with_a_bad_identity(self, slot):
         add_faces(self, slot)
@@ -1262,7 +1263,7 @@ def test_a_packed_run_equals_single_runs_and_a_nan_freezes_only_its_identity(
             rows = [row for key, row in self.faces.rows.items() if key[0] == "hanks"]
             self.faces.columns["embedding"][rows] = float("nan")
 
-    monkeypatch.setattr(train.PackedTrainer, "_add_faces", with_a_bad_identity)
+    monkeypatch.setattr(trainer.PackedTrainer, "_add_faces", with_a_bad_identity)
     poisoned = tmp_path / "poisoned"
     summary = train.main(train.parse_args(packed_flags(assets, poisoned, root, "--pack=2")))
     assert [r["identity"] for r in summary["failed"]] == ["hanks"]
@@ -1290,9 +1291,9 @@ def test_mixed_precision_training_runs_on_the_cpu(assets, tmp_path, precision):
     weights = lora_weights(tmp_path / precision)
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
     state = torch.load(
-        tmp_path / precision / "checkpoint-2" / train.TRAINING_STATE_NAME, weights_only=True
+        tmp_path / precision / "checkpoint-2" / trainer.TRAINING_STATE_NAME, weights_only=True
     )
     scaler = state["grad_scaler"]
     assert bool(scaler) == (precision == "fp16")  # an fp16 scaler state, none for bf16
-    config = json.loads((tmp_path / precision / train.CONFIG_NAME).read_text())
+    config = json.loads((tmp_path / precision / trainer.CONFIG_NAME).read_text())
     assert config["resolved"]["mixed_precision"] == precision

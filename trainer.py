@@ -1,0 +1,1103 @@
+"""The packed trainer: K identities per step on one batched LoRA, each as in a run of it alone.
+
+train_ID-Booth.py parses and checks the command line, finds the identities and prepares the
+class images; what a run does from there lives here: the frozen models (VAE, text encoder, DDPM
+scheduler, ArcFace) and the base UNet with a batched LoRA of K slots (multi_lora.py), the
+prompt embeddings, each identity's dataset, the device step of a packed micro-batch
+(`packed_losses`: the objective of losses.py, its identity term on the decoded x0_hat aligned
+with the photo's landmarks) and `PackedTrainer`, which fills its slots from a queue of
+identities and gives each one its own data order, noise, AdamW state, learning-rate schedule,
+gradient clipping, NaN freeze, checkpoints (resumed only with matching settings:
+`resume_mismatches`), validation images and final LoRA.
+
+Functions take train_ID-Booth.py's parsed arguments (`args`); messages go to the script's
+logger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import runs
+from arcface import load_arcface
+from datasets import DreamBoothFaceDataset, LatentCache, RowTable, to_device
+from faces import align_faces_torch, build_face_detector
+from fileio import atomic_save_image, atomic_write_json, stable_seed
+from lora import (
+    LORA_WEIGHTS_NAME,
+    lora_target_modules,
+    read_lora_file,
+    write_lora_file,
+    write_model_card,
+)
+from losses import (
+    TERM_NAMES,
+    ObjectiveConfig,
+    diffusion_target,
+    identity_terms,
+    objective,
+    predict_x0,
+    sample_mse,
+)
+from multi_lora import (
+    BatchedLoRA,
+    StackedAdamW,
+    clip_grad_norm_per_identity_,
+    identity_state_dict,
+    init_identity_,
+    inject_batched_lora,
+    load_identity_,
+    lora_config,
+    schedule_table,
+)
+from runs import Identity, NonFiniteLossError, NonFiniteWatch, RunningMeans
+
+logger = logging.getLogger("train_ID-Booth")
+
+TRAINING_STATE_NAME = "training_state.pt"
+CONFIG_NAME = "training_config.json"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Arguments that MAY differ between a checkpoint and the run resuming it: where outputs and logs
+# go, how often they are written, worker counts, and paths whose content is compared instead.
+# Every other argument, including any added later, must match (a changed optimizer setting
+# would otherwise be silently overridden by the restored optimizer state).
+RESUME_MAY_CHANGE = frozenset(
+    "output_dir overwrite resume_from_checkpoint logging_dir report_to logging_steps "  # noqa: SIM905
+    "checkpointing_steps checkpoints_total_limit validation_prompt validation_negative_prompt "
+    "validation_steps num_validation_images validation_num_inference_steps "
+    "validation_guidance_scale dataloader_num_workers gradient_checkpointing allow_tf32 "
+    "pack compile compile_mode "
+    # compared through the resolved max_train_steps:
+    "num_train_epochs max_train_steps "
+    # paths and class-image sampling: the photos are compared through the data summary
+    "instance_data_dir identities_root class_data_dir sample_batch_size "
+    "class_num_inference_steps prior_generation_precision face_models_root "
+    # compared by content (the encoder's name holds a sha256 prefix of the weights):
+    "arcface_weights".split()
+)
+# Resolved values that must match: total steps (--max_train_steps or --num_train_epochs; the
+# schedule depends on it), steps per epoch (the data order) and the precision actually used.
+RESUME_RESOLVED_KEYS = ("max_train_steps", "steps_per_epoch", "mixed_precision")
+# Data counts that must match (a changed photo set re-pairs instance and class images).
+RESUME_DATA_KEYS = (
+    "instance_images",
+    "class_images",
+    "class_images_with_face",
+    "instance_sha256",  # the photos by content: another person's photos never resume a run
+    "class_sha256",
+)
+
+
+# ============================================================================ outputs
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of an identity's complete checkpoint-N folders, oldest first."""
+    return runs.list_checkpoints(folder, TRAINING_STATE_NAME)
+
+
+def clear_outputs(identity: Identity, logging_dir: str) -> None:
+    """Delete what an earlier run wrote for this identity (used by --overwrite)."""
+    files = (LORA_WEIGHTS_NAME, CONFIG_NAME, "README.md")
+    folders = [path for _, path in list_checkpoints(identity.output_dir)]
+    runs.delete_outputs(identity.output_dir, files, [*folders, "validation", logging_dir])
+
+
+# ============================================================================ models
+
+
+@dataclass
+class FrozenModels:
+    """Everything that does not train, loaded once per process."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    arcface: torch.nn.Module | None
+    device: torch.device
+    mixed_precision: str
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return WEIGHT_DTYPES[self.mixed_precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to the weight dtype under mixed precision, else a no-op."""
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+
+def hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"revision": args.revision, "variant": args.variant}
+
+
+def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move and cast floating weights; torch's own Module.to, since diffusers' override warns
+    about fp32-only modules on every cast even when there are none."""
+    torch.nn.Module.to(model, device=device, dtype=dtype)
+
+
+def load_frozen_models(
+    args: argparse.Namespace,
+    device: torch.device,
+    mixed_precision: str,
+    arcface: torch.nn.Module | None,
+) -> FrozenModels:
+    """VAE, text encoder (weight dtype, no grad), tokenizer, DDPM scheduler, ArcFace (fp32)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base, dtype = args.pretrained_model_name_or_path, WEIGHT_DTYPES[mixed_precision]
+    with runs.loading("the VAE and text encoder", base):
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **hub_kwargs(args))
+        text_encoder = CLIPTextModel.from_pretrained(
+            base, subfolder="text_encoder", **hub_kwargs(args)
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(
+            base, subfolder="tokenizer", revision=args.revision
+        )
+        scheduler = DDPMScheduler.from_pretrained(
+            base, subfolder="scheduler", revision=args.revision
+        )
+    for model in (vae, text_encoder):
+        model.requires_grad_(False)
+        model.eval()
+        place(model, device, dtype)
+    if args.gradient_checkpointing and args.loss != "dreambooth":
+        vae.enable_gradient_checkpointing()  # the identity term backpropagates through decode
+    return FrozenModels(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        noise_scheduler=scheduler,
+        arcface=arcface,
+        device=device,
+        mixed_precision=mixed_precision,
+    )
+
+
+def assemble_pipeline(frozen: FrozenModels, unet: torch.nn.Module):
+    """A DDPM StableDiffusionPipeline around the frozen parts and the training UNet."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=frozen.vae,
+        text_encoder=frozen.text_encoder,
+        tokenizer=frozen.tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler.from_config(frozen.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_unet_with_slots(
+    args: argparse.Namespace, device: torch.device, mixed_precision: str, num_slots: int = 1
+) -> tuple[torch.nn.Module, BatchedLoRA]:
+    """The base UNet (frozen, weight dtype, loaded once per process) with a batched LoRA of
+    `num_slots` identities (fp32 factors, all zero until a slot is filled)."""
+    from diffusers import UNet2DConditionModel
+
+    base = args.pretrained_model_name_or_path
+    with runs.loading("the UNet", base):
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **hub_kwargs(args))
+    unet.requires_grad_(False)
+    lora = inject_batched_lora(
+        unet, lora_target_modules(unet), num_slots, args.rank, args.lora_alpha
+    )
+    place(unet, device, WEIGHT_DTYPES[mixed_precision])
+    for parameter in lora.parameters():  # fp16 grads cannot be unscaled: factors stay fp32
+        parameter.data = parameter.data.float()
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return unet, lora
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text-encoder outputs of the two prompts, computed once: (1, L, D) each."""
+
+    instance: torch.Tensor
+    class_: torch.Tensor
+
+    def for_rows(self, is_prior: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) conditioning: the class prompt for prior rows, the instance prompt else."""
+        return torch.where(is_prior[:, None, None], self.class_, self.instance)
+
+
+@torch.no_grad()
+def encode_prompt(frozen: FrozenModels, prompt: str) -> torch.Tensor:
+    """(1, L, D) last hidden state of the frozen text encoder."""
+    tokens = frozen.tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=frozen.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return frozen.text_encoder(tokens.input_ids.to(frozen.device))[0]
+
+
+def encode_prompts(frozen: FrozenModels, args: argparse.Namespace) -> PromptEmbeddings:
+    """Instance and class prompt embeddings, once per run."""
+    return PromptEmbeddings(
+        encode_prompt(frozen, args.instance_prompt), encode_prompt(frozen, args.class_prompt)
+    )
+
+
+# ============================================================================ data
+
+
+@dataclass
+class FaceTools:
+    """Landmark detector + frozen ArcFace encoder shared by every identity of a process."""
+
+    detector: Any
+    encoder: torch.nn.Module
+
+
+def load_face_tools(args: argparse.Namespace, device: torch.device) -> FaceTools:
+    """Detector per --face_detector and the frozen ArcFace encoder (fp32) on device."""
+    detector = build_face_detector(args.face_detector, args.face_models_root)
+    return FaceTools(detector, load_arcface(args.arcface_weights, device=device))
+
+
+def build_dataset(
+    args: argparse.Namespace,
+    instance_dir: Path,
+    face_tools: FaceTools | None,
+    class_photos: Any = None,
+) -> DreamBoothFaceDataset:
+    """Face-annotated dataset when ArcFace is given (every loss trains on the same photos),
+    else plain DreamBooth (every readable photo); crops are seeded from --seed. `class_photos`:
+    another identity's class photos (the class folder is the same for every identity)."""
+    return DreamBoothFaceDataset(
+        instance_dir,
+        face_tools.detector if face_tools is not None else None,
+        face_tools.encoder if face_tools is not None else None,
+        class_folder=args.class_data_dir if args.with_prior_preservation else None,
+        max_class_images=args.num_class_images,
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        seed=args.seed,
+        class_photos=class_photos,
+    )
+
+
+# ============================================================================ the training step
+
+
+def objective_config(args: argparse.Namespace, frozen: FrozenModels) -> ObjectiveConfig:
+    """The objective's settings from the command line and the noise schedule."""
+    return ObjectiveConfig(
+        loss=args.loss,
+        triplet_margin=args.triplet_margin,
+        identity_weighting=args.identity_loss_weighting,
+        prior_loss_weight=args.prior_loss_weight,
+        num_train_timesteps=frozen.noise_scheduler.config.num_train_timesteps,
+    )
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch of S identities on the device, identity-major: identity s holds rows
+    [inst_s..., prior_s...] (the order its own run uses), n_s instance + n_s (or 0) prior rows.
+
+    `mean` / `std`: (B, 4, h, w) latent distributions; `slots`: (B,) long LoRA slot of each
+    row; `is_prior`: (B,) bool; `members`: (S, B) bool; `instance_rows`, `prior_rows`: (n,)
+    long (prior_rows[i] = the row paired with instance row i, or -1); `landmarks`: (n, 5, 2)
+    crop pixels of the instance rows; `embeddings`: (B, D) precomputed ArcFace embeddings;
+    `has_face`: (B,) bool; `sizes`: rows per identity (host ints, for the random draws).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    slots: torch.Tensor
+    is_prior: torch.Tensor
+    members: torch.Tensor
+    instance_rows: torch.Tensor
+    prior_rows: torch.Tensor
+    sizes: list[int]
+    landmarks: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    has_face: torch.Tensor | None = None
+
+
+def draw_randomness(
+    batch: PackedBatch, generators: list[torch.Generator], num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent draw, noise, timesteps) of every row, each identity's rows from its own generator
+    in its own run's order (latent sample, noise, timesteps): (B, 4, h, w) x 2 fp32, (B,)."""
+    draws, noises, timesteps, start = [], [], [], 0
+    device = batch.mean.device
+    for size, generator in zip(batch.sizes, generators, strict=True):
+        shape = (size, *batch.mean.shape[1:])
+        draws.append(torch.randn(shape, generator=generator, device=device))
+        noises.append(torch.randn(shape, generator=generator, device=device))
+        timesteps.append(
+            torch.randint(0, num_train_timesteps, (size,), generator=generator, device=device)
+        )
+        start += size
+    return torch.cat(draws), torch.cat(noises), torch.cat(timesteps)
+
+
+def identity_mask(batch: PackedBatch, loss: str) -> torch.Tensor:
+    """(n,) bool: instance rows that get the identity term. Instance photos all have a face;
+    the triplet also needs the paired class image's face (its negative e_prior)."""
+    mask = batch.has_face[batch.instance_rows]
+    if loss == "triplet":
+        mask = mask & batch.has_face[batch.prior_rows.clamp_min(0)] & (batch.prior_rows >= 0)
+    return mask
+
+
+def decode_x0(
+    frozen: FrozenModels,
+    noisy_latents: torch.Tensor,
+    model_pred: torch.Tensor,
+    timesteps: torch.Tensor,
+    mask: torch.Tensor,
+    clamp: bool,
+) -> torch.Tensor:
+    """x0_hat in fp32 -> frozen VAE decode in its weight dtype (with grad) -> clamped to
+    [-1, 1] like the reference code (clamp=False keeps the gradient of saturated pixels):
+    (n, 3, R, R). Rows outside `mask` (no identity term) enter the decoder detached, so even a
+    NaN in them cannot reach the LoRA through the backward pass."""
+    scheduler, vae = frozen.noise_scheduler, frozen.vae
+    x0 = predict_x0(
+        noisy_latents.float(),
+        model_pred.float(),
+        timesteps,
+        scheduler.alphas_cumprod,
+        scheduler.config.prediction_type,
+    )  # (n, 4, R/8, R/8) float32
+    x0 = torch.where(mask[:, None, None, None], x0, x0.detach())
+    decoded = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
+    return decoded.clamp(-1.0, 1.0) if clamp else decoded
+
+
+def face_embeddings_of_x0(
+    frozen: FrozenModels,
+    noisy_latents: torch.Tensor,
+    model_pred: torch.Tensor,
+    timesteps: torch.Tensor,
+    landmarks: torch.Tensor,
+    mask: torch.Tensor,
+    clamp: bool = True,
+) -> torch.Tensor:
+    """a_i = E(x0_hat_i): decode (with grad) -> 5-point alignment with the photo's landmarks
+    (pixels of the training crop = pixels of the decoded image) -> frozen ArcFace, the last two
+    in fp32 outside autocast like the precomputed e_inst / e_prior. (n, D) unit vectors."""
+    decoded = decode_x0(frozen, noisy_latents, model_pred, timesteps, mask, clamp)  # (n,3,R,R)
+    with torch.autocast(frozen.device.type, enabled=False):
+        faces = align_faces_torch(decoded.float(), landmarks, fill=-1.0)  # (n, 3, 112, 112)
+        return frozen.arcface(faces)  # (n, 512) float32, unit norm
+
+
+def packed_losses(
+    unet: torch.nn.Module,
+    lora: BatchedLoRA,
+    frozen: FrozenModels,
+    prompts: PromptEmbeddings,
+    batch: PackedBatch,
+    generators: list[torch.Generator],
+    args: argparse.Namespace,
+) -> dict[str, torch.Tensor]:
+    """One forward pass of a packed micro-batch -> every TERM_NAMES value per identity, (S,).
+
+    All randomness comes from the identities' generators; latents and noise are in fp32 (the
+    noise is added in fp32: diffusers' add_noise in bf16 adds none at t = 0, 1), the UNet runs
+    in the weight dtype. No host syncs.
+    """
+    scheduler, config = frozen.noise_scheduler, objective_config(args, frozen)
+    draw, noise, timesteps = draw_randomness(batch, generators, config.num_train_timesteps)
+    latents = (batch.mean.float() + batch.std.float() * draw) * frozen.vae.config.scaling_factor
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w) fp32
+    text = prompts.for_rows(batch.is_prior)  # (B, L, D)
+    lora.set_identities(batch.slots)
+    model_pred = unet(noisy_latents.to(frozen.weight_dtype), timesteps, text, return_dict=False)[0]
+    target = diffusion_target(noise, latents, timesteps, scheduler)
+    identity = None
+    if config.has_identity_term:
+        rows = batch.instance_rows
+        mask = identity_mask(batch, args.loss)  # (n,) bool
+        anchor = face_embeddings_of_x0(
+            frozen,
+            noisy_latents[rows],
+            model_pred[rows],
+            timesteps[rows],
+            batch.landmarks,
+            mask,
+            args.clamp_decoded_x0,
+        )
+        negative = batch.embeddings[batch.prior_rows.clamp_min(0)]  # masked where absent
+        members = batch.members[:, rows] & mask[None, :]  # (S, n)
+        positive = batch.embeddings[rows]
+        identity = identity_terms(config, anchor, positive, negative, timesteps[rows], members)
+    return objective(
+        config, sample_mse(model_pred, target), batch.is_prior, batch.members, identity
+    )
+
+
+def term_means(device: torch.device, num_slots: int = 1) -> RunningMeans:
+    """Running means of TERM_NAMES per slot; the identity criterion and weight over the samples
+    that had the identity term."""
+    return RunningMeans(
+        TERM_NAMES, device, ("identity_criterion", "identity_weight"), "identity_count", num_slots
+    )
+
+
+# ============================================================================ the packed trainer
+
+
+def _make_writer(args: argparse.Namespace, folder: Path):
+    """TensorBoard SummaryWriter in folder/--logging_dir, or None for --report_to none."""
+    if args.report_to == "none":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(folder / args.logging_dir))
+
+
+def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Differences that forbid resuming, between a checkpoint's training_config.json and the
+    resuming run's config: every argument except RESUME_MAY_CHANGE (one present on only one
+    side counts as changed), RESUME_RESOLVED_KEYS, RESUME_DATA_KEYS and the ArcFace weights by
+    content (their name holds a sha256 prefix)."""
+    resolved = {key: current["resolved"].get(key) for key in RESUME_RESOLVED_KEYS}
+    data = {key: current["data"].get(key) for key in RESUME_DATA_KEYS}
+    saved_resolved = {key: saved.get("resolved", {}).get(key) for key in RESUME_RESOLVED_KEYS}
+    saved_data = {key: saved.get("data", {}).get(key) for key in RESUME_DATA_KEYS}
+    changed = runs.config_mismatches(saved["args"], current["args"], RESUME_MAY_CHANGE)
+    changed += runs.config_mismatches(saved_resolved, resolved, ())
+    changed += runs.config_mismatches(saved_data, data, (), "data ")
+    changed += runs.config_mismatches(
+        {"arcface": saved.get("arcface")}, {"arcface": current.get("arcface")}, (), "ArcFace "
+    )
+    return changed
+
+
+def learning_rate_table(args: argparse.Namespace, total_steps: int) -> torch.Tensor:
+    """(total_steps + 1,) float64 learning rate of update u under --lr_scheduler (diffusers')."""
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps
+    return schedule_table(
+        args.lr_scheduler,
+        learning_rate,
+        total_steps,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+
+class Slot:
+    """One identity in one LoRA slot of the packed trainer: its data, its place in its own
+    schedule (epoch, batch, step: exactly those of a run of it alone), its watches and outputs."""
+
+    def __init__(self, trainer: PackedTrainer, index: int, identity: Identity) -> None:
+        args = trainer.args
+        self.trainer, self.index, self.identity, self.args = trainer, index, identity, args
+        self.dataset = trainer.build_dataset(identity)
+        self.batches_per_epoch = math.ceil(len(self.dataset) / args.train_batch_size)
+        self.updates_per_epoch = math.ceil(
+            self.batches_per_epoch / args.gradient_accumulation_steps
+        )
+        self.max_train_steps = (
+            args.max_train_steps or args.num_train_epochs * self.updates_per_epoch
+        )
+        self.num_epochs = math.ceil(self.max_train_steps / self.updates_per_epoch)
+        self.checkpointing_steps = args.checkpointing_steps or 8 * self.updates_per_epoch
+        self.validation_steps = args.validation_steps or self.checkpointing_steps
+        self.global_step, self.last_validated, self.micro_batch = 0, -1, 0
+        self.order: tuple[int, list[int]] | None = None  # (epoch, item order) cache
+        self.generator = torch.Generator(trainer.device)
+        self.identity_samples = 0  # host copy, updated at log intervals
+        self.writer = self.progress = None
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ data order
+
+    @property
+    def epoch(self) -> int:
+        return self.global_step // self.updates_per_epoch
+
+    def next_micro_batch(self) -> tuple[list[int], int]:
+        """The items of this identity's next micro-batch and its noise seed: a function of
+        (seed, epoch, position), as in a run of this identity alone."""
+        accumulation = self.args.gradient_accumulation_steps
+        epoch = self.epoch
+        position = (self.global_step - epoch * self.updates_per_epoch) * accumulation
+        position += self.micro_batch
+        if self.order is None or self.order[0] != epoch:
+            generator = torch.Generator().manual_seed(stable_seed(self.args.seed, "order", epoch))
+            self.order = (epoch, torch.randperm(len(self.dataset), generator=generator).tolist())
+            self.dataset.set_epoch(epoch)  # crops of this epoch: seeded by (--seed, epoch, index)
+        size = self.args.train_batch_size
+        items = self.order[1][position * size : (position + 1) * size]
+        return items, stable_seed(self.args.seed, "noise", epoch, position)
+
+    def is_update_due(self, position: int) -> bool:
+        """Whether the micro-batch at `position` of the epoch ends an accumulation."""
+        accumulation = self.args.gradient_accumulation_steps
+        last_of_epoch = position == self.batches_per_epoch - 1
+        return (position + 1) % accumulation == 0 or last_of_epoch
+
+    # ------------------------------------------------------------------ config and outputs
+
+    def config(self, status: str) -> dict[str, Any]:
+        """Everything needed to reproduce or resume this identity's run."""
+        trainer = self.trainer
+        return {
+            "status": status,
+            "identity": self.identity.name,
+            "instance_data_dir": str(self.identity.instance_dir),
+            "args": runs.json_safe(vars(self.args)),
+            "resolved": {
+                "max_train_steps": self.max_train_steps,
+                "num_train_epochs": self.num_epochs,
+                "steps_per_epoch": self.updates_per_epoch,
+                "checkpointing_steps": self.checkpointing_steps,
+                "validation_steps": self.validation_steps,
+                "mixed_precision": trainer.frozen.mixed_precision,
+                "lora_target_modules": trainer.lora.target_modules,
+                "device": str(trainer.device),
+                "process_index": trainer.state.process_index,
+                "num_processes": trainer.state.num_processes,
+                "pack": trainer.num_slots,
+            },
+            "data": self.dataset.summary(),
+            "arcface": trainer.arcface_name,
+            "global_step": self.global_step,
+            "identity_samples": self.identity_samples,
+            "versions": runs.library_versions(),
+        }
+
+    def write_config(self, folder: Path, status: str) -> None:
+        atomic_write_json(folder / CONFIG_NAME, self.config(status))
+
+    def tags(self) -> dict[str, str]:
+        """TensorBoard tag per logged term (identity terms only for identity losses)."""
+        tags = {"loss": "loss", "diffusion_loss": "diffusion_loss", "prior_loss": "prior_loss"}
+        if self.args.loss != "dreambooth":
+            tags.update(
+                identity_criterion=f"{self.args.loss}_loss",
+                identity_term="identity_term",
+                identity_weight="identity_weight",
+                identity_count="identity_samples_per_batch",
+            )
+        return tags
+
+    def write_model_card(self) -> None:
+        args, folder = self.args, self.identity.output_dir
+        write_model_card(
+            folder,
+            sorted((folder / "validation").glob(f"step_{self.global_step}_*.png")),
+            base=args.pretrained_model_name_or_path,
+            instance_prompt=args.instance_prompt,
+            identity=self.identity.name,
+            loss=args.loss,
+            steps=self.global_step,
+            rank=args.rank,
+            alpha=args.lora_alpha,
+            data=json.dumps(self.dataset.summary()),
+            validation_prompt=args.validation_prompt,
+        )
+
+
+class PackedTrainer:
+    """Trains identities K at a time in one process: one base UNet (loaded once) with a batched
+    LoRA of K slots, one StackedAdamW; each step packs every occupied slot's micro-batch. An
+    identity's LoRA gets exactly the gradient, update, data, noise, checkpoints and outputs of
+    a run of it alone; a NaN in one freezes that identity only. A slot that is done (finished
+    or failed) takes the next identity of the queue."""
+
+    def __init__(self, args, frozen: FrozenModels, face_tools, state, num_slots: int) -> None:
+        self.args, self.frozen, self.face_tools, self.state = args, frozen, face_tools, state
+        self.device, self.num_slots = frozen.device, num_slots
+        self.arcface_name = face_tools.encoder.name if face_tools is not None else None
+        self.unet, self.lora = load_unet_with_slots(
+            args, self.device, frozen.mixed_precision, num_slots
+        )
+        self.model = torch.compile(self.unet, mode=args.compile_mode) if args.compile else self.unet
+        self.optimizer = StackedAdamW(
+            self.lora.parameters(),
+            num_slots,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=frozen.mixed_precision == "fp16"
+        )
+        self.prompts = encode_prompts(frozen, args)
+        self.pipeline = assemble_pipeline(frozen, self.unet)
+        self.latents = LatentCache(frozen.vae, self.device)  # every slot's crops and the class's
+        self.faces = RowTable()  # embedding + has_face of every photo, by (owner, part, index)
+        self.class_photos = None
+        self.slots: list[Slot | None] = [None] * num_slots
+        # Device-side bookkeeping, read only at log intervals and before saving (no syncs):
+        self.healthy = torch.ones(num_slots, dtype=torch.bool, device=self.device)
+        self.watch = NonFiniteWatch(TERM_NAMES, self.device, num_slots)
+        self.grad_watch = NonFiniteWatch(("grad_norm",), self.device, num_slots)
+        self.interval_means = term_means(self.device, num_slots)
+        self.epoch_means = term_means(self.device, num_slots)
+        self.identity_samples = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.lr_tables = torch.zeros(num_slots, 1, dtype=torch.float64, device=self.device)
+        self.results: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ slots
+
+    def build_dataset(self, identity: Identity) -> DreamBoothFaceDataset:
+        dataset = build_dataset(
+            self.args, identity.instance_dir, self.face_tools, self.class_photos
+        )
+        self.class_photos = dataset.classes
+        for part in (dataset.instance, dataset.classes):
+            if part is not None:
+                part.preload(self.args.resolution, self.args.dataloader_num_workers)
+        return dataset
+
+    def fill(self, index: int, identity: Identity) -> Slot:
+        """Put an identity into slot `index`: fresh LoRA (peft's init for --seed) and optimizer
+        state, or its checkpoint when resuming."""
+        if self.args.overwrite:
+            clear_outputs(identity, self.args.logging_dir)
+        logger.info(
+            "training identity %s -> %s (slot %d)", identity.name, identity.output_dir, index
+        )
+        slot = Slot(self, index, identity)
+        init_identity_(self.lora, index, stable_seed(self.args.seed, "lora-init"))
+        self.optimizer.load_identity_state(index, None)
+        self._reset_watches(index)
+        table = learning_rate_table(self.args, slot.max_train_steps).to(self.device)
+        if table.shape[0] > self.lr_tables.shape[1]:  # longer runs need a wider table
+            wider = self.lr_tables.new_zeros(self.num_slots, table.shape[0])
+            wider[:, : self.lr_tables.shape[1]] = self.lr_tables
+            self.lr_tables = wider
+        self.lr_tables[index, : table.shape[0]] = table
+        self._add_faces(slot)
+        identity.output_dir.mkdir(parents=True, exist_ok=True)
+        runs.remove_stale_temporaries(identity.output_dir, (".checkpoint-", ".lora-"))
+        self.resume(slot)
+        slot.write_config(identity.output_dir, "running")
+        slot.writer = _make_writer(self.args, identity.output_dir)
+        slot.progress = _progress_bar(self, slot)
+        self.slots[index] = slot
+        return slot
+
+    def _add_faces(self, slot: Slot) -> None:
+        """The identity's (and, once, the class folder's) embeddings and has_face on the device."""
+        parts = [(slot.identity.name, "instance", slot.dataset.instance)]
+        if slot.dataset.classes is not None and ("class", "class", 0) not in self.faces.rows:
+            parts.append(("class", "class", slot.dataset.classes))
+        for owner, part, photos in parts:
+            if not photos.annotated:
+                continue
+            keys = [(owner, part, index) for index in range(len(photos.paths))]
+            columns = {
+                "embedding": photos.embeddings.float(),
+                "has_face": torch.from_numpy(photos.has_face),
+            }
+            self.faces.add(keys, {name: to_device(v, self.device) for name, v in columns.items()})
+
+    def _reset_watches(self, index: int) -> None:
+        self.healthy[index] = True
+        for watch in (self.watch, self.grad_watch):
+            watch.reset(index)
+        for means in (self.interval_means, self.epoch_means):
+            means.reset(index)
+        self.identity_samples[index] = 0
+
+    def release(self, slot: Slot, result: dict[str, Any]) -> None:
+        """The slot's identity is done (finished or failed): close its outputs, free the slot."""
+        self._close_outputs(slot)
+        self.slots[slot.index] = None
+        self.latents.drop(slot.identity.name)
+        self.faces.drop(slot.identity.name)
+        self.results.append(result)
+
+    def active_slots(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot is not None]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def resume(self, slot: Slot) -> None:
+        """Restore the slot's LoRA, optimizer state, grad scaler and step from a checkpoint."""
+        output_dir, value = slot.identity.output_dir, self.args.resume_from_checkpoint
+        folder = runs.find_checkpoint(value, output_dir, TRAINING_STATE_NAME)
+        if folder is None:
+            return
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise ValueError(f"checkpoint {folder} has no {CONFIG_NAME}; it cannot be checked")
+        changed = resume_mismatches(json.loads(config_path.read_text()), slot.config("resuming"))
+        if changed:
+            raise ValueError(
+                f"checkpoint {folder} was trained with other settings ({'; '.join(changed)}); "
+                "resume with the same ones, or pass --overwrite to start over"
+            )
+        load_identity_(self.lora, slot.index, read_lora_file(folder))
+        state = torch.load(
+            folder / TRAINING_STATE_NAME, map_location=self.device, weights_only=True
+        )
+        self.optimizer.load_identity_state(slot.index, state["optimizer"])
+        if self.scaler.is_enabled() and state["grad_scaler"]:
+            self.scaler.load_state_dict(state["grad_scaler"])  # shared by the slots of a pack
+        slot.global_step = int(state["global_step"])
+        slot.identity_samples = int(state["identity_samples"])
+        self.identity_samples[slot.index] = slot.identity_samples
+        logger.info("%s: resumed from %s at step %d", slot.identity.name, folder, slot.global_step)
+
+    def save_lora_of(self, slot: Slot, folder: Path) -> None:
+        write_lora_file(
+            folder,
+            identity_state_dict(self.lora, slot.index),
+            lora_config(self.lora).to_dict(),
+        )
+
+    def save_checkpoint(self, slot: Slot) -> Path:
+        """checkpoint-N: LoRA (loadable as is), optimizer/scaler state, config."""
+        self.check_finite(slot, f"checkpoint-{slot.global_step} was not written")
+
+        def fill(temp: Path) -> None:
+            self.save_lora_of(slot, temp)
+            state = {
+                "optimizer": self.optimizer.identity_state(slot.index),
+                "grad_scaler": self.scaler.state_dict(),
+                "global_step": slot.global_step,
+                "identity_samples": slot.identity_samples,
+            }
+            torch.save(state, temp / TRAINING_STATE_NAME)
+            slot.write_config(temp, "checkpoint")
+
+        folder = runs.write_checkpoint(
+            slot.identity.output_dir,
+            slot.global_step,
+            fill,
+            TRAINING_STATE_NAME,
+            self.args.checkpoints_total_limit,
+        )
+        logger.info("%s: saved %s", slot.identity.name, folder)
+        return folder
+
+    def check_finite(self, slot: Slot, where: str) -> None:
+        """NonFiniteLossError if the slot's loss terms, gradient norm or LoRA weights held
+        NaN/inf since it started (one host sync): nothing non-finite is ever saved."""
+        self.watch.check(where, slot.index)
+        self.grad_watch.check(where, slot.index)
+        k = slot.index
+        finite = torch.stack([p[k].isfinite().all() for p in self.lora.parameters()]).all()
+        if not bool(finite):
+            raise NonFiniteLossError(
+                f"the LoRA weights are non-finite at step {slot.global_step}; training stopped "
+                f"before saving; {where}. Try a lower --learning_rate or --max_grad_norm"
+            )
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self, slot: Slot) -> list[Path]:
+        """validation/step_N_i.png from --validation_prompt with the slot's LoRA, in one batch."""
+        args, frozen = self.args, self.frozen
+        if not args.validation_prompt or args.num_validation_images == 0:
+            return []
+        folder = slot.identity.output_dir / "validation"
+        count = args.num_validation_images
+        generators = [
+            torch.Generator(self.device).manual_seed(stable_seed(args.seed, "validation", i))
+            for i in range(count)
+        ]
+        self.unet.eval()
+        self.lora.select_everyone(slot.index)
+        with frozen.autocast():
+            images = self.pipeline(
+                [args.validation_prompt] * count,
+                negative_prompt=[args.validation_negative_prompt] * count
+                if args.validation_negative_prompt
+                else None,
+                num_inference_steps=args.validation_num_inference_steps,
+                guidance_scale=args.validation_guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generators,
+            ).images
+        self.unet.train()
+        paths = [folder / f"step_{slot.global_step}_{i}.png" for i in range(count)]
+        for index, (image, path) in enumerate(zip(images, paths, strict=True)):
+            atomic_save_image(image, path)
+            if slot.writer is not None:
+                slot.writer.add_image(
+                    f"validation/{index}", np.asarray(image), slot.global_step, dataformats="HWC"
+                )
+        slot.last_validated = slot.global_step
+        return paths
+
+    # ------------------------------------------------------------------ the loop
+
+    @staticmethod
+    def _close_outputs(slot: Slot) -> None:
+        for output in (slot.progress, slot.writer):
+            if output is not None:
+                output.close()
+
+    def run(self, identities: list[Identity]) -> list[dict[str, Any]]:
+        """Train every identity of the queue, K at a time; one result dict each."""
+        queue = list(identities)
+        try:
+            while queue or self.active_slots():
+                for index in range(self.num_slots):
+                    while self.slots[index] is None and queue:
+                        self._start(index, queue.pop(0))
+                if not self.active_slots():
+                    break
+                self.step()
+        finally:  # on an error or Ctrl-C too: no progress bar redraws after the last message
+            for slot in self.active_slots():
+                self._close_outputs(slot)
+        return self.results
+
+    def _start(self, index: int, identity: Identity) -> None:
+        """Fill a slot; an identity that cannot start (no face photo, bad checkpoint) fails
+        alone unless it is the run's only one."""
+        try:
+            slot = self.fill(index, identity)
+            if slot.global_step >= slot.max_train_steps:
+                self.finish(slot)
+        except (ValueError, OSError, NonFiniteLossError) as error:
+            self._fail(identity, error)
+
+    def _fail(self, identity: Identity, error: Exception, slot: Slot | None = None) -> None:
+        if self.args.identities_root is None:
+            raise error
+        logger.error("identity %s failed: %s", identity.name, error)
+        result = {"identity": identity.name, "error": f"{type(error).__name__}: {error}"}
+        if slot is not None:
+            self.release(slot, result)
+        else:
+            self.results.append(result)
+
+    def gather(self, slots: list[Slot]) -> tuple[PackedBatch, list[torch.Generator]]:
+        """Each slot's next micro-batch as one packed batch on the device: latents from the
+        cache (new crops encoded first), embeddings and faces from the device tables, the
+        per-row indices in a few non-blocking copies."""
+        keys, owners, pixels, slot_of, is_prior, landmarks = [], [], {}, [], [], []
+        instance_rows, prior_rows, sizes, generators = [], [], [], []
+        for slot in slots:
+            items, seed = slot.next_micro_batch()
+            generators.append(slot.generator.manual_seed(seed))
+            crops = [slot.dataset.crops(item) for item in items]
+            instance, prior = [c[0] for c in crops], [c[1] for c in crops if len(c) > 1]
+            start = len(keys)
+            instance_rows += range(start, start + len(instance))
+            prior_rows += range(start + len(instance), start + 2 * len(prior)) or [-1] * len(
+                instance
+            )
+            for crop in [*instance, *prior]:
+                owner = slot.identity.name if crop.part == "instance" else "class"
+                key = (owner, crop.part, crop.index, crop.left, crop.top)
+                keys.append(key)
+                owners.append((owner, crop.part, crop.index))
+                pixels[key] = partial(slot.dataset.pixels, crop)
+                slot_of.append(slot.index)
+                is_prior.append(crop.part == "class")
+                if crop.part == "instance" and self.faces.rows:
+                    landmarks.append(torch.from_numpy(slot.dataset.landmarks(crop)))
+            sizes.append(len(instance) + len(prior))
+        return self._packed(
+            keys,
+            owners,
+            pixels,
+            slot_of,
+            is_prior,
+            landmarks,
+            instance_rows,
+            prior_rows,
+            sizes,
+            len(slots),
+        ), generators
+
+    def _packed(
+        self, keys, owners, pixels, slot_of, is_prior, landmarks, instance_rows, prior_rows,
+        sizes, num_slots,
+    ) -> PackedBatch:  # fmt: skip
+        device = self.device
+        self.latents.ensure(keys, pixels)
+        latent_rows = self.latents.index(keys, device)
+        ranks = [sorted(set(slot_of)).index(s) for s in slot_of]
+        ranks_tensor = to_device(torch.tensor(ranks), device)
+        batch = PackedBatch(
+            mean=self.latents.columns["mean"][latent_rows],
+            std=self.latents.columns["std"][latent_rows],
+            slots=to_device(torch.tensor(slot_of), device),
+            is_prior=to_device(torch.tensor(is_prior), device),
+            members=ranks_tensor[None, :] == torch.arange(num_slots, device=device)[:, None],
+            instance_rows=to_device(torch.tensor(instance_rows, dtype=torch.long), device),
+            prior_rows=to_device(torch.tensor(prior_rows, dtype=torch.long), device),
+            sizes=sizes,
+        )
+        if self.faces.rows:
+            face_rows = self.faces.index(owners, device)
+            batch.embeddings = self.faces.columns["embedding"][face_rows]
+            batch.has_face = self.faces.columns["has_face"][face_rows]
+            batch.landmarks = to_device(torch.stack(landmarks), device)
+        return batch
+
+    def step(self) -> None:
+        """One micro-batch of every occupied slot: plan it on the host, train on the device,
+        then the host bookkeeping (log intervals are the only host syncs)."""
+        slots = self.active_slots()
+        batch, generators = self.gather(slots)
+        due = self.train_on(slots, batch, generators)
+        if not due:  # accumulating (one slot only)
+            slots[0].micro_batch += 1
+            return
+        for slot in slots:
+            slot.global_step += 1
+            slot.micro_batch = 0
+            slot.progress.update(1)
+            try:
+                self.after_update(slot)
+            except (ValueError, OSError, NonFiniteLossError) as error:
+                self._fail(slot.identity, error, slot)
+
+    def train_on(self, slots: list[Slot], batch: PackedBatch, generators) -> bool:
+        """Forward and backward of a packed micro-batch, the watches and means, and at the end
+        of an accumulation the update. Device work only: no host reads. True if it updated."""
+        index = to_device(torch.tensor([slot.index for slot in slots]), self.device)  # (S,)
+        with self.frozen.autocast():
+            terms = packed_losses(
+                self.model, self.lora, self.frozen, self.prompts, batch, generators, self.args
+            )
+        total = terms["loss"].sum() / self.args.gradient_accumulation_steps
+        self.scaler.scale(total).backward()
+        values = torch.stack([terms[name].detach().double() for name in TERM_NAMES], dim=1)
+        steps = to_device(torch.tensor([slot.global_step + 1 for slot in slots]), self.device)
+        self.watch.update(values, steps, index)
+        self.healthy[index] = self.healthy[index] & torch.isfinite(values).all(1)
+        self.interval_means.add(values, index)
+        self.epoch_means.add(values, index)
+        self.identity_samples.index_add_(0, index, terms["identity_count"].detach().round().long())
+        position = slots[0].global_step % slots[0].updates_per_epoch
+        position = position * self.args.gradient_accumulation_steps + slots[0].micro_batch
+        if not slots[0].is_update_due(position):  # only one slot when accumulating
+            return False
+        self.update(index, steps)
+        return True
+
+    def update(self, index: torch.Tensor, steps: torch.Tensor) -> None:
+        """Unscale (fp16), clip per identity, AdamW for the present, healthy identities whose
+        gradient is finite (the fp16 scaler's inf steps are skipped per identity), schedule."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        norms = clip_grad_norm_per_identity_(self.lora, self.args.max_grad_norm)  # (K,)
+        present = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
+        present[index] = True
+        finite = torch.isfinite(norms)
+        if not self.scaler.is_enabled():  # outside fp16 a non-finite gradient is an error
+            self.grad_watch.update(norms[index].double()[:, None], steps, index)
+            self.healthy[index] = self.healthy[index] & finite[index]
+        updates = self.optimizer.identity_steps().clamp_max(self.lr_tables.shape[1] - 1)
+        self.optimizer.set_learning_rates(self.lr_tables.gather(1, updates[:, None])[:, 0])
+        self.optimizer.step(active=present & self.healthy & finite)
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def after_update(self, slot: Slot) -> None:
+        step, args = slot.global_step, self.args
+        if step % args.logging_steps == 0 or step == slot.max_train_steps:
+            self.log_interval(slot)
+        if step % slot.checkpointing_steps == 0:
+            self.save_checkpoint(slot)
+        if step % slot.validation_steps == 0:
+            self.check_finite(slot, "no validation images were made")
+            self.validate(slot)
+        if step % slot.updates_per_epoch == 0 or step >= slot.max_train_steps:
+            self.log_epoch(slot, (step - 1) // slot.updates_per_epoch)
+        if step >= slot.max_train_steps:
+            self.finish(slot)
+
+    def log_interval(self, slot: Slot) -> None:
+        """Read the slot's interval means (one sync), check them, write TensorBoard and tqdm."""
+        where = f"last checkpoint kept in {slot.identity.output_dir}"
+        self.watch.check(where, slot.index)
+        self.grad_watch.check(where, slot.index)
+        means = self.interval_means.pop(slot.index)
+        slot.identity_samples = int(self.identity_samples[slot.index].item())
+        lr = float(self.optimizer.param_groups[0]["lr"][slot.index].item())
+        tags = slot.tags()
+        postfix = {tag: f"{means[name]:.4g}" for name, tag in tags.items()}
+        slot.progress.set_postfix(postfix | {"lr": f"{lr:.2e}"}, refresh=False)
+        if slot.writer is None:
+            return
+        for name, tag in tags.items():
+            slot.writer.add_scalar(f"train/{tag}", means[name], slot.global_step)
+        slot.writer.add_scalar("train/lr", lr, slot.global_step)
+        if self.args.loss != "dreambooth":
+            slot.writer.add_scalar(
+                "train/identity_samples", slot.identity_samples, slot.global_step
+            )
+
+    def log_epoch(self, slot: Slot, epoch: int) -> None:
+        if int(self.epoch_means.steps[slot.index]) == 0:
+            return
+        self.watch.check(f"last checkpoint kept in {slot.identity.output_dir}", slot.index)
+        means = self.epoch_means.pop(slot.index)
+        tags = slot.tags()
+        text = ", ".join(f"{tag} {means[name]:.4g}" for name, tag in tags.items())
+        logger.info("%s: epoch %d means: %s", slot.identity.name, epoch, text)
+        if slot.writer is not None:
+            for name, tag in tags.items():
+                slot.writer.add_scalar(f"epoch/{tag}", means[name], epoch)
+
+    def finish(self, slot: Slot) -> None:
+        """Final validation, config and model card, then the LoRA (the 'finished' marker)."""
+        self.check_finite(
+            slot, f"no final LoRA written; last checkpoint kept in {slot.identity.output_dir}"
+        )
+        slot.identity_samples = int(self.identity_samples[slot.index].item())
+        if slot.last_validated != slot.global_step:
+            self.validate(slot)
+        slot.write_config(slot.identity.output_dir, "finished")
+        slot.write_model_card()
+        self.save_lora_of(slot, slot.identity.output_dir)
+        seconds = time.time() - slot.started
+        logger.info(
+            "%s: finished %d steps in %.1f s", slot.identity.name, slot.global_step, seconds
+        )
+        result = {"identity": slot.identity.name, "steps": slot.global_step, "seconds": seconds}
+        self.release(slot, result)
+
+
+def _progress_bar(trainer: PackedTrainer, slot: Slot):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=slot.max_train_steps,
+        initial=slot.global_step,
+        desc=f"[{trainer.state.process_index}] {slot.identity.name}",
+        position=trainer.state.local_process_index * trainer.num_slots + slot.index,
+        dynamic_ncols=True,
+    )
