@@ -150,10 +150,14 @@ def infer_iresnet_depth(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def _check_iresnet_keys(
-    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
+def check_strict_keys(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    source: str,
+    kind: str = "an arcface_torch IResNet",
 ) -> None:
-    """Raise ValueError naming missing / unexpected keys and shape mismatches."""
+    """ValueError naming missing / unexpected keys and shape mismatches of a checkpoint that
+    must load strictly into a model with the `expected` state dict."""
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     mismatched = [
@@ -161,17 +165,18 @@ def _check_iresnet_keys(
         for key, tensor in expected.items()
         if key in state_dict and state_dict[key].shape != tensor.shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {format_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {format_list(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {format_list(mismatched)}")
+    problems = [
+        f"{label}: {format_list(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch", mismatched),
+        )
+        if keys
+    ]
     if problems:
         raise ValueError(
-            f"{source} is not an arcface_torch IResNet checkpoint loadable strictly; "
-            + "; ".join(problems)
+            f"{source} is not {kind} checkpoint loadable strictly; " + "; ".join(problems)
         )
 
 
@@ -195,7 +200,7 @@ def iresnet_from_state_dict(
     for key in expected:
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros((), dtype=torch.long)
-    _check_iresnet_keys(state, expected, source)
+    check_strict_keys(state, expected, source)
     model = model.to_empty(device="cpu")
     model.load_state_dict(state, strict=True)
     return model.eval()

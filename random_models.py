@@ -203,3 +203,39 @@ def calibrate_batchnorm(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) 
         for batch in inputs:
             model(batch)
     return model.eval()
+
+
+def write_random_lora(
+    folder: str | Path,
+    unet: torch.nn.Module,
+    *,
+    rank: int = 4,
+    alpha: float = 4,
+    target_modules: Sequence[str] = ("to_k", "to_q", "to_v", "to_out.0"),
+    seed: int = 0,
+    std: float = 0.3,
+    **lora_options: object,
+) -> Path:
+    """A LoRA file as train_ID-Booth.py writes it (diffusers format, adapter metadata) for a
+    copy of `unet`, every LoRA matrix N(0, std^2) from `seed`: peft's init leaves B = 0, which
+    would hide a LoRA that is applied wrongly or not at all. Returns the file's path."""
+    import copy
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from lora import write_lora_file
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(target_modules), **lora_options
+    )
+    unet = copy.deepcopy(unet).requires_grad_(False)
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return write_lora_file(Path(folder), state, config.to_dict())

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from image_sets import STATUS_NO_FACE, STATUS_OK, rows_of_readable_images
+from image_sets import rows_of_face_model
 
 DLIB_RECOGNISER_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 DLIB_LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"  # what dlib's recogniser example uses
@@ -144,9 +144,4 @@ def embed_image_files(
     embedder: FaceEmbedder, paths: Sequence[Path]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Files -> (N, D) embeddings and (N,) status (ok / no face / unreadable)."""
-
-    def embed(images: list) -> tuple[np.ndarray, np.ndarray]:
-        vectors, found = embedder.embed([np.asarray(image) for image in images])
-        return vectors, np.where(found, STATUS_OK, STATUS_NO_FACE)
-
-    return rows_of_readable_images(paths, embedder.embedding_dim, embed)
+    return rows_of_face_model(paths, embedder.embedding_dim, embedder.embed)

@@ -140,6 +140,21 @@ def rows_of_readable_images(
     return rows, status
 
 
+def rows_of_face_model(
+    paths: Sequence[Path],
+    width: int,
+    model: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, width) rows and (N,) status of image files under a face model: `model(RGB arrays)`
+    -> (rows (R, width), found (R,) bool); found -> ok, else no face; undecodable: unreadable."""
+
+    def compute(images: list) -> tuple[np.ndarray, np.ndarray]:
+        rows, found = model([np.asarray(image) for image in images])
+        return rows.reshape(len(images), width), np.where(found, STATUS_OK, STATUS_NO_FACE)
+
+    return rows_of_readable_images(paths, width, compute)
+
+
 RowFunction = Callable[[Sequence[Path]], tuple[np.ndarray, np.ndarray]]
 
 

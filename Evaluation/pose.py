@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from image_sets import STATUS_NO_FACE, STATUS_OK, rows_of_readable_images
+from image_sets import rows_of_face_model
 
 ANGLE_NAMES = ("yaw", "pitch", "roll")
 
@@ -200,12 +200,7 @@ def estimate_pose_files(
     estimator: PoseEstimator, paths: Sequence[Path]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Files -> (N, 3) yaw, pitch, roll rows and (N,) status (ok / no face / unreadable)."""
-
-    def estimate(images: list) -> tuple[np.ndarray, np.ndarray]:
-        angles, found = estimator.estimate([np.asarray(image) for image in images])
-        return angles, np.where(found, STATUS_OK, STATUS_NO_FACE)
-
-    return rows_of_readable_images(paths, len(ANGLE_NAMES), estimate)
+    return rows_of_face_model(paths, len(ANGLE_NAMES), estimator.estimate)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -39,6 +39,7 @@ from torch import nn
 from arcface import (
     IRESNET_LAYERS,
     IResNet,
+    check_strict_keys,
     images_to_arcface_input,
     infer_iresnet_depth,
     read_state_dict,
@@ -50,8 +51,7 @@ from faces import (
     FaceDetector,
     build_face_detector,
 )
-from image_sets import STATUS_NO_FACE, STATUS_OK, rows_of_readable_images
-from runs import format_list
+from image_sets import STATUS_OK, rows_of_face_model
 
 # Depths the official backbones/iresnet.py defines (iresnet18/34/50/100); released: r50, r100.
 CRFIQA_DEPTHS = ("r18", "r34", "r50", "r100")
@@ -81,32 +81,6 @@ def build_crfiqa(name: str = "r50", num_features: int = 512) -> CRFIQANet:
     if name not in CRFIQA_DEPTHS:
         raise ValueError(f"unknown CR-FIQA depth {name!r}; options: {list(CRFIQA_DEPTHS)}")
     return CRFIQANet(IRESNET_LAYERS[name], num_features=num_features)
-
-
-def _check_keys(
-    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
-) -> None:
-    """ValueError naming missing / unexpected keys and shape mismatches."""
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [
-        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(tensor.shape)}"
-        for key, tensor in expected.items()
-        if key in state and state[key].shape != tensor.shape
-    ]
-    problems = [
-        f"{label}: {format_list(keys)}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatch", mismatched),
-        )
-        if keys
-    ]
-    if problems:
-        raise ValueError(
-            f"{source} is not a CR-FIQA checkpoint loadable strictly; " + "; ".join(problems)
-        )
 
 
 def _check_required_keys(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -142,7 +116,7 @@ def crfiqa_from_state_dict(
     for key in expected:  # BatchNorm step counters: bookkeeping, never used in eval
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros((), dtype=torch.long)
-    _check_keys(state, expected, source)
+    check_strict_keys(state, expected, source, "a CR-FIQA")
     model = model.to_empty(device="cpu")
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -235,12 +209,8 @@ def score_image_files(scorer: CRFIQAScorer, paths: Sequence[Path]) -> tuple[np.n
     Shaped like face_embedding.embed_image_files, for image_sets.cached_rows.
     """
 
-    def score(images: list) -> tuple[np.ndarray, np.ndarray]:
-        scores, found = scorer.score([np.asarray(image) for image in images])
-        return scores[:, None], np.where(found, STATUS_OK, STATUS_NO_FACE)
-
-    rows, status = rows_of_readable_images(paths, 1, score)
-    rows[status != STATUS_OK] = np.nan  # unreadable files get 0 from rows_of_readable_images
+    rows, status = rows_of_face_model(paths, 1, scorer.score)
+    rows[status != STATUS_OK] = np.nan  # unreadable files get 0 from rows_of_face_model
     return rows, status
 
 

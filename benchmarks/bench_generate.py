@@ -21,7 +21,6 @@ batch size and over its best batch size. `--size tiny` runs anywhere in seconds;
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -30,25 +29,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shared modules at the repo root
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # shared modules at the repo root
 
 import runs  # noqa: E402
 from lora import lora_target_modules  # noqa: E402
-from random_models import build_tiny_sd  # noqa: E402
+from random_models import build_tiny_sd, write_random_lora  # noqa: E402
 
 SIZES = {"tiny": 64, "sd21": 512}  # size -> resolution
 GENDERS_NAME = "genders.csv"  # beside the LoRA folders; the paper's prompts need a gender
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def load_inference_module():
-    """inference_ID-Booth.py as a module (its name has a hyphen)."""
-    path = Path(__file__).resolve().parents[1] / "inference_ID-Booth.py"
-    spec = importlib.util.spec_from_file_location("inference_id_booth", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,29 +80,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_loras(workdir: Path, model: Path, count: int) -> Path:
-    """`count` random non-zero rank-4 LoRAs in train_ID-Booth.py's file format."""
+    """`count` random non-zero rank-4 LoRAs in train_ID-Booth.py's file format, and genders."""
     from diffusers import UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from lora import write_lora_file
 
     root = workdir / "loras"
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
     for index in range(count):
         folder = root / f"identity_{index}"
-        if (folder / "pytorch_lora_weights.safetensors").exists():
-            continue
-        unet = UNet2DConditionModel.from_pretrained(model / "unet")
-        config = LoraConfig(r=4, lora_alpha=4, target_modules=lora_target_modules(unet))
-        unet.add_adapter(config)
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for name, param in unet.named_parameters():
-                if "lora_" in name:
-                    param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        write_lora_file(folder, state, config.to_dict())
+        if not (folder / "pytorch_lora_weights.safetensors").exists():
+            targets = lora_target_modules(unet)
+            write_random_lora(folder, unet, target_modules=targets, seed=index, std=0.05)
     genders = [f"identity_{i},{('male', 'female')[i % 2]}" for i in range(count)]
     (root / GENDERS_NAME).write_text("identity,gender\n" + "\n".join(genders) + "\n")
     return root
@@ -221,7 +198,7 @@ def measure_ours(inference, args, model: Path, loras: Path, output: Path, batch:
 
 
 def main(args: argparse.Namespace) -> dict:
-    inference = load_inference_module()
+    inference = runs.load_script(REPO_ROOT / "inference_ID-Booth.py")
     with tempfile.TemporaryDirectory() as temp:
         workdir = args.workdir or Path(temp)
         model = workdir / f"sd-{args.size}"

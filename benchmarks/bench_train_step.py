@@ -22,7 +22,6 @@ anything). On CUDA the timed steps of ours run under `torch.cuda.set_sync_debug_
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -35,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shared modules at the repo root
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # shared modules at the repo root
 
 import runs  # noqa: E402
 from arcface import build_iresnet, load_arcface  # noqa: E402
@@ -46,7 +46,7 @@ from losses import (  # noqa: E402
     timestep_weight,
     triplet_identity_loss,
 )
-from random_models import build_tiny_sd  # noqa: E402
+from random_models import build_tiny_sd, calibrate_batchnorm  # noqa: E402
 from trainer import (  # noqa: E402
     WEIGHT_DTYPES,
     FaceTools,
@@ -58,16 +58,6 @@ from trainer import (  # noqa: E402
 
 SIZES = {"tiny": (64, "r18"), "sd21": (512, "r100")}  # size -> (resolution, IResNet depth)
 PHOTOS_PER_IDENTITY = 2  # R x R photos: one crop each, so the latent cache is warm after warmup
-
-
-def load_train_module():
-    """train_ID-Booth.py as a module (its name has a hyphen)."""
-    path = Path(__file__).resolve().parents[1] / "train_ID-Booth.py"
-    spec = importlib.util.spec_from_file_location("train_id_booth", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,15 +95,8 @@ def calibrated_iresnet(depth: str, seed: int = 0, faces: int = 16) -> torch.nn.M
     """A random arcface_torch IResNet whose BatchNorm statistics are those of random faces
     (cumulative averages over a few train-mode passes): finite embeddings at any depth."""
     torch.manual_seed(seed)
-    model = build_iresnet(depth)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # cumulative moving average
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.rand(faces, 3, 112, 112) * 2 - 1)
-    return model.eval()
+    batches = [torch.rand(faces, 3, 112, 112) * 2 - 1 for _ in range(4)]
+    return calibrate_batchnorm(build_iresnet(depth), batches)
 
 
 def build_models(workdir: Path, size: str) -> tuple[Path, Path]:
@@ -349,7 +332,7 @@ def summarise(reference: dict, packed: dict[int, dict], args, precision: str, de
 
 
 def main(args: argparse.Namespace) -> dict:
-    train = load_train_module()
+    train = runs.load_script(REPO_ROOT / "train_ID-Booth.py")
     device = torch.device(args.device)
     precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     resolution, _ = SIZES[args.size]

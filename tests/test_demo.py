@@ -35,8 +35,8 @@ def test_demo_compares_the_three_variants_in_one_report(tmp_path):
         assert metrics["grids"]["methods"][variant]["n_identities"] == 2
         curves = metrics["training"]["methods"][variant]["identities"]["person_0"]["tags"]
         assert curves["train/loss"]["n_points"] >= 10  # logged every 2 of the 40 steps
-        assert metrics["quality"]["sets"][variant]["n_images"] == 3
-        assert metrics["pose"]["sets"][variant]["n_images"] == 3
+        assert metrics["quality"]["sets"][variant]["n_images"] == 2 * 3
+        assert metrics["pose"]["sets"][variant]["n_images"] == 2 * 3
     assert (
         "train/triplet_loss"
         in metrics["training"]["methods"]["triplet"]["identities"]["person_0"]["tags"]

@@ -10,7 +10,6 @@ prompts.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import shutil
@@ -31,65 +30,27 @@ from tiny_sd import build_tiny_sd
 import fileio
 import lora
 import prompts
+import runs
 import sampling
+from random_models import write_random_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "inference_ID-Booth.py"
 FAST = ["--num_inference_steps", "4", "--resolution", "64", "--mixed_precision", "no"]
 
 
-def _import_script():
-    spec = importlib.util.spec_from_file_location("inference_id_booth", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-inference = _import_script()
+inference = runs.load_script(SCRIPT)
 
 
 # ------------------------------------------------------------------------------ fixtures
 
 
 def make_lora(folder: Path, unet, seed: int, std: float = 0.5) -> Path:
-    """Save a diffusers-format LoRA like train_ID-Booth.py's, with random non-zero weights."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet.add_adapter(
-        LoraConfig(
-            r=4,
-            lora_alpha=4,
-            init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-        )
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # gaussian init leaves lora_B at zero: perturb every LoRA matrix
-        for name, parameter in unet.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-    folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        safe_serialization=True,
-    )
-    return folder
+    """A LoRA folder like train_ID-Booth.py's, with random non-zero weights."""
+    return write_random_lora(folder, unet, seed=seed, std=std, init_lora_weights="gaussian").parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine it is several times faster than two
-    (no OpenMP spinning), and the subprocesses and torchrun workers use one too, so all
-    runs share the same CPU summation order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

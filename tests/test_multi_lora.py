@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import multi_lora as ml
-from random_models import TINY_TEXT_HIDDEN, build_random_sd_pipeline
+from random_models import TINY_TEXT_HIDDEN, build_random_sd_pipeline, write_random_lora
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 RANK, ALPHA, K = 4, 4, 3
@@ -25,13 +25,7 @@ ADAMW = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 LRS = [1e-3, 3e-2, 2e-1]  # per identity
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores run several times faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -512,25 +506,9 @@ def test_training_step_has_no_host_syncs(pipe):
 
 def _saved_peft_lora(base_unet, folder: Path, rank: int, alpha: float, targets, seed: int, **extra):
     """A diffusers LoRA file of a random non-zero peft adapter, with its adapter metadata."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-
-    unet = copy.deepcopy(base_unet).requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), **extra)
-    unet.add_adapter(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=_peft_state(unet),
-        unet_lora_adapter_metadata=metadata,
-        safe_serialization=True,
+    return write_random_lora(
+        folder, base_unet, rank=rank, alpha=alpha, target_modules=targets, seed=seed, **extra
     )
-    return folder / "pytorch_lora_weights.safetensors"
 
 
 def test_slot_pool_serves_loras_of_other_ranks_alphas_and_layers_like_diffusers(pipe, tmp_path):

@@ -15,12 +15,12 @@ from test_arcface import (
     synthetic_state_dict,
     tom_hanks_canvas,
 )
-from torch import nn
 
 import arcface
 import faces as face_tools
 import quality
 from image_sets import STATUS_NO_FACE, STATUS_OK, STATUS_UNREADABLE, cached_rows
+from random_models import calibrate_batchnorm
 
 
 def crfiqa_shapes(name: str) -> dict[str, tuple[int, ...]]:
@@ -30,22 +30,6 @@ def crfiqa_shapes(name: str) -> dict[str, tuple[int, ...]]:
         "qs.weight": (1, 512),
         "qs.bias": (1,),
     }
-
-
-def calibrated(model: nn.Module, faces: torch.Tensor) -> nn.Module:
-    """Set BatchNorm running statistics from one train-mode pass, then eval.
-
-    With arcface_torch's init (conv ~ N(0, 0.1)) and unit running variances, activations grow
-    by ~2.4x per conv and deep random nets overflow; measured statistics keep them finite.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average: one pass gives that batch's statistics
-    model.train()
-    with torch.no_grad():
-        model(faces)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +44,7 @@ def r18_model(tom_and_flip) -> quality.CRFIQANet:
     torch.manual_seed(0)
     noise = torch.rand((6, 3, 112, 112), generator=torch.Generator().manual_seed(1)) * 2 - 1
     faces = torch.cat([arcface.images_to_arcface_input(tom_and_flip), noise])
-    return calibrated(quality.build_crfiqa("r18"), faces)
+    return calibrate_batchnorm(quality.build_crfiqa("r18"), [faces])
 
 
 @pytest.fixture(scope="module")

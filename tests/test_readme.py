@@ -59,13 +59,17 @@ TINY_SUBSTITUTIONS = {
     "stabilityai/stable-diffusion-2-1-base": "models/tiny-sd",
     "facebook/dinov2-large": "models/tiny-dinov2",
 }
-# Appended to each script's command (argparse keeps the last value): tiny sizes, dlib faces.
+# Appended to each script's command (argparse keeps the last value): tiny sizes, dlib faces,
+# and the tiny models where a command relies on a default hub id.
+TINY_MODELS = "--pretrained_model_name_or_path models/tiny-sd"
 TINY_FLAGS = {
     "train_ID-Booth.py": "--resolution 64 --max_train_steps 2 --checkpointing_steps 2 "
     "--validation_steps 2 --num_class_images 4 --face_detector dlib",
-    "inference_ID-Booth.py": "--resolution 64 --num_inference_steps 2 --num_images_per_identity 2",
+    "inference_ID-Booth.py": f"{TINY_MODELS} --resolution 64 --num_inference_steps 2 "
+    "--num_images_per_identity 2",
     "Evaluation/evaluate.py": "--face_detector dlib --feature_image_size 56",
-    "reproduce_ID-Booth.py": "--resolution 64 --num_images_per_identity 2 --face_detector dlib "
+    "reproduce_ID-Booth.py": f"{TINY_MODELS} --feature_model models/tiny-dinov2 --resolution 64 "
+    "--num_images_per_identity 2 --face_detector dlib "
     "--train_flags '--max_train_steps 2 --checkpointing_steps 2 --validation_steps 2 "
     "--num_class_images 4' --generate_flags '--num_inference_steps 2' "
     "--evaluate_flags '--feature_image_size 56'",

@@ -11,7 +11,6 @@ the script's functions in this process to save start-up time.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from safetensors.torch import load_file
 
 import fileio
 import losses
+import runs
 import sampling
 import trainer
 
@@ -37,24 +37,10 @@ SCRIPT = REPO_ROOT / "train_ID-Booth.py"
 RESOLUTION = 64
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_id_booth", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_id_booth"] = module  # dataclasses look their module up while defining
-    spec.loader.exec_module(module)
-    return module
+train = runs.load_script(SCRIPT)
 
 
-train = _load_script()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores run several times faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass
@@ -585,8 +571,13 @@ def one_slot_trainer(step_parts, tmp_path):
     args = copy.copy(args)
     args.validation_prompt = ""
     identity = train.Identity("hanks", args.instance_data_dir, tmp_path / "hanks")
+    from tqdm.auto import tqdm
+
     packed = trainer.PackedTrainer(args, frozen, tools, PartialState(cpu=True), 1)
-    return packed, packed.fill(0, identity)
+    slot = packed.fill(0, identity)
+    slot.progress.close()  # the test drives the steps: no open bar to redraw at exit
+    slot.progress = tqdm(disable=True)
+    return packed, slot
 
 
 def test_an_update_changes_only_lora_and_the_saved_lora_reproduces_it(step_parts, tmp_path):
