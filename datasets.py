@@ -961,10 +961,16 @@ class LatentCache(RowTable):
 
     @torch.no_grad()
     def ensure(self, keys: list[tuple], pixels: dict[tuple, Any]) -> None:
-        """Encode the keys not cached yet, in one batch (`pixels[key]()` -> (3, R, R))."""
+        """Encode the keys not cached yet (`pixels[key]()` -> (3, R, R)), one crop per VAE call:
+        conv kernels round by batch shape, and a crop's latents must not depend on which other
+        identities' crops happened to be new in the same step (one VAE encode per crop, once)."""
         missing = list(dict.fromkeys(key for key in keys if key not in self.rows))
         if not missing:
             return
-        batch = torch.stack([pixels[key]() for key in missing])
-        dist = self.vae.encode(to_device(batch, self.device).to(self.vae.dtype)).latent_dist
-        self.add(missing, {"mean": dist.mean, "std": dist.std})
+        means, stds = [], []
+        for key in missing:
+            crop = to_device(pixels[key]()[None], self.device).to(self.vae.dtype)  # (1, 3, R, R)
+            dist = self.vae.encode(crop).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        self.add(missing, {"mean": torch.cat(means), "std": torch.cat(stds)})

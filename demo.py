@@ -34,10 +34,7 @@ CROP_VARIANTS = ((2.4, 0.0, 0.0), (2.8, 0.08, 0.0), (2.6, -0.08, 0.05), (3.0, 0.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = runs.argument_parser(__doc__)
     parser.add_argument(
         "--output_dir", type=Path, default=Path("demo_output"), help="Where every stage writes."
     )

@@ -115,10 +115,7 @@ GENERATION_KEYS = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; defaults are the paper's reference generation setup."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = runs.argument_parser(__doc__)
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default="stabilityai/stable-diffusion-2-1-base",

@@ -52,10 +52,7 @@ class StageError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = runs.argument_parser(__doc__)
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default="stabilityai/stable-diffusion-2-1-base",

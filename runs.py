@@ -58,6 +58,13 @@ PAPER_NEGATIVE_PROMPT = (
 # ============================================================================ entry and logging
 
 
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: described by its docstring's first paragraph, defaults in --help."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
 def run_cli(
     program: str,
     parse_args: Callable[[], argparse.Namespace],

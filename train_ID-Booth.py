@@ -381,9 +381,7 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, with help text; defaults are the paper's reference setup."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = runs.argument_parser(__doc__)
     _add_model_args(parser)
     _add_data_args(parser)
     _add_loss_args(parser)

@@ -648,9 +648,7 @@ class PackedTrainer:
             weight_decay=args.adam_weight_decay,
             eps=args.adam_epsilon,
         )
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=frozen.mixed_precision == "fp16"
-        )
+        self.scaler = self.fresh_scaler()
         self.prompts = encode_prompts(frozen, args)
         self.pipeline = assemble_pipeline(frozen, self.unet)
         self.latents = LatentCache(frozen.vae, self.device)  # every slot's crops and the class's
@@ -679,11 +677,20 @@ class PackedTrainer:
                 part.preload(self.args.resolution, self.args.dataloader_num_workers)
         return dataset
 
+    def fresh_scaler(self) -> torch.amp.GradScaler:
+        """fp16's loss scaler as a run starts with it (disabled for bf16 and fp32)."""
+        enabled = self.frozen.mixed_precision == "fp16"
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
+
     def fill(self, index: int, identity: Identity) -> Slot:
         """Put an identity into slot `index`: fresh LoRA (peft's init for --seed) and optimizer
-        state, or its checkpoint when resuming."""
+        state, or its checkpoint when resuming. Alone in the trainer, it also gets a fresh fp16
+        scaler, so its LoRA does not depend on the identities trained before it (a pack's slots
+        share one scaler)."""
         if self.args.overwrite:
             clear_outputs(identity, self.args.logging_dir)
+        if not self.active_slots():
+            self.scaler = self.fresh_scaler()
         logger.info(
             "training identity %s -> %s (slot %d)", identity.name, identity.output_dir, index
         )

@@ -64,10 +64,7 @@ UNIT_INTERVAL = runs.Number(float, 0, 1, low_open=True, high_open=True)  # FMR /
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (defaults: the paper's / dgm-eval's settings)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = runs.argument_parser(__doc__)
     parser.add_argument(
         "--generated",
         action="append",

@@ -723,9 +723,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = runs.argument_parser(__doc__)
     _add_data_args(parser)
     _add_model_args(parser)
     _add_optim_args(parser)

@@ -324,10 +324,7 @@ def load_backbone(path: str | Path, device: str) -> torch.nn.Module:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = runs.argument_parser(__doc__)
     parser.add_argument(
         "--backbone",
         required=True,

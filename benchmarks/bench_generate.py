@@ -42,10 +42,7 @@ PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = runs.argument_parser(__doc__)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="Model shapes.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(

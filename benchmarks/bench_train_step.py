@@ -61,10 +61,7 @@ PHOTOS_PER_IDENTITY = 2  # R x R photos: one crop each, so the latent cache is w
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = runs.argument_parser(__doc__)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="Model shapes.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(

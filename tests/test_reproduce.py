@@ -17,10 +17,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from PIL import Image
 
 import runs
+from fileio import read_png_record
 
 SCRIPT = REPO_ROOT / "reproduce_ID-Booth.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -79,6 +82,11 @@ def run_until(argv: list[str], done: Callable[[], bool], timeout: float = 300) -
         process.send_signal(signal.SIGKILL)
         output, _ = process.communicate()
     return output.decode(errors="replace")
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def fingerprints(paths: list[Path]) -> dict[str, tuple[int, str]]:
@@ -173,3 +181,42 @@ def test_ctrl_c_is_one_line_and_keeps_finished_work(inputs, tmp_path):
     last = stopped.stdout.strip().splitlines()[-1]
     assert last.startswith("reproduce_ID-Booth.py: interrupted"), last
     assert len(list((out / "loras" / "dreambooth").glob("*/pytorch_lora_weights*"))) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_same_experiment_as_one(inputs, tmp_path):
+    """torchrun with 2 processes: identities, class images and image batches are split, the
+    evaluation runs on rank 0; every LoRA (bytes), image and class image (pixels and record)
+    equals a one-process run's."""
+    outputs = {}
+    for processes in (2, 1):
+        out = tmp_path / f"p{processes}"
+        argv = command(inputs, out)[1:]  # without the interpreter
+        argv[argv.index(f"--class_data_dir={inputs['class']}")] = f"--class_data_dir={out}/class"
+        argv[argv.index("--variants") + 1 : argv.index("--variants") + 3] = ["triplet"]
+        argv = [a.replace("--num_class_images=4", "--num_class_images=6") for a in argv]
+        torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone"]
+        launcher = (
+            [*torchrun, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        )
+        completed = subprocess.run(
+            [*launcher, *argv], env=ENV, capture_output=True, text=True, timeout=600
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        loras = out.glob("loras/*/*/pytorch_lora_weights.safetensors")
+        outputs[processes] = {str(f.relative_to(out)): f.read_bytes() for f in loras}
+        outputs[processes] |= {str(f.relative_to(out)): pixels(f) for f in out.glob("class/*.png")}
+        for image in out.glob("generated/*/*/*.png"):
+            record = read_png_record(image)  # its LoRA path names this run's folder
+            record["lora_path"] = str(Path(record["lora_path"]).relative_to(out))
+            outputs[processes][str(image.relative_to(out))] = (pixels(image), record)
+    assert len(outputs[1]) == 2 + 2 * 4 + 6  # LoRAs, images, class images (all sampled here)
+    assert outputs[2].keys() == outputs[1].keys()
+    for name, one in outputs[1].items():
+        two = outputs[2][name]
+        if isinstance(one, bytes):
+            assert two == one, name
+        elif isinstance(one, tuple):
+            assert np.array_equal(two[0], one[0]) and two[1] == one[1], name
+        else:
+            assert np.array_equal(two, one), name

@@ -974,6 +974,25 @@ def test_identities_root_trains_each_identity_once_across_two_processes(assets, 
     assert_same_lora(output / "person0", alone, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "no"])
+def test_an_identity_trained_after_another_equals_it_trained_alone(assets, tmp_path, precision):
+    """Nothing carries over from the identities a process trained before: each crop's latents
+    are encoded alone (not batched with another identity's new crops) and the fp16 scaler
+    starts fresh, so the LoRA bytes equal a run of that identity alone."""
+    common = ["--max_train_steps=3", "--validation_prompt=", "--report_to=none"]
+    common.append(f"--mixed_precision={precision}")
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    train.main(
+        train.parse_args(cli(assets, both, f"--identities_root={assets.identities}", *common))
+    )
+    single = f"--instance_data_dir={assets.identity('person0')}"
+    train.main(train.parse_args(cli(assets, alone, single, *common)))
+    assert sorted(p.name for p in both.iterdir()) == ["hanks", "person0"]  # in this order
+    lora = trainer.LORA_WEIGHTS_NAME
+    assert (both / "person0" / lora).read_bytes() == (alone / lora).read_bytes()
+
+
 def test_logged_identity_means_count_only_samples_that_had_the_term():
     means = trainer.term_means(torch.device("cpu"))
     names = trainer.TERM_NAMES
