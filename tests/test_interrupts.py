@@ -25,9 +25,19 @@ def interrupt_when(
     command: list[str], marker: str, cwd: Path, delay: float = 0.0
 ) -> subprocess.CompletedProcess:
     """Start a script, send SIGINT `delay` s after `marker` appears in its output, wait for its
-    end."""
+    end.
+
+    The child gets SIGINT's default action, as a terminal's foreground job has: a test run
+    started in the background (`cmd &`, nohup) inherits SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler."""
     process = subprocess.Popen(
-        command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen, deadline = [], time.monotonic() + 300
     for line in process.stdout:
