@@ -662,7 +662,7 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
         "--mixed_precision",
         default="fp16",
         choices=("no", "fp16", "bf16"),
-        help="accelerate mixed precision (fp16 needs CUDA)",
+        help="accelerate mixed precision (fp16 needs CUDA: on the CPU accelerate runs it in fp32)",
     )
 
 
@@ -767,7 +767,12 @@ def build_accelerator(args: argparse.Namespace):
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = runs.resolve_mixed_precision(args.mixed_precision, device_type)
-    return Accelerator(mixed_precision=precision, cpu=device_type == "cpu")
+    accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu")
+    if precision == "fp16" and not accelerator.native_amp:
+        # accelerate has no fp16 autocast on the CPU (bf16 it has): say so rather than let a
+        # run that asked for fp16 silently train in fp32.
+        logger.warning("accelerate runs --mixed_precision fp16 in fp32 on the CPU; bf16 runs")
+    return accelerator
 
 
 def load_training_data(args: argparse.Namespace, output_dir: Path, accelerator) -> PreparedFaces:

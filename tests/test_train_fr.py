@@ -320,8 +320,8 @@ def test_bad_options_fail_right_after_parsing(tmp_path):
         train_fr.parse_args([*base, "--backbone", "r7"])
     with pytest.raises(ValueError, match="batch_size"):
         train_fr.parse_args([*base, "--batch_size", "1"])
-    # fp16 follows the one precision rule of every script (runs.resolve_mixed_precision):
-    # accepted here, it falls back to full precision where there is no GPU.
+    # fp16 follows the one precision rule of every script (runs.resolve_mixed_precision);
+    # accelerate then runs it in fp32 on the CPU, with a warning (test below).
     assert train_fr.parse_args([*base[:-2]]).mixed_precision == "fp16"
     assert train_fr.parse_args([*base, "--head", "arcface"]).margin == 0.5
     assert train_fr.parse_args([*base, "--head", "cosface"]).margin == 0.4
@@ -434,6 +434,13 @@ def fr_flags(tmp_path: Path, output: str, *extra: str) -> list[str]:
         "--dataloader_num_workers", "0", "--learning_rate", "0.01",
         "--output_dir", str(tmp_path / output), *extra,
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fp16_on_the_cpu_trains_and_says_it_runs_in_fp32(tmp_path):
+    done = run_script(*fr_flags(tmp_path, "fp16", "--mixed_precision", "fp16"), cwd=tmp_path)
+    assert "accelerate runs --mixed_precision fp16 in fp32 on the CPU" in done.stderr
+    assert (tmp_path / "fp16" / "backbone.pth").exists()
 
 
 def test_a_non_finite_model_is_never_written(tmp_path):
