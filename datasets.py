@@ -600,19 +600,19 @@ def crop_offset(
     width: int, height: int, resolution: int, center_crop: bool, generator=None
 ) -> tuple[int, int]:
     """(left, top) of an R x R crop: centred, or uniform over all valid offsets."""
-    if center_crop:
-        return (width - resolution) // 2, (height - resolution) // 2
+    if center_crop:  # torchvision's CenterCrop (the reference's transforms): round half to even
+        return round((width - resolution) / 2), round((height - resolution) / 2)
     left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
     top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
     return left, top
 
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> tuple[Image.Image, np.ndarray]:
-    """Shorter side -> R (bilinear, the longer one rounded, never below R); (x, y) factors."""
+    """Shorter side -> R (bilinear), the longer one int(R * long / short), truncated as the
+    reference's torchvision Resize(R) does; (x, y) factors."""
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_width = max(resolution, round(width * scale))
-    new_height = max(resolution, round(height * scale))
+    longer = int(resolution * max(width, height) / min(width, height))
+    new_width, new_height = (resolution, longer) if width <= height else (longer, resolution)
     resized = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     return resized, np.array([new_width / width, new_height / height], dtype=np.float64)
 
@@ -802,6 +802,9 @@ class DreamBoothFaceDataset(Dataset):
             "instance_sha256": self.instance.fingerprint,
             "class_sha256": self.classes.fingerprint if self.classes is not None else None,
         }
+        if self.classes is not None:  # what the prior set is made of, e.g. {"jpg": 200}
+            extensions = Counter(path.suffix.lower().lstrip(".") for path in self.classes.paths)
+            summary["class_image_formats"] = dict(sorted(extensions.items()))
         if self.classes is not None and self.classes.annotated:
             with_face = self.num_class_images_with_face
             summary["class_images_with_face"] = with_face

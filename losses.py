@@ -131,15 +131,24 @@ def _check_embeddings(anchor: torch.Tensor, *others: torch.Tensor) -> None:
             )
 
 
-def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """d(a, b) = 1 - cos(a, b) row-wise: (B, D), (B, D) -> (B,)."""
-    return 1.0 - F.cosine_similarity(a, b, dim=-1)
+# The reference's epsilons (they only matter for near-zero embeddings): its identity loss
+# uses torch.nn.CosineSimilarity(dim=1, eps=1e-6), its triplet distance F.cosine_similarity's
+# default 1e-8.
+IDENTITY_COSINE_EPS = 1e-6
+TRIPLET_COSINE_EPS = 1e-8
+
+
+def cosine_distance(
+    a: torch.Tensor, b: torch.Tensor, eps: float = TRIPLET_COSINE_EPS
+) -> torch.Tensor:
+    """d(a, b) = 1 - cos(a, b) row-wise (norms clamped to >= eps): (B, D), (B, D) -> (B,)."""
+    return 1.0 - F.cosine_similarity(a, b, dim=-1, eps=eps)
 
 
 def cosine_identity_loss(anchor: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """L_id = 1 - cos(E(x0_hat), e_inst) per sample (B,); gradients reach only the anchor."""
     _check_embeddings(anchor, positive)
-    return cosine_distance(anchor, positive.detach())
+    return cosine_distance(anchor, positive.detach(), eps=IDENTITY_COSINE_EPS)
 
 
 def triplet_identity_loss(

@@ -18,9 +18,10 @@ Supported: `DDPMScheduler` (the paper's), `DDIMScheduler` (any eta) and
 `SCHEDULERS` (the names of inference_ID-Booth.py's --scheduler) is built from the base model's
 scheduler config by `build_sampler`; the stock pipeline loop samples the unsupported ones.
 
-Class images are sampled once per class folder with the base model, `class_{i:05d}.png`, each
-from its own seed (so the folder is the same however many processes made it and however often
-the job was interrupted), written atomically and split across processes.
+Class images are sampled once per class folder with the base model, `class_{i:05d}.jpg` (JPEG
+at PIL's default quality 75, as the reference writes them; `.png` on request), each from its own
+seed (so the folder is the same however many processes made it and however often the job was
+interrupted), written atomically and split across processes.
 
 Typical use (`pipeline` loaded and frozen as in inference_ID-Booth.py):
 
@@ -31,6 +32,7 @@ Typical use (`pipeline` loaded and frozen as in inference_ID-Booth.py):
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -715,22 +717,44 @@ def load_pipeline(
     return pipeline.to(device)
 
 
-def class_image_plan(class_dir: Path, wanted: int) -> list[int]:
-    """Indices i of class_{i:05d}.png to generate so the folder holds `wanted` usable images.
+# --class_image_format -> (PIL format, file extension). JPEG (PIL's default quality, 75) is the
+# reference's: its prior images carry JPEG artifacts that the prior-preservation loss learns from.
+CLASS_IMAGE_FORMATS = {"jpeg": ("JPEG", ".jpg"), "png": ("PNG", ".png")}
+GENERATED_CLASS_NAME = re.compile(r"class_\d{5}\.(jpg|png)")
 
-    Unreadable or too-small files do not count; one named class_{i:05d}.png is regenerated.
+
+def class_image_plan(class_dir: Path, wanted: int) -> list[int]:
+    """Indices i of class_{i:05d}.<ext> to generate so the folder holds `wanted` usable images.
+
+    Unreadable or too-small files do not count; index i is free when no usable class_{i:05d}
+    image exists in any format (one that is unusable is regenerated beside it).
     """
     try:
         usable = scan_photos(class_dir).photos
     except (ValueError, FileNotFoundError):  # no usable image yet, or no folder yet
         usable = []
-    existing = {path.name for path in usable}
-    missing, indices, index = wanted - len(existing), [], 0
+    taken = {path.stem for path in usable}
+    missing, indices, index = wanted - len(usable), [], 0
     while len(indices) < missing:
-        if f"class_{index:05d}.png" not in existing:
+        if f"class_{index:05d}" not in taken:
             indices.append(index)
         index += 1
     return indices
+
+
+def check_class_image_format(class_dir: Path, image_format: str) -> None:
+    """ValueError when class_dir already holds generated class images in another format: adding
+    the missing ones in this format would mix two sampling settings in one prior set."""
+    extension = CLASS_IMAGE_FORMATS[image_format][1]
+    names = sorted(path.name for path in class_dir.iterdir())
+    other = [n for n in names if GENERATED_CLASS_NAME.fullmatch(n) and not n.endswith(extension)]
+    if other:
+        matching = "png" if extension == ".jpg" else "jpeg"
+        raise ValueError(
+            f"{class_dir} holds {len(other)} generated class images in another format "
+            f"({other[0]}, ...): pass --class_image_format {matching} to complete it, or "
+            "sample into an empty folder"
+        )
 
 
 def generate_class_images(
@@ -741,17 +765,21 @@ def generate_class_images(
     seed_of: Any,
     state: Any,
     batch_size: int,
+    image_format: str = "jpeg",
     **sampling: Any,
 ) -> list[Path]:
     """Sample the missing class images, split across processes; returns this process's files.
 
     `load_pipeline()` gives the base pipeline on this process's device (called only when this
-    process has images to make); `seed_of(i)` is image i's seed; `sampling` goes to the
-    pipeline call (height, width, num_inference_steps). Every process waits until all are
-    written.
+    process has images to make); `seed_of(i)` is image i's seed; `image_format` a key of
+    CLASS_IMAGE_FORMATS; `sampling` goes to the pipeline call (height, width,
+    num_inference_steps). Every process waits until all are written.
     """
+    pil_format, extension = CLASS_IMAGE_FORMATS[image_format]
     class_dir.mkdir(parents=True, exist_ok=True)
     plan = class_image_plan(class_dir, wanted)
+    if plan:
+        check_class_image_format(class_dir, image_format)
     state.wait_for_everyone()  # nobody writes before every process has planned
     mine = plan[state.process_index :: state.num_processes]
     written: list[Path] = []
@@ -767,8 +795,8 @@ def generate_class_images(
             ]
             images = pipeline([prompt] * len(indices), generator=generators, **sampling).images
             for index, image in zip(indices, images, strict=True):
-                written.append(class_dir / f"class_{index:05d}.png")
-                atomic_save_image(image, written[-1])
+                written.append(class_dir / f"class_{index:05d}{extension}")
+                atomic_save_image(image, written[-1], format=pil_format)
         del pipeline
         if state.device.type == "cuda":
             torch.cuda.empty_cache()

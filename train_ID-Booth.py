@@ -51,7 +51,7 @@ from runs import (
     NonFiniteLossError,
     Number,
 )
-from sampling import generate_class_images, load_pipeline
+from sampling import CLASS_IMAGE_FORMATS, generate_class_images, load_pipeline
 from trainer import (
     TRAINING_STATE_NAME,
     WEIGHT_DTYPES,
@@ -74,7 +74,10 @@ LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
 )
-DEFAULT_VALIDATION_PROMPT = "face portrait photo of sks person, city street background"
+# The reference's validation: its instance prompt "with blue hair", no negative prompt, the
+# pipeline's defaults of 50 steps and guidance 7.5 (its sampler, DPM-Solver++, is not used here:
+# see README, "Where this differs").
+DEFAULT_VALIDATION_PROMPT = "photo of sks person with blue hair"
 
 
 # ============================================================================ arguments
@@ -157,8 +160,16 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sample_batch_size",
         type=POSITIVE_INT,
-        default=4,
-        help="Batch size for class-image sampling.",
+        default=1,
+        help="Batch size for class-image sampling (the reference's 1; larger batches change "
+        "the images at float level only, each image has its own seed).",
+    )
+    parser.add_argument(
+        "--class_image_format",
+        default="jpeg",
+        choices=list(CLASS_IMAGE_FORMATS),
+        help="File format of generated class images: jpeg (PIL's default quality 75, the "
+        "reference's; the prior loss learns its artifacts) or png (lossless).",
     )
     parser.add_argument(
         "--class_num_inference_steps",
@@ -347,8 +358,8 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--validation_negative_prompt",
-        default=runs.PAPER_NEGATIVE_PROMPT,
-        help="Negative prompt of the validation images.",
+        default="",
+        help="Negative prompt of the validation images ('' none, the reference's).",
     )
     parser.add_argument(
         "--validation_steps",
@@ -360,10 +371,10 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
         "--num_validation_images", type=NON_NEGATIVE_INT, default=4, help="Images per validation."
     )
     parser.add_argument(
-        "--validation_num_inference_steps", type=POSITIVE_INT, default=30, help="Validation steps."
+        "--validation_num_inference_steps", type=POSITIVE_INT, default=50, help="Validation steps."
     )
     parser.add_argument(
-        "--validation_guidance_scale", type=NON_NEGATIVE, default=5.0, help="Validation guidance."
+        "--validation_guidance_scale", type=NON_NEGATIVE, default=7.5, help="Validation guidance."
     )
     parser.add_argument(
         "--logging_steps",
@@ -541,6 +552,7 @@ def prepare_class_data(args: argparse.Namespace, state, face_tools: FaceTools | 
         partial(stable_seed, args.seed, "class"),
         state,
         args.sample_batch_size,
+        image_format=args.class_image_format,
         height=args.resolution,
         width=args.resolution,
         num_inference_steps=args.class_num_inference_steps,

@@ -82,7 +82,7 @@ RESUME_MAY_CHANGE = frozenset(
     # compared through the resolved max_train_steps:
     "num_train_epochs max_train_steps "
     # paths and class-image sampling: the photos are compared through the data summary
-    "instance_data_dir identities_root class_data_dir sample_batch_size "
+    "instance_data_dir identities_root class_data_dir sample_batch_size class_image_format "
     "class_num_inference_steps prior_generation_precision face_models_root "
     # compared by content (the encoder's name holds a sha256 prefix of the weights):
     "arcface_weights".split()

@@ -474,6 +474,35 @@ def test_center_crop_is_deterministic_and_exact() -> None:
     assert_landmarks_on_dots(np.asarray(first[0]), first[1], atol=0.1)
 
 
+def torchvision_resize_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(W, H) of torchvision's Resize(size) (the reference's transform), re-typed from
+    torchvision.transforms.functional._compute_resized_output_size: the longer side truncated."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "resolution"),
+    [(301, 200, 128), (200, 301, 128), (150, 97, 64), (131, 128, 128), (128, 131, 128)],
+)
+def test_resize_and_center_crop_match_the_reference_torchvision_transforms(
+    width: int, height: int, resolution: int
+) -> None:
+    """Resize(R) truncates the longer side (301x200 -> 192, not 193); CenterCrop rounds the
+    offset half to even (a 3 px margin starts at 2): the same pixels as the reference's."""
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), np.uint8)
+    image = Image.fromarray(pixels)
+    size = torchvision_resize_size(width, height, resolution)
+    resized = image.resize(size, Image.Resampling.BILINEAR)
+    left = int(round((size[0] - resolution) / 2.0))  # torchvision's center_crop
+    top = int(round((size[1] - resolution) / 2.0))
+    expected = resized.crop((left, top, left + resolution, top + resolution))
+    cropped, _ = resize_and_crop(image, np.zeros((5, 2)), resolution, center_crop=True)
+    assert datasets.resize_shorter_side(image, resolution)[0].size == size
+    np.testing.assert_array_equal(np.asarray(cropped), np.asarray(expected))
+
+
 def test_image_to_tensor_range() -> None:
     tensor = image_to_tensor(Image.fromarray(np.array([[[0, 255, 51]]], np.uint8)))
     torch.testing.assert_close(tensor, torch.tensor([[[-1.0]], [[1.0]], [[-0.6]]]))

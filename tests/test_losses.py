@@ -106,6 +106,22 @@ def test_identity_loss_is_one_minus_cosine(seed: int) -> None:
     torch.testing.assert_close(cosine_identity_loss(positive, -positive), torch.full((8,), 2.0))
 
 
+def test_cosine_epsilons_are_the_reference_ones() -> None:
+    """The reference's identity loss is 1 - torch.nn.CosineSimilarity(dim=1, eps=1e-6), its
+    triplet distance 1 - F.cosine_similarity (eps 1e-8): equal on near-zero anchors too."""
+    _, positive, negative = _embeddings(9)
+    tiny = 3e-7 * F.normalize(positive, dim=1)  # norm between the two epsilons
+    reference_identity = 1 - torch.nn.CosineSimilarity(dim=1, eps=1e-6)(tiny, positive)
+    assert (reference_identity - (1 - F.cosine_similarity(tiny, positive))).abs().min() > 0.1
+    torch.testing.assert_close(cosine_identity_loss(tiny, positive), reference_identity)
+    reference_triplet = torch.nn.TripletMarginWithDistanceLoss(
+        distance_function=lambda x, y: 1 - F.cosine_similarity(x, y), reduction="none"
+    )
+    torch.testing.assert_close(
+        triplet_identity_loss(tiny, positive, negative), reference_triplet(tiny, positive, negative)
+    )
+
+
 def test_gradients_reach_the_anchor_only() -> None:
     anchor, positive, negative = _embeddings(6)
     anchor.requires_grad_(True)

@@ -205,7 +205,8 @@ def test_two_processes_make_the_same_experiment_as_one(inputs, tmp_path):
         assert completed.returncode == 0, completed.stderr[-3000:]
         loras = out.glob("loras/*/*/pytorch_lora_weights.safetensors")
         outputs[processes] = {str(f.relative_to(out)): f.read_bytes() for f in loras}
-        outputs[processes] |= {str(f.relative_to(out)): pixels(f) for f in out.glob("class/*.png")}
+        class_images = out.glob("class/class_*")
+        outputs[processes] |= {str(f.relative_to(out)): pixels(f) for f in class_images}
         for image in out.glob("generated/*/*/*.png"):
             record = read_png_record(image)  # its LoRA path names this run's folder
             record["lora_path"] = str(Path(record["lora_path"]).relative_to(out))

@@ -18,9 +18,11 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
 )
+from PIL import Image
 from tiny_sd import build_tiny_sd
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import runs
 import sampling
 
 PROMPTS = ["face portrait photo of sks person", "photo of a person, forest background", "x"]
@@ -312,3 +314,64 @@ def test_invalid_sampler_arguments_raise(pipeline):
         sampler.sample(prompt_embeds, None, SEEDS)
     with pytest.raises(ValueError, match="prompt embeddings are torch.float64"):
         sampler.sample(prompt_embeds.double(), negative_embeds.double(), SEEDS)
+
+
+# ----------------------------------------------------------------------------- class images
+
+
+def make_class_images(pipeline, class_dir, wanted, **options):
+    """generate_class_images in this process with the tiny pipeline, 2 steps, seed of i = i."""
+    return sampling.generate_class_images(
+        lambda: pipeline,
+        class_dir,
+        wanted,
+        "photo of a person",
+        lambda index: index,
+        runs.process_state(),
+        options.pop("batch_size", 1),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=2,
+        **options,
+    )
+
+
+def test_class_images_are_the_references_jpegs_by_default(pipeline, tmp_path):
+    """The reference saves `pipeline(prompt).images[i]` with image.save("....jpg"): JPEG at
+    PIL's default quality 75. Written here the same bytes; png on request, lossless."""
+    written = make_class_images(pipeline, tmp_path / "jpeg", 2)
+    assert [path.name for path in written] == ["class_00000.jpg", "class_00001.jpg"]
+    for index, path in enumerate(written):
+        generator = torch.Generator().manual_seed(index)
+        image = pipeline(
+            "photo of a person", generator=generator, height=SIZE, width=SIZE,
+            num_inference_steps=2,
+        ).images[0]  # fmt: skip
+        image.save(tmp_path / "reference.jpg")  # the reference's call
+        assert path.read_bytes() == (tmp_path / "reference.jpg").read_bytes()
+        png = make_class_images(pipeline, tmp_path / f"png{index}", index + 1, image_format="png")
+        assert png[-1].name == f"class_{index:05d}.png"
+        assert np.asarray(Image.open(png[-1])).tobytes() == image.tobytes()
+
+
+def test_existing_png_class_folders_still_serve_and_are_never_mixed(pipeline, tmp_path):
+    """A full folder of PNG class images (made before JPEG was the default) is used as it is;
+    completing a partial one in another format is refused with one line."""
+    old = make_class_images(pipeline, tmp_path, 2, image_format="png")
+    assert make_class_images(pipeline, tmp_path, 2) == []  # complete: nothing sampled
+    assert sampling.class_image_plan(tmp_path, 2) == []
+    with pytest.raises(ValueError, match="another format .*--class_image_format png"):
+        make_class_images(pipeline, tmp_path, 3)
+    added = make_class_images(pipeline, tmp_path, 3, image_format="png")
+    assert [path.name for path in added] == ["class_00002.png"]
+    assert sorted(tmp_path.iterdir()) == [*old, *added]
+
+
+def test_class_image_batches_change_images_at_float_level_only(pipeline, tmp_path):
+    """The reference samples class images one by one (batch 1, the default here); a batch of
+    2 gives the same files up to JPEG re-encoding of float-level pixel changes."""
+    one = make_class_images(pipeline, tmp_path / "one", 2, image_format="png")
+    two = make_class_images(pipeline, tmp_path / "two", 2, image_format="png", batch_size=2)
+    for a, b in zip(one, two, strict=True):
+        difference = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b)))
+        assert difference.max() <= 2

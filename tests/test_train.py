@@ -185,6 +185,15 @@ def test_every_flag_has_help_and_defaults_are_the_reference_setup(assets):
         "allow_tf32": True,
         "seed": 0,
         "report_to": "tensorboard",
+        # class images and validation as the reference's script makes them
+        "sample_batch_size": 1,
+        "class_image_format": "jpeg",
+        "class_num_inference_steps": 50,
+        "validation_prompt": "photo of sks person with blue hair",
+        "validation_negative_prompt": "",
+        "num_validation_images": 4,
+        "validation_num_inference_steps": 50,
+        "validation_guidance_scale": 7.5,
     }
     assert {key: getattr(args, key) for key in reference} == reference
 
@@ -691,8 +700,11 @@ def test_triplet_run_writes_every_output(triplet_run):
     card = (output / "README.md").read_text()
     assert "load_lora_weights" in card and str(flags[0].split("=", 1)[1]) in card
 
-    generated = class_dir / "class_00000.png"
+    generated = class_dir / "class_00000.jpg"  # the reference's format (JPEG, quality 75)
     assert Image.open(generated).size == (RESOLUTION, RESOLUTION)
+    assert Image.open(generated).format == "JPEG"
+    assert config["args"]["class_image_format"] == "jpeg"
+    assert config["data"]["class_image_formats"] == {"jpg": 1, "png": 2}
     assert generated.stat().st_mode & 0o044, "outputs must not be private temp-file modes"
 
     scalars = _scalars(output / "logs")
@@ -785,6 +797,22 @@ def test_resume_refuses_a_setting_nobody_listed(triplet_run, tmp_path, monkeypat
         "logging_steps" in trainer.RESUME_MAY_CHANGE
         and "learning_rate" not in trainer.RESUME_MAY_CHANGE
     )
+
+
+def test_a_checkpoint_from_before_class_image_format_resumes(triplet_run, tmp_path):
+    """Checkpoints written when class images were PNG and the flag did not exist resume: the
+    class images are compared by content, so their file format may change."""
+    output, _, flags, _ = triplet_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(output / "checkpoint-2", resumed / "checkpoint-2")
+    config_path = resumed / "checkpoint-2" / trainer.CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    del config["args"]["class_image_format"], config["data"]["class_image_formats"]
+    config_path.write_text(json.dumps(config))
+    argv = [f for f in flags if not f.startswith("--output_dir")] + [f"--output_dir={resumed}"]
+    train.main(train.parse_args([*argv, "--resume_from_checkpoint=latest"]))
+    assert json.loads((resumed / trainer.CONFIG_NAME).read_text())["global_step"] == 4
 
 
 @pytest.mark.slow
@@ -961,9 +989,9 @@ def test_identities_root_trains_each_identity_once_across_two_processes(assets, 
         assert config["resolved"]["process_index"] == rank
         assert config["resolved"]["num_processes"] == 2
         assert config["global_step"] == 2
-    assert sorted(p.name for p in class_dir.glob("class_*.png")) == [
-        "class_00000.png",
-        "class_00001.png",
+    assert sorted(p.name for p in class_dir.glob("class_*")) == [
+        "class_00000.jpg",
+        "class_00001.jpg",
     ]
 
     # No gradient sync between processes: person0 trained alone gives the same LoRA.
