@@ -510,16 +510,17 @@ def load_checkpoint(path: Path, run: Run) -> TrainState:
 
 def trim_log(log_path: Path, last_step: int) -> None:
     """Drop log lines past the resumed step so a resumed run does not duplicate them, and
-    lines a killed writer left torn (they are named in a warning)."""
+    lines a killed writer left torn or that are not UTF-8 JSON (they are named in a warning)."""
     if not log_path.is_file():
         return
     kept, torn = [], []
-    for line in filter(str.strip, log_path.read_text().splitlines()):
+    for raw in filter(bytes.strip, log_path.read_bytes().split(b"\n")):
         try:
+            line = raw.decode("utf-8").strip()
             if json.loads(line)["step"] <= last_step:
                 kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            torn.append(line)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            torn.append(raw)
     if torn:
         logger.warning("%s: dropped %d torn line(s): %s", log_path, len(torn), torn[:3])
     atomic_write_text(log_path, "".join(line + "\n" for line in kept))

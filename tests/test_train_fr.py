@@ -472,10 +472,28 @@ def test_resume_refuses_changed_settings(tmp_path, change, words):
         train_fr.main(train_fr.parse_args(resume))
 
 
+def test_trim_log_drops_torn_and_non_utf8_lines_by_name(tmp_path, caplog):
+    log = tmp_path / "train_log.jsonl"
+    log.write_bytes(
+        b'{"step": 1, "loss": 2.0}\n'
+        b'{"step": 2, "note": "\xff\xfe"}\n'  # not UTF-8 (a disk error, another tool's write)
+        b"\xc3\n"  # a multi-byte character cut in half
+        b'{"step": 3, "loss": 1.0}\r\n'
+        b"[1, 2]\n"
+        b'{"step": 9, "loss": 0.5}\n'  # past the resumed step
+        b'{"step": 4, "lo'  # a writer killed mid-line
+    )
+    with caplog.at_level("WARNING"):
+        train_fr.trim_log(log, last_step=4)
+    assert [r["step"] for r in read_log(log)] == [1, 3]
+    assert "dropped 4 torn line(s)" in caplog.text and "xff" in caplog.text
+
+
 def test_resume_refuses_other_images_and_survives_a_torn_log_line(tmp_path):
     train_fr.main(train_fr.parse_args(fr_flags(tmp_path, "run", "--max_train_steps", "1")))
-    with (tmp_path / "run" / "train_log.jsonl").open("a") as handle:
-        handle.write('{"step": 2, "lo')  # a writer killed mid-line
+    with (tmp_path / "run" / "train_log.jsonl").open("ab") as handle:
+        handle.write(b'{"step": 1, "bad": "\xff"}\n')  # not UTF-8
+        handle.write(b'{"step": 2, "lo')  # a writer killed mid-line
     resume = fr_flags(tmp_path, "run", "--resume_from_checkpoint", "latest")
     train_fr.main(train_fr.parse_args(resume))
     assert [r["step"] for r in read_log(tmp_path / "run" / "train_log.jsonl")] == [1, 2]
