@@ -14,11 +14,13 @@ dataset is plain DreamBooth: every readable photo, no annotation.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import logging
 import re
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ CACHE_FORMAT = "id-booth-faces-v1"
 EMBED_BATCH_SIZE = 32
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT = 258, 339  # TIFF tags: 32 bits, 1 uint / 2 int / 3 float
 
 GENDER_ALIASES = {
     "male": "male",
@@ -59,6 +62,7 @@ GENDER_ALIASES = {
 }
 
 SKIP_NOT_IMAGE = "not an image file"
+SKIP_NOT_A_FILE = "not a file"
 SKIP_UNREADABLE = "unreadable image"
 SKIP_TOO_SMALL = "too small"
 SKIP_NO_FACE = "no face detected"
@@ -120,8 +124,8 @@ class SkipReport:
 # ----------------------------------------------------------------------------- image files
 
 
-def _folder_files(folder: str | Path) -> list[Path]:
-    """Sorted regular, non-hidden files of `folder`; FileNotFoundError when it is missing."""
+def _folder_entries(folder: str | Path) -> list[Path]:
+    """Sorted non-hidden entries of `folder` (any kind); FileNotFoundError when it is missing."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(
@@ -129,7 +133,34 @@ def _folder_files(folder: str | Path) -> list[Path]:
         )
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file; pass the folder that holds the photos")
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _folder_files(folder: str | Path) -> list[Path]:
+    """Sorted regular (or linked to regular), non-hidden files of `folder`."""
+    return [path for path in _folder_entries(folder) if path.is_file()]
+
+
+def entry_kind(path: Path) -> str:
+    """What a folder entry that is not a regular file is, for a skip report: 'a folder',
+    'a FIFO', 'a dangling symlink', 'a symlink loop', ..."""
+    try:
+        mode = path.lstat().st_mode
+        prefix = "a symlink to " if stat.S_ISLNK(mode) else ""
+        mode = path.stat().st_mode if prefix else mode
+    except OSError as error:  # stat failed: the link points nowhere, or at itself
+        if error.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a dangling symlink" if error.errno == errno.ENOENT else f"unreadable ({error})"
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return prefix + kind
 
 
 def _is_image_name(path: Path) -> bool:
@@ -148,17 +179,49 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
-def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit grayscale -> 8-bit RGB by v / 257 (PIL's own convert would clip at 255)."""
-    values = np.asarray(image, dtype=np.float64)  # (H, W) in [0, 65535]
-    gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+def _white_level(image: Image.Image) -> float | None:
+    """The sample value that is white in a high-depth grayscale image, from its format: 65535
+    for 16 bits, 2**32 - 1 (2**31 - 1 signed, TIFF SampleFormat 2) for 32-bit integers, 1.0 for
+    32-bit float (the [0, 1] convention of float images); None for 8-bit modes."""
+    if image.mode == "F":
+        return 1.0
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return None
+    tags = getattr(image, "tag_v2", {})  # TIFF only; other formats reach mode "I" from 16 bits
+    if image.mode == "I" and tags.get(TIFF_BITS_PER_SAMPLE) in (32, (32,)):
+        signed = tags.get(TIFF_SAMPLE_FORMAT) in (2, (2,))
+        return float(2**31 - 1 if signed else 2**32 - 1)
+    return 65535.0
+
+
+def _high_depth_to_rgb(image: Image.Image, white: float) -> Image.Image:
+    """16/32-bit grayscale -> 8-bit RGB by round(v / white * 255) (PIL's own convert clips at
+    255, or truncates floats to 0/1: blank images). UnreadableImageError, one line, where the
+    samples are non-finite or outside [0, white] (a float image in 0..255, say), or span so
+    little of the range that all would be one grey level."""
+    values = np.asarray(image)  # (H, W)
+    if white == 2**32 - 1:  # PIL holds uint32 samples in int32: reinterpret the bits
+        values = values.view(np.uint32)
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > white:
+        raise UnreadableImageError(
+            f"{image.mode} samples span {low:g}..{high:g}, outside 0..{white:g} of the format"
+        )
+    gray = np.round(values / white * 255.0).astype(np.uint8)
+    if gray.min() == gray.max() and low < high:
+        raise UnreadableImageError(
+            f"{image.mode} samples span only {low:g}..{high:g} of 0..{white:g}: one grey level "
+            "in 8 bits (a blank image)"
+        )
     return Image.fromarray(gray).convert("RGB")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB; transparent pixels are composited over white."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        return _sixteen_bit_to_rgb(image)
+def _to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; high-depth grayscale scaled by its `white` level (from
+    _white_level of the file as opened); transparent pixels are composited over white."""
+    if white is not None:
+        return _high_depth_to_rgb(image, white)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ALPHA_MODES:
@@ -173,7 +236,8 @@ def _decode_rgb(source: str | Path | io.BytesIO, name: str) -> Image.Image:
     try:
         with Image.open(source) as image:
             image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
+            white = _white_level(image)  # from the file's own tags, before any transpose
+            return _to_rgb(ImageOps.exif_transpose(image), white)
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as error:
@@ -419,6 +483,9 @@ class _ScanPass:
 
     def visit(self, path: Path, min_side: int) -> None:
         """Read one file's size (plain) or its cached / fresh face annotation; record skips."""
+        if not path.is_file():  # never opened: a FIFO would block, a folder cannot be read
+            self.report.add(path, SKIP_NOT_A_FILE, entry_kind(path))
+            return
         if not _is_image_name(path):
             self.report.add(path, SKIP_NOT_IMAGE)
             return
@@ -551,7 +618,7 @@ def scan_photos(
     if (detector is None) != (encoder is None):
         raise ValueError("pass both a face detector and an encoder, or neither")
     folder = Path(folder)
-    files = _folder_files(folder)
+    files = _folder_entries(folder)  # other entries than files are skipped by name
     state = _scan_pass(folder, files, detector, encoder, cache, min_side, limit)
     photos, faces = state.classify(min_side)
     faceless_photos = [path for path in photos if detector is not None and path not in faces]

@@ -8,6 +8,7 @@ exactly. One test runs the real dlib detector on the photos insightface's wheel 
 import functools
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -191,6 +192,65 @@ def test_grayscale_rgba_palette_and_16_bit_load_as_rgb(tmp_path: Path) -> None:
     rgb16 = rgb.astype(np.uint16) * 257
     cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16[..., ::-1])  # cv2 writes BGR
     assert (np.asarray(load_rgb_image(tmp_path / "rgb16.png")) == rgb).all()
+
+
+def test_32_bit_tiffs_are_scaled_by_their_format_range(tmp_path: Path) -> None:
+    """float32 in [0, 1] and int32 / uint32 over their full range decode to the photo, not
+    to a blank image (PIL's convert truncates floats to 0/1 and clips integers at 255)."""
+    rgb, _ = face_photo()
+    gray = rgb[..., 0].astype(np.float64) / 255  # (H, W) in [0, 1]
+    Image.fromarray(gray.astype(np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.round(gray * (2**31 - 1)).astype(np.int32)).save(tmp_path / "int.tif")
+    cv2.imwrite(str(tmp_path / "uint.tif"), np.round(gray * (2**32 - 1)).astype(np.uint32))
+    for name, mode in (("float.tif", "F"), ("int.tif", "I"), ("uint.tif", "I")):
+        assert Image.open(tmp_path / name).mode == mode
+        loaded = np.asarray(load_rgb_image(tmp_path / name)).astype(int)
+        assert np.abs(loaded - rgb[..., :1]).max() <= 1, name
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        (
+            np.linspace(0, 255, 64 * 64, dtype=np.float32),
+            r"F samples span 0\.\.255, outside 0\.\.1",
+        ),
+        (np.full(64 * 64, np.nan, dtype=np.float32), "samples span nan"),
+        (np.arange(64 * 64, dtype=np.int32) % 256, "one grey level"),  # 8-bit data in 32 bits
+        (np.arange(64 * 64, dtype=np.int32) - 5, r"span -5\.\."),
+    ],
+)
+def test_32_bit_tiffs_that_would_decode_blank_are_refused_in_one_line(
+    tmp_path: Path, values: np.ndarray, words: str
+) -> None:
+    Image.fromarray(values.reshape(64, 64)).save(tmp_path / "odd.tif")
+    with pytest.raises(UnreadableImageError, match=f"odd.tif.*{words}") as error:
+        load_rgb_image(tmp_path / "odd.tif")
+    assert "\n" not in str(error.value)
+
+
+def test_broken_folder_entries_are_named_in_the_skip_report(tmp_path: Path, caplog) -> None:
+    """Entries that are not files are reported by name and kind, never opened (a FIFO would
+    block) and never silently left out."""
+    save(tmp_path, "a.png", face_photo()[0])
+    (tmp_path / "x.png").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "linked.png").symlink_to(tmp_path / "a.png")  # a link to a photo is a photo
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        scan = datasets.scan_photos(tmp_path)
+    assert [path.name for path in scan.photos] == ["a.png", "linked.png"]
+    kinds = {item.path.name: item.detail for item in scan.report.skipped}
+    assert kinds == {
+        "dangling.png": "a dangling symlink",
+        "fifo.png": "a FIFO",
+        "loop.png": "a symlink loop",
+        "x.png": "a folder",
+    }
+    assert scan.report.counts() == {datasets.SKIP_NOT_A_FILE: 4}
+    [warning] = dataset_warnings(caplog)
+    assert all(name in warning for name in kinds) and "4 of 6" in warning
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
