@@ -63,7 +63,8 @@ class IdentitySelection:
 
 
 class BatchedLoRALinear(nn.Module):
-    """`base(x) + scaling * B[idx] A[idx] x` per sample; A (K, r, in), B (K, out, r) in fp32."""
+    """`base(x) + scaling * B[idx] A[idx] x` per sample; A (K, r, in), B (K, out, r) in `dtype`
+    (fp32 for training; the base's dtype for generation, as load_lora_weights loads one)."""
 
     def __init__(
         self,
@@ -72,10 +73,11 @@ class BatchedLoRALinear(nn.Module):
         rank: int,
         scaling: float,
         selection: IdentitySelection,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        factory = dict(device=base_layer.weight.device, dtype=torch.float32)
+        factory = dict(device=base_layer.weight.device, dtype=dtype)
         self.lora_A = nn.Parameter(
             torch.zeros(num_identities, rank, base_layer.in_features, **factory)
         )
@@ -84,6 +86,9 @@ class BatchedLoRALinear(nn.Module):
         )
         self.scaling = scaling
         self.selection = selection
+        # (K,) float32 scaling of each slot, set by load_identity_scaled_ (generation, where
+        # each slot holds a LoRA of its own alpha and strength); None: `scaling` for all.
+        self.register_buffer("slot_scaling", None, persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -121,7 +126,12 @@ class BatchedLoRALinear(nn.Module):
         hidden = x.to(self.lora_A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, N, in)
         down = self.lora_A[identities].transpose(1, 2)  # (B, in, r)
         up = self.lora_B[identities].transpose(1, 2)  # (B, r, out)
-        delta = torch.bmm(torch.bmm(hidden, down), up) * self.scaling  # (B, N, out)
+        delta = torch.bmm(torch.bmm(hidden, down), up)  # (B, N, out)
+        if self.slot_scaling is None:
+            delta = delta * self.scaling
+        else:  # as peft's `product * scaling`: in fp32, rounded once to the product's dtype
+            scaling = self.slot_scaling[identities].view(-1, 1, 1)
+            delta = (delta.float() * scaling).to(delta.dtype)
         return (result + delta.reshape(result.shape)).to(result_dtype)
 
     def extra_repr(self) -> str:
@@ -191,8 +201,10 @@ def inject_batched_lora(
     num_identities: int,
     rank: int,
     alpha: float,
+    dtype: torch.dtype = torch.float32,
 ) -> BatchedLoRA:
-    """Replace every targeted nn.Linear with a BatchedLoRALinear (B = 0, A = 0) in place.
+    """Replace every targeted nn.Linear with a BatchedLoRALinear (B = 0, A = 0) in place, its
+    factors in `dtype` (fp32: trainable under autocast, as peft's cast_training_params).
 
     Like peft's add_adapter, every other parameter of the UNet is frozen. Initialise each
     identity with `init_identity_` (or `load_identity_`) afterwards.
@@ -212,7 +224,7 @@ def inject_batched_lora(
     for name in targeted:
         parent, child = _parent_and_child(unet, name)
         layers[name] = BatchedLoRALinear(
-            getattr(parent, child), num_identities, rank, alpha / rank, selection
+            getattr(parent, child), num_identities, rank, alpha / rank, selection, dtype
         )
         setattr(parent, child, layers[name])
     return BatchedLoRA(
@@ -329,9 +341,11 @@ def load_identity_scaled_(
 ) -> None:
     """Identity k from a diffusers-format LoRA (keys '<module>.lora.down/up.weight') of any
     rank <= handle.rank on any subset of the batched layers, with each module's scaling
-    (its file's alpha / r times a LoRA strength) folded into B, for generation, where one
-    batched layer serves LoRAs trained with other settings. Padded ranks and layers the file
-    lacks stay zero. ValueError for layers the handle lacks or ranks above its own."""
+    (its file's alpha / r times a LoRA strength) set as slot k's scaling of that layer and
+    applied to the product at run time, as peft does (folding it into B would round B * s in
+    fp16), for generation, where one batched layer serves LoRAs trained with other settings.
+    Padded ranks and layers the file lacks stay zero. ValueError for layers the handle lacks
+    or ranks above its own."""
     _check_identity(handle, k)
     targets = _diffusers_targets(handle)
     unexpected = sorted(set(state_dict) - set(targets))
@@ -345,7 +359,7 @@ def load_identity_scaled_(
             f"LoRA does not fit the batched layers: keys of other layers {unexpected[:4]} "
             f"({len(unexpected)}), ranks above {handle.rank}: {too_large[:4]}"
         )
-    handle_scaling = handle.alpha / handle.rank
+    layer_of = {id(layer.lora_B): layer for layer in handle.layers.values()}
     for key, param in targets.items():
         param[k].zero_()
         value = state_dict.get(key)
@@ -355,7 +369,17 @@ def load_identity_scaled_(
         if key.endswith("down.weight"):  # A (r, in)
             param[k, : value.shape[0]].copy_(value)
         else:  # B (out, r)
-            param[k, :, : value.shape[1]].copy_(value * (scalings[module] / handle_scaling))
+            param[k, :, : value.shape[1]].copy_(value)
+            _slot_scaling(layer_of[id(param)])[k] = scalings[module]
+
+
+def _slot_scaling(layer: BatchedLoRALinear) -> torch.Tensor:
+    """The layer's (K,) per-slot scaling, created (all 1) at its first use."""
+    if layer.slot_scaling is None:
+        layer.slot_scaling = torch.ones(
+            layer.lora_A.shape[0], dtype=torch.float32, device=layer.lora_A.device
+        )
+    return layer.slot_scaling
 
 
 class SlotPool:
@@ -407,12 +431,18 @@ def slot_pool_for_layouts(
 ) -> tuple[BatchedLoRA | None, SlotPool | None]:
     """A batched LoRA of `num_slots` slots over the union of the layouts' layers (rank: their
     largest; alpha = rank, so each identity's own scaling comes with its `load`) and the
-    SlotPool that fills it on demand; (None, None) when no layout holds a layer."""
+    SlotPool that fills it on demand; (None, None) when no layout holds a layer.
+
+    The factors take the UNet's dtype, as `load_lora_weights` loads an adapter, and each
+    slot's scaling multiplies the product at run time: in fp16 the LoRA path then rounds where
+    peft's does (fp16 factors, fp16 products, the scaled product, an fp16 sum), so a batch of
+    one equals the stock pipeline bit for bit; fp32 factors would round once, at the sum, and
+    differ by a grey level on about 13 % of pixels (tests/test_inference.py)."""
     modules = sorted({module for layout in layouts.values() for module in layout.ranks})
     rank = max((r for layout in layouts.values() for r in layout.ranks.values()), default=1)
     if not modules:
         return None, None
-    lora = inject_batched_lora(unet, modules, num_slots, rank, alpha=rank)
+    lora = inject_batched_lora(unet, modules, num_slots, rank, alpha=rank, dtype=unet.dtype)
     return lora, SlotPool(lora, load)
 
 
