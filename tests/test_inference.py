@@ -472,6 +472,20 @@ def _regenerate(pipeline, record: dict) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
+def test_png_pixels_round_like_the_references_save_image_on_fp16_decodes():
+    """The reference writes the pipeline's float output with torchvision's save_image,
+    floor(255 x + 0.5); diffusers' PIL conversion (ours) rounds half to even. They agree on
+    every fp16 value in [0, 1], all an fp16 decode can give."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    values = torch.arange(2**15, dtype=torch.int16).view(torch.float16)  # every x >= 0
+    values = values[values <= 1].float()  # (15361,)
+    reference = values.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
+    rows = values.numpy().reshape(1, -1, 1, 1).repeat(3, axis=3)  # (1, N, 1, 3) images
+    ours = np.asarray(VaeImageProcessor.numpy_to_pil(rows)[0])[:, 0, 0]
+    assert len(ours) == 15361 and np.array_equal(ours, reference)
+
+
 @pytest.mark.parametrize(
     ("precision", "lora_scale"), [("fp16", "1"), ("fp16", "0.7"), ("bf16", "0.7"), ("no", "0.7")]
 )
