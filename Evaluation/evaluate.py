@@ -356,7 +356,7 @@ def embed_sets(
 
     embedded = {}
     for name, image_set in image_sets.items():
-        log(f"{cache_path.stem}: {name} ({len(image_set.paths)} images)")
+        log(f"{cache_path.name}: {name} ({len(image_set.paths)} images)")
         with tqdm(desc=f"{name}: new images", unit="img", file=sys.stderr, disable=None) as bar:
 
             def advance(done: int, total: int, bar=bar) -> None:
@@ -371,8 +371,8 @@ def embed_sets(
 def cached_per_set(
     image_sets: dict[str, ImageSet], compute, kind: str, model_name: str, args: argparse.Namespace
 ) -> dict[str, EmbeddedSet]:
-    """embed_sets with the cache OUT/cache/<kind>-<model name>.npz."""
-    cache_path = args.out / "cache" / f"{kind}-{_safe(model_name)}.npz"
+    """embed_sets with the cache folder OUT/cache/<kind>-<model name>/."""
+    cache_path = args.out / "cache" / f"{kind}-{_safe(model_name)}"
     return embed_sets(image_sets, compute, cache_path, args.batch_size)
 
 

@@ -749,3 +749,84 @@ def test_statistics_over_no_face_show_as_not_available():
     entry = {"mean": float("nan"), "std": float("nan")}
     assert report._mean_std(entry, "mean", "std") == "n/a"
     assert report._mean_std({"mean": 1.0, "std": 0.25}, "mean", "std") == "1 ± 0.25"
+
+
+def numbered_files(folder: Path, count: int) -> list[Path]:
+    """`count` small text files whose content is their number."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{index}.txt" for index in range(count)]
+    for index, path in enumerate(paths):
+        path.write_text(f"content {index}")
+    return paths
+
+
+def number_rows(batch):
+    """compute() of the cache tests: the file's number and 1.0 per file, all ok."""
+    from image_sets import STATUS_OK
+
+    rows = np.array([[float(path.read_text().split()[-1]), 1.0] for path in batch])
+    return rows, np.full(len(batch), STATUS_OK, dtype=np.int8)
+
+
+def test_row_cache_writes_each_row_once_per_pass(tmp_path, monkeypatch):
+    """The cache grows by appending: a pass over N new images writes N rows, not N^2 / chunk."""
+    import image_sets
+
+    written_rows = []
+    write = image_sets.atomic_write_bytes
+
+    def counting_write(path, data, **kwargs):
+        with np.load(io.BytesIO(data)) as stored:
+            written_rows.append(len(stored["keys"]))
+        write(path, data, **kwargs)
+
+    monkeypatch.setattr(image_sets, "atomic_write_bytes", counting_write)
+    monkeypatch.setattr(image_sets, "CACHE_SAVE_EVERY", 4)
+    paths = numbered_files(tmp_path / "files", 40)
+    cache = tmp_path / "cache" / "rows"
+    rows, _ = image_sets.cached_rows(paths, number_rows, cache, batch_size=2)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(40))
+    assert written_rows == [4] * 10  # ten saves of the four new rows each
+    written_rows.clear()
+    paths += numbered_files(tmp_path / "more", 43)[40:]  # three new files
+    rows, _ = image_sets.cached_rows(paths, number_rows, cache, batch_size=2)
+    assert written_rows == [3] and rows[-1, 0] == 42
+
+
+def test_a_killed_pass_loses_only_its_unsaved_rows_and_a_torn_part_is_recomputed(
+    tmp_path, monkeypatch
+):
+    import image_sets
+
+    monkeypatch.setattr(image_sets, "CACHE_SAVE_EVERY", 4)
+    paths = numbered_files(tmp_path / "files", 10)
+    cache = tmp_path / "cache" / "rows"
+    computed: list[str] = []
+
+    def killed_after_six(batch):
+        if len(computed) >= 6:
+            raise KeyboardInterrupt
+        computed.extend(path.name for path in batch)
+        return number_rows(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        image_sets.cached_rows(paths, killed_after_six, cache, batch_size=2)
+    assert len(list(cache.glob("part-*.npz"))) == 1  # rows 0-3 saved, 4-5 unsaved
+
+    def counting(batch):
+        computed.extend(path.name for path in batch)
+        return number_rows(batch)
+
+    computed.clear()
+    rows, _ = image_sets.cached_rows(paths, counting, cache, batch_size=2)
+    assert computed == [f"{i}.txt" for i in range(4, 10)]
+    np.testing.assert_array_equal(rows[:, 0], np.arange(10))
+    # Truncate the first part (rows 0-3): named in a warning, removed, those rows recomputed.
+    parts = sorted(cache.glob("part-*.npz"), key=lambda part: part.stat().st_mtime_ns)
+    parts[0].write_bytes(parts[0].read_bytes()[:-40])
+    computed.clear()
+    with pytest.warns(UserWarning, match=re.escape(parts[0].name)):
+        rows, _ = image_sets.cached_rows(paths, counting, cache, batch_size=2)
+    assert computed == [f"{i}.txt" for i in range(4)]
+    np.testing.assert_array_equal(rows[:, 0], np.arange(10))
+    assert not list(cache.glob("*.tmp"))
