@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io
+import unicodedata
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -40,16 +41,66 @@ class ImageSet:
     empty_identities: list[str] = field(default_factory=list)  # folders without images
     excluded: list[str] = field(default_factory=list)  # files matched by an exclude pattern
     loose_files: list[str] = field(default_factory=list)  # images outside identity folders
+    name_notes: list[str] = field(default_factory=list)  # identity names that collide
 
     def relative(self, indices: Sequence[int] | np.ndarray) -> list[str]:
         """Paths (relative to root, POSIX) of the given image indices."""
         return [self.paths[int(i)].relative_to(self.root).as_posix() for i in indices]
 
 
+def identity_name(folder_name: str) -> str:
+    """The identity of a folder: its name in Unicode NFC, so a name that macOS stores
+    decomposed (NFD) matches the same name typed elsewhere."""
+    return unicodedata.normalize("NFC", folder_name)
+
+
+def _holds_image_folders(folder: Path) -> bool:
+    """Whether `folder` has a sub-folder with images (a set of identity folders, not one)."""
+    from datasets import IMAGE_EXTENSIONS
+
+    return any(
+        sub.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in sub.iterdir())
+        for sub in folder.iterdir()
+    )
+
+
+def _no_images_error(name: str, root: Path, folders: list[Path]) -> ValueError:
+    """Why ROOT has no images, naming variant folders (ROOT/<variant>/<identity>/) when so."""
+    nested = [folder.name for folder in folders if _holds_image_folders(folder)]
+    if not nested:
+        return ValueError(f"{name}: no images in the identity folders of {root}")
+    example = " ".join(f"--generated {v}={(root / v).as_posix()}" for v in nested[:3])
+    return ValueError(
+        f"{name}: {root} holds folders of identity folders ({', '.join(nested)}), e.g. one per "
+        f"variant as reproduce_ID-Booth.py writes: give each as its own set, e.g. {example}"
+    )
+
+
+def _name_notes(name: str, folders_of: dict[str, list[str]]) -> list[str]:
+    """Warnings about identity folders whose names collide after NFC or case folding."""
+    notes = [
+        f"{name}: folders {', '.join(map(repr, folders))} are one identity {identity!r} after "
+        "Unicode NFC normalisation (their images are merged)"
+        for identity, folders in folders_of.items()
+        if len(folders) > 1
+    ]
+    by_folded: dict[str, list[str]] = {}
+    for identity in folders_of:
+        by_folded.setdefault(identity.casefold(), []).append(identity)
+    notes += [
+        f"{name}: identities {', '.join(map(repr, identities))} differ only in letter case "
+        "(kept apart as different people; rename one if they are the same)"
+        for identities in by_folded.values()
+        if len(identities) > 1
+    ]
+    return notes
+
+
 def load_image_set(
     name: str, root: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE
 ) -> ImageSet:
-    """Scan ROOT/<identity>/<image>; FileNotFoundError / ValueError with the fix when unusable."""
+    """Scan ROOT/<identity>/<image>; FileNotFoundError / ValueError with the fix when unusable.
+    Identities are the folder names in NFC (identity_name); collisions are in name_notes."""
     from datasets import IMAGE_EXTENSIONS, list_images  # the training code's (imports torch)
 
     root = Path(root).expanduser()
@@ -65,20 +116,24 @@ def load_image_set(
     image_set.loose_files = sorted(
         p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
+    folders_of: dict[str, list[str]] = {}
     for folder in folders:
         try:
             images = list_images(folder)
         except ValueError:
             image_set.empty_identities.append(folder.name)
             continue
+        identity = identity_name(folder.name)
+        folders_of.setdefault(identity, []).append(folder.name)
         for path in images:
             if any(fnmatch.fnmatch(path.name, pattern) for pattern in exclude):
                 image_set.excluded.append(path.relative_to(root).as_posix())
                 continue
             image_set.paths.append(path)
-            image_set.identities.append(folder.name)
+            image_set.identities.append(identity)
     if not image_set.paths:
-        raise ValueError(f"{name}: no images in the identity folders of {root}")
+        raise _no_images_error(name, root, folders)
+    image_set.name_notes = _name_notes(name, folders_of)
     return image_set
 
 

@@ -830,3 +830,141 @@ def test_a_killed_pass_loses_only_its_unsaved_rows_and_a_torn_part_is_recomputed
     assert computed == [f"{i}.txt" for i in range(4)]
     np.testing.assert_array_equal(rows[:, 0], np.arange(10))
     assert not list(cache.glob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def crops() -> dict:
+    return real_face_crops()
+
+
+def people(root: Path, crops: dict, folders: dict[str, str], count: int = 2) -> Path:
+    """ROOT/<folder name>/<k>.png: `count` variants of the person each folder name maps to."""
+    for folder, person in folders.items():
+        write_identity_folders(root, {folder: crops[person]}, [folder], count)
+    return root
+
+
+def test_all_pairs_beyond_the_memory_are_refused_before_embedding(data, tmp_path, monkeypatch):
+    import face_embedding
+
+    monkeypatch.setattr(face_embedding.DlibEmbedder, "embed", refuse)
+    monkeypatch.setattr(evaluate, "physical_memory_bytes", lambda: 10_000)
+    argv = dlib_argv(data, tmp_path / "out", "--max_impostor_pairs=0")
+    with pytest.raises(ValueError, match=r"all pairs \(--max_impostor_pairs 0\): [\d,]+ impostor"):
+        evaluate.main(evaluate.parse_args(argv))
+    image_sets = evaluate.load_sets(evaluate.parse_args(argv))
+    evaluate.check_pair_memory(image_sets, 10, 10_000)  # a sample that fits passes
+    # The estimate counts the pairs identity_metrics will score (every image a face).
+    genuine_a, impostor_a = metrics.within_set_pairs(image_sets["A"].identities)
+    assert evaluate.planned_impostor_pairs(image_sets, None)[0] == len(impostor_a)
+
+
+def test_a_root_of_variant_folders_is_named(crops, tmp_path):
+    for variant in ("dreambooth", "triplet"):
+        people(tmp_path / "generated" / variant, crops, {"p": "person_0"}, 1)
+    root = tmp_path / "generated"
+    argv = [f"--generated={root}", "--embedder=dlib", f"--out={tmp_path / 'out'}"]
+    with pytest.raises(ValueError, match=r"holds folders of identity folders \(dreambooth, trip"):
+        evaluate.load_sets(evaluate.parse_args(argv))
+    with pytest.raises(ValueError, match=f"--generated dreambooth={root.as_posix()}/dreambooth"):
+        evaluate.load_sets(evaluate.parse_args(argv))
+
+
+def test_identity_names_match_by_nfc_and_unmatched_names_are_warned(crops, tmp_path, capsys):
+    composed, decomposed = "Jos\u00e9", "Jose\u0301"  # the same name, as Linux and macOS store it
+    real = people(
+        tmp_path / "real",
+        crops,
+        {composed: "person_0", "Anna": "person_1", "tom": "tom_hanks", "zoe": "person_2"},
+    )
+    generated = people(
+        tmp_path / "gen", crops, {decomposed: "person_0", "anna": "person_1", "tom": "tom_hanks"}
+    )
+    argv = [f"--generated=G={generated}", f"--real={real}", "--embedder=dlib", "--no-pose"]
+    results = evaluate.main(evaluate.parse_args([*argv, f"--out={tmp_path / 'out'}"]))
+    assert results["identity"]["synthetic_vs_real"]["G"]["n_genuine"] == 2 * (2 * 2)  # José, tom
+    console = capsys.readouterr().err
+    expected = (
+        "G: 2 of 3 identities match a --real identity by name; 1 only in G ('anna'), "
+        "2 only in --real ('Anna', 'zoe')",
+        "G: 1 unmatched by letter case only ('anna' ~ 'Anna'); rename one side",
+    )
+    for line in expected:
+        assert line in console and any(line in note for note in results["notes"])
+
+
+def test_identity_folders_equal_after_nfc_are_merged_and_case_collisions_named(crops, tmp_path):
+    from image_sets import load_image_set
+
+    composed, decomposed = "Jos\u00e9", "Jose\u0301"
+    root = people(
+        tmp_path / "set",
+        crops,
+        {composed: "person_0", decomposed: "person_0", "Anna": "person_1", "anna": "person_2"},
+    )
+    image_set = load_image_set("S", root)
+    assert image_set.identities.count(composed) == 4 and decomposed not in image_set.identities
+    notes = " | ".join(image_set.name_notes)
+    assert f"are one identity {composed!r} after Unicode NFC normalisation" in notes
+    assert "identities 'Anna', 'anna' differ only in letter case" in notes
+
+
+def test_a_permission_denied_image_is_unreadable_not_fatal(crops, tmp_path, monkeypatch):
+    import builtins
+
+    generated = people(tmp_path / "gen", crops, {"a": "person_0", "b": "person_1"}, 3)
+    locked = generated / "a" / "1.png"
+    open_file = builtins.open
+
+    def denying_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open_file(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denying_open)
+    argv = [f"--generated=G={generated}", "--embedder=dlib", f"--out={tmp_path / 'out'}"]
+    results = evaluate.main(evaluate.parse_args(argv))
+    assert results["sets"]["G"]["unreadable"] == ["a/1.png"]
+    assert results["identity"]["synthetic_vs_synthetic"]["G"]["n_genuine"] == 1 + 3
+    assert "G: 1 unreadable images" in " ".join(results["notes"])
+
+
+def test_dollar_signs_in_names_and_tags_are_plain_text(crops, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    names = {r"$\notasymbol$": "person_0", "$x^$": "person_1"}
+    generated = people(tmp_path / "gen", crops, names)
+    writer = SummaryWriter(log_dir=str(tmp_path / "loras" / r"$\notasymbol$" / "logs"))
+    for step in (1, 2):
+        writer.add_scalar("train/loss", 1.0 / step, step)
+        writer.add_scalar(r"train/$\oops$", 2.0 / step, step)
+    writer.close()
+    method = r"$\method$"
+    argv = [
+        f"--generated={method}={generated}",
+        f"--training_logs={method}={tmp_path / 'loras'}",
+        "--embedder=dlib",
+        f"--out={tmp_path / 'out'}",
+    ]
+    results = evaluate.main(evaluate.parse_args(argv))
+    plots = {path.stem for path in (tmp_path / "out" / "plots").glob("*.png")}
+    assert {"synthetic_vs_synthetic_hist", "synthetic_vs_synthetic_roc"} <= plots
+    assert {results["pose"]["sets"][method]["figure"], "training__method_"} <= plots
+
+
+def test_a_figure_that_fails_is_lost_alone_with_a_warning(data, tmp_path, monkeypatch, capsys):
+    import report
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw this")
+
+    monkeypatch.setattr(report, "det_figure", broken)
+    out = tmp_path / "out"
+    argv = [f"--generated=B={data['genB']}", "--embedder=dlib", "--no-pose", f"--out={out}"]
+    evaluate.main(evaluate.parse_args(argv))
+    assert "figure synthetic_vs_synthetic_det not drawn (ValueError: cannot draw this)" in (
+        capsys.readouterr().err
+    )
+    assert (out / "plots" / "synthetic_vs_synthetic_roc.png").is_file()
+    assert not (out / "plots" / "synthetic_vs_synthetic_det.png").exists()
+    assert "synthetic_vs_synthetic_roc" in (out / "report.html").read_text()
