@@ -23,6 +23,7 @@ from evaluation_data import (
 from PIL import Image
 
 import evaluate
+import fileio
 import metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -968,3 +969,16 @@ def test_a_figure_that_fails_is_lost_alone_with_a_warning(data, tmp_path, monkey
     assert (out / "plots" / "synthetic_vs_synthetic_roc.png").is_file()
     assert not (out / "plots" / "synthetic_vs_synthetic_det.png").exists()
     assert "synthetic_vs_synthetic_roc" in (out / "report.html").read_text()
+
+
+def test_a_single_file_cache_of_earlier_versions_is_still_read(tmp_path):
+    from image_sets import STATUS_OK, cached_rows
+
+    paths = numbered_files(tmp_path / "files", 3)
+    keys = np.array([fileio.file_sha256(path) for path in paths])
+    values = np.array([[7.0, 7.0], [8.0, 8.0], [9.0, 9.0]], dtype=np.float32)
+    (tmp_path / "cache").mkdir()
+    status = np.full(3, STATUS_OK, dtype=np.int8)
+    np.savez(tmp_path / "cache" / "rows.npz", keys=keys, values=values, status=status)
+    rows, _ = cached_rows(paths, refuse, tmp_path / "cache" / "rows")
+    np.testing.assert_array_equal(rows, values)
