@@ -142,8 +142,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=runs.NON_NEGATIVE_INT,
         default=10_000_000,
         help="Cap on impostor pairs per comparison; above it a uniform seeded "
-        "sample is used (0 = all pairs). 107 identities x 21 images (the paper) "
-        "stay below it.",
+        "sample is used (0 = all pairs, refused before any embedding when their scores "
+        "would not fit in memory). 107 identities x 21 images (the paper) stay below it.",
     )
     parser.add_argument(
         "--fmr_targets",
