@@ -476,6 +476,15 @@ def check_pair_memory(
     )
 
 
+def check_before_embedding(image_sets: dict[str, ImageSet], args: argparse.Namespace) -> list[str]:
+    """Refuse impostor scores that cannot fit in memory; warn (and return) identity-name notes."""
+    check_pair_memory(image_sets, args.max_impostor_pairs or None, physical_memory_bytes())
+    notes = identity_name_notes(image_sets)
+    for note in notes:
+        log(f"warning: {note}")
+    return notes
+
+
 def embed_faces(
     image_sets: dict[str, ImageSet], args: argparse.Namespace
 ) -> tuple[str, dict[str, EmbeddedSet]]:
@@ -878,10 +887,7 @@ def main(args: argparse.Namespace) -> dict:
     args.device = resolve_device(args.device)
     generated = list(args.generated_sets)
     image_sets = load_sets(args)
-    check_pair_memory(image_sets, args.max_impostor_pairs or None, physical_memory_bytes())
-    name_notes = identity_name_notes(image_sets)
-    for note in name_notes:
-        log(f"warning: {note}")
+    name_notes = check_before_embedding(image_sets, args)
     embedder_name, faces = embed_faces(image_sets, args)
     identity, identity_scores = identity_metrics(faces, generated, args)
     diversity, fidelity, feature_name = feature_sections(image_sets, generated, args)
@@ -890,7 +896,8 @@ def main(args: argparse.Namespace) -> dict:
     pose, pose_angles = pose_section(image_sets, args)
     training, curves = training_section(args)
     sets = summarise_sets(faces)
-    notes = name_notes + data_notes(sets)
+    set_notes = data_notes(sets)
+    notes = name_notes + set_notes  # the name notes were logged before the embedding
     figures = {
         **identity_figures(identity_scores, identity),
         **diversity_figures(diversity),
@@ -919,7 +926,7 @@ def main(args: argparse.Namespace) -> dict:
     atomic_write_json(args.out / "metrics.json", runs.json_safe(results), allow_nan=False)
     page = report.render_report(results, figures, thumbnails)
     atomic_write_bytes(args.out / "report.html", page.encode())
-    for note in notes:
+    for note in set_notes:
         log(note)
     log(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.html'}")
     return results
