@@ -14,7 +14,7 @@ Conventions (also written into every `metrics.json`, see `METRIC_DEFINITIONS`):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,9 +162,9 @@ def cross_set_pairs(
     return genuine_pairs.astype(np.int64), impostor_pairs.astype(np.int64)
 
 
-# Scores come from blocks of matrix products (unit_a[rows] @ unit_b.T), about 15 ns per entry
-# in float64 on one core, instead of gathering the two embeddings of each pair (1-2 us per pair).
-# A sampled pair set far smaller than the block area is still gathered pair by pair.
+# Scores come from blocks of matrix products (unit_a[rows] @ unit_b.T): 15-30 ns per entry in
+# float64 on one core of the 2-core test machine, where gathering the two embeddings of each pair
+# took 1-3 us per pair. A sampled pair set far smaller than its matrix is still gathered.
 BLOCK_ENTRIES = 1 << 22  # score entries per block of a matrix product (32 MB of float64)
 GATHER_OVER_MATMUL = 64  # a gathered pair costs about this many matrix-product entries
 
@@ -175,8 +175,16 @@ def _row_blocks(n_rows: int, n_columns: int) -> list[tuple[int, int]]:
     return [(begin, min(begin + step, n_rows)) for begin in range(0, n_rows, step)]
 
 
+KeepMask = Callable[[int, int, np.ndarray], np.ndarray]  # (begin, end, columns) -> bool mask
+FirstColumn = Callable[[int], int]  # block's first row -> first column it can keep
+
+
 def _dense_scores(
-    unit_a: np.ndarray, unit_b: np.ndarray, keep, total: int, first_column=None
+    unit_a: np.ndarray,
+    unit_b: np.ndarray,
+    keep: KeepMask,
+    total: int,
+    first_column: FirstColumn | None = None,
 ) -> np.ndarray:
     """(total,) cos(a_r, b_c) of every kept entry in row-major order, block by block.
 
@@ -200,7 +208,7 @@ def _sampled_scores(
     unit_b: np.ndarray,
     rows: np.ndarray,
     columns: np.ndarray,
-    first_column=None,
+    first_column: FirstColumn | None = None,
 ) -> np.ndarray:
     """cos(a_rows[p], b_columns[p]) (P,) for pairs sorted by row: by blocks of matrix products
     when the pairs fill their blocks enough, else pair by pair (first_column as _dense_scores)."""
