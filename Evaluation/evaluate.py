@@ -33,10 +33,11 @@ skipped with a note.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,8 +142,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=runs.NON_NEGATIVE_INT,
         default=10_000_000,
         help="Cap on impostor pairs per comparison; above it a uniform seeded "
-        "sample is used (0 = all pairs). 107 identities x 21 images (the paper) "
-        "stay below it.",
+        "sample is used (0 = all pairs, refused before any embedding when their scores "
+        "would not fit in memory). 107 identities x 21 images (the paper) stay below it.",
     )
     parser.add_argument(
         "--fmr_targets",
@@ -356,7 +357,7 @@ def embed_sets(
 
     embedded = {}
     for name, image_set in image_sets.items():
-        log(f"{cache_path.stem}: {name} ({len(image_set.paths)} images)")
+        log(f"{cache_path.name}: {name} ({len(image_set.paths)} images)")
         with tqdm(desc=f"{name}: new images", unit="img", file=sys.stderr, disable=None) as bar:
 
             def advance(done: int, total: int, bar=bar) -> None:
@@ -371,8 +372,8 @@ def embed_sets(
 def cached_per_set(
     image_sets: dict[str, ImageSet], compute, kind: str, model_name: str, args: argparse.Namespace
 ) -> dict[str, EmbeddedSet]:
-    """embed_sets with the cache OUT/cache/<kind>-<model name>.npz."""
-    cache_path = args.out / "cache" / f"{kind}-{_safe(model_name)}.npz"
+    """embed_sets with the cache folder OUT/cache/<kind>-<model name>/."""
+    cache_path = args.out / "cache" / f"{kind}-{_safe(model_name)}"
     return embed_sets(image_sets, compute, cache_path, args.batch_size)
 
 
@@ -384,6 +385,104 @@ def load_sets(args: argparse.Namespace) -> dict[str, ImageSet]:
     if args.real is not None:
         image_sets[REAL_SET_NAME] = load_image_set(REAL_SET_NAME, args.real, args.exclude)
     return image_sets
+
+
+NAMES_SHOWN = 5  # identity names listed in a console warning before "..."
+
+
+def _some(names: Sequence[str]) -> str:
+    """The first NAMES_SHOWN names, quoted, then '...' when there are more."""
+    shown = ", ".join(map(repr, names[:NAMES_SHOWN]))
+    return shown + (", ..." if len(names) > NAMES_SHOWN else "")
+
+
+def unmatched_identity_notes(generated: ImageSet, real: ImageSet) -> list[str]:
+    """Identity names of a generated set and the real set that have no partner in the other
+    (they make no synthetic-vs-real genuine pair), with counts; case-only differences named."""
+    ours, theirs = set(generated.identities), set(real.identities)
+    only_ours, only_real = sorted(ours - theirs), sorted(theirs - ours)
+    if not only_ours and not only_real:
+        return []
+    notes = [
+        f"{generated.name}: {len(ours & theirs)} of {len(ours)} identities match a --real "
+        f"identity by name; {len(only_ours)} only in {generated.name} ({_some(only_ours)}), "
+        f"{len(only_real)} only in --real ({_some(only_real)})"
+    ]
+    folded_real = {identity.casefold(): identity for identity in only_real}
+    near = [(n, folded_real[n.casefold()]) for n in only_ours if n.casefold() in folded_real]
+    if near:
+        pairs = ", ".join(f"{ours!r} ~ {real!r}" for ours, real in near[:NAMES_SHOWN])
+        notes.append(
+            f"{generated.name}: {len(near)} unmatched by letter case only ({pairs}); "
+            "rename one side to match them"
+        )
+    return notes
+
+
+def identity_name_notes(image_sets: dict[str, ImageSet]) -> list[str]:
+    """Name collisions inside each set and names unmatched between generated and real sets."""
+    notes = [note for image_set in image_sets.values() for note in image_set.name_notes]
+    real = image_sets.get(REAL_SET_NAME)
+    if real is not None:
+        for name, image_set in image_sets.items():
+            if name != REAL_SET_NAME:
+                notes += unmatched_identity_notes(image_set, real)
+    return notes
+
+
+# Memory per impostor pair (tracemalloc, 5 M pairs): every comparison's float64 scores (8 B)
+# and ROC curves (24 B) are kept for the plots; computing one comparison's metrics and ROC
+# (sorting, cumulative counts) peaks at 73 B per pair on top.
+SCORE_BYTES = 32
+ROC_BYTES = 80
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def planned_impostor_pairs(image_sets: dict[str, ImageSet], cap: int | None) -> list[int]:
+    """Impostor pairs of every comparison identity_metrics runs, counting every image as a
+    face (an upper bound, known before any embedding)."""
+    real = image_sets.get(REAL_SET_NAME)
+    counts = [metrics.impostor_pair_count(one.identities) for one in image_sets.values()]
+    if real is not None:
+        counts += [
+            metrics.impostor_pair_count(image_set.identities, real.identities)
+            for name, image_set in image_sets.items()
+            if name != REAL_SET_NAME
+        ]
+    return [count if cap is None else min(count, cap) for count in counts]
+
+
+def check_pair_memory(
+    image_sets: dict[str, ImageSet], cap: int | None, available: int | None
+) -> None:
+    """Refuse, before any embedding, impostor scores whose memory exceeds the machine's RAM."""
+    counts = planned_impostor_pairs(image_sets, cap)
+    need = SCORE_BYTES * sum(counts) + ROC_BYTES * max(counts, default=0)
+    if available is None or need <= available:
+        return
+    sample = "all pairs (--max_impostor_pairs 0)" if cap is None else f"up to {cap} pairs"
+    raise ValueError(
+        f"identity metrics on {sample}: {sum(counts):,} impostor pairs (the largest comparison "
+        f"{max(counts):,}) need about {need / 1e9:.1f} GB for their scores and ROC, more than "
+        f"this machine's {available / 1e9:.1f} GB; score a seeded uniform sample instead, e.g. "
+        "--max_impostor_pairs 10000000"
+    )
+
+
+def check_before_embedding(image_sets: dict[str, ImageSet], args: argparse.Namespace) -> list[str]:
+    """Refuse impostor scores that cannot fit in memory; warn (and return) identity-name notes."""
+    check_pair_memory(image_sets, args.max_impostor_pairs or None, physical_memory_bytes())
+    notes = identity_name_notes(image_sets)
+    for note in notes:
+        log(f"warning: {note}")
+    return notes
 
 
 def embed_faces(
@@ -656,6 +755,18 @@ def training_section(args: argparse.Namespace) -> tuple[dict, dict[str, dict]]:
 # ---------------------------------------------------------------------- output
 
 
+def drawn(key: str, build: Callable[..., object], *arguments: object) -> dict[str, bytes]:
+    """{key: PNG bytes} of the figure build(*arguments), or {} with a warning naming the figure
+    when drawing it fails: a plot illustrates the metrics, losing one must not lose the run."""
+    import report
+
+    try:
+        return {key: report.figure_png(build(*arguments))}
+    except Exception as error:  # matplotlib's text and layout engines raise many types
+        log(f"warning: figure {key} not drawn ({type(error).__name__}: {error})")
+        return {}
+
+
 def identity_figures(identity_scores: dict, identity: dict) -> dict[str, bytes]:
     """PNG bytes of the score histograms, ROC and DET curves, keyed '<comparison>_<kind>'."""
     import report
@@ -667,11 +778,10 @@ def identity_figures(identity_scores: dict, identity: dict) -> dict[str, bytes]:
         title = report.COMPARISON_TITLES.get(comparison, comparison)
         rocs = {name: metrics.roc_curve(*pair) for name, pair in by_method.items()}
         thresholds = {name: identity[comparison][name]["eer_threshold"] for name in by_method}
-        figures[f"{comparison}_hist"] = report.figure_png(
-            report.score_histogram_figure(by_method, thresholds, title)
-        )
-        figures[f"{comparison}_roc"] = report.figure_png(report.roc_figure(rocs, title))
-        figures[f"{comparison}_det"] = report.figure_png(report.det_figure(rocs, title))
+        histogram = report.score_histogram_figure
+        figures |= drawn(f"{comparison}_hist", histogram, by_method, thresholds, title)
+        figures |= drawn(f"{comparison}_roc", report.roc_figure, rocs, title)
+        figures |= drawn(f"{comparison}_det", report.det_figure, rocs, title)
     return figures
 
 
@@ -681,7 +791,7 @@ def diversity_figures(diversity: dict) -> dict[str, bytes]:
 
     if "skipped" in diversity:
         return {}
-    return {"vendi": report.figure_png(report.vendi_figure(diversity, "Vendi score"))}
+    return drawn("vendi", report.vendi_figure, diversity, "Vendi score")
 
 
 def figure_keys(prefix: str, names: Sequence[str]) -> dict[str, str]:
@@ -701,8 +811,10 @@ def quality_figures(quality: dict, scores: dict[str, np.ndarray]) -> dict[str, b
 
     if "skipped" in quality or not any(len(values) for values in scores.values()):
         return {}
-    quality["figure"] = "quality_hist"
-    return {"quality_hist": report.figure_png(report.quality_figure(scores, quality["model"]))}
+    figures = drawn("quality_hist", report.quality_figure, scores, quality["model"])
+    if figures:
+        quality["figure"] = "quality_hist"
+    return figures
 
 
 def pose_figures(pose: dict, angles: dict[str, tuple[np.ndarray, list[str]]]) -> dict[str, bytes]:
@@ -711,8 +823,9 @@ def pose_figures(pose: dict, angles: dict[str, tuple[np.ndarray, list[str]]]) ->
 
     figures = {}
     for name, key in figure_keys("pose", list(angles)).items():
-        pose["sets"][name]["figure"] = key
-        figures[key] = report.figure_png(report.pose_scatter_figure(*angles[name], name))
+        figures |= drawn(key, report.pose_scatter_figure, *angles[name], name)
+        if key in figures:
+            pose["sets"][name]["figure"] = key
     return figures
 
 
@@ -724,8 +837,9 @@ def training_figures(training: dict, curves: dict[str, dict]) -> dict[str, bytes
     for name, key in figure_keys("training", list(curves)).items():
         if not curves[name]:
             continue
-        training["methods"][name]["figure"] = key
-        figures[key] = report.figure_png(report.training_figure(curves[name], name))
+        figures |= drawn(key, report.training_figure, curves[name], name)
+        if key in figures:
+            training["methods"][name]["figure"] = key
     return figures
 
 
@@ -773,6 +887,7 @@ def main(args: argparse.Namespace) -> dict:
     args.device = resolve_device(args.device)
     generated = list(args.generated_sets)
     image_sets = load_sets(args)
+    name_notes = check_before_embedding(image_sets, args)
     embedder_name, faces = embed_faces(image_sets, args)
     identity, identity_scores = identity_metrics(faces, generated, args)
     diversity, fidelity, feature_name = feature_sections(image_sets, generated, args)
@@ -781,7 +896,8 @@ def main(args: argparse.Namespace) -> dict:
     pose, pose_angles = pose_section(image_sets, args)
     training, curves = training_section(args)
     sets = summarise_sets(faces)
-    notes = data_notes(sets)
+    set_notes = data_notes(sets)
+    notes = name_notes + set_notes  # the name notes were logged before the embedding
     figures = {
         **identity_figures(identity_scores, identity),
         **diversity_figures(diversity),
@@ -810,7 +926,7 @@ def main(args: argparse.Namespace) -> dict:
     atomic_write_json(args.out / "metrics.json", runs.json_safe(results), allow_nan=False)
     page = report.render_report(results, figures, thumbnails)
     atomic_write_bytes(args.out / "report.html", page.encode())
-    for note in notes:
+    for note in set_notes:
         log(note)
     log(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.html'}")
     return results

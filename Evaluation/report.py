@@ -13,8 +13,10 @@ import io
 import json
 from collections.abc import Mapping
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from metrics import RocCurve
 
@@ -25,10 +27,19 @@ NOT_AVAILABLE = "n/a"  # a NaN statistic in a table, e.g. the mean over zero fac
 
 
 def figure_png(figure: Figure, dpi: int = 100) -> bytes:
-    """PNG bytes of a figure."""
+    """PNG bytes of a figure, every text in it plain (see plain_text)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    with matplotlib.rc_context({"text.parse_math": False}):  # texts created while drawing
+        plain_text(figure).savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def plain_text(figure: Figure) -> Figure:
+    """The figure with all its texts plain: labels come from folder names, flags and
+    TensorBoard tags, where '$...$' is part of a name, not matplotlib math to typeset."""
+    for text in figure.findobj(Text):
+        text.set_parse_math(False)
+    return figure
 
 
 def score_histogram_figure(

@@ -23,6 +23,7 @@ from evaluation_data import (
 from PIL import Image
 
 import evaluate
+import fileio
 import metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -749,3 +750,245 @@ def test_statistics_over_no_face_show_as_not_available():
     entry = {"mean": float("nan"), "std": float("nan")}
     assert report._mean_std(entry, "mean", "std") == "n/a"
     assert report._mean_std({"mean": 1.0, "std": 0.25}, "mean", "std") == "1 ± 0.25"
+
+
+def numbered_files(folder: Path, count: int) -> list[Path]:
+    """`count` small text files whose content is their number."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{index}.txt" for index in range(count)]
+    for index, path in enumerate(paths):
+        path.write_text(f"content {index}")
+    return paths
+
+
+def number_rows(batch):
+    """compute() of the cache tests: the file's number and 1.0 per file, all ok."""
+    from image_sets import STATUS_OK
+
+    rows = np.array([[float(path.read_text().split()[-1]), 1.0] for path in batch])
+    return rows, np.full(len(batch), STATUS_OK, dtype=np.int8)
+
+
+def test_row_cache_writes_each_row_once_per_pass(tmp_path, monkeypatch):
+    """The cache grows by appending: a pass over N new images writes N rows, not N^2 / chunk."""
+    import image_sets
+
+    written_rows = []
+    write = image_sets.atomic_write_bytes
+
+    def counting_write(path, data, **kwargs):
+        with np.load(io.BytesIO(data)) as stored:
+            written_rows.append(len(stored["keys"]))
+        write(path, data, **kwargs)
+
+    monkeypatch.setattr(image_sets, "atomic_write_bytes", counting_write)
+    monkeypatch.setattr(image_sets, "CACHE_SAVE_EVERY", 4)
+    paths = numbered_files(tmp_path / "files", 40)
+    cache = tmp_path / "cache" / "rows"
+    rows, _ = image_sets.cached_rows(paths, number_rows, cache, batch_size=2)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(40))
+    assert written_rows == [4] * 10  # ten saves of the four new rows each
+    written_rows.clear()
+    paths += numbered_files(tmp_path / "more", 43)[40:]  # three new files
+    rows, _ = image_sets.cached_rows(paths, number_rows, cache, batch_size=2)
+    assert written_rows == [3] and rows[-1, 0] == 42
+
+
+def test_a_killed_pass_loses_only_its_unsaved_rows_and_a_torn_part_is_recomputed(
+    tmp_path, monkeypatch
+):
+    import image_sets
+
+    monkeypatch.setattr(image_sets, "CACHE_SAVE_EVERY", 4)
+    paths = numbered_files(tmp_path / "files", 10)
+    cache = tmp_path / "cache" / "rows"
+    computed: list[str] = []
+
+    def killed_after_six(batch):
+        if len(computed) >= 6:
+            raise KeyboardInterrupt
+        computed.extend(path.name for path in batch)
+        return number_rows(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        image_sets.cached_rows(paths, killed_after_six, cache, batch_size=2)
+    assert len(list(cache.glob("part-*.npz"))) == 1  # rows 0-3 saved, 4-5 unsaved
+
+    def counting(batch):
+        computed.extend(path.name for path in batch)
+        return number_rows(batch)
+
+    computed.clear()
+    rows, _ = image_sets.cached_rows(paths, counting, cache, batch_size=2)
+    assert computed == [f"{i}.txt" for i in range(4, 10)]
+    np.testing.assert_array_equal(rows[:, 0], np.arange(10))
+    # Truncate the first part (rows 0-3): named in a warning, removed, those rows recomputed.
+    parts = sorted(cache.glob("part-*.npz"), key=lambda part: part.stat().st_mtime_ns)
+    parts[0].write_bytes(parts[0].read_bytes()[:-40])
+    computed.clear()
+    with pytest.warns(UserWarning, match=re.escape(parts[0].name)):
+        rows, _ = image_sets.cached_rows(paths, counting, cache, batch_size=2)
+    assert computed == [f"{i}.txt" for i in range(4)]
+    np.testing.assert_array_equal(rows[:, 0], np.arange(10))
+    # A flipped bit inside a part's values: the zip CRC catches it, the same way.
+    part = max(cache.glob("part-*.npz"), key=lambda part: (part != parts[0], part.stat().st_size))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    computed.clear()
+    with pytest.warns(UserWarning, match="Bad CRC-32"):
+        rows, _ = image_sets.cached_rows(paths, counting, cache, batch_size=2)
+    assert computed == [f"{i}.txt" for i in range(4, 8)]  # the part of rows 4-7
+    np.testing.assert_array_equal(rows[:, 0], np.arange(10))
+    assert not list(cache.glob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def crops() -> dict:
+    return real_face_crops()
+
+
+def people(root: Path, crops: dict, folders: dict[str, str], count: int = 2) -> Path:
+    """ROOT/<folder name>/<k>.png: `count` variants of the person each folder name maps to."""
+    for folder, person in folders.items():
+        write_identity_folders(root, {folder: crops[person]}, [folder], count)
+    return root
+
+
+def test_all_pairs_beyond_the_memory_are_refused_before_embedding(data, tmp_path, monkeypatch):
+    import face_embedding
+
+    monkeypatch.setattr(face_embedding.DlibEmbedder, "embed", refuse)
+    monkeypatch.setattr(evaluate, "physical_memory_bytes", lambda: 10_000)
+    argv = dlib_argv(data, tmp_path / "out", "--max_impostor_pairs=0")
+    with pytest.raises(ValueError, match=r"all pairs \(--max_impostor_pairs 0\): [\d,]+ impostor"):
+        evaluate.main(evaluate.parse_args(argv))
+    image_sets = evaluate.load_sets(evaluate.parse_args(argv))
+    evaluate.check_pair_memory(image_sets, 10, 10_000)  # a sample that fits passes
+    # The estimate counts the pairs identity_metrics will score (every image a face).
+    genuine_a, impostor_a = metrics.within_set_pairs(image_sets["A"].identities)
+    assert evaluate.planned_impostor_pairs(image_sets, None)[0] == len(impostor_a)
+
+
+def test_a_root_of_variant_folders_is_named(crops, tmp_path):
+    for variant in ("dreambooth", "triplet"):
+        people(tmp_path / "generated" / variant, crops, {"p": "person_0"}, 1)
+    root = tmp_path / "generated"
+    argv = [f"--generated={root}", "--embedder=dlib", f"--out={tmp_path / 'out'}"]
+    with pytest.raises(ValueError, match=r"holds folders of identity folders \(dreambooth, trip"):
+        evaluate.load_sets(evaluate.parse_args(argv))
+    with pytest.raises(ValueError, match=f"--generated dreambooth={root.as_posix()}/dreambooth"):
+        evaluate.load_sets(evaluate.parse_args(argv))
+
+
+def test_identity_names_match_by_nfc_and_unmatched_names_are_warned(crops, tmp_path, capsys):
+    composed, decomposed = "Jos\u00e9", "Jose\u0301"  # the same name, as Linux and macOS store it
+    real = people(
+        tmp_path / "real",
+        crops,
+        {composed: "person_0", "Anna": "person_1", "tom": "tom_hanks", "zoe": "person_2"},
+    )
+    generated = people(
+        tmp_path / "gen", crops, {decomposed: "person_0", "anna": "person_1", "tom": "tom_hanks"}
+    )
+    argv = [f"--generated=G={generated}", f"--real={real}", "--embedder=dlib", "--no-pose"]
+    results = evaluate.main(evaluate.parse_args([*argv, f"--out={tmp_path / 'out'}"]))
+    assert results["identity"]["synthetic_vs_real"]["G"]["n_genuine"] == 2 * (2 * 2)  # José, tom
+    console = capsys.readouterr().err
+    expected = (
+        "G: 2 of 3 identities match a --real identity by name; 1 only in G ('anna'), "
+        "2 only in --real ('Anna', 'zoe')",
+        "G: 1 unmatched by letter case only ('anna' ~ 'Anna'); rename one side",
+    )
+    for line in expected:
+        assert line in console and any(line in note for note in results["notes"])
+
+
+def test_identity_folders_equal_after_nfc_are_merged_and_case_collisions_named(crops, tmp_path):
+    from image_sets import load_image_set
+
+    composed, decomposed = "Jos\u00e9", "Jose\u0301"
+    root = people(
+        tmp_path / "set",
+        crops,
+        {composed: "person_0", decomposed: "person_0", "Anna": "person_1", "anna": "person_2"},
+    )
+    image_set = load_image_set("S", root)
+    assert image_set.identities.count(composed) == 4 and decomposed not in image_set.identities
+    notes = " | ".join(image_set.name_notes)
+    assert f"are one identity {composed!r} after Unicode NFC normalisation" in notes
+    assert "identities 'Anna', 'anna' differ only in letter case" in notes
+
+
+def test_a_permission_denied_image_is_unreadable_not_fatal(crops, tmp_path, monkeypatch):
+    import builtins
+
+    generated = people(tmp_path / "gen", crops, {"a": "person_0", "b": "person_1"}, 3)
+    locked = generated / "a" / "1.png"
+    open_file = builtins.open
+
+    def denying_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open_file(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denying_open)
+    argv = [f"--generated=G={generated}", "--embedder=dlib", f"--out={tmp_path / 'out'}"]
+    results = evaluate.main(evaluate.parse_args(argv))
+    assert results["sets"]["G"]["unreadable"] == ["a/1.png"]
+    assert results["identity"]["synthetic_vs_synthetic"]["G"]["n_genuine"] == 1 + 3
+    assert "G: 1 unreadable images" in " ".join(results["notes"])
+
+
+def test_dollar_signs_in_names_and_tags_are_plain_text(crops, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    names = {r"$\notasymbol$": "person_0", "$x^$": "person_1"}
+    generated = people(tmp_path / "gen", crops, names)
+    writer = SummaryWriter(log_dir=str(tmp_path / "loras" / r"$\notasymbol$" / "logs"))
+    for step in (1, 2):
+        writer.add_scalar("train/loss", 1.0 / step, step)
+        writer.add_scalar(r"train/$\oops$", 2.0 / step, step)
+    writer.close()
+    method = r"$\method$"
+    argv = [
+        f"--generated={method}={generated}",
+        f"--training_logs={method}={tmp_path / 'loras'}",
+        "--embedder=dlib",
+        f"--out={tmp_path / 'out'}",
+    ]
+    results = evaluate.main(evaluate.parse_args(argv))
+    plots = {path.stem for path in (tmp_path / "out" / "plots").glob("*.png")}
+    assert {"synthetic_vs_synthetic_hist", "synthetic_vs_synthetic_roc"} <= plots
+    assert {results["pose"]["sets"][method]["figure"], "training__method_"} <= plots
+
+
+def test_a_figure_that_fails_is_lost_alone_with_a_warning(data, tmp_path, monkeypatch, capsys):
+    import report
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw this")
+
+    monkeypatch.setattr(report, "det_figure", broken)
+    out = tmp_path / "out"
+    argv = [f"--generated=B={data['genB']}", "--embedder=dlib", "--no-pose", f"--out={out}"]
+    evaluate.main(evaluate.parse_args(argv))
+    assert "figure synthetic_vs_synthetic_det not drawn (ValueError: cannot draw this)" in (
+        capsys.readouterr().err
+    )
+    assert (out / "plots" / "synthetic_vs_synthetic_roc.png").is_file()
+    assert not (out / "plots" / "synthetic_vs_synthetic_det.png").exists()
+    assert "synthetic_vs_synthetic_roc" in (out / "report.html").read_text()
+
+
+def test_a_single_file_cache_of_earlier_versions_is_still_read(tmp_path):
+    from image_sets import STATUS_OK, cached_rows
+
+    paths = numbered_files(tmp_path / "files", 3)
+    keys = np.array([fileio.file_sha256(path) for path in paths])
+    values = np.array([[7.0, 7.0], [8.0, 8.0], [9.0, 9.0]], dtype=np.float32)
+    (tmp_path / "cache").mkdir()
+    status = np.full(3, STATUS_OK, dtype=np.int8)
+    np.savez(tmp_path / "cache" / "rows.npz", keys=keys, values=values, status=status)
+    rows, _ = cached_rows(paths, refuse, tmp_path / "cache" / "rows")
+    np.testing.assert_array_equal(rows, values)

@@ -516,3 +516,40 @@ def test_eer_fvc2000_equals_pyeer(seed):
     expected = get_eer_values(np.asarray(fmr), np.asarray(fnmr))[-1]  # (..., EER)
     ours = metrics.verification_metrics(genuine, impostor)
     assert ours["eer_fvc2000"] == pytest.approx(expected, abs=1e-12)
+
+
+def refuse_gathering(*args, **kwargs):
+    raise AssertionError("pairs were scored one by one, not by matrix products")
+
+
+@pytest.mark.parametrize("cap", [None, 1500, 10])  # all pairs; a dense sample; a sparse one
+@pytest.mark.parametrize("cross", [False, True])
+def test_scores_are_the_cosines_of_the_pairs_by_matrix_products(cross, cap, monkeypatch):
+    """The block scorer gives the pairs of within/cross_set_pairs (same sample, impostors in the
+    same order), and only a sample far smaller than its matrix is scored pair by pair."""
+    rng = np.random.default_rng(7)
+    labels_a, labels_b = rng.integers(0, 9, 60).astype(str), rng.integers(0, 11, 50).astype(str)
+    a, b = rng.normal(size=(60, 16)), rng.normal(size=(50, 16))
+    if not cross:
+        b, labels_b = a, labels_a
+    if cross:
+        genuine_pairs, impostor_pairs = metrics.cross_set_pairs(labels_a, labels_b, cap, 3)
+    else:
+        genuine_pairs, impostor_pairs = metrics.within_set_pairs(labels_a, cap, 3)
+    expected_genuine = metrics.pair_cosine_scores(a, b, genuine_pairs)
+    expected_impostor = metrics.pair_cosine_scores(a, b, impostor_pairs)
+    if cap != 10:
+        monkeypatch.setattr(metrics, "pair_cosine_scores", refuse_gathering)
+        monkeypatch.setattr(metrics, "_gathered_scores", refuse_gathering, raising=False)
+    if cross:
+        genuine, impostor = metrics.cross_set_scores(a, labels_a, b, labels_b, cap, 3)
+    else:
+        genuine, impostor = metrics.within_set_scores(a, labels_a, cap, 3)
+    np.testing.assert_allclose(np.sort(genuine), np.sort(expected_genuine), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(impostor, expected_impostor, rtol=0, atol=1e-14)
+    full = metrics.impostor_pair_count(labels_a, labels_b if cross else None)
+    assert full == len(
+        (metrics.cross_set_pairs if cross else metrics.within_set_pairs)(
+            *((labels_a, labels_b) if cross else (labels_a,))
+        )[1]
+    )
