@@ -311,6 +311,7 @@ def count_step(size: str, k: int, precision: str, workdir: Path) -> dict:
         "aten_ops_per_identity_step": round(counter.total / k, 1),
         "view_ops": counter.views,
         "update_ops": counter.phases.get("update", 0),
+        "flop": flops.get_total_flops(),
         "tflop": round(flops.get_total_flops() / 1e12, 3),
         "tflop_per_identity_step": round(flops.get_total_flops() / 1e12 / k, 3),
         "saved_activation_gib": round(sum(saved.values()) / 2**30, 2),
