@@ -77,9 +77,9 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray = ARCFACE_DST) -> np.n
 def similarity_transform_torch(src: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
     """Batched closed-form similarity (B, 5, 2) -> dst (5, 2) or (B, 5, 2): (B, 2, 3); no sync.
 
-    Same formula as `similarity_transform`; dst defaults to ARCFACE_DST.
+    Same formula as `similarity_transform`; dst defaults to ARCFACE_DST (on src's device).
     """
-    dst = torch.as_tensor(ARCFACE_DST) if dst is None else dst
+    dst = arcface_template_on(src.device) if dst is None else dst
     dst = dst.to(src).expand_as(src)
     src_mean, dst_mean = src.mean(1), dst.mean(1)  # (B, 2)
     s, d = src - src_mean[:, None], dst - dst_mean[:, None]  # (B, 5, 2)
@@ -94,6 +94,17 @@ def similarity_transform_torch(src: torch.Tensor, dst: torch.Tensor | None = Non
 def arcface_template(size: int = ARCFACE_SIZE) -> np.ndarray:
     """ARCFACE_DST scaled to a size x size crop (pixel centres at integer coordinates)."""
     return ARCFACE_DST * (size / ARCFACE_SIZE)
+
+
+def arcface_template_on(device: torch.device, size: int = ARCFACE_SIZE) -> torch.Tensor:
+    """(5, 2) float32 `arcface_template(size)` on `device`, copied there once per process (a
+    constant of the training step: each later call returns the same device tensor)."""
+    return _template_on(torch.device(device), size)
+
+
+@functools.cache
+def _template_on(device: torch.device, size: int) -> torch.Tensor:
+    return torch.as_tensor(arcface_template(size), device=device)
 
 
 def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
@@ -134,7 +145,7 @@ def align_faces_torch(
         raise ValueError(f"{images.shape[0]} images but {landmarks.shape[0]} landmark sets")
     batch, channels, height, width = images.shape
     work_dtype = torch.promote_types(landmarks.dtype, torch.float32)
-    template = torch.as_tensor(arcface_template(size), device=landmarks.device)
+    template = arcface_template_on(landmarks.device, size)
     to_crop = similarity_transform_torch(landmarks.to(work_dtype), template)  # src px -> crop px
     to_image = _invert_affine(to_crop)  # crop px -> src px
     # theta maps normalised crop coords u to normalised source coords:
@@ -142,9 +153,16 @@ def align_faces_torch(
     half = (size - 1) / 2.0
     linear = to_image[:, :, :2] * (size / 2.0)
     shift = to_image[:, :, :2].sum(2) * half + to_image[:, :, 2]  # (B, 2)
-    extent = torch.tensor([width, height], dtype=work_dtype, device=landmarks.device)
-    theta = torch.cat(
-        [linear * 2.0 / extent[:, None], ((2.0 * shift + 1.0) / extent - 1.0)[..., None]], 2
+    # Per source axis (x: width, y: height), as Python numbers: no host-to-device copy.
+    theta = torch.stack(
+        [
+            torch.cat(
+                [linear[:, axis] * 2.0 / extent, (2.0 * shift[:, axis, None] + 1.0) / extent - 1.0],
+                1,
+            )
+            for axis, extent in enumerate((width, height))
+        ],
+        1,
     )
     grid = F.affine_grid(theta.to(images.dtype), [batch, channels, size, size], align_corners=False)
     sampled = F.grid_sample(

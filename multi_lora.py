@@ -8,9 +8,10 @@ one (B,) long index shared by all layers (`BatchedLoRA.set_identities`):
 
 Per identity everything equals an ordinary peft LoRA (`unet.add_adapter(LoraConfig(...))`):
 the gaussian init for a seed (`init_identity_`), the diffusers LoRA file
-(`identity_state_dict` / `load_identity_`), the forward under autocast, gradient clipping
-(`clip_grad_norm_per_identity_`) and AdamW (`StackedAdamW`, with a per-identity active mask so a
-non-finite identity is frozen while the others train). Nothing here reads a tensor on the host.
+(`identity_state_dict` / `load_identity_`), the forward under autocast, and gradient clipping
+and AdamW (`StackedAdamW`: flat (K, P) buffers, a few dozen ops a step for all K identities,
+with a per-identity active mask so a non-finite identity is frozen while the others train).
+Nothing here reads a tensor on the host.
 For generation, `slot_pool_for_layouts` builds one batched LoRA for any set of LoRA file
 layouts and a `SlotPool` that loads each identity into a slot on demand (`place_identities`:
 a batch's identities, recording the ones whose file fails to load).
@@ -19,15 +20,17 @@ A training step for a packed batch (identity losses summed, so each identity get
 solo gradient; with fp16, `scaler.unscale_(optimizer)` first, then `scaler.update()` after the
 step instead of `scaler.step`):
 
+    optimizer = StackedAdamW(lora.parameters(), K, lr=...)  # once, after the UNet is placed
     lora.set_identities(identities)                       # (B,) long, on the UNet's device
     loss = identity_means(per_sample_loss, identities, K).sum()
     loss.backward()
-    norms = clip_grad_norm_per_identity_(lora, max_norm)  # (K,)
+    norms = optimizer.clip_grad_norm_(max_norm)           # (K,)
     optimizer.step(active=present & torch.isfinite(norms))
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -455,40 +458,60 @@ def identity_means(
     return sums / counts.clamp_min(1)
 
 
-@torch.no_grad()
-def clip_grad_norm_per_identity_(
-    parameters: BatchedLoRA | Iterable[torch.Tensor], max_norm: float
-) -> torch.Tensor:
-    """Per identity, torch.nn.utils.clip_grad_norm_ over its own factors; returns (K,) norms.
+# A parameter that is a column block of a (K, P) buffer is not dense, so autograd's in-place
+# accumulation into its gradient view warns once that the "layout contract" is not met; the
+# accumulation is still in place (one strided add per step, a few MB).
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout")
 
-    `parameters`: a handle or stacked (K, ...) tensors. norm_k = || (||g_k||_2 per tensor) ||_2,
-    and identity k's gradients are scaled by min(max_norm / (norm_k + 1e-6), 1), on the device.
-    """
-    if isinstance(parameters, BatchedLoRA):
-        parameters = parameters.parameters()
-    parameters = list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(parameters[0].shape[0], device=parameters[0].device)
-    per_tensor = torch.stack(
-        [torch.linalg.vector_norm(g.flatten(1), 2, dim=1) for g in grads]
-    )  # (T, K)
-    norms = torch.linalg.vector_norm(per_tensor, 2, dim=0)  # (K,)
-    coefficients = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-    for grad in grads:
-        grad.mul_(coefficients.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
-    return norms
+
+class FlatStack:
+    """T stacked (K, ...) tensors side by side as column blocks of one (K, P) buffer, so that
+    a per-identity update is one elementwise op over (K, P) with (K, 1) per-identity factors.
+
+    Tensor t of shape (K, *s_t) is columns [offset_t, offset_t + prod(s_t)) of the buffer; its
+    view (`views`) has the tensor's shape and row k is identity k's factor."""
+
+    def __init__(self, shapes: Sequence[torch.Size]) -> None:
+        self.shapes = [torch.Size(shape) for shape in shapes]
+        self.sizes = [shape[1:].numel() for shape in self.shapes]
+        self.offsets = [sum(self.sizes[:t]) for t in range(len(self.sizes))]
+        self.width = sum(self.sizes)  # P
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The T (K, *s_t) views of a (K, P) buffer (strides (P, ...): no copies)."""
+        return [
+            flat[:, offset : offset + size].view(shape)
+            for offset, size, shape in zip(self.offsets, self.sizes, self.shapes, strict=True)
+        ]
+
+    def identity_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The K * T contiguous (*s_t) views of a (K, P) buffer, identity-major: identity k's
+        tensors are entries [k * T, (k + 1) * T)."""
+        return [
+            flat[k, offset : offset + size].view(shape[1:])
+            for k in range(flat.shape[0])
+            for offset, size, shape in zip(self.offsets, self.sizes, self.shapes, strict=True)
+        ]
 
 
 class StackedAdamW(torch.optim.Optimizer):
-    """torch.optim.AdamW (foreach=False, amsgrad off) per identity over stacked (K, ...) params.
+    """torch.optim.AdamW (amsgrad off) and clip_grad_norm_ per identity over stacked (K, ...)
+    params, each step a few dozen ops over flat (K, P) buffers whatever K and the tensor count.
+
+    At construction the parameters' values, gradients and AdamW moments move into (K, P)
+    buffers (`FlatStack`): every parameter (and its `.grad`) becomes a view of them, so
+    autograd accumulates into the flat gradient, and `zero_grad` zeroes it in place (the views
+    stay; `set_to_none` is ignored). Do not reassign a parameter's `.data` afterwards. A
+    `.grad` replaced by another tensor is copied back into the buffer at the next
+    `clip_grad_norm_` / `step`.
 
     Each identity has its own step count and learning rate (group["lr"], a (K,) float64 tensor
     on the parameters' device: set it from the identity's own schedule position, e.g. with
     `set_learning_rates`; torch's LR schedulers do not apply). `step(active)` updates only the
     identities where the (K,) bool mask is True; the others keep their factors and state bit
     for bit. An identity with zero gradient (no samples in the batch) still decays, as in
-    AdamW, so mark it inactive.
+    AdamW, so mark it inactive. Per identity, the results equal torch.optim.AdamW(foreach=
+    False) and clip_grad_norm_ bit for bit on the CPU (tests/test_multi_lora.py).
     """
 
     def __init__(
@@ -503,6 +526,36 @@ class StackedAdamW(torch.optim.Optimizer):
         self.num_identities = num_identities
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError(f"one parameter group, got {len(self.param_groups)}")
+        params = self.param_groups[0]["params"]
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) != 1:
+            raise ValueError(f"every parameter must share one dtype and device, got {kinds}")
+        self.layout = FlatStack([p.shape for p in params])
+        self.flat_params = torch.cat([p.detach().reshape(num_identities, -1) for p in params], 1)
+        self.flat_grads = torch.zeros_like(self.flat_params)
+        self.exp_avg = torch.zeros_like(self.flat_params)
+        self.exp_avg_sq = torch.zeros_like(self.flat_params)
+        self.steps = torch.zeros(num_identities, dtype=torch.long, device=params[0].device)
+        self._grads = self.layout.views(self.flat_grads)
+        self._identity_grads = self.layout.identity_views(self.flat_grads)  # for the norms
+        for param, value, grad in zip(
+            params, self.layout.views(self.flat_params), self._grads, strict=True
+        ):
+            if param.grad is not None:
+                grad.copy_(param.grad)
+            param.data, param.grad = value, grad
+        self._point_state_at_buffers()
+
+    def _point_state_at_buffers(self) -> None:
+        """state[param] = the param's views of the moments and the shared (K,) step counts."""
+        params = self.param_groups[0]["params"]
+        moments = zip(
+            self.layout.views(self.exp_avg), self.layout.views(self.exp_avg_sq), strict=True
+        )
+        for param, (exp_avg, exp_avg_sq) in zip(params, moments, strict=True):
+            self.state[param] = {"step": self.steps, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Optimizer.add_param_group; every parameter stacked (K, ...), lr made a (K,) vector."""
@@ -524,104 +577,128 @@ class StackedAdamW(torch.optim.Optimizer):
         return lr.clone()
 
     def set_learning_rates(self, lr: float | Sequence[float] | torch.Tensor) -> None:
-        """Set every group's (K,) learning rates (a device tensor keeps this sync-free)."""
-        for group in self.param_groups:
-            group["lr"].copy_(self._lr_vector(lr, group["lr"].device))
+        """Set the (K,) learning rates (from a device tensor: no host-to-device copy)."""
+        group = self.param_groups[0]
+        group["lr"].copy_(self._lr_vector(lr, group["lr"].device))
 
     def identity_steps(self) -> torch.Tensor:
         """(K,) long: how many updates each identity has had (for its schedule position)."""
-        for state in self.state.values():
-            return state["step"].clone()
-        device = self.param_groups[0]["params"][0].device
-        return torch.zeros(self.num_identities, dtype=torch.long, device=device)
+        return self.steps.clone()
 
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient in place (one op); the parameters keep their gradient views."""
+        self._adopt_gradients()
+        self.flat_grads.zero_()
+
+    def _adopt_gradients(self) -> None:
+        """Copy a `.grad` that was replaced (not a view of the buffer) back into the buffer."""
+        for index, (param, view) in enumerate(
+            zip(self.param_groups[0]["params"], self._grads, strict=True)
+        ):
+            if param.grad is view:
+                continue
+            if param.grad is None:
+                raise ValueError(
+                    f"parameter {index} has no gradient: StackedAdamW updates all of its "
+                    "parameters together (their gradients live in its flat buffer)"
+                )
+            view.copy_(param.grad)
+            param.grad = view
+
+    @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Optimizer.load_state_dict, then steps and learning rates back onto the params' device."""
+        """Optimizer.load_state_dict, then the state back into the flat buffers and the
+        learning rates onto the params' device."""
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            device = group["params"][0].device
-            group["lr"] = self._lr_vector(group["lr"], device)
-            for param in group["params"]:
-                if param in self.state:
-                    self.state[param]["step"] = self.state[param]["step"].to(device, torch.long)
+        group = self.param_groups[0]
+        group["lr"] = self._lr_vector(group["lr"], self.flat_params.device)
+        loaded = [self.state[param] for param in group["params"]]
+        self.steps.copy_(loaded[0]["step"])
+        for state, exp_avg, exp_avg_sq in zip(
+            loaded, self.layout.views(self.exp_avg), self.layout.views(self.exp_avg_sq), strict=True
+        ):
+            exp_avg.copy_(state["exp_avg"])
+            exp_avg_sq.copy_(state["exp_avg_sq"])
+        self._point_state_at_buffers()
 
     def identity_state(self, k: int) -> list[dict[str, torch.Tensor]]:
         """Identity k's AdamW state, one {step, exp_avg, exp_avg_sq} per parameter (in order):
         what an ordinary per-identity checkpoint holds."""
-        rows = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                state = self._state(param)
-                rows.append({name: value[k].detach().clone() for name, value in state.items()})
-        return rows
+        return [
+            {name: value[k].detach().clone() for name, value in self.state[param].items()}
+            for param in self.param_groups[0]["params"]
+        ]
 
     @torch.no_grad()
     def load_identity_state(self, k: int, rows: list[dict[str, torch.Tensor]] | None) -> None:
         """Put identity k's state back (identity_state's output), or zero it (None: a fresh
         identity in slot k). ValueError when the rows do not fit the parameters."""
-        params = [param for group in self.param_groups for param in group["params"]]
-        if rows is not None and len(rows) != len(params):
+        if rows is None:
+            for buffer in (self.exp_avg, self.exp_avg_sq, self.steps):
+                buffer[k].zero_()
+            return
+        params = self.param_groups[0]["params"]
+        if len(rows) != len(params):
             raise ValueError(f"{len(rows)} saved optimizer states for {len(params)} parameters")
-        for index, param in enumerate(params):
-            state = self._state(param)
-            for name, value in state.items():
-                saved = rows[index][name] if rows is not None else torch.zeros_like(value[k])
-                if saved.shape != value[k].shape:
+        for row, param in zip(rows, params, strict=True):
+            for name, value in self.state[param].items():
+                if row[name].shape != value[k].shape:
                     raise ValueError(
-                        f"saved {name} {tuple(saved.shape)} != {tuple(value[k].shape)}"
+                        f"saved {name} {tuple(row[name].shape)} != {tuple(value[k].shape)}"
                     )
-                value[k].copy_(saved)
+        for row, param in zip(rows, params, strict=True):
+            for name, value in self.state[param].items():
+                value[k].copy_(row[name])
 
-    def _state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = self.state[param]
-        if not state:
-            state["step"] = torch.zeros(self.num_identities, dtype=torch.long, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Per identity, torch.nn.utils.clip_grad_norm_ over its own factors; (K,) norms.
+
+        norm_k = || (||g_kt||_2 for each tensor t) ||_2 (torch's order of reductions), and
+        identity k's gradients are scaled by min(max_norm / (norm_k + 1e-6), 1), on the
+        device. A non-finite identity gets a non-finite norm; the others are untouched by it.
+        """
+        self._adopt_gradients()
+        K, T = self.num_identities, len(self._grads)
+        per_tensor = torch.stack(torch._foreach_norm(self._identity_grads)).view(K, T)
+        norms = torch.linalg.vector_norm(per_tensor, 2, dim=1)  # (K,)
+        coefficients = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+        self.flat_grads.mul_(coefficients[:, None])
+        return norms
 
     @torch.no_grad()
     def step(self, active: torch.Tensor | None = None) -> None:  # type: ignore[override]
-        """One AdamW update of the identities where `active` (K,) bool is True (default all)."""
+        """One AdamW update of the identities where `active` (K,) bool is True (default all).
+
+        torch's _single_tensor_adam on the (K, P) buffers, its per-identity Python-float
+        scalars computed in float64 as (K, 1) factors, then cast to float32 as its kernels do.
+        """
+        self._adopt_gradients()
         if active is None:
-            device = self.param_groups[0]["params"][0].device
-            active = torch.ones(self.num_identities, dtype=torch.bool, device=device)
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, self._state(param), group, active)
-
-    def _update(
-        self,
-        param: torch.Tensor,
-        state: dict[str, torch.Tensor],
-        group: dict[str, Any],
-        active: torch.Tensor,
-    ) -> None:
-        """torch's _single_tensor_adam, per-identity scalars as (K, 1, ...) float32 factors."""
+            active = torch.ones_like(self.steps, dtype=torch.bool)
+        group = self.param_groups[0]
         beta1, beta2 = group["betas"]
-        grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
-        row = (-1,) + (1,) * (param.dim() - 1)
-        keep = active.view(row)
-        step = state["step"] + active.long()  # (K,)
-        # torch computes these in Python floats (float64), then the kernels cast them to fp32.
-        steps = step.double()
-        lr = group["lr"]
-        decay = (1 - lr * group["weight_decay"]).to(param.dtype).view(row)
-        step_size = (lr / (1 - beta1**steps)).neg().to(param.dtype).view(row)
-        bias_correction2_sqrt = (1 - beta2**steps).sqrt().to(param.dtype).view(row)
+        steps = self.steps + active  # (K,)
+        powers, lr = steps.double(), group["lr"]
+        dtype = self.flat_params.dtype
+        decay = (1 - lr * group["weight_decay"]).to(dtype)[:, None]
+        step_size = (lr / (1 - beta1**powers)).neg().to(dtype)[:, None]
+        bias_correction2_sqrt = (1 - beta2**powers).sqrt().to(dtype)[:, None]
 
+        param, grad = self.flat_params, self.flat_grads
         new_param = param * decay
-        new_exp_avg = exp_avg.lerp(grad, 1 - beta1)
-        new_exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        new_exp_avg = self.exp_avg.lerp(grad, 1 - beta1)
+        new_exp_avg_sq = self.exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (new_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
         # addcdiv_(exp_avg, denom, value=-step_size) computes self + value * t1 / t2.
         new_param = new_param + step_size * new_exp_avg / denom
 
+        keep = active[:, None]
         param.copy_(torch.where(keep, new_param, param))
-        exp_avg.copy_(torch.where(keep, new_exp_avg, exp_avg))
-        exp_avg_sq.copy_(torch.where(keep, new_exp_avg_sq, exp_avg_sq))
-        state["step"] = step
+        self.exp_avg.copy_(torch.where(keep, new_exp_avg, self.exp_avg))
+        self.exp_avg_sq.copy_(torch.where(keep, new_exp_avg_sq, self.exp_avg_sq))
+        self.steps.copy_(steps)
 
 
 def schedule_table(

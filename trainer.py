@@ -54,7 +54,6 @@ from losses import (
 from multi_lora import (
     BatchedLoRA,
     StackedAdamW,
-    clip_grad_norm_per_identity_,
     identity_state_dict,
     init_identity_,
     inject_batched_lora,
@@ -1018,7 +1017,7 @@ class PackedTrainer:
         gradient is finite (the fp16 scaler's inf steps are skipped per identity), schedule."""
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-        norms = clip_grad_norm_per_identity_(self.lora, self.args.max_grad_norm)  # (K,)
+        norms = self.optimizer.clip_grad_norm_(self.args.max_grad_norm)  # (K,)
         present = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
         present[index] = True
         finite = torch.isfinite(norms)

@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="The stock pipeline's (images of one identity per call).",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="Default: a temp folder.")
+    parser.add_argument(
+        "--format",
+        choices=["json", "markdown"],
+        default="json",
+        help="markdown: the row of benchmarks/README.md's table.",
+    )
     args = parser.parse_args(argv)
     args.mixed_precision = args.mixed_precision or ("fp16" if args.device == "cuda" else "no")
     args.steps = args.steps or (30 if args.size == "sd21" else 4)
@@ -231,8 +237,29 @@ def main(args: argparse.Namespace) -> dict:
         "reference": reference,
         "ours": ours,
     }
-    print(json.dumps(result, indent=2))
+    print(markdown(result) if args.format == "markdown" else json.dumps(result, indent=2))
     return result
+
+
+def markdown(result: dict) -> str:
+    """benchmarks/README.md's table: images/s (speed-up over the reference at the same B)."""
+    reference, ours = result["reference"], result["ours"]
+    header = [f"reference B={key[6:]}" for key in reference] + [f"ours B={key[6:]}" for key in ours]
+    cells = [f"{row['images_per_second']:.1f}" for row in reference.values()]
+    for row in ours.values():
+        same = row.get("speedup_vs_reference_same_batch")
+        cells.append(f"{row['images_per_second']:.1f}" + (f" ({same:.2f}x)" if same else ""))
+    peak = max((row.get("peak_gib") or 0 for row in ours.values()), default=0) or "-"
+    return "\n".join(
+        [
+            "| date | device | size | precision | steps | " + " | ".join(header) + " | peak GiB |",
+            "|---|---|---|---|---|" + "---|" * len(header) + "---|",
+            f"| {time.strftime('%Y-%m-%d')} | {result['device']} | {result['size']} "
+            f"({result['resolution']} px, {result['identities']} x "
+            f"{result['images_per_identity']} images) | {result['mixed_precision']} "
+            f"| {result['steps']} | " + " | ".join(cells) + f" | {peak} |",
+        ]
+    )
 
 
 if __name__ == "__main__":

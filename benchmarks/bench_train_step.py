@@ -16,29 +16,39 @@ are calibrated on random faces first (finite, unit-norm embeddings); every loss 
 finite. Prints one JSON object: seconds per step, per identity-step, identity-term images/s,
 peak memory, ratios to the reference. `--size tiny` runs anywhere in seconds; `--size sd21
 --device cuda` measures the SD 2.1-base shapes (random weights: only time and memory mean
-anything). On CUDA the timed steps of ours run under `torch.cuda.set_sync_debug_mode("error")`.
+anything). On CUDA one step of ours runs under `torch.cuda.set_sync_debug_mode("error")`.
+
+Beside the timings (and alone with `--count_only`, on any CPU) it counts one step of ours per
+K at the chosen shapes on fake tensors (`count_step`): aten ops (autocast's casts included),
+FLOPs and the activations saved for the backward. `--format markdown` prints README rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # shared modules at the repo root
 
 import runs  # noqa: E402
-from arcface import build_iresnet, load_arcface  # noqa: E402
+from arcface import ArcFaceEncoder, build_iresnet, load_arcface  # noqa: E402
 from faces import ARCFACE_DST  # noqa: E402
 from losses import (  # noqa: E402
     predict_x0,
@@ -46,10 +56,15 @@ from losses import (  # noqa: E402
     timestep_weight,
     triplet_identity_loss,
 )
-from random_models import build_tiny_sd, calibrate_batchnorm  # noqa: E402
+from random_models import (  # noqa: E402
+    build_random_sd_pipeline,
+    build_tiny_sd,
+    calibrate_batchnorm,
+)
 from trainer import (  # noqa: E402
     WEIGHT_DTYPES,
     FaceTools,
+    PackedBatch,
     PackedTrainer,
     encode_prompts,
     load_frozen_models,
@@ -80,6 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile our UNet.")
     parser.add_argument("--workdir", type=Path, default=None, help="Where models are built.")
+    parser.add_argument(
+        "--count_only",
+        action="store_true",
+        help="Only the counts on fake tensors (aten ops, FLOPs, saved activations): no "
+        "models on disk, no timings; seconds on any CPU.",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["json", "markdown"],
+        default="json",
+        help="markdown: the rows of benchmarks/README.md's tables.",
+    )
     args = parser.parse_args(argv)
     runs.check_numbers(args, parser)
     return args
@@ -131,6 +158,168 @@ def write_identities(workdir: Path, count: int, resolution: int) -> tuple[Path, 
         pixels = rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(class_dir / f"class_{photo:05d}.png")
     return root, class_dir
+
+
+# ------------------------------------------------------------------------------ counting
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op that reaches the dispatcher (autocast's casts included; `prim`
+    metadata queries such as a fake tensor's `.device` are not ops); `mark(name)` starts a
+    new phase."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phases: dict[str, int] = {"step": 0}
+        self.views = 0
+        self._phase = "step"
+
+    def mark(self, phase: str) -> None:
+        self._phase = phase
+        self.phases.setdefault(phase, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aten":
+            self.phases[self._phase] += 1
+            self.views += func.is_view
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.phases.values())
+
+
+@contextlib.contextmanager
+def saved_activations(exclude: set[int]):
+    """Bytes of the distinct storages autograd saves for the backward (weights in `exclude`,
+    by storage id, left out): the activation memory a step holds at the end of its forward."""
+    sizes: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in exclude:
+            sizes[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield sizes
+
+
+@contextlib.contextmanager
+def loading_from(pipe):
+    """The trainer's `from_pretrained` calls return the parts of an in-memory pipeline."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parts = {
+        UNet2DConditionModel: pipe.unet,
+        AutoencoderKL: pipe.vae,
+        CLIPTextModel: pipe.text_encoder,
+        CLIPTokenizer: pipe.tokenizer,
+        DDPMScheduler: pipe.scheduler,
+    }
+    with contextlib.ExitStack() as stack:
+        for cls, part in parts.items():
+            stack.enter_context(
+                mock.patch.object(cls, "from_pretrained", lambda *_, part=part, **__: part)
+            )
+        yield
+
+
+def packed_batch(k: int, resolution: int, device: torch.device) -> PackedBatch:
+    """K identities' micro-batches of 1 instance + 1 class image (identity-major rows)."""
+    rows, latent = 2 * k, resolution // 8
+    instance_rows = torch.arange(0, rows, 2, device=device)
+    slots = torch.arange(k, device=device).repeat_interleave(2)
+    landmarks = torch.as_tensor(ARCFACE_DST * resolution / 112.0, device=device)
+    return PackedBatch(
+        mean=torch.randn(rows, 4, latent, latent, device=device),
+        std=torch.rand(rows, 4, latent, latent, device=device),
+        slots=slots,
+        is_prior=torch.arange(rows, device=device) % 2 == 1,
+        members=slots[None, :] == torch.arange(k, device=device)[:, None],
+        instance_rows=instance_rows,
+        prior_rows=instance_rows + 1,
+        sizes=[2] * k,
+        landmarks=landmarks.expand(k, 5, 2).clone(),
+        embeddings=F.normalize(torch.randn(rows, 512, device=device), dim=-1),
+        has_face=torch.ones(rows, dtype=torch.bool, device=device),
+    )
+
+
+def standing_slot(index: int) -> SimpleNamespace:
+    """What `PackedTrainer.train_on` reads of a slot: one update per micro-batch."""
+    return SimpleNamespace(
+        index=index, global_step=0, updates_per_epoch=1, micro_batch=0,
+        is_update_due=lambda position: True,
+    )  # fmt: skip
+
+
+def count_step(size: str, k: int, precision: str, workdir: Path) -> dict:
+    """`PackedTrainer.train_on` (forward, backward, clipping, AdamW, bookkeeping) of K
+    identities at `size` shapes on fake tensors (no memory, no arithmetic; seconds on a CPU):
+    aten ops (all, views, the update's), FLOPs and the activations saved for the backward.
+    Autocast's casts are CPU autocast's (bf16 / fp16 on the CPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    resolution, depth = SIZES[size]
+    train = runs.load_script(REPO_ROOT / "train_ID-Booth.py")
+    train_args = train.build_parser().parse_args(
+        [
+            f"--pretrained_model_name_or_path={workdir}",
+            f"--identities_root={workdir}",
+            f"--class_data_dir={workdir}",
+            f"--output_dir={workdir}",
+            f"--arcface_weights={workdir}",
+            f"--resolution={resolution}",
+            f"--mixed_precision={precision}",
+            f"--pack={k}",
+            "--report_to=none",
+        ]
+    )
+    device, dtype = torch.device("cpu"), WEIGHT_DTYPES[precision]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        arcface = ArcFaceEncoder(build_iresnet(depth), f"random-{depth}")  # fp32, as trained
+        pipe = build_random_sd_pipeline(size, workdir=workdir)
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):  # fake tensors cannot be
+            for tensor in (*part.parameters(), *part.buffers()):  # swapped by Module.to
+                if tensor.is_floating_point():
+                    tensor.data = tensor.data.to(dtype)
+        with loading_from(pipe), mock.patch("trainer.place"):
+            frozen = load_frozen_models(train_args, device, precision, arcface)
+            trainer = PackedTrainer(train_args, frozen, None, runs.process_state(), k)
+        batch = packed_batch(k, resolution, device)
+        generators = [torch.Generator().manual_seed(index) for index in range(k)]
+        slots = [standing_slot(index) for index in range(k)]
+        counter, update = OpCounter(), trainer.update
+
+        def counted_update(*args, **kwargs):
+            counter.mark("update")
+            return update(*args, **kwargs)
+
+        trainer.update = counted_update
+        with counter:
+            trainer.train_on(slots, batch, generators)
+        # Memory in a step of its own (the saved-tensor hooks add a detach per tensor), FLOPs
+        # in a third with the math attention (no FLOP formula for the CPU's fused kernel,
+        # whose memory the math one would overstate).
+        weights = [*trainer.unet.parameters(), *frozen.vae.parameters(), *arcface.parameters()]
+        with saved_activations({w.untyped_storage()._cdata for w in weights}) as saved:
+            trainer.train_on(slots, batch, generators)
+        flops = FlopCounterMode(display=False)
+        with flops, sdpa_kernel(SDPBackend.MATH):
+            trainer.train_on(slots, batch, generators)
+    return {
+        "identities_per_step": k,
+        "aten_ops": counter.total,
+        "aten_ops_per_identity_step": round(counter.total / k, 1),
+        "view_ops": counter.views,
+        "update_ops": counter.phases.get("update", 0),
+        "flop": flops.get_total_flops(),
+        "tflop": round(flops.get_total_flops() / 1e12, 3),
+        "tflop_per_identity_step": round(flops.get_total_flops() / 1e12 / k, 3),
+        "saved_activation_gib": round(sum(saved.values()) / 2**30, 2),
+    }
 
 
 # ------------------------------------------------------------------------------ the reference
@@ -328,12 +517,12 @@ def summarise(reference: dict, packed: dict[int, dict], args, precision: str, de
     }
 
 
-def main(args: argparse.Namespace) -> dict:
+def time_all(args: argparse.Namespace, workdir: Path) -> dict:
+    """The timed comparison: the reference recipe, then ours for every K of --packs."""
     train = runs.load_script(REPO_ROOT / "train_ID-Booth.py")
     device = torch.device(args.device)
     precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     resolution, _ = SIZES[args.size]
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="idbooth-bench-"))
     sd_dir, arcface_path = build_models(workdir, args.size)
     root, class_dir = write_identities(workdir, max(args.packs), resolution)
     flags = [
@@ -366,9 +555,58 @@ def main(args: argparse.Namespace) -> dict:
         k: measure_packed(train_args, frozen, face_tools, state, identities, args, k)
         for k in sorted(set(args.packs))
     }
-    result = summarise(reference, packed, args, precision, device)
-    print(json.dumps(result, indent=2))
+    return summarise(reference, packed, args, precision, device)
+
+
+def count_all(args, workdir: Path) -> dict:
+    """count_step for every K of --packs, at the precision timed on a GPU (default bf16)."""
+    precision = args.mixed_precision or "bf16"
+    counts = {f"pack_{k}": count_step(args.size, k, precision, workdir) for k in args.packs}
+    return {"mixed_precision": precision, **counts}
+
+
+def main(args: argparse.Namespace) -> dict:
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="idbooth-bench-"))
+    if args.count_only:
+        result = {"benchmark": "train_step", "size": args.size, "counts": count_all(args, workdir)}
+    else:
+        result = time_all(args, workdir)
+        result["counts"] = count_all(args, workdir)
+    print(markdown(result) if args.format == "markdown" else json.dumps(result, indent=2))
     return result
+
+
+def markdown(result: dict) -> str:
+    """benchmarks/README.md's rows: the counts table, and the timing table when timed."""
+    today, counts = time.strftime("%Y-%m-%d"), result["counts"]
+    shapes = f"{result['size']} ({SIZES[result['size']][0]} px, {SIZES[result['size']][1]})"
+    lines = [
+        "| date | size | precision | K | aten ops / step | per identity-step | of them views "
+        "| update (clip + AdamW) | TFLOP / identity-step | saved activations GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in (value for key, value in counts.items() if key.startswith("pack_")):
+        lines.append(
+            f"| {today} | {shapes} | {counts['mixed_precision']} | {row['identities_per_step']} "
+            f"| {row['aten_ops']} | {row['aten_ops_per_identity_step']} | {row['view_ops']} "
+            f"| {row['update_ops']} | {row['tflop_per_identity_step']} "
+            f"| {row['saved_activation_gib']} |"
+        )
+    if "reference" not in result:
+        return "\n".join(lines)
+    ours = result["ours"]
+    lines += [
+        "",
+        "| date | device | size | precision | reference s/step | "
+        + " | ".join(f"ours K={key[5:]}" for key in ours)
+        + " (s per identity-step) | peak GiB (K=1) |",
+        "|---|---|---|---|---|" + "---|" * len(ours) + "---|",
+        f"| {today} | {result['device']} | {shapes} | {result['mixed_precision']} "
+        f"| {result['reference']['seconds_per_step']:.3f} | "
+        + " | ".join(f"{row['seconds_per_identity_step']:.3f}" for row in ours.values())
+        + f" | {next(iter(ours.values()))['peak_gib'] or '-'} |",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,52 +1,108 @@
 #!/usr/bin/env bash
-# One prepared GPU session (about 10 minutes on an H200): the SD 2.1-shaped benchmarks and the
-# CUDA-only paths no CPU test reaches (pinned copies, sync-debug mode, CUDA graphs, fp16 on
-# the GPU). Random weights: only time, memory and "it runs" mean anything.
+# One prepared GPU session: the SD 2.1-shaped benchmarks and the CUDA-only paths no CPU test
+# reaches (the sampler under the sync-debug mode, CUDA-graph replay, fp16 on the GPU); prints
+# benchmarks/README.md's tables as markdown (also in ${OUT:-gpu_results}/tables.md). Random
+# weights: only time, memory and "it runs" mean anything. Not yet run on a GPU.
 #
-# Machines without diffusers: put its wheel (pure Python) and any other missing one in .whl/
-# first (`pip download --no-deps -d .whl diffusers==0.42.1`) and carry .whl.
-# Results land in ${OUT:-gpu_results}/ as JSON; paste them into benchmarks/README.md.
+#   benchmarks/prepare_gpu_wheels.sh     # first, on a machine with internet: .whl/
+#   benchmarks/gpu_check.sh              # on the GPU machine (carry .whl)
+#   benchmarks/gpu_check.sh --dry-run    # the same steps on the CPU with tiny models (CI)
+#
+# The SD 2.1-shaped random models are built once, in $GPU_CHECK_WORKDIR (default: a temp
+# folder), and every step loads them from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+dry_run=false
+[[ "${1:-}" == "--dry-run" ]] && dry_run=true
 out=${OUT:-gpu_results}
-mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+work=${GPU_CHECK_WORKDIR:-$(mktemp -d)}
+mkdir -p "$out" "$work"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+if $dry_run; then
+  size=tiny device=cpu train_precision=no generate_precision=no
+  generate=(--identities 2 --images_per_identity 2 --batch_sizes 1 2 --reference_batch_sizes 1 2)
+  train=(--packs 1 2 --steps 1 --warmup 1 --rounds 1)
+else
+  size=sd21 device=cuda train_precision=bf16 generate_precision=fp16
+  generate=(--identities 4 --images_per_identity 8 --batch_sizes 1 16 --reference_batch_sizes 1 16)
+  train=(--packs 1 2 4 8 --steps 10 --warmup 3 --rounds 1)
+fi
+phase() { echo "[gpu_check ${SECONDS}s] $*" >&2; }
 
-# Sampler on CUDA: stock-pipeline equality, sync-free steps, CUDA-graph replay.
-python3 - <<'EOF' | tee "$out/sampler_cuda.json"
-import json, torch
-from random_models import build_random_sd_pipeline
+phase "wheels"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if $dry_run; then  # resolve for the GPU's Python 3.12 without installing anything here
+    python3 -m pip install --dry-run --quiet --no-index --no-deps --only-binary=:all: \
+      --python-version 3.12 --platform manylinux_2_28_x86_64 --target "$work/site" \
+      --find-links .whl .whl/*.whl
+  else
+    python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site --find-links .whl .whl/*.whl
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  fi
+else
+  phase "no .whl/ folder: using the installed packages (run benchmarks/prepare_gpu_wheels.sh)"
+fi
+python3 -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__)"
+if ! $dry_run; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+fi
+
+phase "models ($size), built once"
+python3 - "$work" "$size" <<'EOF'
+import sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from bench_train_step import build_models
+print(*build_models(Path(sys.argv[1]), sys.argv[2]))
+EOF
+
+phase "sampler on $device: equal to the stock pipeline, host syncs, CUDA-graph replay"
+python3 - "$work/sd-$size" "$device" "$generate_precision" <<'EOF' | tee "$out/sampler.md"
+import sys, torch
+from diffusers import StableDiffusionPipeline
 from sampling import Sampler, encode_prompts, seeded_generators
-pipe = build_random_sd_pipeline("sd21").to("cuda", torch.float16)
+folder, device, precision = sys.argv[1:]
+dtype = {"no": torch.float32, "fp16": torch.float16}[precision]
+pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
+pipe = pipe.to(device)
 pipe.set_progress_bar_config(disable=True)
+resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
 prompts, negatives, seeds = ["a face"] * 4, ["cartoon"] * 4, [0, 1, 2, 3]
-size = dict(height=512, width=512, num_inference_steps=10, guidance_scale=5)
+size = dict(height=resolution, width=resolution, num_inference_steps=10, guidance_scale=5)
 stock = pipe(prompts, negative_prompt=negatives, generator=seeded_generators(seeds),
              output_type="latent", **size).images
 embeds, negative = encode_prompts(pipe, prompts, negatives)
-result = {}
-for name, options in {"eager": {}, "cuda_graph": {"cuda_graph": True}}.items():
+variants = {"eager": {}, "cuda_graph": {"cuda_graph": True}} if device == "cuda" else {"eager": {}}
+print("| sampler | device | precision | host syncs in a sampling call | max abs diff vs stock |")
+print("|---|---|---|---|---|")
+for name, options in variants.items():
     sampler = Sampler.from_pipeline(pipe, **size, **options)
     sampler.sample(embeds, negative, seeds)  # warm-up / capture
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        latents = sampler.sample(embeds, negative, seeds)
-        result[name] = {"sync_free": True}
-    except RuntimeError as error:
-        torch.cuda.set_sync_debug_mode("default")
-        latents = sampler.sample(embeds, negative, seeds)
-        result[name] = {"sync_free": str(error).splitlines()[0]}
-    torch.cuda.set_sync_debug_mode("default")
-    result[name]["max_abs_vs_stock"] = (latents - stock).abs().max().item()
-print(json.dumps(result, indent=2))
+    syncs = "not measured (no CUDA)"
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            latents = sampler.sample(embeds, negative, seeds)
+            syncs = "none"
+        except RuntimeError as error:
+            syncs = str(error).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    latents = sampler.sample(embeds, negative, seeds)
+    worst = (latents.float() - stock.float()).abs().max().item()
+    print(f"| {name} | {device} | {precision} | {syncs} | {worst:.3g} |")
 EOF
 
-python3 benchmarks/bench_generate.py --size sd21 --identities 4 --images_per_identity 8 \
-  --batch_sizes 1 16 32 | tee "$out/bench_generate.json"
-python3 benchmarks/bench_train_step.py --size sd21 --packs 1 2 4 8 --steps 10 --warmup 3 \
-  --rounds 1 | tee "$out/bench_train_step.json"
+phase "generation benchmark"
+python3 benchmarks/bench_generate.py --size "$size" --device "$device" \
+  --mixed_precision "$generate_precision" --workdir "$work" "${generate[@]}" \
+  --format markdown | tee "$out/bench_generate.md"
+
+phase "training benchmark (timings, then counts on fake tensors)"
+python3 benchmarks/bench_train_step.py --size "$size" --device "$device" \
+  --mixed_precision "$train_precision" --workdir "$work" "${train[@]}" \
+  --format markdown | tee "$out/bench_train_step.md"
+
+cat "$out/sampler.md" "$out/bench_generate.md" "$out/bench_train_step.md" >"$out/tables.md"
+phase "done: $out/tables.md"

@@ -71,3 +71,43 @@ def test_a_calibrated_random_iresnet_100_gives_finite_unit_embeddings():
         embeddings = encoder(faces)
     assert torch.isfinite(embeddings).all()
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["tiny", "sd21"])
+def test_step_counts_on_fake_tensors(size, tmp_path):
+    """The step's aten ops do not grow with K (the update is a few dozen ops for every K and
+    LoRA tensor count: 10,800 before the flat buffers at sd21); its FLOPs grow linearly."""
+    bench = load_benchmark("bench_train_step")
+    one, pack = (bench.count_step(size, k, "bf16", tmp_path) for k in (1, 8))
+    assert one["update_ops"] <= 100 and pack["update_ops"] <= 100
+    assert pack["aten_ops"] <= one["aten_ops"] + 100
+    assert pack["aten_ops_per_identity_step"] <= one["aten_ops"] / 8 + 20
+    assert abs(pack["flop"] - 8 * one["flop"]) <= 0.01 * pack["flop"]
+    assert one["saved_activation_gib"] > 0 and one["view_ops"] < one["aten_ops"]
+    if size == "sd21":  # benchmarks/README.md's numbers, as a regression guard
+        assert one["aten_ops"] <= 10_500 and 7 < one["tflop"] < 9
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_prints_the_readme_tables(tmp_path):
+    """gpu_check.sh --dry-run: the GPU session's steps on the CPU with tiny models."""
+    import os
+    import subprocess
+
+    env = os.environ | {
+        "OUT": str(tmp_path / "out"),
+        "GPU_CHECK_WORKDIR": str(tmp_path / "work"),
+        "OMP_NUM_THREADS": "1",
+    }
+    script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
+    run = subprocess.run(
+        ["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    tables = (tmp_path / "out" / "tables.md").read_text()
+    assert "| eager | cpu | no | not measured (no CUDA) |" in tables
+    assert "| reference B=1 | reference B=2 | ours B=1 | ours B=2 | peak GiB |" in tables
+    assert "| update (clip + AdamW) |" in tables and "| ours K=1 | ours K=2" in tables
+    assert len((tmp_path / "work").glob("sd-tiny/model_index.json").__next__().read_text()) > 0
+    assert "models (tiny), built once" in run.stderr
