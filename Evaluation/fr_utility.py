@@ -33,12 +33,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shared modules at the repo root
 
 import runs  # noqa: E402
+import verify  # noqa: E402
 from fileio import atomic_write_json  # noqa: E402
 
 logger = logging.getLogger("fr_utility")
 
-# The paper's benchmarks, in its column order (insightface's .bin file stems).
-PAPER_BENCHMARKS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
+# The paper's benchmarks in its column order (insightface's .bin file stems) and their names.
+PAPER_BENCHMARKS = verify.BIN_NAMES
 BENCHMARK_TITLES = {
     "lfw": "LFW",
     "cfp_fp": "CFP-FP",
@@ -175,8 +176,6 @@ def train_setting(
 def verify_setting(entry: dict, benchmarks: dict[str, Path], device: str) -> None:
     """Accuracy of the setting's model on every benchmark (cached beside the model while the
     .bin files are unchanged); fills entry['accuracy'] and entry['mean_accuracy']."""
-    import verify
-
     cache = Path(entry["run_dir"]) / "benchmark_verification.json"
     fingerprint = file_fingerprint(list(benchmarks.values()))
     if cache.is_file():

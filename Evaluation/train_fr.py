@@ -875,7 +875,9 @@ def run_config(args: argparse.Namespace, prepared: PreparedFaces, state: TrainSt
         "best_epoch": state.best_epoch,
         "best_mean_accuracy": state.best_accuracy if state.best_epoch >= 0 else None,
         "stopped_early": state.stopped_early,
-        "backbone_is": "best epoch" if args.select_best else "last step",
+        # --select_best before any epoch was verified (a --max_train_steps inside the first
+        # epoch) keeps the last weights: say so rather than call them the best
+        "backbone_is": "best epoch" if args.select_best and state.best_epoch >= 0 else "last step",
     }
 
 
