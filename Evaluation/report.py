@@ -678,7 +678,11 @@ def fr_utility_section(fr_utility: Mapping) -> str:
     if skipped is not None:
         return skipped
     header, rows = table_rows(fr_utility)
-    rows = [row + [""] * (len(header) - len(row)) for row in rows]  # failed settings
+    rows = [  # two decimals, as the paper prints accuracy; failed settings padded
+        [f"{cell:.2f}" if isinstance(cell, float) else cell for cell in row]
+        + [""] * (len(header) - len(row))
+        for row in rows
+    ]
     selection = ", ".join(fr_utility["selection_benchmarks"])
     flags = " ".join(fr_utility["train_flags"])
     return "\n".join(
@@ -687,8 +691,8 @@ def fr_utility_section(fr_utility: Mapping) -> str:
             "<p>An IResNet trained on each data setting (Evaluation/train_fr.py), then 10-fold "
             "verification accuracy (insightface's protocol, higher is better) on each benchmark "
             f"and the mean over them. Checkpoint selected, lr plateau and early stop on "
-            f"<code>{html.escape(selection)}</code>; train_fr.py flags: "
-            f"<code>{html.escape(flags)}</code>.</p>",
+            f"<code>{html.escape(selection)}</code>; train_fr.py flags (a later one overrides "
+            f"an earlier one): <code>{html.escape(flags)}</code>.</p>",
             html_table(header, rows),
         ]
     )

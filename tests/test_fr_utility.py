@@ -174,7 +174,7 @@ def test_table_and_report_section_show_accuracy_in_percent_with_the_mean():
     assert "real | 40 (3) | 2 | 90.00 | 70.00 | 80.00" in fr_utility.format_table(fake_table())
 
     section = report.fr_utility_section(fake_table())
-    assert "<th>CFP-FP</th>" in section and "<td>80</td>" in section
+    assert "<th>CFP-FP</th>" in section and "<td>90.00</td><td>70.00</td><td>80.00</td>" in section
     assert "not trained: every image was skipped" in section and "<code>lfw</code>" in section
 
 
