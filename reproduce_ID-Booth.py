@@ -183,7 +183,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, f"{stage}_flags", shlex.split(getattr(args, f"{stage}_flags")))
     if not args.identities_root.is_dir():
         raise FileNotFoundError(f"--identities_root {args.identities_root} is not a folder")
+    check_fr_utility_args(args)
     return args
+
+
+def check_fr_utility_args(args: argparse.Namespace) -> None:
+    """Bad FR-utility input fails now, not after hours of training and generation: the .bin
+    folder, the selection names, and train_fr.py's parsing of the stage's flags."""
+    if args.fr_benchmarks is None:
+        return
+    fr_utility = runs.load_script(REPO_ROOT / "Evaluation" / "fr_utility.py")
+    benchmarks = fr_utility.find_benchmarks(args.fr_benchmarks)
+    selection = fr_utility.selection_benchmarks(benchmarks, args.fr_selection_benchmarks)
+    train_fr = runs.load_script(REPO_ROOT / "Evaluation" / "train_fr.py")
+    train_fr.parse_args(
+        [
+            f"--data_dir={args.real}",
+            f"--output_dir={fr_utility_table(args).parent}",
+            *[f"--eval_bin={benchmarks[name]}" for name in selection],
+            *fr_utility.OFFICIAL_PROTOCOL_FLAGS,
+            *args.fr_flags,
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------ stages

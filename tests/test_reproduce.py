@@ -240,6 +240,15 @@ def test_fr_utility_stage_trains_the_paper_settings_and_feeds_the_report(tmp_pat
     reproduce.fr_utility_stage(args, runs.process_state())  # not asked for: nothing runs
     assert not (tmp_path / "fr_utility").exists()
 
+    with pytest.raises(FileNotFoundError, match="--fr_benchmarks .* is not a folder"):
+        reproduce.parse_args([*base, f"--fr_benchmarks={tmp_path / 'bins'}"])
+    (tmp_path / "bins").mkdir()
+    (tmp_path / "bins" / "cplfw.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"--fr_selection_benchmarks \['lfw'\]"):
+        bins = f"--fr_benchmarks={tmp_path / 'bins'}"
+        reproduce.parse_args([*base, bins, "--fr_selection_benchmarks", "lfw"])
+    with pytest.raises(SystemExit):  # train_fr.py's own parser, before any stage runs
+        reproduce.parse_args([*base, f"--fr_benchmarks={tmp_path / 'bins'}", "--fr_flags=--nope"])
     args = reproduce.parse_args(
         [*base, f"--fr_benchmarks={tmp_path / 'bins'}", "--fr_flags=--backbone r18"]
     )
