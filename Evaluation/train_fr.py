@@ -905,7 +905,10 @@ def follow_benchmark(run: Run, finished_epoch: int) -> None:
     from accelerate.utils import broadcast_object_list
 
     args, state = run.args, run.state
-    accuracy = [run_verification(run)["mean_accuracy"] if run.accelerator.is_main_process else 0.0]
+    # Only the main process verifies; the others get its value (NaN until then: a rank that
+    # missed it would never improve and stop on its own, which the 2-process test would see).
+    is_main = run.accelerator.is_main_process
+    accuracy = [run_verification(run)["mean_accuracy"] if is_main else float("nan")]
     if run.accelerator.num_processes > 1:
         broadcast_object_list(accuracy)  # every process steps its lr and stops alike
     if args.lr_scheduler == "benchmark":

@@ -551,3 +551,24 @@ def test_protocol_flags_need_a_benchmark(tmp_path):
             train_fr.parse_args(fr_flags(tmp_path, "x", *flag))
     with pytest.raises(ValueError, match="pass --eval_bin"):
         train_fr.parse_args(fr_flags(tmp_path, "x", "--lr_scheduler", "benchmark"))
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_benchmark_alike_and_stop_together(tmp_path):
+    """torchrun, 2 processes: rank 0 verifies, every rank steps its lr and stops on that result
+    (a rank that missed the stop would wait forever at the next collective)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    flags = protocol_flags(tmp_path, "two", "--batch_size", "2")  # global batch 4: 1 step/epoch
+    completed = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(SCRIPT), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    log = read_log(tmp_path / "two" / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["lr"] for r in log] == pytest.approx([0.01, 0.01, 0.01, 0.001])
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["stopped_early"] and config["best_epoch"] == 0
