@@ -6,7 +6,11 @@ stand in for the real ones, and the identities are real people cut from the phot
 ship inside insightface's wheel (dlib's shipped detector finds them). All three variants
 (dreambooth, identity, triplet) are trained, generated and evaluated side by side; the
 report says on top which models are random, and its numbers are about plumbing, not
-quality. Give real weights to run the same stages for real (or call reproduce_ID-Booth.py):
+quality. The face-recognition utility stage runs too, with a tiny FR model (IResNet-18, one
+epoch) and a tiny verification .bin cut from the same real faces (not LFW & co.); random SD
+makes no faces, so there the synthetic rows say so and real + synthetic (it would repeat the
+real row) is left out.
+Give real weights to run the same stages for real (or call reproduce_ID-Booth.py):
 
     python demo.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \\
         --arcface_weights ms1mv3_arcface_r100_fp16/backbone.pth \\
@@ -17,6 +21,7 @@ quality. Give real weights to run the same stages for real (or call reproduce_ID
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
@@ -31,6 +36,12 @@ REPO_ROOT = Path(__file__).resolve().parent
 # the other four are prior (class) images.
 NUM_DEMO_IDENTITIES = 2
 CROP_VARIANTS = ((2.4, 0.0, 0.0), (2.8, 0.08, 0.0), (2.6, -0.08, 0.05), (3.0, 0.0, -0.05))
+# train_fr.py in seconds on a CPU: the official protocol's mechanics on a tiny model.
+DEMO_FR_FLAGS = (
+    "--backbone=r18 --embedding_size=64 --batch_size=8 --learning_rate=0.01 --num_epochs=1 "
+    "--mixed_precision=no --dataloader_num_workers=0 --checkpointing_steps=1000"
+)
+DEMO_PAIRS_PER_KIND = 6  # genuine and impostor pairs of demo_pairs.bin (10 folds need 10)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -174,6 +185,48 @@ def prepare_embedded_identities(data_dir: Path) -> tuple[Path, Path, Path]:
     return identities_root, class_dir, attributes_path
 
 
+def prepare_demo_benchmark(data_dir: Path) -> Path:
+    """A folder with demo_pairs.bin: the demo's real faces (six people, 2-4 crops each) aligned
+    to 112x112; 6 same-person pairs of crops (genuine) and 6 cross-person pairs (impostor)."""
+    from itertools import combinations
+
+    from datasets import list_images
+    from faces import DlibFaceDetector, align_face
+
+    sys.path.append(str(REPO_ROOT / "Evaluation"))
+    from verify import write_bin
+
+    folder = data_dir / "benchmarks"
+    if (folder / "demo_pairs.bin").is_file():
+        return folder
+    detector = DlibFaceDetector()
+    by_person: dict[str, list[bytes]] = {}
+    folders = [*runs.identity_folders(data_dir / "identities"), data_dir / "class"]
+    for path in [image for folder in folders for image in list_images(folder)]:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        landmarks = detector.detect_landmarks(image)
+        if landmarks is not None:
+            encoded = io.BytesIO()
+            Image.fromarray(align_face(image, landmarks, 112)).save(encoded, format="PNG")
+            by_person.setdefault(path.stem.rsplit("_", 1)[0], []).append(encoded.getvalue())
+    people = sorted(by_person)
+    genuine = [pair for p in people for pair in combinations(by_person[p], 2)]
+    genuine = [genuine[i] for i in np.linspace(0, len(genuine) - 1, DEMO_PAIRS_PER_KIND, dtype=int)]
+    impostor = [(by_person[a][-1], by_person[b][0]) for a, b in combinations(people, 2)]
+    impostor = impostor[:DEMO_PAIRS_PER_KIND]
+    pairs = genuine + impostor
+    if len(set(genuine)) < DEMO_PAIRS_PER_KIND or len(impostor) < DEMO_PAIRS_PER_KIND:
+        raise RuntimeError(
+            f"too few faces found in the demo photos for {DEMO_PAIRS_PER_KIND} pairs"
+        )
+    write_bin(
+        folder / "demo_pairs.bin",
+        [image for pair in pairs for image in pair],
+        [True] * len(genuine) + [False] * len(impostor),
+    )
+    return folder
+
+
 def random_models_banner(args: argparse.Namespace) -> str | None:
     """The report's banner naming the embedded random models this run uses, if any."""
     random = [
@@ -200,6 +253,10 @@ def reproduce_argv(args: argparse.Namespace, embedded: dict[str, Path], data: tu
     from datasets import list_images
 
     identities_root, class_dir, attributes_path = data
+    benchmarks = prepare_demo_benchmark(identities_root.parent)
+    fr_settings = ["real", "synthetic"]
+    if args.pretrained_model_name_or_path:  # random SD makes no faces: it would repeat "real"
+        fr_settings.append("real+synthetic")
     # A random ArcFace says nothing about identity; dlib's shipped embedder is real.
     embedder = "arcface" if args.arcface_weights else "dlib"
     steps = args.max_train_steps
@@ -220,6 +277,10 @@ def reproduce_argv(args: argparse.Namespace, embedded: dict[str, Path], data: tu
         f"--validation_steps={steps} --num_class_images={len(list_images(class_dir))} "
         f"--logging_steps={max(1, steps // 20)}",
         f"--generate_flags=--num_inference_steps={args.num_inference_steps}",
+        f"--fr_benchmarks={benchmarks}",
+        f"--fr_flags={DEMO_FR_FLAGS}",
+        "--fr_settings",
+        *fr_settings,
     ]
     if not args.feature_model:
         argv.append("--evaluate_flags=--feature_image_size=56")

@@ -7,8 +7,12 @@ three scripts' own code in order (no second implementation):
    of --class_data_dir are sampled by the first and reused by the others) -> OUT/loras/<variant>;
 2. inference_ID-Booth.py per variant with the paper's generation settings
    -> OUT/generated/<variant>/<identity>/<i>.png;
-3. Evaluation/evaluate.py on every variant side by side against the real photos, with each
-   variant's training curves -> OUT/report/report.html + metrics.json.
+3. with --fr_benchmarks DIR (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW .bin files), the paper's
+   face-recognition utility: Evaluation/train_fr.py per data setting (real, synthetic and
+   real + synthetic per variant, the official protocol) and verification on every benchmark
+   -> OUT/fr_utility/fr_utility.json (Evaluation/fr_utility.py);
+4. Evaluation/evaluate.py on every variant side by side against the real photos, with each
+   variant's training curves and the FR-utility table -> OUT/report/report.html + metrics.json.
 
 Every stage skips what is done (finished identities, images on disk; evaluation re-reads its
 caches), and training resumes an identity from its last checkpoint, so a killed run re-run
@@ -130,14 +134,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="CR-FIQA checkpoint for the quality section (not given: not computed).",
     )
     parser.add_argument("--banner", default=None, help="A note shown on top of the report.")
-    for stage in ("train", "generate", "evaluate"):
+    add_fr_utility_args(parser)
+    for stage in ("train", "generate", "evaluate", "fr"):
         parser.add_argument(
             f"--{stage}_flags",
             default="",
             help=f"Extra flags of the {stage} stage, one shell-quoted string "
-            "(e.g. --train_flags '--max_train_steps 3200 --pack 4').",
+            "(e.g. --train_flags '--max_train_steps 3200 --pack 4'; --fr_flags go to "
+            "Evaluation/train_fr.py).",
         )
     return parser
+
+
+def add_fr_utility_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the face-recognition utility stage (Evaluation/fr_utility.py)."""
+    parser.add_argument(
+        "--fr_benchmarks",
+        type=Path,
+        default=None,
+        help="Folder of insightface verification .bin files (lfw, cfp_fp, agedb_30, calfw, "
+        "cplfw): train an FR model per data setting and report its accuracy on each. Not "
+        "given: the report says what the FR-utility table needs.",
+    )
+    parser.add_argument(
+        "--fr_settings",
+        nargs="+",
+        default=["real", "synthetic", "real+synthetic"],
+        choices=("real", "synthetic", "real+synthetic"),
+        help="Training data of the FR models: the real photos (--real), each variant's "
+        "images, and both merged by identity (the paper's three).",
+    )
+    parser.add_argument(
+        "--fr_selection_benchmarks",
+        nargs="+",
+        default=None,
+        help="Benchmarks (.bin stems) whose mean accuracy selects the checkpoint, drives the lr "
+        "plateau and the early stop; default lfw (the official setting) if present, else all.",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,11 +179,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runs.check_numbers(args, parser)
     args.variants = list(dict.fromkeys(args.variants))
     args.real = args.real or args.identities_root
-    for stage in ("train", "generate", "evaluate"):
+    for stage in ("train", "generate", "evaluate", "fr"):
         setattr(args, f"{stage}_flags", shlex.split(getattr(args, f"{stage}_flags")))
     if not args.identities_root.is_dir():
         raise FileNotFoundError(f"--identities_root {args.identities_root} is not a folder")
+    check_fr_utility_args(args)
     return args
+
+
+def check_fr_utility_args(args: argparse.Namespace) -> None:
+    """Bad FR-utility input fails now, not after hours of training and generation: the .bin
+    folder, the selection names, and train_fr.py's parsing of the stage's flags."""
+    if args.fr_benchmarks is None:
+        return
+    fr_utility = runs.load_script(REPO_ROOT / "Evaluation" / "fr_utility.py")
+    benchmarks = fr_utility.find_benchmarks(args.fr_benchmarks)
+    selection = fr_utility.selection_benchmarks(benchmarks, args.fr_selection_benchmarks)
+    train_fr = runs.load_script(REPO_ROOT / "Evaluation" / "train_fr.py")
+    train_fr.parse_args(
+        [
+            f"--data_dir={args.real}",
+            f"--output_dir={fr_utility_table(args).parent}",
+            *[f"--eval_bin={benchmarks[name]}" for name in selection],
+            *fr_utility.OFFICIAL_PROTOCOL_FLAGS,
+            *args.fr_flags,
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------ stages
@@ -213,6 +267,8 @@ def evaluate_argv(args: argparse.Namespace) -> list[str]:
         argv.append(f"--quality_weights={args.quality_weights}")
     if args.banner:
         argv.append(f"--banner={args.banner}")
+    if args.fr_benchmarks is not None:
+        argv.append(f"--fr_utility={fr_utility_table(args)}")
     return [*argv, *args.evaluate_flags]
 
 
@@ -269,6 +325,37 @@ def generate_variants(args: argparse.Namespace, state: Any) -> None:
             )
 
 
+def fr_utility_table(args: argparse.Namespace) -> Path:
+    return args.output_dir / "fr_utility" / "fr_utility.json"
+
+
+def fr_utility_stage(args: argparse.Namespace, state: Any) -> None:
+    """The paper's FR-utility table: train_fr.py per data setting (official protocol, then
+    --fr_flags), verified on every --fr_benchmarks set; a failed setting is a row saying why."""
+    if args.fr_benchmarks is None:
+        return
+    fr_utility = runs.load_script(REPO_ROOT / "Evaluation" / "fr_utility.py")
+    generated = {variant: images_of(args, variant) for variant in args.variants}
+    settings = fr_utility.paper_settings(args.real, generated, args.fr_settings)
+    flags = [
+        *fr_utility.OFFICIAL_PROTOCOL_FLAGS,
+        f"--face_detector={args.face_detector}",
+        *args.fr_flags,
+    ]
+    try:
+        fr_utility.run_fr_utility(
+            settings,
+            args.fr_benchmarks,
+            fr_utility_table(args).parent,
+            flags,
+            args.fr_selection_benchmarks,
+            is_main_process=state.is_main_process,
+        )
+    finally:
+        free_device_memory()
+    state.wait_for_everyone()
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train, generate, evaluate; the report's path and the metrics on the main process."""
     state = runs.process_state()
@@ -276,6 +363,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     train_variants(args, state)
     generate_variants(args, state)
+    fr_utility_stage(args, state)
     if not state.is_main_process:
         return {}
     results = run_stage("evaluate", evaluate_argv(args))

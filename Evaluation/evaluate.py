@@ -33,6 +33,7 @@ skipped with a note.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -249,6 +250,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="Head-pose spread (yaw/pitch/roll from dlib's 68 landmarks); --no-pose skips it.",
+    )
+    parser.add_argument(
+        "--fr_utility",
+        type=Path,
+        default=None,
+        help="fr_utility.json of reproduce_ID-Booth.py's FR stage (Evaluation/fr_utility.py): "
+        "the face-recognition utility table. Not given: the report says what it needs.",
     )
 
 
@@ -880,6 +888,21 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+FR_UTILITY_NEEDS = (
+    "Not computed: it needs verification .bin files (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW; "
+    "see README, Face-recognition utility): reproduce_ID-Booth.py --fr_benchmarks DIR."
+)
+
+
+def fr_utility_results(path: Path | None) -> dict:
+    """The FR-utility table written by Evaluation/fr_utility.py, or why there is none."""
+    if path is None:
+        return {"skipped": FR_UTILITY_NEEDS}
+    if not path.is_file():
+        return {"skipped": f"{path} does not exist (the FR-utility stage did not finish)"}
+    return json.loads(path.read_text())
+
+
 def main(args: argparse.Namespace) -> dict:
     """Embed, score, measure; write metrics.json, report.html and plots/*.png."""
     import report
@@ -919,6 +942,7 @@ def main(args: argparse.Namespace) -> dict:
         "quality": quality,
         "pose": pose,
         "training": training,
+        "fr_utility": fr_utility_results(args.fr_utility),
         "notes": notes,
     }
     for key, png in figures.items():

@@ -680,6 +680,35 @@ def training_section(training: Mapping, figures: Mapping[str, bytes]) -> str:
     return "\n".join(parts)
 
 
+def fr_utility_section(fr_utility: Mapping) -> str:
+    """The paper's last table: verification accuracy (%) of an FR model per training data."""
+    from fr_utility import table_rows
+
+    title = "<h2>Face-recognition utility (verification accuracy, %)</h2>"
+    skipped = _skipped(title, fr_utility)
+    if skipped is not None:
+        return skipped
+    header, rows = table_rows(fr_utility)
+    rows = [  # two decimals, as the paper prints accuracy; failed settings padded
+        [f"{cell:.2f}" if isinstance(cell, float) else cell for cell in row]
+        + [""] * (len(header) - len(row))
+        for row in rows
+    ]
+    selection = ", ".join(fr_utility["selection_benchmarks"])
+    flags = " ".join(fr_utility["train_flags"])
+    return "\n".join(
+        [
+            title,
+            "<p>An IResNet trained on each data setting (Evaluation/train_fr.py), then 10-fold "
+            "verification accuracy (insightface's protocol, higher is better) on each benchmark "
+            f"and the mean over them. Checkpoint selected, lr plateau and early stop on "
+            f"<code>{html.escape(selection)}</code>; train_fr.py flags (a later one overrides "
+            f"an earlier one): <code>{html.escape(flags)}</code>.</p>",
+            html_table(header, rows),
+        ]
+    )
+
+
 def render_report(
     results: Mapping,
     figures: Mapping[str, bytes],
@@ -705,6 +734,7 @@ def render_report(
         quality_section(results.get("quality", absent), figures),
         pose_section(results.get("pose", absent), figures),
         training_section(results.get("training", absent), figures),
+        fr_utility_section(results.get("fr_utility", absent)),
         "<h2>Definitions</h2>",
         definitions,
         "<h2>Configuration</h2>",

@@ -19,6 +19,14 @@ accelerate. The data order and flips of epoch e come from a generator seeded wit
 (seed, e) and the step uses no other randomness, so a resumed run reproduces an
 uninterrupted one exactly.
 
+The official ID-Booth protocol (dariant/ID-Booth FR_training/train_FR.py) is available by flags
+and is what reproduce_ID-Booth.py uses: after every epoch the `--eval_bin` sets are verified,
+`--lr_scheduler benchmark` lowers the lr x0.1 when their mean accuracy has not improved for
+`--plateau_patience 4` checks (ReduceLROnPlateau, mode max), `--early_stopping_epochs 6` ends
+training 6 epochs after the best one, and `--select_best` makes backbone.pth the weights of
+the best epoch (the official best_backbone.pth). The best weights travel in every checkpoint,
+so a resumed run selects as an uninterrupted one does.
+
 Outputs in `--output_dir`: `backbone.pth` (arcface_torch state dict, loadable by
 `arcface.load_iresnet`), `config.json` (resolved settings, identities, skip report),
 `train_log.jsonl`, `checkpoint-<step>/` (state dicts read back with weights_only=True),
@@ -62,11 +70,12 @@ FACE_SIZE = 112
 PREPARED_FORMAT_VERSION = 1
 HEAD_DEFAULT_MARGINS = {"adaface": 0.4, "arcface": 0.5, "cosface": 0.4}
 ALIGN_MODES = ("auto", "always", "never")
-LR_SCHEDULERS = ("step", "plateau")
+LR_SCHEDULERS = ("step", "plateau", "benchmark")
 # Arguments that may differ between a checkpoint and the run resuming it (where outputs go, how
 # often they are written, worker counts, verification sets, data paths whose images are compared
 # by dataset_fingerprint, and the length: the step and plateau schedules do not depend on it, so
-# a run may be extended); every other one must match.
+# a run may be extended); every other one must match. Under the benchmark protocol the
+# verification sets and their interval steer training, so they must match too.
 RESUME_MAY_CHANGE = frozenset(
     (
         "num_epochs",
@@ -85,6 +94,8 @@ RESUME_MAY_CHANGE = frozenset(
     )
 )
 TRAINING_STATE_NAME = "training_state.pt"
+BEST_BACKBONE_NAME = "best_backbone.pth"
+BENCHMARK_STEERED = frozenset(("eval_bins", "eval_every_epochs"))
 
 
 # ----------------------------------------------------------------------------- data
@@ -396,12 +407,21 @@ def parameter_groups(model: FaceRecognitionModel, weight_decay: float) -> list[d
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
-    """Epoch-wise schedule: MultiStepLR(milestones, gamma) or ReduceLROnPlateau(epoch loss)."""
+    """Epoch-wise schedule: MultiStepLR(milestones, gamma), ReduceLROnPlateau on the epoch's
+    mean loss (plateau) or on the mean verification accuracy (benchmark, the official one)."""
     if args.lr_scheduler == "step":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=args.lr_gamma, patience=args.plateau_patience
+        optimizer,
+        mode="max" if args.lr_scheduler == "benchmark" else "min",
+        factor=args.lr_gamma,
+        patience=args.plateau_patience,
     )
+
+
+def follows_benchmark(args: argparse.Namespace) -> bool:
+    """Whether verification accuracy steers training (the official protocol, or part of it)."""
+    return args.lr_scheduler == "benchmark" or args.early_stopping_epochs > 0 or args.select_best
 
 
 def to_model_input(faces: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -441,6 +461,10 @@ class TrainState:
     step_in_epoch: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
+    # benchmark protocol: best mean verification accuracy so far, its epoch, whether it stopped
+    best_accuracy: float = -1.0
+    best_epoch: int = -1
+    stopped_early: bool = False
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -462,6 +486,8 @@ def save_checkpoint(run: Run) -> Path:
             "train_state": asdict(run.state),
         }
         torch.save(state, temp / TRAINING_STATE_NAME)
+        if run.best_backbone is not None:  # the selection survives a resume
+            torch.save(run.best_backbone, temp / BEST_BACKBONE_NAME)
         atomic_write_json(temp / "config.json", run.config())
 
     return runs.write_checkpoint(
@@ -476,7 +502,10 @@ def save_checkpoint(run: Run) -> Path:
 def resume_mismatches(saved: dict, current: dict) -> list[str]:
     """Differences that forbid resuming: every argument except RESUME_MAY_CHANGE, the
     identities and the images (dataset_fingerprint)."""
-    changed = runs.config_mismatches(saved.get("args", {}), current["args"], RESUME_MAY_CHANGE)
+    may_change = RESUME_MAY_CHANGE
+    if saved.get("follows_benchmark") or current.get("follows_benchmark"):
+        may_change = RESUME_MAY_CHANGE - BENCHMARK_STEERED
+    changed = runs.config_mismatches(saved.get("args", {}), current["args"], may_change)
     for key in ("identities", "dataset_fingerprint"):
         changed += runs.config_mismatches({key: saved.get(key)}, {key: current[key]}, ())
     return changed
@@ -504,6 +533,8 @@ def load_checkpoint(path: Path, run: Run) -> TrainState:
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and payload["grad_scaler"] is not None:
         scaler.load_state_dict(payload["grad_scaler"])
+    if (path / BEST_BACKBONE_NAME).is_file():
+        run.best_backbone = torch.load(path / BEST_BACKBONE_NAME, weights_only=True)
     logger.info("resumed from %s (step %d)", path, payload["train_state"]["global_step"])
     return TrainState(**payload["train_state"])
 
@@ -632,7 +663,8 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
         default="step",
         choices=LR_SCHEDULERS,
         help="step: multiply lr by --lr_gamma at --lr_milestones epochs; plateau: "
-        "when the epoch's mean loss stops improving",
+        "when the epoch's mean loss stops improving; benchmark: when the mean accuracy of "
+        "the --eval_bin sets stops improving (the official ID-Booth protocol)",
     )
     parser.add_argument(
         "--lr_milestones",
@@ -651,7 +683,7 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
         "--plateau_patience",
         type=runs.NON_NEGATIVE_INT,
         default=2,
-        help="epochs without improvement before the plateau schedule decays",
+        help="epochs without improvement before the plateau schedule decays (official protocol: 4)",
     )
     parser.add_argument(
         "--max_grad_norm",
@@ -707,7 +739,21 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         dest="eval_bins",
-        help="verification .bin evaluated during training (repeatable)",
+        help="verification .bin evaluated during training (repeatable); with the benchmark "
+        "protocol its mean accuracy steers the lr, the stop and the selected weights",
+    )
+    parser.add_argument(
+        "--early_stopping_epochs",
+        type=runs.NON_NEGATIVE_INT,
+        default=0,
+        help="stop when the mean --eval_bin accuracy has not improved for this many epochs "
+        "(0: never; official protocol: 6)",
+    )
+    parser.add_argument(
+        "--select_best",
+        action="store_true",
+        help="write as backbone.pth the weights of the epoch with the best mean --eval_bin "
+        "accuracy (official protocol) instead of the last ones",
     )
     parser.add_argument(
         "--eval_every_epochs",
@@ -747,6 +793,11 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for path in args.eval_bins:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--eval_bin {path} does not exist")
+    if follows_benchmark(args) and not (args.eval_bins and args.eval_every_epochs):
+        raise ValueError(
+            "--lr_scheduler benchmark, --early_stopping_epochs and --select_best read the "
+            "verification accuracy: pass --eval_bin FILE.bin and --eval_every_epochs >= 1"
+        )
     _validate_numbers(args, parser)
 
 
@@ -818,13 +869,20 @@ def run_config(args: argparse.Namespace, prepared: PreparedFaces, state: TrainSt
         "num_faces": len(prepared.labels),
         "identities": prepared.identities,
         "skip_counts": {k: len(v) for k, v in prepared.skips.items()},
+        "follows_benchmark": follows_benchmark(args),
         "skipped_files": prepared.skips,
         "global_step": state.global_step,
         "epoch": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_mean_accuracy": state.best_accuracy if state.best_epoch >= 0 else None,
+        "stopped_early": state.stopped_early,
+        # --select_best before any epoch was verified (a --max_train_steps inside the first
+        # epoch) keeps the last weights: say so rather than call them the best
+        "backbone_is": "best epoch" if args.select_best and state.best_epoch >= 0 else "last step",
     }
 
 
-def run_verification(run: Run) -> None:
+def run_verification(run: Run) -> dict:
     """Flip-sum 10-fold verification of the current backbone (main process only)."""
     import verify
 
@@ -839,13 +897,47 @@ def run_verification(run: Run) -> None:
     with (run.output_dir / "verification_log.jsonl").open("a") as handle:
         handle.write(json.dumps(payload) + "\n")
     atomic_write_json(run.output_dir / "verification.json", payload)
+    return payload
+
+
+def follow_benchmark(run: Run, finished_epoch: int) -> None:
+    """The official protocol after an epoch's verification: lr plateau on the mean accuracy,
+    keep the best weights, stop `early_stopping_epochs` after the best epoch."""
+    from accelerate.utils import broadcast_object_list
+
+    args, state = run.args, run.state
+    # Only the main process verifies; the others get its value (NaN until then: a rank that
+    # missed it would never improve and stop on its own, which the 2-process test would see).
+    is_main = run.accelerator.is_main_process
+    accuracy = [run_verification(run)["mean_accuracy"] if is_main else float("nan")]
+    if run.accelerator.num_processes > 1:
+        broadcast_object_list(accuracy)  # every process steps its lr and stops alike
+    if args.lr_scheduler == "benchmark":
+        run.scheduler.step(accuracy[0])
+    if accuracy[0] > state.best_accuracy:
+        state.best_accuracy, state.best_epoch = accuracy[0], finished_epoch
+        backbone = run.accelerator.unwrap_model(run.model).backbone
+        run.best_backbone = {
+            k: v.detach().float().cpu().clone() for k, v in backbone.state_dict().items()
+        }
+    elif finished_epoch - state.best_epoch >= args.early_stopping_epochs > 0:
+        state.stopped_early = True
+        logger.info(
+            "mean verification accuracy has not improved for %d epochs: stopping at epoch %d "
+            "(best %.4f at epoch %d)",
+            args.early_stopping_epochs,
+            finished_epoch,
+            state.best_accuracy,
+            state.best_epoch,
+        )
 
 
 def end_epoch(args, scheduler, state: TrainState) -> None:
-    """Epoch boundary: step the lr schedule (plateau reads the epoch's mean loss), reset sums."""
+    """Epoch boundary: step the lr schedule (plateau reads the epoch's mean loss; benchmark is
+    stepped by follow_benchmark), reset sums."""
     if args.lr_scheduler == "plateau":
         scheduler.step(state.epoch_loss_sum / max(1, state.epoch_loss_count))
-    else:
+    elif args.lr_scheduler == "step":
         scheduler.step()
     state.epoch += 1
     state.step_in_epoch = 0
@@ -918,6 +1010,11 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     pair_sets: list = field(default_factory=list)
     watch: runs.NonFiniteWatch | None = None  # NaN/inf of the loss, on the device
+    best_backbone: dict | None = None  # benchmark protocol: CPU weights of the best epoch
+
+    @property
+    def finished(self) -> bool:
+        return self.state.global_step >= self.max_steps or self.state.stopped_early
 
     @property
     def log_path(self) -> Path:
@@ -969,7 +1066,7 @@ def main(args: argparse.Namespace) -> Path:
     runs.setup_logging()
     run = setup_run(args)
     backbone_path = run.output_dir / "backbone.pth"
-    if run.state.global_step >= run.max_steps and backbone_path.is_file():
+    if run.finished and backbone_path.is_file():
         logger.info(
             "training already finished at step %d (%s)", run.state.global_step, backbone_path
         )
@@ -993,7 +1090,7 @@ def train_loop(run: Run) -> None:
     meter = LossMeter(torch.zeros((), device=device), torch.zeros((), device=device))
     meter.epoch_sum += state.epoch_loss_sum
     run.watch = runs.NonFiniteWatch(("loss",), device)
-    while state.global_step < run.max_steps:
+    while not run.finished:
         run.batches.set_epoch(state.epoch)
         for batch in batches_from(run.batches, state.step_in_epoch, args.dataloader_num_workers):
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
@@ -1004,7 +1101,7 @@ def train_loop(run: Run) -> None:
             state.step_in_epoch += 1
             state.epoch_loss_count += 1
             after_step(run, meter)
-            if state.global_step >= run.max_steps or state.step_in_epoch == 0:
+            if run.finished or state.step_in_epoch == 0:
                 break  # done, or the epoch ended (its sampler is exhausted anyway)
 
 
@@ -1025,8 +1122,11 @@ def after_step(run: Run, meter: LossMeter) -> None:
         end_epoch(args, run.scheduler, state)
         meter.epoch_sum.zero_()
         every = args.eval_every_epochs
-        eval_due = run.pair_sets and every and (finished_epoch + 1) % every == 0
-        if eval_due and state.global_step < run.max_steps:  # save_final runs the last one
+        eval_due = args.eval_bins and every and (finished_epoch + 1) % every == 0
+        if eval_due and follows_benchmark(args):
+            follow_benchmark(run, finished_epoch)
+            save_now = save_now or state.stopped_early  # a rerun then knows it is finished
+        elif eval_due and state.global_step < run.max_steps:  # save_final runs the last one
             run_verification(run)
         accelerator.wait_for_everyone()
     if save_now:
@@ -1054,10 +1154,20 @@ def save_final(run: Run) -> None:
     check_finite(run, f"no backbone.pth written; last checkpoint kept in {run.output_dir}")
     backbone = run.accelerator.unwrap_model(run.model).backbone
     state_dict = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}
+    if run.best_backbone is not None:
+        with atomic_path(run.output_dir / BEST_BACKBONE_NAME) as temp:
+            torch.save(run.best_backbone, temp)
+        if run.args.select_best:
+            state_dict = run.best_backbone
+            logger.info(
+                "backbone.pth = epoch %d (best mean verification accuracy %.4f)",
+                run.state.best_epoch,
+                run.state.best_accuracy,
+            )
     with atomic_path(run.output_dir / "backbone.pth") as temp:
         torch.save(state_dict, temp)
     atomic_write_json(run.output_dir / "config.json", run.config())
-    if run.pair_sets:
+    if run.pair_sets and not follows_benchmark(run.args):  # else verified at the epoch end
         run_verification(run)
     logger.info("wrote %s", run.output_dir / "backbone.pth")
 

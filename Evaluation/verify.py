@@ -6,13 +6,18 @@ bytes; pair i is images[2i], images[2i+1]), `issame` N booleans. The original fi
 written by Python 2, so their byte strings are read with `encoding="bytes"`.
 
 Pickles can run code, so the file is read with a restricted unpickler: containers and
-scalars that need no import (list, tuple, bytes, bool, int) always load; the only
+scalars that need no import (list, tuple, bytes, bytearray, bool, int) always load; the only
 importable names it resolves are `builtins.bytes` and `_codecs.encode` with the latin1
 codec (how Python 3 writes bytes at pickle protocol <= 2), and numpy's array/scalar
-reconstruction (so `issame` may be a numpy bool array and images may be HxWx3 uint8
-arrays, as some converted files store them). Anything else raises `UnsafeBinError`
-before it is called. Loaded values are then checked: images must be bytes or uint8
-HxWx3 arrays, issame bools.
+reconstruction: `_reconstruct` (protocol <= 4), `_frombuffer` (protocol 5, how numpy >= 1.16
+pickles contiguous arrays: the payload is an in-band PickleBuffer, i.e. a BYTEARRAY8), `scalar`
+and `dtype`, each wrapped to refuse object dtypes. Anything else raises `UnsafeBinError`
+before it is called. So `issame` may be a numpy bool array, and an image may be what
+insightface's packing tool (`build_eval_pack.py`) stores: the uint8 vector `cv2.imencode`
+returns, (L,) or (L, 1), pickled at protocol 5. A protocol-5 stream that refers to
+out-of-band buffers (NEXT_BUFFER) cannot be read from a file alone and is a clear error.
+Loaded values are then checked: images must be encoded bytes, encoded uint8 vectors or
+decoded uint8 HxWx3 arrays; issame bools.
 
 Protocol (insightface recognition/arcface_torch/eval/verification.py): each image and its
 horizontal flip go through the backbone, the two raw embeddings are summed and
@@ -61,48 +66,81 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _refuse_object_dtype(dtype: np.dtype) -> np.dtype:
+    """An object dtype would make numpy unpickle arbitrary Python objects into the array."""
+    if dtype.hasobject:
+        raise UnsafeBinError(f"refusing to load an array of dtype {dtype}: object arrays")
+    return dtype
+
+
 def _numpy_allowed_globals() -> dict[tuple[str, str], object]:
-    """numpy's ndarray/scalar reconstruction names, under both numpy 1 and 2 module paths."""
+    """numpy's ndarray/scalar reconstruction names, under both numpy 1 and 2 module paths,
+    each refusing object dtypes before numpy sees the payload."""
     try:
-        from numpy._core import multiarray
+        from numpy._core import multiarray, numeric
     except ImportError:  # numpy < 2
-        from numpy.core import multiarray
+        from numpy.core import multiarray, numeric
+
+    def plain_dtype(spec: object, align: bool = False, copy: bool = False) -> np.dtype:
+        return _refuse_object_dtype(np.dtype(spec, align, copy))
+
+    def from_buffer(buffer: object, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
+        # protocol 5: numeric._frombuffer(PickleBuffer, dtype, shape, order); in a file the
+        # buffer arrives in-band as a bytearray (out-of-band ones never reach this point)
+        if not isinstance(buffer, bytes | bytearray | pickle.PickleBuffer | memoryview):
+            raise UnsafeBinError(f"refusing _frombuffer of a {type(buffer).__name__}")
+        return numeric._frombuffer(buffer, _refuse_object_dtype(np.dtype(dtype)), shape, order)
+
+    def reconstruct(subtype: type, shape: tuple, typecode: bytes) -> np.ndarray:
+        if subtype is not np.ndarray:
+            raise UnsafeBinError(f"refusing to reconstruct a {subtype!r}")
+        return multiarray._reconstruct(subtype, shape, typecode)
+
+    def scalar(dtype: np.dtype, *state: object) -> object:
+        return multiarray.scalar(_refuse_object_dtype(np.dtype(dtype)), *state)
 
     allowed: dict[tuple[str, str], object] = {
         ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): plain_dtype,
     }
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = from_buffer
     return allowed
 
 
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals a verification pair file can need."""
 
-    def find_class(self, module: str, name: str) -> object:
-        allowed = {
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self.allowed = {
             ("builtins", "bytes"): bytes,
             ("__builtin__", "bytes"): bytes,
             ("_codecs", "encode"): _latin1_encode,
             **_numpy_allowed_globals(),
         }
-        if (module, name) not in allowed:
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.allowed:
             raise UnsafeBinError(
                 f"refusing to load {module}.{name}: a verification .bin holds only image bytes "
                 "and booleans; this file may carry code (do not use it)"
             )
-        return allowed[(module, name)]
+        return self.allowed[(module, name)]
 
 
 def _decode_image(item: object, index: int, path: Path) -> np.ndarray:
-    """Encoded bytes or an (H, W, 3) uint8 array -> (112, 112, 3) uint8 RGB."""
+    """Encoded bytes, an encoded uint8 vector (cv2.imencode's (L,) or (L, 1)) or a decoded
+    (H, W, 3) uint8 array -> (112, 112, 3) uint8 RGB."""
+    if isinstance(item, np.ndarray) and _is_encoded_vector(item):
+        item = item.tobytes()
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
             raise ValueError(
-                f"{path}: image {index} is an array {item.dtype} {item.shape}, "
-                "expected (H, W, 3) uint8"
+                f"{path}: image {index} is an array {item.dtype} {item.shape}, expected "
+                "(H, W, 3) uint8 pixels or an encoded uint8 vector"
             )
         image = Image.fromarray(item)
     elif isinstance(item, bytes | bytearray):
@@ -114,6 +152,13 @@ def _decode_image(item: object, index: int, path: Path) -> np.ndarray:
     else:
         raise ValueError(f"{path}: image {index} is a {type(item).__name__}, expected bytes")
     return np.asarray(_resize_short_center_crop(image, IMAGE_SIZE), dtype=np.uint8)
+
+
+def _is_encoded_vector(array: np.ndarray) -> bool:
+    """cv2.imencode returns the file bytes as uint8 (L,) (OpenCV >= 5) or (L, 1) (before)."""
+    return array.dtype == np.uint8 and (
+        array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)
+    )
 
 
 def _resize_short_center_crop(image: Image.Image, size: int) -> Image.Image:

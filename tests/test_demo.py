@@ -48,3 +48,12 @@ def test_demo_compares_the_three_variants_in_one_report(tmp_path):
     # 3 variants x 2 identities x (3 generated + 4 real) thumbnails, all embedded.
     assert len(re.findall(r'src="data:image/jpeg;base64,', page)) == 3 * 2 * (3 + 4)
     assert not re.search(r"https?://", page)
+    # FR utility: a tiny model on the real faces, verified on a .bin cut from the same faces
+    fr_utility = metrics["fr_utility"]
+    assert fr_utility["benchmarks"] == ["demo_pairs"]
+    real = fr_utility["settings"]["real"]
+    assert real["num_faces"] == 8 and real["num_identities"] == 2
+    assert real["accuracy"]["demo_pairs"]["pairs"] == 12 and 0 <= real["mean_accuracy"] <= 1
+    for variant in VARIANTS:  # random SD makes no face to train on: a row saying so
+        assert "every image was skipped" in fr_utility["settings"][f"synthetic_{variant}"]["failed"]
+    assert "Face-recognition utility" in page and "<th>demo_pairs</th>" in page

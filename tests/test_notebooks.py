@@ -95,3 +95,49 @@ def test_notebooks_are_stored_stripped_and_reuse_the_shared_code(name):
     source = "\n".join(cell.source for cell in code)
     assert "import evaluate" in source and "import report" in source
     assert "def " not in source and "lambda" not in source  # no metric logic copied in
+
+
+@pytest.mark.slow
+def test_fr_utility_notebook_trains_verifies_and_tables(notebook_env, monkeypatch, tmp_path):
+    """Tiny FR models on the real-face folders, verified on a .bin cut from the same faces."""
+    import io
+
+    from evaluation_data import variants
+
+    from verify import write_bin
+
+    crops = real_face_crops()
+    encoded, issame = [], []
+    names = sorted(crops)
+    for index, name in enumerate(names):
+        same = [variants(crops[name], 2), [crops[name], crops[names[index - 1]]]]
+        for pair, is_same in zip(same, (True, False), strict=True):
+            for image in pair:
+                buffer = io.BytesIO()
+                image.resize((112, 112)).save(buffer, format="PNG")
+                encoded.append(buffer.getvalue())
+            issame.append(is_same)
+    write_bin(tmp_path / "bins" / "pairs.bin", encoded, issame)
+    env = {
+        **notebook_env,
+        "IDB_FR_BENCHMARKS": str(tmp_path / "bins"),
+        "IDB_FR_SETTINGS": "real synthetic",
+        "IDB_FACE_DETECTOR": "dlib",
+        "IDB_FR_FLAGS": "--backbone=r18 --embedding_size=32 --batch_size=2 --num_epochs=1 "
+        "--learning_rate=0.01 --mixed_precision=no --dataloader_num_workers=0",
+    }
+    output = run_notebook("fr_utility.ipynb", env, monkeypatch)
+    for text in ("training data | faces (skipped)", "real | 6 (0) | 3", "synthetic (ID-Booth)"):
+        assert text in output
+    assert "Face-recognition utility" in output and "model of epoch 1 of 1" in output
+    assert output.count("<Figure size") == 1  # the selection curves
+
+
+def test_fr_utility_notebook_is_stored_stripped_and_reuses_the_shared_code():
+    notebook = nbformat.read(EVALUATION_DIR / "fr_utility.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
+    source = "\n".join(cell.source for cell in code)
+    assert "import fr_utility" in source and "import report" in source
+    assert "def " not in source and "lambda" not in source

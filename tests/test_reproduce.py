@@ -221,3 +221,58 @@ def test_two_processes_make_the_same_experiment_as_one(inputs, tmp_path):
             assert np.array_equal(two[0], one[0]) and two[1] == one[1], name
         else:
             assert np.array_equal(two, one), name
+
+
+def test_fr_utility_stage_trains_the_paper_settings_and_feeds_the_report(tmp_path, monkeypatch):
+    reproduce = runs.load_script(SCRIPT)
+    identities = tmp_path / "photos"
+    identities.mkdir()
+    base = [
+        f"--identities_root={identities}",
+        "--class_data_dir=class",
+        "--arcface_weights=backbone.pth",
+        f"--output_dir={tmp_path}",
+        "--embedder=dlib",
+        "--face_detector=dlib",
+        "--variants", "dreambooth", "triplet",
+    ]  # fmt: skip
+    args = reproduce.parse_args(base)
+    assert not any(flag.startswith("--fr_utility") for flag in reproduce.evaluate_argv(args))
+    reproduce.fr_utility_stage(args, runs.process_state())  # not asked for: nothing runs
+    assert not (tmp_path / "fr_utility").exists()
+
+    with pytest.raises(FileNotFoundError, match="--fr_benchmarks .* is not a folder"):
+        reproduce.parse_args([*base, f"--fr_benchmarks={tmp_path / 'bins'}"])
+    (tmp_path / "bins").mkdir()
+    (tmp_path / "bins" / "cplfw.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"--fr_selection_benchmarks \['lfw'\]"):
+        bins = f"--fr_benchmarks={tmp_path / 'bins'}"
+        reproduce.parse_args([*base, bins, "--fr_selection_benchmarks", "lfw"])
+    with pytest.raises(SystemExit):  # train_fr.py's own parser, before any stage runs
+        reproduce.parse_args([*base, f"--fr_benchmarks={tmp_path / 'bins'}", "--fr_flags=--nope"])
+    args = reproduce.parse_args(
+        [*base, f"--fr_benchmarks={tmp_path / 'bins'}", "--fr_flags=--backbone r18"]
+    )
+    fr_utility = runs.load_script(REPO_ROOT / "Evaluation" / "fr_utility.py")
+    calls = []
+    monkeypatch.setattr(fr_utility, "run_fr_utility", lambda *a, **k: calls.append((a, k)))
+    reproduce.fr_utility_stage(args, runs.process_state())
+    (settings, benchmarks, out_root, flags, selection), keywords = calls[0]
+    assert [s.label for s in settings] == [
+        "real",
+        "synthetic (dreambooth)",
+        "synthetic (triplet)",
+        "real + synthetic (dreambooth)",
+        "real + synthetic (triplet)",
+    ]
+    assert settings[-1].data_dirs == [identities, tmp_path / "generated" / "triplet"]
+    assert benchmarks == tmp_path / "bins" and selection is None  # lfw when present
+    assert out_root == tmp_path / "fr_utility" and keywords == {"is_main_process": True}
+    # the official protocol by default; the user's flags come last and override
+    assert flags[: len(fr_utility.OFFICIAL_PROTOCOL_FLAGS)] == list(
+        fr_utility.OFFICIAL_PROTOCOL_FLAGS
+    )
+    assert "--early_stopping_epochs=6" in flags and "--plateau_patience=4" in flags
+    assert flags[-3:] == ["--face_detector=dlib", "--backbone", "r18"]
+    evaluate = reproduce.evaluate_argv(args)
+    assert f"--fr_utility={tmp_path / 'fr_utility' / 'fr_utility.json'}" in evaluate

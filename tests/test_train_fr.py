@@ -502,3 +502,91 @@ def test_resume_refuses_other_images_and_survives_a_torn_log_line(tmp_path):
     more = fr_flags(tmp_path, "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "3")
     with pytest.raises(ValueError, match="dataset_fingerprint"):
         train_fr.main(train_fr.parse_args(more))
+
+
+# ---------------------------------------------------------------------------------------------
+# The official protocol: lr plateau, early stop and selected weights on benchmark accuracy
+# ---------------------------------------------------------------------------------------------
+def write_constant_accuracy_bin(path: Path) -> Path:
+    """10 pairs of an image with itself, all genuine: accuracy is 1.0 at every epoch, so the
+    first check is the best and no later one improves on it (improvement is strict)."""
+    faces = [pattern_face(7, i // 2) for i in range(20)]
+    verify.write_bin(path, [verify_png(face) for face in faces], [True] * 10)
+    return path
+
+
+def protocol_flags(tmp_path: Path, output: str, *extra: str) -> list[str]:
+    flags = fr_flags(tmp_path, output, "--num_epochs", "20", "--lr_scheduler", "benchmark")
+    flags.remove("--max_train_steps")
+    flags.remove("2")
+    bin_path = write_constant_accuracy_bin(tmp_path / "lfw.bin")
+    return [
+        *flags, "--plateau_patience", "1", "--early_stopping_epochs", "3", "--select_best",
+        "--eval_bin", str(bin_path), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_official_protocol_decays_stops_and_selects_on_benchmark_accuracy(tmp_path):
+    train_fr.main(train_fr.parse_args(protocol_flags(tmp_path, "run")))
+    run = tmp_path / "run"
+
+    log = read_log(run / "train_log.jsonl")  # one step per epoch (4 faces, batch 4)
+    # best at epoch 0; epochs 1, 2 do not improve -> lr x0.1 after epoch 2 (patience 1);
+    # epoch 3 is 3 epochs after the best -> stop, although 20 epochs were allowed
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["lr"] for r in log] == pytest.approx([0.01, 0.01, 0.01, 0.001])
+    config = json.loads((run / "config.json").read_text())
+    assert config["stopped_early"] and config["best_epoch"] == 0
+    assert config["best_mean_accuracy"] == 1.0 and config["backbone_is"] == "best epoch"
+    verifications = read_log(run / "verification_log.jsonl")
+    assert [v["epoch"] for v in verifications] == [1, 2, 3, 4]  # after each epoch, none extra
+    selected = torch.load(run / "backbone.pth", weights_only=True)
+    epoch_0 = torch.load(run / "checkpoint-1" / "training_state.pt", weights_only=True)["model"]
+    last = torch.load(run / "checkpoint-4" / "training_state.pt", weights_only=True)["model"]
+    for key, value in selected.items():
+        assert torch.equal(value, epoch_0[f"backbone.{key}"]), key
+    assert not torch.equal(selected["conv1.weight"], last["backbone.conv1.weight"])
+
+    # resumed from the middle, it selects and stops the same (the best weights travel along)
+    resume = protocol_flags(tmp_path, "resumed", "--resume_from_checkpoint")
+    resume += [str(run / "checkpoint-2"), "--prepared_dir", str(run / "prepared_faces")]
+    train_fr.main(train_fr.parse_args(resume))
+    again = torch.load(tmp_path / "resumed" / "backbone.pth", weights_only=True)
+    assert all(torch.equal(value, again[key]) for key, value in selected.items())
+    # a stopped run is finished; the sets that steer training may not change on resume
+    latest = protocol_flags(tmp_path, "run", "--resume_from_checkpoint", "latest")
+    train_fr.main(train_fr.parse_args(latest))
+    assert len(read_log(run / "train_log.jsonl")) == 4
+    other_bin = write_constant_accuracy_bin(tmp_path / "cfp_fp.bin")
+    with pytest.raises(ValueError, match="eval_bins"):
+        train_fr.main(train_fr.parse_args([*latest, "--eval_bin", str(other_bin)]))
+
+
+def test_protocol_flags_need_a_benchmark(tmp_path):
+    for flag in (["--select_best"], ["--early_stopping_epochs", "6"]):
+        with pytest.raises(ValueError, match="pass --eval_bin"):
+            train_fr.parse_args(fr_flags(tmp_path, "x", *flag))
+    with pytest.raises(ValueError, match="pass --eval_bin"):
+        train_fr.parse_args(fr_flags(tmp_path, "x", "--lr_scheduler", "benchmark"))
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_benchmark_alike_and_stop_together(tmp_path):
+    """torchrun, 2 processes: rank 0 verifies, every rank steps its lr and stops on that result
+    (a rank that missed the stop would wait forever at the next collective)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    flags = protocol_flags(tmp_path, "two", "--batch_size", "2")  # global batch 4: 1 step/epoch
+    completed = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(SCRIPT), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    log = read_log(tmp_path / "two" / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["lr"] for r in log] == pytest.approx([0.01, 0.01, 0.01, 0.001])
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["stopped_early"] and config["best_epoch"] == 0

@@ -271,6 +271,79 @@ def test_codecs_encode_other_than_latin1_is_refused(tmp_path):
         verify.load_bin(path)
 
 
+def write_like_build_eval_pack(path: Path, faces: list[np.ndarray], issame: list[bool]) -> None:
+    """Exactly as insightface's recognition/_tools_/build_eval_pack.py packs a set: RGB faces
+    flipped to BGR, `_, s = cv2.imencode('.jpg', warped)`, the arrays appended as they are, and
+    pickle.dump((bins, issame_list), f, protocol=pickle.HIGHEST_PROTOCOL) (5 on Python >= 3.8)."""
+    import cv2
+
+    bins = []
+    for face in faces:
+        warped = face[..., ::-1]  # to bgr
+        _, s = cv2.imencode(".jpg", warped)
+        bins.append(s)
+    with open(path, "wb") as f:
+        pickle.dump((bins, issame), f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def test_insightface_build_eval_pack_files_load_as_cv2_decodes_them(tmp_path):
+    import cv2
+
+    tom = np.asarray(Image.open(IMAGES_DIR / "Tom_Hanks_54745.png").convert("RGB"))
+    faces = [tom, tom[:, ::-1].copy(), solid_face((200, 30, 30), 1), tom]
+    path = tmp_path / "lfw.bin"
+    write_like_build_eval_pack(path, faces, [True, False])
+    assert pickle.HIGHEST_PROTOCOL >= 5 and path.read_bytes()[:2] == b"\x80\x05"
+    assert b"_frombuffer" in path.read_bytes()  # numpy's protocol-5 path, not _reconstruct
+
+    pair_set = verify.load_bin(path)
+
+    bins, _ = pickle.loads(path.read_bytes())  # our own file: safe to read plainly here
+    expected = np.stack([cv2.imdecode(s, cv2.IMREAD_COLOR)[..., ::-1] for s in bins])
+    np.testing.assert_array_equal(pair_set.images, expected)  # what insightface's loader sees
+    np.testing.assert_array_equal(pair_set.issame, [True, False])
+    # the (L, 1) vectors of OpenCV < 5 and plain bytes decode alike
+    old_layout = tmp_path / "old.bin"
+    old_layout.write_bytes(pickle.dumps(([s.reshape(-1, 1) for s in bins], [True, False]), 5))
+    np.testing.assert_array_equal(verify.load_bin(old_layout).images, expected)
+
+
+def test_protocol_5_object_arrays_and_out_of_band_buffers_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    encoded = np.frombuffer(encode_png(solid_face((9, 9, 9), 0)), np.uint8)
+    cases = {
+        "evil_beside_arrays.bin": ([encoded, encoded], [MarkerPayload(marker)]),
+        "object_array.bin": ([np.array([encoded, MarkerPayload(marker)], dtype=object)] * 2, [1]),
+    }
+    for name, payload in cases.items():
+        (tmp_path / name).write_bytes(pickle.dumps(payload, protocol=5))
+        with pytest.raises(verify.UnsafeBinError, match="refusing"):
+            verify.load_bin(tmp_path / name)
+        assert not marker.exists()
+    buffers = []
+    stream = pickle.dumps(([encoded, encoded], [True]), protocol=5, buffer_callback=buffers.append)
+    (tmp_path / "oob.bin").write_bytes(stream)
+    assert buffers  # the payload really went out of band: it is not in the file
+    with pytest.raises(ValueError, match="oob.bin.*out-of-band"):
+        verify.load_bin(tmp_path / "oob.bin")
+
+
+def test_numpy_names_off_the_allow_list_are_refused(tmp_path):
+    """Only numpy's reconstruction helpers resolve; e.g. numpy.load (which can unpickle) does not,
+    and _reconstruct builds plain ndarrays only."""
+    for module, name in (("numpy", "load"), ("numpy.lib.npyio", "load"), ("numpy", "frombuffer")):
+        body = b"\x80\x05\x8c" + bytes([len(module)]) + module.encode()
+        body += b"\x8c" + bytes([len(name)]) + name.encode() + b"\x93."  # STACK_GLOBAL
+        (tmp_path / "n.bin").write_bytes(body)
+        with pytest.raises(verify.UnsafeBinError, match=f"refusing to load {module}.{name}"):
+            verify.load_bin(tmp_path / "n.bin")
+    # _reconstruct(numpy.dtype, ...): a subtype other than ndarray
+    body = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\ndtype\nK\x00\x85C\x01b\x87R."
+    (tmp_path / "r.bin").write_bytes(body)
+    with pytest.raises(verify.UnsafeBinError, match="reconstruct"):
+        verify.load_bin(tmp_path / "r.bin")
+
+
 def test_malformed_bins_are_clear_errors(tmp_path):
     encoded = [encode_png(solid_face((1, 2, 3), 0))]
     cases = {
