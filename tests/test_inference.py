@@ -520,7 +520,7 @@ def test_every_scheduler_builds_and_is_reproducible(assets, name):
     args = inference.parse_args(
         cli(assets, Path("unused"), "--scheduler", name, "--num_inference_steps", "3")
     )
-    pipeline = inference.load_pipeline(args)
+    pipeline = inference.load_generation_pipeline(args)
     class_name, overrides = sampling.SCHEDULERS[name]
     assert type(pipeline.scheduler) is getattr(diffusers, class_name)
     for key, value in overrides.items():

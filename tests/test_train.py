@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -302,28 +303,25 @@ def unet_with_one_identity(args, device, precision):
 
 
 def compute_losses(unet_and_lora, frozen, prompts, batch, generator, args) -> dict:
-    """The trainer's step maths (packed_losses) on a collated [instance..., prior...] batch of
-    one identity: its terms as scalars."""
+    """The trainer's step (training_step) on a collated [instance..., prior...] batch of one
+    identity: its terms as scalars."""
     unet, lora = unet_and_lora
     pixels = batch["pixel_values"].to(frozen.device, frozen.weight_dtype)
     with torch.no_grad():
         dist = frozen.vae.encode(pixels).latent_dist
-    n, size = batch["num_instance"], pixels.shape[0]
-    rows = torch.arange(size)
-    packed = trainer.PackedBatch(
-        mean=dist.mean,
-        std=dist.std,
-        slots=torch.zeros(size, dtype=torch.long),
-        is_prior=rows >= n,
-        members=torch.ones(1, size, dtype=torch.bool),
-        instance_rows=rows[:n],
-        prior_rows=rows[n : 2 * n] if size >= 2 * n else torch.full((n,), -1),
-        sizes=[size],
-        landmarks=batch["landmarks"][:n].float(),
+    one = trainer.PackedBatch.one_identity(
+        dist.mean,
+        dist.std,
+        batch["num_instance"],
+        landmarks=batch["landmarks"][: batch["num_instance"]].float(),
         embeddings=batch["embeddings"].float(),
         has_face=batch["has_face"],
     )
-    terms = trainer.packed_losses(unet, lora, frozen, prompts, packed, [generator], args)
+    lora.set_identities(one.slots)
+    config = trainer.objective_config(args, frozen)
+    terms = trainer.training_step(
+        unet, frozen, prompts, one, [generator], config, args.clamp_decoded_x0
+    )
     return {name: value[0] for name, value in terms.items()}
 
 
@@ -339,7 +337,7 @@ def test_identity_term_is_nonzero_and_its_gradient_reaches_only_the_lora(step_pa
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)  # 2 instance + 2 prior
     generator = torch.Generator().manual_seed(3)
     terms = compute_losses(
-        (unet, lora), frozen, trainer.encode_prompts(frozen, args), batch, generator, args
+        (unet, lora), frozen, trainer.PromptEmbeddings.encode(frozen, args), batch, generator, args
     )
     assert set(terms) == set(trainer.TERM_NAMES)
     assert terms["identity_criterion"].item() > 0 and terms["identity_term"].item() > 0
@@ -372,7 +370,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(step_parts):
         run_args.gradient_checkpointing = checkpointing
         run_frozen = trainer.load_frozen_models(run_args, frozen.device, "no", frozen.arcface)
         unet, lora = unet_with_one_identity(run_args, frozen.device, "no")
-        prompts = trainer.encode_prompts(run_frozen, run_args)
+        prompts = trainer.PromptEmbeddings.encode(run_frozen, run_args)
         generator = torch.Generator().manual_seed(5)
         terms = compute_losses((unet, lora), run_frozen, prompts, batch, generator, run_args)
         terms["loss"].backward()
@@ -407,7 +405,7 @@ def test_bf16_mixed_precision_keeps_frozen_weights_low_and_lora_fp32(step_parts)
         terms = compute_losses(
             (unet, lora),
             frozen,
-            trainer.encode_prompts(frozen, args),
+            trainer.PromptEmbeddings.encode(frozen, args),
             batch,
             torch.Generator().manual_seed(0),
             args,
@@ -472,7 +470,7 @@ def test_bf16_runs_arcface_and_x0_in_fp32_and_the_identity_grad_reaches_the_lora
         terms = compute_losses(
             (unet, lora),
             frozen,
-            trainer.encode_prompts(frozen, args),
+            trainer.PromptEmbeddings.encode(frozen, args),
             batch,
             torch.Generator().manual_seed(0),
             args,
@@ -508,7 +506,7 @@ def _masked_step(step_parts, monkeypatch, loss: str, class_has_face: list[bool])
     terms = compute_losses(
         (unet, lora),
         frozen,
-        trainer.encode_prompts(frozen, args),
+        trainer.PromptEmbeddings.encode(frozen, args),
         batch,
         torch.Generator().manual_seed(3),
         args,
@@ -557,7 +555,7 @@ def test_dreambooth_loss_has_no_identity_terms(step_parts):
     batch = collate_dreambooth([dataset[0]], with_prior=True)
     generator = torch.Generator().manual_seed(0)
     terms = compute_losses(
-        (unet, lora), frozen, trainer.encode_prompts(frozen, args), batch, generator, args
+        (unet, lora), frozen, trainer.PromptEmbeddings.encode(frozen, args), batch, generator, args
     )
     assert terms["identity_term"].item() == 0 and terms["identity_criterion"].item() == 0
     torch.testing.assert_close(terms["loss"], terms["diffusion_loss"] + terms["prior_loss"])
@@ -878,7 +876,7 @@ def test_finished_identity_is_skipped_unless_overwrite(triplet_run, tmp_path):
     summary = train.main(train.parse_args(overwrite))
     assert [run["steps"] for run in summary["trained"]] == [2]
     # The old run's checkpoint-4 and validation images are gone; the limit kept one checkpoint.
-    assert [step for step, _ in trainer.list_checkpoints(copied)] == [2]
+    assert [step for step, _ in runs.list_checkpoints(copied, trainer.TRAINING_STATE_NAME)] == [2]
     assert not (copied / "validation").exists()
     assert json.loads((copied / trainer.CONFIG_NAME).read_text())["global_step"] == 2
 
@@ -922,7 +920,9 @@ def test_non_finite_loss_stops_with_step_and_term_keeping_the_checkpoint(assets,
     )
     with pytest.raises(train.NonFiniteLossError, match=r"at step 2 \(terms: loss, diffusion_loss"):
         train.main(train.parse_args(flags))
-    assert [step for step, _ in trainer.list_checkpoints(tmp_path / "nan")] == [1]
+    assert [
+        step for step, _ in runs.list_checkpoints(tmp_path / "nan", trainer.TRAINING_STATE_NAME)
+    ] == [1]
     assert not (tmp_path / "nan" / train.LORA_WEIGHTS_NAME).exists()
 
 
@@ -1063,7 +1063,7 @@ def test_a_nan_in_a_masked_sample_reaches_neither_the_loss_nor_the_gradient(
     monkeypatch.setattr(frozen.vae, "decode", decode_with_a_nan_row)
     generator = torch.Generator().manual_seed(3)
     terms = compute_losses(
-        (unet, lora), frozen, trainer.encode_prompts(frozen, args), batch, generator, args
+        (unet, lora), frozen, trainer.PromptEmbeddings.encode(frozen, args), batch, generator, args
     )
     assert torch.isfinite(terms["loss"]) and terms["identity_count"].item() == 1
     terms["loss"].backward()
@@ -1178,7 +1178,7 @@ def test_the_step_equals_the_reference_recipe_for_the_same_seed_and_crop(step_pa
     unet, lora = unet_with_one_identity(args, frozen.device, "no")
     dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
-    prompts = trainer.encode_prompts(frozen, args)
+    prompts = trainer.PromptEmbeddings.encode(frozen, args)
     ours = compute_losses(
         (unet, lora), frozen, prompts, batch, torch.Generator().manual_seed(7), args
     )
@@ -1194,7 +1194,8 @@ def test_the_step_equals_the_reference_recipe_for_the_same_seed_and_crop(step_pa
     text = torch.cat([prompts.instance.expand(2, -1, -1), prompts.class_.expand(2, -1, -1)])
     lora.set_identities(torch.zeros(4, dtype=torch.long))
     pred = unet(noisy, timesteps, text).sample
-    loss, instance, prior = losses.prior_preservation_loss(pred, noise, 2, 1.0)
+    instance, prior = F.mse_loss(pred[:2], noise[:2]), F.mse_loss(pred[2:], noise[2:])
+    loss = instance + prior
     x0 = losses.predict_x0(noisy[:2], pred[:2], timesteps[:2], scheduler.alphas_cumprod, "epsilon")
     decoded = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1)
     faces = trainer.align_faces_torch(decoded, batch["landmarks"][:2], fill=-1.0)
