@@ -18,6 +18,7 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
 )
+from PIL import Image
 from tiny_sd import build_tiny_sd
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -312,3 +313,13 @@ def test_invalid_sampler_arguments_raise(pipeline):
         sampler.sample(prompt_embeds, None, SEEDS)
     with pytest.raises(ValueError, match="prompt embeddings are torch.float64"):
         sampler.sample(prompt_embeds.double(), negative_embeds.double(), SEEDS)
+
+
+def test_class_image_plan_replaces_unusable_files(tmp_path):
+    for index in (0, 2):
+        Image.new("RGB", (96, 96), (index * 40, 90, 120)).save(tmp_path / f"class_{index:05d}.png")
+    (tmp_path / "class_00001.png").write_bytes(b"truncated")  # corrupt: regenerated in place
+    Image.new("RGB", (16, 16)).save(tmp_path / "tiny.png")  # too small: does not count
+    assert sampling.class_image_plan(tmp_path, 3) == [1]
+    assert sampling.class_image_plan(tmp_path, 5) == [1, 3, 4]
+    assert sampling.class_image_plan(tmp_path / "missing", 2) == [0, 1]
