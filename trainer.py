@@ -62,6 +62,7 @@ from multi_lora import (
     schedule_table,
 )
 from runs import Identity, NonFiniteLossError, NonFiniteWatch, RunningMeans
+from sampling import Sampler, generate_images
 
 logger = logging.getLogger("train_ID-Booth")
 
@@ -615,15 +616,36 @@ class Slot:
 
     def next_micro_batch(self) -> tuple[list[int], int]:
         """The items of this identity's next micro-batch and its noise seed: a function of
-        (seed, epoch, position), as in a run of this identity alone."""
+        (seed, epoch, position), as in a run of this identity alone. At an epoch's first
+        micro-batch (or a resumed run's), the crops the epoch will draw are encoded ahead."""
         epoch, position = self.epoch, self.position
         if self.order is None or self.order[0] != epoch:
             generator = torch.Generator().manual_seed(stable_seed(self.args.seed, "order", epoch))
             self.order = (epoch, torch.randperm(len(self.dataset), generator=generator).tolist())
             self.dataset.set_epoch(epoch)  # crops of this epoch: seeded by (--seed, epoch, index)
+            self.encode_ahead()
         size = self.args.train_batch_size
         items = self.order[1][position * size : (position + 1) * size]
         return items, stable_seed(self.args.seed, "noise", epoch, position)
+
+    def encode_ahead(self) -> None:
+        """Latents of exactly the crops this epoch's remaining micro-batches draw (up to the
+        run's last step), in batches; the identity's crops of earlier epochs are freed."""
+        updates_left = self.max_train_steps - self.epoch * self.updates_per_epoch
+        last = min(self.batches_per_epoch, updates_left * self.args.gradient_accumulation_steps)
+        size = self.args.train_batch_size
+        items = self.order[1][self.position * size : last * size]
+        crops = [crop for item in items for crop in self.dataset.crops(item)]
+        keys = self.crop_keys(crops)
+        self.trainer.latents.drop(self.identity.name, keep=set(keys))
+        pixels = {
+            key: partial(self.dataset.pixels, crop) for key, crop in zip(keys, crops, strict=True)
+        }
+        self.trainer.latents.encode(keys, pixels)
+
+    def crop_keys(self, crops: list[Any]) -> list[tuple]:
+        """(owner, part, index, left, top) of each crop: class photos are every identity's."""
+        return [(*self.photo_key(crop), crop.left, crop.top) for crop in crops]
 
     def is_update_due(self) -> bool:
         """Whether the next micro-batch ends an accumulation (or the epoch)."""
@@ -633,20 +655,15 @@ class Slot:
 
     def next_batch(self) -> tuple[PackedBatch, torch.Generator]:
         """This identity's next micro-batch on the device and its generator, seeded for it:
-        latents from the trainer's cache (new crops encoded first), embeddings and faces from
-        its device tables."""
+        latents from the trainer's cache (encoded ahead), embeddings and faces from its device
+        tables."""
         trainer, device = self.trainer, self.trainer.device
         items, seed = self.next_micro_batch()
         pairs = [self.dataset.crops(item) for item in items]
         instance = [pair[0] for pair in pairs]
         crops = instance + [pair[1] for pair in pairs if len(pair) > 1]  # [instance..., prior...]
         photos = [self.photo_key(crop) for crop in crops]  # (owner, part, index)
-        keys = [(*photo, crop.left, crop.top) for photo, crop in zip(photos, crops, strict=True)]
-        pixels = {
-            key: partial(self.dataset.pixels, crop) for key, crop in zip(keys, crops, strict=True)
-        }
-        trainer.latents.ensure(keys, pixels)
-        latent_rows = trainer.latents.index(keys, device)
+        latent_rows = trainer.latents.index(self.crop_keys(crops), device)  # encoded ahead
         faces = {}
         if trainer.faces.rows:
             face_rows = trainer.faces.index(photos, device)
@@ -758,6 +775,13 @@ class PackedTrainer:
         self.prompts = PromptEmbeddings.encode(frozen, args)
         self.objective = objective_config(args, frozen)
         self.pipeline = assemble_pipeline(frozen, self.unet)
+        self.validation_sampler = Sampler.from_pipeline(
+            self.pipeline,
+            num_inference_steps=args.validation_num_inference_steps,
+            guidance_scale=args.validation_guidance_scale,
+            height=args.resolution,
+            width=args.resolution,
+        )
         self.latents = LatentCache(frozen.vae, self.device)  # every slot's crops and the class's
         self.faces = RowTable()  # embedding + has_face of every photo, by (owner, part, index)
         self.class_photos = None
@@ -933,30 +957,26 @@ class PackedTrainer:
 
     @torch.no_grad()
     def validate(self, slot: Slot) -> list[Path]:
-        """validation/step_N_i.png from --validation_prompt with the slot's LoRA, in one batch."""
+        """validation/step_N_i.png from --validation_prompt with the slot's LoRA, in one batch,
+        through the project's sampler (sampling.py: host-free denoising loop, per-image CPU
+        generators seeded from --seed as the stock pipeline's)."""
         args, frozen = self.args, self.frozen
         if not args.validation_prompt or args.num_validation_images == 0:
             return []
         folder = slot.identity.output_dir / "validation"
         count = args.num_validation_images
-        generators = [
-            torch.Generator(self.device).manual_seed(stable_seed(args.seed, "validation", i))
-            for i in range(count)
-        ]
+        seeds = [stable_seed(args.seed, "validation", i) for i in range(count)]
+        negatives = [args.validation_negative_prompt] * count
         self.unet.eval()
         self.lora.select_everyone(slot.index)
         with frozen.autocast():
-            images = self.pipeline(
+            images = generate_images(
+                self.pipeline,
+                self.validation_sampler,
                 [args.validation_prompt] * count,
-                negative_prompt=[args.validation_negative_prompt] * count
-                if args.validation_negative_prompt
-                else None,
-                num_inference_steps=args.validation_num_inference_steps,
-                guidance_scale=args.validation_guidance_scale,
-                height=args.resolution,
-                width=args.resolution,
-                generator=generators,
-            ).images
+                negatives if args.validation_negative_prompt else None,
+                seeds,
+            )
         self.unet.train()
         paths = [folder / f"step_{slot.global_step}_{i}.png" for i in range(count)]
         for index, (image, path) in enumerate(zip(images, paths, strict=True)):

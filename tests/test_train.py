@@ -544,9 +544,10 @@ def test_identities_root_trains_each_identity_once_across_two_processes(assets, 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "no"])
 def test_an_identity_trained_after_another_equals_it_trained_alone(assets, tmp_path, precision):
-    """Nothing carries over from the identities a process trained before: each crop's latents
-    are encoded alone (not batched with another identity's new crops) and the fp16 scaler
-    starts fresh, so the LoRA bytes equal a run of that identity alone."""
+    """However identities are split over processes, an identity's LoRA bytes are the same:
+    nothing carries over from the identities a process trained before (crops are encoded
+    ahead in batches of one shape, so a crop's latents do not depend on which crops share its
+    batch; the fp16 scaler starts fresh), so they equal a run of that identity alone."""
     common = ["--max_train_steps=3", "--validation_prompt=", "--report_to=none"]
     common.append(f"--mixed_precision={precision}")
     both, alone = tmp_path / "both", tmp_path / "alone"

@@ -306,13 +306,15 @@ def test_dreambooth_loss_has_no_identity_terms(step_parts):
     torch.testing.assert_close(terms["loss"], terms["diffusion_loss"] + terms["prior_loss"])
 
 
-def one_slot_trainer(step_parts, tmp_path):
-    """A PackedTrainer of one slot holding identity 'hanks' (nothing trained yet)."""
+def one_slot_trainer(step_parts, tmp_path, **changes):
+    """A PackedTrainer of one slot holding identity 'hanks' (nothing trained yet); `changes`:
+    arguments other than the step_parts run's."""
     from accelerate import PartialState
 
     args, tools, frozen = step_parts
     args = copy.copy(args)
     args.validation_prompt = ""
+    vars(args).update(changes)
     identity = train.Identity("hanks", args.instance_data_dir, tmp_path / "hanks")
     from tqdm.auto import tqdm
 
@@ -622,3 +624,64 @@ def test_the_resume_allow_list_is_exactly_these_flags():
     }
     assert allowed == trainer.RESUME_MAY_CHANGE
     assert trainer.RESUME_RESOLVED_KEYS == ("max_train_steps", "steps_per_epoch", "mixed_precision")
+
+
+def test_the_crops_a_run_draws_are_encoded_ahead_in_batches_and_never_in_a_step(
+    step_parts, tmp_path, monkeypatch
+):
+    """Non-square photos (a new random crop each epoch): each epoch's crops are encoded
+    before its first step, in ENCODE_BATCH_SIZE batches, exactly the crops the run draws (the
+    last epoch only up to --max_train_steps), and the VAE never encodes inside a step."""
+    from PIL import Image
+
+    from datasets import ENCODE_BATCH_SIZE
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    face = Image.open(step_parts[0].instance_data_dir / "h0.png")  # 128 x 128
+    for index, left in enumerate((0, 48)):
+        canvas = Image.new("RGB", (176, 128), (90, 90, 90))
+        canvas.paste(face, (left, 0))
+        canvas.save(wide / f"w{index}.png")
+    packed, slot = one_slot_trainer(
+        step_parts, tmp_path, instance_data_dir=wide, max_train_steps=3, logging_steps=100
+    )
+    calls, encoded, drawn, cached, in_step = [], [], [], [], [False]
+    vae_encode, cache_encode, cache_index = (
+        packed.frozen.vae.encode,
+        packed.latents.encode,
+        packed.latents.index,
+    )
+    train_on = packed.train_on
+
+    def step_only(*args):
+        in_step[0] = True
+        try:
+            return train_on(*args)
+        finally:
+            in_step[0] = False
+
+    def record_encode(keys, pixels):
+        encoded.extend(key for key in dict.fromkeys(keys) if key not in packed.latents.rows)
+        cache_encode(keys, pixels)
+        cached.append({key for key in packed.latents.rows if key[0] == "hanks"})
+
+    monkeypatch.setattr(
+        packed.frozen.vae, "encode", lambda x: calls.append((in_step[0], x.shape)) or vae_encode(x)
+    )
+    monkeypatch.setattr(packed, "train_on", step_only)
+    monkeypatch.setattr(packed.latents, "encode", record_encode)
+    monkeypatch.setattr(
+        packed.latents, "index", lambda keys, d: drawn.extend(keys) or cache_index(keys, d)
+    )
+    while slot.global_step < 2:
+        packed.step()
+    first_epoch = set(drawn)
+    packed.step()  # epoch 1, its first and (--max_train_steps 3) only micro-batch
+    assert slot.global_step == 3 and len(drawn) == 6  # 3 micro-batches of 1 + 1 rows
+    assert len(calls) == 2  # one batch per epoch: 2 + 2 class crops, then 1 new crop
+    assert all(not inside and shape[0] == ENCODE_BATCH_SIZE for inside, shape in calls)
+    assert set(encoded) == set(drawn) and len(encoded) == len(set(encoded))
+    new_crops = set(drawn[4:]) - first_epoch
+    assert new_crops and all(key[0] == "hanks" for key in new_crops)  # a new instance crop
+    assert cached[-1] == {key for key in drawn[4:] if key[0] == "hanks"}  # epoch 0's freed
