@@ -109,11 +109,17 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(step_parts):
     args, tools, frozen = step_parts
     dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
     batch = collate_dreambooth([dataset[0]], with_prior=True)
-    gradients = []
+    gradients, recomputed = [], []
     for checkpointing in (False, True):
         run_args = copy.copy(args)
         run_args.gradient_checkpointing = checkpointing
         run_frozen = trainer.load_frozen_models(run_args, frozen.device, "no", frozen.arcface)
+        decoder = run_frozen.vae.decoder
+        if checkpointing:  # count the decoder blocks whose backward recomputes
+            checkpoint = decoder._gradient_checkpointing_func
+            decoder._gradient_checkpointing_func = lambda *a, f=checkpoint: (
+                recomputed.append(1) or f(*a)
+            )
         unet, lora = unet_with_one_identity(run_args, frozen.device, "no")
         prompts = trainer.PromptEmbeddings.encode(run_frozen, run_args)
         generator = torch.Generator().manual_seed(5)
@@ -121,6 +127,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(step_parts):
         terms["loss"].backward()
         gradients.append({n: p.grad for n, p in unet.named_parameters() if p.requires_grad})
     assert run_frozen.vae.is_gradient_checkpointing and unet.is_gradient_checkpointing
+    assert len(recomputed) == 1 + len(decoder.up_blocks)  # mid block + every up block
     assert gradients[0].keys() == gradients[1].keys()
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-7, msg=name)
@@ -685,3 +692,30 @@ def test_the_crops_a_run_draws_are_encoded_ahead_in_batches_and_never_in_a_step(
     new_crops = set(drawn[4:]) - first_epoch
     assert new_crops and all(key[0] == "hanks" for key in new_crops)  # a new instance crop
     assert cached[-1] == {key for key in drawn[4:] if key[0] == "hanks"}  # epoch 0's freed
+
+
+def test_compile_compiles_unet_vae_decoder_and_arcface_with_static_shapes(step_parts, monkeypatch):
+    """--compile wraps every module of the step (torch.compile recorded, run eagerly here)."""
+    compiled = []
+
+    def record(module, **options):
+        compiled.append((module, options))
+        return module
+
+    monkeypatch.setattr(torch, "compile", record)
+    frozen = copy.copy(step_parts[2])
+    decoder, arcface = frozen.vae.decoder, frozen.arcface
+    args = copy.copy(step_parts[0])
+    args.compile, args.compile_mode = True, "default"
+    unet, _ = unet_with_one_identity(args, frozen.device, "no")
+    model = trainer.compile_step_modules(frozen, unet, args)
+    assert [module for module, _ in compiled] == [decoder, arcface, unet] and model is unet
+    assert all(options == {"mode": "default", "dynamic": False} for _, options in compiled)
+
+
+def test_channels_last_puts_every_convolution_in_nhwc(step_parts):
+    unet, _ = unet_with_one_identity(step_parts[0], torch.device("cpu"), "no")
+    trainer.use_channels_last(unet)
+    convolutions = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
