@@ -564,7 +564,7 @@ def no_model_load(monkeypatch):
     def forbidden(args):
         raise AssertionError("the base model was loaded before the input was validated")
 
-    monkeypatch.setattr(inference, "load_pipeline", forbidden)
+    monkeypatch.setattr(inference, "load_generation_pipeline", forbidden)
 
 
 def test_attribute_file_missing_identities_lists_them_all(assets, tmp_path, no_model_load):
