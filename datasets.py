@@ -22,7 +22,7 @@ import logging
 import re
 import stat
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1001,9 +1001,10 @@ class RowTable:
             self.columns[name] = values if old is None else torch.cat([old, values])
         self.rows.update({key: start + i for i, key in enumerate(keys)})
 
-    def drop(self, owner: Any) -> None:
-        """Remove every row of `owner` (device index_select of the rows kept)."""
-        kept = [(key, row) for key, row in self.rows.items() if key[0] != owner]
+    def drop(self, owner: Any, keep: Collection[tuple] = ()) -> None:
+        """Remove every row of `owner` but those in `keep` (device index_select of the rows
+        kept)."""
+        kept = [(key, row) for key, row in self.rows.items() if key[0] != owner or key in keep]
         if len(kept) == len(self.rows):
             return
         device = next(iter(self.columns.values())).device
@@ -1016,13 +1017,17 @@ class RowTable:
         return to_device(torch.tensor([self.rows[key] for key in keys], dtype=torch.long), device)
 
 
-class LatentCache(RowTable):
-    """VAE latent distributions (mean, std) of dataset crops, encoded once, on the device.
+ENCODE_BATCH_SIZE = 8  # crops per VAE encode call
 
-    Equal crops are equal pixels (datasets.Crop), so a crop's distribution is computed at its
-    first use and kept; each step samples it with the step's own generator, as
-    `vae.encode(pixels).latent_dist.sample(generator)` does (an exact alternative to encoding
-    every crop a photo can give up front). Class images (R x R) have one crop each.
+
+class LatentCache(RowTable):
+    """VAE latent distributions (mean, std) of dataset crops, encoded ahead, on the device.
+
+    Equal crops are equal pixels (datasets.Crop). The trainer encodes the crops an epoch of an
+    identity will draw before its first step of that epoch (`encode`), so no step encodes;
+    each step samples the cached distribution with its own generator, as
+    `vae.encode(pixels).latent_dist.sample(generator)` does. Class images (R x R) have one
+    crop each.
     """
 
     def __init__(self, vae: torch.nn.Module, device: torch.device) -> None:
@@ -1030,17 +1035,18 @@ class LatentCache(RowTable):
         self.vae, self.device = vae, device
 
     @torch.no_grad()
-    def ensure(self, keys: list[tuple], pixels: dict[tuple, Any]) -> None:
-        """Encode the keys not cached yet (`pixels[key]()` -> (3, R, R)), one crop per VAE call:
-        conv kernels round by batch shape, and a crop's latents must not depend on which other
-        identities' crops happened to be new in the same step (one VAE encode per crop, once)."""
+    def encode(self, keys: list[tuple], pixels: dict[tuple, Any]) -> None:
+        """Encode the keys not cached yet (`pixels[key]()` -> (3, R, R)) in batches of
+        ENCODE_BATCH_SIZE, the last one padded with copies of its last crop: every VAE call
+        has one shape, and a crop's latents do not depend on which crops share its batch
+        (conv kernels round by batch shape, not by the other samples' values), so an
+        identity's LoRA is the same whichever identities a process trains alongside it."""
         missing = list(dict.fromkeys(key for key in keys if key not in self.rows))
-        if not missing:
-            return
-        means, stds = [], []
-        for key in missing:
-            crop = to_device(pixels[key]()[None], self.device).to(self.vae.dtype)  # (1, 3, R, R)
-            dist = self.vae.encode(crop).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-        self.add(missing, {"mean": torch.cat(means), "std": torch.cat(stds)})
+        for start in range(0, len(missing), ENCODE_BATCH_SIZE):
+            chunk = missing[start : start + ENCODE_BATCH_SIZE]
+            crops = [pixels[key]() for key in chunk]
+            crops += crops[-1:] * (ENCODE_BATCH_SIZE - len(crops))
+            batch = to_device(torch.stack(crops), self.device).to(self.vae.dtype)  # (8, 3, R, R)
+            dist = self.vae.encode(batch).latent_dist
+            size = len(chunk)
+            self.add(chunk, {"mean": dist.mean[:size], "std": dist.std[:size]})

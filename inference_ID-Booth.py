@@ -529,11 +529,11 @@ def write_run_config(args: argparse.Namespace, settings: dict, identities, num_p
 # ---------------------------------------------------------------------------- generation
 
 
-def load_pipeline(args: argparse.Namespace) -> StableDiffusionPipeline:
+def load_generation_pipeline(args: argparse.Namespace) -> StableDiffusionPipeline:
     """The base pipeline on CPU, frozen, with the chosen sampler and no progress bar."""
-    from sampling import load_pipeline as load_base
+    from sampling import load_pipeline
 
-    pipeline = load_base(args.pretrained_model_name_or_path)
+    pipeline = load_pipeline(args.pretrained_model_name_or_path)
     pipeline.scheduler = build_sampler(args.scheduler, pipeline.scheduler.config)
     return pipeline
 
@@ -784,7 +784,7 @@ def checked_pipeline(args: argparse.Namespace, identities, state: Any):
     """
     import torch
 
-    pipeline = load_pipeline(args)
+    pipeline = load_generation_pipeline(args)
     layouts, lora_errors = {}, {}
     for identity in identities:
         if identity.error is not None:

@@ -67,30 +67,24 @@ def diffusion_target(
     return DIFFUSION_TARGETS[prediction_type](noise, latents, timesteps, scheduler)
 
 
-def prior_preservation_loss(
-    model_pred: torch.Tensor,
-    target: torch.Tensor,
-    num_instance: int,
-    prior_loss_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """loss = MSE(pred[:n], tgt[:n]) + w_prior * MSE(pred[n:], tgt[n:]); batch = [inst, prior].
+def x0_estimate(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    sqrt_abar: torch.Tensor,
+    sqrt_one_minus_abar: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """x0 from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and the model output: the one formula
+    training (predict_x0) and sampling (sampling.py's updates) share.
 
-    Returns (loss, instance_loss, prior_loss); prior_loss is 0 when the batch has no prior part.
-    MSEs are computed in float32 (as diffusers' DreamBooth does under mixed precision).
+    epsilon: (x_t - sqrt(1-abar) eps) / sqrt(abar); v (Salimans & Ho 2022, v = sqrt(abar) eps -
+    sqrt(1-abar) x0): sqrt(abar) x_t - sqrt(1-abar) v; sample: the output itself.
     """
-    batch_size = model_pred.shape[0]
-    if model_pred.shape != target.shape:
-        raise ValueError(f"model_pred {tuple(model_pred.shape)} != target {tuple(target.shape)}")
-    if not 1 <= num_instance <= batch_size:
-        raise ValueError(f"num_instance must be in [1, {batch_size}], got {num_instance}")
-    pred, tgt = model_pred.float(), target.float()
-    instance_loss = F.mse_loss(pred[:num_instance], tgt[:num_instance], reduction="mean")
-    if num_instance == batch_size:
-        prior_loss = instance_loss.new_zeros(())
-    else:
-        prior_loss = F.mse_loss(pred[num_instance:], tgt[num_instance:], reduction="mean")
-    loss = instance_loss + prior_loss_weight * prior_loss
-    return loss, instance_loss, prior_loss
+    if prediction_type == "epsilon":
+        return (sample - sqrt_one_minus_abar * model_output) / sqrt_abar
+    if prediction_type == "sample":
+        return model_output
+    return sqrt_abar * sample - sqrt_one_minus_abar * model_output
 
 
 def predict_x0(
@@ -100,7 +94,7 @@ def predict_x0(
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
 ) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)  or  sqrt(abar_t) x_t - sqrt(1-abar_t) v.
+    """x0_hat of a training step (x0_estimate at each sample's timestep).
 
     Computed in float32, returned in model_pred's dtype; differentiable w.r.t. model_pred.
     """
@@ -108,11 +102,9 @@ def predict_x0(
     abar = alphas_cumprod.to(device=noisy_latents.device, dtype=torch.float32)[timesteps]
     sqrt_abar = _per_sample(abar.sqrt(), noisy_latents)  # (B, 1, 1, 1)
     sqrt_one_minus_abar = _per_sample((1.0 - abar).sqrt(), noisy_latents)
-    x_t, pred = noisy_latents.float(), model_pred.float()
-    if prediction_type == "epsilon":
-        x0 = (x_t - sqrt_one_minus_abar * pred) / sqrt_abar
-    else:
-        x0 = sqrt_abar * x_t - sqrt_one_minus_abar * pred
+    x0 = x0_estimate(
+        noisy_latents.float(), model_pred.float(), sqrt_abar, sqrt_one_minus_abar, prediction_type
+    )
     return x0.to(model_pred.dtype)
 
 
@@ -229,11 +221,11 @@ class ObjectiveConfig:
         return self.loss != "dreambooth"
 
 
-def group_means(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """(n,) values, (S, n) bool membership -> (S,) mean of each group's members (0 for an empty
-    group). A non-member's value never enters a group's mean, not even as 0 * NaN."""
-    selected = torch.where(members, values[None, :], torch.zeros_like(values)[None, :])
-    return selected.sum(1) / members.sum(1).clamp_min(1)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values[mask] (0 when nothing is selected): (n,), (n,) bool -> (). A masked-out
+    value never enters the mean, not even as 0 * NaN; no host sync (no boolean indexing)."""
+    selected = torch.where(mask, values, torch.zeros_like(values))
+    return selected.sum() / mask.sum().clamp_min(1)
 
 
 def sample_mse(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -249,21 +241,21 @@ def identity_terms(
     positive: torch.Tensor,
     negative: torch.Tensor | None,
     timesteps: torch.Tensor,
-    members: torch.Tensor,
+    mask: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """The identity TERM_NAMES of each identity: (S,) each.
+    """The identity TERM_NAMES of one identity's batch, scalars.
 
     anchor (n, D) = E(x0_hat) of the instance samples; positive (n, D) = e_inst; negative
-    (n, D) = e_prior of the paired prior samples (triplet only); timesteps (n,); members (S, n)
-    bool: instance sample i counts for identity s (its identity, and it has the term).
+    (n, D) = e_prior of the paired prior samples (triplet only); timesteps (n,); mask (n,)
+    bool: the samples that have the term (M).
     """
     per_sample = IDENTITY_LOSSES[config.loss](anchor, positive, negative, config.triplet_margin)
     weight = IDENTITY_WEIGHTINGS[config.identity_weighting](timesteps, config.num_train_timesteps)
     return {
-        "identity_term": group_means(weight * per_sample, members),
-        "identity_criterion": group_means(per_sample, members),
-        "identity_weight": group_means(weight, members),
-        "identity_count": members.sum(1).float(),
+        "identity_term": masked_mean(weight * per_sample, mask),
+        "identity_criterion": masked_mean(per_sample, mask),
+        "identity_weight": masked_mean(weight, mask),
+        "identity_count": mask.sum().float(),
     }
 
 
@@ -271,21 +263,46 @@ def objective(
     config: ObjectiveConfig,
     sample_losses: torch.Tensor,
     is_prior: torch.Tensor,
-    members: torch.Tensor,
     identity: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every TERM_NAMES value of each identity of a packed batch: (S,) each.
+    """Every TERM_NAMES value of one identity's batch, scalars.
 
-    sample_losses (B,) = per-sample diffusion MSE (sample_mse); is_prior (B,) bool; members
-    (S, B) bool = which samples are identity s's. loss_s = mean of s's instance losses +
-    w_prior * mean of its prior losses (DreamBooth, Ruiz et al. 2023, Eq. 2) + its identity
-    term (identity_terms). The packed loss is sum_s loss_s: each identity's LoRA gets exactly
-    the gradient its own run would.
+    sample_losses (B,) = per-sample diffusion MSE (sample_mse); is_prior (B,) bool. loss = mean
+    of the instance losses + w_prior * mean of the prior losses (DreamBooth, Ruiz et al. 2023,
+    Eq. 2) + the identity term (identity_terms; absent for plain DreamBooth).
     """
-    diffusion = group_means(sample_losses, members & ~is_prior[None, :])
-    prior = group_means(sample_losses, members & is_prior[None, :])
+    diffusion = masked_mean(sample_losses, ~is_prior)
+    prior = masked_mean(sample_losses, is_prior)
     zero = torch.zeros_like(diffusion)
     terms = {"diffusion_loss": diffusion, "prior_loss": prior}
     terms |= dict.fromkeys(TERM_NAMES[3:], zero) | (identity or {})
     terms["loss"] = diffusion + config.prior_loss_weight * prior + terms["identity_term"]
     return terms
+
+
+def objective_of_each(
+    config: ObjectiveConfig,
+    sample_losses: torch.Tensor,
+    is_prior: torch.Tensor,
+    sizes: list[int],
+    identity_rows: dict[str, torch.Tensor] | None = None,
+    instance_sizes: list[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The objective of each identity of a packed batch on its own rows: (S,) per term.
+
+    Rows are identity-major: identity s holds sizes[s] consecutive rows of sample_losses and
+    is_prior (B,), and instance_sizes[s] consecutive rows of each identity_rows tensor
+    (identity_terms' arguments by name, (n, ...)). The packed loss sum_s loss_s gives each
+    identity's LoRA exactly the gradient of a run of it alone.
+    """
+    losses_of, priors_of = sample_losses.split(sizes), is_prior.split(sizes)
+    parts = (
+        {}
+        if identity_rows is None
+        else {name: rows.split(instance_sizes) for name, rows in identity_rows.items()}
+    )
+    terms = []
+    for s in range(len(sizes)):
+        identity = identity_terms(config, **{n: p[s] for n, p in parts.items()}) if parts else None
+        terms.append(objective(config, losses_of[s], priors_of[s], identity))
+    return {name: torch.stack([each[name] for each in terms]) for name in TERM_NAMES}

@@ -22,7 +22,7 @@ step instead of `scaler.step`):
 
     optimizer = StackedAdamW(lora.parameters(), K, lr=...)  # once, after the UNet is placed
     lora.set_identities(identities)                       # (B,) long, on the UNet's device
-    loss = identity_means(per_sample_loss, identities, K).sum()
+    loss = objective_of_each(...)["loss"].sum()         # losses.py: each identity's own
     loss.backward()
     norms = optimizer.clip_grad_norm_(max_norm)           # (K,)
     optimizer.step(active=present & torch.isfinite(norms))
@@ -447,15 +447,6 @@ def slot_pool_for_layouts(
         return None, None
     lora = inject_batched_lora(unet, modules, num_slots, rank, alpha=rank, dtype=unet.dtype)
     return lora, SlotPool(lora, load)
-
-
-def identity_means(
-    values: torch.Tensor, identities: torch.Tensor, num_identities: int
-) -> torch.Tensor:
-    """(B,) per-sample values -> (K,) mean per identity (0 for identities without samples)."""
-    sums = values.new_zeros(num_identities).index_add(0, identities, values)
-    counts = values.new_zeros(num_identities).index_add(0, identities, torch.ones_like(values))
-    return sums / counts.clamp_min(1)
 
 
 # A parameter that is a column block of a (K, P) buffer is not dense, so autograd's in-place

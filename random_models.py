@@ -4,16 +4,22 @@ Tests, the demo and the benchmarks load these with the very code that loads the 
 `stabilityai/stable-diffusion-2-1-base` and an insightface `backbone.pth`. Two sizes:
 "tiny" (a few channels; 64 px images in a fraction of a second on a CPU) and "sd21"
 (the real SD 2.1-base shapes, for GPU benchmarks; random weights, so only speed and
-memory mean anything). A tiny random DINOv2 stands in for the evaluation's feature model.
+memory mean anything). A tiny random DINOv2 stands in for the evaluation's feature model, a
+random CR-FIQA for the quality model; the demo's identities are real faces cut from a photo
+shipped in insightface's wheel (`prepare_embedded_identities`).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 TINY_TEXT_HIDDEN = 32
 
@@ -239,3 +245,140 @@ def write_random_lora(
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     return write_lora_file(Path(folder), state, config.to_dict())
+
+
+# ============================================================================ the demo's inputs
+# Faces of insightface's shipped t1.jpg (six people), left to right; the first two (both women)
+# become identities, the other four are prior (class) images.
+NUM_DEMO_IDENTITIES = 2
+CROP_VARIANTS = ((2.4, 0.0, 0.0), (2.8, 0.08, 0.0), (2.6, -0.08, 0.05), (3.0, 0.0, -0.05))
+
+
+def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
+    """Random tiny SD pipeline, IResNet-18 checkpoint and DINOv2, built once."""
+    from arcface import build_iresnet
+    from fileio import atomic_folder, atomic_path
+
+    paths = {
+        "sd": models_dir / "tiny-sd",
+        "arcface": models_dir / "arcface_r18_random.pth",
+        "dinov2": models_dir / "tiny-dinov2",
+        "crfiqa": models_dir / "crfiqa_r18_random.pth",
+    }
+    # Each model is written to a temp name and renamed when complete, so a demo killed during
+    # set-up leaves no half-written model that a rerun would trust.
+    if not paths["sd"].is_dir():
+        with atomic_folder(paths["sd"]) as temp:
+            build_tiny_sd(temp)
+    if not paths["arcface"].is_file():
+        torch.manual_seed(0)
+        with atomic_path(paths["arcface"]) as temp:
+            torch.save(build_iresnet("r18").state_dict(), temp)
+    if not paths["dinov2"].is_dir():
+        with atomic_folder(paths["dinov2"]) as temp:
+            build_tiny_dinov2(temp)
+    if not paths["crfiqa"].is_file():
+        with atomic_path(paths["crfiqa"]) as temp:
+            torch.save(random_crfiqa().state_dict(), temp)
+    return paths
+
+
+def random_crfiqa():
+    """A random CR-FIQA IResNet-18 with BatchNorm statistics of random faces (finite scores)."""
+    sys.path.append(str(Path(__file__).resolve().parent / "Evaluation"))
+    from quality import build_crfiqa
+
+    torch.manual_seed(0)
+    faces = torch.rand((8, 3, 112, 112), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return calibrate_batchnorm(build_crfiqa("r18"), [faces])
+
+
+def crop_face(
+    photo: Image.Image, landmarks: np.ndarray, scale: float, dx: float, dy: float
+) -> Image.Image:
+    """Square crop around the 5 landmarks, `scale` times the eye-mouth extent, shifted."""
+    centre = landmarks.mean(axis=0)
+    extent = float(np.ptp(landmarks, axis=0).max()) * scale
+    cx, cy = centre[0] + dx * extent, centre[1] + dy * extent
+    box = (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2)
+    return photo.crop(tuple(int(round(v)) for v in box)).resize((256, 256), Image.BICUBIC)
+
+
+def prepare_embedded_identities(data_dir: Path) -> tuple[Path, Path, Path]:
+    """Identity folders and a prior folder cut from insightface's shipped group photo."""
+    import insightface
+
+    from faces import DlibFaceDetector
+    from fileio import atomic_write_json
+
+    identities_root, class_dir = data_dir / "identities", data_dir / "class"
+    attributes_path = data_dir / "identity_attributes.json"
+    if attributes_path.exists():
+        return identities_root, class_dir, attributes_path
+    images_dir = Path(insightface.__file__).parent / "data" / "images"
+    photo = Image.open(images_dir / "t1.jpg").convert("RGB")
+    upsampled = photo.resize((photo.width * 2, photo.height * 2), Image.BICUBIC)
+    faces = DlibFaceDetector().detect_all_landmarks(np.asarray(upsampled))
+    faces = sorted(faces, key=lambda points: points[:, 0].mean())
+    if len(faces) < NUM_DEMO_IDENTITIES + 1:
+        raise RuntimeError(
+            f"expected six faces in {images_dir / 't1.jpg'}, dlib found {len(faces)}"
+        )
+    for index, landmarks in enumerate(faces):
+        is_identity = index < NUM_DEMO_IDENTITIES
+        folder = identities_root / f"person_{index}" if is_identity else class_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        variants = CROP_VARIANTS if is_identity else CROP_VARIANTS[:2]
+        for variant, (scale, dx, dy) in enumerate(variants):
+            crop_face(upsampled, landmarks, scale, dx, dy).save(
+                folder / f"person_{index}_{variant}.png"
+            )
+    attributes = {f"person_{index}": {"gender": "female"} for index in range(NUM_DEMO_IDENTITIES)}
+    atomic_write_json(attributes_path, attributes)  # written last: the marker of a finished set-up
+    return identities_root, class_dir, attributes_path
+
+
+DEMO_PAIRS_PER_KIND = 6  # genuine and impostor pairs of demo_pairs.bin (10 folds need 10)
+
+
+def prepare_demo_benchmark(data_dir: Path) -> Path:
+    """A folder with demo_pairs.bin: the demo's real faces (six people, 2-4 crops each) aligned
+    to 112x112; 6 same-person pairs of crops (genuine) and 6 cross-person pairs (impostor)."""
+    from itertools import combinations
+
+    import runs
+    from datasets import list_images
+    from faces import DlibFaceDetector, align_face
+
+    sys.path.append(str(Path(__file__).resolve().parent / "Evaluation"))
+    from verify import write_bin
+
+    folder = data_dir / "benchmarks"
+    if (folder / "demo_pairs.bin").is_file():
+        return folder
+    detector = DlibFaceDetector()
+    by_person: dict[str, list[bytes]] = {}
+    folders = [*runs.identity_folders(data_dir / "identities"), data_dir / "class"]
+    for path in [image for folder in folders for image in list_images(folder)]:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        landmarks = detector.detect_landmarks(image)
+        if landmarks is not None:
+            encoded = io.BytesIO()
+            Image.fromarray(align_face(image, landmarks, 112)).save(encoded, format="PNG")
+            by_person.setdefault(path.stem.rsplit("_", 1)[0], []).append(encoded.getvalue())
+    people = sorted(by_person)
+    genuine = [pair for p in people for pair in combinations(by_person[p], 2)]
+    genuine = [genuine[i] for i in np.linspace(0, len(genuine) - 1, DEMO_PAIRS_PER_KIND, dtype=int)]
+    impostor = [(by_person[a][-1], by_person[b][0]) for a, b in combinations(people, 2)]
+    impostor = impostor[:DEMO_PAIRS_PER_KIND]
+    pairs = genuine + impostor
+    if len(set(genuine)) < DEMO_PAIRS_PER_KIND or len(impostor) < DEMO_PAIRS_PER_KIND:
+        raise RuntimeError(
+            f"too few faces found in the demo photos for {DEMO_PAIRS_PER_KIND} pairs"
+        )
+    write_bin(
+        folder / "demo_pairs.bin",
+        [image for pair in pairs for image in pair],
+        [True] * len(genuine) + [False] * len(impostor),
+    )
+    return folder

@@ -42,6 +42,7 @@ import torch
 
 from datasets import scan_photos
 from fileio import atomic_save_image
+from losses import x0_estimate
 
 logger = logging.getLogger("sampling")
 
@@ -283,15 +284,15 @@ def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 def _x0_and_epsilon(
     model_output: torch.Tensor, sample: torch.Tensor, c: Coefficients, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x0 and epsilon estimates from the model output: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+    """x0 (losses.x0_estimate, shared with training) and epsilon estimates from the model
+    output: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
     sqrt_alpha, sqrt_beta = c["sqrt_alpha_prod"], c["sqrt_beta_prod"]
+    x0 = x0_estimate(sample, model_output, sqrt_alpha, sqrt_beta, prediction_type)
     if prediction_type == "epsilon":
-        return (sample - sqrt_beta * model_output) / sqrt_alpha, model_output
+        return x0, model_output
     if prediction_type == "sample":
-        return model_output, (sample - sqrt_alpha * model_output) / sqrt_beta
-    # v-prediction, v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
-    x0 = sqrt_alpha * sample - sqrt_beta * model_output
-    return x0, sqrt_alpha * model_output + sqrt_beta * sample
+        return x0, (sample - sqrt_alpha * model_output) / sqrt_beta
+    return x0, sqrt_alpha * model_output + sqrt_beta * sample  # v-prediction
 
 
 def _clip(x0: torch.Tensor, schedule: Schedule) -> torch.Tensor:

@@ -58,7 +58,6 @@ from trainer import (
     FaceTools,
     PackedTrainer,
     hub_kwargs,
-    list_checkpoints,
     load_face_tools,
     load_frozen_models,
 )
@@ -513,7 +512,8 @@ def check_unfinished_runs(identities: list[Identity], args: argparse.Namespace) 
     stale = [
         str(identity.output_dir)
         for identity in identities
-        if not is_finished(identity) and list_checkpoints(identity.output_dir)
+        if not is_finished(identity)
+        and runs.list_checkpoints(identity.output_dir, TRAINING_STATE_NAME)
     ]
     if stale:
         raise ValueError(

@@ -46,8 +46,7 @@ from losses import (
     TERM_NAMES,
     ObjectiveConfig,
     diffusion_target,
-    identity_terms,
-    objective,
+    objective_of_each,
     predict_x0,
     sample_mse,
 )
@@ -62,6 +61,7 @@ from multi_lora import (
     schedule_table,
 )
 from runs import Identity, NonFiniteLossError, NonFiniteWatch, RunningMeans
+from sampling import Sampler, generate_images
 
 logger = logging.getLogger("train_ID-Booth")
 
@@ -102,15 +102,10 @@ RESUME_DATA_KEYS = (
 # ============================================================================ outputs
 
 
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of an identity's complete checkpoint-N folders, oldest first."""
-    return runs.list_checkpoints(folder, TRAINING_STATE_NAME)
-
-
 def clear_outputs(identity: Identity, logging_dir: str) -> None:
     """Delete what an earlier run wrote for this identity (used by --overwrite)."""
     files = (LORA_WEIGHTS_NAME, CONFIG_NAME, "README.md")
-    folders = [path for _, path in list_checkpoints(identity.output_dir)]
+    folders = [path for _, path in runs.list_checkpoints(identity.output_dir, TRAINING_STATE_NAME)]
     runs.delete_outputs(identity.output_dir, files, [*folders, "validation", logging_dir])
 
 
@@ -178,6 +173,8 @@ def load_frozen_models(
         place(model, device, dtype)
     if args.gradient_checkpointing and args.loss != "dreambooth":
         vae.enable_gradient_checkpointing()  # the identity term backpropagates through decode
+    if device.type == "cuda":
+        use_channels_last(vae, *([arcface] if arcface is not None else []))
     return FrozenModels(
         vae=vae,
         text_encoder=text_encoder,
@@ -207,6 +204,25 @@ def assemble_pipeline(frozen: FrozenModels, unet: torch.nn.Module):
     return pipeline
 
 
+def use_channels_last(*modules: torch.nn.Module) -> None:
+    """NHWC weights for the convolutions of the step's models (faster cuDNN kernels on GPUs)."""
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+
+
+def compile_step_modules(
+    frozen: FrozenModels, unet: torch.nn.Module, args: argparse.Namespace
+) -> torch.nn.Module:
+    """--compile: torch.compile every module of the step with static shapes (dynamic=False;
+    a step's shapes only change for an epoch's short last batch): the VAE decoder and ArcFace
+    in place in `frozen`, and the UNet, returned. The encoder stays eager (it runs ahead)."""
+    compiled = partial(torch.compile, mode=args.compile_mode, dynamic=False)
+    frozen.vae.decoder = compiled(frozen.vae.decoder)
+    if frozen.arcface is not None:
+        frozen.arcface = compiled(frozen.arcface)
+    return compiled(unet)
+
+
 def load_unet_with_slots(
     args: argparse.Namespace, device: torch.device, mixed_precision: str, num_slots: int = 1
 ) -> tuple[torch.nn.Module, BatchedLoRA]:
@@ -225,7 +241,7 @@ def load_unet_with_slots(
     for parameter in lora.parameters():  # fp16 grads cannot be unscaled: factors stay fp32
         parameter.data = parameter.data.float()
     if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
+        use_channels_last(unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -239,13 +255,19 @@ class PromptEmbeddings:
     instance: torch.Tensor
     class_: torch.Tensor
 
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, frozen: FrozenModels, args: argparse.Namespace) -> PromptEmbeddings:
+        """--instance_prompt and --class_prompt through the frozen text encoder, once per run."""
+        return cls(*(encode_text(frozen, p) for p in (args.instance_prompt, args.class_prompt)))
+
     def for_rows(self, is_prior: torch.Tensor) -> torch.Tensor:
         """(B, L, D) conditioning: the class prompt for prior rows, the instance prompt else."""
         return torch.where(is_prior[:, None, None], self.class_, self.instance)
 
 
 @torch.no_grad()
-def encode_prompt(frozen: FrozenModels, prompt: str) -> torch.Tensor:
+def encode_text(frozen: FrozenModels, prompt: str) -> torch.Tensor:
     """(1, L, D) last hidden state of the frozen text encoder."""
     tokens = frozen.tokenizer(
         prompt,
@@ -255,13 +277,6 @@ def encode_prompt(frozen: FrozenModels, prompt: str) -> torch.Tensor:
         return_tensors="pt",
     )
     return frozen.text_encoder(tokens.input_ids.to(frozen.device))[0]
-
-
-def encode_prompts(frozen: FrozenModels, args: argparse.Namespace) -> PromptEmbeddings:
-    """Instance and class prompt embeddings, once per run."""
-    return PromptEmbeddings(
-        encode_prompt(frozen, args.instance_prompt), encode_prompt(frozen, args.class_prompt)
-    )
 
 
 # ============================================================================ data
@@ -304,6 +319,12 @@ def build_dataset(
 
 
 # ============================================================================ the training step
+#
+# The paper's case reads top to bottom: one identity's batch (PackedBatch.one_identity), one
+# training step of it (training_step: noise and timestep -> UNet -> diffusion target; x0_hat ->
+# decode -> align -> ArcFace -> objective), then PackedTrainer.train_on (backward, clip, AdamW).
+# Packing K identities only concatenates their batches (PackedBatch.pack): the same step runs on
+# the packed rows, each identity with its own generator, objective and LoRA slot.
 
 
 def objective_config(args: argparse.Namespace, frozen: FrozenModels) -> ObjectiveConfig:
@@ -319,27 +340,86 @@ def objective_config(args: argparse.Namespace, frozen: FrozenModels) -> Objectiv
 
 @dataclass
 class PackedBatch:
-    """One micro-batch of S identities on the device, identity-major: identity s holds rows
-    [inst_s..., prior_s...] (the order its own run uses), n_s instance + n_s (or 0) prior rows.
+    """A micro-batch on the device: one identity's rows [instance..., prior...] (the order of
+    diffusers' DreamBooth collate), or S of them one after another (identity-major).
 
-    `mean` / `std`: (B, 4, h, w) latent distributions; `slots`: (B,) long LoRA slot of each
-    row; `is_prior`: (B,) bool; `members`: (S, B) bool; `instance_rows`, `prior_rows`: (n,)
-    long (prior_rows[i] = the row paired with instance row i, or -1); `landmarks`: (n, 5, 2)
-    crop pixels of the instance rows; `embeddings`: (B, D) precomputed ArcFace embeddings;
-    `has_face`: (B,) bool; `sizes`: rows per identity (host ints, for the random draws).
+    `mean` / `std`: (B, 4, h, w) latent distributions of the crops; `is_prior`: (B,) bool;
+    `instance_rows`, `prior_rows`: (n,) long (prior_rows[i] = the class row paired with
+    instance row i, or -1); `landmarks`: (n, 5, 2) crop pixels of the instance rows;
+    `embeddings`: (B, D) precomputed ArcFace embeddings; `has_face`: (B,) bool. Host ints:
+    `sizes` (rows of each identity) and `instance_sizes`. `slots`: (B,) long LoRA slot of each
+    row (all 0 for one identity).
     """
 
     mean: torch.Tensor
     std: torch.Tensor
-    slots: torch.Tensor
     is_prior: torch.Tensor
-    members: torch.Tensor
     instance_rows: torch.Tensor
     prior_rows: torch.Tensor
     sizes: list[int]
+    instance_sizes: list[int]
+    slots: torch.Tensor
     landmarks: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
     has_face: torch.Tensor | None = None
+
+    @classmethod
+    def one_identity(
+        cls,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        num_instance: int,
+        landmarks: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
+        has_face: torch.Tensor | None = None,
+    ) -> PackedBatch:
+        """One identity's batch: num_instance instance rows, then as many prior rows or none."""
+        size, device = mean.shape[0], mean.device
+        if size not in (num_instance, 2 * num_instance):
+            raise ValueError(f"{size} rows are not {num_instance} instance rows (+ as many prior)")
+        rows = torch.arange(size, device=device)
+        paired = rows[num_instance:] if size > num_instance else torch.full_like(rows, -1)
+        return cls(
+            mean=mean,
+            std=std,
+            is_prior=rows >= num_instance,
+            instance_rows=rows[:num_instance],
+            prior_rows=paired,
+            sizes=[size],
+            instance_sizes=[num_instance],
+            slots=torch.zeros_like(rows),
+            landmarks=landmarks,
+            embeddings=embeddings,
+            has_face=has_face,
+        )
+
+    @classmethod
+    def pack(cls, batches: list[PackedBatch], slots: list[int]) -> PackedBatch:
+        """One-identity batches side by side, identity s's rows in LoRA slot slots[s]."""
+        offsets = np.cumsum([0, *(batch.sizes[0] for batch in batches)]).tolist()
+        rows = list(zip(batches, offsets, strict=False))  # offsets has one more entry
+
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(batch, name) for batch in batches]
+            return None if values[0] is None else torch.cat(values)
+
+        return cls(
+            mean=cat("mean"),
+            std=cat("std"),
+            is_prior=cat("is_prior"),
+            instance_rows=torch.cat([b.instance_rows + o for b, o in rows]),
+            prior_rows=torch.cat(
+                [torch.where(b.prior_rows >= 0, b.prior_rows + o, -1) for b, o in rows]
+            ),
+            sizes=[size for batch in batches for size in batch.sizes],
+            instance_sizes=[size for batch in batches for size in batch.instance_sizes],
+            slots=torch.cat(
+                [batch.slots + slot for batch, slot in zip(batches, slots, strict=True)]
+            ),
+            landmarks=cat("landmarks"),
+            embeddings=cat("embeddings"),
+            has_face=cat("has_face"),
+        )
 
 
 def draw_randomness(
@@ -347,7 +427,7 @@ def draw_randomness(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latent draw, noise, timesteps) of every row, each identity's rows from its own generator
     in its own run's order (latent sample, noise, timesteps): (B, 4, h, w) x 2 fp32, (B,)."""
-    draws, noises, timesteps, start = [], [], [], 0
+    draws, noises, timesteps = [], [], []
     device = batch.mean.device
     for size, generator in zip(batch.sizes, generators, strict=True):
         shape = (size, *batch.mean.shape[1:])
@@ -356,7 +436,6 @@ def draw_randomness(
         timesteps.append(
             torch.randint(0, num_train_timesteps, (size,), generator=generator, device=device)
         )
-        start += size
     return torch.cat(draws), torch.cat(noises), torch.cat(timesteps)
 
 
@@ -412,33 +491,33 @@ def face_embeddings_of_x0(
         return frozen.arcface(faces)  # (n, 512) float32, unit norm
 
 
-def packed_losses(
+def training_step(
     unet: torch.nn.Module,
-    lora: BatchedLoRA,
     frozen: FrozenModels,
     prompts: PromptEmbeddings,
     batch: PackedBatch,
     generators: list[torch.Generator],
-    args: argparse.Namespace,
+    config: ObjectiveConfig,
+    clamp_decoded_x0: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """One forward pass of a packed micro-batch -> every TERM_NAMES value per identity, (S,).
+    """The forward pass of one training step -> every TERM_NAMES value of each identity, (S,).
 
-    All randomness comes from the identities' generators; latents and noise are in fp32 (the
-    noise is added in fp32: diffusers' add_noise in bf16 adds none at t = 0, 1), the UNet runs
-    in the weight dtype. No host syncs.
+    One identity (the paper's case): S = 1 and one generator. All randomness comes from the
+    identities' generators; latents and noise are in fp32 (the noise is added in fp32:
+    diffusers' add_noise in bf16 adds none at t = 0, 1), the UNet runs in the weight dtype
+    with the LoRA slots the caller selected. No host syncs.
     """
-    scheduler, config = frozen.noise_scheduler, objective_config(args, frozen)
+    scheduler = frozen.noise_scheduler
     draw, noise, timesteps = draw_randomness(batch, generators, config.num_train_timesteps)
     latents = (batch.mean.float() + batch.std.float() * draw) * frozen.vae.config.scaling_factor
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w) fp32
     text = prompts.for_rows(batch.is_prior)  # (B, L, D)
-    lora.set_identities(batch.slots)
     model_pred = unet(noisy_latents.to(frozen.weight_dtype), timesteps, text, return_dict=False)[0]
     target = diffusion_target(noise, latents, timesteps, scheduler)
-    identity = None
+    identity_rows = None
     if config.has_identity_term:
         rows = batch.instance_rows
-        mask = identity_mask(batch, args.loss)  # (n,) bool
+        mask = identity_mask(batch, config.loss)  # (n,) bool
         anchor = face_embeddings_of_x0(
             frozen,
             noisy_latents[rows],
@@ -446,14 +525,22 @@ def packed_losses(
             timesteps[rows],
             batch.landmarks,
             mask,
-            args.clamp_decoded_x0,
+            clamp_decoded_x0,
         )
-        negative = batch.embeddings[batch.prior_rows.clamp_min(0)]  # masked where absent
-        members = batch.members[:, rows] & mask[None, :]  # (S, n)
-        positive = batch.embeddings[rows]
-        identity = identity_terms(config, anchor, positive, negative, timesteps[rows], members)
-    return objective(
-        config, sample_mse(model_pred, target), batch.is_prior, batch.members, identity
+        identity_rows = {
+            "anchor": anchor,
+            "positive": batch.embeddings[rows],
+            "negative": batch.embeddings[batch.prior_rows.clamp_min(0)],  # masked where absent
+            "timesteps": timesteps[rows],
+            "mask": mask,
+        }
+    return objective_of_each(
+        config,
+        sample_mse(model_pred, target),
+        batch.is_prior,
+        batch.sizes,
+        identity_rows,
+        batch.instance_sizes,
     )
 
 
@@ -541,26 +628,83 @@ class Slot:
     def epoch(self) -> int:
         return self.global_step // self.updates_per_epoch
 
+    @property
+    def position(self) -> int:
+        """Index of the next micro-batch within the epoch."""
+        done = self.global_step - self.epoch * self.updates_per_epoch
+        return done * self.args.gradient_accumulation_steps + self.micro_batch
+
     def next_micro_batch(self) -> tuple[list[int], int]:
         """The items of this identity's next micro-batch and its noise seed: a function of
-        (seed, epoch, position), as in a run of this identity alone."""
-        accumulation = self.args.gradient_accumulation_steps
-        epoch = self.epoch
-        position = (self.global_step - epoch * self.updates_per_epoch) * accumulation
-        position += self.micro_batch
+        (seed, epoch, position), as in a run of this identity alone. At an epoch's first
+        micro-batch (or a resumed run's), the crops the epoch will draw are encoded ahead."""
+        epoch, position = self.epoch, self.position
         if self.order is None or self.order[0] != epoch:
             generator = torch.Generator().manual_seed(stable_seed(self.args.seed, "order", epoch))
             self.order = (epoch, torch.randperm(len(self.dataset), generator=generator).tolist())
             self.dataset.set_epoch(epoch)  # crops of this epoch: seeded by (--seed, epoch, index)
+            self.encode_ahead()
         size = self.args.train_batch_size
         items = self.order[1][position * size : (position + 1) * size]
         return items, stable_seed(self.args.seed, "noise", epoch, position)
 
-    def is_update_due(self, position: int) -> bool:
-        """Whether the micro-batch at `position` of the epoch ends an accumulation."""
-        accumulation = self.args.gradient_accumulation_steps
+    def encode_ahead(self) -> None:
+        """Latents of exactly the crops this epoch's remaining micro-batches draw (up to the
+        run's last step), in batches; the identity's crops of earlier epochs are freed."""
+        updates_left = self.max_train_steps - self.epoch * self.updates_per_epoch
+        last = min(self.batches_per_epoch, updates_left * self.args.gradient_accumulation_steps)
+        size = self.args.train_batch_size
+        items = self.order[1][self.position * size : last * size]
+        crops = [crop for item in items for crop in self.dataset.crops(item)]
+        keys = self.crop_keys(crops)
+        self.trainer.latents.drop(self.identity.name, keep=set(keys))
+        pixels = {
+            key: partial(self.dataset.pixels, crop) for key, crop in zip(keys, crops, strict=True)
+        }
+        self.trainer.latents.encode(keys, pixels)
+
+    def crop_keys(self, crops: list[Any]) -> list[tuple]:
+        """(owner, part, index, left, top) of each crop: class photos are every identity's."""
+        return [(*self.photo_key(crop), crop.left, crop.top) for crop in crops]
+
+    def is_update_due(self) -> bool:
+        """Whether the next micro-batch ends an accumulation (or the epoch)."""
+        position = self.position
         last_of_epoch = position == self.batches_per_epoch - 1
-        return (position + 1) % accumulation == 0 or last_of_epoch
+        return (position + 1) % self.args.gradient_accumulation_steps == 0 or last_of_epoch
+
+    def next_batch(self) -> tuple[PackedBatch, torch.Generator]:
+        """This identity's next micro-batch on the device and its generator, seeded for it:
+        latents from the trainer's cache (encoded ahead), embeddings and faces from its device
+        tables."""
+        trainer, device = self.trainer, self.trainer.device
+        items, seed = self.next_micro_batch()
+        pairs = [self.dataset.crops(item) for item in items]
+        instance = [pair[0] for pair in pairs]
+        crops = instance + [pair[1] for pair in pairs if len(pair) > 1]  # [instance..., prior...]
+        photos = [self.photo_key(crop) for crop in crops]  # (owner, part, index)
+        latent_rows = trainer.latents.index(self.crop_keys(crops), device)  # encoded ahead
+        faces = {}
+        if trainer.faces.rows:
+            face_rows = trainer.faces.index(photos, device)
+            landmarks = [torch.from_numpy(self.dataset.landmarks(crop)) for crop in instance]
+            faces = {
+                "embeddings": trainer.faces.columns["embedding"][face_rows],
+                "has_face": trainer.faces.columns["has_face"][face_rows],
+                "landmarks": to_device(torch.stack(landmarks), device),
+            }
+        batch = PackedBatch.one_identity(
+            trainer.latents.columns["mean"][latent_rows],
+            trainer.latents.columns["std"][latent_rows],
+            len(instance),
+            **faces,
+        )
+        return batch, self.generator.manual_seed(seed)
+
+    def photo_key(self, crop: Any) -> tuple[str, str, int]:
+        """(owner, part, index) of a crop's photo: class photos are shared by every identity."""
+        owner = self.identity.name if crop.part == "instance" else "class"
+        return owner, crop.part, crop.index
 
     # ------------------------------------------------------------------ config and outputs
 
@@ -638,7 +782,7 @@ class PackedTrainer:
         self.unet, self.lora = load_unet_with_slots(
             args, self.device, frozen.mixed_precision, num_slots
         )
-        self.model = torch.compile(self.unet, mode=args.compile_mode) if args.compile else self.unet
+        self.model = compile_step_modules(frozen, self.unet, args) if args.compile else self.unet
         self.optimizer = StackedAdamW(
             self.lora.parameters(),
             num_slots,
@@ -648,8 +792,16 @@ class PackedTrainer:
             eps=args.adam_epsilon,
         )
         self.scaler = self.fresh_scaler()
-        self.prompts = encode_prompts(frozen, args)
+        self.prompts = PromptEmbeddings.encode(frozen, args)
+        self.objective = objective_config(args, frozen)
         self.pipeline = assemble_pipeline(frozen, self.unet)
+        self.validation_sampler = Sampler.from_pipeline(
+            self.pipeline,
+            num_inference_steps=args.validation_num_inference_steps,
+            guidance_scale=args.validation_guidance_scale,
+            height=args.resolution,
+            width=args.resolution,
+        )
         self.latents = LatentCache(frozen.vae, self.device)  # every slot's crops and the class's
         self.faces = RowTable()  # embedding + has_face of every photo, by (owner, part, index)
         self.class_photos = None
@@ -825,30 +977,26 @@ class PackedTrainer:
 
     @torch.no_grad()
     def validate(self, slot: Slot) -> list[Path]:
-        """validation/step_N_i.png from --validation_prompt with the slot's LoRA, in one batch."""
+        """validation/step_N_i.png from --validation_prompt with the slot's LoRA, in one batch,
+        through the project's sampler (sampling.py: host-free denoising loop, per-image CPU
+        generators seeded from --seed as the stock pipeline's)."""
         args, frozen = self.args, self.frozen
         if not args.validation_prompt or args.num_validation_images == 0:
             return []
         folder = slot.identity.output_dir / "validation"
         count = args.num_validation_images
-        generators = [
-            torch.Generator(self.device).manual_seed(stable_seed(args.seed, "validation", i))
-            for i in range(count)
-        ]
+        seeds = [stable_seed(args.seed, "validation", i) for i in range(count)]
+        negatives = [args.validation_negative_prompt] * count
         self.unet.eval()
         self.lora.select_everyone(slot.index)
         with frozen.autocast():
-            images = self.pipeline(
+            images = generate_images(
+                self.pipeline,
+                self.validation_sampler,
                 [args.validation_prompt] * count,
-                negative_prompt=[args.validation_negative_prompt] * count
-                if args.validation_negative_prompt
-                else None,
-                num_inference_steps=args.validation_num_inference_steps,
-                guidance_scale=args.validation_guidance_scale,
-                height=args.resolution,
-                width=args.resolution,
-                generator=generators,
-            ).images
+                negatives if args.validation_negative_prompt else None,
+                seeds,
+            )
         self.unet.train()
         paths = [folder / f"step_{slot.global_step}_{i}.png" for i in range(count)]
         for index, (image, path) in enumerate(zip(images, paths, strict=True)):
@@ -904,80 +1052,14 @@ class PackedTrainer:
         else:
             self.results.append(result)
 
-    def gather(self, slots: list[Slot]) -> tuple[PackedBatch, list[torch.Generator]]:
-        """Each slot's next micro-batch as one packed batch on the device: latents from the
-        cache (new crops encoded first), embeddings and faces from the device tables, the
-        per-row indices in a few non-blocking copies."""
-        keys, owners, pixels, slot_of, is_prior, landmarks = [], [], {}, [], [], []
-        instance_rows, prior_rows, sizes, generators = [], [], [], []
-        for slot in slots:
-            items, seed = slot.next_micro_batch()
-            generators.append(slot.generator.manual_seed(seed))
-            crops = [slot.dataset.crops(item) for item in items]
-            instance, prior = [c[0] for c in crops], [c[1] for c in crops if len(c) > 1]
-            start = len(keys)
-            instance_rows += range(start, start + len(instance))
-            prior_rows += range(start + len(instance), start + 2 * len(prior)) or [-1] * len(
-                instance
-            )
-            for crop in [*instance, *prior]:
-                owner = slot.identity.name if crop.part == "instance" else "class"
-                key = (owner, crop.part, crop.index, crop.left, crop.top)
-                keys.append(key)
-                owners.append((owner, crop.part, crop.index))
-                pixels[key] = partial(slot.dataset.pixels, crop)
-                slot_of.append(slot.index)
-                is_prior.append(crop.part == "class")
-                if crop.part == "instance" and self.faces.rows:
-                    landmarks.append(torch.from_numpy(slot.dataset.landmarks(crop)))
-            sizes.append(len(instance) + len(prior))
-        return self._packed(
-            keys,
-            owners,
-            pixels,
-            slot_of,
-            is_prior,
-            landmarks,
-            instance_rows,
-            prior_rows,
-            sizes,
-            len(slots),
-        ), generators
-
-    def _packed(
-        self, keys, owners, pixels, slot_of, is_prior, landmarks, instance_rows, prior_rows,
-        sizes, num_slots,
-    ) -> PackedBatch:  # fmt: skip
-        device = self.device
-        self.latents.ensure(keys, pixels)
-        latent_rows = self.latents.index(keys, device)
-        ranks = [sorted(set(slot_of)).index(s) for s in slot_of]
-        ranks_tensor = to_device(torch.tensor(ranks), device)
-        batch = PackedBatch(
-            mean=self.latents.columns["mean"][latent_rows],
-            std=self.latents.columns["std"][latent_rows],
-            slots=to_device(torch.tensor(slot_of), device),
-            is_prior=to_device(torch.tensor(is_prior), device),
-            members=ranks_tensor[None, :] == torch.arange(num_slots, device=device)[:, None],
-            instance_rows=to_device(torch.tensor(instance_rows, dtype=torch.long), device),
-            prior_rows=to_device(torch.tensor(prior_rows, dtype=torch.long), device),
-            sizes=sizes,
-        )
-        if self.faces.rows:
-            face_rows = self.faces.index(owners, device)
-            batch.embeddings = self.faces.columns["embedding"][face_rows]
-            batch.has_face = self.faces.columns["has_face"][face_rows]
-            batch.landmarks = to_device(torch.stack(landmarks), device)
-        return batch
-
     def step(self) -> None:
         """One micro-batch of every occupied slot: plan it on the host, train on the device,
         then the host bookkeeping (log intervals are the only host syncs)."""
         slots = self.active_slots()
         batch, generators = self.gather(slots)
-        due = self.train_on(slots, batch, generators)
-        if not due:  # accumulating (one slot only)
-            slots[0].micro_batch += 1
+        if not self.train_on(slots, batch, generators):  # accumulating (one slot only)
+            for slot in slots:
+                slot.micro_batch += 1
             return
         for slot in slots:
             slot.global_step += 1
@@ -988,13 +1070,25 @@ class PackedTrainer:
             except (ValueError, OSError, NonFiniteLossError) as error:
                 self._fail(slot.identity, error, slot)
 
+    def gather(self, slots: list[Slot]) -> tuple[PackedBatch, list[torch.Generator]]:
+        """Each slot's next micro-batch, packed into one batch, and their generators."""
+        batches, generators = zip(*(slot.next_batch() for slot in slots), strict=True)
+        return PackedBatch.pack(list(batches), [slot.index for slot in slots]), list(generators)
+
     def train_on(self, slots: list[Slot], batch: PackedBatch, generators) -> bool:
         """Forward and backward of a packed micro-batch, the watches and means, and at the end
         of an accumulation the update. Device work only: no host reads. True if it updated."""
         index = to_device(torch.tensor([slot.index for slot in slots]), self.device)  # (S,)
+        self.lora.set_identities(batch.slots)
         with self.frozen.autocast():
-            terms = packed_losses(
-                self.model, self.lora, self.frozen, self.prompts, batch, generators, self.args
+            terms = training_step(
+                self.model,
+                self.frozen,
+                self.prompts,
+                batch,
+                generators,
+                self.objective,
+                self.args.clamp_decoded_x0,
             )
         total = terms["loss"].sum() / self.args.gradient_accumulation_steps
         self.scaler.scale(total).backward()
@@ -1005,9 +1099,7 @@ class PackedTrainer:
         self.interval_means.add(values, index)
         self.epoch_means.add(values, index)
         self.identity_samples.index_add_(0, index, terms["identity_count"].detach().round().long())
-        position = slots[0].global_step % slots[0].updates_per_epoch
-        position = position * self.args.gradient_accumulation_steps + slots[0].micro_batch
-        if not slots[0].is_update_due(position):  # only one slot when accumulating
+        if not all(slot.is_update_due() for slot in slots):
             return False
         self.update(index, steps)
         return True

@@ -467,11 +467,6 @@ class TrainState:
     stopped_early: bool = False
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint-<step> folders, oldest first."""
-    return [path for _, path in runs.list_checkpoints(output_dir, TRAINING_STATE_NAME)]
-
-
 def save_checkpoint(run: Run) -> Path:
     """Write checkpoint-<step>/ atomically (temp folder + os.replace); prune beyond the limit."""
     check_finite(run, f"checkpoint-{run.state.global_step} was not written")
@@ -985,7 +980,10 @@ def write_log_line(accelerator, meter: LossMeter, optimizer, state: TrainState, 
 def prepare_output_dir(args: argparse.Namespace) -> Path:
     """Create output_dir; refuse to silently train over an earlier run's checkpoints."""
     output_dir = Path(args.output_dir)
-    if list_checkpoints(output_dir) and args.resume_from_checkpoint is None:
+    if (
+        runs.list_checkpoints(output_dir, TRAINING_STATE_NAME)
+        and args.resume_from_checkpoint is None
+    ):
         raise ValueError(
             f"{output_dir} already holds checkpoints: pass --resume_from_checkpoint latest to "
             "continue that run, or choose another --output_dir"

@@ -52,7 +52,6 @@ from arcface import ArcFaceEncoder, build_iresnet, load_arcface  # noqa: E402
 from faces import ARCFACE_DST  # noqa: E402
 from losses import (  # noqa: E402
     predict_x0,
-    prior_preservation_loss,
     timestep_weight,
     triplet_identity_loss,
 )
@@ -66,7 +65,7 @@ from trainer import (  # noqa: E402
     FaceTools,
     PackedBatch,
     PackedTrainer,
-    encode_prompts,
+    PromptEmbeddings,
     load_frozen_models,
     place,
 )
@@ -364,7 +363,7 @@ def reference_step(unet, frozen, optimizer, batch: dict, generator, args) -> flo
     with frozen.autocast():
         pixels = batch["pixel_values"].to(device, frozen.weight_dtype)
         with torch.no_grad():
-            prompts = encode_prompts(frozen, args)  # every step, as the reference does
+            prompts = PromptEmbeddings.encode(frozen, args)  # every step, as the reference does
             latents = frozen.vae.encode(pixels).latent_dist.sample(generator)
             latents = latents * frozen.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
@@ -372,7 +371,9 @@ def reference_step(unet, frozen, optimizer, batch: dict, generator, args) -> flo
         noisy = scheduler.add_noise(latents, noise, timesteps)
         text = torch.cat([prompts.instance, prompts.class_])
         model_pred = unet(noisy, timesteps, text, return_dict=False)[0]
-        loss, _, _ = prior_preservation_loss(model_pred, noise, 1, args.prior_loss_weight)
+        instance_loss = F.mse_loss(model_pred[:1].float(), noise[:1].float())
+        prior_loss = F.mse_loss(model_pred[1:].float(), noise[1:].float())
+        loss = instance_loss + args.prior_loss_weight * prior_loss
         x0 = predict_x0(
             noisy[:1], model_pred[:1], timesteps[:1], scheduler.alphas_cumprod, "epsilon"
         )

@@ -826,3 +826,40 @@ def test_real_dlib_landmarks_land_on_the_face_after_resize_and_crop(tmp_path: Pa
             if index == 1:
                 group_offsets.add(tuple(np.round(moved[0]).astype(int)))
     assert len(group_offsets) > 1  # the group photo was cropped at different places
+
+
+# ---------------------------------------------------------------------------------------------
+# The latent cache: crops encoded ahead, in batches of one shape
+# ---------------------------------------------------------------------------------------------
+def test_encoded_latents_do_not_depend_on_the_crops_sharing_their_batch(tmp_path: Path) -> None:
+    """A crop's (mean, std) is the same bytes whichever crops (another identity's, or fewer)
+    are encoded with it: every VAE call is ENCODE_BATCH_SIZE crops; cached keys are skipped."""
+    from diffusers import AutoencoderKL
+    from tiny_sd import build_tiny_sd
+
+    from datasets import ENCODE_BATCH_SIZE, LatentCache
+
+    vae = AutoencoderKL.from_pretrained(build_tiny_sd(tmp_path / "sd"), subfolder="vae")
+    crops = torch.rand(12, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    shapes = []
+    encode = vae.encode
+    vae.encode = lambda x: shapes.append(tuple(x.shape)) or encode(x)
+
+    def cache_of(keys: list[int]) -> LatentCache:
+        cache = LatentCache(vae, torch.device("cpu"))
+        cache.encode([("a", k) for k in keys], {("a", k): lambda k=k: crops[k] for k in keys})
+        return cache
+
+    many, few = cache_of(list(range(12))), cache_of([11, 3, 3])
+    assert shapes == [(ENCODE_BATCH_SIZE, 3, 64, 64)] * 3  # 8 + 4 padded, then 2 padded
+    for key in (3, 11):
+        for column in ("mean", "std"):
+            assert torch.equal(
+                many.columns[column][many.rows[("a", key)]],
+                few.columns[column][few.rows[("a", key)]],
+            )
+    few.encode([("a", 3), ("a", 11)], {})  # cached: no VAE call, no pixels needed
+    assert len(shapes) == 3 and len(few) == 2
+    few.drop("a", keep={("a", 11)})
+    assert list(few.rows) == [("a", 11)]
+    assert torch.equal(few.columns["mean"][0], many.columns["mean"][many.rows[("a", 11)]])

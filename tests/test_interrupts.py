@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-import demo
+import random_models
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +58,8 @@ def no_temps(folder: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def demo_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupts")
-    models = demo.prepare_embedded_models(root / "models")
-    identities, class_dir, attributes = demo.prepare_embedded_identities(root / "data")
+    models = random_models.prepare_embedded_models(root / "models")
+    identities, class_dir, attributes = random_models.prepare_embedded_identities(root / "data")
     return root, models, identities, class_dir, attributes
 
 
@@ -146,10 +146,10 @@ def test_demo_killed_during_set_up_never_reuses_a_partial_model(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", killed_while_saving)
     with pytest.raises(KeyboardInterrupt):
-        demo.prepare_embedded_models(tmp_path / "models")
+        random_models.prepare_embedded_models(tmp_path / "models")
     assert not (tmp_path / "models" / "arcface_r18_random.pth").exists()
     monkeypatch.setattr(torch, "save", real_save)
-    paths = demo.prepare_embedded_models(tmp_path / "models")
+    paths = random_models.prepare_embedded_models(tmp_path / "models")
     assert torch.load(paths["arcface"], weights_only=True)  # a whole, loadable checkpoint
 
 

@@ -6,10 +6,15 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from losses import (
+    TERM_NAMES,
+    ObjectiveConfig,
     cosine_identity_loss,
     diffusion_target,
+    identity_terms,
+    objective,
+    objective_of_each,
     predict_x0,
-    prior_preservation_loss,
+    sample_mse,
     timestep_weight,
     triplet_identity_loss,
 )
@@ -234,34 +239,120 @@ def test_timestep_weight_formula() -> None:
     )
 
 
-def test_prior_preservation_loss_is_manual_mse_split() -> None:
-    generator = torch.Generator().manual_seed(5)
-    model_pred = torch.randn(5, 4, 8, 8, generator=generator)
-    target = torch.randn(5, 4, 8, 8, generator=generator)
-    loss, instance_loss, prior_loss = prior_preservation_loss(model_pred, target, 2, 0.7)
-    manual_instance = ((model_pred[:2] - target[:2]) ** 2).mean()
-    manual_prior = ((model_pred[2:] - target[2:]) ** 2).mean()
-    torch.testing.assert_close(instance_loss, manual_instance)
-    torch.testing.assert_close(prior_loss, manual_prior)
-    torch.testing.assert_close(loss, manual_instance + 0.7 * manual_prior)
+# ---------------------------------------------------------------------------- the objective
 
 
-def test_prior_preservation_loss_without_prior_and_bad_split() -> None:
-    model_pred, target = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    loss, instance_loss, prior_loss = prior_preservation_loss(model_pred, target, 3, 1.0)
-    torch.testing.assert_close(loss, F.mse_loss(model_pred, target))
-    assert prior_loss == 0 and instance_loss == loss
-    for bad in (0, 4):
-        with pytest.raises(ValueError, match="num_instance"):
-            prior_preservation_loss(model_pred, target, bad, 1.0)
-    with pytest.raises(ValueError, match="target"):
-        prior_preservation_loss(model_pred, target[:2], 1, 1.0)
+def _per_sample_losses(seed: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    model_pred = torch.randn(batch, 4, 8, 8, generator=generator)
+    target = torch.randn(batch, 4, 8, 8, generator=generator)
+    return model_pred, target
 
 
-def test_prior_preservation_loss_fp16_inputs_give_fp32_loss() -> None:
+def test_objective_is_instance_mse_plus_weighted_prior_mse() -> None:
+    """DreamBooth's Eq. 2 against F.mse_loss per part, with a prior weight other than 1."""
+    model_pred, target = _per_sample_losses(5, 5)
+    is_prior = torch.tensor([False, False, True, True, True])
+    config = ObjectiveConfig(loss="dreambooth", prior_loss_weight=0.3)
+    terms = objective(config, sample_mse(model_pred, target), is_prior)
+    instance = F.mse_loss(model_pred[:2], target[:2])
+    prior = F.mse_loss(model_pred[2:], target[2:])
+    torch.testing.assert_close(terms["diffusion_loss"], instance)
+    torch.testing.assert_close(terms["prior_loss"], prior)
+    torch.testing.assert_close(terms["loss"], instance + 0.3 * prior)
+    assert set(terms) == set(TERM_NAMES) and terms["identity_term"] == 0
+
+
+def test_objective_without_prior_rows_is_the_instance_mse() -> None:
+    model_pred, target = _per_sample_losses(6, 3)
+    terms = objective(
+        ObjectiveConfig(loss="dreambooth", prior_loss_weight=2.0),
+        sample_mse(model_pred, target),
+        torch.zeros(3, dtype=torch.bool),
+    )
+    torch.testing.assert_close(terms["loss"], F.mse_loss(model_pred, target))
+    assert terms["prior_loss"] == 0
+
+
+def test_sample_mse_of_fp16_inputs_is_fp32_and_checks_shapes() -> None:
     model_pred = torch.randn(2, 4, 4, 4).half().requires_grad_(True)
-    target = torch.randn(2, 4, 4, 4).half()
-    loss, _, _ = prior_preservation_loss(model_pred, target, 1, 1.0)
-    assert loss.dtype == torch.float32
-    loss.backward()
+    losses = sample_mse(model_pred, torch.randn(2, 4, 4, 4).half())
+    assert losses.shape == (2,) and losses.dtype == torch.float32
+    losses.sum().backward()
     assert model_pred.grad is not None and model_pred.grad.dtype == torch.float16
+    with pytest.raises(ValueError, match="target"):
+        sample_mse(model_pred, model_pred[:1])
+
+
+def test_identity_terms_average_only_masked_in_samples_even_nan_ones() -> None:
+    """The triplet term over M (the masked-in samples) with w(t) weights; a NaN in a masked-out
+    sample reaches no term and no gradient."""
+    anchor, positive, negative = _embeddings(7, batch=4)
+    anchor = anchor.clone().requires_grad_(True)
+    anchor_with_nan = torch.cat([anchor[:3], torch.full_like(anchor[3:], float("nan"))])
+    timesteps = torch.tensor([0, 500, 900, 100])
+    mask = torch.tensor([True, False, True, False])
+    config = ObjectiveConfig(loss="triplet", triplet_margin=0.5)
+    terms = identity_terms(config, anchor_with_nan, positive, negative, timesteps, mask)
+    criterion = triplet_identity_loss(anchor[[0, 2]], positive[[0, 2]], negative[[0, 2]], 0.5)
+    weight = timestep_weight(timesteps[[0, 2]])
+    torch.testing.assert_close(terms["identity_term"], (weight * criterion).mean())
+    torch.testing.assert_close(terms["identity_criterion"], criterion.mean())
+    torch.testing.assert_close(terms["identity_weight"], weight.mean())
+    assert terms["identity_count"] == 2
+    terms["identity_term"].backward()
+    assert anchor.grad.isfinite().all() and anchor.grad[[1, 3]].abs().sum() == 0
+
+
+def test_objective_adds_the_identity_term_to_the_weighted_diffusion_loss() -> None:
+    model_pred, target = _per_sample_losses(8, 4)
+    anchor, positive, negative = _embeddings(9, batch=2)
+    config = ObjectiveConfig(loss="identity", prior_loss_weight=0.25)
+    identity = identity_terms(
+        config, anchor, positive, None, torch.tensor([10, 20]), torch.ones(2, dtype=torch.bool)
+    )
+    is_prior = torch.tensor([False, False, True, True])
+    terms = objective(config, sample_mse(model_pred, target), is_prior, identity)
+    expected = F.mse_loss(model_pred[:2], target[:2]) + 0.25 * F.mse_loss(
+        model_pred[2:], target[2:]
+    )
+    torch.testing.assert_close(terms["loss"], expected + identity["identity_term"])
+
+
+def test_packed_objective_of_unequal_identities_equals_each_alone() -> None:
+    """Identities of 4 rows (2 + 2 prior) and 2 rows (1 + 1 prior) in one packed batch: each
+    identity's terms, and the gradient of the summed loss, are those of its batch alone."""
+    model_pred, target = _per_sample_losses(10, 6)
+    model_pred.requires_grad_(True)
+    anchor, positive, negative = _embeddings(11, batch=3)
+    timesteps = torch.tensor([100, 800, 300])
+    mask = torch.tensor([True, False, True])
+    is_prior = torch.tensor([False, False, True, True, False, True])
+    config = ObjectiveConfig(loss="triplet", prior_loss_weight=0.7)
+    rows = {
+        "anchor": anchor,
+        "positive": positive,
+        "negative": negative,
+        "timesteps": timesteps,
+        "mask": mask,
+    }
+    sample_losses = sample_mse(model_pred, target)
+    packed = objective_of_each(config, sample_losses, is_prior, [4, 2], rows, [2, 1])
+    for s, (batch_rows, instance_rows) in enumerate(
+        [(slice(0, 4), slice(0, 2)), (slice(4, 6), slice(2, 3))]
+    ):
+        alone_identity = identity_terms(
+            config,
+            *(
+                rows[name][instance_rows]
+                for name in ("anchor", "positive", "negative", "timesteps", "mask")
+            ),
+        )
+        alone = objective(config, sample_losses[batch_rows], is_prior[batch_rows], alone_identity)
+        for name in TERM_NAMES:
+            torch.testing.assert_close(packed[name][s], alone[name], msg=name)
+    (grad,) = torch.autograd.grad(packed["loss"].sum(), model_pred)
+    first = F.mse_loss(model_pred[:2], target[:2]) + 0.7 * F.mse_loss(model_pred[2:4], target[2:4])
+    second = F.mse_loss(model_pred[4:5], target[4:5]) + 0.7 * F.mse_loss(model_pred[5:], target[5:])
+    (expected,) = torch.autograd.grad(first + second, model_pred)
+    torch.testing.assert_close(grad, expected)

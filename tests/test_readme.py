@@ -105,11 +105,13 @@ def test_install_commands_are_the_ones_ci_and_the_demo_test_run():
 def readme_workspace(tmp_path_factory):
     """A folder laid out as README's commands expect, with tiny random models at the paths of
     the real ones and real faces (insightface's group photo, as in the demo) as identities."""
-    import demo
+    import random_models
 
     root = tmp_path_factory.mktemp("readme")
-    models = demo.prepare_embedded_models(root / "models")
-    identities, class_dir, attributes = demo.prepare_embedded_identities(root / "demo_data")
+    models = random_models.prepare_embedded_models(root / "models")
+    identities, class_dir, attributes = random_models.prepare_embedded_identities(
+        root / "demo_data"
+    )
     (root / "data").mkdir()
     shutil.copytree(identities, root / "data" / "tufts")
     shutil.copytree(class_dir, root / "data" / "class_person")

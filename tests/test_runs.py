@@ -144,3 +144,16 @@ def test_run_cli_ends_in_one_line_and_the_right_exit_code(tmp_path, argument, co
     assert "Traceback" not in result.stderr
     if last_line is not None:
         assert result.stderr.strip().splitlines()[-1].startswith(last_line)
+
+
+def test_find_checkpoint_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    for step in (10, 100, 30):  # checkpoint-100 sorts before checkpoint-30 as text
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "state.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint-200").mkdir()  # incomplete: no state.pt
+    assert runs.find_checkpoint("latest", tmp_path, "state.pt") == tmp_path / "checkpoint-100"
+    assert runs.find_checkpoint("checkpoint-10", tmp_path, "state.pt") == tmp_path / "checkpoint-10"
+    assert runs.find_checkpoint(None, tmp_path, "state.pt") is None
+    assert runs.find_checkpoint("latest", tmp_path / "empty", "state.pt") is None
+    with pytest.raises(FileNotFoundError, match="checkpoint-200"):
+        runs.find_checkpoint("checkpoint-200", tmp_path, "state.pt")

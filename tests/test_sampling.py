@@ -375,3 +375,13 @@ def test_class_image_batches_change_images_at_float_level_only(pipeline, tmp_pat
     for a, b in zip(one, two, strict=True):
         difference = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b)))
         assert difference.max() <= 2
+
+
+def test_class_image_plan_replaces_unusable_files(tmp_path):
+    for index in (0, 2):
+        Image.new("RGB", (96, 96), (index * 40, 90, 120)).save(tmp_path / f"class_{index:05d}.png")
+    (tmp_path / "class_00001.png").write_bytes(b"truncated")  # corrupt: regenerated in place
+    Image.new("RGB", (16, 16)).save(tmp_path / "tiny.png")  # too small: does not count
+    assert sampling.class_image_plan(tmp_path, 3) == [1]
+    assert sampling.class_image_plan(tmp_path, 5) == [1, 3, 4]
+    assert sampling.class_image_plan(tmp_path / "missing", 2) == [0, 1]

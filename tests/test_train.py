@@ -1,147 +1,46 @@
 """train_ID-Booth.py on a tiny random SD-2.1-shaped pipeline, a random IResNet-18 and real faces.
 
-Identity photos are real people (insightface's shipped Tom Hanks crop and faces cut from its
-t1.jpg group photo) so dlib's real detector finds their landmarks. Class images are real faces
-too, plus ones the script samples with the tiny pipeline (faceless: they stay prior samples, and
-the triplet term of the instance sample paired with one is masked out and counted). Two runs go
-through the real command line (one plain, one with torchrun and two processes); the rest call
-the script's functions in this process to save start-up time.
+Inputs: training_assets.py. Runs go through the real command line or the script's main() in
+this process (to save start-up time); the step and the trainer's parts: test_trainer.py.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from training_assets import (
+    REPO_ROOT,
+    RESOLUTION,
+    SCRIPT,
+    Assets,
+    assert_same_lora,
+    cli,
+    lora_weights,
+    make_assets,
+    run_cli,
+    train,
+)
 
 import fileio
-import losses
 import runs
-import sampling
 import trainer
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "train_ID-Booth.py"
-RESOLUTION = 64
-
-
-train = runs.load_script(SCRIPT)
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@dataclass
-class Assets:
-    sd: Path
-    arcface: Path
-    identities: Path
-    class_dir: Path
-    root: Path
-
-    def identity(self, name: str) -> Path:
-        return self.identities / name
-
-
-def _face_crop(image: Image.Image, box, scale: float, shift: float) -> Image.Image:
-    """96x96 square crop around a dlib face box, `scale` times its width, shifted right."""
-    left, top, right, bottom = box
-    half = (right - left) * scale / 2
-    cx, cy = (left + right) / 2 + shift * (right - left), (top + bottom) / 2
-    square = (int(cx - half), int(cy - half), int(cx + half), int(cy + half))
-    return image.crop(square).resize((96, 96), Image.Resampling.BICUBIC)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Assets:
-    """Tiny SD, random IResNet-18 checkpoint, two identities and a class folder of real faces."""
-    import dlib
-    import insightface
-    from tiny_sd import build_tiny_sd
-
-    from arcface import build_iresnet
-
-    root = tmp_path_factory.mktemp("train_assets")
-    sd = build_tiny_sd(root / "tiny-sd")
-    torch.manual_seed(0)
-    arcface_path = root / "arcface_r18.pth"
-    torch.save(build_iresnet("r18").state_dict(), arcface_path)
-
-    photos = Path(insightface.__file__).parent / "data" / "images"
-    group = Image.open(photos / "t1.jpg").convert("RGB")
-    group = group.resize((group.width * 2, group.height * 2), Image.Resampling.BICUBIC)
-    rects = dlib.get_frontal_face_detector()(np.asarray(group), 0)
-    boxes = sorted((r.left(), r.top(), r.right(), r.bottom()) for r in rects)
-    assert len(boxes) == 6, "t1.jpg shows six people"
-
-    hanks_dir = root / "identities" / "hanks"
-    hanks_dir.mkdir(parents=True)
-    hanks = Image.open(photos / "Tom_Hanks_54745.png").convert("RGB")
-    hanks.resize((128, 128), Image.Resampling.BICUBIC).save(hanks_dir / "h0.png")
-    hanks.crop((8, 8, 104, 104)).resize((96, 96), Image.Resampling.BICUBIC).save(
-        hanks_dir / "h1.png"
-    )
-    person_dir = root / "identities" / "person0"
-    person_dir.mkdir()
-    _face_crop(group, boxes[0], 1.8, 0.0).save(person_dir / "p0.png")
-    _face_crop(group, boxes[0], 2.0, 0.05).save(person_dir / "p1.png")
-    class_dir = root / "class"
-    class_dir.mkdir()
-    for index in (3, 4):
-        _face_crop(group, boxes[index], 1.8, 0.0).save(class_dir / f"person{index}.png")
-    return Assets(sd, arcface_path, root / "identities", class_dir, root)
-
-
-def cli(assets: Assets, output_dir: Path, *extra: str, class_dir: Path | None = None) -> list[str]:
-    """Flags of a few-step CPU run on the tiny models (extra flags win)."""
-    return [
-        f"--pretrained_model_name_or_path={assets.sd}",
-        f"--class_data_dir={class_dir or assets.class_dir}",
-        f"--arcface_weights={assets.arcface}",
-        "--face_detector=dlib",
-        f"--resolution={RESOLUTION}",
-        "--mixed_precision=no",
-        "--num_class_images=2",
-        "--class_num_inference_steps=2",
-        "--validation_num_inference_steps=2",
-        "--num_validation_images=1",
-        "--logging_steps=1",
-        "--learning_rate=1e-2",
-        f"--output_dir={output_dir}",
-        *extra,
-    ]
-
-
-def run_cli(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def lora_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / train.LORA_WEIGHTS_NAME))
-
-
-def assert_same_lora(a: Path, b: Path, atol: float = 1e-6) -> None:
-    first, second = lora_weights(a), lora_weights(b)
-    assert first.keys() == second.keys()
-    for key in first:
-        torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=atol, msg=key)
+    return make_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 # ============================================================================ arguments
@@ -288,340 +187,6 @@ def test_bad_flags_fail_right_after_parsing(assets, tmp_path, case):
 
 
 # ============================================================================ the training step
-
-
-@pytest.fixture(scope="module")
-def step_parts(assets):
-    """Frozen models and face tools of a triplet run, built once (CPU, fp32)."""
-    args = train.parse_args(
-        cli(assets, assets.root / "unused", f"--instance_data_dir={assets.identity('hanks')}")
-        + ["--lora_alpha=8"]  # alpha != rank: the saved LoRA must carry its scale
-    )
-    device = torch.device("cpu")
-    tools = trainer.load_face_tools(args, device)
-    frozen = trainer.load_frozen_models(args, device, "no", tools.encoder)
-    return args, tools, frozen
-
-
-def unet_with_one_identity(args, device, precision):
-    """The trainer's UNet with a batched LoRA of one slot, initialised as a fresh identity."""
-    unet, lora = trainer.load_unet_with_slots(args, device, precision, 1)
-    trainer.init_identity_(lora, 0, fileio.stable_seed(args.seed, "lora-init"))
-    return unet, lora
-
-
-def compute_losses(unet_and_lora, frozen, prompts, batch, generator, args) -> dict:
-    """The trainer's step maths (packed_losses) on a collated [instance..., prior...] batch of
-    one identity: its terms as scalars."""
-    unet, lora = unet_and_lora
-    pixels = batch["pixel_values"].to(frozen.device, frozen.weight_dtype)
-    with torch.no_grad():
-        dist = frozen.vae.encode(pixels).latent_dist
-    n, size = batch["num_instance"], pixels.shape[0]
-    rows = torch.arange(size)
-    packed = trainer.PackedBatch(
-        mean=dist.mean,
-        std=dist.std,
-        slots=torch.zeros(size, dtype=torch.long),
-        is_prior=rows >= n,
-        members=torch.ones(1, size, dtype=torch.bool),
-        instance_rows=rows[:n],
-        prior_rows=rows[n : 2 * n] if size >= 2 * n else torch.full((n,), -1),
-        sizes=[size],
-        landmarks=batch["landmarks"][:n].float(),
-        embeddings=batch["embeddings"].float(),
-        has_face=batch["has_face"],
-    )
-    terms = trainer.packed_losses(unet, lora, frozen, prompts, packed, [generator], args)
-    return {name: value[0] for name, value in terms.items()}
-
-
-@pytest.mark.parametrize("loss", ["identity", "triplet"])
-def test_identity_term_is_nonzero_and_its_gradient_reaches_only_the_lora(step_parts, loss):
-    from datasets import collate_dreambooth
-
-    args, tools, frozen = step_parts
-    args = copy.copy(args)
-    args.loss = loss
-    unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
-    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)  # 2 instance + 2 prior
-    generator = torch.Generator().manual_seed(3)
-    terms = compute_losses(
-        (unet, lora), frozen, trainer.encode_prompts(frozen, args), batch, generator, args
-    )
-    assert set(terms) == set(trainer.TERM_NAMES)
-    assert terms["identity_criterion"].item() > 0 and terms["identity_term"].item() > 0
-    torch.testing.assert_close(
-        terms["loss"], terms["diffusion_loss"] + terms["prior_loss"] + terms["identity_term"]
-    )
-
-    terms["identity_term"].backward()  # the identity term alone
-    trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in name for name in trainable)
-    lora_b_grad = sum(p.grad.abs().sum() for name, p in trainable.items() if "lora_B" in name)
-    assert lora_b_grad > 0, "the identity term's gradient does not reach the LoRA"
-    frozen_modules = (frozen.vae, frozen.text_encoder, frozen.arcface)
-    for module in (unet, *frozen_modules):
-        for name, parameter in module.named_parameters():
-            if "lora_" not in name:
-                assert not parameter.requires_grad and parameter.grad is None, name
-
-
-def test_gradient_checkpointing_gives_the_same_lora_gradients(step_parts):
-    """Checkpointed UNet blocks and VAE decoder must not drop the (frozen-input) LoRA grads."""
-    from datasets import collate_dreambooth
-
-    args, tools, frozen = step_parts
-    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
-    batch = collate_dreambooth([dataset[0]], with_prior=True)
-    gradients = []
-    for checkpointing in (False, True):
-        run_args = copy.copy(args)
-        run_args.gradient_checkpointing = checkpointing
-        run_frozen = trainer.load_frozen_models(run_args, frozen.device, "no", frozen.arcface)
-        unet, lora = unet_with_one_identity(run_args, frozen.device, "no")
-        prompts = trainer.encode_prompts(run_frozen, run_args)
-        generator = torch.Generator().manual_seed(5)
-        terms = compute_losses((unet, lora), run_frozen, prompts, batch, generator, run_args)
-        terms["loss"].backward()
-        gradients.append({n: p.grad for n, p in unet.named_parameters() if p.requires_grad})
-    assert run_frozen.vae.is_gradient_checkpointing and unet.is_gradient_checkpointing
-    assert gradients[0].keys() == gradients[1].keys()
-    for name, gradient in gradients[0].items():
-        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-7, msg=name)
-
-
-def test_bf16_mixed_precision_keeps_frozen_weights_low_and_lora_fp32(step_parts):
-    """The GPU recipe's dtype plumbing, run with bf16 autocast on the CPU.
-
-    A small conv net stands in for the IResNet inside the real ArcFaceEncoder wrapper: CPUs
-    without bf16 convolutions take ~10 s for the IResNet-18 under bf16 autocast.
-    """
-    from arcface import ArcFaceEncoder
-    from datasets import collate_dreambooth
-
-    args, tools, _ = step_parts
-    torch.manual_seed(0)
-    small = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(512)
-    )
-    small(torch.zeros(1, 3, 112, 112))  # materialise the lazy layer
-    encoder = ArcFaceEncoder(small, "small-stand-in")
-    frozen = trainer.load_frozen_models(args, torch.device("cpu"), "bf16", encoder)
-    unet, lora = unet_with_one_identity(args, frozen.device, "bf16")
-    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
-    batch = collate_dreambooth([dataset[0]], with_prior=True)
-    with frozen.autocast():
-        terms = compute_losses(
-            (unet, lora),
-            frozen,
-            trainer.encode_prompts(frozen, args),
-            batch,
-            torch.Generator().manual_seed(0),
-            args,
-        )
-    terms["loss"].backward()
-    assert all(torch.isfinite(value) for value in terms.values())
-    for name, parameter in unet.named_parameters():
-        expected = torch.float32 if "lora_" in name else torch.bfloat16
-        assert parameter.dtype == expected, name
-    lora = [p for p in unet.parameters() if p.requires_grad]
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
-    assert frozen.vae.dtype == torch.bfloat16 and frozen.text_encoder.dtype == torch.bfloat16
-
-
-class Recorder:
-    """Wraps one of the trainer's functions and keeps what each call returned."""
-
-    def __init__(self, function):
-        self.function, self.outputs = function, []
-
-    def __call__(self, *args, **kwargs):
-        self.outputs.append(self.function(*args, **kwargs))
-        return self.outputs[-1]
-
-
-def test_bf16_runs_arcface_and_x0_in_fp32_and_the_identity_grad_reaches_the_lora(
-    step_parts, monkeypatch
-):
-    """Under bf16 autocast the frozen ArcFace (and the alignment) run in fp32, like e_inst /
-    e_prior were computed, and x0_hat is computed in fp32 and cast to the VAE dtype only for
-    the decode."""
-    from arcface import ArcFaceEncoder
-    from datasets import collate_dreambooth
-
-    args, tools, _ = step_parts
-    torch.manual_seed(0)
-    small = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(512)
-    )
-    small(torch.zeros(1, 3, 112, 112))
-    encoder = ArcFaceEncoder(small, "small-stand-in")
-    backbone_io = []
-    encoder.backbone.register_forward_hook(
-        lambda module, inputs, output: backbone_io.append((inputs[0].dtype, output.dtype))
-    )
-    x0_record = Recorder(trainer.predict_x0)
-    monkeypatch.setattr(trainer, "predict_x0", x0_record)
-    align_record = Recorder(trainer.align_faces_torch)
-    monkeypatch.setattr(trainer, "align_faces_torch", align_record)
-    frozen = trainer.load_frozen_models(args, torch.device("cpu"), "bf16", encoder)
-    decode_inputs = []
-    original_decode = frozen.vae.decode
-    monkeypatch.setattr(
-        frozen.vae,
-        "decode",
-        lambda latents, *a, **k: decode_inputs.append(latents.dtype) or original_decode(latents),
-    )
-    unet, lora = unet_with_one_identity(args, frozen.device, "bf16")
-    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
-    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
-    with frozen.autocast():
-        terms = compute_losses(
-            (unet, lora),
-            frozen,
-            trainer.encode_prompts(frozen, args),
-            batch,
-            torch.Generator().manual_seed(0),
-            args,
-        )
-    assert backbone_io == [(torch.float32, torch.float32)], "ArcFace ran under autocast"
-    assert [x0.dtype for x0 in x0_record.outputs] == [torch.float32]
-    assert [faces.dtype for faces in align_record.outputs] == [torch.float32]
-    assert decode_inputs == [torch.bfloat16]  # the VAE itself stays in the weight dtype
-    assert terms["identity_term"].dtype == torch.float32
-    assert torch.isfinite(terms["identity_term"]) and terms["identity_term"] > 0
-    terms["identity_term"].backward()
-    lora_b = [p for n, p in unet.named_parameters() if "lora_B" in n]
-    assert sum(p.grad.abs().sum() for p in lora_b) > 0
-    assert all(p.grad.dtype == torch.float32 for p in lora_b)
-
-
-def _masked_step(step_parts, monkeypatch, loss: str, class_has_face: list[bool]):
-    """compute_losses on 2 instance + 2 prior samples with the given class has_face flags,
-    recording the per-sample identity losses and weights the trainer computed."""
-    from datasets import collate_dreambooth
-
-    args, tools, frozen = step_parts
-    args = copy.copy(args)
-    args.loss = loss
-    per_sample = Recorder(losses.IDENTITY_LOSSES[loss])
-    weights = Recorder(losses.IDENTITY_WEIGHTINGS["timestep"])
-    monkeypatch.setitem(losses.IDENTITY_LOSSES, loss, per_sample)
-    monkeypatch.setitem(losses.IDENTITY_WEIGHTINGS, "timestep", weights)
-    unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
-    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
-    batch["has_face"][2:] = torch.tensor(class_has_face)
-    terms = compute_losses(
-        (unet, lora),
-        frozen,
-        trainer.encode_prompts(frozen, args),
-        batch,
-        torch.Generator().manual_seed(3),
-        args,
-    )
-    [values], [weight] = per_sample.outputs, weights.outputs
-    return terms, values.detach(), weight, unet
-
-
-def test_triplet_term_skips_instance_samples_whose_class_image_has_no_face(step_parts, monkeypatch):
-    terms, values, weight, _ = _masked_step(step_parts, monkeypatch, "triplet", [True, False])
-    # Only sample 0 has a negative: the means are over it alone.
-    torch.testing.assert_close(terms["identity_term"], weight[0] * values[0])
-    torch.testing.assert_close(terms["identity_criterion"], values[0])
-    torch.testing.assert_close(terms["identity_weight"], weight[0])
-    assert terms["identity_count"].item() == 1
-    torch.testing.assert_close(
-        terms["loss"], terms["diffusion_loss"] + terms["prior_loss"] + terms["identity_term"]
-    )
-
-
-def test_triplet_term_with_no_faceless_negative_is_zero_and_finite(step_parts, monkeypatch):
-    terms, _, _, unet = _masked_step(step_parts, monkeypatch, "triplet", [False, False])
-    assert terms["identity_count"].item() == 0
-    for name in ("identity_term", "identity_criterion", "identity_weight"):
-        assert terms[name].item() == 0, name
-    torch.testing.assert_close(terms["loss"], terms["diffusion_loss"] + terms["prior_loss"])
-    terms["loss"].backward()
-    grads = [p.grad for p in unet.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-
-
-def test_identity_loss_ignores_whether_class_images_have_a_face(step_parts, monkeypatch):
-    terms, values, weight, _ = _masked_step(step_parts, monkeypatch, "identity", [False, False])
-    assert terms["identity_count"].item() == 2
-    torch.testing.assert_close(terms["identity_term"], (weight * values).mean())
-
-
-def test_dreambooth_loss_has_no_identity_terms(step_parts):
-    from datasets import collate_dreambooth
-
-    args, tools, frozen = step_parts
-    args = copy.copy(args)
-    args.loss = "dreambooth"
-    unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
-    batch = collate_dreambooth([dataset[0]], with_prior=True)
-    generator = torch.Generator().manual_seed(0)
-    terms = compute_losses(
-        (unet, lora), frozen, trainer.encode_prompts(frozen, args), batch, generator, args
-    )
-    assert terms["identity_term"].item() == 0 and terms["identity_criterion"].item() == 0
-    torch.testing.assert_close(terms["loss"], terms["diffusion_loss"] + terms["prior_loss"])
-
-
-def one_slot_trainer(step_parts, tmp_path):
-    """A PackedTrainer of one slot holding identity 'hanks' (nothing trained yet)."""
-    from accelerate import PartialState
-
-    args, tools, frozen = step_parts
-    args = copy.copy(args)
-    args.validation_prompt = ""
-    identity = train.Identity("hanks", args.instance_data_dir, tmp_path / "hanks")
-    from tqdm.auto import tqdm
-
-    packed = trainer.PackedTrainer(args, frozen, tools, PartialState(cpu=True), 1)
-    slot = packed.fill(0, identity)
-    slot.progress.close()  # the test drives the steps: no open bar to redraw at exit
-    slot.progress = tqdm(disable=True)
-    return packed, slot
-
-
-def test_an_update_changes_only_lora_and_the_saved_lora_reproduces_it(step_parts, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    args, _, frozen = step_parts
-    trainer, slot = one_slot_trainer(step_parts, tmp_path)
-    unet_before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
-    frozen_modules = (frozen.vae, frozen.text_encoder, frozen.arcface)
-    frozen_before = [{k: v.clone() for k, v in m.state_dict().items()} for m in frozen_modules]
-    trainer.step()
-    assert slot.global_step == 1
-
-    unet_after = trainer.unet.state_dict()
-    changed = {k for k in unet_before if not torch.equal(unet_before[k], unet_after[k])}
-    assert any("lora_B" in k for k in changed)
-    assert all("lora_" in k for k in changed), sorted(
-        changed - {k for k in changed if "lora_" in k}
-    )
-    for before, module in zip(frozen_before, frozen_modules, strict=True):
-        assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
-
-    trainer.save_lora_of(slot, tmp_path / "lora")
-    pipeline = StableDiffusionPipeline.from_pretrained(str(args.pretrained_model_name_or_path))
-    latents, timestep = torch.randn(1, 4, 8, 8), torch.tensor([500])
-    text = trainer.prompts.instance
-    trainer.unet.eval()
-    trainer.lora.select_everyone(0)
-    with torch.no_grad():
-        base = pipeline.unet(latents, timestep, text).sample
-        pipeline.load_lora_weights(str(tmp_path / "lora"))
-        loaded = pipeline.unet(latents, timestep, text).sample
-        trained = trainer.unet(latents, timestep, text).sample
-    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-6)
-    assert (loaded - base).abs().max() > 1e-4
 
 
 # ============================================================================ full runs
@@ -906,7 +471,7 @@ def test_finished_identity_is_skipped_unless_overwrite(triplet_run, tmp_path):
     summary = train.main(train.parse_args(overwrite))
     assert [run["steps"] for run in summary["trained"]] == [2]
     # The old run's checkpoint-4 and validation images are gone; the limit kept one checkpoint.
-    assert [step for step, _ in trainer.list_checkpoints(copied)] == [2]
+    assert [step for step, _ in runs.list_checkpoints(copied, trainer.TRAINING_STATE_NAME)] == [2]
     assert not (copied / "validation").exists()
     assert json.loads((copied / trainer.CONFIG_NAME).read_text())["global_step"] == 2
 
@@ -950,7 +515,9 @@ def test_non_finite_loss_stops_with_step_and_term_keeping_the_checkpoint(assets,
     )
     with pytest.raises(train.NonFiniteLossError, match=r"at step 2 \(terms: loss, diffusion_loss"):
         train.main(train.parse_args(flags))
-    assert [step for step, _ in trainer.list_checkpoints(tmp_path / "nan")] == [1]
+    assert [
+        step for step, _ in runs.list_checkpoints(tmp_path / "nan", trainer.TRAINING_STATE_NAME)
+    ] == [1]
     assert not (tmp_path / "nan" / train.LORA_WEIGHTS_NAME).exists()
 
 
@@ -1005,9 +572,10 @@ def test_identities_root_trains_each_identity_once_across_two_processes(assets, 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "no"])
 def test_an_identity_trained_after_another_equals_it_trained_alone(assets, tmp_path, precision):
-    """Nothing carries over from the identities a process trained before: each crop's latents
-    are encoded alone (not batched with another identity's new crops) and the fp16 scaler
-    starts fresh, so the LoRA bytes equal a run of that identity alone."""
+    """However identities are split over processes, an identity's LoRA bytes are the same:
+    nothing carries over from the identities a process trained before (crops are encoded
+    ahead in batches of one shape, so a crop's latents do not depend on which crops share its
+    batch; the fp16 scaler starts fresh), so they equal a run of that identity alone."""
     common = ["--max_train_steps=3", "--validation_prompt=", "--report_to=none"]
     common.append(f"--mixed_precision={precision}")
     both, alone = tmp_path / "both", tmp_path / "alone"
@@ -1021,104 +589,7 @@ def test_an_identity_trained_after_another_equals_it_trained_alone(assets, tmp_p
     assert (both / "person0" / lora).read_bytes() == (alone / lora).read_bytes()
 
 
-def test_logged_identity_means_count_only_samples_that_had_the_term():
-    means = trainer.term_means(torch.device("cpu"))
-    names = trainer.TERM_NAMES
-    with_term = dict.fromkeys(names, 1.0) | {"identity_criterion": 0.5, "identity_weight": 0.8}
-    without_term = dict.fromkeys(names, 1.0) | {
-        "identity_criterion": 0.0,
-        "identity_weight": 0.0,
-        "identity_count": 0.0,
-    }
-    for values in (with_term, without_term):
-        means.add(torch.tensor([values[name] for name in names], dtype=torch.float64))
-    result = means.pop()
-    assert result["identity_criterion"] == pytest.approx(0.5)  # not (0.5 + 0) / 2
-    assert result["identity_weight"] == pytest.approx(0.8)
-    assert result["identity_count"] == pytest.approx(0.5)  # samples per micro-batch
-    assert means.pop()["loss"] == 0.0  # reset
-
-
-def test_class_image_plan_replaces_unusable_files(tmp_path):
-    for index in (0, 2):
-        Image.new("RGB", (96, 96), (index * 40, 90, 120)).save(tmp_path / f"class_{index:05d}.png")
-    (tmp_path / "class_00001.png").write_bytes(b"truncated")  # corrupt: regenerated in place
-    Image.new("RGB", (16, 16)).save(tmp_path / "tiny.png")  # too small: does not count
-    assert sampling.class_image_plan(tmp_path, 3) == [1]
-    assert sampling.class_image_plan(tmp_path, 5) == [1, 3, 4]
-    assert sampling.class_image_plan(tmp_path / "missing", 2) == [0, 1]
-
-
 # ======================================================================== fidelity and robustness
-
-
-def test_decoded_x0_is_clamped_like_the_reference_unless_asked_not_to(step_parts, monkeypatch):
-    """The official step clamps the decoded x0 to [-1, 1] before ArcFace (the default here);
-    --no-clamp_decoded_x0 keeps saturated pixels, and their gradient."""
-    args, _, frozen = step_parts
-    assert args.clamp_decoded_x0 is True
-    latents = torch.randn(2, 4, 8, 8)
-    monkeypatch.setattr(
-        frozen.vae, "decode", lambda z: type("Out", (), {"sample": 3 * torch.tanh(z[:, :3])})()
-    )
-    mask = torch.tensor([True, True])
-    timesteps = torch.tensor([10, 900])
-    clamped = trainer.decode_x0(frozen, latents, latents, timesteps, mask, clamp=True)
-    raw = trainer.decode_x0(frozen, latents, latents, timesteps, mask, clamp=False)
-    assert clamped.abs().max() <= 1.0 < raw.abs().max()
-    torch.testing.assert_close(clamped, raw.clamp(-1, 1))
-
-
-def test_a_nan_in_a_masked_sample_reaches_neither_the_loss_nor_the_gradient(
-    step_parts, monkeypatch
-):
-    """Instance sample 1 has no triplet term (its class image is faceless); even if its decode
-    is NaN, the loss and every LoRA gradient stay finite."""
-    from datasets import collate_dreambooth
-
-    args, tools, frozen = step_parts
-    unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
-    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
-    batch["has_face"][2:] = torch.tensor([True, False])
-    decode = frozen.vae.decode
-
-    def decode_with_a_nan_row(latents):
-        out = decode(latents)
-        out.sample = torch.cat([out.sample[:1], out.sample[1:] * float("nan")])
-        return out
-
-    monkeypatch.setattr(frozen.vae, "decode", decode_with_a_nan_row)
-    generator = torch.Generator().manual_seed(3)
-    terms = compute_losses(
-        (unet, lora), frozen, trainer.encode_prompts(frozen, args), batch, generator, args
-    )
-    assert torch.isfinite(terms["loss"]) and terms["identity_count"].item() == 1
-    terms["loss"].backward()
-    grads = [p.grad for p in unet.parameters() if p.requires_grad]
-    assert all(torch.isfinite(g).all() for g in grads)
-
-
-def test_non_finite_weights_or_gradients_are_never_saved(step_parts, tmp_path):
-    trainer, slot = one_slot_trainer(step_parts, tmp_path)
-    trainer.step()
-    with torch.no_grad():
-        next(p for n, p in trainer.unet.named_parameters() if "lora_B" in n)[0, 0, 0] = math.inf
-    with pytest.raises(train.NonFiniteLossError, match="LoRA weights are non-finite at step 1"):
-        trainer.save_checkpoint(slot)
-    with pytest.raises(train.NonFiniteLossError, match="no final LoRA written"):
-        trainer.finish(slot)
-    assert not list(slot.identity.output_dir.glob("checkpoint-*"))
-    assert not (slot.identity.output_dir / train.LORA_WEIGHTS_NAME).exists()
-
-    # A NaN that reaches only a gradient (the losses stay finite) stops the run as well.
-    trainer, slot = one_slot_trainer(step_parts, tmp_path / "again")
-    factor = trainer.lora.parameters()[0]
-    factor.register_hook(lambda grad: grad * math.nan)
-    with pytest.raises(train.NonFiniteLossError, match=r"step 1 \(terms: grad_norm\)"):
-        trainer.step()  # found at the step's log interval (--logging_steps 1)
-    assert not list(slot.identity.output_dir.glob("checkpoint-*"))
-    assert torch.isfinite(factor).all()  # the NaN gradient was never applied
 
 
 def test_num_class_images_uses_exactly_the_first_n_class_images(assets, tmp_path):
@@ -1194,71 +665,6 @@ def test_outputs_and_class_images_must_lie_outside_the_identities(assets, tmp_pa
 
 
 # ======================================================================== speed: the packed step
-
-
-def test_the_step_equals_the_reference_recipe_for_the_same_seed_and_crop(step_parts):
-    """packed_losses on cached latent distributions gives today's losses: the reference step
-    re-typed (encode + sample, noise, timesteps from one generator, the UNet, F.mse_loss per
-    part, the triplet term on the aligned decode) on the same batch, seed and crops."""
-    from datasets import collate_dreambooth
-
-    args, tools, frozen = step_parts
-    unet, lora = unet_with_one_identity(args, frozen.device, "no")
-    dataset = trainer.build_dataset(args, args.instance_data_dir, tools)
-    batch = collate_dreambooth([dataset[0], dataset[1]], with_prior=True)
-    prompts = trainer.encode_prompts(frozen, args)
-    ours = compute_losses(
-        (unet, lora), frozen, prompts, batch, torch.Generator().manual_seed(7), args
-    )
-
-    generator = torch.Generator().manual_seed(7)
-    scheduler, vae = frozen.noise_scheduler, frozen.vae
-    with torch.no_grad():
-        latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generator)
-    latents = latents * vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, 1000, (4,), generator=generator)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    text = torch.cat([prompts.instance.expand(2, -1, -1), prompts.class_.expand(2, -1, -1)])
-    lora.set_identities(torch.zeros(4, dtype=torch.long))
-    pred = unet(noisy, timesteps, text).sample
-    loss, instance, prior = losses.prior_preservation_loss(pred, noise, 2, 1.0)
-    x0 = losses.predict_x0(noisy[:2], pred[:2], timesteps[:2], scheduler.alphas_cumprod, "epsilon")
-    decoded = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1)
-    faces = trainer.align_faces_torch(decoded, batch["landmarks"][:2], fill=-1.0)
-    anchor = frozen.arcface(faces)
-    embeddings = batch["embeddings"]
-    criterion = losses.triplet_identity_loss(anchor, embeddings[:2], embeddings[2:], 1.0)
-    weight = losses.timestep_weight(timesteps[:2])
-    term = (weight * criterion).mean()
-    torch.testing.assert_close(ours["diffusion_loss"], instance, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours["prior_loss"], prior, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours["identity_term"], term, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours["loss"], loss + term, rtol=1e-5, atol=1e-6)
-
-
-class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
-    """Fails on every op that reads a tensor on the host (a stream sync on a GPU)."""
-
-    SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.SYNCS:
-            raise AssertionError(f"host sync in the step: {func._schema.name}")
-        return func(*args, **(kwargs or {}))
-
-
-def test_a_training_step_reads_nothing_on_the_host(step_parts, tmp_path):
-    """The device part of a step (forward, backward, clip, AdamW, schedule, watches and means
-    on cached latents) under a dispatch mode that fails on host reads."""
-    trainer, slot = one_slot_trainer(step_parts, tmp_path)
-    trainer.args.logging_steps = 1000  # no log interval in these steps
-    trainer.step()  # the first step encodes the new crops (allowed to do anything)
-    slot.order = None
-    slot.global_step = 0  # the same crops again: cached, so the step itself is measured
-    batch, generators = trainer.gather([slot])  # planned on the host: crops, cache rows
-    with NoHostSync():
-        assert trainer.train_on([slot], batch, generators)
 
 
 def packed_flags(assets, output: Path, root: Path, *extra: str) -> list[str]:

@@ -1,0 +1,92 @@
+"""lora.py: the diffusers LoRA file (written as peft + diffusers write it, read back, header
+sorted), its layout and fit to a base model, target modules and the model card."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from tiny_sd import build_tiny_sd
+
+import lora
+from random_models import write_random_lora
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory) -> UNet2DConditionModel:
+    folder = build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd")
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+
+
+def _header(path) -> dict:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length])
+
+
+def test_target_modules_are_the_attention_projections_the_unet_has(unet):
+    assert lora.lora_target_modules(unet) == ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def test_written_file_reads_back_with_its_rank_and_alpha_scale(unet, tmp_path):
+    path = write_random_lora(tmp_path / "a", unet, rank=2, alpha=8, seed=3)
+    assert path == tmp_path / "a" / lora.LORA_WEIGHTS_NAME
+    state = lora.read_lora_file(tmp_path / "a")
+    on_disk = load_file(str(path))
+    assert {f"unet.{key}" for key in state} == set(on_disk)
+    for key, value in state.items():
+        assert torch.equal(value, on_disk[f"unet.{key}"])
+    layout = lora.lora_layout(path)
+    assert set(layout.ranks.values()) == {2}
+    assert set(layout.scalings.values()) == {4.0}  # alpha / r, as diffusers loads it
+    keys = list(_header(path))
+    assert keys == sorted(keys)  # canonical header: equal tensors give equal bytes
+    assert not list((tmp_path / "a").glob(".lora-*"))  # no temporary left behind
+
+
+def test_canonical_header_keeps_every_tensor(tmp_path):
+    path = tmp_path / "x.safetensors"
+    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}
+    save_file(tensors, str(path), metadata={"z": "1", "a": "2"})
+    lora.canonical_safetensors(path)
+    loaded = load_file(str(path))
+    assert all(torch.equal(loaded[key], value) for key, value in tensors.items())
+    assert list(_header(path)) == sorted(_header(path))
+    assert (struct.unpack("<Q", path.read_bytes()[:8])[0]) % 8 == 0
+
+
+def test_mismatches_name_the_layers_that_do_not_fit_the_base(unet, tmp_path):
+    path = write_random_lora(tmp_path / "a", unet, rank=2, alpha=2)
+    checked, problems = lora.lora_mismatches(path, {"unet": unet})
+    assert checked == len(load_file(str(path))) and problems == []
+    state = load_file(str(path))
+    key = next(k for k in state if k.endswith("lora.down.weight"))
+    state[key] = torch.zeros(2, state[key].shape[1] + 1)  # another base's input width
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    _, problems = lora.lora_mismatches(tmp_path / "bad.safetensors", {"unet": unet})
+    assert len(problems) == 1 and "input width" in problems[0]
+
+
+def test_layout_rejects_what_a_plain_batched_lora_cannot_apply(tmp_path):
+    path = tmp_path / "te.safetensors"
+    save_file({"text_encoder.layer.lora.down.weight": torch.zeros(2, 4)}, str(path))
+    with pytest.raises(ValueError, match="not a diffusers-format UNet LoRA"):
+        lora.lora_layout(path)
+    save_file({}, str(path))
+    with pytest.raises(ValueError, match="no UNet LoRA"):
+        lora.lora_layout(path)
+
+
+def test_model_card_names_the_base_the_steps_and_the_validation_images(tmp_path):
+    images = [tmp_path / "validation" / "step_5_0.png"]
+    fields = dict(base="tiny", instance_prompt="sks person", identity="p0", loss="triplet")
+    lora.write_model_card(
+        tmp_path, images, **fields, steps=5, rank=4, alpha=4, data="{}", validation_prompt="x"
+    )
+    card = (tmp_path / "README.md").read_text()
+    assert "base_model: tiny" in card and "for 5\nsteps" in card
+    assert "![step_5_0](validation/step_5_0.png)" in card
