@@ -236,10 +236,10 @@ def packed_batch(k: int, resolution: int, device: torch.device) -> PackedBatch:
         std=torch.rand(rows, 4, latent, latent, device=device),
         slots=slots,
         is_prior=torch.arange(rows, device=device) % 2 == 1,
-        members=slots[None, :] == torch.arange(k, device=device)[:, None],
         instance_rows=instance_rows,
         prior_rows=instance_rows + 1,
         sizes=[2] * k,
+        instance_sizes=[1] * k,
         landmarks=landmarks.expand(k, 5, 2).clone(),
         embeddings=F.normalize(torch.randn(rows, 512, device=device), dim=-1),
         has_face=torch.ones(rows, dtype=torch.bool, device=device),
@@ -250,7 +250,7 @@ def standing_slot(index: int) -> SimpleNamespace:
     """What `PackedTrainer.train_on` reads of a slot: one update per micro-batch."""
     return SimpleNamespace(
         index=index, global_step=0, updates_per_epoch=1, micro_batch=0,
-        is_update_due=lambda position: True,
+        is_update_due=lambda: True,
     )  # fmt: skip
 
 
@@ -284,7 +284,12 @@ def count_step(size: str, k: int, precision: str, workdir: Path) -> dict:
             for tensor in (*part.parameters(), *part.buffers()):  # swapped by Module.to
                 if tensor.is_floating_point():
                     tensor.data = tensor.data.to(dtype)
-        with loading_from(pipe), mock.patch("trainer.place"):
+        # No validation in a counted step: its sampler's host schedule cannot be built on fakes.
+        with (
+            loading_from(pipe),
+            mock.patch("trainer.place"),
+            mock.patch("trainer.Sampler.from_pipeline"),
+        ):
             frozen = load_frozen_models(train_args, device, precision, arcface)
             trainer = PackedTrainer(train_args, frozen, None, runs.process_state(), k)
         batch = packed_batch(k, resolution, device)
