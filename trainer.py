@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -795,13 +795,6 @@ class PackedTrainer:
         self.prompts = PromptEmbeddings.encode(frozen, args)
         self.objective = objective_config(args, frozen)
         self.pipeline = assemble_pipeline(frozen, self.unet)
-        self.validation_sampler = Sampler.from_pipeline(
-            self.pipeline,
-            num_inference_steps=args.validation_num_inference_steps,
-            guidance_scale=args.validation_guidance_scale,
-            height=args.resolution,
-            width=args.resolution,
-        )
         self.latents = LatentCache(frozen.vae, self.device)  # every slot's crops and the class's
         self.faces = RowTable()  # embedding + has_face of every photo, by (owner, part, index)
         self.class_photos = None
@@ -817,6 +810,17 @@ class PackedTrainer:
         self.results: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ slots
+
+    @cached_property
+    def validation_sampler(self) -> Sampler:
+        """The project's sampler over the training UNet, made at the first validation."""
+        return Sampler.from_pipeline(
+            self.pipeline,
+            num_inference_steps=self.args.validation_num_inference_steps,
+            guidance_scale=self.args.validation_guidance_scale,
+            height=self.args.resolution,
+            width=self.args.resolution,
+        )
 
     def build_dataset(self, identity: Identity) -> DreamBoothFaceDataset:
         dataset = build_dataset(
