@@ -59,6 +59,7 @@ from trainer import (
     PackedTrainer,
     hub_kwargs,
     list_checkpoints,
+    finished_mismatches,
     load_face_tools,
     load_frozen_models,
 )
@@ -511,6 +512,40 @@ def check_unfinished_runs(identities: list[Identity], args: argparse.Namespace) 
         )
 
 
+def check_finished(
+    identities: list[Identity], args: argparse.Namespace, face_tools: FaceTools | None, state
+) -> tuple[list[str], list[dict]]:
+    """(skipped, refused): finished identities whose training_config.json matches this run's
+    settings by resume's rule are skipped; the others are refused, each with its differences
+    in one line (an output folder never holds LoRAs of two recipes). --overwrite retrains."""
+    finished = [identity for identity in identities if is_finished(identity)]
+    if args.overwrite or not finished:
+        return [], []
+    mixed_precision = runs.resolve_mixed_precision(args.mixed_precision, state.device.type)
+    base_model = runs.base_model_fingerprint(
+        args.pretrained_model_name_or_path, args.revision, args.variant
+    )
+    skipped, refused, class_photos = [], [], None
+    for identity in finished:
+        try:
+            changed, class_photos = finished_mismatches(
+                identity, args, face_tools, mixed_precision, base_model, class_photos
+            )
+        except (ValueError, OSError) as error:
+            changed = [f"its photos cannot be checked ({error})"]
+        if not changed:
+            skipped.append(identity.name)
+            continue
+        error = (
+            f"{identity.output_dir} holds a LoRA trained with other settings "
+            f"({'; '.join(changed)}); rerun with those, use another --output_dir, or pass "
+            "--overwrite to retrain it"
+        )
+        logger.error("%s: %s", identity.name, error)
+        refused.append({"identity": identity.name, "error": error})
+    return skipped, refused
+
+
 # ============================================================================ main
 
 
@@ -574,8 +609,8 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         torch.backends.cudnn.allow_tf32 = True
     face_tools = load_face_tools(args, state.device) if args.arcface_weights is not None else None
     prepare_class_data(args, state, face_tools)
+    skipped, refused = check_finished(mine, args, face_tools, state)
     todo = [identity for identity in mine if args.overwrite or not is_finished(identity)]
-    skipped = [identity.name for identity in mine if identity not in todo]
     if skipped:
         logger.info("skipping finished identities (pass --overwrite to retrain): %s", skipped)
     results = []
@@ -587,9 +622,9 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         frozen = load_frozen_models(args, state.device, mixed_precision, arcface)
         trainer = PackedTrainer(args, frozen, face_tools, state, min(args.pack, len(todo)))
         results = trainer.run(todo)
-    failed = [result for result in results if "error" in result]
+    failed = refused + [result for result in results if "error" in result]
     if failed:
-        logger.error("%d of %d identities failed: %s", len(failed), len(todo), failed)
+        logger.error("%d of %d identities failed: %s", len(failed), len(mine), failed)
     trained = [result for result in results if "error" not in result]
     return {"trained": trained, "skipped": skipped, "failed": failed}
 

@@ -836,6 +836,7 @@ def test_sigkilled_process_resumes_to_the_same_weights(triplet_run, tmp_path):
         ({"resolved": {"mixed_precision": "bf16"}}, "mixed_precision: 'no' -> 'bf16'"),
         ({"arcface": "other_weights-0123456789ab"}, "arcface"),
         ({"data": {"class_images": 5}}, "class_images: 3 -> 5"),
+        ({"base_model": "0" * 64}, "base model"),
     ],
 )
 def test_resume_refuses_each_changed_setting(triplet_run, change, words):
@@ -881,6 +882,73 @@ def test_finished_identity_is_skipped_unless_overwrite(triplet_run, tmp_path):
     assert [step for step, _ in trainer.list_checkpoints(copied)] == [2]
     assert not (copied / "validation").exists()
     assert json.loads((copied / trainer.CONFIG_NAME).read_text())["global_step"] == 2
+
+
+def _rerun_argv(flags: list[str], output: Path, *extra: str) -> list[str]:
+    return [f for f in flags if not f.startswith("--output_dir")] + [f"--output_dir={output}", *extra]
+
+
+def test_finished_identity_trained_with_other_settings_is_refused_not_skipped(
+    triplet_run, tmp_path
+):
+    """A rerun compares a finished identity's training_config.json by resume's rule: another
+    learning rate, or other photos, refuse that identity (one line with the differences) and
+    keep its LoRA; --overwrite retrains it."""
+    output, _, flags, _ = triplet_run
+    copied = tmp_path / "copy"
+    shutil.copytree(output, copied)
+    before = (copied / train.LORA_WEIGHTS_NAME).read_bytes()
+
+    summary = train.main(train.parse_args(_rerun_argv(flags, copied, "--learning_rate=1e-3")))
+    assert summary["trained"] == [] and summary["skipped"] == []
+    [refused] = summary["failed"]
+    assert refused["identity"] == "hanks" and "\n" not in refused["error"]
+    assert "learning_rate: 0.01 -> 0.001" in refused["error"] and "--overwrite" in refused["error"]
+    assert (copied / train.LORA_WEIGHTS_NAME).read_bytes() == before
+
+    photos = tmp_path / "hanks"  # the same identity name, one photo more
+    shutil.copytree(_instance_dir(flags), photos)
+    shutil.copy(photos / "h0.png", photos / "h2.png")
+    argv = [f for f in flags if not f.startswith("--instance_data_dir")]
+    summary = train.main(
+        train.parse_args(_rerun_argv(argv, copied, f"--instance_data_dir={photos}"))
+    )
+    assert "data instance_sha256" in summary["failed"][0]["error"]
+
+    (copied / trainer.CONFIG_NAME).write_text("{torn")
+    summary = train.main(train.parse_args(_rerun_argv(flags, copied)))
+    assert trainer.CONFIG_NAME in summary["failed"][0]["error"]
+
+
+def _instance_dir(flags: list[str]) -> Path:
+    return Path(next(f for f in flags if f.startswith("--instance_data_dir=")).split("=", 1)[1])
+
+
+def test_finished_identity_on_a_replaced_base_model_at_the_same_path_is_refused(
+    assets, triplet_run, tmp_path
+):
+    """The base model is compared by content: the same folder path holding other weights is
+    another model (a replaced local folder, a moved hub revision)."""
+    output, _, flags, _ = triplet_run
+    base = tmp_path / "sd"
+    shutil.copytree(assets.sd, base)
+    copied = tmp_path / "copy"
+    shutil.copytree(output, copied)
+    config = json.loads((copied / trainer.CONFIG_NAME).read_text())
+    config["args"]["pretrained_model_name_or_path"] = str(base)  # trained from this folder
+    (copied / trainer.CONFIG_NAME).write_text(json.dumps(config))
+    argv = [f for f in flags if not f.startswith("--pretrained_model_name_or_path")]
+    argv = _rerun_argv(argv, copied, f"--pretrained_model_name_or_path={base}")
+
+    assert train.main(train.parse_args(argv))["skipped"] == ["hanks"]  # same bytes: kept
+    weights = load_file(str(base / "unet" / "diffusion_pytorch_model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    from safetensors.torch import save_file
+
+    save_file(weights, str(base / "unet" / "diffusion_pytorch_model.safetensors"))
+    summary = train.main(train.parse_args(argv))
+    assert summary["skipped"] == [] and "base model base_model" in summary["failed"][0]["error"]
 
 
 @pytest.mark.parametrize("loss", ["dreambooth", "identity"])
