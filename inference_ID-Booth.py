@@ -42,7 +42,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -392,7 +392,12 @@ def lora_sources(args: argparse.Namespace) -> list[IdentitySource]:
         if not names:
             raise ValueError(f"--lora_root {args.lora_root} has no identity folders")
         folders = [args.lora_root / name for name in names]
-    return [_identity_source(folder, args.checkpoint) for folder in folders]
+    sources = [_identity_source(folder, args.checkpoint) for folder in folders]
+    found = [source.lora_file for source in sources if source.lora_file is not None]
+    hashes = runs.cached_sha256(found)  # what a rerun compares: the LoRA by content
+    for source in sources:
+        source.sha256 = hashes.get(source.lora_file)
+    return sources
 
 
 def _identity_source(folder: Path, checkpoint: str | None) -> IdentitySource:
@@ -427,9 +432,14 @@ def generation_settings(args: argparse.Namespace) -> dict:
     return values
 
 
-def lora_files(identities: Sequence[IdentitySource]) -> dict[str, str]:
-    """identity -> resolved LoRA weights path, for the identities that have one."""
-    return {i.name: str(i.lora_file.resolve()) for i in identities if i.lora_file is not None}
+def lora_files(identities: Sequence[IdentitySource]) -> dict[str, dict[str, str]]:
+    """identity -> {path: resolved LoRA weights path, sha256: its content hash}, for the
+    usable identities (a refused identity keeps the entry of the LoRA that made its images)."""
+    return {
+        i.name: {"path": str(i.lora_file.resolve()), "sha256": i.sha256}
+        for i in identities
+        if i.lora_file is not None and i.error is None
+    }
 
 
 def read_run_config(output_dir: Path) -> dict:
@@ -440,35 +450,50 @@ def read_run_config(output_dir: Path) -> dict:
 
 def check_run_config(
     output_dir: Path, settings: dict, identities: Sequence[IdentitySource], overwrite: bool
-) -> None:
-    """A resumed run must use the settings and LoRA files that made the images there.
-
-    Per-identity LoRA paths catch e.g. `--checkpoint latest` resolving to a newer checkpoint.
-    """
+) -> set[str]:
+    """A resumed run must use the settings and LoRA files that made the images there:
+    ValueError for changed settings (they define every image); an identity whose images were
+    made by another LoRA file (path, e.g. `--checkpoint latest` now resolving to a newer
+    checkpoint, or content: retrained at the same path) is refused: its error is set and its
+    name returned, the others go on. --overwrite regenerates everything instead."""
     previous_config = read_run_config(output_dir)
     if overwrite or not previous_config or not image_paths(output_dir):
-        return  # nothing made with the old settings: a corrected command may change them
+        return set()  # nothing made with the old settings: a corrected command may change them
     previous = previous_config.get("generation", {})
-    changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-    previous_files = previous_config.get("lora_files", {})
-    for name, path in lora_files(identities).items():
-        if previous_files.get(name, path) != path:
-            changed[f"LoRA of {name}"] = (previous_files[name], path)
+    changed = runs.config_mismatches(previous, settings, ())
     if changed:
-        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ValueError(
-            f"{output_dir} holds images made with other settings ({lines}); use a new "
-            "--output_dir, or --overwrite to regenerate them"
+            f"{output_dir} holds images made with other settings ({'; '.join(changed)}); use "
+            "a new --output_dir, or --overwrite to regenerate them"
         )
+    previous_files = previous_config.get("lora_files", {})
+    refused = set()
+    for identity in identities:
+        current = lora_files([identity]).get(identity.name)
+        made_by = previous_files.get(identity.name, current)
+        if isinstance(made_by, str):  # recorded before LoRAs were hashed: path only
+            made_by = {"path": made_by, "sha256": None}
+        if current is None or made_by == current or not image_paths(output_dir, identity.name):
+            continue
+        differences = runs.config_mismatches(made_by, current, ())
+        identity.error = (
+            f"identity {identity.name!r}: its images in {output_dir / identity.name} were made "
+            f"by another LoRA ({'; '.join(differences)}); pass --overwrite to regenerate them, "
+            "or use a new --output_dir"
+        )
+        refused.add(identity.name)
+    return refused
 
 
 # ------------------------------------------------------------------------- files on disk
 
 
-def image_paths(output_dir: Path) -> list[tuple[str, int, Path]]:
-    """(identity, index, path) of every finished image under output_dir, sorted."""
+def image_paths(output_dir: Path, identity: str | None = None) -> list[tuple[str, int, Path]]:
+    """(identity, index, path) of every finished image under output_dir (of one identity if
+    given), sorted."""
     found = []
-    for folder in sorted(p for p in output_dir.iterdir() if p.is_dir()):
+    folders = [output_dir / identity] if identity is not None else output_dir.iterdir()
+    for folder in sorted(p for p in folders if p.is_dir()):
         for path in folder.iterdir():
             match = IMAGE_NAME_PATTERN.match(path.name)
             if match and is_complete_png(path):
@@ -598,7 +623,7 @@ def generate_batch(
         return decode_checked(pipeline, latents)
 
 
-def image_record(job: ImageJob, args: argparse.Namespace, lora_file: Path, batch) -> dict:
+def image_record(job: ImageJob, args: argparse.Namespace, source: IdentitySource, batch) -> dict:
     """The metadata line of one image (also stored inside the PNG)."""
     return {
         "file": f"{job.identity}/{job.index}.png",
@@ -615,7 +640,8 @@ def image_record(job: ImageJob, args: argparse.Namespace, lora_file: Path, batch
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "resolution": args.resolution,
-        "lora_path": str(lora_file),
+        "lora_path": str(source.lora_file),
+        "lora_sha256": source.sha256,
         "lora_scale": args.lora_scale,
         "model": args.pretrained_model_name_or_path,
         "mixed_precision": args.resolved_mixed_precision,
@@ -635,11 +661,18 @@ class Counts:
     seconds: float = 0.0
 
 
-def pending_jobs(output_dir: Path, batch: Sequence[Job], overwrite: bool) -> list[Job]:
-    """The jobs of a batch whose image is not on disk yet (all of them with --overwrite)."""
+def pending_jobs(
+    output_dir: Path, batch: Sequence[Job], overwrite: bool, refused: Collection[str] = ()
+) -> list[Job]:
+    """The jobs of a batch whose image is not on disk yet (all of them with --overwrite), and
+    every job of a refused identity (its images on disk are not counted as done: it fails)."""
     if overwrite:
         return list(batch)
-    return [job for job in batch if not is_complete_png(output_dir / job[0] / f"{job[1]}.png")]
+    return [
+        job
+        for job in batch
+        if job[0] in refused or not is_complete_png(output_dir / job[0] / f"{job[1]}.png")
+    ]
 
 
 def run_batches(
@@ -679,8 +712,8 @@ def run_batches(
                 counts.failed += 1
                 logger.error("%s flagged by the safety checker; not written", job)
             else:
-                lora_file = context["identities"][job.identity].lora_file
-                record = image_record(job, args, lora_file, usable)
+                source = context["identities"][job.identity]
+                record = image_record(job, args, source, usable)
                 writer.submit(args.output_dir / job.identity / f"{job.index}.png", image, record)
                 counts.written += 1
             progress.update(1)
@@ -697,7 +730,10 @@ def fail_identity(name: str, num_images: int, context: dict, progress: Any) -> N
 
 
 def plan_process_work(
-    args: argparse.Namespace, my_batches: Sequence[tuple[Job, ...]], counts: Counts
+    args: argparse.Namespace,
+    my_batches: Sequence[tuple[Job, ...]],
+    counts: Counts,
+    refused: Collection[str] = (),
 ) -> list[tuple[tuple[Job, ...], list[Job]]]:
     """[(batch, missing jobs)] of this process's batches that hold a missing image; counts what
     is done. Also deletes temp files that killed runs left for this process's own images (never
@@ -710,7 +746,7 @@ def plan_process_work(
         remove_stale_temps(args.output_dir / name, files)
     work = []
     for batch in my_batches:
-        missing = pending_jobs(args.output_dir, batch, args.overwrite)
+        missing = pending_jobs(args.output_dir, batch, args.overwrite, refused)
         counts.skipped += len(batch) - len(missing)
         if missing:
             work.append((batch, missing))
@@ -728,11 +764,13 @@ def prepare(args: argparse.Namespace, state: Any) -> dict:
         genders = resolve_genders(identities, args.identity_attributes)
     runs.check_writable_folder(args.output_dir, "--output_dir")
     settings = generation_settings(args)
-    check_run_config(args.output_dir, settings, identities, args.overwrite)
+    # The base by content: another model under the same folder or hub name is another setting.
+    settings["base_model_sha256"] = runs.base_model_fingerprint(args.pretrained_model_name_or_path)
+    refused = check_run_config(args.output_dir, settings, identities, args.overwrite)
     for identity in identities:
         if identity.error and state.is_main_process:
             logger.error("%s", identity.error)
-    return {"identities": identities, "genders": genders, "settings": settings}
+    return {"identities": identities, "genders": genders, "settings": settings, "refused": refused}
 
 
 def summarise(all_counts: Sequence[Counts], num_images: int) -> dict:
@@ -849,7 +887,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     counts = Counts()
     work = plan_process_work(
-        args, split_work(batches, state.num_processes, state.process_index), counts
+        args, split_work(batches, state.num_processes, state.process_index), counts, plan["refused"]
     )
     pipeline, layouts, lora_errors = checked_pipeline(args, identities, state)
     if state.is_main_process:  # only once the model loaded: a failed start blocks no rerun

@@ -188,6 +188,7 @@ class IdentitySource:
     folder: Path
     lora_file: Path | None
     error: str | None = None
+    sha256: str | None = None  # of the weights file: a rerun compares the LoRA by content
 
 
 def check_lora(

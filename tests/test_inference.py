@@ -32,6 +32,7 @@ import lora
 import prompts
 import runs
 import sampling
+from lora import LORA_WEIGHTS_NAME
 from random_models import write_random_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -763,8 +764,47 @@ def test_changed_settings_refuse_to_mix_into_existing_output(assets, tmp_path):
     summary = run([*argv, "--num_images_per_identity", "2"])
     assert (summary["written"], summary["skipped"]) == (1, 1)  # extending is fine
     shutil.copytree(root / "ID_a" / "checkpoint-100", root / "ID_a" / "checkpoint-200")
-    with pytest.raises(ValueError, match=r"LoRA of ID_a: .*checkpoint-100.* -> .*checkpoint-200"):
-        run(argv)  # 'latest' now means another file
+    before = pngs(tmp_path / "out")
+    summary = run(argv)  # 'latest' now means another file: ID_a's images are refused
+    assert summary["failed_identities"] == ["ID_a"] and summary["written"] == 0
+    assert pngs(tmp_path / "out") == before
+
+
+def test_images_of_a_lora_retrained_at_the_same_path_are_refused_not_kept(
+    assets, tmp_path, caplog
+):
+    """The run config records each LoRA's sha256: a LoRA retrained in place fails its
+    identity (one line naming it; its images are neither kept as done nor mixed), the other
+    identities go on, and --overwrite regenerates it."""
+    root = tmp_path / "loras"
+    for name in ("ID_a", "ID_b"):
+        shutil.copytree(assets["loras"] / name, root / name)
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "2")
+    argv[argv.index("--lora_root") + 1] = str(root)
+    run(argv)
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    recorded = config["lora_files"]["ID_a"]["sha256"]
+    assert recorded == fileio.file_sha256(root / "ID_a" / LORA_WEIGHTS_NAME)
+    assert metadata(tmp_path / "out")[0]["lora_sha256"] == recorded
+    before = pngs(tmp_path / "out")
+
+    shutil.copy(assets["loras"] / "ID_c" / LORA_WEIGHTS_NAME, root / "ID_a" / LORA_WEIGHTS_NAME)
+    summary = run([*argv, "--num_images_per_identity", "3"])
+    assert summary["failed_identities"] == ["ID_a"] and summary["failed"] == 3
+    assert summary["written"] == 1  # ID_b's third image
+    assert {k: v for k, v in pngs(tmp_path / "out").items() if "ID_a" in k} == {
+        k: v for k, v in before.items() if "ID_a" in k
+    }
+    line = next(r.message for r in caplog.records if "made by another LoRA" in r.message)
+    assert "ID_a" in line and "sha256" in line and "--overwrite" in line and "\n" not in line
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["lora_files"]["ID_a"]["sha256"] == recorded  # still what made its images
+    assert run(argv)["failed_identities"] == ["ID_a"]  # refused again, never accepted silently
+
+    summary = run([*argv, "--overwrite"])
+    assert summary["failed"] == 0 and summary["written"] == 4
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["lora_files"]["ID_a"]["sha256"] != recorded
 
 
 def test_other_argument_errors(assets, tmp_path):
