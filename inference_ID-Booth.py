@@ -88,6 +88,7 @@ IMAGE_NAME_PATTERN = re.compile(r"^(\d+)\.png$")
 
 RESOLUTION = runs.Number(int, low=8, multiple_of=8)
 PNG_COMPRESS_LEVEL = runs.Number(int, low=0, high=9)
+LORA_SCALE = runs.Number(float, low=0, high=10)  # past a few, a LoRA only breaks the images
 DEFAULT_CUDA_BATCH_SIZE = 16
 MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Settings that define the pixels; a resumed run must match them (batch size only moves
@@ -208,15 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--guidance_scale",
-        type=runs.NON_NEGATIVE,
+        type=runs.GUIDANCE_SCALE,
         default=5.0,
         help="Classifier-free guidance scale.",
     )
     parser.add_argument(
         "--lora_scale",
-        type=runs.NON_NEGATIVE,
+        type=LORA_SCALE,
         default=1.0,
-        help="LoRA strength (0 = the base model).",
+        help="LoRA strength (0 = the base model; 1 = as trained).",
     )
     parser.add_argument(
         "--resolution", type=RESOLUTION, default=512, help="Image height and width (multiple of 8)."
@@ -589,11 +590,13 @@ def generate_batch(
     lora: Any = None,
     slots: Sequence[int] | None = None,
     sampler: Any = None,
-) -> tuple[list[PILImage.Image], list[bool]]:
-    """Images of one batch, which may mix identities: sample i uses slot slots[i] of the
-    batched LoRA `lora` (None: the base model) and its own CPU generator seeded with its seed,
-    so its noise depends neither on its batch-mates nor on the device. The sync-free loop
-    (sampling.Sampler) samples when it supports the scheduler, else the stock pipeline."""
+) -> tuple[list[PILImage.Image], list[bool], list[bool]]:
+    """(images, NSFW flags, finite flags) of one batch, which may mix identities: sample i
+    uses slot slots[i] of the batched LoRA `lora` (None: the base model) and its own CPU
+    generator seeded with its seed, so its noise depends neither on its batch-mates nor on the
+    device. The sync-free loop (sampling.Sampler) samples when it supports the scheduler, else
+    the stock pipeline. An image whose latents or pixels hold NaN/inf is flagged not finite."""
+    import numpy as np
     import torch
 
     from sampling import decode_checked, encode_prompts
@@ -613,10 +616,12 @@ def generate_batch(
             guidance_scale=args.guidance_scale,
             height=args.resolution,
             width=args.resolution,
-            output_type="pil",
+            output_type="np",  # (B, H, W, 3) floats: NaN is still visible here
         )
         flagged = output.nsfw_content_detected or [False] * len(jobs)
-        return output.images, [bool(flag) for flag in flagged]
+        finite = np.isfinite(output.images).reshape(len(jobs), -1).all(1).tolist()
+        images = pipeline.numpy_to_pil(np.nan_to_num(output.images))
+        return images, [bool(flag) for flag in flagged], finite
     with torch.no_grad():
         embeddings, negative = encode_prompts(pipeline, prompts, negatives, guided)
         latents = sampler.sample(embeddings, negative, [job.seed for job in jobs])
@@ -697,7 +702,7 @@ def run_batches(
             continue
         genders = context["genders"]
         jobs = [plan_image(args, name, genders.get(name), index) for name, index in usable]
-        images, flagged = generate_batch(
+        images, flagged, finite = generate_batch(
             generator["pipeline"],
             jobs,
             args,
@@ -705,10 +710,13 @@ def run_batches(
             [slots[job.identity] for job in jobs],
             generator["sampler"],
         )
+        broken = non_finite_identities(jobs, finite, context)
         for job, image, nsfw in zip(jobs, images, flagged, strict=True):
             if (job.identity, job.index) not in missing:
                 continue
-            if nsfw:
+            if job.identity in broken:
+                fail_identity(job.identity, 1, context, progress)
+            elif nsfw:
                 counts.failed += 1
                 logger.error("%s flagged by the safety checker; not written", job)
             else:
@@ -717,6 +725,19 @@ def run_batches(
                 writer.submit(args.output_dir / job.identity / f"{job.index}.png", image, record)
                 counts.written += 1
             progress.update(1)
+
+
+def non_finite_identities(jobs: Sequence[ImageJob], finite: Sequence[bool], context: dict):
+    """The identities of a batch with a non-finite sample: each fails from here on (its
+    LoRA or the scales make NaN/inf, which would be written as black images), named once."""
+    broken = {job.identity for job, ok in zip(jobs, finite, strict=True) if not ok}
+    for name in sorted(broken):
+        context["lora_errors"][name] = (
+            f"identity {name!r}: non-finite latents or pixels (NaN/inf) in its batch; nothing "
+            "of it is written from here on: its LoRA's weights or --lora_scale / "
+            "--guidance_scale are too large"
+        )
+    return broken
 
 
 def fail_identity(name: str, num_images: int, context: dict, progress: Any) -> None:

@@ -345,6 +345,13 @@ def load_identity_scaled_(
             f"LoRA does not fit the batched layers: keys of other layers {unexpected[:4]} "
             f"({len(unexpected)}), ranks above {handle.rank}: {too_large[:4]}"
         )
+    not_float = [
+        f"{key} ({value.dtype})"
+        for key, value in state_dict.items()
+        if key in targets and not value.is_floating_point()
+    ]
+    if not_float:
+        raise ValueError(f"LoRA tensors must be floats: {not_float[:4]} ({len(not_float)})")
     handle_scaling = handle.alpha / handle.rank
     for key, param in targets.items():
         param[k].zero_()
@@ -356,6 +363,21 @@ def load_identity_scaled_(
             param[k, : value.shape[0]].copy_(value)
         else:  # B (out, r)
             param[k, :, : value.shape[1]].copy_(value * (scalings[module] / handle_scaling))
+    _check_finite_identity(k, targets)
+
+
+def _check_finite_identity(k: int, targets: Mapping[str, nn.Parameter]) -> None:
+    """ValueError (slot k zeroed) when identity k's loaded, scaled weights hold NaN/inf in the
+    layer's dtype: a NaN file, or a scale that overflows it, would only make black images."""
+    bad = [key for key, param in targets.items() if not bool(param[k].isfinite().all())]
+    if bad:
+        for param in targets.values():
+            param[k].zero_()
+        dtype = next(iter(targets.values())).dtype
+        raise ValueError(
+            f"LoRA weights are NaN/inf once scaled (alpha / r x --lora_scale) in {dtype}: "
+            f"{bad[:3]} ({len(bad)} tensors); the file is broken or its scale too large"
+        )
 
 
 class SlotPool:

@@ -679,6 +679,8 @@ POSITIVE = Number(float, low=0, low_open=True)
 NON_NEGATIVE = Number(float, low=0)
 FINITE = Number(float)
 PROBABILITY = Number(float, low=0, high=1)
+# Classifier-free guidance: SD is used at 1..15 (paper: 5); past 100 images only saturate.
+GUIDANCE_SCALE = Number(float, low=0, high=100)
 
 
 def check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -364,7 +364,10 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
         "--validation_num_inference_steps", type=POSITIVE_INT, default=30, help="Validation steps."
     )
     parser.add_argument(
-        "--validation_guidance_scale", type=NON_NEGATIVE, default=5.0, help="Validation guidance."
+        "--validation_guidance_scale",
+        type=runs.GUIDANCE_SCALE,
+        default=5.0,
+        help="Validation guidance.",
     )
     parser.add_argument(
         "--logging_steps",

@@ -527,8 +527,8 @@ def test_every_scheduler_builds_and_is_reproducible(assets, name):
     for key, value in overrides.items():
         assert pipeline.scheduler.config[key] == value
     jobs = [inference.plan_image(args, "ID_a", "male", index) for index in range(2)]
-    first, _ = inference.generate_batch(pipeline, jobs, args)
-    again, _ = inference.generate_batch(pipeline, jobs[1:], args)
+    first, *_ = inference.generate_batch(pipeline, jobs, args)
+    again, *_ = inference.generate_batch(pipeline, jobs[1:], args)
     image = np.asarray(first[1], dtype=np.int16)
     assert np.abs(image - np.asarray(again[0], dtype=np.int16)).max() <= 2
     assert image.std() > 0
@@ -698,6 +698,87 @@ def test_a_lora_that_fails_to_load_mid_run_fails_only_its_identity(assets, tmp_p
     ]
     monkeypatch.setattr(inference, "read_lora_file", read)
     assert run(cli(assets, tmp_path / "out", *argv))["written"] == 3  # the rerun fills ID_b
+
+
+def _broken_lora(source: Path, target: Path, change) -> None:
+    """A copy of a LoRA folder whose tensors and metadata went through `change`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target.mkdir(parents=True)
+    with safe_open(str(source / LORA_WEIGHTS_NAME), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata()
+    tensors, metadata = change(tensors, metadata)
+    save_file(tensors, str(target / LORA_WEIGHTS_NAME), metadata=metadata)
+
+
+def test_bad_lora_files_fail_only_their_identity_and_nothing_black_is_written(
+    assets, tmp_path, caplog
+):
+    """Malformed metadata, NaN, integer or huge tensors: each fails its own identity with one
+    line naming it; the good identity in the same batches is written, nothing else is."""
+    root = tmp_path / "loras"
+    shutil.copytree(assets["loras"] / "ID_a", root / "ID_a")
+    source = assets["loras"] / "ID_b"
+
+    def metadata_list(tensors, metadata):
+        return tensors, {**metadata, "lora_adapter_metadata": "[4]"}
+
+    def alpha_text(tensors, metadata):
+        return tensors, {**metadata, "lora_adapter_metadata": '{"unet.lora_alpha": "4"}'}
+
+    def nan(tensors, metadata):
+        return {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, metadata
+
+    def integer(tensors, metadata):
+        return {k: v.to(torch.int32) for k, v in tensors.items()}, metadata
+
+    def huge(tensors, metadata):  # finite weights whose images are NaN/inf
+        return {k: v * 1e18 for k, v in tensors.items()}, metadata
+
+    for change in (metadata_list, alpha_text, nan, integer, huge):
+        _broken_lora(source, root / f"ID_{change.__name__}", change)
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "2", "--batch_size", "3")
+    argv[argv.index("--lora_root") + 1] = str(root)
+    genders = tmp_path / "genders.csv"
+    genders.write_text("identity,gender\n" + "".join(f"{p.name},f\n" for p in root.iterdir()))
+    argv[argv.index("--identity_attributes") + 1] = str(genders)
+    summary = run(argv)
+    broken = sorted(f"ID_{c}" for c in ("metadata_list", "alpha_text", "nan", "integer", "huge"))
+    assert summary["failed_identities"] == broken
+    assert (summary["written"], summary["failed"]) == (2, 10)
+    assert sorted(pngs(tmp_path / "out")) == ["ID_a/0.png", "ID_a/1.png"]
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    for name, words in {
+        "ID_metadata_list": "JSON list",
+        "ID_alpha_text": "lora_alpha must be a number",
+        "ID_nan": "NaN/inf",
+        "ID_integer": "must be floats",
+        "ID_huge": "non-finite latents or pixels",
+    }.items():
+        assert any(name in e and words in e and "\n" not in e for e in errors), name
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--lora_scale", "1e30"), ("--guidance_scale", "1e30"), ("--lora_scale", "-1")]
+)
+def test_absurd_scales_are_refused_at_parse_time(assets, tmp_path, flag, value):
+    with pytest.raises(ValueError, match=f"{flag} must be"):
+        inference.parse_args(cli(assets, tmp_path / "out", flag, value))
+
+
+def test_non_finite_samples_are_flagged_before_postprocessing_blacks_them(assets):
+    from sampling import decode_checked, finite_rows
+
+    args = inference.parse_args(cli(assets, Path("unused")))
+    pipeline = inference.load_pipeline(args)
+    latents = torch.zeros(3, 4, 8, 8)
+    latents[1, 0, 2, 3] = float("nan")
+    latents[2, 1, 0, 0] = float("inf")
+    images, _, finite = decode_checked(pipeline, latents)
+    assert finite == [True, False, False] and len(images) == 3
+    assert finite_rows(torch.ones(2, 3), torch.tensor([[1.0], [float("-inf")]])) == [True, False]
 
 
 def test_unknown_scheduler_lists_the_options(assets, tmp_path):

@@ -569,6 +569,30 @@ def test_scaled_load_refuses_what_the_handle_cannot_hold(pipe, tmp_path):
         ml.load_identity_scaled_(only_q, 0, state, scalings)
 
 
+def test_scaled_load_refuses_non_float_and_non_finite_weights(pipe, tmp_path):
+    """A NaN or integer file, or a scale that overflows the layer dtype, is refused and leaves
+    the slot zero (the base model), never a slot that would draw black images."""
+    from lora import lora_layout, read_lora_file
+
+    path = _saved_peft_lora(pipe.unet, tmp_path / "ok", 4, 4, TARGETS, 4)
+    state, scalings = read_lora_file(path.parent), lora_layout(path).scalings
+    _, handle = _batched(pipe.unet)
+    ml.load_identity_scaled_(handle, 0, state, scalings)  # a good file loads
+    first = next(iter(state))
+    cases = {
+        "NaN": ({**state, first: torch.full_like(state[first], float("nan"))}, scalings, "NaN/inf"),
+        "int": ({**state, first: state[first].to(torch.int32)}, scalings, "must be floats"),
+        "huge scale": (state, {m: 1e39 for m in scalings}, "NaN/inf"),
+    }
+    for name, (weights, scales, words) in cases.items():
+        ml.load_identity_scaled_(handle, 1, state, scalings)
+        with pytest.raises(ValueError, match=words):
+            ml.load_identity_scaled_(handle, 1, weights, scales)
+        if words == "NaN/inf":  # the copy had started: the slot is zeroed again
+            assert all(not p[1].any() for p in handle.parameters()), name
+    assert all(p[0].isfinite().all() and p[0].any() for p in handle.parameters()[1::2])
+
+
 def test_lora_layout_names_what_batched_generation_cannot_apply(pipe, tmp_path):
     from safetensors.torch import save_file
 

@@ -249,6 +249,11 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
             FileNotFoundError,
             "does not exist",
         ),
+        "absurd validation guidance": (
+            [hanks, "--validation_guidance_scale=1e30"],
+            ValueError,
+            "--validation_guidance_scale must be >= 0 and <= 100",
+        ),
     }
 
 
@@ -267,6 +272,7 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
         "overwrite and resume",
         "resolution not a multiple of 8",
         "identity folder missing",
+        "absurd validation guidance",
     ],
 )
 def test_bad_flags_fail_right_after_parsing(assets, tmp_path, case):
