@@ -586,7 +586,14 @@ def prepare_class_data(args: argparse.Namespace, state, face_tools: FaceTools | 
     if face_tools is not None:
         with state.main_process_first():
             detector, encoder = face_tools.detector, face_tools.encoder
-            scan_photos(args.class_data_dir, detector, encoder, limit=args.num_class_images)
+            scan = scan_photos(args.class_data_dir, detector, encoder, limit=args.num_class_images)
+        if args.loss == "triplet" and not scan.faces:
+            raise ValueError(
+                f"--loss triplet takes its negatives from class images with a face, but none of "
+                f"the {len(scan.photos)} class images used from {args.class_data_dir} has a "
+                "detected face: the run would never apply its identity term; add photos of "
+                "other people there, or use --loss identity / dreambooth"
+            )
 
 
 def main(args: argparse.Namespace) -> dict[str, list]:

@@ -957,6 +957,34 @@ def test_finished_identity_on_a_replaced_base_model_at_the_same_path_is_refused(
     assert summary["skipped"] == [] and "base model base_model" in summary["failed"][0]["error"]
 
 
+def test_identity_losses_that_could_never_apply_their_term_are_refused(assets, tmp_path):
+    """Triplet with no class image that shows a face, and ArcFace giving NaN embeddings,
+    end with one error before any step instead of a 'finished' run without identity term."""
+    blank = tmp_path / "blank_class"
+    blank.mkdir()
+    for index in range(2):
+        Image.new("RGB", (96, 96), (40 * index, 90, 120)).save(blank / f"blank_{index}.png")
+    hanks = f"--instance_data_dir={assets.identity('hanks')}"
+    argv = cli(assets, tmp_path / "out", hanks, "--max_train_steps=1", class_dir=blank)
+    with pytest.raises(ValueError, match="none of the 2 class images .* has a detected face"):
+        train.main(train.parse_args(argv))
+    assert not (tmp_path / "out" / train.LORA_WEIGHTS_NAME).exists()
+
+    from arcface import build_iresnet
+
+    broken = tmp_path / "nan_arcface.pth"
+    weights = build_iresnet("r18").state_dict()
+    weights = {k: v * float("nan") if v.is_floating_point() else v for k, v in weights.items()}
+    torch.save(weights, broken)
+    photos = tmp_path / "hanks"
+    shutil.copytree(assets.identity("hanks"), photos)  # no face cache of other weights
+    argv = cli(assets, tmp_path / "out2", f"--instance_data_dir={photos}", "--max_train_steps=1")
+    argv = [f for f in argv if not f.startswith("--arcface_weights")]
+    argv.append(f"--arcface_weights={broken}")
+    with pytest.raises(ValueError, match="NaN/inf embeddings .* weights file is broken"):
+        train.main(train.parse_args(argv))
+
+
 @pytest.mark.parametrize("loss", ["dreambooth", "identity"])
 def test_other_losses_run(assets, tmp_path, loss):
     from arcface import weights_name
