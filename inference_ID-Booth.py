@@ -42,7 +42,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +88,8 @@ IMAGE_NAME_PATTERN = re.compile(r"^(\d+)\.png$")
 
 RESOLUTION = runs.Number(int, low=8, multiple_of=8)
 PNG_COMPRESS_LEVEL = runs.Number(int, low=0, high=9)
-LORA_SCALE = runs.Number(float, low=0, high=10)  # past a few, a LoRA only breaks the images
+LORA_SCALE = runs.Number(float, low=0, high=10)
+NUM_IMAGES = runs.Number(int, low=1, high=10**6)  # per identity; paper: 21 and 100  # past a few, a LoRA only breaks the images
 DEFAULT_CUDA_BATCH_SIZE = 16
 MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Settings that define the pixels; a resumed run must match them (batch size only moves
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", type=Path, required=True, help="Dataset folder to fill.")
     parser.add_argument(
         "--num_images_per_identity",
-        type=runs.POSITIVE_INT,
+        type=NUM_IMAGES,
         default=21,
         help="Images per identity (paper: 21 for evaluation, 100 for FR augmentation).",
     )
@@ -348,21 +349,51 @@ def plan_image(args: argparse.Namespace, identity: str, gender: str | None, inde
 Job = tuple[str, int]  # (identity, image index)
 
 
-def make_batches(
-    identities: Sequence[str], num_images: int, batch_size: int
-) -> list[tuple[Job, ...]]:
+class Batches(Sequence):
     """Work units: consecutive runs of B jobs of the list [(x, i) for x in identities for i in
     range(n)], crossing identities (a batch mixes them: each sample has its own LoRA). Fixed
-    by the settings alone, so a resumed run regenerates exactly the batches it did."""
-    jobs = [(identity, index) for identity in identities for index in range(num_images)]
-    return [tuple(jobs[start : start + batch_size]) for start in range(0, len(jobs), batch_size)]
+    by the settings alone, so a resumed run regenerates exactly the batches it did. Batch b is
+    computed when asked for: nothing is planned up front, whatever the counts."""
+
+    def __init__(self, identities: Sequence[str], num_images: int, batch_size: int) -> None:
+        self.identities, self.num_images = list(identities), num_images
+        self.batch_size, self.num_jobs = batch_size, len(self.identities) * num_images
+
+    def __len__(self) -> int:
+        return -(-self.num_jobs // self.batch_size)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[b] for b in range(len(self))[index]]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        start = (index % len(self)) * self.batch_size
+        stop, n = min(start + self.batch_size, self.num_jobs), self.num_images
+        return tuple((self.identities[job // n], job % n) for job in range(start, stop))
+
+    def job_position(self, identity_position: int, index: int) -> int:
+        """Where (identities[identity_position], index) is in the job list."""
+        return identity_position * self.num_images + index
+
+    def most_identities(self) -> int:
+        """The most distinct identities one batch holds (at least 1). Batch b starts at image
+        (b * B) mod n of an identity, which repeats within n batches, all full but the last."""
+        n, size = self.num_images, self.batch_size
+        firsts = range(min(len(self), n // math.gcd(n, size)))
+        spans = ((min((b + 1) * size, self.num_jobs) - 1) // n - (b * size) // n + 1 for b in firsts)
+        return max(spans, default=1)
 
 
-def split_work(items: Sequence[Any], num_processes: int, process_index: int) -> list[Any]:
-    """Contiguous, balanced share of `items` for one process (sizes differ by at most 1)."""
+def make_batches(identities: Sequence[str], num_images: int, batch_size: int) -> Batches:
+    return Batches(identities, num_images, batch_size)
+
+
+def split_work(items: Sequence[Any], num_processes: int, process_index: int) -> Sequence[Any]:
+    """Contiguous, balanced share of `items` for one process (sizes differ by at most 1); a
+    slice of them (a range stays a range)."""
     base, extra = divmod(len(items), num_processes)
     start = process_index * base + min(process_index, extra)
-    return list(items[start : start + base + (process_index < extra)])
+    return items[start : start + base + (process_index < extra)]
 
 
 # -------------------------------------------------------------------------- input checks
@@ -666,20 +697,6 @@ class Counts:
     seconds: float = 0.0
 
 
-def pending_jobs(
-    output_dir: Path, batch: Sequence[Job], overwrite: bool, refused: Collection[str] = ()
-) -> list[Job]:
-    """The jobs of a batch whose image is not on disk yet (all of them with --overwrite), and
-    every job of a refused identity (its images on disk are not counted as done: it fails)."""
-    if overwrite:
-        return list(batch)
-    return [
-        job
-        for job in batch
-        if job[0] in refused or not is_complete_png(output_dir / job[0] / f"{job[1]}.png")
-    ]
-
-
 def run_batches(
     generator: dict,
     work: Sequence[tuple[tuple[Job, ...], list[Job]]],
@@ -750,28 +767,70 @@ def fail_identity(name: str, num_images: int, context: dict, progress: Any) -> N
     progress.update(num_images)
 
 
-def plan_process_work(
-    args: argparse.Namespace,
-    my_batches: Sequence[tuple[Job, ...]],
-    counts: Counts,
-    refused: Collection[str] = (),
-) -> list[tuple[tuple[Job, ...], list[Job]]]:
-    """[(batch, missing jobs)] of this process's batches that hold a missing image; counts what
-    is done. Also deletes temp files that killed runs left for this process's own images (never
-    another process's: the work split is disjoint)."""
-    mine: dict[str, set[str]] = {}
-    for batch in my_batches:
-        for name, index in batch:
-            mine.setdefault(name, set()).add(f"{index}.png")
-    for name, files in mine.items():
-        remove_stale_temps(args.output_dir / name, files)
-    work = []
-    for batch in my_batches:
-        missing = pending_jobs(args.output_dir, batch, args.overwrite, refused)
+class _ImageNames:
+    """'<index>.png' for the indices of one identity in [start, stop) (a range's membership
+    test, for remove_stale_temps: no list of names is built)."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.indices = range(start, stop)
+
+    def __contains__(self, name: object) -> bool:
+        match = IMAGE_NAME_PATTERN.match(str(name))
+        return match is not None and int(match.group(1)) in self.indices
+
+
+def my_identity_ranges(batches: Batches, mine: range) -> dict[str, range]:
+    """identity -> the image indices this process's batches hold of it."""
+    first = mine.start * batches.batch_size
+    stop = min(mine.stop * batches.batch_size, batches.num_jobs)
+    n, ranges = batches.num_images, {}
+    for position in range(first // n, -(-stop // n)) if stop > first else ():
+        low, high = max(first - position * n, 0), min(stop - position * n, n)
+        ranges[batches.identities[position]] = range(low, high)
+    return ranges
+
+
+def images_on_disk(args: argparse.Namespace, ranges: dict[str, range], refused) -> set[Job]:
+    """The jobs of `ranges` whose image is complete on disk (none with --overwrite; none of a
+    refused identity: its images do not count as done). Lists each folder once: the cost is
+    that of the files there, not of the images planned."""
+    found: set[Job] = set()
+    for name, indices in ranges.items():
+        folder = args.output_dir / name
+        if args.overwrite or name in refused or not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = IMAGE_NAME_PATTERN.match(path.name)
+            if match and int(match.group(1)) in indices and is_complete_png(path):
+                found.add((name, int(match.group(1))))
+    return found
+
+
+def pending_work(
+    batches: Batches, mine: range, on_disk: set[Job], counts: Counts
+) -> Iterator[tuple[tuple[Job, ...], list[Job]]]:
+    """(batch, its jobs without an image on disk) of this process's batches that miss one,
+    computed batch by batch as generation reaches them; counts the jobs found done."""
+    for index in mine:
+        batch = batches[index]
+        missing = [job for job in batch if job not in on_disk]
         counts.skipped += len(batch) - len(missing)
         if missing:
-            work.append((batch, missing))
-    return work
+            yield batch, missing
+
+
+def plan_process_work(
+    args: argparse.Namespace, batches: Batches, mine: range, counts: Counts, refused=()
+) -> tuple[Iterator[tuple[tuple[Job, ...], list[Job]]], int]:
+    """(lazy work of this process, #images it will generate). Also deletes temp files that
+    killed runs left for this process's own images (never another process's: the work split
+    is disjoint)."""
+    ranges = my_identity_ranges(batches, mine)
+    for name, indices in ranges.items():
+        remove_stale_temps(args.output_dir / name, _ImageNames(indices.start, indices.stop))
+    on_disk = images_on_disk(args, ranges, refused)
+    total = sum(len(indices) for indices in ranges.values()) - len(on_disk)
+    return pending_work(batches, mine, on_disk, counts), total
 
 
 def prepare(args: argparse.Namespace, state: Any) -> dict:
@@ -861,11 +920,6 @@ def checked_pipeline(args: argparse.Namespace, identities, state: Any):
     return pipeline, layouts, lora_errors
 
 
-def slots_needed(work: Sequence[tuple[tuple[Job, ...], list[Job]]]) -> int:
-    """The most distinct identities any one batch of `work` holds (at least 1)."""
-    return max((len({name for name, _ in batch}) for batch, _ in work), default=1)
-
-
 def build_generator(
     args: argparse.Namespace,
     pipeline: Any,
@@ -907,20 +961,19 @@ def main(args: argparse.Namespace) -> dict:
         [identity.name for identity in identities], args.num_images_per_identity, args.batch_size
     )
     counts = Counts()
-    work = plan_process_work(
-        args, split_work(batches, state.num_processes, state.process_index), counts, plan["refused"]
-    )
+    mine = split_work(range(len(batches)), state.num_processes, state.process_index)
+    work, total = plan_process_work(args, batches, mine, counts, plan["refused"])
     pipeline, layouts, lora_errors = checked_pipeline(args, identities, state)
     if state.is_main_process:  # only once the model loaded: a failed start blocks no rerun
         remove_stale_temps(args.output_dir)
         write_run_config(args, plan["settings"], identities, state.num_processes)
     state.wait_for_everyone()
     sources = {identity.name: identity for identity in identities}
-    generator = build_generator(args, pipeline, layouts, sources, slots_needed(work))
+    num_slots = batches.most_identities()
+    generator = build_generator(args, pipeline, layouts, sources, num_slots)
     context = {"args": args, "counts": counts, "genders": plan["genders"]}
     context.update(identities=sources, lora_errors=lora_errors)
-    total = sum(len(missing) for _, missing in work)
-    logger.info("%d images to generate here, %d already on disk", total, counts.skipped)
+    logger.info("%d images to generate here, the others of its share are on disk", total)
     started = time.perf_counter()
     writer = ImageWriter(args.png_workers, args.png_compress_level)
     progress_bar = tqdm(

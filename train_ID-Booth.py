@@ -53,6 +53,7 @@ from runs import (
 )
 from sampling import generate_class_images, load_pipeline
 from trainer import (
+    MAX_TRAIN_STEPS,
     TRAINING_STATE_NAME,
     WEIGHT_DTYPES,
     FaceTools,
@@ -75,6 +76,9 @@ LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
 )
+# At most this many steps (or epochs) per identity: the paper trains a few thousand; the learning
+# rate schedule is tabulated per step, so a billion would first build a billion-entry table.
+TRAIN_STEPS = Number(int, low=1, high=MAX_TRAIN_STEPS)
 DEFAULT_VALIDATION_PROMPT = "face portrait photo of sks person, city street background"
 
 
@@ -230,11 +234,11 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
         help="Instance images per step (each paired with one class image).",
     )
     parser.add_argument(
-        "--num_train_epochs", type=POSITIVE_INT, default=32, help="Training epochs."
+        "--num_train_epochs", type=TRAIN_STEPS, default=32, help="Training epochs."
     )
     parser.add_argument(
         "--max_train_steps",
-        type=POSITIVE_INT,
+        type=TRAIN_STEPS,
         default=None,
         help="Optimizer steps per identity; overrides --num_train_epochs.",
     )

@@ -67,6 +67,7 @@ from runs import Identity, NonFiniteLossError, NonFiniteWatch, RunningMeans
 logger = logging.getLogger("train_ID-Booth")
 
 TRAINING_STATE_NAME = "training_state.pt"
+MAX_TRAIN_STEPS = 10**6  # per identity (the learning-rate table holds one entry per step)
 CONFIG_NAME = "training_config.json"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Arguments that MAY differ between a checkpoint and the run resuming it: where outputs and logs
@@ -501,10 +502,17 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
 
 def schedule_lengths(args: argparse.Namespace, num_items: int) -> tuple[int, int]:
     """(optimizer updates per epoch, total updates) of an identity whose dataset has
-    `num_items` items: --max_train_steps, else --num_train_epochs epochs."""
+    `num_items` items: --max_train_steps, else --num_train_epochs epochs; ValueError beyond
+    MAX_TRAIN_STEPS (before its learning-rate table is built)."""
     batches_per_epoch = math.ceil(num_items / args.train_batch_size)
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    return updates_per_epoch, args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    total = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    if total > MAX_TRAIN_STEPS:
+        raise ValueError(
+            f"--num_train_epochs {args.num_train_epochs} x {updates_per_epoch} steps per epoch "
+            f"is {total} steps, more than {MAX_TRAIN_STEPS}; pass --max_train_steps"
+        )
+    return updates_per_epoch, total
 
 
 def finished_mismatches(

@@ -386,9 +386,39 @@ def test_batches_are_fixed_runs_of_the_job_list(num_identities, num_images, batc
     assert [job for members in batches for job in members] == jobs
     assert all(len(members) == batch for members in batches[:-1])
     assert 1 <= len(batches[-1]) <= batch
-    assert inference.slots_needed([(b, list(b)) for b in batches]) == max(
+    assert batches.most_identities() == max(
         len({name for name, _ in members}) for members in batches
     )
+    for rank, processes in ((0, 1), (1, 3)):  # a process's identity ranges cover its batches
+        mine = inference.split_work(range(len(batches)), processes, rank)
+        ranges = inference.my_identity_ranges(batches, mine)
+        held = {job for b in mine for job in batches[b]}
+        assert held == {(name, i) for name, indices in ranges.items() for i in indices}
+
+
+def test_absurd_image_counts_plan_nothing_before_the_first_image(assets, tmp_path, monkeypatch):
+    """Batches are computed when generation reaches them: a million images per identity start
+    at once (no per-image list or file check first); more than that is refused at parse time."""
+    batches = inference.make_batches(["a", "b", "c"], 10**6 - 1, 16)
+    assert len(batches) == 187500 and batches[-1][-1] == ("c", 999998)
+    assert batches.most_identities() == 2  # batch 62499 holds a's last and b's first images
+    assert inference.make_batches(["a", "b", "c"], 10**6, 16).most_identities() == 1
+    checks = []
+    monkeypatch.setattr(inference, "is_complete_png", lambda path: checks.append(path) or True)
+
+    class FirstBatch(Exception):
+        pass
+
+    def first_batch(pipeline, jobs, *rest):
+        raise FirstBatch(len(checks))
+
+    monkeypatch.setattr(inference, "generate_batch", first_batch)
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "1000000")
+    with pytest.raises(FirstBatch) as reached:
+        run(argv)
+    assert reached.value.args == (0,)  # no image was looked up before the first batch
+    with pytest.raises(ValueError, match="--num_images_per_identity must be >= 1 and <= 1e"):
+        inference.parse_args(cli(assets, tmp_path / "out", "--num_images_per_identity", "300000000"))
 
 
 # ------------------------------------------------------------------- generation results

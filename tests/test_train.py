@@ -249,6 +249,11 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
             FileNotFoundError,
             "does not exist",
         ),
+        "absurd step count": (
+            [hanks, "--max_train_steps=1000000000"],
+            ValueError,
+            "--max_train_steps must be >= 1 and <= 1e",
+        ),
         "absurd validation guidance": (
             [hanks, "--validation_guidance_scale=1e30"],
             ValueError,
@@ -273,6 +278,7 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
         "resolution not a multiple of 8",
         "identity folder missing",
         "absurd validation guidance",
+        "absurd step count",
     ],
 )
 def test_bad_flags_fail_right_after_parsing(assets, tmp_path, case):
@@ -1093,6 +1099,14 @@ def test_an_identity_trained_after_another_equals_it_trained_alone(assets, tmp_p
     assert sorted(p.name for p in both.iterdir()) == ["hanks", "person0"]  # in this order
     lora = trainer.LORA_WEIGHTS_NAME
     assert (both / "person0" / lora).read_bytes() == (alone / lora).read_bytes()
+
+
+def test_epochs_that_resolve_to_absurd_step_counts_fail_before_the_schedule_is_built():
+    flags = type("Args", (), {"train_batch_size": 1, "gradient_accumulation_steps": 1})()
+    flags.max_train_steps, flags.num_train_epochs = None, 100_000
+    assert trainer.schedule_lengths(flags, 10) == (10, 1_000_000)
+    with pytest.raises(ValueError, match="1100000 steps, more than 1000000.*--max_train_steps"):
+        trainer.schedule_lengths(flags, 11)
 
 
 def test_logged_identity_means_count_only_samples_that_had_the_term():
