@@ -424,6 +424,13 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ValueError(f"--class_data_dir {args.class_data_dir} is a file, not a folder")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise ValueError(f"--output_dir {args.output_dir} is a file; pass a folder path")
+    logging_dir = Path(args.logging_dir)
+    if logging_dir.is_absolute() or ".." in logging_dir.parts or not logging_dir.parts:
+        raise ValueError(
+            f"--logging_dir {args.logging_dir!r} must be a folder path inside each identity's "
+            "output (e.g. 'logs'): one TensorBoard folder per identity, or the report would "
+            "show one identity's curves for all"
+        )
     flag = "--instance_data_dir" if args.instance_data_dir is not None else "--identities_root"
     for name, folder in (
         ("--output_dir", args.output_dir),

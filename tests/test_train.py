@@ -249,6 +249,16 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
             FileNotFoundError,
             "does not exist",
         ),
+        "absolute logging dir": (
+            [hanks, f"--logging_dir={tmp / 'shared_logs'}"],
+            ValueError,
+            "one TensorBoard folder per identity",
+        ),
+        "logging dir out of the output": (
+            [hanks, "--logging_dir=../logs"],
+            ValueError,
+            "must be a folder path inside each identity's output",
+        ),
         "absurd step count": (
             [hanks, "--max_train_steps=1000000000"],
             ValueError,
@@ -279,6 +289,8 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
         "identity folder missing",
         "absurd validation guidance",
         "absurd step count",
+        "absolute logging dir",
+        "logging dir out of the output",
     ],
 )
 def test_bad_flags_fail_right_after_parsing(assets, tmp_path, case):
