@@ -306,6 +306,7 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--lora_dir {args.lora_dir} is a checkpoint folder; pass the identity folder "
             f"as --lora_dir {args.lora_dir.parent} and --checkpoint {args.lora_dir.name}"
         )
+    runs.check_base_model(args.pretrained_model_name_or_path)  # names a missing unet/ etc.
     if args.identity_attributes is not None and not args.identity_attributes.is_file():
         raise FileNotFoundError(f"--identity_attributes file {args.identity_attributes} not found")
     if args.grid_dir is not None and runs.is_inside(args.grid_dir, args.output_dir):

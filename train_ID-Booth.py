@@ -282,7 +282,12 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
         help="AdamW beta2.",
     )
     parser.add_argument("--adam_weight_decay", type=NON_NEGATIVE, default=1e-2, help="AdamW decay.")
-    parser.add_argument("--adam_epsilon", type=POSITIVE, default=1e-8, help="AdamW epsilon.")
+    parser.add_argument(
+        "--adam_epsilon",
+        type=Number(float, low=float(torch.finfo(torch.float32).tiny)),
+        default=1e-8,
+        help="AdamW epsilon (the optimizer state is fp32: smaller values would be 0 there).",
+    )
     parser.add_argument("--max_grad_norm", type=POSITIVE, default=1.0, help="Gradient clip norm.")
     parser.add_argument(
         "--mixed_precision",

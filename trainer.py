@@ -109,6 +109,12 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return runs.list_checkpoints(folder, TRAINING_STATE_NAME)
 
 
+def kept_checkpoint(identity: Identity) -> str:
+    """What a stopped run leaves to resume from: its newest checkpoint, or that it has none."""
+    checkpoints = list_checkpoints(identity.output_dir)
+    return f"checkpoint {checkpoints[-1][1]} kept" if checkpoints else "no checkpoint written yet"
+
+
 def clear_outputs(identity: Identity, logging_dir: str) -> None:
     """Delete what an earlier run wrote for this identity (used by --overwrite)."""
     files = (LORA_WEIGHTS_NAME, CONFIG_NAME, "README.md")
@@ -1102,7 +1108,7 @@ class PackedTrainer:
 
     def log_interval(self, slot: Slot) -> None:
         """Read the slot's interval means (one sync), check them, write TensorBoard and tqdm."""
-        where = f"last checkpoint kept in {slot.identity.output_dir}"
+        where = kept_checkpoint(slot.identity)
         self.watch.check(where, slot.index)
         self.grad_watch.check(where, slot.index)
         means = self.interval_means.pop(slot.index)
@@ -1124,7 +1130,7 @@ class PackedTrainer:
     def log_epoch(self, slot: Slot, epoch: int) -> None:
         if int(self.epoch_means.steps[slot.index]) == 0:
             return
-        self.watch.check(f"last checkpoint kept in {slot.identity.output_dir}", slot.index)
+        self.watch.check(kept_checkpoint(slot.identity), slot.index)
         means = self.epoch_means.pop(slot.index)
         tags = slot.tags()
         text = ", ".join(f"{tag} {means[name]:.4g}" for name, tag in tags.items())
@@ -1135,9 +1141,7 @@ class PackedTrainer:
 
     def finish(self, slot: Slot) -> None:
         """Final validation, config and model card, then the LoRA (the 'finished' marker)."""
-        self.check_finite(
-            slot, f"no final LoRA written; last checkpoint kept in {slot.identity.output_dir}"
-        )
+        self.check_finite(slot, f"no final LoRA written; {kept_checkpoint(slot.identity)}")
         slot.identity_samples = int(self.identity_samples[slot.index].item())
         if slot.last_validated != slot.global_step:
             self.validate(slot)

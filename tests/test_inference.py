@@ -851,6 +851,16 @@ def test_attribute_file_missing_identities_lists_them_all(assets, tmp_path, no_m
     assert not (tmp_path / "out" / "ID_a").exists()
 
 
+def test_a_base_folder_without_unet_is_named_not_blamed_on_config_json(assets, tmp_path):
+    base = tmp_path / "sd"
+    shutil.copytree(assets["model"], base)
+    shutil.rmtree(base / "unet")
+    argv = cli(assets, tmp_path / "out")
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(base)
+    with pytest.raises(FileNotFoundError, match=r"incomplete: missing unet/config\.json"):
+        inference.parse_args(argv)
+
+
 def test_unwritable_output_dir_is_reported_before_loading(assets, tmp_path, no_model_load):
     a_file = tmp_path / "file.txt"
     a_file.write_text("not a folder")

@@ -259,6 +259,11 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
             ValueError,
             "must be a folder path inside each identity's output",
         ),
+        "adam epsilon that is 0 in fp32": (
+            [hanks, "--adam_epsilon=1e-50"],
+            ValueError,
+            "--adam_epsilon must be >= 1.17549e-38",
+        ),
         "absurd step count": (
             [hanks, "--max_train_steps=1000000000"],
             ValueError,
@@ -289,6 +294,7 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
         "identity folder missing",
         "absurd validation guidance",
         "absurd step count",
+        "adam epsilon that is 0 in fp32",
         "absolute logging dir",
         "logging dir out of the output",
     ],
@@ -1043,7 +1049,29 @@ def test_non_finite_loss_stops_with_step_and_term_keeping_the_checkpoint(assets,
     with pytest.raises(train.NonFiniteLossError, match=r"at step 2 \(terms: loss, diffusion_loss"):
         train.main(train.parse_args(flags))
     assert [step for step, _ in trainer.list_checkpoints(tmp_path / "nan")] == [1]
+    with pytest.raises(train.NonFiniteLossError, match=r"checkpoint .*checkpoint-1 kept"):
+        train.main(train.parse_args([*flags, "--resume_from_checkpoint=latest"]))
     assert not (tmp_path / "nan" / train.LORA_WEIGHTS_NAME).exists()
+
+
+def test_a_non_finite_final_state_says_whether_a_checkpoint_was_kept(assets, tmp_path):
+    """The one-liner names the checkpoint kept, or says none was written (never a folder
+    without one)."""
+    flags = cli(
+        assets,
+        tmp_path / "nan",
+        f"--instance_data_dir={assets.identity('person0')}",
+        "--loss=dreambooth",
+        "--learning_rate=1e30",
+        "--lr_scheduler=constant",
+        "--max_train_steps=2",
+        "--checkpointing_steps=100",
+        "--logging_steps=100",
+        "--validation_prompt=",
+    )
+    with pytest.raises(train.NonFiniteLossError, match="no checkpoint written yet"):
+        train.main(train.parse_args(flags))
+    assert trainer.list_checkpoints(tmp_path / "nan") == []
 
 
 def test_identity_without_a_detectable_face_is_a_clear_error(assets, tmp_path):
