@@ -88,7 +88,7 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
     import torch
 
     from arcface import build_iresnet
-    from fileio import atomic_folder, atomic_path
+    from fileio import atomic_folder, atomic_path, remove_stale_temps
     from random_models import build_tiny_dinov2, build_tiny_sd
 
     paths = {
@@ -98,7 +98,9 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
         "crfiqa": models_dir / "crfiqa_r18_random.pth",
     }
     # Each model is written to a temp name and renamed when complete, so a demo killed during
-    # set-up leaves no half-written model that a rerun would trust.
+    # set-up leaves no half-written model that a rerun would trust; the temps such a kill left
+    # (tens of MB each) are deleted here, on the next run.
+    remove_stale_temps(models_dir, {path.name for path in paths.values()})
     if not paths["sd"].is_dir():
         with atomic_folder(paths["sd"]) as temp:
             build_tiny_sd(temp)
