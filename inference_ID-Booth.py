@@ -89,7 +89,9 @@ IMAGE_NAME_PATTERN = re.compile(r"^(\d+)\.png$")
 RESOLUTION = runs.Number(int, low=8, multiple_of=8)
 PNG_COMPRESS_LEVEL = runs.Number(int, low=0, high=9)
 LORA_SCALE = runs.Number(float, low=0, high=10)
-NUM_IMAGES = runs.Number(int, low=1, high=10**6)  # per identity; paper: 21 and 100  # past a few, a LoRA only breaks the images
+NUM_IMAGES = runs.Number(
+    int, low=1, high=10**6
+)  # per identity; paper: 21 and 100  # past a few, a LoRA only breaks the images
 DEFAULT_CUDA_BATCH_SIZE = 16
 MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Settings that define the pixels; a resumed run must match them (batch size only moves
@@ -381,7 +383,9 @@ class Batches(Sequence):
         (b * B) mod n of an identity, which repeats within n batches, all full but the last."""
         n, size = self.num_images, self.batch_size
         firsts = range(min(len(self), n // math.gcd(n, size)))
-        spans = ((min((b + 1) * size, self.num_jobs) - 1) // n - (b * size) // n + 1 for b in firsts)
+        spans = (
+            (min((b + 1) * size, self.num_jobs) - 1) // n - (b * size) // n + 1 for b in firsts
+        )
         return max(spans, default=1)
 
 

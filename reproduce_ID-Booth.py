@@ -15,8 +15,8 @@ caches), and training resumes an identity from its last checkpoint, so a killed 
 finishes the rest. The experiment's own settings are kept in OUT/experiment_config.json: a
 re-run with other training or generation settings is refused with the differences listed
 (--overwrite retrains and regenerates everything with the new ones), so a report is never
-rebuilt from models of other settings. Variants share --seed, so their LoRAs start from the same init and see the
-same data order and noise: a paired comparison.
+rebuilt from models of other settings. Variants share --seed, so their LoRAs start from the
+same init and see the same data order and noise: a paired comparison.
 
     accelerate launch --num_processes 8 reproduce_ID-Booth.py \\
         --identities_root data/tufts --class_data_dir data/class_person \\

@@ -58,9 +58,9 @@ from trainer import (
     WEIGHT_DTYPES,
     FaceTools,
     PackedTrainer,
+    finished_mismatches,
     hub_kwargs,
     list_checkpoints,
-    finished_mismatches,
     load_face_tools,
     load_frozen_models,
 )
@@ -233,9 +233,7 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="Instance images per step (each paired with one class image).",
     )
-    parser.add_argument(
-        "--num_train_epochs", type=TRAIN_STEPS, default=32, help="Training epochs."
-    )
+    parser.add_argument("--num_train_epochs", type=TRAIN_STEPS, default=32, help="Training epochs.")
     parser.add_argument(
         "--max_train_steps",
         type=TRAIN_STEPS,

@@ -500,9 +500,7 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     changed += runs.config_mismatches(saved_resolved, resolved, ())
     changed += runs.config_mismatches(saved_data, data, (), "data ")
     for key, label in (("arcface", "ArcFace "), ("base_model", "base model ")):
-        changed += runs.config_mismatches(
-            {key: saved.get(key)}, {key: current.get(key)}, (), label
-        )
+        changed += runs.config_mismatches({key: saved.get(key)}, {key: current.get(key)}, (), label)
     return changed
 
 

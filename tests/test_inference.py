@@ -406,19 +406,21 @@ def test_absurd_image_counts_plan_nothing_before_the_first_image(assets, tmp_pat
     checks = []
     monkeypatch.setattr(inference, "is_complete_png", lambda path: checks.append(path) or True)
 
-    class FirstBatch(Exception):
+    class FirstBatchError(Exception):
         pass
 
     def first_batch(pipeline, jobs, *rest):
-        raise FirstBatch(len(checks))
+        raise FirstBatchError(len(checks))
 
     monkeypatch.setattr(inference, "generate_batch", first_batch)
     argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "1000000")
-    with pytest.raises(FirstBatch) as reached:
+    with pytest.raises(FirstBatchError) as reached:
         run(argv)
     assert reached.value.args == (0,)  # no image was looked up before the first batch
     with pytest.raises(ValueError, match="--num_images_per_identity must be >= 1 and <= 1e"):
-        inference.parse_args(cli(assets, tmp_path / "out", "--num_images_per_identity", "300000000"))
+        inference.parse_args(
+            cli(assets, tmp_path / "out", "--num_images_per_identity", "300000000")
+        )
 
 
 # ------------------------------------------------------------------- generation results
@@ -891,9 +893,7 @@ def test_changed_settings_refuse_to_mix_into_existing_output(assets, tmp_path):
     assert pngs(tmp_path / "out") == before
 
 
-def test_images_of_a_lora_retrained_at_the_same_path_are_refused_not_kept(
-    assets, tmp_path, caplog
-):
+def test_images_of_a_lora_retrained_at_the_same_path_are_refused_not_kept(assets, tmp_path, caplog):
     """The run config records each LoRA's sha256: a LoRA retrained in place fails its
     identity (one line naming it; its images are neither kept as done nor mixed), the other
     identities go on, and --overwrite regenerates it."""

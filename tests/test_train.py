@@ -915,7 +915,10 @@ def test_finished_identity_is_skipped_unless_overwrite(triplet_run, tmp_path):
 
 
 def _rerun_argv(flags: list[str], output: Path, *extra: str) -> list[str]:
-    return [f for f in flags if not f.startswith("--output_dir")] + [f"--output_dir={output}", *extra]
+    return [f for f in flags if not f.startswith("--output_dir")] + [
+        f"--output_dir={output}",
+        *extra,
+    ]
 
 
 def test_finished_identity_trained_with_other_settings_is_refused_not_skipped(
