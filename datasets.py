@@ -541,10 +541,20 @@ class _ScanPass:
 
 
 def _embed_pending(state: _ScanPass, encoder: torch.nn.Module) -> None:
-    """Embed the freshly aligned faces of a scan in batches."""
+    """Embed the freshly aligned faces of a scan in batches; ValueError when any embedding is
+    NaN/inf (a broken encoder: an identity term on it would be silently NaN or masked, and
+    nothing non-finite enters the face cache)."""
     if not state.pending:
         return
     embeddings = embed_aligned_faces(encoder, [face for _, face in state.pending], EMBED_BATCH_SIZE)
+    rows = zip(state.pending, embeddings, strict=True)
+    broken = [entry.file for (entry, _), row in rows if not np.isfinite(row).all()]
+    if broken:
+        raise ValueError(
+            f"the face encoder {getattr(encoder, 'name', type(encoder).__name__)} gave NaN/inf "
+            f"embeddings for {len(broken)} of {len(embeddings)} faces (e.g. {broken[0]}): its "
+            "weights file is broken; replace it"
+        )
     for (entry, _), embedding in zip(state.pending, embeddings, strict=True):
         entry.embedding = embedding
 
@@ -585,6 +595,7 @@ class PhotoScan:
     faces: dict[Path, FaceAnnotation]
     report: SkipReport
     fingerprint: str  # sha256 over (name, content sha256) of the photos, in order
+    sha256: dict[Path, str] = field(default_factory=dict)  # each photo's content hash
 
 
 def _fingerprint(photos: list[Path], sha256: dict[Path, str]) -> str:
@@ -644,7 +655,8 @@ def scan_photos(
             folder,
             ", ".join(path.name for path in faceless_photos),
         )
-    return PhotoScan(photos, faces, state.report, _fingerprint(photos, state.sha256))
+    fingerprint = _fingerprint(photos, state.sha256)
+    return PhotoScan(photos, faces, state.report, fingerprint, {p: state.sha256[p] for p in photos})
 
 
 def annotate_folder(
@@ -723,6 +735,7 @@ class _PhotoSet:
     embeddings: torch.Tensor | None = None  # (N, D) float32, zero rows for faceless photos
     landmarks: np.ndarray | None = None  # (N, 5, 2) float32, original image coordinates
     has_face: np.ndarray | None = None  # (N,) bool
+    sha256: tuple[str, ...] = ()  # each photo's content hash, in order
     # index -> (photo resized to shorter side R as (H', W', 3) uint8, (x, y) resize factors):
     # every photo is decoded and resized once, then items only crop it.
     resized: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -755,8 +768,9 @@ class _PhotoSet:
     def from_scan(cls, scan: PhotoScan, embedding_dim: int | None = None) -> _PhotoSet:
         """Stack a scan's annotations (faceless photos: zero embedding and landmarks, has_face
         False); embedding_dim None = a plain scan without annotations."""
+        hashes = tuple(scan.sha256.get(path, "") for path in scan.photos)
         if embedding_dim is None:
-            return cls(scan.photos, scan.report, scan.fingerprint)
+            return cls(scan.photos, scan.report, scan.fingerprint, sha256=hashes)
         embeddings = np.zeros((len(scan.photos), embedding_dim), dtype=np.float32)
         landmarks = np.zeros((len(scan.photos), 5, 2), dtype=np.float32)
         has_face = np.array([path in scan.faces for path in scan.photos], dtype=bool)
@@ -765,7 +779,9 @@ class _PhotoSet:
                 embeddings[row] = scan.faces[path].embedding
                 landmarks[row] = scan.faces[path].landmarks
         embeddings = torch.from_numpy(embeddings)
-        return cls(scan.photos, scan.report, scan.fingerprint, embeddings, landmarks, has_face)
+        return cls(
+            scan.photos, scan.report, scan.fingerprint, embeddings, landmarks, has_face, hashes
+        )
 
     @property
     def annotated(self) -> bool:
@@ -775,6 +791,25 @@ class _PhotoSet:
     @property
     def num_with_face(self) -> int:
         return int(self.has_face.sum()) if self.has_face is not None else 0
+
+
+def _refuse_shared_photos(instance: _PhotoSet, classes: _PhotoSet) -> None:
+    """ValueError when the class folder holds copies of the identity's own photos, compared by
+    content (any name, any folder): the prior would learn the person, and the triplet negative
+    would be the positive itself."""
+    own = {digest: path for digest, path in zip(instance.sha256, instance.paths, strict=True)}
+    copies = [
+        f"{path.name} = {own[digest].name}"
+        for digest, path in zip(classes.sha256, classes.paths, strict=True)
+        if digest in own and digest
+    ]
+    if copies:
+        folder = classes.paths[0].parent
+        raise ValueError(
+            f"the class folder {folder} holds {len(copies)} of this identity's own photos "
+            f"(same bytes: {', '.join(copies[:3])}); class images must show other people: "
+            "remove them from the class folder"
+        )
 
 
 @dataclass(frozen=True)
@@ -844,6 +879,8 @@ class DreamBoothFaceDataset(Dataset):
                 class_folder, detector, encoder, "keep", cache, min_side, max_class_images
             )
             self.classes = _PhotoSet.from_scan(classes, embedding_dim)
+        if self.classes is not None:
+            _refuse_shared_photos(self.instance, self.classes)
 
     @property
     def num_instance_images(self) -> int:

@@ -257,7 +257,7 @@ CROP_VARIANTS = ((2.4, 0.0, 0.0), (2.8, 0.08, 0.0), (2.6, -0.08, 0.05), (3.0, 0.
 def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
     """Random tiny SD pipeline, IResNet-18 checkpoint and DINOv2, built once."""
     from arcface import build_iresnet
-    from fileio import atomic_folder, atomic_path
+    from fileio import atomic_folder, atomic_path, remove_stale_temps
 
     paths = {
         "sd": models_dir / "tiny-sd",
@@ -266,7 +266,9 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
         "crfiqa": models_dir / "crfiqa_r18_random.pth",
     }
     # Each model is written to a temp name and renamed when complete, so a demo killed during
-    # set-up leaves no half-written model that a rerun would trust.
+    # set-up leaves no half-written model that a rerun would trust; the temps such a kill left
+    # (tens of MB each) are deleted here, on the next run.
+    remove_stale_temps(models_dir, {path.name for path in paths.values()})
     if not paths["sd"].is_dir():
         with atomic_folder(paths["sd"]) as temp:
             build_tiny_sd(temp)

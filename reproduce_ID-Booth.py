@@ -16,8 +16,11 @@ three scripts' own code in order (no second implementation):
 
 Every stage skips what is done (finished identities, images on disk; evaluation re-reads its
 caches), and training resumes an identity from its last checkpoint, so a killed run re-run
-finishes the rest. Variants share --seed, so their LoRAs start from the same init and see the
-same data order and noise: a paired comparison.
+finishes the rest. The experiment's own settings are kept in OUT/experiment_config.json: a
+re-run with other training or generation settings is refused with the differences listed
+(--overwrite retrains and regenerates everything with the new ones), so a report is never
+rebuilt from models of other settings. Variants share --seed, so their LoRAs start from the
+same init and see the same data order and noise: a paired comparison.
 
     accelerate launch --num_processes 8 reproduce_ID-Booth.py \\
         --identities_root data/tufts --class_data_dir data/class_person \\
@@ -33,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import shlex
 from pathlib import Path
 from typing import Any
 
 import runs
+from fileio import atomic_write_json
 
 logger = logging.getLogger("reproduce_ID-Booth")
 
@@ -49,6 +54,15 @@ STAGE_SCRIPTS = {
     "generate": REPO_ROOT / "inference_ID-Booth.py",
     "evaluate": REPO_ROOT / "Evaluation" / "evaluate.py",
 }
+EXPERIMENT_CONFIG_NAME = "experiment_config.json"
+# Arguments a re-run may change: where the experiment is, which variants it holds (each one's
+# LoRAs and images are checked by its own stages), paths whose content the stages compare
+# (photos, class images, ArcFace weights) and the evaluation, which is recomputed every run.
+# Every other argument, one added later included, must match.
+EXPERIMENT_MAY_CHANGE = frozenset(
+    "output_dir overwrite variants identities_root class_data_dir arcface_weights "  # noqa: SIM905
+    "real embedder feature_model quality_weights banner evaluate_flags".split()
+)
 
 
 class StageError(RuntimeError):
@@ -134,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CR-FIQA checkpoint for the quality section (not given: not computed).",
     )
     parser.add_argument("--banner", default=None, help="A note shown on top of the report.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Accept settings other than those the experiment folder was made with: retrain "
+        "every identity and regenerate every image (passed to both stages).",
+    )
     add_fr_utility_args(parser)
     for stage in ("train", "generate", "evaluate", "fr"):
         parser.add_argument(
@@ -229,7 +249,7 @@ def train_argv(args: argparse.Namespace, variant: str) -> list[str]:
         f"--loss={variant}",
         f"--resolution={args.resolution}",
         f"--output_dir={loras_of(args, variant)}",
-        "--resume_from_checkpoint=latest",
+        "--overwrite" if args.overwrite else "--resume_from_checkpoint=latest",
         *args.train_flags,
     ]
 
@@ -246,6 +266,7 @@ def generate_argv(args: argparse.Namespace, variant: str) -> list[str]:
         f"--num_images_per_identity={args.num_images_per_identity}",
         f"--resolution={args.resolution}",
         *attributes,
+        *(["--overwrite"] if args.overwrite else []),
         *args.generate_flags,
     ]
 
@@ -356,11 +377,40 @@ def fr_utility_stage(args: argparse.Namespace, state: Any) -> None:
     state.wait_for_everyone()
 
 
+def experiment_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {"args": runs.json_safe(vars(args)), "versions": runs.library_versions()}
+
+
+def check_experiment(args: argparse.Namespace, state: Any) -> None:
+    """Refuse (ValueError listing the differences) a re-run whose settings differ from those
+    in OUT/experiment_config.json, unless --overwrite; then record this run's settings."""
+    path = args.output_dir / EXPERIMENT_CONFIG_NAME
+    if path.is_file() and not args.overwrite:
+        try:
+            saved = json.loads(path.read_text())["args"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{path} is unreadable ({error}); pass --overwrite to redo the experiment"
+            ) from error
+        current = experiment_config(args)["args"]
+        changed = runs.config_mismatches(saved, current, EXPERIMENT_MAY_CHANGE)
+        if changed:
+            raise ValueError(
+                f"{args.output_dir} holds an experiment made with other settings "
+                f"({'; '.join(changed)}); re-run with those, use another --output_dir, or pass "
+                "--overwrite to retrain and regenerate everything"
+            )
+    state.wait_for_everyone()  # every process has compared before the file changes
+    if state.is_main_process:
+        atomic_write_json(path, experiment_config(args))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train, generate, evaluate; the report's path and the metrics on the main process."""
     state = runs.process_state()
     runs.setup_logging(state)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    check_experiment(args, state)
     train_variants(args, state)
     generate_variants(args, state)
     fr_utility_stage(args, state)

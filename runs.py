@@ -388,6 +388,113 @@ def check_base_model(name: str) -> None:
         )
 
 
+# Weight files of a pipeline folder; a component folder may hold several variants of them
+# (model.safetensors, model.fp16.safetensors, ...), and a hub repo's top level single-file
+# checkpoints that diffusers' folder loader never reads.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
+SHA256_CACHE_NAME = "file_sha256.json"
+
+
+def cache_folder() -> Path:
+    """This project's per-user cache: $ID_BOOTH_CACHE, else $XDG_CACHE_HOME/id_booth, else
+    ~/.cache/id_booth."""
+    if os.environ.get("ID_BOOTH_CACHE"):
+        return Path(os.environ["ID_BOOTH_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "id_booth"
+
+
+def cached_sha256(paths: Iterable[Path]) -> dict[Path, str]:
+    """sha256 of each file's bytes, hashed once and remembered in cache_folder() under the
+    file's (resolved path, size, mtime_ns, inode): any rewrite or replacement of the file
+    changes one of them, so a cached hash is never served for other bytes, and a multi-GB base
+    model is read once, not at every run. A cache that cannot be read or written only costs the
+    hashing time."""
+    import json
+
+    from fileio import atomic_write_json, file_sha256
+
+    cache_path = cache_folder() / SHA256_CACHE_NAME
+    try:
+        cache = json.loads(cache_path.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    hashes, added = {}, False
+    for path in paths:
+        real = Path(path).resolve()
+        info = real.stat()
+        key = f"{real}|{info.st_size}|{info.st_mtime_ns}|{info.st_ino}"
+        if not isinstance(cache.get(key), str):
+            cache[key], added = file_sha256(real), True
+        hashes[path] = cache[key]
+    if added:
+        with contextlib.suppress(OSError):
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cache_path, cache, fsync=False)
+    return hashes
+
+
+def base_model_folder(name: str, revision: str | None = None, variant: str | None = None) -> Path:
+    """The folder from_pretrained reads: a local folder as given, a hub id's cached snapshot
+    (downloaded as from_pretrained would when it is not cached yet)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except Exception:  # not cached: fetch what the pipeline loader fetches (offline: raises)
+        from diffusers import DiffusionPipeline
+
+        with loading("the Stable Diffusion pipeline", name):
+            return Path(DiffusionPipeline.download(name, revision=revision, variant=variant))
+
+
+def _variant(path: Path) -> str | None:
+    """The variant infix of a weights file name: 'fp16' for model.fp16.safetensors, else None."""
+    parts = path.name.split(".")
+    return parts[-2] if len(parts) > 2 else None
+
+
+def loaded_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The files of a pipeline folder that from_pretrained(variant=...) may read: every
+    non-weight file (configs, tokenizer; nothing hidden) and, inside each component folder,
+    the weights of that variant (all its weights where it has none of the variant, as the
+    loader then falls back). Top-level single-file checkpoints are never read."""
+    files = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    weights: dict[Path, list[Path]] = {}
+    for path in files:
+        if path.name.endswith(WEIGHT_SUFFIXES) and path.parent != folder:
+            weights.setdefault(path.parent, []).append(path)
+    chosen = set()
+    for component_files in weights.values():
+        of_variant = [path for path in component_files if _variant(path) == variant]
+        chosen.update(of_variant or component_files)
+    return [path for path in files if not path.name.endswith(WEIGHT_SUFFIXES) or path in chosen]
+
+
+def base_model_fingerprint(
+    name: str, revision: str | None = None, variant: str | None = None
+) -> str:
+    """The base model by content: sha256 over 'relative path:sha256' of every file its
+    pipeline folder loads (loaded_files), so a replaced folder or a moved hub revision
+    under the same name is another model (file hashes cached: cached_sha256)."""
+    import hashlib
+
+    folder = base_model_folder(name, revision, variant)
+    files = loaded_files(folder, variant)
+    hashes = cached_sha256(files)
+    lines = "".join(f"{path.relative_to(folder).as_posix()}:{hashes[path]}\n" for path in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 @contextlib.contextmanager
 def loading(what: str, source: object) -> Iterator[None]:
     """Turn any failure while loading user-given weights into one ValueError naming them (a
@@ -572,6 +679,8 @@ POSITIVE = Number(float, low=0, low_open=True)
 NON_NEGATIVE = Number(float, low=0)
 FINITE = Number(float)
 PROBABILITY = Number(float, low=0, high=1)
+# Classifier-free guidance: SD is used at 1..15 (paper: 5); past 100 images only saturate.
+GUIDANCE_SCALE = Number(float, low=0, high=100)
 
 
 def check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

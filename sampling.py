@@ -627,19 +627,30 @@ def encode_prompts(
     )
 
 
+def finite_rows(*tensors: torch.Tensor) -> list[bool]:
+    """Per sample (dim 0): whether every value of every tensor is finite (one host sync).
+    Postprocessing turns NaN into black pixels, so an image is written only where this holds."""
+    finite = torch.stack([t.flatten(1).isfinite().all(1) for t in tensors]).all(0)
+    return finite.tolist()
+
+
 @torch.no_grad()
 def decode_checked(
     pipeline: Any, latents: torch.Tensor, output_type: str = "pil"
-) -> tuple[Any, list[bool]]:
-    """(images, NSFW flags) from final latents, as the pipeline's __call__ ends: VAE decode,
-    its safety checker when it has one (it blacks flagged images out), postprocess."""
+) -> tuple[Any, list[bool], list[bool]]:
+    """(images, NSFW flags, finite flags) from final latents, as the pipeline's __call__ ends:
+    VAE decode, its safety checker when it has one (it blacks flagged images out),
+    postprocess. An image whose latents or decoded pixels hold NaN/inf is not finite: never
+    write it (it postprocesses to a black image)."""
     image = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
+    finite = finite_rows(latents, image)
+    image = torch.nan_to_num(image)  # a non-finite sample is reported, not postprocessed as NaN
     image, flagged = pipeline.run_safety_checker(image, latents.device, latents.dtype)
     flagged = [False] * image.shape[0] if flagged is None else [bool(f) for f in flagged]
     images = pipeline.image_processor.postprocess(
         image, output_type=output_type, do_denormalize=[not flag for flag in flagged]
     )
-    return images, flagged
+    return images, flagged, finite
 
 
 def generate_images(

@@ -53,10 +53,12 @@ from runs import (
 )
 from sampling import CLASS_IMAGE_FORMATS, generate_class_images, load_pipeline
 from trainer import (
+    MAX_TRAIN_STEPS,
     TRAINING_STATE_NAME,
     WEIGHT_DTYPES,
     FaceTools,
     PackedTrainer,
+    finished_mismatches,
     hub_kwargs,
     load_face_tools,
     load_frozen_models,
@@ -73,6 +75,9 @@ LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
 )
+# At most this many steps (or epochs) per identity: the paper trains a few thousand; the learning
+# rate schedule is tabulated per step, so a billion would first build a billion-entry table.
+TRAIN_STEPS = Number(int, low=1, high=MAX_TRAIN_STEPS)
 # The reference's validation: its instance prompt "with blue hair", no negative prompt, the
 # pipeline's defaults of 50 steps and guidance 7.5 (its sampler, DPM-Solver++, is not used here:
 # see README, "Where this differs").
@@ -238,12 +243,10 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="Instance images per step (each paired with one class image).",
     )
-    parser.add_argument(
-        "--num_train_epochs", type=POSITIVE_INT, default=32, help="Training epochs."
-    )
+    parser.add_argument("--num_train_epochs", type=TRAIN_STEPS, default=32, help="Training epochs.")
     parser.add_argument(
         "--max_train_steps",
-        type=POSITIVE_INT,
+        type=TRAIN_STEPS,
         default=None,
         help="Optimizer steps per identity; overrides --num_train_epochs.",
     )
@@ -287,7 +290,12 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
         help="AdamW beta2.",
     )
     parser.add_argument("--adam_weight_decay", type=NON_NEGATIVE, default=1e-2, help="AdamW decay.")
-    parser.add_argument("--adam_epsilon", type=POSITIVE, default=1e-8, help="AdamW epsilon.")
+    parser.add_argument(
+        "--adam_epsilon",
+        type=Number(float, low=float(torch.finfo(torch.float32).tiny)),
+        default=1e-8,
+        help="AdamW epsilon (the optimizer state is fp32: smaller values would be 0 there).",
+    )
     parser.add_argument("--max_grad_norm", type=POSITIVE, default=1.0, help="Gradient clip norm.")
     parser.add_argument(
         "--mixed_precision",
@@ -373,7 +381,10 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
         "--validation_num_inference_steps", type=POSITIVE_INT, default=50, help="Validation steps."
     )
     parser.add_argument(
-        "--validation_guidance_scale", type=NON_NEGATIVE, default=7.5, help="Validation guidance."
+        "--validation_guidance_scale",
+        type=runs.GUIDANCE_SCALE,
+        default=7.5,
+        help="Validation guidance.",
     )
     parser.add_argument(
         "--logging_steps",
@@ -426,6 +437,13 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ValueError(f"--class_data_dir {args.class_data_dir} is a file, not a folder")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise ValueError(f"--output_dir {args.output_dir} is a file; pass a folder path")
+    logging_dir = Path(args.logging_dir)
+    if logging_dir.is_absolute() or ".." in logging_dir.parts or not logging_dir.parts:
+        raise ValueError(
+            f"--logging_dir {args.logging_dir!r} must be a folder path inside each identity's "
+            "output (e.g. 'logs'): one TensorBoard folder per identity, or the report would "
+            "show one identity's curves for all"
+        )
     flag = "--instance_data_dir" if args.instance_data_dir is not None else "--identities_root"
     for name, folder in (
         ("--output_dir", args.output_dir),
@@ -522,6 +540,40 @@ def check_unfinished_runs(identities: list[Identity], args: argparse.Namespace) 
         )
 
 
+def check_finished(
+    identities: list[Identity], args: argparse.Namespace, face_tools: FaceTools | None, state
+) -> tuple[list[str], list[dict]]:
+    """(skipped, refused): finished identities whose training_config.json matches this run's
+    settings by resume's rule are skipped; the others are refused, each with its differences
+    in one line (an output folder never holds LoRAs of two recipes). --overwrite retrains."""
+    finished = [identity for identity in identities if is_finished(identity)]
+    if args.overwrite or not finished:
+        return [], []
+    mixed_precision = runs.resolve_mixed_precision(args.mixed_precision, state.device.type)
+    base_model = runs.base_model_fingerprint(
+        args.pretrained_model_name_or_path, args.revision, args.variant
+    )
+    skipped, refused, class_photos = [], [], None
+    for identity in finished:
+        try:
+            changed, class_photos = finished_mismatches(
+                identity, args, face_tools, mixed_precision, base_model, class_photos
+            )
+        except (ValueError, OSError) as error:
+            changed = [f"its photos cannot be checked ({error})"]
+        if not changed:
+            skipped.append(identity.name)
+            continue
+        error = (
+            f"{identity.output_dir} holds a LoRA trained with other settings "
+            f"({'; '.join(changed)}); rerun with those, use another --output_dir, or pass "
+            "--overwrite to retrain it"
+        )
+        logger.error("%s: %s", identity.name, error)
+        refused.append({"identity": identity.name, "error": error})
+    return skipped, refused
+
+
 # ============================================================================ main
 
 
@@ -560,7 +612,14 @@ def prepare_class_data(args: argparse.Namespace, state, face_tools: FaceTools | 
     if face_tools is not None:
         with state.main_process_first():
             detector, encoder = face_tools.detector, face_tools.encoder
-            scan_photos(args.class_data_dir, detector, encoder, limit=args.num_class_images)
+            scan = scan_photos(args.class_data_dir, detector, encoder, limit=args.num_class_images)
+        if args.loss == "triplet" and not scan.faces:
+            raise ValueError(
+                f"--loss triplet takes its negatives from class images with a face, but none of "
+                f"the {len(scan.photos)} class images used from {args.class_data_dir} has a "
+                "detected face: the run would never apply its identity term; add photos of "
+                "other people there, or use --loss identity / dreambooth"
+            )
 
 
 def main(args: argparse.Namespace) -> dict[str, list]:
@@ -586,8 +645,8 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         torch.backends.cudnn.allow_tf32 = True
     face_tools = load_face_tools(args, state.device) if args.arcface_weights is not None else None
     prepare_class_data(args, state, face_tools)
+    skipped, refused = check_finished(mine, args, face_tools, state)
     todo = [identity for identity in mine if args.overwrite or not is_finished(identity)]
-    skipped = [identity.name for identity in mine if identity not in todo]
     if skipped:
         logger.info("skipping finished identities (pass --overwrite to retrain): %s", skipped)
     results = []
@@ -599,9 +658,9 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         frozen = load_frozen_models(args, state.device, mixed_precision, arcface)
         trainer = PackedTrainer(args, frozen, face_tools, state, min(args.pack, len(todo)))
         results = trainer.run(todo)
-    failed = [result for result in results if "error" in result]
+    failed = refused + [result for result in results if "error" in result]
     if failed:
-        logger.error("%d of %d identities failed: %s", len(failed), len(todo), failed)
+        logger.error("%d of %d identities failed: %s", len(failed), len(mine), failed)
     trained = [result for result in results if "error" not in result]
     return {"trained": trained, "skipped": skipped, "failed": failed}
 

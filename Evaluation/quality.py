@@ -108,6 +108,16 @@ def crfiqa_from_state_dict(
     name = infer_iresnet_depth(state_dict)
     if name not in CRFIQA_DEPTHS:
         raise ValueError(f"{source}: CR-FIQA defines depths {list(CRFIQA_DEPTHS)}, not {name}")
+    broken = [
+        key
+        for key, value in state_dict.items()
+        if value.is_floating_point() and not bool(value.isfinite().all())
+    ]
+    if broken:
+        raise ValueError(
+            f"{source} holds NaN/inf in {len(broken)} tensors (e.g. {broken[0]}): the weights "
+            f"file is broken; download it again ({WEIGHTS_HINT})"
+        )
     num_features = int(state_dict["fc.weight"].shape[0])
     with torch.device("meta"):  # shapes only: every tensor is overwritten below
         model = build_crfiqa(name, num_features)

@@ -135,7 +135,9 @@ def measure_reference(inference, args, model: Path, loras: Path, output: Path, b
     device = torch.device(args.device)
     inference_args = inference.parse_args(inference_argv(args, model, loras, output, batch))
     inference_args.resolved_mixed_precision = args.mixed_precision
-    pipeline = inference.load_pipeline(inference_args).to(device, PRECISIONS[args.mixed_precision])
+    pipeline = inference.load_generation_pipeline(inference_args).to(
+        device, PRECISIONS[args.mixed_precision]
+    )
     sources = inference.lora_sources(inference_args)
     genders = inference.resolve_genders(sources, inference_args.identity_attributes)
 

@@ -227,23 +227,20 @@ def loading_from(pipe):
 
 def packed_batch(k: int, resolution: int, device: torch.device) -> PackedBatch:
     """K identities' micro-batches of 1 instance + 1 class image (identity-major rows)."""
-    rows, latent = 2 * k, resolution // 8
-    instance_rows = torch.arange(0, rows, 2, device=device)
-    slots = torch.arange(k, device=device).repeat_interleave(2)
+    latent = resolution // 8
     landmarks = torch.as_tensor(ARCFACE_DST * resolution / 112.0, device=device)
-    return PackedBatch(
-        mean=torch.randn(rows, 4, latent, latent, device=device),
-        std=torch.rand(rows, 4, latent, latent, device=device),
-        slots=slots,
-        is_prior=torch.arange(rows, device=device) % 2 == 1,
-        instance_rows=instance_rows,
-        prior_rows=instance_rows + 1,
-        sizes=[2] * k,
-        instance_sizes=[1] * k,
-        landmarks=landmarks.expand(k, 5, 2).clone(),
-        embeddings=F.normalize(torch.randn(rows, 512, device=device), dim=-1),
-        has_face=torch.ones(rows, dtype=torch.bool, device=device),
-    )
+    batches = [
+        PackedBatch.one_identity(
+            mean=torch.randn(2, 4, latent, latent, device=device),
+            std=torch.rand(2, 4, latent, latent, device=device),
+            num_instance=1,
+            landmarks=landmarks[None].clone(),
+            embeddings=F.normalize(torch.randn(2, 512, device=device), dim=-1),
+            has_face=torch.ones(2, dtype=torch.bool, device=device),
+        )
+        for _ in range(k)
+    ]
+    return PackedBatch.pack(batches, list(range(k)))
 
 
 def standing_slot(index: int) -> SimpleNamespace:
@@ -284,12 +281,7 @@ def count_step(size: str, k: int, precision: str, workdir: Path) -> dict:
             for tensor in (*part.parameters(), *part.buffers()):  # swapped by Module.to
                 if tensor.is_floating_point():
                     tensor.data = tensor.data.to(dtype)
-        # No validation in a counted step: its sampler's host schedule cannot be built on fakes.
-        with (
-            loading_from(pipe),
-            mock.patch("trainer.place"),
-            mock.patch("trainer.Sampler.from_pipeline"),
-        ):
+        with loading_from(pipe), mock.patch("trainer.place"):
             frozen = load_frozen_models(train_args, device, precision, arcface)
             trainer = PackedTrainer(train_args, frozen, None, runs.process_state(), k)
         batch = packed_batch(k, resolution, device)

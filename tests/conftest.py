@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# File hashes (runs.cached_sha256) go to a cache of the test session, not the user's.
+os.environ.setdefault("ID_BOOTH_CACHE", tempfile.mkdtemp(prefix="id_booth_cache-"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for path in (REPO_ROOT, REPO_ROOT / "tests", REPO_ROOT / "Evaluation"):

@@ -656,6 +656,32 @@ def test_faceless_class_photos_stay_in_the_prior_set_flagged(tmp_path: Path) -> 
     assert instance_only["has_face"].tolist() == [True, True]
 
 
+def test_class_folder_with_copies_of_the_identitys_own_photos_is_refused(tmp_path: Path) -> None:
+    """Compared by content, not by path: a renamed copy of an instance photo in the class
+    folder would make the triplet negative the positive itself."""
+    instance, prior = build_pair_folders(tmp_path)
+    own = sorted(instance.iterdir())[0]
+    shutil.copy(own, prior / "z_renamed_copy.png")
+    for detector, encoder in ((DotDetector(), MedianColourEncoder()), (None, None)):
+        with pytest.raises(ValueError, match=rf"z_renamed_copy.png = {own.name}.*remove them"):
+            DreamBoothFaceDataset(instance, detector, encoder, class_folder=prior, resolution=64)
+
+
+class NaNEncoder(MedianColourEncoder):
+    """A broken recogniser (e.g. NaN weights): every embedding is NaN."""
+
+    def forward(self, faces: torch.Tensor) -> torch.Tensor:
+        return super().forward(faces) * float("nan")
+
+
+def test_non_finite_embeddings_are_refused_and_never_cached(tmp_path: Path) -> None:
+    instance, _ = build_pair_folders(tmp_path)
+    encoder = NaNEncoder()
+    with pytest.raises(ValueError, match="NaN/inf embeddings for 2 of 2 faces.*broken"):
+        annotate_folder(instance, DotDetector(), encoder)
+    assert not face_cache_path(instance, encoder, DotDetector()).exists()
+
+
 def test_dataset_without_class_folder_and_center_crop(tmp_path: Path) -> None:
     instance, _ = build_pair_folders(tmp_path)
     dataset = DreamBoothFaceDataset(

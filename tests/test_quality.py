@@ -143,6 +143,10 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, r18_checkpoint):
         quality.crfiqa_from_state_dict(r200)
     with pytest.raises(FileNotFoundError, match="32572backbone.pth"):
         quality.load_crfiqa(tmp_path / "missing.pth")
+    nan = {**state, "qs.weight": torch.full_like(state["qs.weight"], float("nan"))}
+    torch.save(nan, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"NaN/inf in 1 tensors \(e\.g\. qs\.weight\).*broken"):
+        quality.load_crfiqa(tmp_path / "nan.pth")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,6 +171,49 @@ def test_stage_command_lines_follow_the_arguments(tmp_path):
         )
 
 
+def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, monkeypatch):
+    """The experiment records its settings; a re-run with other training or generation flags
+    is refused (the differences in one line) before any stage runs, so the report is never
+    rebuilt from models of other settings. Paths compared by content and the evaluation's
+    settings may change; --overwrite accepts new settings and passes --overwrite on."""
+    reproduce = runs.load_script(SCRIPT)
+    identities = tmp_path / "photos"
+    identities.mkdir()
+    stages = []
+    monkeypatch.setattr(reproduce, "run_stage", lambda name, argv: stages.append((name, argv)))
+    monkeypatch.setattr(reproduce, "train_variants", lambda args, state: stages.append("train"))
+    monkeypatch.setattr(reproduce, "generate_variants", lambda args, state: None)
+    base = [
+        f"--identities_root={identities}",
+        "--class_data_dir=class",
+        "--arcface_weights=backbone.pth",
+        f"--output_dir={tmp_path / 'experiment'}",
+        "--train_flags=--learning_rate 1e-4",
+    ]
+    reproduce.main(reproduce.parse_args(base))
+    config = tmp_path / "experiment" / reproduce.EXPERIMENT_CONFIG_NAME
+    assert json.loads(config.read_text())["args"]["train_flags"] == ["--learning_rate", "1e-4"]
+    stages.clear()
+    reproduce.main(reproduce.parse_args([*base, "--banner=rerun", "--embedder=dlib"]))
+    assert stages[0] == "train"  # evaluation-only changes: the experiment goes on
+
+    stages.clear()
+    changed = [*base[:-1], "--train_flags=--learning_rate 1e-2", "--resolution=256"]
+    with pytest.raises(ValueError) as error:
+        reproduce.main(reproduce.parse_args(changed))
+    message = str(error.value)
+    assert "\n" not in message and "--overwrite" in message
+    assert "train_flags: ['--learning_rate', '1e-4'] -> ['--learning_rate', '1e-2']" in message
+    assert "resolution: 512 -> 256" in message
+    assert stages == []  # nothing trained, generated or evaluated
+    overwrite = reproduce.parse_args([*changed, "--overwrite"])
+    assert "--overwrite" in reproduce.train_argv(overwrite, "triplet")
+    assert "--resume_from_checkpoint=latest" not in reproduce.train_argv(overwrite, "triplet")
+    assert "--overwrite" in reproduce.generate_argv(overwrite, "triplet")
+    reproduce.main(overwrite)
+    assert json.loads(config.read_text())["args"]["resolution"] == 256
+
+
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_keeps_finished_work(inputs, tmp_path):
     from test_interrupts import interrupt_when
@@ -193,7 +236,9 @@ def test_two_processes_make_the_same_experiment_as_one(inputs, tmp_path):
         out = tmp_path / f"p{processes}"
         argv = command(inputs, out)[1:]  # without the interpreter
         argv[argv.index(f"--class_data_dir={inputs['class']}")] = f"--class_data_dir={out}/class"
-        argv[argv.index("--variants") + 1 : argv.index("--variants") + 3] = ["triplet"]
+        # identity, not triplet: every class image is sampled here (faceless), and a triplet
+        # run with no class face is refused (it would never apply its identity term)
+        argv[argv.index("--variants") + 1 : argv.index("--variants") + 3] = ["identity"]
         argv = [a.replace("--num_class_images=4", "--num_class_images=6") for a in argv]
         torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone"]
         launcher = (

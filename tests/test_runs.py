@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,64 @@ def test_find_checkpoint_resumes_from_the_newest_complete_checkpoint(tmp_path):
     assert runs.find_checkpoint("latest", tmp_path / "empty", "state.pt") is None
     with pytest.raises(FileNotFoundError, match="checkpoint-200"):
         runs.find_checkpoint("checkpoint-200", tmp_path, "state.pt")
+
+
+def _pipeline_folder(root: Path) -> Path:
+    """A pipeline-shaped folder: configs, a tokenizer file, two weight variants, a top-level
+    single-file checkpoint diffusers' folder loader never reads, and a hidden cache."""
+    for relative, data in {
+        "model_index.json": b"{}",
+        "unet/config.json": b"{}",
+        "unet/diffusion_pytorch_model.safetensors": b"fp32 weights",
+        "unet/diffusion_pytorch_model.fp16.safetensors": b"fp16 weights",
+        "vae/diffusion_pytorch_model.safetensors": b"vae weights",
+        "tokenizer/vocab.json": b"{}",
+        "v2-1_512-ema-pruned.ckpt": b"single file",
+        ".cache/lock": b"",
+    }.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+    return root
+
+
+def test_base_model_fingerprint_is_the_content_of_the_files_the_loader_reads(tmp_path):
+    folder = _pipeline_folder(tmp_path / "sd")
+    names = [p.relative_to(folder).as_posix() for p in runs.loaded_files(folder)]
+    assert "unet/diffusion_pytorch_model.safetensors" in names
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" not in names
+    assert "v2-1_512-ema-pruned.ckpt" not in names and ".cache/lock" not in names
+    # fp16: the unet's fp16 file; the vae has none of that variant, so the loader falls back.
+    fp16 = [p.relative_to(folder).as_posix() for p in runs.loaded_files(folder, "fp16")]
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in fp16
+    assert "vae/diffusion_pytorch_model.safetensors" in fp16
+
+    first = runs.base_model_fingerprint(str(folder))
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    assert runs.base_model_fingerprint(str(moved)) == first  # the same model, elsewhere
+    (moved / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"other")
+    (moved / "v2-1_512-ema-pruned.ckpt").write_bytes(b"other")
+    assert runs.base_model_fingerprint(str(moved)) == first  # files it does not load
+    (moved / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"fp32 weightz")
+    assert runs.base_model_fingerprint(str(moved)) != first  # same path and size, new bytes
+
+
+def test_file_hashes_are_cached_by_path_size_mtime_and_inode(tmp_path, monkeypatch):
+    import fileio
+
+    monkeypatch.setenv("ID_BOOTH_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real_sha256 = fileio.file_sha256
+    monkeypatch.setattr(fileio, "file_sha256", lambda path: calls.append(path) or real_sha256(path))
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"a" * 100)
+    first = runs.cached_sha256([weights])[weights]
+    assert runs.cached_sha256([weights])[weights] == first and len(calls) == 1  # read once
+    stat = weights.stat()
+    replacement = tmp_path / "new.bin"
+    replacement.write_bytes(b"b" * 100)  # same size, same mtime, another inode
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    replacement.replace(weights)
+    assert runs.cached_sha256([weights])[weights] != first and len(calls) == 2
+    (tmp_path / "cache" / runs.SHA256_CACHE_NAME).write_text("[not a cache")
+    assert runs.cached_sha256([weights])[weights] == fileio.file_sha256(weights)

@@ -624,6 +624,7 @@ def test_the_resume_allow_list_is_exactly_these_flags():
         "identities_root",
         "class_data_dir",
         "sample_batch_size",
+        "class_image_format",
         "class_num_inference_steps",
         "prior_generation_precision",
         "face_models_root",
