@@ -222,10 +222,11 @@ class ObjectiveConfig:
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of values[mask] (0 when nothing is selected): (n,), (n,) bool -> (). A masked-out
-    value never enters the mean, not even as 0 * NaN; no host sync (no boolean indexing)."""
+    """Mean of values[mask] over the last dim (0 when nothing is selected): (..., n), (..., n)
+    bool -> (...). A masked-out value never enters the mean, not even as 0 * NaN; no host sync
+    (no boolean indexing)."""
     selected = torch.where(mask, values, torch.zeros_like(values))
-    return selected.sum() / mask.sum().clamp_min(1)
+    return selected.sum(-1) / mask.sum(-1).clamp_min(1)
 
 
 def sample_mse(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -242,8 +243,10 @@ def identity_terms(
     negative: torch.Tensor | None,
     timesteps: torch.Tensor,
     mask: torch.Tensor,
+    groups: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The identity TERM_NAMES of one identity's batch, scalars.
+    """The identity TERM_NAMES of one identity's batch, scalars; or of S identities at once,
+    (S,), with `groups=S` (rows identity-major, n / S each).
 
     anchor (n, D) = E(x0_hat) of the instance samples; positive (n, D) = e_inst; negative
     (n, D) = e_prior of the paired prior samples (triplet only); timesteps (n,); mask (n,)
@@ -251,11 +254,13 @@ def identity_terms(
     """
     per_sample = IDENTITY_LOSSES[config.loss](anchor, positive, negative, config.triplet_margin)
     weight = IDENTITY_WEIGHTINGS[config.identity_weighting](timesteps, config.num_train_timesteps)
+    if groups is not None:  # (S, n / S): each identity's rows on a row
+        per_sample, weight, mask = (t.view(groups, -1) for t in (per_sample, weight, mask))
     return {
         "identity_term": masked_mean(weight * per_sample, mask),
         "identity_criterion": masked_mean(per_sample, mask),
         "identity_weight": masked_mean(weight, mask),
-        "identity_count": mask.sum().float(),
+        "identity_count": mask.sum(-1).float(),
     }
 
 
@@ -265,7 +270,8 @@ def objective(
     is_prior: torch.Tensor,
     identity: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every TERM_NAMES value of one identity's batch, scalars.
+    """Every TERM_NAMES value of one identity's batch, scalars (or of S identities of equal
+    batches at once: (S, B / S) rows in, (S,) terms out).
 
     sample_losses (B,) = per-sample diffusion MSE (sample_mse); is_prior (B,) bool. loss = mean
     of the instance losses + w_prior * mean of the prior losses (DreamBooth, Ruiz et al. 2023,
@@ -293,8 +299,16 @@ def objective_of_each(
     Rows are identity-major: identity s holds sizes[s] consecutive rows of sample_losses and
     is_prior (B,), and instance_sizes[s] consecutive rows of each identity_rows tensor
     (identity_terms' arguments by name, (n, ...)). The packed loss sum_s loss_s gives each
-    identity's LoRA exactly the gradient of a run of it alone.
+    identity's LoRA exactly the gradient of a run of it alone. When every identity has the
+    same row counts (a pack's usual step), all are computed at once on (S, rows) views.
     """
+    count = len(sizes)
+    if len(set(sizes)) == 1 and (identity_rows is None or len(set(instance_sizes)) == 1):
+        identity = None
+        if identity_rows is not None:
+            identity = identity_terms(config, **identity_rows, groups=count)
+        terms = objective(config, sample_losses.view(count, -1), is_prior.view(count, -1), identity)
+        return {name: terms[name] for name in TERM_NAMES}
     losses_of, priors_of = sample_losses.split(sizes), is_prior.split(sizes)
     parts = (
         {}

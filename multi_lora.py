@@ -53,6 +53,8 @@ class IdentitySelection:
         self.identities: torch.Tensor | None = None
         self.everyone: int | None = None
         self._broadcast: torch.Tensor | None = None
+        # n when identities == arange(K).repeat_interleave(n): every slot, in order, n rows each
+        self.rows_per_identity: int | None = None
 
     def current(self, batch_size: int, device: torch.device) -> torch.Tensor:
         if self.everyone is not None:
@@ -111,7 +113,14 @@ class BatchedLoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, ..., in) -> (B, ..., out); sample b uses identity `identities[b]`."""
+        """(B, ..., in) -> (B, ..., out); sample b uses identity `identities[b]`.
+
+        Per sample, peft's LoRA maths: the input cast to the factors' dtype, both products in
+        autocast's dtype under autocast (in the factors' dtype otherwise), scaled, added to the
+        base output. The product and its backward are one autograd node: `_GroupedLoRA` when
+        every sample has one identity (K = 1, `select_everyone`) or the rows come grouped by
+        slot (`set_identities(..., rows_per_identity=n)`), `_GatheredLoRA` otherwise.
+        """
         identities = self.selection.current(x.shape[0], self.lora_A.device)
         if x.dim() < 2 or identities.shape[0] != x.shape[0]:
             raise ValueError(
@@ -123,24 +132,122 @@ class BatchedLoRALinear(nn.Module):
                 f"identities are on {identities.device}, the LoRA factors on "
                 f"{self.lora_A.device}; move them first (an implicit copy would sync)"
             )
+        if self.slot_scaling is not None:  # generation: each slot's own scaling
+            return self._forward_slots(x, identities)
+        kind = x.device.type
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+        dtype = torch.get_autocast_dtype(kind) if autocast else self.lora_A.dtype
+        if autocast and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)  # autocast's cast of the input, made once for base and LoRA
+        result = self.base_layer(x)
+        one, factors = self.selection.everyone, (self.lora_A, self.lora_B)
+        if one is not None and self.lora_A.shape[0] > 1:
+            factors = (self.lora_A[one : one + 1], self.lora_B[one : one + 1])
+        if one is not None or self.lora_A.shape[0] == 1 or self.selection.rows_per_identity:
+            delta = _GroupedLoRA.apply(x, *factors, dtype, self.scaling)
+        else:
+            delta = _GatheredLoRA.apply(x, self.lora_A, self.lora_B, identities, dtype, self.scaling)
+        if delta.dtype == result.dtype:
+            return result + delta
+        return (result + delta).to(result.dtype)  # fp32 factors on a low-precision base
+
+    def _forward_slots(self, x: torch.Tensor, identities: torch.Tensor) -> torch.Tensor:
+        """Generation with per-slot scaling, as peft's `product * scaling`: in fp32, rounded
+        once to the product's dtype."""
         result = self.base_layer(x)
         result_dtype = result.dtype
-        # As peft: the input is cast to the factors' dtype; under autocast bmm then runs in the
-        # autocast dtype exactly like peft's nn.Linear factors do.
         hidden = x.to(self.lora_A.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, N, in)
         down = self.lora_A[identities].transpose(1, 2)  # (B, in, r)
         up = self.lora_B[identities].transpose(1, 2)  # (B, r, out)
         delta = torch.bmm(torch.bmm(hidden, down), up)  # (B, N, out)
-        if self.slot_scaling is None:
-            delta = delta * self.scaling
-        else:  # as peft's `product * scaling`: in fp32, rounded once to the product's dtype
-            scaling = self.slot_scaling[identities].view(-1, 1, 1)
-            delta = (delta.float() * scaling).to(delta.dtype)
+        scaling = self.slot_scaling[identities].view(-1, 1, 1)
+        delta = (delta.float() * scaling).to(delta.dtype)
         return (result + delta.reshape(result.shape)).to(result_dtype)
 
     def extra_repr(self) -> str:
         identities, rank, _ = self.lora_A.shape
         return f"identities={identities}, rank={rank}, scaling={self.scaling}"
+
+
+class _GroupedLoRA(torch.autograd.Function):
+    """scaling * (x A_g^T) B_g^T with G identities' factors A (G, r, in), B (G, out, r), the
+    samples of x (B, ..., in) in G consecutive groups of B / G (group g: identity g; G = 1: one
+    identity for all), the products in `dtype`, as one autograd node: x is read as (G, M / G,
+    in), so each product is one bmm and the backward four bmm, each identity's factor gradients
+    a single sum over its own rows (as peft's nn.Linear gradients of a run of it alone)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, dtype, scaling):
+        groups = lora_A.shape[0]
+        rows = x.reshape(groups, -1, x.shape[-1]).to(dtype)  # (G, M / G, in)
+        down, up = lora_A.to(dtype), lora_B.to(dtype)  # (G, r, in), (G, out, r)
+        hidden = torch.bmm(rows, down.mT)  # (G, M / G, r)
+        delta = torch.bmm(hidden, up.mT)  # (G, M / G, out)
+        if scaling != 1.0:
+            delta = delta * scaling
+        ctx.save_for_backward(rows, down, up, hidden)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return delta.view(*x.shape[:-1], up.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, down, up, hidden = ctx.saved_tensors
+        grad = grad.reshape(*hidden.shape[:2], grad.shape[-1]).to(up.dtype)  # (G, M / G, out)
+        if ctx.scaling != 1.0:
+            grad = grad * ctx.scaling
+        grad_hidden = torch.bmm(grad, up)  # (G, M / G, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad_hidden, down).view(ctx.x_shape)
+        grad_A = torch.bmm(grad_hidden.mT, rows) if ctx.needs_input_grad[1] else None
+        grad_B = torch.bmm(grad.mT, hidden) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_A, grad_B, None, None
+
+
+class _GatheredLoRA(torch.autograd.Function):
+    """scaling * (x_b A[i_b]^T) B[i_b]^T per sample b (x (B, ..., in), A (K, r, in), B (K, out,
+    r), i (B,) long), the products in `dtype`, as one autograd node: the factors are cast once
+    (K of them) and gathered per sample, each product is one bmm; the backward's four bmm give
+    per-sample factor gradients, summed per identity in the factors' dtype (index_add_)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, identities, dtype, scaling):
+        rows = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        rows = rows.to(dtype)  # (B, N, in)
+        down = lora_A.to(dtype)[identities]  # (B, r, in)
+        up = lora_B.to(dtype)[identities]  # (B, out, r)
+        hidden = torch.bmm(rows, down.mT)  # (B, N, r)
+        delta = torch.bmm(hidden, up.mT)  # (B, N, out)
+        if scaling != 1.0:
+            delta = delta * scaling
+        ctx.save_for_backward(rows, down, up, hidden, identities)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        ctx.num_identities, ctx.factor_dtype = lora_A.shape[0], lora_A.dtype
+        return delta if x.dim() == 3 else delta.view(*x.shape[:-1], up.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, down, up, hidden, identities = ctx.saved_tensors
+        if grad.dim() != 3:
+            grad = grad.reshape(rows.shape[0], -1, grad.shape[-1])
+        grad = grad.to(up.dtype)  # (B, N, out)
+        if ctx.scaling != 1.0:
+            grad = grad * ctx.scaling
+        grad_hidden = torch.bmm(grad, up)  # (B, N, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad_hidden, down)
+            if grad_x.shape != ctx.x_shape:
+                grad_x = grad_x.view(ctx.x_shape)
+
+        def per_identity(per_sample: torch.Tensor) -> torch.Tensor:
+            per_sample = per_sample.to(ctx.factor_dtype)
+            stacked = per_sample.new_zeros((ctx.num_identities, *per_sample.shape[1:]))
+            return stacked.index_add_(0, identities, per_sample)
+
+        grad_A = per_identity(torch.bmm(grad_hidden.mT, rows)) if ctx.needs_input_grad[1] else None
+        grad_B = per_identity(torch.bmm(grad.mT, hidden)) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_A, grad_B, None, None, None
 
 
 @dataclass
@@ -156,9 +263,15 @@ class BatchedLoRA:
     target_modules: list[str]
     _removed: bool = field(default=False, repr=False)
 
-    def set_identities(self, identities: torch.Tensor) -> None:
+    def set_identities(
+        self, identities: torch.Tensor, rows_per_identity: int | None = None
+    ) -> None:
         """Select (B,) long identity indices for the following forwards (and their backward).
 
+        `rows_per_identity=n` is the caller's statement (from host data; not checked on the
+        device) that identities == arange(K).repeat_interleave(n): every slot, in slot order,
+        n rows each. The layers then multiply each identity's rows by its factors directly
+        (no per-sample gather; each factor gradient one sum over its identity's rows).
         It stays set until the next call, since gradient checkpointing re-runs the forward
         during backward and must see the same index.
         """
@@ -167,7 +280,15 @@ class BatchedLoRA:
                 f"identities must be a (B,) long tensor, got {identities.dtype} of shape "
                 f"{tuple(identities.shape)}"
             )
+        if rows_per_identity is not None and identities.shape[0] != (
+            rows_per_identity * self.num_identities
+        ):
+            raise ValueError(
+                f"{identities.shape[0]} identities are not {rows_per_identity} rows for each of "
+                f"the {self.num_identities} slots"
+            )
         self.selection.identities = identities
+        self.selection.rows_per_identity = rows_per_identity
         self.selection.everyone = None
 
     def select_everyone(self, k: int) -> None:

@@ -1146,7 +1146,9 @@ class PackedTrainer:
         """Forward and backward of a packed micro-batch, the watches and means, and at the end
         of an accumulation the update. Device work only: no host reads. True if it updated."""
         index = to_device(torch.tensor([slot.index for slot in slots]), self.device)  # (S,)
-        self.lora.set_identities(batch.slots)
+        every_slot = [slot.index for slot in slots] == list(range(self.num_slots))
+        grouped = every_slot and len(set(batch.sizes)) == 1  # rows: slot 0's, slot 1's, ...
+        self.lora.set_identities(batch.slots, batch.sizes[0] if grouped else None)
         with self.frozen.autocast():
             terms = training_step(
                 self.model,
