@@ -55,6 +55,7 @@ class IdentitySelection:
         self._broadcast: torch.Tensor | None = None
         # n when identities == arange(K).repeat_interleave(n): every slot, in order, n rows each
         self.rows_per_identity: int | None = None
+        self.casts = FactorCasts()
 
     def current(self, batch_size: int, device: torch.device) -> torch.Tensor:
         if self.everyone is not None:
@@ -66,6 +67,67 @@ class IdentitySelection:
                 "no identities selected: call set_identities(identities) before the forward"
             )
         return self.identities
+
+
+class FactorCasts:
+    """Every layer's LoRA factors cast to autocast's dtype by one op per change of their values,
+    instead of two casts per layer and forward. Used when the factors are column blocks of one
+    contiguous (K, P) buffer (StackedAdamW.flat_params) and registered with
+    `BatchedLoRA.share_factor_casts`: one low-precision copy of the buffer, each layer's
+    factors as views of it (made once), refreshed in place (one copy_) when a layer sees that
+    the buffer or its own factors changed since (the version counters of the buffer and of the
+    factors count every in-place write: an AdamW step, an init, a load). Values equal per-layer
+    casts bit for bit. `of` gives None (cast in the layer) for any other dtype, unregistered
+    layers, or under torch.compile."""
+
+    def __init__(self) -> None:
+        self.flat: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None
+        self.layers: list[BatchedLoRALinear] = []
+        self.copy: torch.Tensor | None = None
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.versions: dict[int, tuple[int, int, int]] = {}
+
+    @torch.no_grad()
+    def share(
+        self, flat: torch.Tensor, layers: list[BatchedLoRALinear], dtype: torch.dtype
+    ) -> None:
+        storage = flat.untyped_storage()._cdata  # the StorageImpl (fakes have no data_ptr)
+        factors = [f for layer in layers for f in (layer.lora_A, layer.lora_B)]
+        if not flat.is_contiguous() or any(
+            f.untyped_storage()._cdata != storage or f.dtype != flat.dtype for f in factors
+        ):
+            raise ValueError("every factor must be a view of the one contiguous buffer given")
+        self.flat, self.dtype, self.layers = flat, dtype, list(layers)
+        self.copy = flat.to(dtype)
+        offset = flat.storage_offset()
+        self.views = {
+            id(layer): tuple(
+                self.copy.as_strided(f.shape, f.stride(), f.storage_offset() - offset)
+                for f in (layer.lora_A, layer.lora_B)
+            )
+            for layer in layers
+        }
+        self._record()
+
+    def _record(self) -> None:
+        version = self.flat._version
+        self.versions = {
+            id(layer): (version, layer.lora_A._version, layer.lora_B._version)
+            for layer in self.layers
+        }
+
+    def of(
+        self, layer: BatchedLoRALinear, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if dtype != self.dtype or id(layer) not in self.views or torch.compiler.is_compiling():
+            return None
+        now = (self.flat._version, layer.lora_A._version, layer.lora_B._version)
+        if self.versions[id(layer)] != now:
+            with torch.no_grad():
+                self.copy.copy_(self.flat)
+            self._record()
+        return self.views[id(layer)]
 
 
 class BatchedLoRALinear(nn.Module):
@@ -140,13 +202,16 @@ class BatchedLoRALinear(nn.Module):
         if autocast and x.is_floating_point() and x.dtype != dtype:
             x = x.to(dtype)  # autocast's cast of the input, made once for base and LoRA
         result = self.base_layer(x)
-        one, factors = self.selection.everyone, (self.lora_A, self.lora_B)
+        factors = (self.lora_A, self.lora_B)
+        casts = self.selection.casts.of(self, dtype)  # (down, up) in dtype, or None
+        one = self.selection.everyone
         if one is not None and self.lora_A.shape[0] > 1:
             factors = (self.lora_A[one : one + 1], self.lora_B[one : one + 1])
+            casts = casts and (casts[0][one : one + 1], casts[1][one : one + 1])
         if one is not None or self.lora_A.shape[0] == 1 or self.selection.rows_per_identity:
-            delta = _GroupedLoRA.apply(x, *factors, dtype, self.scaling)
+            delta = _GroupedLoRA.apply(x, *factors, casts, dtype, self.scaling)
         else:
-            delta = _GatheredLoRA.apply(x, self.lora_A, self.lora_B, identities, dtype, self.scaling)
+            delta = _GatheredLoRA.apply(x, *factors, casts, identities, dtype, self.scaling)
         if delta.dtype == result.dtype:
             return result + delta
         return (result + delta).to(result.dtype)  # fp32 factors on a low-precision base
@@ -177,10 +242,10 @@ class _GroupedLoRA(torch.autograd.Function):
     a single sum over its own rows (as peft's nn.Linear gradients of a run of it alone)."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, dtype, scaling):
+    def forward(ctx, x, lora_A, lora_B, casts, dtype, scaling):
         groups = lora_A.shape[0]
         rows = x.reshape(groups, -1, x.shape[-1]).to(dtype)  # (G, M / G, in)
-        down, up = lora_A.to(dtype), lora_B.to(dtype)  # (G, r, in), (G, out, r)
+        down, up = casts or (lora_A.to(dtype), lora_B.to(dtype))  # (G, r, in), (G, out, r)
         hidden = torch.bmm(rows, down.mT)  # (G, M / G, r)
         delta = torch.bmm(hidden, up.mT)  # (G, M / G, out)
         if scaling != 1.0:
@@ -201,7 +266,7 @@ class _GroupedLoRA(torch.autograd.Function):
             grad_x = torch.bmm(grad_hidden, down).view(ctx.x_shape)
         grad_A = torch.bmm(grad_hidden.mT, rows) if ctx.needs_input_grad[1] else None
         grad_B = torch.bmm(grad.mT, hidden) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_A, grad_B, None, None
+        return grad_x, grad_A, grad_B, None, None, None
 
 
 class _GatheredLoRA(torch.autograd.Function):
@@ -211,11 +276,11 @@ class _GatheredLoRA(torch.autograd.Function):
     per-sample factor gradients, summed per identity in the factors' dtype (index_add_)."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, identities, dtype, scaling):
+    def forward(ctx, x, lora_A, lora_B, casts, identities, dtype, scaling):
         rows = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
         rows = rows.to(dtype)  # (B, N, in)
-        down = lora_A.to(dtype)[identities]  # (B, r, in)
-        up = lora_B.to(dtype)[identities]  # (B, out, r)
+        down, up = casts or (lora_A.to(dtype), lora_B.to(dtype))  # (K, r, in), (K, out, r)
+        down, up = down[identities], up[identities]  # (B, r, in), (B, out, r)
         hidden = torch.bmm(rows, down.mT)  # (B, N, r)
         delta = torch.bmm(hidden, up.mT)  # (B, N, out)
         if scaling != 1.0:
@@ -247,7 +312,7 @@ class _GatheredLoRA(torch.autograd.Function):
 
         grad_A = per_identity(torch.bmm(grad_hidden.mT, rows)) if ctx.needs_input_grad[1] else None
         grad_B = per_identity(torch.bmm(grad.mT, hidden)) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_A, grad_B, None, None, None
+        return grad_x, grad_A, grad_B, None, None, None, None
 
 
 @dataclass
@@ -290,6 +355,13 @@ class BatchedLoRA:
         self.selection.identities = identities
         self.selection.rows_per_identity = rows_per_identity
         self.selection.everyone = None
+
+    def share_factor_casts(self, flat: torch.Tensor, dtype: torch.dtype) -> None:
+        """Under autocast to `dtype`, cast all factors by one op per change of their values
+        (FactorCasts) instead of two casts per layer and forward: `flat` is the contiguous
+        buffer every factor is a view of (StackedAdamW.flat_params). Call it again after
+        replacing the factors' `.data`."""
+        self.selection.casts.share(flat, list(self.layers.values()), dtype)
 
     def select_everyone(self, k: int) -> None:
         """Every sample of the following forwards uses identity k (any batch size)."""

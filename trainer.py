@@ -854,6 +854,8 @@ class PackedTrainer:
             weight_decay=args.adam_weight_decay,
             eps=args.adam_epsilon,
         )
+        if frozen.mixed_precision != "no":  # one cast of all factors per update, not per layer
+            self.lora.share_factor_casts(self.optimizer.flat_params, frozen.weight_dtype)
         self.scaler = self.fresh_scaler()
         self.prompts = PromptEmbeddings.encode(frozen, args)
         self.objective = objective_config(args, frozen)

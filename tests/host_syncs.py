@@ -109,3 +109,36 @@ class NoHostTransfers(contextlib.ExitStack):
     @property
     def ops(self) -> list[str]:
         return self._copies.ops
+
+
+HOST_READ_METHODS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.numpy,
+    torch.Tensor.cpu,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the reads of tensor values on the host (`.item()`, `.tolist()`, `.numpy()`,
+    `.cpu()`, `.to("cpu")`, `bool` / `int` / `float` / index of a tensor): on a GPU each is one
+    device-to-host copy and sync. On the CPU it counts the same calls (host and device are one
+    memory there, so it cannot tell a host tensor's read from a device tensor's: count only a
+    region that reads device state). `reads` lists them by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_host = func is torch.Tensor.to and any(
+            str(value) == "cpu" for value in (*args[1:], *kwargs.values())
+        )
+        if func in HOST_READ_METHODS or to_host:
+            self.reads.append(func.__name__)
+        return func(*args, **kwargs)

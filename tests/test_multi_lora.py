@@ -647,3 +647,68 @@ def test_lora_layout_names_what_batched_generation_cannot_apply(pipe, tmp_path):
     )
     with pytest.raises(ValueError, match="different ranks"):
         lora_layout(mixed)
+
+
+# ---------------------------------------------------------------------------- op-count paths
+
+
+def _autocast_step(unet, handle, inputs, identities, rows_per_identity=None):
+    """Forward + backward of the packed loss under bf16 autocast; (output, factor grads)."""
+    handle.set_identities(identities, rows_per_identity)
+    for param in handle.parameters():
+        param.grad = None if param.grad is None else param.grad.zero_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(**inputs).sample
+    out.float().square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in handle.parameters()]
+
+
+def test_shared_factor_casts_equal_per_layer_casts_after_updates_inits_and_loads(pipe):
+    """One cast of the flat buffer (refreshed on an AdamW step, an init, a load) gives the
+    layers' per-forward casts bit for bit: outputs and gradients."""
+    identities, inputs = torch.tensor([0, 0, 1, 1, 2, 2]), _inputs(6)
+    runs = []
+    for shared in (False, True):
+        unet, handle = _batched(copy.deepcopy(pipe.unet).to(torch.bfloat16))
+        _randomize(handle, 3)
+        optimizer = ml.StackedAdamW(handle.parameters(), K, lr=LRS, **ADAMW)
+        if shared:
+            handle.share_factor_casts(optimizer.flat_params, torch.bfloat16)
+        results = [_autocast_step(unet, handle, inputs, identities)]
+        optimizer.step()  # writes the flat buffer
+        results.append(_autocast_step(unet, handle, inputs, identities))
+        ml.init_identity_(handle, 1, seed=5)  # writes through the factors
+        with torch.no_grad():
+            handle.parameters()[3][2].add_(0.5)  # B of one layer, identity 2
+        results.append(_autocast_step(unet, handle, inputs, identities))
+        runs.append(results)
+        layer = next(iter(handle.layers.values()))
+        assert (handle.selection.casts.of(layer, torch.bfloat16) is not None) == shared
+    for (out, grads), (shared_out, shared_grads) in zip(*runs, strict=True):
+        assert torch.equal(out, shared_out)
+        assert all(torch.equal(a, b) for a, b in zip(grads, shared_grads, strict=True))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rows_grouped_by_slot_equal_the_gathered_path(pipe, autocast):
+    """set_identities(..., rows_per_identity=n) (one bmm per identity) gives the per-sample
+    gather's outputs and gradients."""
+    identities, inputs = torch.tensor([0, 0, 1, 1, 2, 2]), _inputs(6)
+    unet, handle = _batched(pipe.unet)
+    _randomize(handle, 8)
+    results = []
+    for rows in (None, 2):
+        handle.set_identities(identities, rows)
+        for param in handle.parameters():
+            param.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = unet(**inputs).sample
+        out.float().square().mean().backward()
+        results.append((out.detach().float(), [p.grad.clone() for p in handle.parameters()]))
+    (gathered, gathered_grads), (grouped, grouped_grads) = results
+    tolerance = dict(rtol=2e-2, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped, gathered, **tolerance)
+    for a, b in zip(grouped_grads, gathered_grads, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)
+    with pytest.raises(ValueError, match="not 3 rows for each of the 3 slots"):
+        handle.set_identities(identities, 3)
