@@ -558,12 +558,28 @@ class NonFiniteWatch:
         self.first_step[row] = -1
         self.bad[row] = False
 
+    def state(self, rows: Any) -> Any:
+        """(S, 1 + len(names)) float64 on the device for rows (an index or slice of S rows): each
+        row's first bad step (-1: none) and
+        which values were bad then (0/1), for `raise_if_bad` after one host read of many."""
+        import torch
+
+        return torch.cat([self.first_step[rows, None].double(), self.bad[rows].double()], 1)
+
+    def raise_if_bad(self, where: str, state: list[float]) -> None:
+        """check() on a row of `state` already read on the host (no device access)."""
+        step = int(state[0])
+        if step >= 0:
+            self._raise(where, step, [bool(value) for value in state[1:]])
+
     def check(self, where: str, row: int = 0) -> None:
         """Raise NonFiniteLossError naming the row's step and its offending values."""
         step = int(self.first_step[row].item())
         if step < 0:
             return
-        bad = self.bad[row].tolist()
+        self._raise(where, step, self.bad[row].tolist())
+
+    def _raise(self, where: str, step: int, bad: list[bool]) -> None:
         names = [name for name, is_bad in zip(self.names, bad, strict=True) if is_bad]
         raise NonFiniteLossError(
             f"non-finite loss at step {step} (terms: {', '.join(names)}); training stopped "
@@ -614,6 +630,16 @@ class RunningMeans:
         self.sums[row] = 0
         self.sample_sums[row] = 0
         self.steps[row] = 0
+
+    def means_of(self, rows: Any) -> Any:
+        """(S, T) float64 on the device: the means pop() would give for rows (an index or a slice
+        of S rows), without
+        reading or resetting them (for one host read of many rows; reset each after)."""
+        means = self.sums[rows] / self.steps[rows, None].clamp_min(1)
+        if len(self.per_sample):
+            samples = self.sums[rows, self.count_index, None].clamp_min(1)
+            means[:, self.per_sample] = self.sample_sums[rows] / samples
+        return means
 
     def pop(self, row: int = 0) -> dict[str, float]:
         """Means of a row since its last pop (one sync), then reset."""

@@ -659,6 +659,28 @@ def learning_rate_table(args: argparse.Namespace, total_steps: int) -> torch.Ten
     )
 
 
+@dataclass
+class LogRead:
+    """One slot's values for its log interval and epoch log, read on the host (read_logs)."""
+
+    watch: list[float]  # NonFiniteWatch.state row of the loss terms
+    grad_watch: list[float]  # ... of the gradient norm
+    interval: list[float]  # interval means of TERM_NAMES
+    identity_samples: float
+    lr: float
+    epoch_steps: float
+    epoch: list[float]  # epoch means of TERM_NAMES
+
+    @classmethod
+    def of(cls, row: list[float]) -> LogRead:
+        terms = len(TERM_NAMES)
+        widths = [1 + terms, 2, terms, 1, 1, 1, terms]
+        ends = np.cumsum(widths).tolist()
+        parts = [row[end - width : end] for width, end in zip(widths, ends, strict=True)]
+        watch, grad_watch, interval, samples, lr, steps, epoch = parts
+        return cls(watch, grad_watch, interval, samples[0], lr[0], steps[0], epoch)
+
+
 class Slot:
     """One identity in one LoRA slot of the packed trainer: its data, its place in its own
     schedule (epoch, batch, step: exactly those of a run of it alone), its watches and outputs."""
@@ -723,6 +745,16 @@ class Slot:
     def crop_keys(self, crops: list[Any]) -> list[tuple]:
         """(owner, part, index, left, top) of each crop: class photos are every identity's."""
         return [(*self.photo_key(crop), crop.left, crop.top) for crop in crops]
+
+    def log_due(self) -> bool:
+        """Whether the update just made ends a log interval."""
+        step = self.global_step
+        return step % self.args.logging_steps == 0 or step == self.max_train_steps
+
+    def epoch_due(self) -> bool:
+        """Whether the update just made ends an epoch (or the run)."""
+        step = self.global_step
+        return step % self.updates_per_epoch == 0 or step >= self.max_train_steps
 
     def is_update_due(self) -> bool:
         """Whether the next micro-batch ends an accumulation (or the epoch)."""
@@ -1133,9 +1165,11 @@ class PackedTrainer:
         for slot in slots:
             slot.global_step += 1
             slot.micro_batch = 0
+        reads = self.read_logs(slots)  # every slot's log values: one device-to-host read
+        for slot in slots:
             slot.progress.update(1)
             try:
-                self.after_update(slot)
+                self.after_update(slot, reads.get(slot.index))
             except (ValueError, OSError, NonFiniteLossError) as error:
                 self._fail(slot.identity, error, slot)
 
@@ -1194,28 +1228,52 @@ class PackedTrainer:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def after_update(self, slot: Slot) -> None:
-        step, args = slot.global_step, self.args
-        if step % args.logging_steps == 0 or step == slot.max_train_steps:
-            self.log_interval(slot)
+    def read_logs(self, slots: list[Slot]) -> dict[int, LogRead]:
+        """What the log intervals and epoch logs due after this update print, for every slot
+        due, gathered into one (K, F) tensor and read on the host at once (one device-to-host
+        copy whatever the number of identities): watches, interval and epoch means, identity
+        samples, learning rate."""
+        due = [slot for slot in slots if slot.log_due() or slot.epoch_due()]
+        if not due:
+            return {}
+        rows = slice(None)  # every slot's row (no index list copied to the device)
+        parts = [
+            self.watch.state(rows),
+            self.grad_watch.state(rows),
+            self.interval_means.means_of(rows),
+            self.identity_samples[rows, None].double(),
+            self.optimizer.param_groups[0]["lr"][rows, None].double(),
+            self.epoch_means.steps[rows, None].double(),
+            self.epoch_means.means_of(rows),
+        ]
+        values = torch.cat(parts, 1).tolist()  # the one read: (K, 26) floats
+        return {slot.index: LogRead.of(values[slot.index]) for slot in due}
+
+    def after_update(self, slot: Slot, read: LogRead | None = None) -> None:
+        step = slot.global_step
+        read = read or self.read_logs([slot]).get(slot.index)
+        if slot.log_due():
+            self.log_interval(slot, read)
         if step % slot.checkpointing_steps == 0:
             self.save_checkpoint(slot)
         if step % slot.validation_steps == 0:
             self.check_finite(slot, "no validation images were made")
             self.validate(slot)
-        if step % slot.updates_per_epoch == 0 or step >= slot.max_train_steps:
-            self.log_epoch(slot, (step - 1) // slot.updates_per_epoch)
+        if slot.epoch_due():
+            self.log_epoch(slot, (step - 1) // slot.updates_per_epoch, read)
         if step >= slot.max_train_steps:
             self.finish(slot)
 
-    def log_interval(self, slot: Slot) -> None:
-        """Read the slot's interval means (one sync), check them, write TensorBoard and tqdm."""
+    def log_interval(self, slot: Slot, read: LogRead) -> None:
+        """Check the slot's watches and write its interval means to TensorBoard and tqdm, from
+        values read on the host (read_logs); its interval means start again."""
         where = kept_checkpoint(slot.identity)
-        self.watch.check(where, slot.index)
-        self.grad_watch.check(where, slot.index)
-        means = self.interval_means.pop(slot.index)
-        slot.identity_samples = int(self.identity_samples[slot.index].item())
-        lr = float(self.optimizer.param_groups[0]["lr"][slot.index].item())
+        self.watch.raise_if_bad(where, read.watch)
+        self.grad_watch.raise_if_bad(where, read.grad_watch)
+        self.interval_means.reset(slot.index)
+        means = dict(zip(TERM_NAMES, read.interval, strict=True))
+        slot.identity_samples = int(read.identity_samples)
+        lr = read.lr
         tags = slot.tags()
         postfix = {tag: f"{means[name]:.4g}" for name, tag in tags.items()}
         slot.progress.set_postfix(postfix | {"lr": f"{lr:.2e}"}, refresh=False)
@@ -1229,11 +1287,12 @@ class PackedTrainer:
                 "train/identity_samples", slot.identity_samples, slot.global_step
             )
 
-    def log_epoch(self, slot: Slot, epoch: int) -> None:
-        if int(self.epoch_means.steps[slot.index]) == 0:
+    def log_epoch(self, slot: Slot, epoch: int, read: LogRead) -> None:
+        if read.epoch_steps == 0:
             return
-        self.watch.check(kept_checkpoint(slot.identity), slot.index)
-        means = self.epoch_means.pop(slot.index)
+        self.watch.raise_if_bad(kept_checkpoint(slot.identity), read.watch)
+        self.epoch_means.reset(slot.index)
+        means = dict(zip(TERM_NAMES, read.epoch, strict=True))
         tags = slot.tags()
         text = ", ".join(f"{tag} {means[name]:.4g}" for name, tag in tags.items())
         logger.info("%s: epoch %d means: %s", slot.identity.name, epoch, text)

@@ -720,3 +720,47 @@ def test_channels_last_puts_every_convolution_in_nhwc(step_parts):
     convolutions = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convolutions
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+
+
+def test_a_log_interval_reads_the_device_once_for_all_identities(step_parts, assets, tmp_path):
+    """Two identities reach a log interval (and an epoch end) after the same update: every
+    logged value of both (watches, interval and epoch means, identity samples, learning rate)
+    comes to the host in one read (tests/host_syncs.HostReads counts .item/.tolist/...: before
+    read_logs there were 5 a slot at a log interval, more at an epoch end)."""
+    from accelerate import PartialState
+    from host_syncs import HostReads
+    from tqdm.auto import tqdm
+
+    args, tools, frozen = step_parts
+    args = copy.copy(args)
+    vars(args).update(validation_prompt="", logging_steps=1, checkpointing_steps=1000)
+    vars(args).update(max_train_steps=100, report_to="none")
+    packed = trainer.PackedTrainer(args, frozen, tools, PartialState(cpu=True), 2)
+    slots = []
+    for index, name in enumerate(("hanks", "person0")):
+        slot = packed.fill(index, train.Identity(name, assets.identity(name), tmp_path / name))
+        slot.progress.close()
+        slot.progress = tqdm(disable=True)
+        slots.append(slot)
+    epoch_end = max(slot.updates_per_epoch for slot in slots)
+    assert epoch_end <= 4  # a few steps reach an epoch end of each slot
+    counter, train_on = HostReads(), packed.train_on
+
+    def then_count(*arguments):
+        updated = train_on(*arguments)
+        counter.__enter__()  # from the end of the device step to the end of step()
+        return updated
+
+    packed.train_on = then_count
+    for step in range(1, epoch_end + 1):
+        counter.reads.clear()
+        try:
+            packed.step()
+        finally:
+            counter.__exit__(None, None, None)
+        assert counter.reads == ["tolist"], step  # both slots log every step (--logging_steps 1)
+        assert all(slot.global_step == step for slot in slots)
+        assert all(slot.identity_samples == step for slot in slots)  # read at the interval
+        for slot in slots:  # the interval means started again
+            assert packed.interval_means.steps[slot.index] == 0
+    assert all(packed.epoch_means.steps[slot.index] < slot.updates_per_epoch for slot in slots)
