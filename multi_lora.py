@@ -6,6 +6,10 @@ one (B,) long index shared by all layers (`BatchedLoRA.set_identities`):
 
     y_b = base(x_b) + (alpha / r) * (x_b A[idx_b]^T) B[idx_b]^T
 
+(one autograd node per layer; when the rows come grouped by slot, `set_identities(idx, n)`,
+each identity's rows meet its factors in one bmm, no gather; under autocast, with
+`share_factor_casts`, all factors are cast once per update instead of per layer).
+
 Per identity everything equals an ordinary peft LoRA (`unet.add_adapter(LoraConfig(...))`):
 the gaussian init for a seed (`init_identity_`), the diffusers LoRA file
 (`identity_state_dict` / `load_identity_`), the forward under autocast, and gradient clipping
