@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # shared modules at the repo root
 
+import faces  # noqa: E402
 import runs  # noqa: E402
 from arcface import ArcFaceEncoder, build_iresnet, load_arcface  # noqa: E402
 from faces import ARCFACE_DST  # noqa: E402
@@ -252,6 +253,16 @@ def standing_slot(index: int) -> SimpleNamespace:
 
 
 def count_step(size: str, k: int, precision: str, workdir: Path) -> dict:
+    """_count_step, with faces' per-device template cache emptied before and after: a template
+    made under FakeTensorMode must not outlive it (later real steps would get a fake one)."""
+    faces._template_on.cache_clear()
+    try:
+        return _count_step(size, k, precision, workdir)
+    finally:
+        faces._template_on.cache_clear()
+
+
+def _count_step(size: str, k: int, precision: str, workdir: Path) -> dict:
     """`PackedTrainer.train_on` (forward, backward, clipping, AdamW, bookkeeping) of K
     identities at `size` shapes on fake tensors (no memory, no arithmetic; seconds on a CPU):
     aten ops (all, views, the update's), FLOPs and the activations saved for the backward.
