@@ -197,8 +197,9 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM is not a column
             reader = csv.DictReader(handle)
-            if reader.fieldnames is None or "identity" not in reader.fieldnames:
-                raise ValueError(f"{path}: CSV needs a header with an 'identity' column")
+            header = [name.strip() for name in reader.fieldnames or []]  # "identity, gender"
+            _check_attribute_header(path, header)
+            reader.fieldnames = header
             rows = [_attribute_row(path, reader.line_num, row) for row in reader]
         attributes = {row["identity"]: row for row in rows}
         if len(attributes) != len(rows):
@@ -216,6 +217,29 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
             raise ValueError(f"{path}: JSON must map identity -> gender or -> {{'gender': ...}}")
         return {str(k): (v if isinstance(v, dict) else {"gender": v}) for k, v in data.items()}
     raise ValueError(f"{path}: identity attributes must be a .csv or .json file")
+
+
+def _check_attribute_header(path: Path, header: list[str]) -> None:
+    """ValueError naming what is wrong with an attributes CSV's first line: no header, another
+    delimiter, other case; the fix is always the header line 'identity,gender'."""
+    if "identity" in header:
+        return
+    first_line = ",".join(header)
+    delimiter = next((d for d in ";\t|" if len(header) == 1 and d in header[0]), None)
+    if not header:
+        problem = "is empty"
+    elif delimiter is not None:
+        problem = f"separates fields with {delimiter!r}, not commas ({first_line!r})"
+    elif "identity" in [name.lower() for name in header]:
+        problem = f"has the header {first_line!r}: column names are lower case"
+    elif len(header) > 1 and normalise_gender(header[-1]) is not None:
+        problem = f"has no header (its first line {first_line!r} is a data row)"
+    else:
+        problem = f"has no 'identity' column (header {first_line!r})"
+    raise ValueError(
+        f"{path}: CSV {problem}; its first line must be the header 'identity,gender', then "
+        "one 'identity,gender' row per identity"
+    )
 
 
 def normalise_gender(value: str) -> str | None:

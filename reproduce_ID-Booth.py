@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -130,27 +131,102 @@ def build_parser() -> argparse.ArgumentParser:
         help="CR-FIQA checkpoint for the quality section (not given: not computed).",
     )
     parser.add_argument("--banner", default=None, help="A note shown on top of the report.")
-    for stage in ("train", "generate", "evaluate"):
+    for stage, example in FLAG_EXAMPLES.items():
         parser.add_argument(
             f"--{stage}_flags",
             default="",
-            help=f"Extra flags of the {stage} stage, one shell-quoted string "
-            "(e.g. --train_flags '--max_train_steps 3200 --pack 4').",
+            help=f"Extra flags of {STAGE_SCRIPTS[stage].name} (see its --help), one "
+            f"shell-quoted string, checked before any work starts (e.g. {example}).",
         )
     return parser
 
 
+FLAG_EXAMPLES = {
+    "train": "--train_flags '--max_train_steps 3200 --pack 4'",
+    "generate": "--generate_flags '--batch_size 8 --scheduler ddim'",
+    "evaluate": "--evaluate_flags=--no-pose",
+}
+
+
+def join_flag_values(argv: list[str]) -> list[str]:
+    """'--evaluate_flags --no-pose' as '--evaluate_flags=--no-pose': argparse would take a
+    value that starts with '-' for a flag of its own and refuse it."""
+    joined, tokens = [], iter(argv)
+    for token in tokens:
+        if token in {f"--{stage}_flags" for stage in STAGE_SCRIPTS}:
+            value = next(tokens, None)
+            joined.append(token if value is None else f"{token}={value}")
+        else:
+            joined.append(token)
+    return joined
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, then check everything that needs no model before any stage starts: the folders,
+    each stage's flags with its own parser, the base model, the identities' genders."""
+    import sys
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_flag_values(sys.argv[1:] if argv is None else list(argv)))
     runs.check_numbers(args, parser)
     args.variants = list(dict.fromkeys(args.variants))
     args.real = args.real or args.identities_root
-    for stage in ("train", "generate", "evaluate"):
+    for stage in STAGE_SCRIPTS:
         setattr(args, f"{stage}_flags", shlex.split(getattr(args, f"{stage}_flags")))
     if not args.identities_root.is_dir():
         raise FileNotFoundError(f"--identities_root {args.identities_root} is not a folder")
+    if args.identity_attributes is not None and not args.identity_attributes.is_file():
+        raise FileNotFoundError(f"--identity_attributes file {args.identity_attributes} not found")
+    stage_args = {stage: parse_stage_flags(args, stage) for stage in STAGE_SCRIPTS}
+    runs.check_base_model(args.pretrained_model_name_or_path)
+    check_genders(args, stage_args["generate"])
     return args
+
+
+def stage_argv(args: argparse.Namespace, stage: str) -> list[str]:
+    """A stage's command line (the first variant's, for training)."""
+    if stage == "train":
+        return train_argv(args, args.variants[0])
+    if stage == "generate":
+        return generate_argv(args, args.variants[0])
+    return evaluate_argv(args)
+
+
+def parse_stage_flags(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """A stage's command line through that stage's own parser and numeric ranges (no file
+    checks: the stage's inputs do not exist yet); ValueError naming the --STAGE_flags."""
+    script = runs.load_script(STAGE_SCRIPTS[stage])
+    parser = script.build_parser()
+
+    def refuse(message: str) -> None:
+        raise ValueError(message)
+
+    parser.error = refuse  # argparse would print the stage's usage and exit
+    try:
+        stage_args = parser.parse_args(stage_argv(args, stage))
+        runs.check_numbers(stage_args, parser)
+    except ValueError as error:
+        flags = shlex.join(getattr(args, f"{stage}_flags"))
+        raise ValueError(
+            f"--{stage}_flags {flags!r}: {error} (python {STAGE_SCRIPTS[stage].relative_to(REPO_ROOT)} "
+            "--help lists them)"
+        ) from None
+    return stage_args
+
+
+def check_genders(args: argparse.Namespace, generate_args: argparse.Namespace) -> None:
+    """Every identity folder has a gender for the prompts when the template uses {gender}
+    (ValueError listing those without), so a bad attributes file fails before any training."""
+    from datasets import identity_genders
+    from prompts import template_placeholders
+
+    templates = (generate_args.prompt_template, generate_args.prompt_template_no_background)
+    if not any("gender" in template_placeholders(template) for template in templates):
+        return
+    loras = loras_of(args, args.variants[0])
+    folders = {path.name: loras / path.name for path in runs.identity_folders(args.identities_root)}
+    attributes = generate_args.identity_attributes
+    identity_genders(folders, None if attributes is None else Path(attributes))
 
 
 # ------------------------------------------------------------------------------ stages
@@ -222,8 +298,24 @@ def run_stage(name: str, argv: list[str]) -> Any:
     logger.info("%s: %s %s", name, STAGE_SCRIPTS[name].name, shlex.join(argv))
     try:
         return script.main(script.parse_args(argv))
+    except (ValueError, OSError) as error:
+        message = in_reproduce_terms(str(error), name, script.build_parser())
+        raise StageError(f"{STAGE_SCRIPTS[name].name}: {message}") from error
     finally:
         free_device_memory()
+
+
+def in_reproduce_terms(message: str, stage: str, stage_parser: argparse.ArgumentParser) -> str:
+    """A stage's error with its own flags as this command spells them: '--overwrite' ->
+    '--train_flags=--overwrite' (flags reproduce has itself are left as they are)."""
+    own = {option for action in build_parser()._actions for option in action.option_strings}
+    theirs = {option for action in stage_parser._actions for option in action.option_strings}
+
+    def translate(match: re.Match) -> str:
+        flag = match.group(0)
+        return f"--{stage}_flags={flag}" if flag in theirs - own else flag
+
+    return re.sub(r"(?<![\w=-])--[A-Za-z][\w-]*", translate, message)
 
 
 def free_device_memory() -> None:

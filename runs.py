@@ -359,15 +359,19 @@ def _has_weights(folder: Path) -> bool:
 
 
 def check_base_model(name: str) -> None:
-    """FileNotFoundError when a local Stable Diffusion folder is missing or lacks a component;
-    a hub id is left to diffusers (which reads the local cache when offline)."""
+    """FileNotFoundError naming what is wrong with the base model before anything loads it: a
+    path that does not exist, a file (a single-file checkpoint) where a folder is needed, a
+    folder that lacks a component, or a hub id that is not cached while the hub is offline."""
     path = Path(name).expanduser()
+    if path.is_file():
+        raise FileNotFoundError(f"base model {path} is a file, not a folder; {SINGLE_FILE_HINT}")
     if not path.exists():
         if looks_like_path(name):
             raise FileNotFoundError(
                 f"base model folder {path} does not exist; pass a hub id "
                 "(stabilityai/stable-diffusion-2-1-base) or a folder saved with save_pretrained"
             )
+        _check_hub_cache(name)
         return
     missing = [
         f"{folder}/{required or ''}"
@@ -388,6 +392,30 @@ def check_base_model(name: str) -> None:
         )
 
 
+SINGLE_FILE_HINT = (
+    "a single-file checkpoint (e.g. v2-1_512-ema-pruned.safetensors) becomes a folder with "
+    "python -c \"from diffusers import StableDiffusionPipeline; "
+    "StableDiffusionPipeline.from_single_file('FILE').save_pretrained('FOLDER')\""
+)
+
+
+def _check_hub_cache(repo_id: str) -> None:
+    """With the hub offline (HF_HUB_OFFLINE=1), a hub id must be in the local cache: say so
+    at once instead of after diffusers' retries and a 'could not load' error."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return  # diffusers downloads it (or reads the cache)
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+        return
+    raise FileNotFoundError(
+        f"base model {repo_id!r} is not a local folder (none at {Path(repo_id).resolve()}) "
+        f"and not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 "
+        f"forbids downloading it: run `huggingface-cli download {repo_id}` where the hub is "
+        "reachable, or pass a folder saved with save_pretrained"
+    )
+
+
 @contextlib.contextmanager
 def loading(what: str, source: object) -> Iterator[None]:
     """Turn any failure while loading user-given weights into one ValueError naming them (a
@@ -398,10 +426,26 @@ def loading(what: str, source: object) -> Iterator[None]:
         raise
     except Exception as error:
         first_line = (str(error).strip().splitlines() or [""])[0]
+        if isinstance(error, OSError) and _is_hub_error(error, source):
+            raise ValueError(
+                f"could not get {what} from the Hugging Face hub ({first_line}); check the hub "
+                "id and your connection, or pass a local folder saved with save_pretrained"
+            ) from error
         raise ValueError(
             f"could not load {what} from {source} ({type(error).__name__}: {first_line}); "
             "a weights file is truncated, corrupt or of another model: download or save it again"
         ) from error
+
+
+def _is_hub_error(error: OSError, source: object) -> bool:
+    """Whether loading a hub id failed on the hub (no connection, unknown repo, not cached)
+    rather than on the files' contents."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not isinstance(source, str) or Path(source).expanduser().exists():
+        return False
+    hub_errors = (HfHubHTTPError, ConnectionError)
+    return isinstance(error, hub_errors) or "huggingface.co" in str(error)
 
 
 def format_list(items: Iterable[str], limit: int = 8) -> str:

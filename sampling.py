@@ -700,8 +700,9 @@ def load_pipeline(
     """A StableDiffusionPipeline without safety checker or progress bar, weights frozen."""
     from diffusers import StableDiffusionPipeline
 
-    from runs import loading
+    from runs import check_base_model, loading
 
+    check_base_model(model)
     with loading("the Stable Diffusion pipeline", model):
         pipeline = StableDiffusionPipeline.from_pretrained(
             model, **(dtype_keyword(dtype) if dtype is not None else {}), **hub

@@ -737,3 +737,29 @@ def test_real_dlib_landmarks_land_on_the_face_after_resize_and_crop(tmp_path: Pa
             if index == 1:
                 group_offsets.add(tuple(np.round(moved[0]).astype(int)))
     assert len(group_offsets) > 1  # the group photo was cropped at different places
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ID_a,male\n", "has no header (its first line 'ID_a,male' is a data row)"),
+        ("Identity,Gender\nID_a,male\n", "has the header 'Identity,Gender': column names are"),
+        ("identity;gender\nID_a;male\n", "separates fields with ';', not commas"),
+        ("identity\tgender\nID_a\tmale\n", "separates fields with '\\t', not commas"),
+        ("name,gender\nID_a,male\n", "has no 'identity' column (header 'name,gender')"),
+        ("", "is empty"),
+    ],
+)
+def test_attribute_csv_header_problems_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "genders.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="first line must be the header 'identity,gender'") as error:
+        datasets.load_identity_attributes(path)
+    assert message in str(error.value)
+
+
+def test_attribute_csv_header_names_may_carry_spaces(tmp_path: Path) -> None:
+    path = tmp_path / "genders.csv"
+    path.write_text("identity, gender\nID_a, F\n")
+    assert datasets.load_identity_attributes(path)["ID_a"]["gender"] == "F"
+    assert datasets.identity_genders({"ID_a": tmp_path}, path) == {"ID_a": "female"}

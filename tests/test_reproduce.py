@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,12 +131,26 @@ def test_a_killed_experiment_resumes_without_redoing_finished_work(inputs, tmp_p
     assert {"dreambooth", "triplet"} <= set(metrics["sets"])
 
 
+def fake_base_model(folder: Path) -> Path:
+    """A folder laid out as a saved SD pipeline (what runs.check_base_model looks at)."""
+    for name in ("unet", "vae", "text_encoder"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text("{}")
+        (folder / name / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer").mkdir()
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text("{}")
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
 def test_stage_command_lines_follow_the_arguments(tmp_path):
     reproduce = runs.load_script(SCRIPT)
     identities = tmp_path / "photos"
     identities.mkdir()
     args = reproduce.parse_args(
         [
+            f"--pretrained_model_name_or_path={fake_base_model(tmp_path / 'sd')}",
             f"--identities_root={identities}",
             "--class_data_dir=class",
             "--arcface_weights=backbone.pth",
@@ -169,6 +184,97 @@ def test_stage_command_lines_follow_the_arguments(tmp_path):
                 f"--output_dir={tmp_path}",
             ]
         )
+
+
+NO_GENDER_PROMPTS = (
+    "--generate_flags=--prompt_template 'photo of sks person, {background} background' "
+    "--prompt_template_no_background 'photo of sks person'"
+)
+
+
+def early_argv(tmp_path: Path, *extra: str) -> list[str]:
+    """A reproduce command line over two identity folders and a stand-in base model."""
+    for name in ("ID_a", "ID_b"):
+        (tmp_path / "photos" / name).mkdir(parents=True, exist_ok=True)
+    base = tmp_path / "sd"
+    if not base.exists():
+        fake_base_model(base)
+    return [
+        f"--pretrained_model_name_or_path={base}",
+        f"--identities_root={tmp_path / 'photos'}",
+        f"--class_data_dir={tmp_path / 'class'}",
+        f"--arcface_weights={tmp_path / 'backbone.pth'}",
+        f"--output_dir={tmp_path / 'experiment'}",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("ID_a,male\nID_b,female\n", "has no header"),
+        ("Identity,Gender\nID_a,male\nID_b,female\n", "column names are lower case"),
+        ("identity;gender\nID_a;male\nID_b;female\n", "separates fields with ';'"),
+        ("identity,gender\nID_a,male\n", "no gender for 1 identities: ID_b"),
+        ("identity,gender\nID_a,male\nID_b,tall\n", "unknown gender values ID_b='tall'"),
+    ],
+)
+def test_a_bad_attributes_file_fails_before_any_stage(tmp_path, rows, message):
+    reproduce = runs.load_script(SCRIPT)
+    attributes = tmp_path / "genders.csv"
+    attributes.write_text(rows)
+    with pytest.raises(ValueError, match=message):
+        reproduce.parse_args(early_argv(tmp_path, f"--identity_attributes={attributes}"))
+
+
+def test_no_attributes_file_fails_before_any_stage_unless_the_prompt_needs_no_gender(tmp_path):
+    reproduce = runs.load_script(SCRIPT)
+    with pytest.raises(ValueError, match="no gender for 2 identities: ID_a, ID_b"):
+        reproduce.parse_args(early_argv(tmp_path))
+    reproduce.parse_args(early_argv(tmp_path, NO_GENDER_PROMPTS))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--evaluate_flags", "--no-poses"], "--evaluate_flags '--no-poses': unrecognized"),
+        (["--train_flags=--max_train_stepz 3"], "--train_flags '--max_train_stepz 3'"),
+        (["--generate_flags=--batch_size 0"], "--batch_size must be >= 1, got 0"),
+        (["--generate_flags=--mixed_precision fp32"], "invalid choice: 'fp32'"),
+    ],
+)
+def test_misspelt_pass_through_flags_fail_before_any_stage(tmp_path, flags, message):
+    reproduce = runs.load_script(SCRIPT)
+    genders = tmp_path / "genders.csv"
+    genders.write_text("identity,gender\nID_a,male\nID_b,female\n")
+    argv = early_argv(tmp_path, f"--identity_attributes={genders}", *flags)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reproduce.parse_args(argv)
+
+
+def test_a_single_pass_through_flag_needs_no_equals_sign(tmp_path):
+    reproduce = runs.load_script(SCRIPT)
+    argv = early_argv(tmp_path, "--evaluate_flags", "--no-pose", "--embedder=dlib")
+    argv.append(NO_GENDER_PROMPTS)
+    assert reproduce.parse_args(argv).evaluate_flags == ["--no-pose"]
+
+
+def test_the_command_refuses_a_misspelt_flag_in_one_line_before_writing_anything(tmp_path):
+    argv = early_argv(tmp_path, "--evaluate_flags=--no-poses")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("reproduce_ID-Booth.py: error: ")
+    assert not (tmp_path / "experiment").exists()
+
+
+def test_stage_errors_name_flags_as_this_command_spells_them():
+    reproduce = runs.load_script(SCRIPT)
+    generation = runs.load_script(REPO_ROOT / "inference_ID-Booth.py")
+    message = "out holds images made with other settings; use a new --output_dir, or --overwrite"
+    translated = reproduce.in_reproduce_terms(message, "generate", generation.build_parser())
+    assert translated.endswith("use a new --output_dir, or --generate_flags=--overwrite")
 
 
 @pytest.mark.slow

@@ -144,3 +144,31 @@ def test_run_cli_ends_in_one_line_and_the_right_exit_code(tmp_path, argument, co
     assert "Traceback" not in result.stderr
     if last_line is not None:
         assert result.stderr.strip().splitlines()[-1].startswith(last_line)
+
+
+def test_base_model_errors_say_what_is_wrong_with_the_path(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    single_file = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    single_file.write_bytes(b"\0" * 8)
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder.*from_single_file"):
+        runs.check_base_model(str(single_file))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        runs.check_base_model(str(tmp_path / "missing" / "sd"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        runs.check_base_model("stabilityai/stable-diffusion-2-1-base")
+    (tmp_path / "incomplete").mkdir()
+    with pytest.raises(FileNotFoundError, match="incomplete: missing model_index.json"):
+        runs.check_base_model(str(tmp_path / "incomplete"))
+
+
+def test_hub_failures_are_not_blamed_on_the_weights(tmp_path):
+    with pytest.raises(ValueError, match="from the Hugging Face hub") as error:
+        with runs.loading("the UNet", "org/model"):
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    assert "corrupt" not in str(error.value)
+    with pytest.raises(ValueError, match="truncated, corrupt"):
+        with runs.loading("the UNet", str(tmp_path)):
+            raise OSError("header too large")

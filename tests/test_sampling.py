@@ -312,3 +312,12 @@ def test_invalid_sampler_arguments_raise(pipeline):
         sampler.sample(prompt_embeds, None, SEEDS)
     with pytest.raises(ValueError, match="prompt embeddings are torch.float64"):
         sampler.sample(prompt_embeds.double(), negative_embeds.double(), SEEDS)
+
+
+def test_loading_a_single_file_checkpoint_says_how_to_make_a_folder(tmp_path):
+    from sampling import load_pipeline
+
+    checkpoint = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    checkpoint.write_bytes(b"\0" * 8)
+    with pytest.raises(FileNotFoundError, match="from_single_file"):
+        load_pipeline(str(checkpoint))
