@@ -13,7 +13,8 @@ identity's LoRA through one batched LoRA layer (multi_lora.py), whose slots hold
 the current batch needs. The batches depend on the settings alone, whatever the number of
 processes and however often the run is interrupted, so a resumed or multi-process run writes
 the same bytes as one uninterrupted process (same hardware, library versions and, on CPU,
-thread count). The batch size itself moves pixels only at float-rounding level: the noise
+thread count). A resumed run samples only the missing images, each at its uninterrupted
+batch size and position (resample_batches). The batch size itself moves pixels only at float-rounding level: the noise
 is per image, but kernels sum in an order that depends on the batch shape. Denoising runs in
 sampling.Sampler (no host syncs; DDPM, DDIM, Euler ancestral) or the stock pipeline loop for
 other schedulers; PNGs are encoded and written by worker threads while the next batch runs.
@@ -42,7 +43,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -642,25 +643,32 @@ def pending_jobs(output_dir: Path, batch: Sequence[Job], overwrite: bool) -> lis
     return [job for job in batch if not is_complete_png(output_dir / job[0] / f"{job[1]}.png")]
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleBatch:
+    """What one sampler call makes: `rows` in their batch positions, of which `wanted` are
+    written; `origin[job]` is the batch an uninterrupted run samples `job` in (its record)."""
+
+    rows: tuple[Job, ...]
+    wanted: tuple[Job, ...]
+    origin: dict[Job, tuple[Job, ...]]
+
+
 def run_batches(
     generator: dict,
-    work: Sequence[tuple[tuple[Job, ...], list[Job]]],
+    work: Sequence[SampleBatch],
     context: dict,
     progress: Any,
     writer: ImageWriter,
 ) -> None:
-    """Generate this process's batches and hand the missing images to the writer.
-
-    Every job of a batch whose identity is usable is sampled again, written or not, so the
-    batch's numerics match an uninterrupted run; jobs of failed identities are counted.
-    """
+    """Sample this process's batches and hand the wanted images to the writer; jobs of failed
+    identities are counted."""
     args, counts, errors = context["args"], context["counts"], context["lora_errors"]
-    for batch, missing in work:
-        slots = place_identities(generator["pool"], [name for name, _ in batch], errors)
-        usable = [job for job in batch if job[0] in slots]
-        for name in dict.fromkeys(name for name, _ in missing if name not in slots):
-            fail_identity(name, sum(job[0] == name for job in missing), context, progress)
-        if not any(job in missing for job in usable):
+    for batch in work:
+        slots = place_identities(generator["pool"], [name for name, _ in batch.rows], errors)
+        usable = [job for job in batch.rows if job[0] in slots]
+        for name in dict.fromkeys(name for name, _ in batch.wanted if name not in slots):
+            fail_identity(name, sum(job[0] == name for job in batch.wanted), context, progress)
+        if not any(job in batch.wanted for job in usable):
             continue
         genders = context["genders"]
         jobs = [plan_image(args, name, genders.get(name), index) for name, index in usable]
@@ -672,15 +680,19 @@ def run_batches(
             [slots[job.identity] for job in jobs],
             generator["sampler"],
         )
+        written: set[Job] = set()
         for job, image, nsfw in zip(jobs, images, flagged, strict=True):
-            if (job.identity, job.index) not in missing:
+            key = (job.identity, job.index)
+            if key not in batch.wanted or key in written:  # a filler row, or its duplicate
                 continue
+            written.add(key)
             if nsfw:
                 counts.failed += 1
                 logger.error("%s flagged by the safety checker; not written", job)
             else:
                 lora_file = context["identities"][job.identity].lora_file
-                record = image_record(job, args, lora_file, usable)
+                origin = [member for member in batch.origin[key] if member[0] not in errors]
+                record = image_record(job, args, lora_file, origin)
                 writer.submit(args.output_dir / job.identity / f"{job.index}.png", image, record)
                 counts.written += 1
             progress.update(1)
@@ -715,6 +727,43 @@ def plan_process_work(
         if missing:
             work.append((batch, missing))
     return work
+
+
+def resample_batches(
+    work: Sequence[tuple[tuple[Job, ...], list[Job]]], failing: Collection[str]
+) -> list[SampleBatch]:
+    """Batches of missing images only, each at the batch size and position it has in an
+    uninterrupted run, so a resume samples about as many images as are missing.
+
+    An image depends on its batch-mates only through the batch's shape (kernels sum in an
+    order set by the shape; the rows' contents never mix: per-image noise, per-sample LoRA,
+    attention and norms within a sample), so image j, sampled at row p of a batch of size s
+    as in the uninterrupted run, comes out byte-identical whatever the other rows hold (tested).
+    A batch's usable rows (identities whose LoRA is known to fail are dropped, as the full run
+    drops them) fix (s, p); missing images of equal (s, p) go to successive batches, and a
+    position no missing image fills repeats one of the batch's own jobs (not written).
+    """
+    columns: dict[int, list[list[tuple[Job, tuple[Job, ...]]]]] = {}
+    for batch, missing in work:
+        usable = tuple(job for job in batch if job[0] not in failing)
+        by_position = columns.setdefault(len(usable), [[] for _ in usable])
+        for position, job in enumerate(usable):
+            if job in missing:
+                by_position[position].append((job, usable))
+    resampled = []
+    for size, by_position in sorted(columns.items()):
+        for row in range(max(map(len, by_position), default=0)):
+            chosen = {p: column[row] for p, column in enumerate(by_position) if row < len(column)}
+            filler = next(iter(chosen.values()))[0]
+            rows = tuple(chosen[p][0] if p in chosen else filler for p in range(size))
+            wanted = tuple(job for job, _ in chosen.values())
+            resampled.append(SampleBatch(rows, wanted, dict(chosen.values())))
+    failed = [  # identities known to fail: their missing jobs are counted, never sampled
+        SampleBatch((), tuple(job for job in missing if job[0] in failing), {})
+        for _, missing in work
+        if any(job[0] in failing for job in missing)
+    ]
+    return failed + resampled
 
 
 def prepare(args: argparse.Namespace, state: Any) -> dict:
@@ -802,9 +851,9 @@ def checked_pipeline(args: argparse.Namespace, identities, state: Any):
     return pipeline, layouts, lora_errors
 
 
-def slots_needed(work: Sequence[tuple[tuple[Job, ...], list[Job]]]) -> int:
+def slots_needed(work: Sequence[SampleBatch]) -> int:
     """The most distinct identities any one batch of `work` holds (at least 1)."""
-    return max((len({name for name, _ in batch}) for batch, _ in work), default=1)
+    return max((len({name for name, _ in batch.rows}) for batch in work), default=1)
 
 
 def build_generator(
@@ -852,6 +901,7 @@ def main(args: argparse.Namespace) -> dict:
         args, split_work(batches, state.num_processes, state.process_index), counts
     )
     pipeline, layouts, lora_errors = checked_pipeline(args, identities, state)
+    work = resample_batches(work, failing=set(lora_errors))
     if state.is_main_process:  # only once the model loaded: a failed start blocks no rerun
         remove_stale_temps(args.output_dir)
         write_run_config(args, plan["settings"], identities, state.num_processes)
@@ -860,7 +910,7 @@ def main(args: argparse.Namespace) -> dict:
     generator = build_generator(args, pipeline, layouts, sources, slots_needed(work))
     context = {"args": args, "counts": counts, "genders": plan["genders"]}
     context.update(identities=sources, lora_errors=lora_errors)
-    total = sum(len(missing) for _, missing in work)
+    total = sum(len(batch.wanted) for batch in work)
     logger.info("%d images to generate here, %d already on disk", total, counts.skipped)
     started = time.perf_counter()
     writer = ImageWriter(args.png_workers, args.png_compress_level)

@@ -385,7 +385,7 @@ def test_batches_are_fixed_runs_of_the_job_list(num_identities, num_images, batc
     assert [job for members in batches for job in members] == jobs
     assert all(len(members) == batch for members in batches[:-1])
     assert 1 <= len(batches[-1]) <= batch
-    assert inference.slots_needed([(b, list(b)) for b in batches]) == max(
+    assert inference.slots_needed([inference.SampleBatch(b, b, {}) for b in batches]) == max(
         len({name for name, _ in members}) for members in batches
     )
 
@@ -623,6 +623,57 @@ def test_killed_run_resumes_to_the_full_set_without_duplicates(assets, tmp_path)
         )
     )
     assert pngs(output) == pngs(reference)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "euler"])  # sampling.Sampler / stock loop
+def test_resume_samples_only_missing_images_byte_identical(assets, tmp_path, monkeypatch, scheduler):
+    """Batches of 4 over 3 x 5 images: [a0 a1 a2 a3] [a4 b0 b1 b2] [b3 b4 c0 c1] [c2 c3 c4].
+    With a1, b1, c1, c3 deleted the old resume sampled all 15 rows again; batches of missing
+    images only, each image at its original batch size and position, take 4 + 3 rows and
+    write the uninterrupted run's bytes."""
+    argv = ["--num_images_per_identity", "5", "--batch_size", "4", "--scheduler", scheduler]
+    output = tmp_path / "out"
+    run(cli(assets, output, *argv))
+    full = pngs(output)
+    deleted = ["ID_a/1.png", "ID_b/1.png", "ID_c/1.png", "ID_c/3.png"]
+    for name in deleted:
+        (output / name).unlink()
+    sampled_rows = []
+    real_generate_batch = inference.generate_batch
+
+    def counting(pipeline, jobs, *rest, **kwargs):
+        sampled_rows.append([(job.identity, job.index) for job in jobs])
+        return real_generate_batch(pipeline, jobs, *rest, **kwargs)
+
+    monkeypatch.setattr(inference, "generate_batch", counting)
+    summary = run(cli(assets, output, *argv))
+    assert summary["written"] == 4 and summary["skipped"] == 11
+    assert pngs(output) == full  # pixels and the metadata inside (its original batch)
+    assert [len(rows) for rows in sampled_rows] == [3, 4]
+    assert {f"{name}/{index}.png" for rows in sampled_rows for name, index in rows} == set(
+        deleted
+    )
+
+
+def test_missing_images_go_to_batches_at_their_original_size_and_position():
+    batches = inference.make_batches(["a", "b"], 5, 4)  # sizes 4, 4, 2
+    missing = [("a", 1), ("b", 0), ("a", 4), ("b", 3), ("b", 4)]
+    work = [(batch, [job for job in batch if job in missing]) for batch in batches]
+    resampled = inference.resample_batches([w for w in work if w[1]], failing=())
+    # ("a", 1) sits at position 1 and ("a", 4) at position 0 of size-4 batches: one batch;
+    # ("b", 0) at position 1 too: a second; ("b", 3), ("b", 4) fill the size-2 batch.
+    assert [batch.rows for batch in resampled] == [
+        (("b", 3), ("b", 4)),
+        (("a", 4), ("a", 1), ("a", 4), ("a", 4)),
+        (("b", 0), ("b", 0), ("b", 0), ("b", 0)),
+    ]
+    assert sorted(job for batch in resampled for job in batch.wanted) == sorted(missing)
+    assert resampled[1].origin[("a", 1)] == batches[0]
+    failing = inference.resample_batches([w for w in work if w[1]], failing={"b"})
+    assert [batch.wanted for batch in failing[:2]] == [(("b", 0),), (("b", 3), ("b", 4))]
+    assert failing[0].rows == failing[1].rows == ()  # counted as failed, never sampled
+    # b's rows dropped, as the full run drops them: ("a", 4) is alone in its batch.
+    assert [batch.rows for batch in failing[2:]] == [(("a", 4),), (("a", 1),) * 4]
 
 
 @pytest.mark.slow
