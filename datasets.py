@@ -144,8 +144,25 @@ def list_images(folder: str | Path) -> list[Path]:
         raise ValueError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder} "
             f"({len(files)} other files); put the photos of one identity there"
+            f"{subfolders_note(folder)}"
         )
     return images
+
+
+def subfolders_note(folder: str | Path) -> str:
+    """'; FOLDER holds only subfolders (...)' when a folder without image files holds folders
+    (photos one level too deep), else ''. Subfolders are never searched: say so."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(_is_image_name(path) for path in _folder_files(folder)):
+        return ""
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name[0] != ".")
+    if not subfolders:
+        return ""
+    shown = ", ".join(subfolders[:5]) + (" ..." if len(subfolders) > 5 else "")
+    return (
+        f"; {folder} holds only subfolders ({shown}) and subfolders are not searched: put "
+        "an identity's photos directly in its folder"
+    )
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
@@ -587,9 +604,11 @@ def scan_photos(
         found = state.report.summary() if files else "no files"
         if faceless == "skip" and detector is not None:
             fix = f"add photos (shorter side >= {min_side} px) that show one detectable face"
-            raise ValueError(f"no usable face photo in {folder}: {found}; {fix}")
+            raise ValueError(
+                f"no usable face photo in {folder}: {found}; {fix}{subfolders_note(folder)}"
+            )
         fix = f"add readable photos (shorter side >= {min_side} px)"
-        raise ValueError(f"no usable image in {folder}: {found}; {fix}")
+        raise ValueError(f"no usable image in {folder}: {found}; {fix}{subfolders_note(folder)}")
     if state.report:
         logger.warning("%s", state.report.summary())
     if faceless == "keep" and faceless_photos:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import runs
-from datasets import scan_photos
+from datasets import scan_photos, subfolders_note
 from faces import DEFAULT_FACE_MODELS_ROOT, FACE_DETECTOR_NAMES
 from fileio import stable_seed
 from lora import LORA_WEIGHTS_NAME
@@ -407,6 +407,11 @@ def _validate_data(args: argparse.Namespace) -> None:
     source = args.instance_data_dir or args.identities_root
     if not source.is_dir():
         raise FileNotFoundError(f"identity folder {source} does not exist or is not a folder")
+    if args.instance_data_dir is not None and subfolders_note(source):
+        raise ValueError(
+            f"--instance_data_dir {source} holds identity folders, not photos: pass "
+            f"--identities_root {source} to train each of them{subfolders_note(source)}"
+        )
     if args.with_prior_preservation and args.class_data_dir is None:
         raise ValueError(
             "--with_prior_preservation needs --class_data_dir (missing class images are "

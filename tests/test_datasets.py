@@ -763,3 +763,14 @@ def test_attribute_csv_header_names_may_carry_spaces(tmp_path: Path) -> None:
     path.write_text("identity, gender\nID_a, F\n")
     assert datasets.load_identity_attributes(path)["ID_a"]["gender"] == "F"
     assert datasets.identity_genders({"ID_a": tmp_path}, path) == {"ID_a": "female"}
+
+
+def test_a_folder_of_subfolders_is_named_as_such(tmp_path: Path) -> None:
+    for name in ("session_1", "session_2"):
+        (tmp_path / "ID_1" / name).mkdir(parents=True)
+        Image.new("RGB", (96, 96)).save(tmp_path / "ID_1" / name / "a.png")
+    for read in (datasets.list_images, datasets.scan_photos):
+        with pytest.raises(ValueError, match="holds only subfolders .session_1, session_2. and "
+                           "subfolders are not searched"):
+            read(tmp_path / "ID_1")
+    assert datasets.subfolders_note(tmp_path / "ID_1" / "session_1") == ""

@@ -249,6 +249,11 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
             FileNotFoundError,
             "does not exist",
         ),
+        "a root of identities as one identity": (
+            [f"--instance_data_dir={assets.identities}"],
+            ValueError,
+            "holds identity folders, not photos: pass --identities_root",
+        ),
     }
 
 
@@ -267,6 +272,7 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
         "overwrite and resume",
         "resolution not a multiple of 8",
         "identity folder missing",
+        "a root of identities as one identity",
     ],
 )
 def test_bad_flags_fail_right_after_parsing(assets, tmp_path, case):
