@@ -13,9 +13,10 @@ identity's LoRA through one batched LoRA layer (multi_lora.py), whose slots hold
 the current batch needs. The batches depend on the settings alone, whatever the number of
 processes and however often the run is interrupted, so a resumed or multi-process run writes
 the same bytes as one uninterrupted process (same hardware, library versions and, on CPU,
-thread count). A resumed run samples only the missing images, each at its uninterrupted
-batch size and position (resample_batches). The batch size itself moves pixels only at float-rounding level: the noise
-is per image, but kernels sum in an order that depends on the batch shape. Denoising runs in
+thread count); a resumed run samples only the missing images, each at its uninterrupted
+batch size and position (resample_batches). The batch size itself moves pixels only at
+float-rounding level: the noise is per image, but kernels sum in an order that depends on
+the batch shape. Denoising runs in
 sampling.Sampler (no host syncs; DDPM, DDIM, Euler ancestral) or the stock pipeline loop for
 other schedulers; PNGs are encoded and written by worker threads while the next batch runs.
 

@@ -207,9 +207,9 @@ def parse_stage_flags(args: argparse.Namespace, stage: str) -> argparse.Namespac
         runs.check_numbers(stage_args, parser)
     except ValueError as error:
         flags = shlex.join(getattr(args, f"{stage}_flags"))
+        script_name = STAGE_SCRIPTS[stage].relative_to(REPO_ROOT)
         raise ValueError(
-            f"--{stage}_flags {flags!r}: {error} (python {STAGE_SCRIPTS[stage].relative_to(REPO_ROOT)} "
-            "--help lists them)"
+            f"--{stage}_flags {flags!r}: {error} (python {script_name} --help lists them)"
         ) from None
     return stage_args
 

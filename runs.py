@@ -394,7 +394,7 @@ def check_base_model(name: str) -> None:
 
 SINGLE_FILE_HINT = (
     "a single-file checkpoint (e.g. v2-1_512-ema-pruned.safetensors) becomes a folder with "
-    "python -c \"from diffusers import StableDiffusionPipeline; "
+    'python -c "from diffusers import StableDiffusionPipeline; '
     "StableDiffusionPipeline.from_single_file('FILE').save_pretrained('FOLDER')\""
 )
 

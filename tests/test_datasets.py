@@ -753,7 +753,8 @@ def test_real_dlib_landmarks_land_on_the_face_after_resize_and_crop(tmp_path: Pa
 def test_attribute_csv_header_problems_are_named(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "genders.csv"
     path.write_text(text)
-    with pytest.raises(ValueError, match="first line must be the header 'identity,gender'") as error:
+    fix = "first line must be the header 'identity,gender'"
+    with pytest.raises(ValueError, match=fix) as error:
         datasets.load_identity_attributes(path)
     assert message in str(error.value)
 
@@ -770,7 +771,9 @@ def test_a_folder_of_subfolders_is_named_as_such(tmp_path: Path) -> None:
         (tmp_path / "ID_1" / name).mkdir(parents=True)
         Image.new("RGB", (96, 96)).save(tmp_path / "ID_1" / name / "a.png")
     for read in (datasets.list_images, datasets.scan_photos):
-        with pytest.raises(ValueError, match="holds only subfolders .session_1, session_2. and "
-                           "subfolders are not searched"):
+        with pytest.raises(
+            ValueError,
+            match="holds only subfolders .session_1, session_2. and subfolders are not searched",
+        ):
             read(tmp_path / "ID_1")
     assert datasets.subfolders_note(tmp_path / "ID_1" / "session_1") == ""

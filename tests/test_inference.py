@@ -626,7 +626,9 @@ def test_killed_run_resumes_to_the_full_set_without_duplicates(assets, tmp_path)
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "euler"])  # sampling.Sampler / stock loop
-def test_resume_samples_only_missing_images_byte_identical(assets, tmp_path, monkeypatch, scheduler):
+def test_resume_samples_only_missing_images_byte_identical(
+    assets, tmp_path, monkeypatch, scheduler
+):
     """Batches of 4 over 3 x 5 images: [a0 a1 a2 a3] [a4 b0 b1 b2] [b3 b4 c0 c1] [c2 c3 c4].
     With a1, b1, c1, c3 deleted the old resume sampled all 15 rows again; batches of missing
     images only, each image at its original batch size and position, take 4 + 3 rows and
@@ -650,9 +652,7 @@ def test_resume_samples_only_missing_images_byte_identical(assets, tmp_path, mon
     assert summary["written"] == 4 and summary["skipped"] == 11
     assert pngs(output) == full  # pixels and the metadata inside (its original batch)
     assert [len(rows) for rows in sampled_rows] == [3, 4]
-    assert {f"{name}/{index}.png" for rows in sampled_rows for name, index in rows} == set(
-        deleted
-    )
+    assert {f"{name}/{index}.png" for rows in sampled_rows for name, index in rows} == set(deleted)
 
 
 def test_missing_images_go_to_batches_at_their_original_size_and_position():

@@ -165,10 +165,9 @@ def test_base_model_errors_say_what_is_wrong_with_the_path(tmp_path, monkeypatch
 
 
 def test_hub_failures_are_not_blamed_on_the_weights(tmp_path):
-    with pytest.raises(ValueError, match="from the Hugging Face hub") as error:
-        with runs.loading("the UNet", "org/model"):
-            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    hub = pytest.raises(ValueError, match="from the Hugging Face hub")
+    with hub as error, runs.loading("the UNet", "org/model"):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
     assert "corrupt" not in str(error.value)
-    with pytest.raises(ValueError, match="truncated, corrupt"):
-        with runs.loading("the UNet", str(tmp_path)):
-            raise OSError("header too large")
+    with pytest.raises(ValueError, match="truncated, corrupt"), runs.loading("x", str(tmp_path)):
+        raise OSError("header too large")
