@@ -811,7 +811,7 @@ def finish(args: argparse.Namespace, state: Any, counts: Counts, identities) -> 
         summary["metadata_lines"] = rebuild_metadata(args.output_dir)
         if args.grid_dir is not None:
             write_contact_sheets(args, identities)
-        logger.info("summary: %s", json.dumps(summary))
+        logger.info("summary (images in %s): %s", args.output_dir, json.dumps(summary))
     return summary
 
 
@@ -883,8 +883,6 @@ def build_generator(
 
 def main(args: argparse.Namespace) -> dict:
     """Validate inputs, load the base once, generate this process's share, summarise."""
-    from tqdm.auto import tqdm
-
     state = runs.process_state()
     runs.setup_logging(state)
     args.resolved_mixed_precision = runs.resolve_mixed_precision(
@@ -915,7 +913,7 @@ def main(args: argparse.Namespace) -> dict:
     logger.info("%d images to generate here, %d already on disk", total, counts.skipped)
     started = time.perf_counter()
     writer = ImageWriter(args.png_workers, args.png_compress_level)
-    progress_bar = tqdm(
+    progress_bar = runs.progress_bar(
         total=total, unit="img", desc="generating", disable=not state.is_local_main_process
     )
     try:

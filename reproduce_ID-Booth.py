@@ -339,8 +339,17 @@ def stop_if_failed(state: Any, stage: str, failed: list[str]) -> None:
         )
 
 
+def variant_context(args: argparse.Namespace, stage: str, variant: str) -> None:
+    """Every progress line of the stage says which variant it is in ('variant 2 of 3')."""
+    position = args.variants.index(variant) + 1
+    text = f"{stage} variant {position} of {len(args.variants)} ({variant})"
+    runs.set_progress_context(text)
+    logger.info("%s", text)
+
+
 def train_variants(args: argparse.Namespace, state: Any) -> None:
     for variant in args.variants:
+        variant_context(args, "training", variant)
         summary = run_stage("train", train_argv(args, variant))
         failed = [f"{variant}/{result['identity']}" for result in summary["failed"]]
         stop_if_failed(state, f"training {variant}", failed)
@@ -349,6 +358,7 @@ def train_variants(args: argparse.Namespace, state: Any) -> None:
 
 def generate_variants(args: argparse.Namespace, state: Any) -> None:
     for variant in args.variants:
+        variant_context(args, "generating", variant)
         summary = run_stage("generate", generate_argv(args, variant))
         # The summary holds the totals over all processes, so every process stops alike.
         failed = [f"{variant}/{name}" for name in summary["failed_identities"]]
@@ -368,11 +378,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     train_variants(args, state)
     generate_variants(args, state)
+    runs.set_progress_context("")
     if not state.is_main_process:
         return {}
     results = run_stage("evaluate", evaluate_argv(args))
     report = args.output_dir / "report" / "report.html"
-    logger.info("report: %s", report)
+    logger.info(
+        "summary: LoRAs in %s/<variant>/<identity>/, images in %s/<variant>/<identity>/, "
+        "report %s (variants: %s)",
+        args.output_dir / "loras",
+        args.output_dir / "generated",
+        report,
+        ", ".join(args.variants),
+    )
     return {"report": str(report), "metrics": results}
 
 

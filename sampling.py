@@ -40,6 +40,7 @@ import torch
 
 from datasets import scan_photos
 from fileio import atomic_save_image
+from runs import progress_bar
 
 logger = logging.getLogger("sampling")
 
@@ -761,6 +762,7 @@ def generate_class_images(
             "sampling %d of %d missing class images into %s", len(mine), len(plan), class_dir
         )
         pipeline = load_pipeline()
+        progress = progress_bar(total=len(mine), unit="img", desc="class images")
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             generators = [
@@ -770,6 +772,9 @@ def generate_class_images(
             for index, image in zip(indices, images, strict=True):
                 written.append(class_dir / f"class_{index:05d}.png")
                 atomic_save_image(image, written[-1])
+            progress.update(len(indices))
+        progress.close()
+        logger.info("wrote %d class images into %s", len(written), class_dir)
         del pipeline
         if state.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -596,7 +596,23 @@ def main(args: argparse.Namespace) -> dict[str, list]:
     if failed:
         logger.error("%d of %d identities failed: %s", len(failed), len(todo), failed)
     trained = [result for result in results if "error" not in result]
+    log_summary(args, trained, skipped, failed)
     return {"trained": trained, "skipped": skipped, "failed": failed}
+
+
+def log_summary(args: argparse.Namespace, trained: list, skipped: list, failed: list) -> None:
+    """One end-of-run line per process: what was written where, skipped, failed."""
+    names = [result["identity"] for result in trained]
+    logger.info(
+        "summary: %d trained into %s/<identity>/ (%s); %d skipped as finished%s; %d failed%s",
+        len(trained),
+        args.output_dir,
+        runs.format_list(names) or "none",
+        len(skipped),
+        f" ({runs.format_list(skipped)})" if skipped else "",
+        len(failed),
+        f" ({runs.format_list(result['identity'] for result in failed)})" if failed else "",
+    )
 
 
 if __name__ == "__main__":

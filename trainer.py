@@ -664,6 +664,7 @@ class PackedTrainer:
         self.identity_samples = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.lr_tables = torch.zeros(num_slots, 1, dtype=torch.float64, device=self.device)
         self.results: list[dict[str, Any]] = []
+        self.overall = runs.RunProgress("identity", 0)  # set per run: "identity 37 of 107"
 
     # ------------------------------------------------------------------ slots
 
@@ -744,6 +745,7 @@ class PackedTrainer:
         self.latents.drop(slot.identity.name)
         self.faces.drop(slot.identity.name)
         self.results.append(result)
+        self.overall.done(result["identity"], failed="error" in result)
 
     def active_slots(self) -> list[Slot]:
         return [slot for slot in self.slots if slot is not None]
@@ -872,6 +874,7 @@ class PackedTrainer:
     def run(self, identities: list[Identity]) -> list[dict[str, Any]]:
         """Train every identity of the queue, K at a time; one result dict each."""
         queue = list(identities)
+        self.overall = runs.RunProgress("identity", len(queue))
         try:
             while queue or self.active_slots():
                 for index in range(self.num_slots):
@@ -888,6 +891,7 @@ class PackedTrainer:
     def _start(self, index: int, identity: Identity) -> None:
         """Fill a slot; an identity that cannot start (no face photo, bad checkpoint) fails
         alone unless it is the run's only one."""
+        self.overall.start(identity.name)
         try:
             slot = self.fill(index, identity)
             if slot.global_step >= slot.max_train_steps:
@@ -904,6 +908,7 @@ class PackedTrainer:
             self.release(slot, result)
         else:
             self.results.append(result)
+            self.overall.done(identity.name, failed=True)
 
     def gather(self, slots: list[Slot]) -> tuple[PackedBatch, list[torch.Generator]]:
         """Each slot's next micro-batch as one packed batch on the device: latents from the
@@ -1099,9 +1104,7 @@ class PackedTrainer:
 
 
 def _progress_bar(trainer: PackedTrainer, slot: Slot):
-    from tqdm.auto import tqdm
-
-    return tqdm(
+    return runs.progress_bar(
         total=slot.max_train_steps,
         initial=slot.global_step,
         desc=f"[{trainer.state.process_index}] {slot.identity.name}",

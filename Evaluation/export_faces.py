@@ -197,8 +197,6 @@ def write_sources(output_dir: Path, rows: list[tuple[str, str, str]]) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     """Export every identity's faces; the summary (written, kept, skipped by reason)."""
-    from tqdm.auto import tqdm
-
     runs.setup_logging()
     settings = {key: runs.json_safe(getattr(args, key)) for key in SETTINGS}
     identities, skips = scan_identity_folders(args.data_dirs)
@@ -217,10 +215,18 @@ def main(args: argparse.Namespace) -> dict:
 
     context = {"counts": {"written": 0, "kept": 0}, "skips": skips, "detector": detector}
     rows = []
-    for name, files in tqdm(names.items(), desc="exporting", unit="identity", mininterval=10):
+    progress = runs.progress_bar(total=len(names), desc="exporting", unit="identity")
+    for name, files in names.items():
         rows += export_identity(name, files, args, context)
-    write_sources(args.output_dir, rows)
+        progress.update(1)
+    progress.close()
     skips.log()
+    if not rows:
+        raise ValueError(
+            f"no face found in any image under {', '.join(map(str, args.data_dirs))} "
+            f"(skipped: {skips.counts()}); nothing exported"
+        )
+    write_sources(args.output_dir, rows)
     summary = {
         "faces": len(rows),
         **context["counts"],

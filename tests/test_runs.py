@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -171,3 +173,49 @@ def test_hub_failures_are_not_blamed_on_the_weights(tmp_path):
     assert "corrupt" not in str(error.value)
     with pytest.raises(ValueError, match="truncated, corrupt"), runs.loading("x", str(tmp_path)):
         raise OSError("header too large")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_do_not_flood_a_log_file():
+    """1,000 fast steps: a terminal gets its usual redraws, a log file (not a tty) only the
+    first and the last line, however fast the steps come."""
+    written = {}
+    for name, stream in (("log file", io.StringIO()), ("terminal", _Terminal())):
+        options = {"mininterval": 0} if name == "terminal" else {}
+        bar = runs.progress_bar(total=1000, file=stream, **options)
+        for _ in range(1000):
+            bar.update(1)
+        bar.close()
+        written[name] = stream.getvalue()
+    assert written["log file"].count("\r") <= 3 and "1000/1000" in written["log file"]
+    assert written["terminal"].count("\r") > 100
+
+
+def test_run_progress_counts_and_estimates_the_time_left(caplog):
+    caplog.set_level(logging.INFO)
+    now = [0.0]
+    progress = runs.RunProgress("identity", 4, clock=lambda: now[0])
+    runs.set_progress_context("training variant 2 of 3 (triplet)")
+    try:
+        progress.start("ID_1")
+        now[0] = 600.0
+        progress.done("ID_1")
+        progress.start("ID_2")
+        now[0] = 1200.0
+        progress.done("ID_2", failed=True)
+    finally:
+        runs.set_progress_context("")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "training variant 2 of 3 (triplet), identity 1 of 4: ID_1",
+        "training variant 2 of 3 (triplet), identity 1 of 4 done (ID_1): 1 finished, 0 failed, "
+        "ETA 30 min 00 s",
+        "training variant 2 of 3 (triplet), identity 2 of 4: ID_2",
+        "training variant 2 of 3 (triplet), identity 2 of 4 done (ID_2, failed): 1 finished, "
+        "1 failed, ETA 20 min 00 s",
+    ]
+    assert runs.format_duration(11_520) == "3 h 12 min" and runs.format_duration(42) == "42 s"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -1133,7 +1134,8 @@ def test_resume_with_another_persons_photos_is_refused(triplet_run, assets, tmp_
         train.main(train.parse_args(argv))
 
 
-def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeypatch):
+def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     root = tmp_path / "identities"
     shutil.copytree(assets.identity("person0"), root / "person0")
     faceless = root / "a_faceless"
@@ -1157,6 +1159,15 @@ def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeyp
     config = json.loads((tmp_path / "loras" / "person0" / trainer.CONFIG_NAME).read_text())
     assert config["data"]["instance_images"] == 1
     assert config["data"]["instance_skipped"] == {"unreadable image": 1}
+    # An overall counter with an ETA, and one end-of-run summary line.
+    messages = [record.getMessage() for record in caplog.records]
+    assert "identity 1 of 2: a_faceless" in messages
+    assert "identity 2 of 2 done (person0): 1 finished, 1 failed, done" in messages
+    assert any(m.startswith("identity 1 of 2 done (a_faceless, failed)") for m in messages)
+    assert (
+        f"summary: 1 trained into {tmp_path / 'loras'}/<identity>/ (person0); 0 skipped as "
+        "finished; 1 failed (a_faceless)"
+    ) in messages
 
 
 @pytest.mark.parametrize(
