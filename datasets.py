@@ -561,6 +561,19 @@ class PhotoScan:
     fingerprint: str  # sha256 over (name, content sha256) of the photos, in order
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a warning once per process: the class folder is scanned again for every identity
+    trained, and its skips would repeat 107 times per variant (later repeats go to DEBUG)."""
+    if message in _warned:
+        logger.debug("%s", message)
+        return
+    _warned.add(message)
+    logger.warning("%s", message)
+
+
 def _fingerprint(photos: list[Path], sha256: dict[Path, str]) -> str:
     """What a set of photos is, by content: sha256 of 'name:sha256' lines in order."""
     lines = "".join(f"{path.name}:{sha256[path]}\n" for path in photos)
@@ -610,15 +623,12 @@ def scan_photos(
         fix = f"add readable photos (shorter side >= {min_side} px)"
         raise ValueError(f"no usable image in {folder}: {found}; {fix}{subfolders_note(folder)}")
     if state.report:
-        logger.warning("%s", state.report.summary())
+        _warn_once(state.report.summary())
     if faceless == "keep" and faceless_photos:
-        logger.warning(
-            "%d of %d photos in %s have no detected face: they are used without a face "
-            "embedding (prior loss only): %s",
-            len(faceless_photos),
-            len(photos),
-            folder,
-            ", ".join(path.name for path in faceless_photos),
+        _warn_once(
+            f"{len(faceless_photos)} of {len(photos)} photos in {folder} have no detected face: "
+            "they are used without a face embedding (prior loss only): "
+            + ", ".join(path.name for path in faceless_photos)
         )
     return PhotoScan(photos, faces, state.report, _fingerprint(photos, state.sha256))
 

@@ -848,8 +848,23 @@ def checked_pipeline(args: argparse.Namespace, identities, state: Any):
     dtype = getattr(torch, MIXED_PRECISION_DTYPES[args.resolved_mixed_precision])
     pipeline.to(state.device)
     if dtype != torch.float32:
-        pipeline.to(dtype=dtype)
+        cast_pipeline(pipeline, dtype)
     return pipeline, layouts, lora_errors
+
+
+def cast_pipeline(pipeline: StableDiffusionPipeline, dtype: Any) -> None:
+    """Cast the pipeline's models to `dtype`: torch's own Module.to for a model that keeps no
+    module in fp32 (diffusers' to() warns about them on every cast, even when there are none),
+    diffusers' own for a model that keeps some."""
+    import torch
+
+    for component in pipeline.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if getattr(component, "_keep_in_fp32_modules", None):
+            component.to(dtype=dtype)
+        else:
+            torch.nn.Module.to(component, dtype=dtype)
 
 
 def slots_needed(work: Sequence[SampleBatch]) -> int:

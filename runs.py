@@ -49,6 +49,18 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
 INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process ended by Ctrl-C (SIGINT)
 
 
+class _TorchvisionFallbackNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL version
+    without torchvision: this project never installs torchvision (README), so the notice
+    would open every run of every script."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNotice())
+
+
 # The paper's negative prompt for generation (and training's validation images).
 PAPER_NEGATIVE_PROMPT = (
     "cartoon, cgi, render, illustration, painting, drawing, black and white, "

@@ -777,3 +777,15 @@ def test_a_folder_of_subfolders_is_named_as_such(tmp_path: Path) -> None:
         ):
             read(tmp_path / "ID_1")
     assert datasets.subfolders_note(tmp_path / "ID_1" / "session_1") == ""
+
+
+def test_a_folder_scanned_again_warns_once(tmp_path: Path, caplog) -> None:
+    """The class folder is scanned for every identity trained: its skips are warned once."""
+    folder = tmp_path / "class"
+    folder.mkdir()
+    Image.new("RGB", (96, 96)).save(folder / "ok.png")
+    Image.new("RGB", (8, 8)).save(folder / "tiny.png")
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        for _ in range(3):
+            datasets.scan_photos(folder)
+    assert len([r for r in caplog.records if "tiny.png" in r.getMessage()]) == 1

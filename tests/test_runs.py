@@ -219,3 +219,14 @@ def test_run_progress_counts_and_estimates_the_time_left(caplog):
         "1 failed, ETA 20 min 00 s",
     ]
     assert runs.format_duration(11_520) == "3 h 12 min" and runs.format_duration(42) == "42 s"
+
+
+def test_transformers_torchvision_fallback_notice_is_not_shown(capfd):
+    """No torchvision here by design: transformers' fallback notice would open every run."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logger = hf_logging.get_logger("transformers.utils.import_utils")
+    hf_logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back")
+    hf_logger.warning("another notice")
+    err = capfd.readouterr().err
+    assert "requires torchvision" not in err and "another notice" in err
