@@ -115,6 +115,25 @@ GENERATION_KEYS = (
 # ----------------------------------------------------------------------------- arguments
 
 
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "models and LoRAs": [
+        "pretrained_model_name_or_path", "lora_dir", "lora_root", "checkpoint", "identities",
+        "lora_scale",
+    ],
+    "prompts": [
+        "prompt_template", "prompt_template_no_background", "backgrounds",
+        "background_sampling", "side_portrait_probability", "identity_attributes",
+        "negative_prompt",
+    ],
+    "sampling": [
+        "num_images_per_identity", "scheduler", "num_inference_steps", "guidance_scale",
+        "resolution", "seed",
+    ],
+    "precision and speed": ["mixed_precision", "batch_size", "compile", "png_workers"],
+    "output": ["output_dir", "overwrite", "png_compress_level", "grid_dir"],
+}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; defaults are the paper's reference generation setup."""
     parser = runs.argument_parser(__doc__)
@@ -271,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Regenerate images that already exist (and accept changed settings).",
     )
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
 
 

@@ -71,11 +71,41 @@ PAPER_NEGATIVE_PROMPT = (
 # ============================================================================ entry and logging
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with '(required)' on required flags and '(default: X)' only where X says
+    something: not for None or off switches, nor where the help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required:
+            return f"{text} (required)"
+        quiet = action.default is None or action.default is False or action.default == ""
+        if quiet or "default" in text.lower() or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def argument_parser(doc: str) -> argparse.ArgumentParser:
-    """A script's parser: described by its docstring's first paragraph, defaults in --help."""
+    """A script's parser: its docstring's first paragraph on top of --help, the rest (examples
+    and details, as written) at the end; defaults and required flags marked."""
+    description, _, details = doc.partition("\n\n")
     return argparse.ArgumentParser(
-        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, epilog=details.strip() or None, formatter_class=HelpFormatter
     )
+
+
+def group_flags(parser: argparse.ArgumentParser, groups: dict[str, list[str]]) -> None:
+    """Show the flags under titled sections of --help (title -> flag dests, in order); only
+    the display changes: flags not listed stay under 'options'. ValueError for an unknown dest."""
+    actions = {action.dest: action for action in parser._actions}
+    unknown = [dest for dests in groups.values() for dest in dests if dest not in actions]
+    if unknown:
+        raise ValueError(f"group_flags: no such flags {unknown}")
+    for title, dests in groups.items():
+        group = parser.add_argument_group(title)
+        for dest in dests:
+            group._group_actions.append(actions[dest])
+            parser._optionals._group_actions.remove(actions[dest])
 
 
 def run_cli(

@@ -379,6 +379,43 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "models": [
+        "pretrained_model_name_or_path", "revision", "variant", "arcface_weights",
+        "face_detector", "face_models_root",
+    ],
+    "data": [
+        "instance_data_dir", "identities_root", "class_data_dir", "instance_prompt",
+        "class_prompt", "with_prior_preservation", "num_class_images", "sample_batch_size",
+        "class_num_inference_steps", "prior_generation_precision", "resolution", "center_crop",
+        "dataloader_num_workers",
+    ],
+    "loss": [
+        "loss", "prior_loss_weight", "triplet_margin", "identity_loss_weighting",
+        "clamp_decoded_x0",
+    ],
+    "LoRA and optimisation": [
+        "rank", "lora_alpha", "seed", "train_batch_size", "num_train_epochs",
+        "max_train_steps", "gradient_accumulation_steps", "learning_rate", "scale_lr",
+        "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1",
+        "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
+    ],
+    "precision, memory and speed": [
+        "mixed_precision", "gradient_checkpointing", "pack", "compile", "compile_mode",
+        "allow_tf32",
+    ],
+    "output and checkpoints": [
+        "output_dir", "overwrite", "checkpointing_steps", "checkpoints_total_limit",
+        "resume_from_checkpoint",
+    ],
+    "validation": [
+        "validation_prompt", "validation_negative_prompt", "validation_steps",
+        "num_validation_images", "validation_num_inference_steps", "validation_guidance_scale",
+    ],
+    "logging": ["logging_steps", "logging_dir", "report_to"],
+}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, with help text; defaults are the paper's reference setup."""
     parser = runs.argument_parser(__doc__)
@@ -387,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loss_args(parser)
     _add_optimisation_args(parser)
     _add_output_args(parser)
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
 
 
