@@ -65,7 +65,15 @@ UNIT_INTERVAL = runs.Number(float, 0, 1, low_open=True, high_open=True)  # FMR /
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line options (defaults: the paper's / dgm-eval's settings)."""
+    """Command-line options (defaults: the paper's / dgm-eval's settings), validated."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    runs.check_numbers(args, parser)
+    return validate_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (reproduce_ID-Booth.py checks --evaluate_flags with it)."""
     parser = runs.argument_parser(__doc__)
     parser.add_argument(
         "--generated",
@@ -206,9 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Seed of impostor-pair sampling, KD subsets and PRDC subsampling.",
     )
     add_report_arguments(parser)
-    args = parser.parse_args(argv)
-    runs.check_numbers(args, parser)
-    return validate_args(args)
+    return parser
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
