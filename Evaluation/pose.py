@@ -10,13 +10,13 @@ Two estimators, both reporting the paper's angle convention (6DRepNet's, below):
 Paper convention (6DRepNet's draw_axis): yaw > 0 = the face turned towards the image's left (the
 subject's right); pitch > 0 = looking up; roll > 0 = tilted clockwise as displayed.
 
-dlib-PnP: pose = the rotation `cv2.solvePnP` finds between a generic 3D face (14 landmarks, MODEL_POINTS)
-and the face's dlib landmarks, seen by a pinhole camera with focal length = image width,
-principal point at the image centre ((W - 1) / 2, (H - 1) / 2: pixel centres at integer
+dlib-PnP: pose = the rotation `cv2.solvePnP` finds between a generic 3D face (14 landmarks,
+MODEL_POINTS) and the face's dlib landmarks, seen by a pinhole camera with focal length = image
+width, principal point at the image centre ((W - 1) / 2, (H - 1) / 2: pixel centres at integer
 coordinates, as in faces.py) and no distortion.
 
-solve_head_pose's angle conventions (degrees, in the camera's frame: x to the image's right, y down, z away from
-the camera; a face looking straight into the camera is (0, 0, 0)):
+solve_head_pose's angle conventions (degrees, in the camera's frame: x to the image's right,
+y down, z away from the camera; a face looking straight into the camera is (0, 0, 0)):
 - yaw > 0: the face is turned towards the image's right (the subject's own left; the opposite
   of the paper's, so PoseEstimator negates it);
 - pitch > 0: the face looks up (towards the top of the image);
@@ -247,7 +247,7 @@ class SixDRepNetEstimator:
         return detect_and_align(image, self.detector)[1]
 
     def estimate(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """N RGB uint8 images -> (N, 3) float32 yaw, pitch, roll (zero where no face), (N,) found."""
+        """N RGB uint8 images -> (N, 3) float32 yaw, pitch, roll (0 where no face), (N,) found."""
         from pose_6drepnet import pad_crop, predict_angles
 
         crops = [self._crop(i, np.asarray(image)) for i, image in enumerate(images)]

@@ -99,7 +99,8 @@ class SixDRepNet(nn.Module):
         super().__init__()
         self.layer0 = RepVGGBlock(3, STEM_WIDTH, stride=2)
         in_channels, first_index = STEM_WIDTH, 1
-        for stage, (width, blocks) in enumerate(zip(STAGE_WIDTHS, BLOCKS_PER_STAGE), start=1):
+        stages = zip(STAGE_WIDTHS, BLOCKS_PER_STAGE, strict=True)
+        for stage, (width, blocks) in enumerate(stages, start=1):
             setattr(self, f"layer{stage}", _stage(in_channels, width, blocks, first_index))
             in_channels, first_index = width, first_index + blocks
         self.linear_reg = nn.Linear(STAGE_WIDTHS[-1], 6)
