@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quality_weights",
         type=Path,
         default=None,
-        help="CR-FIQA checkpoint for the quality section; default: a random CR-FIQA IResNet-18.",
+        help="CR-FIQA checkpoint for the quality section; default: a random CR-FIQA(S) IResNet-50.",
     )
     parser.add_argument(
         "--resolution",
@@ -95,7 +95,7 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
         "sd": models_dir / "tiny-sd",
         "arcface": models_dir / "arcface_r18_random.pth",
         "dinov2": models_dir / "tiny-dinov2",
-        "crfiqa": models_dir / "crfiqa_r18_random.pth",
+        "crfiqa": models_dir / "crfiqa_r50_random.pth",
     }
     # Each model is written to a temp name and renamed when complete, so a demo killed during
     # set-up leaves no half-written model that a rerun would trust.
@@ -116,7 +116,8 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
 
 
 def random_crfiqa():
-    """A random CR-FIQA IResNet-18 with BatchNorm statistics of random faces (finite scores)."""
+    """A random CR-FIQA(S) IResNet-50 (the paper's model, so the paper's quality setting runs)
+    with BatchNorm statistics of random faces (finite scores)."""
     import torch
 
     from random_models import calibrate_batchnorm
@@ -126,7 +127,7 @@ def random_crfiqa():
 
     torch.manual_seed(0)
     faces = torch.rand((8, 3, 112, 112), generator=torch.Generator().manual_seed(1)) * 2 - 1
-    return calibrate_batchnorm(build_crfiqa("r18"), [faces])
+    return calibrate_batchnorm(build_crfiqa("r50"), [faces])
 
 
 def crop_face(

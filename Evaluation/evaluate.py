@@ -24,7 +24,8 @@ Diversity and fidelity need --feature_model (a DINOv2 folder or hub id); without
 skipped with a note.
 - Image grids (first in the report): per method and identity, up to --grid_images generated
   samples beside as many real photos of that identity (96 px JPEG thumbnails, inline).
-- Quality: CR-FIQA score per detected face (--quality_weights; not computed without it).
+- Quality: CR-FIQA score per detected face (--quality_weights; not computed without it), by
+  default in the paper's setting (--quality_setting paper: CR-FIQA(S) fed BGR).
 - Pose: yaw / pitch / roll per face, mean +- std over all faces and the per-identity std
   (the paper's table): 6DRepNet with --pose_weights (the paper's), else dlib-PnP (offline
   fallback, not comparable with the paper); --no-pose skips it.
@@ -246,6 +247,12 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "181952backbone.pth; CC BY-NC 4.0) for face image quality. Not given: not computed.",
     )
     parser.add_argument(
+        "--quality_setting",
+        default="paper",
+        help="CR-FIQA protocol: paper (the paper's: CR-FIQA(S), iresnet50 32572backbone.pth, "
+        "fed BGR as ID-Booth's script) or crfiqa-rgb (CR-FIQA's own: RGB, either model).",
+    )
+    parser.add_argument(
         "--pose",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -317,6 +324,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"--out {args.out} and {flag} {folder} overlap: the report's own files would be "
                 "read as images of an identity; write the report to a folder outside the data"
             )
+    if args.quality_weights is not None:
+        from quality import quality_setting
+
+        quality_setting(args.quality_setting)  # ValueError listing the settings
     if args.embedder == "arcface" and args.arcface_weights is None:
         raise ValueError(
             "--embedder arcface needs --arcface_weights (backbone.pth or .onnx); "
@@ -603,7 +614,7 @@ def quality_section(
     """CR-FIQA score summary per set and the finite scores behind it (cached in OUT/cache)."""
     if args.quality_weights is None:
         return {"skipped": QUALITY_NOT_COMPUTED}, {}
-    from quality import build_quality_scorer, quality_summary, score_image_files
+    from quality import build_quality_scorer, quality_setting, quality_summary, score_image_files
 
     scorer = build_quality_scorer(
         args.quality_weights,
@@ -611,6 +622,7 @@ def quality_section(
         args.face_models_root,
         args.device,
         args.batch_size,
+        args.quality_setting,
     )
     scored = cached_per_set(
         image_sets, lambda paths: score_image_files(scorer, paths), "quality", scorer.name, args
@@ -621,7 +633,15 @@ def quality_section(
         summary = _guarded(quality_summary, entry.rows, entry.status)
         sets[name] = {**status_counts(entry), **summary}
         scores[name] = values[np.isfinite(values)]
-    return {"model": scorer.name, "weights": str(args.quality_weights), "sets": sets}, scores
+    section = {
+        "model": scorer.name,
+        "weights": str(args.quality_weights),
+        "setting": args.quality_setting,
+        "setting_description": quality_setting(args.quality_setting).description,
+        "channel_order": scorer.channel_order,
+        "sets": sets,
+    }
+    return section, scores
 
 
 def pose_section(

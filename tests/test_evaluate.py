@@ -700,12 +700,13 @@ def test_quality_from_a_crfiqa_checkpoint_grid_caps_and_no_pose(data, tmp_path):
         out,
         f"--quality_weights={weights}",
         "--face_detector=dlib",
+        "--quality_setting=crfiqa-rgb",
         "--no-pose",
         "--grid_images=2",
         "--grid_identities=3",
     )
     results = evaluate.main(evaluate.parse_args(argv))
-    scorer = quality.build_quality_scorer(weights, "dlib")
+    scorer = quality.build_quality_scorer(weights, "dlib", setting="crfiqa-rgb")
     for name, folder in (("A", data["genA"]), ("real", data["real"])):
         rows, status = quality.score_image_files(scorer, load_image_set(name, folder).paths)
         expected = quality.quality_summary(rows, status)
