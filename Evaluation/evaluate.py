@@ -36,6 +36,7 @@ skipped with a note.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import platform
 import re
 import sys
@@ -720,14 +721,27 @@ def diversity_figures(diversity: dict) -> dict[str, bytes]:
 
     if "skipped" in diversity:
         return {}
+    if not any(report.vendi_values(diversity).values()):
+        diversity_note = "no identity has a Vendi score: no box plot to draw"
+        for entry in diversity.values():
+            entry["figure_note"] = diversity_note
+        return {}
     return {"vendi": report.figure_png(report.vendi_figure(diversity, "Vendi score"))}
 
 
+MAX_KEY_NAME = 60  # characters of a set name kept in a plot's file name (any folder takes it)
+
+
 def figure_keys(prefix: str, names: Sequence[str]) -> dict[str, str]:
-    """{name: '<prefix>_<safe name>'} (plots/<key>.png), distinct even where safe names clash."""
+    """{name: '<prefix>_<safe name>'} (plots/<key>.png), distinct even where safe names clash;
+    a long name is cut and given a hash of the whole, so the file name stays short."""
     keys: dict[str, str] = {}
     for name in names:
-        key = f"{prefix}_{_safe(name)}"
+        safe = _safe(name)
+        if len(safe) > MAX_KEY_NAME:
+            digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+            safe = f"{safe[:MAX_KEY_NAME]}-{digest}"
+        key = f"{prefix}_{safe}"
         while key in keys.values():
             key += "_"
         keys[name] = key
@@ -738,20 +752,29 @@ def quality_figures(quality: dict, scores: dict[str, np.ndarray]) -> dict[str, b
     """PNG of the CR-FIQA score histograms (none when quality was not computed)."""
     import report
 
-    if "skipped" in quality or not any(len(values) for values in scores.values()):
+    if "skipped" in quality:
+        return {}
+    if not any(len(values) for values in scores.values()):
+        quality["figure_note"] = "no face was scored in any set: no histogram to draw"
         return {}
     quality["figure"] = "quality_hist"
     return {"quality_hist": report.figure_png(report.quality_figure(scores, quality["model"]))}
 
 
 def pose_figures(pose: dict, angles: dict[str, tuple[np.ndarray, list[str]]]) -> dict[str, bytes]:
-    """PNG of a yaw-vs-pitch scatter per set; each set's entry names its figure."""
+    """PNG of a yaw-vs-pitch scatter per set on one shared axis range; each set's entry names
+    its figure, or says why it has none."""
     import report
 
     figures = {}
+    limits = report.pose_axis_limits([rows for rows, _ in angles.values()])
     for name, key in figure_keys("pose", list(angles)).items():
+        if not len(angles[name][0]):
+            pose["sets"][name]["figure_note"] = "no face found: no pose to plot"
+            continue
         pose["sets"][name]["figure"] = key
-        figures[key] = report.figure_png(report.pose_scatter_figure(*angles[name], name))
+        figure = report.pose_scatter_figure(*angles[name], name, limits)
+        figures[key] = report.figure_png(figure)
     return figures
 
 
@@ -833,7 +856,8 @@ def main(args: argparse.Namespace) -> dict:
         "config": run_config(args),
         "embedder": embedder_name,
         "feature_model": feature_name,
-        "definitions": metrics.METRIC_DEFINITIONS,
+        "definitions": metrics.definitions_with_directions(),
+        "directions": metrics.METRIC_DIRECTIONS,
         "sets": sets,
         "grids": grids,
         "identity": identity,

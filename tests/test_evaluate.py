@@ -484,7 +484,7 @@ def test_det_reaches_the_smallest_fmr_the_data_give_without_a_jump(paper_scale_r
     assert fnmr[0] == pytest.approx(roc.fnmr[np.flatnonzero(roc.fmr == 0)[-1]])
     assert np.all(np.diff(fnmr) <= 1e-12)  # non-increasing: no jump back up
     assert figure.axes[0].get_xlim()[0] < norm.ppf(zero)  # visible
-    assert "1e-06" in [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+    assert "1e-6" in [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
     assert len(x) < 2 * (roc.n_genuine + 2)  # only the corners of the staircase are drawn
 
 
@@ -681,7 +681,11 @@ def test_pose_of_a_face_and_its_mirror_image_through_evaluate(cli_run, data):
     assert generated["no_face"] == ["person_0/zz_noise.png"] and generated["n_unreadable"] == 1
     assert generated["n_faces"] == 15 and generated["figure"] == "pose_A"
     page = (cli_run / "report.html").read_text()
-    assert "Head-pose diversity" in page and 'alt="pose_real"' in page
+    assert "Head pose (yaw" in page and 'alt="pose_real"' in page
+    assert pose["estimator"] == "dlib-hog68-pnp14" and pose["comparable_with_paper"] is False
+    assert "not comparable with the paper" in page
+    yaws = np.array([values[0] for values in real["per_image"].values()])
+    assert real["all_faces"]["yaw"] == pytest.approx({"mean": yaws.mean(), "std": yaws.std()})
 
 
 @pytest.mark.slow
@@ -749,4 +753,4 @@ def test_statistics_over_no_face_show_as_not_available():
     assert report.format_value(float("nan")) == "n/a" and report.format_value(0.5) == "0.5"
     entry = {"mean": float("nan"), "std": float("nan")}
     assert report._mean_std(entry, "mean", "std") == "n/a"
-    assert report._mean_std({"mean": 1.0, "std": 0.25}, "mean", "std") == "1 ± 0.25"
+    assert report._mean_std({"mean": 1.0, "std": 0.25}, "mean", "std") == "1.000 ± 0.250"
