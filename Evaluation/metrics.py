@@ -97,6 +97,10 @@ def definitions_with_directions() -> dict[str, str]:
 
 
 SECTION_DEFINITIONS = {
+    "precision": "prdc: share of generated samples inside some real sample's k-NN ball (fidelity)",
+    "recall": "prdc: share of real samples inside some generated sample's k-NN ball (diversity)",
+    "density": "prdc: mean number of real k-NN balls holding a generated sample, over k",
+    "coverage": "prdc: share of real samples whose k-NN ball holds a generated sample",
     "crfiqa": "CR-FIQA quality score of a detected, aligned face: the predicted relative "
     "classifiability (similarity to its own class centre over that to the nearest other), the "
     "quality head's raw output; mean +- std over the set's faces",

@@ -182,7 +182,11 @@ def test_cli_writes_identity_metrics_report_and_plots(cli_run):
     assert "--feature_model" in results["diversity"]["skipped"]
     assert "--feature_model" in results["fidelity"]["skipped"]
     assert "FMR = FNMR" in results["definitions"]["eer"]
+    directions = results["directions"]
+    assert directions["eer_fvc2000"] == "lower" and directions["fdr"] == "higher"
+    assert results["definitions"]["eer_fvc2000"].startswith("↓ lower is better: EER as pyeer")
     report = (cli_run / "report.html").read_text()
+    assert re.search(r"<h2>(.*?)</h2>", report).group(1) == "Summary (the paper's columns)"
     # 3 comparisons x hist/ROC/DET, a pose scatter per set (A, genB, real), A's training curves
     assert report.count("data:image/png;base64,") == 9 + 3 + 1
     for text in ("zz_noise.png", "zz_broken.png", "stray.png", "genB", "EER", "decidability"):
