@@ -730,6 +730,23 @@ def pose_section(pose: Mapping, figures: Mapping[str, bytes]) -> str:
     return "\n".join(parts)
 
 
+def pose_identity_table(pose: Mapping) -> str:
+    """HTML table: one row per identity, its yaw / pitch / roll std (degrees) in each set."""
+    sets = pose["sets"]
+    names = sorted({identity for entry in sets.values() for identity in entry["per_identity"]})
+    header = ["identity"] + [f"{name}: {angle} std" for name in sets for angle in ANGLES]
+    rows = [
+        [identity]
+        + [
+            sets[name]["per_identity"].get(identity, {}).get(angle, "")
+            for name in sets
+            for angle in ANGLES
+        ]
+        for identity in names
+    ]
+    return html_table(header, rows)
+
+
 def _first_last(summary: Mapping | None) -> str:
     """'first → last (step n)' of a curve summary ('' when the term was not logged)."""
     if not summary:
