@@ -692,6 +692,30 @@ def test_pose_of_a_face_and_its_mirror_image_through_evaluate(cli_run, data):
     assert real["all_faces"]["yaw"] == pytest.approx({"mean": yaws.mean(), "std": yaws.std()})
 
 
+def test_pose_weights_run_6drepnet_on_aligned_padded_faces(data, tmp_path):
+    """--pose_weights: 6DRepNet (a random backbone whose head always says pitch 10, yaw 25,
+    roll -5) on every detected face; the section says it compares with the paper."""
+    from test_pose_6drepnet import constant_pose_checkpoint
+
+    weights = constant_pose_checkpoint(tmp_path / "6drepnet.pth", pitch=10.0, yaw=25.0, roll=-5.0)
+    argv = dlib_argv(data, tmp_path / "out", f"--pose_weights={weights}", "--face_detector=dlib")
+    args = evaluate.parse_args(argv)
+    args.device = "cpu"
+    pose, angles = evaluate.pose_section(evaluate.load_sets(args), args)
+    assert pose["comparable_with_paper"] is True
+    assert pose["estimator"].startswith("6drepnet-6drepnet-") and pose["estimator"].endswith(
+        "-dlib-hog68-pad30"
+    )
+    real = pose["sets"]["real"]
+    assert real["n_faces"] == 10 and real["n_no_face"] == 0
+    for angle, value in zip(("yaw", "pitch", "roll"), (25.0, 10.0, -5.0), strict=True):
+        assert real["all_faces"][angle]["mean"] == pytest.approx(value, abs=1e-3)
+        assert real["all_faces"][angle]["std"] == pytest.approx(0.0, abs=1e-3)
+    assert pose["sets"]["A"]["no_face"] == ["person_0/zz_noise.png"]
+    with pytest.raises(FileNotFoundError, match="--pose_weights"):
+        evaluate.parse_args([*argv, f"--pose_weights={tmp_path / 'none.pth'}"])
+
+
 @pytest.mark.slow
 def test_quality_from_a_crfiqa_checkpoint_grid_caps_and_no_pose(data, tmp_path):
     import torch
