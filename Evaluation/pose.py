@@ -37,7 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from image_sets import rows_of_face_model
+from image_sets import aligned_face, rows_of_face_model
 
 ANGLE_NAMES = ("yaw", "pitch", "roll")
 CAMERA_TO_PAPER_SIGNS = np.array([-1.0, 1.0, 1.0])  # solve_head_pose's yaw is the paper's -yaw
@@ -231,26 +231,14 @@ class SixDRepNetEstimator:
         aligned = detector.name if detector is not None else "aligned"
         self.name = f"6drepnet-{weights}-{aligned}-pad{CROP_PADDING}"
 
-    def _crop(self, index: int, image: np.ndarray) -> np.ndarray | None:
-        """(112, 112, 3) aligned crop of the image's largest face, or None if no face."""
-        from faces import ARCFACE_SIZE
-
-        if self.detector is None:
-            if image.shape != (ARCFACE_SIZE, ARCFACE_SIZE, 3):
-                raise ValueError(
-                    f"image {index} has shape {image.shape}: without a face detector 6DRepNet "
-                    "takes aligned 112x112 RGB crops; pass a detector to align other images"
-                )
-            return image
-        from datasets import detect_and_align  # the one detect + align path of the project
-
-        return detect_and_align(image, self.detector)[1]
-
     def estimate(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """N RGB uint8 images -> (N, 3) float32 yaw, pitch, roll (0 where no face), (N,) found."""
         from pose_6drepnet import pad_crop, predict_angles
 
-        crops = [self._crop(i, np.asarray(image)) for i, image in enumerate(images)]
+        crops = [
+            aligned_face(np.asarray(image), self.detector, i, "6DRepNet")
+            for i, image in enumerate(images)
+        ]
         found = np.array([crop is not None for crop in crops], dtype=bool)
         angles = np.zeros((len(crops), 3), dtype=np.float32)
         if found.any():

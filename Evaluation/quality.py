@@ -53,12 +53,11 @@ from arcface import (
     weights_name,
 )
 from faces import (
-    ARCFACE_SIZE,
     DEFAULT_FACE_MODELS_ROOT,
     FaceDetector,
     build_face_detector,
 )
-from image_sets import STATUS_OK, rows_of_face_model
+from image_sets import STATUS_OK, aligned_face, rows_of_face_model
 
 # Depths the official backbones/iresnet.py defines (iresnet18/34/50/100); released: r50, r100.
 CRFIQA_DEPTHS = ("r18", "r34", "r50", "r100")
@@ -212,22 +211,12 @@ class CRFIQAScorer:
                 scores.append(head[:, 0].float().cpu().numpy())
         return np.concatenate(scores)
 
-    def _crop(self, index: int, image: np.ndarray) -> np.ndarray | None:
-        """(112, 112, 3) aligned crop of the image's largest face, or None if no face."""
-        if self.detector is None:
-            if image.shape != (ARCFACE_SIZE, ARCFACE_SIZE, 3):
-                raise ValueError(
-                    f"image {index} has shape {image.shape}: without a face detector CR-FIQA "
-                    "takes aligned 112x112 RGB crops; pass a detector to align other images"
-                )
-            return image
-        from datasets import detect_and_align  # the one detect + align path of the project
-
-        return detect_and_align(image, self.detector)[1]
-
     def score(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 RGB images -> (N,) float32 scores (NaN where no face), (N,) found."""
-        crops = [self._crop(i, np.asarray(image)) for i, image in enumerate(images)]
+        crops = [
+            aligned_face(np.asarray(image), self.detector, i, "CR-FIQA")
+            for i, image in enumerate(images)
+        ]
         found = np.array([crop is not None for crop in crops], dtype=bool)
         scores = np.full(len(crops), np.nan, dtype=np.float32)
         if found.any():
