@@ -31,6 +31,7 @@ centre that looks parallel to the optical axis reads (0, 0, 0).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -222,13 +223,14 @@ class SixDRepNetEstimator:
 
     comparable_with_paper = True
 
-    def __init__(self, model, detector=None, weights: str = "6drepnet", batch_size: int = 16):
+    def __init__(self, model, detector=None, weights: str = "unnamed", batch_size: int = 16):
         from pose_6drepnet import CROP_PADDING
 
         self.model = model.eval()
         self.detector = detector
         self.batch_size = batch_size
         aligned = detector.name if detector is not None else "aligned"
+        weights = re.sub(r"^6drepnet[-_]?", "", weights, flags=re.IGNORECASE) or weights
         self.name = f"6drepnet-{weights}-{aligned}-pad{CROP_PADDING}"
 
     def estimate(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -127,7 +127,7 @@ def test_quality_notebook_runs_the_papers_setting(notebook_env, model_weights, m
 @pytest.mark.slow
 def test_pose_notebook_runs_6drepnet_and_the_fallback(notebook_env, model_weights, monkeypatch):
     output = run_notebook("pose_analysis.ipynb", notebook_env | model_weights, monkeypatch)
-    assert "estimator: 6drepnet-6DRepNet_300W_LP_AFLW2000-" in output
+    assert "estimator: 6drepnet-300W_LP_AFLW2000-" in output
     assert "comparable with the paper: True" in output
     table_texts = ("yaw mean ± std, all faces", "pitch std per identity ↑", "ID-Booth: yaw std")
     for text in (*table_texts, "person_0"):

@@ -186,7 +186,13 @@ def test_estimator_reports_yaw_pitch_roll_in_the_papers_signs_on_a_real_face(tmp
 def test_aligned_crops_without_a_detector(tmp_path):
     weights = constant_pose_checkpoint(tmp_path / "fixed.pth", pitch=-8.0, yaw=-30.0, roll=4.0)
     estimator = pose.SixDRepNetEstimator(sixd.load_sixdrepnet(weights))
-    assert estimator.name == "6drepnet-6drepnet-aligned-pad30"
+    assert estimator.name == "6drepnet-unnamed-aligned-pad30"
+    named = pose.build_pose_estimator(weights, face_detector=None)
+    assert named.name.startswith("6drepnet-fixed-") and named.name.endswith("-aligned-pad30")
+    released = tmp_path / "6DRepNet_300W_LP_AFLW2000.pth"
+    released.write_bytes(weights.read_bytes())
+    label = pose.build_pose_estimator(released, face_detector=None).name
+    assert label.startswith("6drepnet-300W_LP_AFLW2000-")  # not doubled
     angles, found = estimator.estimate([rgb("Tom_Hanks_54745.png")])
     assert found.all()
     np.testing.assert_allclose(angles[0], [-30.0, -8.0, 4.0], atol=1e-3)
