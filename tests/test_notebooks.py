@@ -87,7 +87,7 @@ def test_identity_notebook_runs_on_real_faces(notebook_env, monkeypatch):
 def test_diversity_fidelity_notebook_runs(notebook_env, monkeypatch):
     output = run_notebook("diversity_fidelity.ipynb", notebook_env, monkeypatch)
     assert "feature model: dino-" in output
-    for text in ("Vendi mean", "person_0", "precision", "coverage", "KD subsets"):
+    for text in ("Vendi ↑ mean", "person_0", "precision", "coverage", "KD subsets"):
         assert text in output
 
 
