@@ -162,7 +162,9 @@ def state_dict_shapes() -> Mapping[str, tuple[int, ...]]:
         return {key: tuple(value.shape) for key, value in SixDRepNet().state_dict().items()}
 
 
-def predict_angles(model: SixDRepNet, crops: Sequence[np.ndarray], batch_size: int = 16):
+def predict_angles(
+    model: SixDRepNet, crops: Sequence[np.ndarray], batch_size: int = 16
+) -> np.ndarray:
     """Padded RGB crops -> (N, 3) float32 pitch, yaw, roll degrees (6DRepNet's order and signs)."""
     device = next(model.parameters()).device
     out = []

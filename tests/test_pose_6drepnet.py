@@ -120,6 +120,10 @@ def test_checkpoints_of_another_layout_are_refused(tmp_path, checkpoint):
     torch.save({k: v for k, v in state.items() if k != "linear_reg.bias"}, missing)
     with pytest.raises(ValueError, match="missing keys.*linear_reg.bias"):
         sixd.load_sixdrepnet(missing)
+    broken = tmp_path / "nan.pth"
+    torch.save(state | {"linear_reg.bias": torch.full((6,), float("nan"))}, broken)
+    with pytest.raises(ValueError, match="non-finite weights; the weights file is broken"):
+        sixd.load_sixdrepnet(broken)
     with pytest.raises(FileNotFoundError, match="6DRepNet_300W_LP_AFLW2000.pth"):
         sixd.load_sixdrepnet(tmp_path / "absent.pth")
 
