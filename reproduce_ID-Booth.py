@@ -148,7 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality_weights",
         type=Path,
         default=None,
-        help="CR-FIQA checkpoint for the quality section (not given: not computed).",
+        help="CR-FIQA checkpoint for the quality section (not given: not computed); the "
+        "paper's is CR-FIQA(S), 32572backbone.pth.",
+    )
+    parser.add_argument(
+        "--quality_setting",
+        default="paper",
+        help="CR-FIQA protocol (evaluate.py's): paper = CR-FIQA(S) fed BGR, as the paper "
+        "scored; crfiqa-rgb = CR-FIQA's own RGB protocol.",
+    )
+    parser.add_argument(
+        "--pose_weights",
+        type=Path,
+        default=None,
+        help="6DRepNet weights (6DRepNet_300W_LP_AFLW2000.pth), the paper's pose estimator; "
+        "not given: the offline dlib-PnP fallback, not comparable with the paper.",
     )
     parser.add_argument("--banner", default=None, help="A note shown on top of the report.")
     parser.add_argument(
@@ -378,6 +392,9 @@ def evaluate_argv(args: argparse.Namespace) -> list[str]:
         argv.append(f"--arcface_weights={args.arcface_weights}")
     if args.quality_weights is not None:
         argv.append(f"--quality_weights={args.quality_weights}")
+        argv.append(f"--quality_setting={args.quality_setting}")
+    if args.pose_weights is not None:
+        argv.append(f"--pose_weights={args.pose_weights}")
     if args.banner:
         argv.append(f"--banner={args.banner}")
     if args.fr_benchmarks is not None:

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO_ROOT
+from test_pose_6drepnet import random_state as random_6drepnet_state
 
 README = (REPO_ROOT / "README.md").read_text()
 
@@ -41,6 +43,12 @@ def test_the_differences_list_names_every_known_difference():
         "non-finite",
         "fr utility protocol",
         "dropout",
+        "6drepnet",
+        "padded by 30 px",
+        "not comparable with the paper",
+        "cr-fiqa(s)",
+        "bgr",
+        "--quality_setting",
     ):
         assert known in differences, known
 
@@ -126,10 +134,11 @@ def readme_workspace(tmp_path_factory):
     write_verification_bins(root / "verification", root / "data" / "tufts")
     for source, target in (
         (models["arcface"], "ms1mv3_arcface_r100_fp16/backbone.pth"),
-        (models["crfiqa"], "CR-FIQA/181952backbone.pth"),
+        (models["crfiqa"], "CR-FIQA/32572backbone.pth"),
     ):
         (root / target).parent.mkdir(parents=True)
         shutil.copy(source, root / target)
+    torch.save(random_6drepnet_state(), root / "6DRepNet_300W_LP_AFLW2000.pth")
     return root
 
 

@@ -162,6 +162,28 @@ def test_stage_command_lines_follow_the_arguments(tmp_path):
         f"--generated=dreambooth={tmp_path / 'generated' / 'dreambooth'}",
     ]
     assert not any(flag.startswith("--arcface_weights") for flag in evaluate)  # dlib embedder
+    assert not any(flag.startswith(("--quality", "--pose_weights")) for flag in evaluate)
+
+
+def test_evaluation_runs_in_the_papers_quality_and_pose_settings(tmp_path):
+    reproduce = runs.load_script(SCRIPT)
+    identities = tmp_path / "photos"
+    identities.mkdir()
+    base = [
+        f"--pretrained_model_name_or_path={fake_base_model(tmp_path / 'sd')}",
+        f"--identities_root={identities}",
+        "--class_data_dir=class",
+        "--arcface_weights=backbone.pth",
+        f"--output_dir={tmp_path}",
+        "--embedder=dlib",
+        "--quality_weights=32572backbone.pth",
+        "--pose_weights=6DRepNet_300W_LP_AFLW2000.pth",
+    ]
+    evaluate = reproduce.evaluate_argv(reproduce.parse_args(base))
+    assert "--quality_setting=paper" in evaluate
+    assert "--pose_weights=6DRepNet_300W_LP_AFLW2000.pth" in evaluate
+    other = reproduce.evaluate_argv(reproduce.parse_args([*base, "--quality_setting=crfiqa-rgb"]))
+    assert "--quality_setting=crfiqa-rgb" in other
     with pytest.raises(FileNotFoundError, match="--identities_root"):
         reproduce.parse_args(
             [
