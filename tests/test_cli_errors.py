@@ -19,7 +19,11 @@ def run_script(script: str, *arguments: str) -> subprocess.CompletedProcess:
     [
         (
             "inference_ID-Booth.py",
-            ["--lora_dir={tmp}/missing_identity", "--output_dir={tmp}/out"],
+            [
+                "--lora_dir={tmp}/missing_identity",
+                "--output_dir={tmp}/out",
+                "--pretrained_model_name_or_path={tmp}/sd",  # a stand-in pipeline folder
+            ],
             "missing_identity",
         ),
         (
@@ -42,6 +46,7 @@ def run_script(script: str, *arguments: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_bad_input_prints_one_error_line_without_traceback(tmp_path, script, arguments, message):
     (tmp_path / "empty").mkdir()
+    fake_base_model(tmp_path / "sd")
     result = run_script(script, *(argument.format(tmp=tmp_path) for argument in arguments))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
