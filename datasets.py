@@ -175,8 +175,25 @@ def list_images(folder: str | Path) -> list[Path]:
         raise ValueError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder} "
             f"({len(files)} other files); put the photos of one identity there"
+            f"{subfolders_note(folder)}"
         )
     return images
+
+
+def subfolders_note(folder: str | Path) -> str:
+    """'; FOLDER holds only subfolders (...)' when a folder without image files holds folders
+    (photos one level too deep), else ''. Subfolders are never searched: say so."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(_is_image_name(path) for path in _folder_files(folder)):
+        return ""
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name[0] != ".")
+    if not subfolders:
+        return ""
+    shown = ", ".join(subfolders[:5]) + (" ..." if len(subfolders) > 5 else "")
+    return (
+        f"; {folder} holds only subfolders ({shown}) and subfolders are not searched: put "
+        "an identity's photos directly in its folder"
+    )
 
 
 def _white_level(image: Image.Image) -> float | None:
@@ -261,8 +278,9 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM is not a column
             reader = csv.DictReader(handle)
-            if reader.fieldnames is None or "identity" not in reader.fieldnames:
-                raise ValueError(f"{path}: CSV needs a header with an 'identity' column")
+            header = [name.strip() for name in reader.fieldnames or []]  # "identity, gender"
+            _check_attribute_header(path, header)
+            reader.fieldnames = header
             rows = [_attribute_row(path, reader.line_num, row) for row in reader]
         attributes = {row["identity"]: row for row in rows}
         if len(attributes) != len(rows):
@@ -280,6 +298,29 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
             raise ValueError(f"{path}: JSON must map identity -> gender or -> {{'gender': ...}}")
         return {str(k): (v if isinstance(v, dict) else {"gender": v}) for k, v in data.items()}
     raise ValueError(f"{path}: identity attributes must be a .csv or .json file")
+
+
+def _check_attribute_header(path: Path, header: list[str]) -> None:
+    """ValueError naming what is wrong with an attributes CSV's first line: no header, another
+    delimiter, other case; the fix is always the header line 'identity,gender'."""
+    if "identity" in header:
+        return
+    first_line = ",".join(header)
+    delimiter = next((d for d in ";\t|" if len(header) == 1 and d in header[0]), None)
+    if not header:
+        problem = "is empty"
+    elif delimiter is not None:
+        problem = f"separates fields with {delimiter!r}, not commas ({first_line!r})"
+    elif "identity" in [name.lower() for name in header]:
+        problem = f"has the header {first_line!r}: column names are lower case"
+    elif len(header) > 1 and normalise_gender(header[-1]) is not None:
+        problem = f"has no header (its first line {first_line!r} is a data row)"
+    else:
+        problem = f"has no 'identity' column (header {first_line!r})"
+    raise ValueError(
+        f"{path}: CSV {problem}; its first line must be the header 'identity,gender', then "
+        "one 'identity,gender' row per identity"
+    )
 
 
 def normalise_gender(value: str) -> str | None:
@@ -598,6 +639,19 @@ class PhotoScan:
     sha256: dict[Path, str] = field(default_factory=dict)  # each photo's content hash
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a warning once per process: the class folder is scanned again for every identity
+    trained, and its skips would repeat 107 times per variant (later repeats go to DEBUG)."""
+    if message in _warned:
+        logger.debug("%s", message)
+        return
+    _warned.add(message)
+    logger.warning("%s", message)
+
+
 def _fingerprint(photos: list[Path], sha256: dict[Path, str]) -> str:
     """What a set of photos is, by content: sha256 of 'name:sha256' lines in order."""
     lines = "".join(f"{path.name}:{sha256[path]}\n" for path in photos)
@@ -641,19 +695,18 @@ def scan_photos(
         found = state.report.summary() if files else "no files"
         if faceless == "skip" and detector is not None:
             fix = f"add photos (shorter side >= {min_side} px) that show one detectable face"
-            raise ValueError(f"no usable face photo in {folder}: {found}; {fix}")
+            raise ValueError(
+                f"no usable face photo in {folder}: {found}; {fix}{subfolders_note(folder)}"
+            )
         fix = f"add readable photos (shorter side >= {min_side} px)"
-        raise ValueError(f"no usable image in {folder}: {found}; {fix}")
+        raise ValueError(f"no usable image in {folder}: {found}; {fix}{subfolders_note(folder)}")
     if state.report:
-        logger.warning("%s", state.report.summary())
+        _warn_once(state.report.summary())
     if faceless == "keep" and faceless_photos:
-        logger.warning(
-            "%d of %d photos in %s have no detected face: they are used without a face "
-            "embedding (prior loss only): %s",
-            len(faceless_photos),
-            len(photos),
-            folder,
-            ", ".join(path.name for path in faceless_photos),
+        _warn_once(
+            f"{len(faceless_photos)} of {len(photos)} photos in {folder} have no detected face: "
+            "they are used without a face embedding (prior loss only): "
+            + ", ".join(path.name for path in faceless_photos)
         )
     fingerprint = _fingerprint(photos, state.sha256)
     return PhotoScan(photos, faces, state.report, fingerprint, {p: state.sha256[p] for p in photos})

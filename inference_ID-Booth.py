@@ -13,8 +13,10 @@ identity's LoRA through one batched LoRA layer (multi_lora.py), whose slots hold
 the current batch needs. The batches depend on the settings alone, whatever the number of
 processes and however often the run is interrupted, so a resumed or multi-process run writes
 the same bytes as one uninterrupted process (same hardware, library versions and, on CPU,
-thread count). The batch size itself moves pixels only at float-rounding level: the noise
-is per image, but kernels sum in an order that depends on the batch shape. Denoising runs in
+thread count); a resumed run samples only the missing images, each at its uninterrupted
+batch size and position (resample_batches). The batch size itself moves pixels only at
+float-rounding level: the noise is per image, but kernels sum in an order that depends on
+the batch shape. Denoising runs in
 sampling.Sampler (no host syncs; DDPM, DDIM, Euler ancestral) or the stock pipeline loop for
 other schedulers; PNGs are encoded and written by worker threads while the next batch runs.
 
@@ -42,7 +44,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +117,25 @@ GENERATION_KEYS = (
     "mixed_precision",
 )
 # ----------------------------------------------------------------------------- arguments
+
+
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "models and LoRAs": [
+        "pretrained_model_name_or_path", "lora_dir", "lora_root", "checkpoint", "identities",
+        "lora_scale",
+    ],
+    "prompts": [
+        "prompt_template", "prompt_template_no_background", "backgrounds",
+        "background_sampling", "side_portrait_probability", "identity_attributes",
+        "negative_prompt",
+    ],
+    "sampling": [
+        "num_images_per_identity", "scheduler", "num_inference_steps", "guidance_scale",
+        "resolution", "seed",
+    ],
+    "precision and speed": ["mixed_precision", "batch_size", "compile", "png_workers"],
+    "output": ["output_dir", "overwrite", "png_compress_level", "grid_dir"],
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Regenerate images that already exist (and accept changed settings).",
     )
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
 
 
@@ -702,25 +724,32 @@ class Counts:
     seconds: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleBatch:
+    """What one sampler call makes: `rows` in their batch positions, of which `wanted` are
+    written; `origin[job]` is the batch an uninterrupted run samples `job` in (its record)."""
+
+    rows: tuple[Job, ...]
+    wanted: tuple[Job, ...]
+    origin: dict[Job, tuple[Job, ...]]
+
+
 def run_batches(
     generator: dict,
-    work: Sequence[tuple[tuple[Job, ...], list[Job]]],
+    work: Sequence[SampleBatch],
     context: dict,
     progress: Any,
     writer: ImageWriter,
 ) -> None:
-    """Generate this process's batches and hand the missing images to the writer.
-
-    Every job of a batch whose identity is usable is sampled again, written or not, so the
-    batch's numerics match an uninterrupted run; jobs of failed identities are counted.
-    """
+    """Sample this process's batches and hand the wanted images to the writer; jobs of failed
+    identities are counted."""
     args, counts, errors = context["args"], context["counts"], context["lora_errors"]
-    for batch, missing in work:
-        slots = place_identities(generator["pool"], [name for name, _ in batch], errors)
-        usable = [job for job in batch if job[0] in slots]
-        for name in dict.fromkeys(name for name, _ in missing if name not in slots):
-            fail_identity(name, sum(job[0] == name for job in missing), context, progress)
-        if not any(job in missing for job in usable):
+    for batch in work:
+        slots = place_identities(generator["pool"], [name for name, _ in batch.rows], errors)
+        usable = [job for job in batch.rows if job[0] in slots]
+        for name in dict.fromkeys(name for name, _ in batch.wanted if name not in slots):
+            fail_identity(name, sum(job[0] == name for job in batch.wanted), context, progress)
+        if not any(job in batch.wanted for job in usable):
             continue
         genders = context["genders"]
         jobs = [plan_image(args, name, genders.get(name), index) for name, index in usable]
@@ -733,9 +762,12 @@ def run_batches(
             generator["sampler"],
         )
         broken = non_finite_identities(jobs, finite, context)
+        written: set[Job] = set()
         for job, image, nsfw in zip(jobs, images, flagged, strict=True):
-            if (job.identity, job.index) not in missing:
+            key = (job.identity, job.index)
+            if key not in batch.wanted or key in written:  # a filler row, or its duplicate
                 continue
+            written.add(key)
             if job.identity in broken:
                 fail_identity(job.identity, 1, context, progress)
             elif nsfw:
@@ -743,7 +775,8 @@ def run_batches(
                 logger.error("%s flagged by the safety checker; not written", job)
             else:
                 source = context["identities"][job.identity]
-                record = image_record(job, args, source, usable)
+                origin = [member for member in batch.origin[key] if member[0] not in errors]
+                record = image_record(job, args, source, origin)
                 writer.submit(args.output_dir / job.identity / f"{job.index}.png", image, record)
                 counts.written += 1
             progress.update(1)
@@ -838,6 +871,43 @@ def plan_process_work(
     return pending_work(batches, mine, on_disk, counts), total
 
 
+def resample_batches(
+    work: Sequence[tuple[tuple[Job, ...], list[Job]]], failing: Collection[str]
+) -> list[SampleBatch]:
+    """Batches of missing images only, each at the batch size and position it has in an
+    uninterrupted run, so a resume samples about as many images as are missing.
+
+    An image depends on its batch-mates only through the batch's shape (kernels sum in an
+    order set by the shape; the rows' contents never mix: per-image noise, per-sample LoRA,
+    attention and norms within a sample), so image j, sampled at row p of a batch of size s
+    as in the uninterrupted run, comes out byte-identical whatever the other rows hold (tested).
+    A batch's usable rows (identities whose LoRA is known to fail are dropped, as the full run
+    drops them) fix (s, p); missing images of equal (s, p) go to successive batches, and a
+    position no missing image fills repeats one of the batch's own jobs (not written).
+    """
+    columns: dict[int, list[list[tuple[Job, tuple[Job, ...]]]]] = {}
+    for batch, missing in work:
+        usable = tuple(job for job in batch if job[0] not in failing)
+        by_position = columns.setdefault(len(usable), [[] for _ in usable])
+        for position, job in enumerate(usable):
+            if job in missing:
+                by_position[position].append((job, usable))
+    resampled = []
+    for size, by_position in sorted(columns.items()):
+        for row in range(max(map(len, by_position), default=0)):
+            chosen = {p: column[row] for p, column in enumerate(by_position) if row < len(column)}
+            filler = next(iter(chosen.values()))[0]
+            rows = tuple(chosen[p][0] if p in chosen else filler for p in range(size))
+            wanted = tuple(job for job, _ in chosen.values())
+            resampled.append(SampleBatch(rows, wanted, dict(chosen.values())))
+    failed = [  # identities known to fail: their missing jobs are counted, never sampled
+        SampleBatch((), tuple(job for job in missing if job[0] in failing), {})
+        for _, missing in work
+        if any(job[0] in failing for job in missing)
+    ]
+    return failed + resampled
+
+
 def prepare(args: argparse.Namespace, state: Any) -> dict:
     """Every check that needs no model, in the order a user would fix them."""
     identities = lora_sources(args)
@@ -884,7 +954,7 @@ def finish(args: argparse.Namespace, state: Any, counts: Counts, identities) -> 
         summary["metadata_lines"] = rebuild_metadata(args.output_dir)
         if args.grid_dir is not None:
             write_contact_sheets(args, identities)
-        logger.info("summary: %s", json.dumps(summary))
+        logger.info("summary (images in %s): %s", args.output_dir, json.dumps(summary))
     return summary
 
 
@@ -921,8 +991,28 @@ def checked_pipeline(args: argparse.Namespace, identities, state: Any):
     dtype = getattr(torch, MIXED_PRECISION_DTYPES[args.resolved_mixed_precision])
     pipeline.to(state.device)
     if dtype != torch.float32:
-        pipeline.to(dtype=dtype)
+        cast_pipeline(pipeline, dtype)
     return pipeline, layouts, lora_errors
+
+
+def cast_pipeline(pipeline: StableDiffusionPipeline, dtype: Any) -> None:
+    """Cast the pipeline's models to `dtype`: torch's own Module.to for a model that keeps no
+    module in fp32 (diffusers' to() warns about them on every cast, even when there are none),
+    diffusers' own for a model that keeps some."""
+    import torch
+
+    for component in pipeline.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if getattr(component, "_keep_in_fp32_modules", None):
+            component.to(dtype=dtype)
+        else:
+            torch.nn.Module.to(component, dtype=dtype)
+
+
+def slots_needed(work: Sequence[SampleBatch]) -> int:
+    """The most distinct identities any one batch of `work` holds (at least 1)."""
+    return max(1, *(len({name for name, _ in batch.rows}) for batch in work))
 
 
 def build_generator(
@@ -951,8 +1041,6 @@ def build_generator(
 
 def main(args: argparse.Namespace) -> dict:
     """Validate inputs, load the base once, generate this process's share, summarise."""
-    from tqdm.auto import tqdm
-
     state = runs.process_state()
     runs.setup_logging(state)
     args.resolved_mixed_precision = runs.resolve_mixed_precision(
@@ -967,21 +1055,22 @@ def main(args: argparse.Namespace) -> dict:
     )
     counts = Counts()
     mine = split_work(range(len(batches)), state.num_processes, state.process_index)
-    work, total = plan_process_work(args, batches, mine, counts, plan["refused"])
+    work, _ = plan_process_work(args, batches, mine, counts, plan["refused"])
     pipeline, layouts, lora_errors = checked_pipeline(args, identities, state)
+    work = resample_batches(list(work), failing=set(lora_errors))
     if state.is_main_process:  # only once the model loaded: a failed start blocks no rerun
         remove_stale_temps(args.output_dir)
         write_run_config(args, plan["settings"], identities, state.num_processes)
     state.wait_for_everyone()
     sources = {identity.name: identity for identity in identities}
-    num_slots = batches.most_identities()
-    generator = build_generator(args, pipeline, layouts, sources, num_slots)
+    generator = build_generator(args, pipeline, layouts, sources, slots_needed(work))
     context = {"args": args, "counts": counts, "genders": plan["genders"]}
     context.update(identities=sources, lora_errors=lora_errors)
-    logger.info("%d images to generate here, the others of its share are on disk", total)
+    total = sum(len(batch.wanted) for batch in work)
+    logger.info("%d images to generate here, %d already on disk", total, counts.skipped)
     started = time.perf_counter()
     writer = ImageWriter(args.png_workers, args.png_compress_level)
-    progress_bar = tqdm(
+    progress_bar = runs.progress_bar(
         total=total, unit="img", desc="generating", disable=not state.is_local_main_process
     )
     try:

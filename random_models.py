@@ -263,7 +263,7 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
         "sd": models_dir / "tiny-sd",
         "arcface": models_dir / "arcface_r18_random.pth",
         "dinov2": models_dir / "tiny-dinov2",
-        "crfiqa": models_dir / "crfiqa_r18_random.pth",
+        "crfiqa": models_dir / "crfiqa_r50_random.pth",
     }
     # Each model is written to a temp name and renamed when complete, so a demo killed during
     # set-up leaves no half-written model that a rerun would trust; the temps such a kill left
@@ -286,13 +286,14 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
 
 
 def random_crfiqa():
-    """A random CR-FIQA IResNet-18 with BatchNorm statistics of random faces (finite scores)."""
+    """A random CR-FIQA(S) IResNet-50 (the paper's model, so the paper's quality setting runs)
+    with BatchNorm statistics of random faces (finite scores)."""
     sys.path.append(str(Path(__file__).resolve().parent / "Evaluation"))
     from quality import build_crfiqa
 
     torch.manual_seed(0)
     faces = torch.rand((8, 3, 112, 112), generator=torch.Generator().manual_seed(1)) * 2 - 1
-    return calibrate_batchnorm(build_crfiqa("r18"), [faces])
+    return calibrate_batchnorm(build_crfiqa("r50"), [faces])
 
 
 def crop_face(

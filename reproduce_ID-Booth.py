@@ -38,9 +38,12 @@ import argparse
 import gc
 import json
 import logging
+import re
 import shlex
+from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import runs
 from fileio import atomic_write_json
@@ -145,7 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality_weights",
         type=Path,
         default=None,
-        help="CR-FIQA checkpoint for the quality section (not given: not computed).",
+        help="CR-FIQA checkpoint for the quality section (not given: not computed); the "
+        "paper's is CR-FIQA(S), 32572backbone.pth.",
+    )
+    parser.add_argument(
+        "--quality_setting",
+        default="paper",
+        help="CR-FIQA protocol (evaluate.py's): paper = CR-FIQA(S) fed BGR, as the paper "
+        "scored; crfiqa-rgb = CR-FIQA's own RGB protocol.",
+    )
+    parser.add_argument(
+        "--pose_weights",
+        type=Path,
+        default=None,
+        help="6DRepNet weights (6DRepNet_300W_LP_AFLW2000.pth), the paper's pose estimator; "
+        "not given: the offline dlib-PnP fallback, not comparable with the paper.",
     )
     parser.add_argument("--banner", default=None, help="A note shown on top of the report.")
     parser.add_argument(
@@ -155,13 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         "every identity and regenerate every image (passed to both stages).",
     )
     add_fr_utility_args(parser)
-    for stage in ("train", "generate", "evaluate", "fr"):
+    for stage, example in FLAG_EXAMPLES.items():
         parser.add_argument(
             f"--{stage}_flags",
             default="",
-            help=f"Extra flags of the {stage} stage, one shell-quoted string "
-            "(e.g. --train_flags '--max_train_steps 3200 --pack 4'; --fr_flags go to "
-            "Evaluation/train_fr.py).",
+            help=f"Extra flags of {STAGE_SCRIPTS[stage].name} (see its --help), one "
+            f"shell-quoted string, checked before any work starts (e.g. {example}).",
         )
     return parser
 
@@ -191,20 +207,99 @@ def add_fr_utility_args(parser: argparse.ArgumentParser) -> None:
         help="Benchmarks (.bin stems) whose mean accuracy selects the checkpoint, drives the lr "
         "plateau and the early stop; default lfw (the official setting) if present, else all.",
     )
+    parser.add_argument(
+        "--fr_flags",
+        default="",
+        help="Extra flags of Evaluation/train_fr.py (see its --help), one shell-quoted string, "
+        "checked before any work starts when --fr_benchmarks is given (e.g. --fr_flags "
+        "'--num_epochs 2').",
+    )
+
+
+FLAG_EXAMPLES = {
+    "train": "--train_flags '--max_train_steps 3200 --pack 4'",
+    "generate": "--generate_flags '--batch_size 8 --scheduler ddim'",
+    "evaluate": "--evaluate_flags=--no-pose",
+}
+
+
+def join_flag_values(argv: list[str]) -> list[str]:
+    """'--evaluate_flags --no-pose' as '--evaluate_flags=--no-pose': argparse would take a
+    value that starts with '-' for a flag of its own and refuse it."""
+    joined, tokens = [], iter(argv)
+    for token in tokens:
+        if token in {f"--{stage}_flags" for stage in (*STAGE_SCRIPTS, "fr")}:
+            value = next(tokens, None)
+            joined.append(token if value is None else f"{token}={value}")
+        else:
+            joined.append(token)
+    return joined
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, then check everything that needs no model before any stage starts: the folders,
+    each stage's flags with its own parser, the base model, the identities' genders."""
+    import sys
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_flag_values(sys.argv[1:] if argv is None else list(argv)))
     runs.check_numbers(args, parser)
     args.variants = list(dict.fromkeys(args.variants))
     args.real = args.real or args.identities_root
-    for stage in ("train", "generate", "evaluate", "fr"):
+    for stage in (*STAGE_SCRIPTS, "fr"):
         setattr(args, f"{stage}_flags", shlex.split(getattr(args, f"{stage}_flags")))
     if not args.identities_root.is_dir():
         raise FileNotFoundError(f"--identities_root {args.identities_root} is not a folder")
+    if args.identity_attributes is not None and not args.identity_attributes.is_file():
+        raise FileNotFoundError(f"--identity_attributes file {args.identity_attributes} not found")
+    stage_args = {stage: parse_stage_flags(args, stage) for stage in STAGE_SCRIPTS}
+    runs.check_base_model(args.pretrained_model_name_or_path)
+    check_genders(args, stage_args["generate"])
     check_fr_utility_args(args)
     return args
+
+
+def stage_argv(args: argparse.Namespace, stage: str) -> list[str]:
+    """A stage's command line (the first variant's, for training)."""
+    if stage == "train":
+        return train_argv(args, args.variants[0])
+    if stage == "generate":
+        return generate_argv(args, args.variants[0])
+    return evaluate_argv(args)
+
+
+def parse_stage_flags(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """A stage's command line through that stage's own parser and numeric ranges (no file
+    checks: the stage's inputs do not exist yet); ValueError naming the --STAGE_flags."""
+    script = runs.load_script(STAGE_SCRIPTS[stage])
+    parser = script.build_parser()
+
+    parser.error = partial(_refuse, parser)  # argparse would print the stage's usage and exit
+    try:
+        stage_args = parser.parse_args(stage_argv(args, stage))
+        runs.check_numbers(stage_args, parser)
+    except ValueError as error:
+        flags = shlex.join(getattr(args, f"{stage}_flags"))
+        script_name = STAGE_SCRIPTS[stage].relative_to(REPO_ROOT)
+        raise ValueError(
+            f"--{stage}_flags {flags!r}: {error} (python {script_name} --help lists them)"
+        ) from None
+    return stage_args
+
+
+def check_genders(args: argparse.Namespace, generate_args: argparse.Namespace) -> None:
+    """Every identity folder has a gender for the prompts when the template uses {gender}
+    (ValueError listing those without), so a bad attributes file fails before any training."""
+    from datasets import identity_genders
+    from prompts import template_placeholders
+
+    templates = (generate_args.prompt_template, generate_args.prompt_template_no_background)
+    if not any("gender" in template_placeholders(template) for template in templates):
+        return
+    loras = loras_of(args, args.variants[0])
+    folders = {path.name: loras / path.name for path in runs.identity_folders(args.identities_root)}
+    attributes = generate_args.identity_attributes
+    identity_genders(folders, None if attributes is None else Path(attributes))
 
 
 def check_fr_utility_args(args: argparse.Namespace) -> None:
@@ -216,15 +311,26 @@ def check_fr_utility_args(args: argparse.Namespace) -> None:
     benchmarks = fr_utility.find_benchmarks(args.fr_benchmarks)
     selection = fr_utility.selection_benchmarks(benchmarks, args.fr_selection_benchmarks)
     train_fr = runs.load_script(REPO_ROOT / "Evaluation" / "train_fr.py")
-    train_fr.parse_args(
-        [
-            f"--data_dir={args.real}",
-            f"--output_dir={fr_utility_table(args).parent}",
-            *[f"--eval_bin={benchmarks[name]}" for name in selection],
-            *fr_utility.OFFICIAL_PROTOCOL_FLAGS,
-            *args.fr_flags,
-        ]
-    )
+    argv = [
+        f"--data_dir={args.real}",
+        f"--output_dir={fr_utility_table(args).parent}",
+        *[f"--eval_bin={benchmarks[name]}" for name in selection],
+        *fr_utility.OFFICIAL_PROTOCOL_FLAGS,
+        *args.fr_flags,
+    ]
+    try:  # train_fr.py builds its parser inside parse_args: its error() would print and exit
+        with mock.patch.object(argparse.ArgumentParser, "error", _refuse):
+            train_fr.parse_args(argv)
+    except ValueError as error:
+        raise ValueError(
+            f"--fr_flags {shlex.join(args.fr_flags)!r}: {error} "
+            "(python Evaluation/train_fr.py --help lists them)"
+        ) from None
+
+
+def _refuse(parser: argparse.ArgumentParser, message: str) -> None:
+    """ArgumentParser.error as an exception: a stage's flags are refused by this command."""
+    raise ValueError(message)
 
 
 # ------------------------------------------------------------------------------ stages
@@ -286,6 +392,9 @@ def evaluate_argv(args: argparse.Namespace) -> list[str]:
         argv.append(f"--arcface_weights={args.arcface_weights}")
     if args.quality_weights is not None:
         argv.append(f"--quality_weights={args.quality_weights}")
+        argv.append(f"--quality_setting={args.quality_setting}")
+    if args.pose_weights is not None:
+        argv.append(f"--pose_weights={args.pose_weights}")
     if args.banner:
         argv.append(f"--banner={args.banner}")
     if args.fr_benchmarks is not None:
@@ -299,8 +408,24 @@ def run_stage(name: str, argv: list[str]) -> Any:
     logger.info("%s: %s %s", name, STAGE_SCRIPTS[name].name, shlex.join(argv))
     try:
         return script.main(script.parse_args(argv))
+    except (ValueError, OSError) as error:
+        message = in_reproduce_terms(str(error), name, script.build_parser())
+        raise StageError(f"{STAGE_SCRIPTS[name].name}: {message}") from error
     finally:
         free_device_memory()
+
+
+def in_reproduce_terms(message: str, stage: str, stage_parser: argparse.ArgumentParser) -> str:
+    """A stage's error with its own flags as this command spells them: '--overwrite' ->
+    '--train_flags=--overwrite' (flags reproduce has itself are left as they are)."""
+    own = {option for action in build_parser()._actions for option in action.option_strings}
+    theirs = {option for action in stage_parser._actions for option in action.option_strings}
+
+    def translate(match: re.Match) -> str:
+        flag = match.group(0)
+        return f"--{stage}_flags={flag}" if flag in theirs - own else flag
+
+    return re.sub(r"(?<![\w=-])--[A-Za-z][\w-]*", translate, message)
 
 
 def free_device_memory() -> None:
@@ -324,8 +449,17 @@ def stop_if_failed(state: Any, stage: str, failed: list[str]) -> None:
         )
 
 
+def variant_context(args: argparse.Namespace, stage: str, variant: str) -> None:
+    """Every progress line of the stage says which variant it is in ('variant 2 of 3')."""
+    position = args.variants.index(variant) + 1
+    text = f"{stage} variant {position} of {len(args.variants)} ({variant})"
+    runs.set_progress_context(text)
+    logger.info("%s", text)
+
+
 def train_variants(args: argparse.Namespace, state: Any) -> None:
     for variant in args.variants:
+        variant_context(args, "training", variant)
         summary = run_stage("train", train_argv(args, variant))
         failed = [f"{variant}/{result['identity']}" for result in summary["failed"]]
         stop_if_failed(state, f"training {variant}", failed)
@@ -334,6 +468,7 @@ def train_variants(args: argparse.Namespace, state: Any) -> None:
 
 def generate_variants(args: argparse.Namespace, state: Any) -> None:
     for variant in args.variants:
+        variant_context(args, "generating", variant)
         summary = run_stage("generate", generate_argv(args, variant))
         # The summary holds the totals over all processes, so every process stops alike.
         failed = [f"{variant}/{name}" for name in summary["failed_identities"]]
@@ -414,11 +549,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     train_variants(args, state)
     generate_variants(args, state)
     fr_utility_stage(args, state)
+    runs.set_progress_context("")
     if not state.is_main_process:
         return {}
     results = run_stage("evaluate", evaluate_argv(args))
     report = args.output_dir / "report" / "report.html"
-    logger.info("report: %s", report)
+    logger.info(
+        "summary: LoRAs in %s/<variant>/<identity>/, images in %s/<variant>/<identity>/, "
+        "report %s (variants: %s)",
+        args.output_dir / "loras",
+        args.output_dir / "generated",
+        report,
+        ", ".join(args.variants),
+    )
     return {"report": str(report), "metrics": results}
 
 

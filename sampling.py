@@ -43,6 +43,7 @@ import torch
 from datasets import scan_photos
 from fileio import atomic_save_image
 from losses import x0_estimate
+from runs import progress_bar
 
 logger = logging.getLogger("sampling")
 
@@ -714,8 +715,9 @@ def load_pipeline(
     """A StableDiffusionPipeline without safety checker or progress bar, weights frozen."""
     from diffusers import StableDiffusionPipeline
 
-    from runs import loading
+    from runs import check_base_model, loading
 
+    check_base_model(model)
     with loading("the Stable Diffusion pipeline", model):
         pipeline = StableDiffusionPipeline.from_pretrained(
             model, **(dtype_keyword(dtype) if dtype is not None else {}), **hub
@@ -800,6 +802,7 @@ def generate_class_images(
             "sampling %d of %d missing class images into %s", len(mine), len(plan), class_dir
         )
         pipeline = load_pipeline()
+        progress = progress_bar(total=len(mine), unit="img", desc="class images")
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             generators = [
@@ -809,6 +812,9 @@ def generate_class_images(
             for index, image in zip(indices, images, strict=True):
                 written.append(class_dir / f"class_{index:05d}{extension}")
                 atomic_save_image(image, written[-1], format=pil_format)
+            progress.update(len(indices))
+        progress.close()
+        logger.info("wrote %d class images into %s", len(written), class_dir)
         del pipeline
         if state.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import runs
-from datasets import scan_photos
+from datasets import scan_photos, subfolders_note
 from faces import DEFAULT_FACE_MODELS_ROOT, FACE_DETECTOR_NAMES
 from fileio import stable_seed
 from lora import LORA_WEIGHTS_NAME
@@ -400,6 +400,44 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "models": [
+        "pretrained_model_name_or_path", "revision", "variant", "arcface_weights",
+        "face_detector", "face_models_root",
+    ],
+    "data": [
+        "instance_data_dir", "identities_root", "class_data_dir", "instance_prompt",
+        "class_prompt", "with_prior_preservation", "num_class_images", "sample_batch_size",
+        "class_image_format",
+        "class_num_inference_steps", "prior_generation_precision", "resolution", "center_crop",
+        "dataloader_num_workers",
+    ],
+    "loss": [
+        "loss", "prior_loss_weight", "triplet_margin", "identity_loss_weighting",
+        "clamp_decoded_x0",
+    ],
+    "LoRA and optimisation": [
+        "rank", "lora_alpha", "seed", "train_batch_size", "num_train_epochs",
+        "max_train_steps", "gradient_accumulation_steps", "learning_rate", "scale_lr",
+        "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1",
+        "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
+    ],
+    "precision, memory and speed": [
+        "mixed_precision", "gradient_checkpointing", "pack", "compile", "compile_mode",
+        "allow_tf32",
+    ],
+    "output and checkpoints": [
+        "output_dir", "overwrite", "checkpointing_steps", "checkpoints_total_limit",
+        "resume_from_checkpoint",
+    ],
+    "validation": [
+        "validation_prompt", "validation_negative_prompt", "validation_steps",
+        "num_validation_images", "validation_num_inference_steps", "validation_guidance_scale",
+    ],
+    "logging": ["logging_steps", "logging_dir", "report_to"],
+}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, with help text; defaults are the paper's reference setup."""
     parser = runs.argument_parser(__doc__)
@@ -408,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loss_args(parser)
     _add_optimisation_args(parser)
     _add_output_args(parser)
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
 
 
@@ -428,6 +467,11 @@ def _validate_data(args: argparse.Namespace) -> None:
     source = args.instance_data_dir or args.identities_root
     if not source.is_dir():
         raise FileNotFoundError(f"identity folder {source} does not exist or is not a folder")
+    if args.instance_data_dir is not None and subfolders_note(source):
+        raise ValueError(
+            f"--instance_data_dir {source} holds identity folders, not photos: pass "
+            f"--identities_root {source} to train each of them{subfolders_note(source)}"
+        )
     if args.with_prior_preservation and args.class_data_dir is None:
         raise ValueError(
             "--with_prior_preservation needs --class_data_dir (missing class images are "
@@ -662,7 +706,23 @@ def main(args: argparse.Namespace) -> dict[str, list]:
     if failed:
         logger.error("%d of %d identities failed: %s", len(failed), len(mine), failed)
     trained = [result for result in results if "error" not in result]
+    log_summary(args, trained, skipped, failed)
     return {"trained": trained, "skipped": skipped, "failed": failed}
+
+
+def log_summary(args: argparse.Namespace, trained: list, skipped: list, failed: list) -> None:
+    """One end-of-run line per process: what was written where, skipped, failed."""
+    names = [result["identity"] for result in trained]
+    logger.info(
+        "summary: %d trained into %s/<identity>/ (%s); %d skipped as finished%s; %d failed%s",
+        len(trained),
+        args.output_dir,
+        runs.format_list(names) or "none",
+        len(skipped),
+        f" ({runs.format_list(skipped)})" if skipped else "",
+        len(failed),
+        f" ({runs.format_list(result['identity'] for result in failed)})" if failed else "",
+    )
 
 
 if __name__ == "__main__":

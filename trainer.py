@@ -905,6 +905,7 @@ class PackedTrainer:
         self.identity_samples = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.lr_tables = torch.zeros(num_slots, 1, dtype=torch.float64, device=self.device)
         self.results: list[dict[str, Any]] = []
+        self.overall = runs.RunProgress("identity", 0)  # set per run: "identity 37 of 107"
 
     # ------------------------------------------------------------------ slots
 
@@ -996,6 +997,7 @@ class PackedTrainer:
         self.latents.drop(slot.identity.name)
         self.faces.drop(slot.identity.name)
         self.results.append(result)
+        self.overall.done(result["identity"], failed="error" in result)
 
     def active_slots(self) -> list[Slot]:
         return [slot for slot in self.slots if slot is not None]
@@ -1120,6 +1122,7 @@ class PackedTrainer:
     def run(self, identities: list[Identity]) -> list[dict[str, Any]]:
         """Train every identity of the queue, K at a time; one result dict each."""
         queue = list(identities)
+        self.overall = runs.RunProgress("identity", len(queue))
         try:
             while queue or self.active_slots():
                 for index in range(self.num_slots):
@@ -1136,6 +1139,7 @@ class PackedTrainer:
     def _start(self, index: int, identity: Identity) -> None:
         """Fill a slot; an identity that cannot start (no face photo, bad checkpoint) fails
         alone unless it is the run's only one."""
+        self.overall.start(identity.name)
         try:
             slot = self.fill(index, identity)
             if slot.global_step >= slot.max_train_steps:
@@ -1152,6 +1156,7 @@ class PackedTrainer:
             self.release(slot, result)
         else:
             self.results.append(result)
+            self.overall.done(identity.name, failed=True)
 
     def step(self) -> None:
         """One micro-batch of every occupied slot: plan it on the host, train on the device,
@@ -1318,9 +1323,7 @@ class PackedTrainer:
 
 
 def _progress_bar(trainer: PackedTrainer, slot: Slot):
-    from tqdm.auto import tqdm
-
-    return tqdm(
+    return runs.progress_bar(
         total=slot.max_train_steps,
         initial=slot.global_step,
         desc=f"[{trainer.state.process_index}] {slot.identity.name}",

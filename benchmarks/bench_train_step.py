@@ -473,7 +473,7 @@ def measure_packed(train_args, frozen, face_tools, state, identities, args, k) -
     result = {"seconds_per_step": seconds, "identities_per_step": k, "peak_gib": peak_gib(device)}
     result["sync_free"] = sync_free_step(trainer, device)
     for slot in trainer.active_slots():
-        trainer.release(slot, {})
+        trainer.release(slot, {"identity": slot.identity.name})
     return result
 
 

@@ -33,3 +33,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def fake_base_model(folder: Path) -> Path:
+    """A folder laid out as a saved SD pipeline (what runs.check_base_model looks at)."""
+    for name in ("unet", "vae", "text_encoder"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text("{}")
+        (folder / name / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer").mkdir()
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text("{}")
+    (folder / "model_index.json").write_text("{}")
+    return folder

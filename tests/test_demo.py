@@ -45,6 +45,10 @@ def test_demo_compares_the_three_variants_in_one_report(tmp_path):
     assert metrics["pose"]["sets"]["real"]["n_faces"] == 8
     page = (out / "report" / "report.html").read_text()
     assert page.index("random-weight models") < page.index("<h1")  # the banner comes first
+    assert re.search(r"<h2>(.*?)</h2>", page).group(1) == "Summary (the paper's columns)"
+    assert "EER within set (pyeer) ↓" in page and "CR-FIQA ↑" in page
+    assert metrics["quality"]["setting"] == "paper" and metrics["quality"]["channel_order"] == "BGR"
+    assert "not comparable with the paper" in page  # the demo's pose: the dlib-PnP fallback
     # 3 variants x 2 identities x (3 generated + 4 real) thumbnails, all embedded.
     assert len(re.findall(r'src="data:image/jpeg;base64,', page)) == 3 * 2 * (3 + 4)
     assert not re.search(r"https?://", page)

@@ -10,18 +10,21 @@ prompts.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import fake_base_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -124,9 +127,16 @@ def subprocess_env(threads: int) -> dict[str, str]:
 IDENTITIES = st.text(min_size=1, max_size=12)
 
 
+@functools.cache
+def stand_in_base_model() -> str:
+    """A folder laid out as a saved pipeline, for parse_args's base-model check (no weights)."""
+    return str(fake_base_model(Path(tempfile.mkdtemp()) / "sd"))
+
+
 def planning_args(*extra: str):
-    """Parsed arguments for plan_image (no model or folder is touched)."""
-    return inference.parse_args(["--lora_dir", "ID", "--output_dir", "unused", *extra])
+    """Parsed arguments for plan_image (no model is loaded, no output folder written)."""
+    base = f"--pretrained_model_name_or_path={stand_in_base_model()}"
+    return inference.parse_args(["--lora_dir", "ID", "--output_dir", "unused", base, *extra])
 
 
 @settings(max_examples=30, deadline=None)
@@ -226,7 +236,7 @@ def test_batches_are_fixed_runs_of_the_job_list(num_identities, num_images, batc
     assert [job for members in batches for job in members] == jobs
     assert all(len(members) == batch for members in batches[:-1])
     assert 1 <= len(batches[-1]) <= batch
-    assert batches.most_identities() == max(
+    assert inference.slots_needed([inference.SampleBatch(b, b, {}) for b in batches]) == max(
         len({name for name, _ in members}) for members in batches
     )
     for rank, processes in ((0, 1), (1, 3)):  # a process's identity ranges cover its batches
@@ -533,6 +543,57 @@ def test_killed_run_resumes_to_the_full_set_without_duplicates(assets, tmp_path)
         )
     )
     assert pngs(output) == pngs(reference)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "euler"])  # sampling.Sampler / stock loop
+def test_resume_samples_only_missing_images_byte_identical(
+    assets, tmp_path, monkeypatch, scheduler
+):
+    """Batches of 4 over 3 x 5 images: [a0 a1 a2 a3] [a4 b0 b1 b2] [b3 b4 c0 c1] [c2 c3 c4].
+    With a1, b1, c1, c3 deleted the old resume sampled all 15 rows again; batches of missing
+    images only, each image at its original batch size and position, take 4 + 3 rows and
+    write the uninterrupted run's bytes."""
+    argv = ["--num_images_per_identity", "5", "--batch_size", "4", "--scheduler", scheduler]
+    output = tmp_path / "out"
+    run(cli(assets, output, *argv))
+    full = pngs(output)
+    deleted = ["ID_a/1.png", "ID_b/1.png", "ID_c/1.png", "ID_c/3.png"]
+    for name in deleted:
+        (output / name).unlink()
+    sampled_rows = []
+    real_generate_batch = inference.generate_batch
+
+    def counting(pipeline, jobs, *rest, **kwargs):
+        sampled_rows.append([(job.identity, job.index) for job in jobs])
+        return real_generate_batch(pipeline, jobs, *rest, **kwargs)
+
+    monkeypatch.setattr(inference, "generate_batch", counting)
+    summary = run(cli(assets, output, *argv))
+    assert summary["written"] == 4 and summary["skipped"] == 11
+    assert pngs(output) == full  # pixels and the metadata inside (its original batch)
+    assert [len(rows) for rows in sampled_rows] == [3, 4]
+    assert {f"{name}/{index}.png" for rows in sampled_rows for name, index in rows} == set(deleted)
+
+
+def test_missing_images_go_to_batches_at_their_original_size_and_position():
+    batches = inference.make_batches(["a", "b"], 5, 4)  # sizes 4, 4, 2
+    missing = [("a", 1), ("b", 0), ("a", 4), ("b", 3), ("b", 4)]
+    work = [(batch, [job for job in batch if job in missing]) for batch in batches]
+    resampled = inference.resample_batches([w for w in work if w[1]], failing=())
+    # ("a", 1) sits at position 1 and ("a", 4) at position 0 of size-4 batches: one batch;
+    # ("b", 0) at position 1 too: a second; ("b", 3), ("b", 4) fill the size-2 batch.
+    assert [batch.rows for batch in resampled] == [
+        (("b", 3), ("b", 4)),
+        (("a", 4), ("a", 1), ("a", 4), ("a", 4)),
+        (("b", 0), ("b", 0), ("b", 0), ("b", 0)),
+    ]
+    assert sorted(job for batch in resampled for job in batch.wanted) == sorted(missing)
+    assert resampled[1].origin[("a", 1)] == batches[0]
+    failing = inference.resample_batches([w for w in work if w[1]], failing={"b"})
+    assert [batch.wanted for batch in failing[:2]] == [(("b", 0),), (("b", 3), ("b", 4))]
+    assert failing[0].rows == failing[1].rows == ()  # counted as failed, never sampled
+    # b's rows dropped, as the full run drops them: ("a", 4) is alone in its batch.
+    assert [batch.rows for batch in failing[2:]] == [(("a", 4),), (("a", 1),) * 4]
 
 
 @pytest.mark.slow
@@ -903,10 +964,14 @@ def test_output_dir_inside_the_lora_root_is_refused(assets):
         inference.parse_args(cli(assets, assets["loras"] / "generated"))
 
 
-def test_fp16_generation_runs_on_the_cpu(assets, tmp_path):
+def test_fp16_generation_runs_on_the_cpu(assets, tmp_path, capfd):
     argv = cli(assets, tmp_path / "fp16", "--num_images_per_identity", "1", "--identities", "ID_a")
     argv[argv.index("--mixed_precision") + 1] = "fp16"
+    capfd.readouterr()
     summary = run(argv)
+    # A healthy run raises no warning: diffusers' to() warns on every cast about an empty
+    # list of fp32-only modules.
+    assert "should be kept in float32" not in capfd.readouterr().err
     assert summary["written"] == 1
     image = pixels(tmp_path / "fp16" / "ID_a" / "0.png")
     assert image.std() > 0  # not a blank (NaN-decoded) image

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import math
 import os
 import subprocess
@@ -219,3 +221,90 @@ def test_file_hashes_are_cached_by_path_size_mtime_and_inode(tmp_path, monkeypat
     assert runs.cached_sha256([weights])[weights] != first and len(calls) == 2
     (tmp_path / "cache" / runs.SHA256_CACHE_NAME).write_text("[not a cache")
     assert runs.cached_sha256([weights])[weights] == fileio.file_sha256(weights)
+
+
+def test_base_model_errors_say_what_is_wrong_with_the_path(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    single_file = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    single_file.write_bytes(b"\0" * 8)
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder.*from_single_file"):
+        runs.check_base_model(str(single_file))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        runs.check_base_model(str(tmp_path / "missing" / "sd"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        runs.check_base_model("stabilityai/stable-diffusion-2-1-base")
+    (tmp_path / "incomplete").mkdir()
+    with pytest.raises(FileNotFoundError, match="incomplete: missing model_index.json"):
+        runs.check_base_model(str(tmp_path / "incomplete"))
+
+
+def test_hub_failures_are_not_blamed_on_the_weights(tmp_path):
+    hub = pytest.raises(ValueError, match="from the Hugging Face hub")
+    with hub as error, runs.loading("the UNet", "org/model"):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    assert "corrupt" not in str(error.value)
+    with pytest.raises(ValueError, match="truncated, corrupt"), runs.loading("x", str(tmp_path)):
+        raise OSError("header too large")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_do_not_flood_a_log_file():
+    """1,000 fast steps: a terminal gets its usual redraws, a log file (not a tty) only the
+    first and the last line, however fast the steps come."""
+    written = {}
+    for name, stream in (("log file", io.StringIO()), ("terminal", _Terminal())):
+        options = {"mininterval": 0} if name == "terminal" else {}
+        bar = runs.progress_bar(total=1000, file=stream, **options)
+        for _ in range(1000):
+            bar.update(1)
+        bar.close()
+        written[name] = stream.getvalue()
+    assert written["log file"].count("\r") <= 3 and "1000/1000" in written["log file"]
+    assert written["terminal"].count("\r") > 100
+
+
+def test_run_progress_counts_and_estimates_the_time_left(caplog):
+    caplog.set_level(logging.INFO)
+    now = [0.0]
+    progress = runs.RunProgress("identity", 4, clock=lambda: now[0])
+    runs.set_progress_context("training variant 2 of 3 (triplet)")
+    try:
+        progress.start("ID_1")
+        now[0] = 600.0
+        progress.done("ID_1")
+        progress.start("ID_2")
+        now[0] = 1200.0
+        progress.done("ID_2", failed=True)
+    finally:
+        runs.set_progress_context("")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "training variant 2 of 3 (triplet), identity 1 of 4: ID_1",
+        "training variant 2 of 3 (triplet), identity 1 of 4 done (ID_1): 1 finished, 0 failed, "
+        "ETA 30 min 00 s",
+        "training variant 2 of 3 (triplet), identity 2 of 4: ID_2",
+        "training variant 2 of 3 (triplet), identity 2 of 4 done (ID_2, failed): 1 finished, "
+        "1 failed, ETA 20 min 00 s",
+    ]
+    assert runs.format_duration(11_520) == "3 h 12 min" and runs.format_duration(42) == "42 s"
+
+
+def test_transformers_torchvision_fallback_notice_is_not_shown():
+    """No torchvision here by design: transformers' fallback notice would open every run."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logger = hf_logging.get_logger("transformers.utils.import_utils")
+
+    def record(message: str) -> logging.LogRecord:
+        return hf_logger.makeRecord(hf_logger.name, logging.WARNING, "x.py", 1, message, (), None)
+
+    notice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..."
+    assert not hf_logger.filter(record(notice))
+    assert hf_logger.filter(record("another notice"))

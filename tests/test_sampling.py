@@ -385,3 +385,12 @@ def test_class_image_plan_replaces_unusable_files(tmp_path):
     assert sampling.class_image_plan(tmp_path, 3) == [1]
     assert sampling.class_image_plan(tmp_path, 5) == [1, 3, 4]
     assert sampling.class_image_plan(tmp_path / "missing", 2) == [0, 1]
+
+
+def test_loading_a_single_file_checkpoint_says_how_to_make_a_folder(tmp_path):
+    from sampling import load_pipeline
+
+    checkpoint = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    checkpoint.write_bytes(b"\0" * 8)
+    with pytest.raises(FileNotFoundError, match="from_single_file"):
+        load_pipeline(str(checkpoint))

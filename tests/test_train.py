@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -47,7 +48,8 @@ def assets(tmp_path_factory) -> Assets:
 # ============================================================================ arguments
 
 
-def test_every_flag_has_help_and_defaults_are_the_reference_setup(assets):
+def test_every_flag_has_help_and_defaults_are_the_reference_setup(assets, monkeypatch):
+    monkeypatch.setattr(runs, "check_base_model", lambda name: None)  # the hub id, not cached
     parser = train.build_parser()
     for action in parser._actions:
         if action.dest != "help":
@@ -183,6 +185,11 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
             ValueError,
             "--validation_guidance_scale must be >= 0 and <= 100",
         ),
+        "a root of identities as one identity": (
+            [f"--instance_data_dir={assets.identities}"],
+            ValueError,
+            "holds identity folders, not photos: pass --identities_root",
+        ),
     }
 
 
@@ -206,6 +213,7 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
         "adam epsilon that is 0 in fp32",
         "absolute logging dir",
         "logging dir out of the output",
+        "a root of identities as one identity",
     ],
 )
 def test_bad_flags_fail_right_after_parsing(assets, tmp_path, case):
@@ -784,7 +792,8 @@ def test_resume_with_another_persons_photos_is_refused(triplet_run, assets, tmp_
         train.main(train.parse_args(argv))
 
 
-def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeypatch):
+def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     root = tmp_path / "identities"
     shutil.copytree(assets.identity("person0"), root / "person0")
     faceless = root / "a_faceless"
@@ -808,6 +817,15 @@ def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeyp
     config = json.loads((tmp_path / "loras" / "person0" / trainer.CONFIG_NAME).read_text())
     assert config["data"]["instance_images"] == 1
     assert config["data"]["instance_skipped"] == {"unreadable image": 1}
+    # An overall counter with an ETA, and one end-of-run summary line.
+    messages = [record.getMessage() for record in caplog.records]
+    assert "identity 1 of 2: a_faceless" in messages
+    assert "identity 2 of 2 done (person0): 1 finished, 1 failed, done" in messages
+    assert any(m.startswith("identity 1 of 2 done (a_faceless, failed)") for m in messages)
+    assert (
+        f"summary: 1 trained into {tmp_path / 'loras'}/<identity>/ (person0); 0 skipped as "
+        "finished; 1 failed (a_faceless)"
+    ) in messages
 
 
 @pytest.mark.parametrize(
