@@ -86,6 +86,7 @@ class FactorCasts:
 
     def __init__(self) -> None:
         self.flat: torch.Tensor | None = None
+        self.storage: int | None = None
         self.dtype: torch.dtype | None = None
         self.layers: list[BatchedLoRALinear] = []
         self.copy: torch.Tensor | None = None
@@ -102,7 +103,7 @@ class FactorCasts:
             f.untyped_storage()._cdata != storage or f.dtype != flat.dtype for f in factors
         ):
             raise ValueError("every factor must be a view of the one contiguous buffer given")
-        self.flat, self.dtype, self.layers = flat, dtype, list(layers)
+        self.flat, self.dtype, self.layers, self.storage = flat, dtype, list(layers), storage
         self.copy = flat.to(dtype)
         offset = flat.storage_offset()
         self.views = {
@@ -124,7 +125,9 @@ class FactorCasts:
     def of(
         self, layer: BatchedLoRALinear, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if dtype != self.dtype or id(layer) not in self.views or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or dtype != self.dtype or id(layer) not in self.views:
+            return None
+        if layer.lora_A.untyped_storage()._cdata != self.storage:  # `.data` replaced since
             return None
         now = (self.flat._version, layer.lora_A._version, layer.lora_B._version)
         if self.versions[id(layer)] != now:

@@ -712,3 +712,26 @@ def test_rows_grouped_by_slot_equal_the_gathered_path(pipe, autocast):
         torch.testing.assert_close(a, b, **tolerance)
     with pytest.raises(ValueError, match="not 3 rows for each of the 3 slots"):
         handle.set_identities(identities, 3)
+
+
+def test_select_everyone_equals_the_gather_of_that_identity(pipe):
+    """select_everyone(k) (identity k's factors for every row, one bmm per product) gives the
+    outputs of set_identities(k, ..., k), with and without shared casts under autocast."""
+    unet, handle = _batched(copy.deepcopy(pipe.unet).to(torch.bfloat16))
+    _randomize(handle, 12)
+    optimizer = ml.StackedAdamW(handle.parameters(), K, lr=LRS, **ADAMW)
+    inputs = _inputs(2)
+    outputs = []
+    for shared in (False, True):
+        if shared:
+            handle.share_factor_casts(optimizer.flat_params, torch.bfloat16)
+        for select in ("gather", "everyone"):
+            if select == "gather":
+                handle.set_identities(torch.full((2,), 2))
+            else:
+                handle.select_everyone(2)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs.append(unet(**inputs).sample.float())
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0], rtol=2e-2, atol=1e-3)
+    assert torch.equal(outputs[1], outputs[3])  # shared casts change no bit
