@@ -172,8 +172,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--class_image_format",
         default="jpeg",
         choices=list(CLASS_IMAGE_FORMATS),
-        help="File format of generated class images: jpeg (PIL's default quality 75, the "
-        "reference's; the prior loss learns its artifacts) or png (lossless).",
+        help="File format of generated class images: jpeg (the default and the reference's: "
+        "PIL's default quality 75; the prior loss learns its artifacts) or png (lossless).",
     )
     parser.add_argument(
         "--class_num_inference_steps",

@@ -4,7 +4,7 @@ train_ID-Booth.py parses and checks the command line, finds the identities and p
 class images; what a run does from there lives here: the frozen models (VAE, text encoder, DDPM
 scheduler, ArcFace) and the base UNet with a batched LoRA of K slots (multi_lora.py), the
 prompt embeddings, each identity's dataset, the device step of a packed micro-batch
-(`packed_losses`: the objective of losses.py, its identity term on the decoded x0_hat aligned
+(`training_step`: the objective of losses.py, its identity term on the decoded x0_hat aligned
 with the photo's landmarks) and `PackedTrainer`, which fills its slots from a queue of
 identities and gives each one its own data order, noise, AdamW state, learning-rate schedule,
 gradient clipping, NaN freeze, checkpoints (resumed only with matching settings:

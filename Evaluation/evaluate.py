@@ -440,10 +440,14 @@ def unmatched_identity_notes(generated: ImageSet, real: ImageSet) -> list[str]:
     only_ours, only_real = sorted(ours - theirs), sorted(theirs - ours)
     if not only_ours and not only_real:
         return []
+    unmatched = [
+        f"{len(names)} only in {where} ({_some(names)})"
+        for names, where in ((only_ours, generated.name), (only_real, "--real"))
+        if names
+    ]
     notes = [
         f"{generated.name}: {len(ours & theirs)} of {len(ours)} identities match a --real "
-        f"identity by name; {len(only_ours)} only in {generated.name} ({_some(only_ours)}), "
-        f"{len(only_real)} only in --real ({_some(only_real)})"
+        f"identity by name; {', '.join(unmatched)}"
     ]
     folded_real = {identity.casefold(): identity for identity in only_real}
     near = [(n, folded_real[n.casefold()]) for n in only_ours if n.casefold() in folded_real]

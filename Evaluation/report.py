@@ -897,10 +897,24 @@ def summary_table(results: Mapping) -> tuple[list[str], list[list[float | None]]
     for _, direction, values in columns:
         ranked = {i: v for i, v in enumerate(values) if v is not None and names[i] != "real"}
         pick = max if direction == "higher" else min
-        best = pick(ranked.values()) if ranked else None
-        best_rows.append({i for i, v in ranked.items() if v == best})
+        best = format_value(pick(ranked.values())) if ranked else None
+        # Ties as printed: sets whose shown values are equal are equally best.
+        best_rows.append({i for i, v in ranked.items() if format_value(v) == best})
     rows = [[column[2][i] for column in columns] for i in range(len(names))]
     return [header for header, _, _ in columns], rows, best_rows
+
+
+def settings_note(results: Mapping) -> str:
+    """' Not the paper's settings: ...' for columns measured otherwise than the paper, or ''."""
+    notes = []
+    pose = results.get("pose", {})
+    if isinstance(pose, Mapping) and "sets" in pose and not pose.get("comparable_with_paper"):
+        notes.append("pose from the dlib-PnP fallback, not comparable with the paper (give "
+                     "--pose_weights for 6DRepNet)")  # fmt: skip
+    quality = results.get("quality", {})
+    if isinstance(quality, Mapping) and quality.get("setting") not in (None, "paper"):
+        notes.append(f"CR-FIQA in setting {quality['setting']}, not the paper's")
+    return f" Not the paper's settings: {'; '.join(notes)}." if notes else ""
 
 
 def summary_section(results: Mapping) -> str:
@@ -920,8 +934,9 @@ def summary_section(results: Mapping) -> str:
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (
         f"{title}<p>↑ higher is better, ↓ lower is better; <b>bold</b>: the best generated set "
-        "per column (the real set is the reference, not ranked). EER: pyeer's (FVC2000), as "
-        "the paper reports; pose: mean per-identity std in degrees.</p>"
+        "per column as shown (the real set is the reference, not ranked). EER: pyeer's "
+        "(FVC2000), as the paper reports; pose: mean per-identity std in degrees."
+        f"{html.escape(settings_note(results))}</p>"
         f'<table class="summary"><tr>{head}</tr>{"".join(body)}</table>'
     )
 

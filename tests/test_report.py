@@ -114,6 +114,24 @@ def test_summary_table_comes_first_with_arrows_and_the_best_generated_value_mark
     summary = summary[: summary.index("</table>")]
     b_row = cell_texts(summary.split("<tr>")[3])
     assert b_row[0] == "B" and b_row[headers.index("CR-FIQA ↑") + 1] == "<b>2.5</b>"
+    # The fixture's pose is dlib-PnP's: the summary says so; its quality is the paper's setting.
+    caption = page[page.index("<h2>Summary") : page.index('<table class="summary">')]
+    assert "pose from the dlib-PnP fallback, not comparable with the paper" in caption
+    assert "CR-FIQA in setting" not in caption
+
+
+def test_summary_ties_as_printed_are_all_bold_and_other_settings_are_named(results):
+    """Values that print the same (9.748177 and 9.748287 both show 9.748) are equally best."""
+    results["quality"]["sets"]["A"]["mean"] = 2.5000001
+    results["quality"]["setting"] = "crfiqa-rgb"
+    results["pose"]["comparable_with_paper"] = True
+    headers, _, best = report.summary_table(results)
+    assert report.format_value(2.5000001) == report.format_value(2.5)
+    assert best[headers.index("CR-FIQA ↑")] == {0, 1}
+    page = report.render_report(results, {})
+    caption = page[page.index("<h2>Summary") : page.index('<table class="summary">')]
+    assert "CR-FIQA in setting crfiqa-rgb, not the paper's" in html.unescape(caption)
+    assert "dlib-PnP" not in caption
 
 
 def test_both_eers_are_shown_and_the_papers_is_named(results):
