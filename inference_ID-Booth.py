@@ -1012,7 +1012,7 @@ def cast_pipeline(pipeline: StableDiffusionPipeline, dtype: Any) -> None:
 
 def slots_needed(work: Sequence[SampleBatch]) -> int:
     """The most distinct identities any one batch of `work` holds (at least 1)."""
-    return max(1, *(len({name for name, _ in batch.rows}) for batch in work))
+    return max([1, *(len({name for name, _ in batch.rows}) for batch in work)])
 
 
 def build_generator(
