@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import runs
+from architectures import architecture_of_pipeline, architecture_or_paper
 from datasets import identity_genders
 from fileio import (
     PNG_METADATA_KEY,
@@ -219,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA strength (0 = the base model).",
     )
     parser.add_argument(
-        "--resolution", type=RESOLUTION, default=512, help="Image height and width (multiple of 8)."
+        "--resolution",
+        type=RESOLUTION,
+        default=None,
+        help="Image height and width, a multiple of 8 (default: the base model's native size: "
+        "512 for SD 1.5 / 2.1-base, 768 for SD 2.1, 1024 for SDXL).",
     )
     parser.add_argument(
         "--batch_size",
@@ -277,6 +282,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.backgrounds = resolve_backgrounds(args.backgrounds)
     validate_args(args)
+    if args.resolution is None:  # the base's native size, from its configs (architectures.py)
+        base = architecture_or_paper(args.pretrained_model_name_or_path)
+        args.resolution = base.resolution
     return args
 
 
@@ -571,7 +579,7 @@ def generate_batch(
     (sampling.Sampler) samples when it supports the scheduler, else the stock pipeline."""
     import torch
 
-    from sampling import decode_checked, encode_prompts
+    from sampling import decode_checked, prompt_conditioning
 
     sampler = sampler if sampler is not None else make_sampler(pipeline, args)
     guided = args.guidance_scale > 1
@@ -593,8 +601,8 @@ def generate_batch(
         flagged = output.nsfw_content_detected or [False] * len(jobs)
         return output.images, [bool(flag) for flag in flagged]
     with torch.no_grad():
-        embeddings, negative = encode_prompts(pipeline, prompts, negatives, guided)
-        latents = sampler.sample(embeddings, negative, [job.seed for job in jobs])
+        conditioning = prompt_conditioning(pipeline, prompts, negatives, guided)
+        latents = sampler.sample(seeds=[job.seed for job in jobs], **conditioning)
         return decode_checked(pipeline, latents)
 
 
@@ -785,12 +793,15 @@ def checked_pipeline(args: argparse.Namespace, identities, state: Any):
     import torch
 
     pipeline = load_generation_pipeline(args)
+    architecture = architecture_of_pipeline(pipeline)
     layouts, lora_errors = {}, {}
     for identity in identities:
         if identity.error is not None:
             lora_errors[identity.name] = identity.error
             continue
-        message, layout = check_lora(identity, pipeline, args.pretrained_model_name_or_path)
+        message, layout = check_lora(
+            identity, pipeline, args.pretrained_model_name_or_path, architecture
+        )
         if message is None:
             layouts[identity.name] = layout
         else:

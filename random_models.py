@@ -340,11 +340,13 @@ def write_random_lora(
     target_modules: Sequence[str] = ("to_k", "to_q", "to_v", "to_out.0"),
     seed: int = 0,
     std: float = 0.3,
+    base_model: dict | None = None,
     **lora_options: object,
 ) -> Path:
-    """A LoRA file as train_ID-Booth.py writes it (diffusers format, adapter metadata) for a
-    copy of `unet`, every LoRA matrix N(0, std^2) from `seed`: peft's init leaves B = 0, which
-    would hide a LoRA that is applied wrongly or not at all. Returns the file's path."""
+    """A LoRA file as train_ID-Booth.py writes it (diffusers format, adapter metadata, the
+    `base_model` record when given) for a copy of `unet`, every LoRA matrix N(0, std^2) from
+    `seed`: peft's init leaves B = 0, which would hide a LoRA that is applied wrongly or not at
+    all. Returns the file's path."""
     import copy
 
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -364,7 +366,7 @@ def write_random_lora(
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    return write_lora_file(Path(folder), state, config.to_dict())
+    return write_lora_file(Path(folder), state, config.to_dict(), base_model)
 
 
 # ============================================================================ the demo's inputs
