@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tiny_sd import build_tiny_sd
-from training_assets import RESOLUTION, Assets, cli, make_assets, train
+from training_assets import RESOLUTION, Assets, assert_same_lora, cli, make_assets, train
 
 import lora
 import trainer
@@ -173,8 +174,6 @@ def test_sdxl_time_ids_follow_the_random_crop(sdxl_parts):
 def test_sdxl_vae_stays_fp32_under_fp16_unless_an_fp16_safe_vae_is_given(assets, bases, tmp_path):
     """SDXL's VAE (force_upcast) is kept and decoded in fp32 under fp16 mixed precision; a VAE
     given by path whose config says it is fp16-safe runs in fp16, the weight dtype."""
-    import shutil
-
     safe_vae = tmp_path / "sdxl-vae-fp16-fix"
     shutil.copytree(bases["tiny-sdxl"] / "vae", safe_vae)
     config = json.loads((safe_vae / "config.json").read_text())
@@ -194,3 +193,42 @@ def test_sdxl_vae_stays_fp32_under_fp16_unless_an_fp16_safe_vae_is_given(assets,
         with frozen.autocast(), frozen.vae_precision():
             decoded = frozen.vae.decode(latents.to(frozen.vae.dtype)).sample
         assert decoded.dtype == dtype
+
+
+# ============================================================================ SDXL: pack, resume
+
+
+def sdxl_flags(assets, bases, output: Path, *extra: str) -> list[str]:
+    flags = base_flags(assets, bases["tiny-sdxl"], output, "--validation_prompt=")
+    flags = [f for f in flags if not f.startswith(("--instance_data_dir", "--max_train_steps"))]
+    return [*flags, *extra]
+
+
+def test_sdxl_packed_run_equals_single_runs(assets, bases, tmp_path):
+    """--pack 2 on SDXL: each identity's LoRA equals its solo run's (the pooled text and the
+    size/crop ids of each row travel with it), at the paper's learning rate (fp32)."""
+    root = tmp_path / "identities"
+    for name in ("hanks", "person0"):
+        shutil.copytree(assets.identity(name), root / name)
+    common = [f"--identities_root={root}", "--max_train_steps=3", "--learning_rate=1e-4"]
+    train.main(train.parse_args(sdxl_flags(assets, bases, tmp_path / "alone", *common)))
+    packed = sdxl_flags(assets, bases, tmp_path / "packed", *common, "--pack=2")
+    summary = train.main(train.parse_args(packed))
+    assert [r["identity"] for r in summary["trained"]] == ["hanks", "person0"]
+    for name in ("hanks", "person0"):
+        assert_same_lora(tmp_path / "alone" / name, tmp_path / "packed" / name, atol=1e-5)
+
+
+def test_sdxl_resumed_run_equals_the_uninterrupted_one(assets, bases, tmp_path):
+    flags = [f"--instance_data_dir={assets.identity('hanks')}", "--max_train_steps=4"]
+    flags += ["--checkpointing_steps=2"]
+    full = tmp_path / "full"
+    train.main(train.parse_args(sdxl_flags(assets, bases, full, *flags)))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    argv = sdxl_flags(assets, bases, resumed, *flags, "--resume_from_checkpoint=latest")
+    summary = train.main(train.parse_args(argv))
+    assert [run["steps"] for run in summary["trained"]] == [4]
+    assert_same_lora(full, resumed)
+    assert_same_lora(full / "checkpoint-4", resumed / "checkpoint-4")
