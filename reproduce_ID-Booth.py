@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resolution",
         type=runs.Number(int, low=8, multiple_of=8),
-        default=512,
-        help="Training and generation size.",
+        default=None,
+        help="Training and generation size (default: the base model's native size, read from "
+        "its configs by each stage: 512 for SD 1.5 / 2.1-base, 768 for SD 2.1, 1024 for SDXL).",
     )
     parser.add_argument(
         "--num_images_per_identity",
@@ -218,6 +219,11 @@ def images_of(args: argparse.Namespace, variant: str) -> Path:
     return args.output_dir / "generated" / variant
 
 
+def resolution_flag(args: argparse.Namespace) -> list[str]:
+    """--resolution for the stages when given; else each reads the base model's own."""
+    return [f"--resolution={args.resolution}"] if args.resolution is not None else []
+
+
 def train_argv(args: argparse.Namespace, variant: str) -> list[str]:
     """train_ID-Booth.py's command line for one variant; resumes unfinished identities."""
     return [
@@ -227,7 +233,7 @@ def train_argv(args: argparse.Namespace, variant: str) -> list[str]:
         f"--arcface_weights={args.arcface_weights}",
         f"--face_detector={args.face_detector}",
         f"--loss={variant}",
-        f"--resolution={args.resolution}",
+        *resolution_flag(args),
         f"--output_dir={loras_of(args, variant)}",
         "--resume_from_checkpoint=latest",
         *args.train_flags,
@@ -244,7 +250,7 @@ def generate_argv(args: argparse.Namespace, variant: str) -> list[str]:
         f"--lora_root={loras_of(args, variant)}",
         f"--output_dir={images_of(args, variant)}",
         f"--num_images_per_identity={args.num_images_per_identity}",
-        f"--resolution={args.resolution}",
+        *resolution_flag(args),
         *attributes,
         *args.generate_flags,
     ]
