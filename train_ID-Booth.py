@@ -1,6 +1,7 @@
 """Train one ID-Booth LoRA per identity: DreamBooth prior preservation + a triplet identity loss.
 
-Per identity, a rank-4 LoRA of the SD 2.1-base UNet learns the person's photos under the
+Per identity, a rank-4 LoRA of the SD 2.1-base UNet (or of an SD 1.x, SD 2.x 768-v or SDXL
+base: architectures.py reads which from its configs) learns the person's photos under the
 objective of losses.py (paper: https://arxiv.org/abs/2504.07392, reference code:
 https://github.com/dariant/ID-Booth): the diffusion and prior-preservation losses plus, for
 `--loss identity|triplet`, an identity term on every instance sample: the one-step estimate x0_hat
