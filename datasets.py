@@ -175,8 +175,25 @@ def list_images(folder: str | Path) -> list[Path]:
         raise ValueError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder} "
             f"({len(files)} other files); put the photos of one identity there"
+            f"{subfolders_note(folder)}"
         )
     return images
+
+
+def subfolders_note(folder: str | Path) -> str:
+    """'; FOLDER holds only subfolders (...)' when a folder without image files holds folders
+    (photos one level too deep), else ''. Subfolders are never searched: say so."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(_is_image_name(path) for path in _folder_files(folder)):
+        return ""
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name[0] != ".")
+    if not subfolders:
+        return ""
+    shown = ", ".join(subfolders[:5]) + (" ..." if len(subfolders) > 5 else "")
+    return (
+        f"; {folder} holds only subfolders ({shown}) and subfolders are not searched: put "
+        "an identity's photos directly in its folder"
+    )
 
 
 def _white_level(image: Image.Image) -> float | None:
@@ -261,8 +278,9 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM is not a column
             reader = csv.DictReader(handle)
-            if reader.fieldnames is None or "identity" not in reader.fieldnames:
-                raise ValueError(f"{path}: CSV needs a header with an 'identity' column")
+            header = [name.strip() for name in reader.fieldnames or []]  # "identity, gender"
+            _check_attribute_header(path, header)
+            reader.fieldnames = header
             rows = [_attribute_row(path, reader.line_num, row) for row in reader]
         attributes = {row["identity"]: row for row in rows}
         if len(attributes) != len(rows):
@@ -280,6 +298,29 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
             raise ValueError(f"{path}: JSON must map identity -> gender or -> {{'gender': ...}}")
         return {str(k): (v if isinstance(v, dict) else {"gender": v}) for k, v in data.items()}
     raise ValueError(f"{path}: identity attributes must be a .csv or .json file")
+
+
+def _check_attribute_header(path: Path, header: list[str]) -> None:
+    """ValueError naming what is wrong with an attributes CSV's first line: no header, another
+    delimiter, other case; the fix is always the header line 'identity,gender'."""
+    if "identity" in header:
+        return
+    first_line = ",".join(header)
+    delimiter = next((d for d in ";\t|" if len(header) == 1 and d in header[0]), None)
+    if not header:
+        problem = "is empty"
+    elif delimiter is not None:
+        problem = f"separates fields with {delimiter!r}, not commas ({first_line!r})"
+    elif "identity" in [name.lower() for name in header]:
+        problem = f"has the header {first_line!r}: column names are lower case"
+    elif len(header) > 1 and normalise_gender(header[-1]) is not None:
+        problem = f"has no header (its first line {first_line!r} is a data row)"
+    else:
+        problem = f"has no 'identity' column (header {first_line!r})"
+    raise ValueError(
+        f"{path}: CSV {problem}; its first line must be the header 'identity,gender', then "
+        "one 'identity,gender' row per identity"
+    )
 
 
 def normalise_gender(value: str) -> str | None:
@@ -541,10 +582,20 @@ class _ScanPass:
 
 
 def _embed_pending(state: _ScanPass, encoder: torch.nn.Module) -> None:
-    """Embed the freshly aligned faces of a scan in batches."""
+    """Embed the freshly aligned faces of a scan in batches; ValueError when any embedding is
+    NaN/inf (a broken encoder: an identity term on it would be silently NaN or masked, and
+    nothing non-finite enters the face cache)."""
     if not state.pending:
         return
     embeddings = embed_aligned_faces(encoder, [face for _, face in state.pending], EMBED_BATCH_SIZE)
+    rows = zip(state.pending, embeddings, strict=True)
+    broken = [entry.file for (entry, _), row in rows if not np.isfinite(row).all()]
+    if broken:
+        raise ValueError(
+            f"the face encoder {getattr(encoder, 'name', type(encoder).__name__)} gave NaN/inf "
+            f"embeddings for {len(broken)} of {len(embeddings)} faces (e.g. {broken[0]}): its "
+            "weights file is broken; replace it"
+        )
     for (entry, _), embedding in zip(state.pending, embeddings, strict=True):
         entry.embedding = embedding
 
@@ -585,6 +636,20 @@ class PhotoScan:
     faces: dict[Path, FaceAnnotation]
     report: SkipReport
     fingerprint: str  # sha256 over (name, content sha256) of the photos, in order
+    sha256: dict[Path, str] = field(default_factory=dict)  # each photo's content hash
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a warning once per process: the class folder is scanned again for every identity
+    trained, and its skips would repeat 107 times per variant (later repeats go to DEBUG)."""
+    if message in _warned:
+        logger.debug("%s", message)
+        return
+    _warned.add(message)
+    logger.warning("%s", message)
 
 
 def _fingerprint(photos: list[Path], sha256: dict[Path, str]) -> str:
@@ -630,21 +695,21 @@ def scan_photos(
         found = state.report.summary() if files else "no files"
         if faceless == "skip" and detector is not None:
             fix = f"add photos (shorter side >= {min_side} px) that show one detectable face"
-            raise ValueError(f"no usable face photo in {folder}: {found}; {fix}")
+            raise ValueError(
+                f"no usable face photo in {folder}: {found}; {fix}{subfolders_note(folder)}"
+            )
         fix = f"add readable photos (shorter side >= {min_side} px)"
-        raise ValueError(f"no usable image in {folder}: {found}; {fix}")
+        raise ValueError(f"no usable image in {folder}: {found}; {fix}{subfolders_note(folder)}")
     if state.report:
-        logger.warning("%s", state.report.summary())
+        _warn_once(state.report.summary())
     if faceless == "keep" and faceless_photos:
-        logger.warning(
-            "%d of %d photos in %s have no detected face: they are used without a face "
-            "embedding (prior loss only): %s",
-            len(faceless_photos),
-            len(photos),
-            folder,
-            ", ".join(path.name for path in faceless_photos),
+        _warn_once(
+            f"{len(faceless_photos)} of {len(photos)} photos in {folder} have no detected face: "
+            "they are used without a face embedding (prior loss only): "
+            + ", ".join(path.name for path in faceless_photos)
         )
-    return PhotoScan(photos, faces, state.report, _fingerprint(photos, state.sha256))
+    fingerprint = _fingerprint(photos, state.sha256)
+    return PhotoScan(photos, faces, state.report, fingerprint, {p: state.sha256[p] for p in photos})
 
 
 def annotate_folder(
@@ -723,6 +788,7 @@ class _PhotoSet:
     embeddings: torch.Tensor | None = None  # (N, D) float32, zero rows for faceless photos
     landmarks: np.ndarray | None = None  # (N, 5, 2) float32, original image coordinates
     has_face: np.ndarray | None = None  # (N,) bool
+    sha256: tuple[str, ...] = ()  # each photo's content hash, in order
     # index -> (photo resized to shorter side R as (H', W', 3) uint8, (x, y) resize factors):
     # every photo is decoded and resized once, then items only crop it.
     resized: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -755,8 +821,9 @@ class _PhotoSet:
     def from_scan(cls, scan: PhotoScan, embedding_dim: int | None = None) -> _PhotoSet:
         """Stack a scan's annotations (faceless photos: zero embedding and landmarks, has_face
         False); embedding_dim None = a plain scan without annotations."""
+        hashes = tuple(scan.sha256.get(path, "") for path in scan.photos)
         if embedding_dim is None:
-            return cls(scan.photos, scan.report, scan.fingerprint)
+            return cls(scan.photos, scan.report, scan.fingerprint, sha256=hashes)
         embeddings = np.zeros((len(scan.photos), embedding_dim), dtype=np.float32)
         landmarks = np.zeros((len(scan.photos), 5, 2), dtype=np.float32)
         has_face = np.array([path in scan.faces for path in scan.photos], dtype=bool)
@@ -765,7 +832,9 @@ class _PhotoSet:
                 embeddings[row] = scan.faces[path].embedding
                 landmarks[row] = scan.faces[path].landmarks
         embeddings = torch.from_numpy(embeddings)
-        return cls(scan.photos, scan.report, scan.fingerprint, embeddings, landmarks, has_face)
+        return cls(
+            scan.photos, scan.report, scan.fingerprint, embeddings, landmarks, has_face, hashes
+        )
 
     @property
     def annotated(self) -> bool:
@@ -775,6 +844,25 @@ class _PhotoSet:
     @property
     def num_with_face(self) -> int:
         return int(self.has_face.sum()) if self.has_face is not None else 0
+
+
+def _refuse_shared_photos(instance: _PhotoSet, classes: _PhotoSet) -> None:
+    """ValueError when the class folder holds copies of the identity's own photos, compared by
+    content (any name, any folder): the prior would learn the person, and the triplet negative
+    would be the positive itself."""
+    own = {digest: path for digest, path in zip(instance.sha256, instance.paths, strict=True)}
+    copies = [
+        f"{path.name} = {own[digest].name}"
+        for digest, path in zip(classes.sha256, classes.paths, strict=True)
+        if digest in own and digest
+    ]
+    if copies:
+        folder = classes.paths[0].parent
+        raise ValueError(
+            f"the class folder {folder} holds {len(copies)} of this identity's own photos "
+            f"(same bytes: {', '.join(copies[:3])}); class images must show other people: "
+            "remove them from the class folder"
+        )
 
 
 @dataclass(frozen=True)
@@ -844,6 +932,8 @@ class DreamBoothFaceDataset(Dataset):
                 class_folder, detector, encoder, "keep", cache, min_side, max_class_images
             )
             self.classes = _PhotoSet.from_scan(classes, embedding_dim)
+        if self.classes is not None:
+            _refuse_shared_photos(self.instance, self.classes)
 
     @property
     def num_instance_images(self) -> int:

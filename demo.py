@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quality_weights",
         type=Path,
         default=None,
-        help="CR-FIQA checkpoint for the quality section; default: a random CR-FIQA IResNet-18.",
+        help="CR-FIQA checkpoint for the quality section; default: a random CR-FIQA(S) IResNet-50.",
     )
     parser.add_argument(
         "--resolution",

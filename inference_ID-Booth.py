@@ -13,8 +13,10 @@ identity's LoRA through one batched LoRA layer (multi_lora.py), whose slots hold
 the current batch needs. The batches depend on the settings alone, whatever the number of
 processes and however often the run is interrupted, so a resumed or multi-process run writes
 the same bytes as one uninterrupted process (same hardware, library versions and, on CPU,
-thread count). The batch size itself moves pixels only at float-rounding level: the noise
-is per image, but kernels sum in an order that depends on the batch shape. Denoising runs in
+thread count); a resumed run samples only the missing images, each at its uninterrupted
+batch size and position (resample_batches). The batch size itself moves pixels only at
+float-rounding level: the noise is per image, but kernels sum in an order that depends on
+the batch shape. Denoising runs in
 sampling.Sampler (no host syncs; DDPM, DDIM, Euler ancestral) or the stock pipeline loop for
 other schedulers; PNGs are encoded and written by worker threads while the next batch runs.
 
@@ -42,7 +44,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +91,10 @@ IMAGE_NAME_PATTERN = re.compile(r"^(\d+)\.png$")
 
 RESOLUTION = runs.Number(int, low=8, multiple_of=8)
 PNG_COMPRESS_LEVEL = runs.Number(int, low=0, high=9)
+LORA_SCALE = runs.Number(float, low=0, high=10)
+NUM_IMAGES = runs.Number(
+    int, low=1, high=10**6
+)  # per identity; paper: 21 and 100  # past a few, a LoRA only breaks the images
 DEFAULT_CUDA_BATCH_SIZE = 16
 MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Settings that define the pixels; a resumed run must match them (batch size only moves
@@ -112,6 +118,25 @@ GENERATION_KEYS = (
     "mixed_precision",
 )
 # ----------------------------------------------------------------------------- arguments
+
+
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "models and LoRAs": [
+        "pretrained_model_name_or_path", "lora_dir", "lora_root", "checkpoint", "identities",
+        "lora_scale",
+    ],
+    "prompts": [
+        "prompt_template", "prompt_template_no_background", "backgrounds",
+        "background_sampling", "side_portrait_probability", "identity_attributes",
+        "negative_prompt",
+    ],
+    "sampling": [
+        "num_images_per_identity", "scheduler", "num_inference_steps", "guidance_scale",
+        "resolution", "seed",
+    ],
+    "precision and speed": ["mixed_precision", "batch_size", "compile", "png_workers"],
+    "output": ["output_dir", "overwrite", "png_compress_level", "grid_dir"],
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", type=Path, required=True, help="Dataset folder to fill.")
     parser.add_argument(
         "--num_images_per_identity",
-        type=runs.POSITIVE_INT,
+        type=NUM_IMAGES,
         default=21,
         help="Images per identity (paper: 21 for evaluation, 100 for FR augmentation).",
     )
@@ -209,15 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--guidance_scale",
-        type=runs.NON_NEGATIVE,
+        type=runs.GUIDANCE_SCALE,
         default=5.0,
         help="Classifier-free guidance scale.",
     )
     parser.add_argument(
         "--lora_scale",
-        type=runs.NON_NEGATIVE,
+        type=LORA_SCALE,
         default=1.0,
-        help="LoRA strength (0 = the base model).",
+        help="LoRA strength (0 = the base model; 1 = as trained).",
     )
     parser.add_argument(
         "--resolution",
@@ -274,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Regenerate images that already exist (and accept changed settings).",
     )
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
 
 
@@ -312,6 +338,7 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--lora_dir {args.lora_dir} is a checkpoint folder; pass the identity folder "
             f"as --lora_dir {args.lora_dir.parent} and --checkpoint {args.lora_dir.name}"
         )
+    runs.check_base_model(args.pretrained_model_name_or_path)  # names a missing unet/ etc.
     if args.identity_attributes is not None and not args.identity_attributes.is_file():
         raise FileNotFoundError(f"--identity_attributes file {args.identity_attributes} not found")
     if args.grid_dir is not None and runs.is_inside(args.grid_dir, args.output_dir):
@@ -355,21 +382,53 @@ def plan_image(args: argparse.Namespace, identity: str, gender: str | None, inde
 Job = tuple[str, int]  # (identity, image index)
 
 
-def make_batches(
-    identities: Sequence[str], num_images: int, batch_size: int
-) -> list[tuple[Job, ...]]:
+class Batches(Sequence):
     """Work units: consecutive runs of B jobs of the list [(x, i) for x in identities for i in
     range(n)], crossing identities (a batch mixes them: each sample has its own LoRA). Fixed
-    by the settings alone, so a resumed run regenerates exactly the batches it did."""
-    jobs = [(identity, index) for identity in identities for index in range(num_images)]
-    return [tuple(jobs[start : start + batch_size]) for start in range(0, len(jobs), batch_size)]
+    by the settings alone, so a resumed run regenerates exactly the batches it did. Batch b is
+    computed when asked for: nothing is planned up front, whatever the counts."""
+
+    def __init__(self, identities: Sequence[str], num_images: int, batch_size: int) -> None:
+        self.identities, self.num_images = list(identities), num_images
+        self.batch_size, self.num_jobs = batch_size, len(self.identities) * num_images
+
+    def __len__(self) -> int:
+        return -(-self.num_jobs // self.batch_size)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[b] for b in range(len(self))[index]]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        start = (index % len(self)) * self.batch_size
+        stop, n = min(start + self.batch_size, self.num_jobs), self.num_images
+        return tuple((self.identities[job // n], job % n) for job in range(start, stop))
+
+    def job_position(self, identity_position: int, index: int) -> int:
+        """Where (identities[identity_position], index) is in the job list."""
+        return identity_position * self.num_images + index
+
+    def most_identities(self) -> int:
+        """The most distinct identities one batch holds (at least 1). Batch b starts at image
+        (b * B) mod n of an identity, which repeats within n batches, all full but the last."""
+        n, size = self.num_images, self.batch_size
+        firsts = range(min(len(self), n // math.gcd(n, size)))
+        spans = (
+            (min((b + 1) * size, self.num_jobs) - 1) // n - (b * size) // n + 1 for b in firsts
+        )
+        return max(spans, default=1)
 
 
-def split_work(items: Sequence[Any], num_processes: int, process_index: int) -> list[Any]:
-    """Contiguous, balanced share of `items` for one process (sizes differ by at most 1)."""
+def make_batches(identities: Sequence[str], num_images: int, batch_size: int) -> Batches:
+    return Batches(identities, num_images, batch_size)
+
+
+def split_work(items: Sequence[Any], num_processes: int, process_index: int) -> Sequence[Any]:
+    """Contiguous, balanced share of `items` for one process (sizes differ by at most 1); a
+    slice of them (a range stays a range)."""
     base, extra = divmod(len(items), num_processes)
     start = process_index * base + min(process_index, extra)
-    return list(items[start : start + base + (process_index < extra)])
+    return items[start : start + base + (process_index < extra)]
 
 
 # -------------------------------------------------------------------------- input checks
@@ -400,7 +459,12 @@ def lora_sources(args: argparse.Namespace) -> list[IdentitySource]:
         if not names:
             raise ValueError(f"--lora_root {args.lora_root} has no identity folders")
         folders = [args.lora_root / name for name in names]
-    return [_identity_source(folder, args.checkpoint) for folder in folders]
+    sources = [_identity_source(folder, args.checkpoint) for folder in folders]
+    found = [source.lora_file for source in sources if source.lora_file is not None]
+    hashes = runs.cached_sha256(found)  # what a rerun compares: the LoRA by content
+    for source in sources:
+        source.sha256 = hashes.get(source.lora_file)
+    return sources
 
 
 def _identity_source(folder: Path, checkpoint: str | None) -> IdentitySource:
@@ -435,9 +499,14 @@ def generation_settings(args: argparse.Namespace) -> dict:
     return values
 
 
-def lora_files(identities: Sequence[IdentitySource]) -> dict[str, str]:
-    """identity -> resolved LoRA weights path, for the identities that have one."""
-    return {i.name: str(i.lora_file.resolve()) for i in identities if i.lora_file is not None}
+def lora_files(identities: Sequence[IdentitySource]) -> dict[str, dict[str, str]]:
+    """identity -> {path: resolved LoRA weights path, sha256: its content hash}, for the
+    usable identities (a refused identity keeps the entry of the LoRA that made its images)."""
+    return {
+        i.name: {"path": str(i.lora_file.resolve()), "sha256": i.sha256}
+        for i in identities
+        if i.lora_file is not None and i.error is None
+    }
 
 
 def read_run_config(output_dir: Path) -> dict:
@@ -448,35 +517,50 @@ def read_run_config(output_dir: Path) -> dict:
 
 def check_run_config(
     output_dir: Path, settings: dict, identities: Sequence[IdentitySource], overwrite: bool
-) -> None:
-    """A resumed run must use the settings and LoRA files that made the images there.
-
-    Per-identity LoRA paths catch e.g. `--checkpoint latest` resolving to a newer checkpoint.
-    """
+) -> set[str]:
+    """A resumed run must use the settings and LoRA files that made the images there:
+    ValueError for changed settings (they define every image); an identity whose images were
+    made by another LoRA file (path, e.g. `--checkpoint latest` now resolving to a newer
+    checkpoint, or content: retrained at the same path) is refused: its error is set and its
+    name returned, the others go on. --overwrite regenerates everything instead."""
     previous_config = read_run_config(output_dir)
     if overwrite or not previous_config or not image_paths(output_dir):
-        return  # nothing made with the old settings: a corrected command may change them
+        return set()  # nothing made with the old settings: a corrected command may change them
     previous = previous_config.get("generation", {})
-    changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-    previous_files = previous_config.get("lora_files", {})
-    for name, path in lora_files(identities).items():
-        if previous_files.get(name, path) != path:
-            changed[f"LoRA of {name}"] = (previous_files[name], path)
+    changed = runs.config_mismatches(previous, settings, ())
     if changed:
-        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ValueError(
-            f"{output_dir} holds images made with other settings ({lines}); use a new "
-            "--output_dir, or --overwrite to regenerate them"
+            f"{output_dir} holds images made with other settings ({'; '.join(changed)}); use "
+            "a new --output_dir, or --overwrite to regenerate them"
         )
+    previous_files = previous_config.get("lora_files", {})
+    refused = set()
+    for identity in identities:
+        current = lora_files([identity]).get(identity.name)
+        made_by = previous_files.get(identity.name, current)
+        if isinstance(made_by, str):  # recorded before LoRAs were hashed: path only
+            made_by = {"path": made_by, "sha256": None}
+        if current is None or made_by == current or not image_paths(output_dir, identity.name):
+            continue
+        differences = runs.config_mismatches(made_by, current, ())
+        identity.error = (
+            f"identity {identity.name!r}: its images in {output_dir / identity.name} were made "
+            f"by another LoRA ({'; '.join(differences)}); pass --overwrite to regenerate them, "
+            "or use a new --output_dir"
+        )
+        refused.add(identity.name)
+    return refused
 
 
 # ------------------------------------------------------------------------- files on disk
 
 
-def image_paths(output_dir: Path) -> list[tuple[str, int, Path]]:
-    """(identity, index, path) of every finished image under output_dir, sorted."""
+def image_paths(output_dir: Path, identity: str | None = None) -> list[tuple[str, int, Path]]:
+    """(identity, index, path) of every finished image under output_dir (of one identity if
+    given), sorted."""
     found = []
-    for folder in sorted(p for p in output_dir.iterdir() if p.is_dir()):
+    folders = [output_dir / identity] if identity is not None else output_dir.iterdir()
+    for folder in sorted(p for p in folders if p.is_dir()):
         for path in folder.iterdir():
             match = IMAGE_NAME_PATTERN.match(path.name)
             if match and is_complete_png(path):
@@ -572,11 +656,13 @@ def generate_batch(
     lora: Any = None,
     slots: Sequence[int] | None = None,
     sampler: Any = None,
-) -> tuple[list[PILImage.Image], list[bool]]:
-    """Images of one batch, which may mix identities: sample i uses slot slots[i] of the
-    batched LoRA `lora` (None: the base model) and its own CPU generator seeded with its seed,
-    so its noise depends neither on its batch-mates nor on the device. The sync-free loop
-    (sampling.Sampler) samples when it supports the scheduler, else the stock pipeline."""
+) -> tuple[list[PILImage.Image], list[bool], list[bool]]:
+    """(images, NSFW flags, finite flags) of one batch, which may mix identities: sample i
+    uses slot slots[i] of the batched LoRA `lora` (None: the base model) and its own CPU
+    generator seeded with its seed, so its noise depends neither on its batch-mates nor on the
+    device. The sync-free loop (sampling.Sampler) samples when it supports the scheduler, else
+    the stock pipeline. An image whose latents or pixels hold NaN/inf is flagged not finite."""
+    import numpy as np
     import torch
 
     from sampling import decode_checked, prompt_conditioning
@@ -596,17 +682,19 @@ def generate_batch(
             guidance_scale=args.guidance_scale,
             height=args.resolution,
             width=args.resolution,
-            output_type="pil",
+            output_type="np",  # (B, H, W, 3) floats: NaN is still visible here
         )
         flagged = output.nsfw_content_detected or [False] * len(jobs)
-        return output.images, [bool(flag) for flag in flagged]
+        finite = np.isfinite(output.images).reshape(len(jobs), -1).all(1).tolist()
+        images = pipeline.numpy_to_pil(np.nan_to_num(output.images))
+        return images, [bool(flag) for flag in flagged], finite
     with torch.no_grad():
         conditioning = prompt_conditioning(pipeline, prompts, negatives, guided)
         latents = sampler.sample(seeds=[job.seed for job in jobs], **conditioning)
         return decode_checked(pipeline, latents)
 
 
-def image_record(job: ImageJob, args: argparse.Namespace, lora_file: Path, batch) -> dict:
+def image_record(job: ImageJob, args: argparse.Namespace, source: IdentitySource, batch) -> dict:
     """The metadata line of one image (also stored inside the PNG)."""
     return {
         "file": f"{job.identity}/{job.index}.png",
@@ -623,7 +711,8 @@ def image_record(job: ImageJob, args: argparse.Namespace, lora_file: Path, batch
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "resolution": args.resolution,
-        "lora_path": str(lora_file),
+        "lora_path": str(source.lora_file),
+        "lora_sha256": source.sha256,
         "lora_scale": args.lora_scale,
         "model": args.pretrained_model_name_or_path,
         "mixed_precision": args.resolved_mixed_precision,
@@ -643,36 +732,36 @@ class Counts:
     seconds: float = 0.0
 
 
-def pending_jobs(output_dir: Path, batch: Sequence[Job], overwrite: bool) -> list[Job]:
-    """The jobs of a batch whose image is not on disk yet (all of them with --overwrite)."""
-    if overwrite:
-        return list(batch)
-    return [job for job in batch if not is_complete_png(output_dir / job[0] / f"{job[1]}.png")]
+@dataclasses.dataclass(frozen=True)
+class SampleBatch:
+    """What one sampler call makes: `rows` in their batch positions, of which `wanted` are
+    written; `origin[job]` is the batch an uninterrupted run samples `job` in (its record)."""
+
+    rows: tuple[Job, ...]
+    wanted: tuple[Job, ...]
+    origin: dict[Job, tuple[Job, ...]]
 
 
 def run_batches(
     generator: dict,
-    work: Sequence[tuple[tuple[Job, ...], list[Job]]],
+    work: Sequence[SampleBatch],
     context: dict,
     progress: Any,
     writer: ImageWriter,
 ) -> None:
-    """Generate this process's batches and hand the missing images to the writer.
-
-    Every job of a batch whose identity is usable is sampled again, written or not, so the
-    batch's numerics match an uninterrupted run; jobs of failed identities are counted.
-    """
+    """Sample this process's batches and hand the wanted images to the writer; jobs of failed
+    identities are counted."""
     args, counts, errors = context["args"], context["counts"], context["lora_errors"]
-    for batch, missing in work:
-        slots = place_identities(generator["pool"], [name for name, _ in batch], errors)
-        usable = [job for job in batch if job[0] in slots]
-        for name in dict.fromkeys(name for name, _ in missing if name not in slots):
-            fail_identity(name, sum(job[0] == name for job in missing), context, progress)
-        if not any(job in missing for job in usable):
+    for batch in work:
+        slots = place_identities(generator["pool"], [name for name, _ in batch.rows], errors)
+        usable = [job for job in batch.rows if job[0] in slots]
+        for name in dict.fromkeys(name for name, _ in batch.wanted if name not in slots):
+            fail_identity(name, sum(job[0] == name for job in batch.wanted), context, progress)
+        if not any(job in batch.wanted for job in usable):
             continue
         genders = context["genders"]
         jobs = [plan_image(args, name, genders.get(name), index) for name, index in usable]
-        images, flagged = generate_batch(
+        images, flagged, finite = generate_batch(
             generator["pipeline"],
             jobs,
             args,
@@ -680,18 +769,38 @@ def run_batches(
             [slots[job.identity] for job in jobs],
             generator["sampler"],
         )
+        broken = non_finite_identities(jobs, finite, context)
+        written: set[Job] = set()
         for job, image, nsfw in zip(jobs, images, flagged, strict=True):
-            if (job.identity, job.index) not in missing:
+            key = (job.identity, job.index)
+            if key not in batch.wanted or key in written:  # a filler row, or its duplicate
                 continue
-            if nsfw:
+            written.add(key)
+            if job.identity in broken:
+                fail_identity(job.identity, 1, context, progress)
+            elif nsfw:
                 counts.failed += 1
                 logger.error("%s flagged by the safety checker; not written", job)
             else:
-                lora_file = context["identities"][job.identity].lora_file
-                record = image_record(job, args, lora_file, usable)
+                source = context["identities"][job.identity]
+                origin = [member for member in batch.origin[key] if member[0] not in errors]
+                record = image_record(job, args, source, origin)
                 writer.submit(args.output_dir / job.identity / f"{job.index}.png", image, record)
                 counts.written += 1
             progress.update(1)
+
+
+def non_finite_identities(jobs: Sequence[ImageJob], finite: Sequence[bool], context: dict):
+    """The identities of a batch with a non-finite sample: each fails from here on (its
+    LoRA or the scales make NaN/inf, which would be written as black images), named once."""
+    broken = {job.identity for job, ok in zip(jobs, finite, strict=True) if not ok}
+    for name in sorted(broken):
+        context["lora_errors"][name] = (
+            f"identity {name!r}: non-finite latents or pixels (NaN/inf) in its batch; nothing "
+            "of it is written from here on: its LoRA's weights or --lora_scale / "
+            "--guidance_scale are too large"
+        )
+    return broken
 
 
 def fail_identity(name: str, num_images: int, context: dict, progress: Any) -> None:
@@ -704,25 +813,107 @@ def fail_identity(name: str, num_images: int, context: dict, progress: Any) -> N
     progress.update(num_images)
 
 
-def plan_process_work(
-    args: argparse.Namespace, my_batches: Sequence[tuple[Job, ...]], counts: Counts
-) -> list[tuple[tuple[Job, ...], list[Job]]]:
-    """[(batch, missing jobs)] of this process's batches that hold a missing image; counts what
-    is done. Also deletes temp files that killed runs left for this process's own images (never
-    another process's: the work split is disjoint)."""
-    mine: dict[str, set[str]] = {}
-    for batch in my_batches:
-        for name, index in batch:
-            mine.setdefault(name, set()).add(f"{index}.png")
-    for name, files in mine.items():
-        remove_stale_temps(args.output_dir / name, files)
-    work = []
-    for batch in my_batches:
-        missing = pending_jobs(args.output_dir, batch, args.overwrite)
+class _ImageNames:
+    """'<index>.png' for the indices of one identity in [start, stop) (a range's membership
+    test, for remove_stale_temps: no list of names is built)."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.indices = range(start, stop)
+
+    def __contains__(self, name: object) -> bool:
+        match = IMAGE_NAME_PATTERN.match(str(name))
+        return match is not None and int(match.group(1)) in self.indices
+
+
+def my_identity_ranges(batches: Batches, mine: range) -> dict[str, range]:
+    """identity -> the image indices this process's batches hold of it."""
+    first = mine.start * batches.batch_size
+    stop = min(mine.stop * batches.batch_size, batches.num_jobs)
+    n, ranges = batches.num_images, {}
+    for position in range(first // n, -(-stop // n)) if stop > first else ():
+        low, high = max(first - position * n, 0), min(stop - position * n, n)
+        ranges[batches.identities[position]] = range(low, high)
+    return ranges
+
+
+def images_on_disk(args: argparse.Namespace, ranges: dict[str, range], refused) -> set[Job]:
+    """The jobs of `ranges` whose image is complete on disk (none with --overwrite; none of a
+    refused identity: its images do not count as done). Lists each folder once: the cost is
+    that of the files there, not of the images planned."""
+    found: set[Job] = set()
+    for name, indices in ranges.items():
+        folder = args.output_dir / name
+        if args.overwrite or name in refused or not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = IMAGE_NAME_PATTERN.match(path.name)
+            if match and int(match.group(1)) in indices and is_complete_png(path):
+                found.add((name, int(match.group(1))))
+    return found
+
+
+def pending_work(
+    batches: Batches, mine: range, on_disk: set[Job], counts: Counts
+) -> Iterator[tuple[tuple[Job, ...], list[Job]]]:
+    """(batch, its jobs without an image on disk) of this process's batches that miss one,
+    computed batch by batch as generation reaches them; counts the jobs found done."""
+    for index in mine:
+        batch = batches[index]
+        missing = [job for job in batch if job not in on_disk]
         counts.skipped += len(batch) - len(missing)
         if missing:
-            work.append((batch, missing))
-    return work
+            yield batch, missing
+
+
+def plan_process_work(
+    args: argparse.Namespace, batches: Batches, mine: range, counts: Counts, refused=()
+) -> tuple[Iterator[tuple[tuple[Job, ...], list[Job]]], int]:
+    """(lazy work of this process, #images it will generate). Also deletes temp files that
+    killed runs left for this process's own images (never another process's: the work split
+    is disjoint)."""
+    ranges = my_identity_ranges(batches, mine)
+    for name, indices in ranges.items():
+        remove_stale_temps(args.output_dir / name, _ImageNames(indices.start, indices.stop))
+    on_disk = images_on_disk(args, ranges, refused)
+    total = sum(len(indices) for indices in ranges.values()) - len(on_disk)
+    return pending_work(batches, mine, on_disk, counts), total
+
+
+def resample_batches(
+    work: Sequence[tuple[tuple[Job, ...], list[Job]]], failing: Collection[str]
+) -> list[SampleBatch]:
+    """Batches of missing images only, each at the batch size and position it has in an
+    uninterrupted run, so a resume samples about as many images as are missing.
+
+    An image depends on its batch-mates only through the batch's shape (kernels sum in an
+    order set by the shape; the rows' contents never mix: per-image noise, per-sample LoRA,
+    attention and norms within a sample), so image j, sampled at row p of a batch of size s
+    as in the uninterrupted run, comes out byte-identical whatever the other rows hold (tested).
+    A batch's usable rows (identities whose LoRA is known to fail are dropped, as the full run
+    drops them) fix (s, p); missing images of equal (s, p) go to successive batches, and a
+    position no missing image fills repeats one of the batch's own jobs (not written).
+    """
+    columns: dict[int, list[list[tuple[Job, tuple[Job, ...]]]]] = {}
+    for batch, missing in work:
+        usable = tuple(job for job in batch if job[0] not in failing)
+        by_position = columns.setdefault(len(usable), [[] for _ in usable])
+        for position, job in enumerate(usable):
+            if job in missing:
+                by_position[position].append((job, usable))
+    resampled = []
+    for size, by_position in sorted(columns.items()):
+        for row in range(max(map(len, by_position), default=0)):
+            chosen = {p: column[row] for p, column in enumerate(by_position) if row < len(column)}
+            filler = next(iter(chosen.values()))[0]
+            rows = tuple(chosen[p][0] if p in chosen else filler for p in range(size))
+            wanted = tuple(job for job, _ in chosen.values())
+            resampled.append(SampleBatch(rows, wanted, dict(chosen.values())))
+    failed = [  # identities known to fail: their missing jobs are counted, never sampled
+        SampleBatch((), tuple(job for job in missing if job[0] in failing), {})
+        for _, missing in work
+        if any(job[0] in failing for job in missing)
+    ]
+    return failed + resampled
 
 
 def prepare(args: argparse.Namespace, state: Any) -> dict:
@@ -736,11 +927,13 @@ def prepare(args: argparse.Namespace, state: Any) -> dict:
         genders = resolve_genders(identities, args.identity_attributes)
     runs.check_writable_folder(args.output_dir, "--output_dir")
     settings = generation_settings(args)
-    check_run_config(args.output_dir, settings, identities, args.overwrite)
+    # The base by content: another model under the same folder or hub name is another setting.
+    settings["base_model_sha256"] = runs.base_model_fingerprint(args.pretrained_model_name_or_path)
+    refused = check_run_config(args.output_dir, settings, identities, args.overwrite)
     for identity in identities:
         if identity.error and state.is_main_process:
             logger.error("%s", identity.error)
-    return {"identities": identities, "genders": genders, "settings": settings}
+    return {"identities": identities, "genders": genders, "settings": settings, "refused": refused}
 
 
 def summarise(all_counts: Sequence[Counts], num_images: int) -> dict:
@@ -769,7 +962,7 @@ def finish(args: argparse.Namespace, state: Any, counts: Counts, identities) -> 
         summary["metadata_lines"] = rebuild_metadata(args.output_dir)
         if args.grid_dir is not None:
             write_contact_sheets(args, identities)
-        logger.info("summary: %s", json.dumps(summary))
+        logger.info("summary (images in %s): %s", args.output_dir, json.dumps(summary))
     return summary
 
 
@@ -809,13 +1002,28 @@ def checked_pipeline(args: argparse.Namespace, identities, state: Any):
     dtype = getattr(torch, MIXED_PRECISION_DTYPES[args.resolved_mixed_precision])
     pipeline.to(state.device)
     if dtype != torch.float32:
-        pipeline.to(dtype=dtype)
+        cast_pipeline(pipeline, dtype)
     return pipeline, layouts, lora_errors
 
 
-def slots_needed(work: Sequence[tuple[tuple[Job, ...], list[Job]]]) -> int:
+def cast_pipeline(pipeline: StableDiffusionPipeline, dtype: Any) -> None:
+    """Cast the pipeline's models to `dtype`: torch's own Module.to for a model that keeps no
+    module in fp32 (diffusers' to() warns about them on every cast, even when there are none),
+    diffusers' own for a model that keeps some."""
+    import torch
+
+    for component in pipeline.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if getattr(component, "_keep_in_fp32_modules", None):
+            component.to(dtype=dtype)
+        else:
+            torch.nn.Module.to(component, dtype=dtype)
+
+
+def slots_needed(work: Sequence[SampleBatch]) -> int:
     """The most distinct identities any one batch of `work` holds (at least 1)."""
-    return max((len({name for name, _ in batch}) for batch, _ in work), default=1)
+    return max(1, *(len({name for name, _ in batch.rows}) for batch in work))
 
 
 def build_generator(
@@ -844,8 +1052,6 @@ def build_generator(
 
 def main(args: argparse.Namespace) -> dict:
     """Validate inputs, load the base once, generate this process's share, summarise."""
-    from tqdm.auto import tqdm
-
     state = runs.process_state()
     runs.setup_logging(state)
     args.resolved_mixed_precision = runs.resolve_mixed_precision(
@@ -859,10 +1065,10 @@ def main(args: argparse.Namespace) -> dict:
         [identity.name for identity in identities], args.num_images_per_identity, args.batch_size
     )
     counts = Counts()
-    work = plan_process_work(
-        args, split_work(batches, state.num_processes, state.process_index), counts
-    )
+    mine = split_work(range(len(batches)), state.num_processes, state.process_index)
+    work, _ = plan_process_work(args, batches, mine, counts, plan["refused"])
     pipeline, layouts, lora_errors = checked_pipeline(args, identities, state)
+    work = resample_batches(list(work), failing=set(lora_errors))
     if state.is_main_process:  # only once the model loaded: a failed start blocks no rerun
         remove_stale_temps(args.output_dir)
         write_run_config(args, plan["settings"], identities, state.num_processes)
@@ -871,11 +1077,11 @@ def main(args: argparse.Namespace) -> dict:
     generator = build_generator(args, pipeline, layouts, sources, slots_needed(work))
     context = {"args": args, "counts": counts, "genders": plan["genders"]}
     context.update(identities=sources, lora_errors=lora_errors)
-    total = sum(len(missing) for _, missing in work)
+    total = sum(len(batch.wanted) for batch in work)
     logger.info("%d images to generate here, %d already on disk", total, counts.skipped)
     started = time.perf_counter()
     writer = ImageWriter(args.png_workers, args.png_compress_level)
-    progress_bar = tqdm(
+    progress_bar = runs.progress_bar(
         total=total, unit="img", desc="generating", disable=not state.is_local_main_process
     )
     try:

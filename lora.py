@@ -35,6 +35,26 @@ _LORA_SUFFIXES = {
     ".lora_linear_layer.down.weight": "down",
     ".lora_linear_layer.up.weight": "up",
 }
+# lora_alpha a file may give: > 0 (0 would silently apply nothing: the base model) and at most
+# MAX_LORA_ALPHA (peft's default is 8 and published LoRAs use 1..256; the scaling alpha / r of
+# anything near 1e308 only turns images black).
+MAX_LORA_ALPHA = 1e4
+# Adapter metadata fields this code reads, each with its check (other fields are ignored).
+_METADATA_FIELDS = {
+    "lora_alpha": (
+        lambda v: _is_number(v) and 0 < v <= MAX_LORA_ALPHA,
+        f"a number in (0, {MAX_LORA_ALPHA:g}]",
+    ),
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "an integer >= 1"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "alpha_pattern": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "rank_pattern": (lambda v: v is None or isinstance(v, dict), "an object"),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def lora_target_modules(unet: torch.nn.Module) -> list[str]:
@@ -141,6 +161,26 @@ def _layer_mismatch(component: Any, module_path: str, kind: str, shape: tuple) -
     return None
 
 
+def adapter_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """The UNet adapter config of a LoRA file's safetensors metadata (keys without 'unet.'),
+    each field this code reads checked for type and range: ValueError naming the field, so a
+    malformed file fails its own identity with one line."""
+    text = metadata.get("lora_adapter_metadata", "{}")
+    try:
+        config = json.loads(text)  # NaN / Infinity parse as floats: refused below
+    except ValueError as error:
+        raise ValueError(f"its adapter metadata is not JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"its adapter metadata is a JSON {type(config).__name__}, not an object")
+    config = {k[len("unet.") :]: v for k, v in config.items() if k.startswith("unet.")}
+    for field, (is_valid, expected) in _METADATA_FIELDS.items():
+        if field in config and not is_valid(config[field]):
+            raise ValueError(
+                f"adapter metadata field {field} must be {expected}, got {config[field]!r}"
+            )
+    return config
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraLayout:
     """What a UNet LoRA file holds, from its header: each layer's rank and peft scaling."""
@@ -162,8 +202,7 @@ def lora_layout(lora_file: Path) -> LoraLayout:
     with safe_open(str(lora_file), framework="pt") as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
         metadata = handle.metadata() or {}
-    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    config = {k[len("unet.") :]: v for k, v in config.items() if k.startswith("unet.")}
+    config = adapter_metadata(metadata)
     if config.get("use_dora") or config.get("alpha_pattern"):
         raise ValueError("DoRA and per-layer alpha_pattern adapters are not supported")
     ranks: dict[str, int] = {}
@@ -199,6 +238,7 @@ class IdentitySource:
     folder: Path
     lora_file: Path | None
     error: str | None = None
+    sha256: str | None = None  # of the weights file: a rerun compares the LoRA by content
 
 
 def base_model_record(name: str, architecture: Any) -> dict[str, Any]:

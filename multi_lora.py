@@ -30,6 +30,7 @@ step instead of `scaler.step`):
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -362,6 +363,21 @@ def load_identity_scaled_(
             f"LoRA does not fit the batched layers: keys of other layers {unexpected[:4]} "
             f"({len(unexpected)}), ranks above {handle.rank}: {too_large[:4]}"
         )
+    not_float = [
+        f"{key} ({value.dtype})"
+        for key, value in state_dict.items()
+        if key in targets and not value.is_floating_point()
+    ]
+    if not_float:
+        raise ValueError(f"LoRA tensors must be floats: {not_float[:4]} ({len(not_float)})")
+    fp32_max = torch.finfo(torch.float32).max
+    if not all(math.isfinite(value) and abs(value) <= fp32_max for value in scalings.values()):
+        for param in targets.values():
+            param[k].zero_()
+        raise ValueError(
+            "LoRA weights are NaN/inf once scaled (alpha / r x --lora_scale): a scaling is "
+            f"beyond float32 ({max(scalings.values(), key=abs):.3g}); its scale is too large"
+        )
     layer_of = {id(layer.lora_B): layer for layer in handle.layers.values()}
     for key, param in targets.items():
         param[k].zero_()
@@ -374,6 +390,7 @@ def load_identity_scaled_(
         else:  # B (out, r)
             param[k, :, : value.shape[1]].copy_(value)
             _slot_scaling(layer_of[id(param)])[k] = scalings[module]
+    _check_finite_identity(k, targets, scalings)
 
 
 def _slot_scaling(layer: BatchedLoRALinear) -> torch.Tensor:
@@ -383,6 +400,27 @@ def _slot_scaling(layer: BatchedLoRALinear) -> torch.Tensor:
             layer.lora_A.shape[0], dtype=torch.float32, device=layer.lora_A.device
         )
     return layer.slot_scaling
+
+
+def _check_finite_identity(
+    k: int, targets: Mapping[str, nn.Parameter], scalings: Mapping[str, float]
+) -> None:
+    """ValueError (slot k zeroed) when identity k's loaded weights, or its B factors times their
+    scaling, hold NaN/inf in the layer's dtype: a NaN file, or a scale that overflows it, would
+    only make black images."""
+    dtype = next(iter(targets.values())).dtype
+    bad = []
+    for key, param in targets.items():
+        scale = scalings.get(key.rsplit(".lora.", 1)[0], 1.0) if key.endswith("up.weight") else 1.0
+        if not bool((param[k].float() * scale).to(dtype).isfinite().all()):
+            bad.append(key)
+    if bad:
+        for param in targets.values():
+            param[k].zero_()
+        raise ValueError(
+            f"LoRA weights are NaN/inf once scaled (alpha / r x --lora_scale) in {dtype}: "
+            f"{bad[:3]} ({len(bad)} tensors); the file is broken or its scale too large"
+        )
 
 
 class SlotPool:

@@ -379,16 +379,18 @@ CROP_VARIANTS = ((2.4, 0.0, 0.0), (2.8, 0.08, 0.0), (2.6, -0.08, 0.05), (3.0, 0.
 def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
     """Random tiny SD pipeline, IResNet-18 checkpoint and DINOv2, built once."""
     from arcface import build_iresnet
-    from fileio import atomic_folder, atomic_path
+    from fileio import atomic_folder, atomic_path, remove_stale_temps
 
     paths = {
         "sd": models_dir / "tiny-sd",
         "arcface": models_dir / "arcface_r18_random.pth",
         "dinov2": models_dir / "tiny-dinov2",
-        "crfiqa": models_dir / "crfiqa_r18_random.pth",
+        "crfiqa": models_dir / "crfiqa_r50_random.pth",
     }
     # Each model is written to a temp name and renamed when complete, so a demo killed during
-    # set-up leaves no half-written model that a rerun would trust.
+    # set-up leaves no half-written model that a rerun would trust; the temps such a kill left
+    # (tens of MB each) are deleted here, on the next run.
+    remove_stale_temps(models_dir, {path.name for path in paths.values()})
     if not paths["sd"].is_dir():
         with atomic_folder(paths["sd"]) as temp:
             build_tiny_sd(temp)
@@ -406,13 +408,14 @@ def prepare_embedded_models(models_dir: Path) -> dict[str, Path]:
 
 
 def random_crfiqa():
-    """A random CR-FIQA IResNet-18 with BatchNorm statistics of random faces (finite scores)."""
+    """A random CR-FIQA(S) IResNet-50 (the paper's model, so the paper's quality setting runs)
+    with BatchNorm statistics of random faces (finite scores)."""
     sys.path.append(str(Path(__file__).resolve().parent / "Evaluation"))
     from quality import build_crfiqa
 
     torch.manual_seed(0)
     faces = torch.rand((8, 3, 112, 112), generator=torch.Generator().manual_seed(1)) * 2 - 1
-    return calibrate_batchnorm(build_crfiqa("r18"), [faces])
+    return calibrate_batchnorm(build_crfiqa("r50"), [faces])
 
 
 def crop_face(

@@ -16,8 +16,11 @@ three scripts' own code in order (no second implementation):
 
 Every stage skips what is done (finished identities, images on disk; evaluation re-reads its
 caches), and training resumes an identity from its last checkpoint, so a killed run re-run
-finishes the rest. Variants share --seed, so their LoRAs start from the same init and see the
-same data order and noise: a paired comparison.
+finishes the rest. The experiment's own settings are kept in OUT/experiment_config.json: a
+re-run with other training or generation settings is refused with the differences listed
+(--overwrite retrains and regenerates everything with the new ones), so a report is never
+rebuilt from models of other settings. Variants share --seed, so their LoRAs start from the
+same init and see the same data order and noise: a paired comparison.
 
     accelerate launch --num_processes 8 reproduce_ID-Booth.py \\
         --identities_root data/tufts --class_data_dir data/class_person \\
@@ -33,12 +36,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
+import re
 import shlex
+from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import runs
+from fileio import atomic_write_json
 
 logger = logging.getLogger("reproduce_ID-Booth")
 
@@ -49,6 +57,15 @@ STAGE_SCRIPTS = {
     "generate": REPO_ROOT / "inference_ID-Booth.py",
     "evaluate": REPO_ROOT / "Evaluation" / "evaluate.py",
 }
+EXPERIMENT_CONFIG_NAME = "experiment_config.json"
+# Arguments a re-run may change: where the experiment is, which variants it holds (each one's
+# LoRAs and images are checked by its own stages), paths whose content the stages compare
+# (photos, class images, ArcFace weights) and the evaluation, which is recomputed every run.
+# Every other argument, one added later included, must match.
+EXPERIMENT_MAY_CHANGE = frozenset(
+    "output_dir overwrite variants identities_root class_data_dir arcface_weights "  # noqa: SIM905
+    "real embedder feature_model quality_weights banner evaluate_flags".split()
+)
 
 
 class StageError(RuntimeError):
@@ -132,17 +149,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality_weights",
         type=Path,
         default=None,
-        help="CR-FIQA checkpoint for the quality section (not given: not computed).",
+        help="CR-FIQA checkpoint for the quality section (not given: not computed); the "
+        "paper's is CR-FIQA(S), 32572backbone.pth.",
+    )
+    parser.add_argument(
+        "--quality_setting",
+        default="paper",
+        help="CR-FIQA protocol (evaluate.py's): paper = CR-FIQA(S) fed BGR, as the paper "
+        "scored; crfiqa-rgb = CR-FIQA's own RGB protocol.",
+    )
+    parser.add_argument(
+        "--pose_weights",
+        type=Path,
+        default=None,
+        help="6DRepNet weights (6DRepNet_300W_LP_AFLW2000.pth), the paper's pose estimator; "
+        "not given: the offline dlib-PnP fallback, not comparable with the paper.",
     )
     parser.add_argument("--banner", default=None, help="A note shown on top of the report.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Accept settings other than those the experiment folder was made with: retrain "
+        "every identity and regenerate every image (passed to both stages).",
+    )
     add_fr_utility_args(parser)
-    for stage in ("train", "generate", "evaluate", "fr"):
+    for stage, example in FLAG_EXAMPLES.items():
         parser.add_argument(
             f"--{stage}_flags",
             default="",
-            help=f"Extra flags of the {stage} stage, one shell-quoted string "
-            "(e.g. --train_flags '--max_train_steps 3200 --pack 4'; --fr_flags go to "
-            "Evaluation/train_fr.py).",
+            help=f"Extra flags of {STAGE_SCRIPTS[stage].name} (see its --help), one "
+            f"shell-quoted string, checked before any work starts (e.g. {example}).",
         )
     return parser
 
@@ -172,20 +208,99 @@ def add_fr_utility_args(parser: argparse.ArgumentParser) -> None:
         help="Benchmarks (.bin stems) whose mean accuracy selects the checkpoint, drives the lr "
         "plateau and the early stop; default lfw (the official setting) if present, else all.",
     )
+    parser.add_argument(
+        "--fr_flags",
+        default="",
+        help="Extra flags of Evaluation/train_fr.py (see its --help), one shell-quoted string, "
+        "checked before any work starts when --fr_benchmarks is given (e.g. --fr_flags "
+        "'--num_epochs 2').",
+    )
+
+
+FLAG_EXAMPLES = {
+    "train": "--train_flags '--max_train_steps 3200 --pack 4'",
+    "generate": "--generate_flags '--batch_size 8 --scheduler ddim'",
+    "evaluate": "--evaluate_flags=--no-pose",
+}
+
+
+def join_flag_values(argv: list[str]) -> list[str]:
+    """'--evaluate_flags --no-pose' as '--evaluate_flags=--no-pose': argparse would take a
+    value that starts with '-' for a flag of its own and refuse it."""
+    joined, tokens = [], iter(argv)
+    for token in tokens:
+        if token in {f"--{stage}_flags" for stage in (*STAGE_SCRIPTS, "fr")}:
+            value = next(tokens, None)
+            joined.append(token if value is None else f"{token}={value}")
+        else:
+            joined.append(token)
+    return joined
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, then check everything that needs no model before any stage starts: the folders,
+    each stage's flags with its own parser, the base model, the identities' genders."""
+    import sys
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_flag_values(sys.argv[1:] if argv is None else list(argv)))
     runs.check_numbers(args, parser)
     args.variants = list(dict.fromkeys(args.variants))
     args.real = args.real or args.identities_root
-    for stage in ("train", "generate", "evaluate", "fr"):
+    for stage in (*STAGE_SCRIPTS, "fr"):
         setattr(args, f"{stage}_flags", shlex.split(getattr(args, f"{stage}_flags")))
     if not args.identities_root.is_dir():
         raise FileNotFoundError(f"--identities_root {args.identities_root} is not a folder")
+    if args.identity_attributes is not None and not args.identity_attributes.is_file():
+        raise FileNotFoundError(f"--identity_attributes file {args.identity_attributes} not found")
+    stage_args = {stage: parse_stage_flags(args, stage) for stage in STAGE_SCRIPTS}
+    runs.check_base_model(args.pretrained_model_name_or_path)
+    check_genders(args, stage_args["generate"])
     check_fr_utility_args(args)
     return args
+
+
+def stage_argv(args: argparse.Namespace, stage: str) -> list[str]:
+    """A stage's command line (the first variant's, for training)."""
+    if stage == "train":
+        return train_argv(args, args.variants[0])
+    if stage == "generate":
+        return generate_argv(args, args.variants[0])
+    return evaluate_argv(args)
+
+
+def parse_stage_flags(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """A stage's command line through that stage's own parser and numeric ranges (no file
+    checks: the stage's inputs do not exist yet); ValueError naming the --STAGE_flags."""
+    script = runs.load_script(STAGE_SCRIPTS[stage])
+    parser = script.build_parser()
+
+    parser.error = partial(_refuse, parser)  # argparse would print the stage's usage and exit
+    try:
+        stage_args = parser.parse_args(stage_argv(args, stage))
+        runs.check_numbers(stage_args, parser)
+    except ValueError as error:
+        flags = shlex.join(getattr(args, f"{stage}_flags"))
+        script_name = STAGE_SCRIPTS[stage].relative_to(REPO_ROOT)
+        raise ValueError(
+            f"--{stage}_flags {flags!r}: {error} (python {script_name} --help lists them)"
+        ) from None
+    return stage_args
+
+
+def check_genders(args: argparse.Namespace, generate_args: argparse.Namespace) -> None:
+    """Every identity folder has a gender for the prompts when the template uses {gender}
+    (ValueError listing those without), so a bad attributes file fails before any training."""
+    from datasets import identity_genders
+    from prompts import template_placeholders
+
+    templates = (generate_args.prompt_template, generate_args.prompt_template_no_background)
+    if not any("gender" in template_placeholders(template) for template in templates):
+        return
+    loras = loras_of(args, args.variants[0])
+    folders = {path.name: loras / path.name for path in runs.identity_folders(args.identities_root)}
+    attributes = generate_args.identity_attributes
+    identity_genders(folders, None if attributes is None else Path(attributes))
 
 
 def check_fr_utility_args(args: argparse.Namespace) -> None:
@@ -197,15 +312,26 @@ def check_fr_utility_args(args: argparse.Namespace) -> None:
     benchmarks = fr_utility.find_benchmarks(args.fr_benchmarks)
     selection = fr_utility.selection_benchmarks(benchmarks, args.fr_selection_benchmarks)
     train_fr = runs.load_script(REPO_ROOT / "Evaluation" / "train_fr.py")
-    train_fr.parse_args(
-        [
-            f"--data_dir={args.real}",
-            f"--output_dir={fr_utility_table(args).parent}",
-            *[f"--eval_bin={benchmarks[name]}" for name in selection],
-            *fr_utility.OFFICIAL_PROTOCOL_FLAGS,
-            *args.fr_flags,
-        ]
-    )
+    argv = [
+        f"--data_dir={args.real}",
+        f"--output_dir={fr_utility_table(args).parent}",
+        *[f"--eval_bin={benchmarks[name]}" for name in selection],
+        *fr_utility.OFFICIAL_PROTOCOL_FLAGS,
+        *args.fr_flags,
+    ]
+    try:  # train_fr.py builds its parser inside parse_args: its error() would print and exit
+        with mock.patch.object(argparse.ArgumentParser, "error", _refuse):
+            train_fr.parse_args(argv)
+    except ValueError as error:
+        raise ValueError(
+            f"--fr_flags {shlex.join(args.fr_flags)!r}: {error} "
+            "(python Evaluation/train_fr.py --help lists them)"
+        ) from None
+
+
+def _refuse(parser: argparse.ArgumentParser, message: str) -> None:
+    """ArgumentParser.error as an exception: a stage's flags are refused by this command."""
+    raise ValueError(message)
 
 
 # ------------------------------------------------------------------------------ stages
@@ -235,7 +361,7 @@ def train_argv(args: argparse.Namespace, variant: str) -> list[str]:
         f"--loss={variant}",
         *resolution_flag(args),
         f"--output_dir={loras_of(args, variant)}",
-        "--resume_from_checkpoint=latest",
+        "--overwrite" if args.overwrite else "--resume_from_checkpoint=latest",
         *args.train_flags,
     ]
 
@@ -252,6 +378,7 @@ def generate_argv(args: argparse.Namespace, variant: str) -> list[str]:
         f"--num_images_per_identity={args.num_images_per_identity}",
         *resolution_flag(args),
         *attributes,
+        *(["--overwrite"] if args.overwrite else []),
         *args.generate_flags,
     ]
 
@@ -271,6 +398,9 @@ def evaluate_argv(args: argparse.Namespace) -> list[str]:
         argv.append(f"--arcface_weights={args.arcface_weights}")
     if args.quality_weights is not None:
         argv.append(f"--quality_weights={args.quality_weights}")
+        argv.append(f"--quality_setting={args.quality_setting}")
+    if args.pose_weights is not None:
+        argv.append(f"--pose_weights={args.pose_weights}")
     if args.banner:
         argv.append(f"--banner={args.banner}")
     if args.fr_benchmarks is not None:
@@ -284,8 +414,24 @@ def run_stage(name: str, argv: list[str]) -> Any:
     logger.info("%s: %s %s", name, STAGE_SCRIPTS[name].name, shlex.join(argv))
     try:
         return script.main(script.parse_args(argv))
+    except (ValueError, OSError) as error:
+        message = in_reproduce_terms(str(error), name, script.build_parser())
+        raise StageError(f"{STAGE_SCRIPTS[name].name}: {message}") from error
     finally:
         free_device_memory()
+
+
+def in_reproduce_terms(message: str, stage: str, stage_parser: argparse.ArgumentParser) -> str:
+    """A stage's error with its own flags as this command spells them: '--overwrite' ->
+    '--train_flags=--overwrite' (flags reproduce has itself are left as they are)."""
+    own = {option for action in build_parser()._actions for option in action.option_strings}
+    theirs = {option for action in stage_parser._actions for option in action.option_strings}
+
+    def translate(match: re.Match) -> str:
+        flag = match.group(0)
+        return f"--{stage}_flags={flag}" if flag in theirs - own else flag
+
+    return re.sub(r"(?<![\w=-])--[A-Za-z][\w-]*", translate, message)
 
 
 def free_device_memory() -> None:
@@ -309,8 +455,17 @@ def stop_if_failed(state: Any, stage: str, failed: list[str]) -> None:
         )
 
 
+def variant_context(args: argparse.Namespace, stage: str, variant: str) -> None:
+    """Every progress line of the stage says which variant it is in ('variant 2 of 3')."""
+    position = args.variants.index(variant) + 1
+    text = f"{stage} variant {position} of {len(args.variants)} ({variant})"
+    runs.set_progress_context(text)
+    logger.info("%s", text)
+
+
 def train_variants(args: argparse.Namespace, state: Any) -> None:
     for variant in args.variants:
+        variant_context(args, "training", variant)
         summary = run_stage("train", train_argv(args, variant))
         failed = [f"{variant}/{result['identity']}" for result in summary["failed"]]
         stop_if_failed(state, f"training {variant}", failed)
@@ -319,6 +474,7 @@ def train_variants(args: argparse.Namespace, state: Any) -> None:
 
 def generate_variants(args: argparse.Namespace, state: Any) -> None:
     for variant in args.variants:
+        variant_context(args, "generating", variant)
         summary = run_stage("generate", generate_argv(args, variant))
         # The summary holds the totals over all processes, so every process stops alike.
         failed = [f"{variant}/{name}" for name in summary["failed_identities"]]
@@ -362,19 +518,56 @@ def fr_utility_stage(args: argparse.Namespace, state: Any) -> None:
     state.wait_for_everyone()
 
 
+def experiment_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {"args": runs.json_safe(vars(args)), "versions": runs.library_versions()}
+
+
+def check_experiment(args: argparse.Namespace, state: Any) -> None:
+    """Refuse (ValueError listing the differences) a re-run whose settings differ from those
+    in OUT/experiment_config.json, unless --overwrite; then record this run's settings."""
+    path = args.output_dir / EXPERIMENT_CONFIG_NAME
+    if path.is_file() and not args.overwrite:
+        try:
+            saved = json.loads(path.read_text())["args"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{path} is unreadable ({error}); pass --overwrite to redo the experiment"
+            ) from error
+        current = experiment_config(args)["args"]
+        changed = runs.config_mismatches(saved, current, EXPERIMENT_MAY_CHANGE)
+        if changed:
+            raise ValueError(
+                f"{args.output_dir} holds an experiment made with other settings "
+                f"({'; '.join(changed)}); re-run with those, use another --output_dir, or pass "
+                "--overwrite to retrain and regenerate everything"
+            )
+    state.wait_for_everyone()  # every process has compared before the file changes
+    if state.is_main_process:
+        atomic_write_json(path, experiment_config(args))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train, generate, evaluate; the report's path and the metrics on the main process."""
     state = runs.process_state()
     runs.setup_logging(state)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    check_experiment(args, state)
     train_variants(args, state)
     generate_variants(args, state)
     fr_utility_stage(args, state)
+    runs.set_progress_context("")
     if not state.is_main_process:
         return {}
     results = run_stage("evaluate", evaluate_argv(args))
     report = args.output_dir / "report" / "report.html"
-    logger.info("report: %s", report)
+    logger.info(
+        "summary: LoRAs in %s/<variant>/<identity>/, images in %s/<variant>/<identity>/, "
+        "report %s (variants: %s)",
+        args.output_dir / "loras",
+        args.output_dir / "generated",
+        report,
+        ", ".join(args.variants),
+    )
     return {"report": str(report), "metrics": results}
 
 

@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,18 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
 INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process ended by Ctrl-C (SIGINT)
 
 
+class _TorchvisionFallbackNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL version
+    without torchvision: this project never installs torchvision (README), so the notice
+    would open every run of every script."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNotice())
+
+
 # The paper's negative prompt for generation (and training's validation images).
 PAPER_NEGATIVE_PROMPT = (
     "cartoon, cgi, render, illustration, painting, drawing, black and white, "
@@ -58,11 +71,41 @@ PAPER_NEGATIVE_PROMPT = (
 # ============================================================================ entry and logging
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with '(required)' on required flags and '(default: X)' only where X says
+    something: not for None or off switches, nor where the help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required:
+            return f"{text} (required)"
+        quiet = action.default is None or action.default is False or action.default == ""
+        if quiet or "default" in text.lower() or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def argument_parser(doc: str) -> argparse.ArgumentParser:
-    """A script's parser: described by its docstring's first paragraph, defaults in --help."""
+    """A script's parser: its docstring's first paragraph on top of --help, the rest (examples
+    and details, as written) at the end; defaults and required flags marked."""
+    description, _, details = doc.partition("\n\n")
     return argparse.ArgumentParser(
-        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, epilog=details.strip() or None, formatter_class=HelpFormatter
     )
+
+
+def group_flags(parser: argparse.ArgumentParser, groups: dict[str, list[str]]) -> None:
+    """Show the flags under titled sections of --help (title -> flag dests, in order); only
+    the display changes: flags not listed stay under 'options'. ValueError for an unknown dest."""
+    actions = {action.dest: action for action in parser._actions}
+    unknown = [dest for dests in groups.values() for dest in dests if dest not in actions]
+    if unknown:
+        raise ValueError(f"group_flags: no such flags {unknown}")
+    for title, dests in groups.items():
+        group = parser.add_argument_group(title)
+        for dest in dests:
+            group._group_actions.append(actions[dest])
+            parser._optionals._group_actions.remove(actions[dest])
 
 
 def run_cli(
@@ -359,15 +402,19 @@ def _has_weights(folder: Path) -> bool:
 
 
 def check_base_model(name: str) -> None:
-    """FileNotFoundError when a local Stable Diffusion folder is missing or lacks a component;
-    a hub id is left to diffusers (which reads the local cache when offline)."""
+    """FileNotFoundError naming what is wrong with the base model before anything loads it: a
+    path that does not exist, a file (a single-file checkpoint) where a folder is needed, a
+    folder that lacks a component, or a hub id that is not cached while the hub is offline."""
     path = Path(name).expanduser()
+    if path.is_file():
+        raise FileNotFoundError(f"base model {path} is a file, not a folder; {SINGLE_FILE_HINT}")
     if not path.exists():
         if looks_like_path(name):
             raise FileNotFoundError(
                 f"base model folder {path} does not exist; pass a hub id "
                 "(stabilityai/stable-diffusion-2-1-base) or a folder saved with save_pretrained"
             )
+        _check_hub_cache(name)
         return
     missing = [
         f"{folder}/{required or ''}"
@@ -388,6 +435,137 @@ def check_base_model(name: str) -> None:
         )
 
 
+# Weight files of a pipeline folder; a component folder may hold several variants of them
+# (model.safetensors, model.fp16.safetensors, ...), and a hub repo's top level single-file
+# checkpoints that diffusers' folder loader never reads.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
+SHA256_CACHE_NAME = "file_sha256.json"
+
+
+def cache_folder() -> Path:
+    """This project's per-user cache: $ID_BOOTH_CACHE, else $XDG_CACHE_HOME/id_booth, else
+    ~/.cache/id_booth."""
+    if os.environ.get("ID_BOOTH_CACHE"):
+        return Path(os.environ["ID_BOOTH_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "id_booth"
+
+
+def cached_sha256(paths: Iterable[Path]) -> dict[Path, str]:
+    """sha256 of each file's bytes, hashed once and remembered in cache_folder() under the
+    file's (resolved path, size, mtime_ns, inode): any rewrite or replacement of the file
+    changes one of them, so a cached hash is never served for other bytes, and a multi-GB base
+    model is read once, not at every run. A cache that cannot be read or written only costs the
+    hashing time."""
+    import json
+
+    from fileio import atomic_write_json, file_sha256
+
+    cache_path = cache_folder() / SHA256_CACHE_NAME
+    try:
+        cache = json.loads(cache_path.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    hashes, added = {}, False
+    for path in paths:
+        real = Path(path).resolve()
+        info = real.stat()
+        key = f"{real}|{info.st_size}|{info.st_mtime_ns}|{info.st_ino}"
+        if not isinstance(cache.get(key), str):
+            cache[key], added = file_sha256(real), True
+        hashes[path] = cache[key]
+    if added:
+        with contextlib.suppress(OSError):
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cache_path, cache, fsync=False)
+    return hashes
+
+
+def base_model_folder(name: str, revision: str | None = None, variant: str | None = None) -> Path:
+    """The folder from_pretrained reads: a local folder as given, a hub id's cached snapshot
+    (downloaded as from_pretrained would when it is not cached yet)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except Exception:  # not cached: fetch what the pipeline loader fetches (offline: raises)
+        from diffusers import DiffusionPipeline
+
+        with loading("the Stable Diffusion pipeline", name):
+            return Path(DiffusionPipeline.download(name, revision=revision, variant=variant))
+
+
+def _variant(path: Path) -> str | None:
+    """The variant infix of a weights file name: 'fp16' for model.fp16.safetensors, else None."""
+    parts = path.name.split(".")
+    return parts[-2] if len(parts) > 2 else None
+
+
+def loaded_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The files of a pipeline folder that from_pretrained(variant=...) may read: every
+    non-weight file (configs, tokenizer; nothing hidden) and, inside each component folder,
+    the weights of that variant (all its weights where it has none of the variant, as the
+    loader then falls back). Top-level single-file checkpoints are never read."""
+    files = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    weights: dict[Path, list[Path]] = {}
+    for path in files:
+        if path.name.endswith(WEIGHT_SUFFIXES) and path.parent != folder:
+            weights.setdefault(path.parent, []).append(path)
+    chosen = set()
+    for component_files in weights.values():
+        of_variant = [path for path in component_files if _variant(path) == variant]
+        chosen.update(of_variant or component_files)
+    return [path for path in files if not path.name.endswith(WEIGHT_SUFFIXES) or path in chosen]
+
+
+def base_model_fingerprint(
+    name: str, revision: str | None = None, variant: str | None = None
+) -> str:
+    """The base model by content: sha256 over 'relative path:sha256' of every file its
+    pipeline folder loads (loaded_files), so a replaced folder or a moved hub revision
+    under the same name is another model (file hashes cached: cached_sha256)."""
+    import hashlib
+
+    folder = base_model_folder(name, revision, variant)
+    files = loaded_files(folder, variant)
+    hashes = cached_sha256(files)
+    lines = "".join(f"{path.relative_to(folder).as_posix()}:{hashes[path]}\n" for path in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+SINGLE_FILE_HINT = (
+    "a single-file checkpoint (e.g. v2-1_512-ema-pruned.safetensors) becomes a folder with "
+    'python -c "from diffusers import StableDiffusionPipeline; '
+    "StableDiffusionPipeline.from_single_file('FILE').save_pretrained('FOLDER')\""
+)
+
+
+def _check_hub_cache(repo_id: str) -> None:
+    """With the hub offline (HF_HUB_OFFLINE=1), a hub id must be in the local cache: say so
+    at once instead of after diffusers' retries and a 'could not load' error."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return  # diffusers downloads it (or reads the cache)
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+        return
+    raise FileNotFoundError(
+        f"base model {repo_id!r} is not a local folder (none at {Path(repo_id).resolve()}) "
+        f"and not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 "
+        f"forbids downloading it: run `huggingface-cli download {repo_id}` where the hub is "
+        "reachable, or pass a folder saved with save_pretrained"
+    )
+
+
 @contextlib.contextmanager
 def loading(what: str, source: object) -> Iterator[None]:
     """Turn any failure while loading user-given weights into one ValueError naming them (a
@@ -398,10 +576,26 @@ def loading(what: str, source: object) -> Iterator[None]:
         raise
     except Exception as error:
         first_line = (str(error).strip().splitlines() or [""])[0]
+        if isinstance(error, OSError) and _is_hub_error(error, source):
+            raise ValueError(
+                f"could not get {what} from the Hugging Face hub ({first_line}); check the hub "
+                "id and your connection, or pass a local folder saved with save_pretrained"
+            ) from error
         raise ValueError(
             f"could not load {what} from {source} ({type(error).__name__}: {first_line}); "
             "a weights file is truncated, corrupt or of another model: download or save it again"
         ) from error
+
+
+def _is_hub_error(error: OSError, source: object) -> bool:
+    """Whether loading a hub id failed on the hub (no connection, unknown repo, not cached)
+    rather than on the files' contents."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not isinstance(source, str) or Path(source).expanduser().exists():
+        return False
+    hub_errors = (HfHubHTTPError, ConnectionError)
+    return isinstance(error, hub_errors) or "huggingface.co" in str(error)
 
 
 def format_list(items: Iterable[str], limit: int = 8) -> str:
@@ -409,6 +603,91 @@ def format_list(items: Iterable[str], limit: int = 8) -> str:
     items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f" ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ============================================================================ progress
+
+
+# Seconds between redraws of a progress bar whose stream is not a terminal (a cluster job's
+# log file): tqdm's 0.1 s there appends a ~290-byte line per training step (600 MB for the
+# paper's 107 x 3 x 6,400 steps); once a minute is about 10 KB per identity.
+LOG_FILE_REDRAW_SECONDS = 60.0
+
+
+def progress_bar(**options: Any) -> Any:
+    """tqdm(**options) that redraws as usual on a terminal and at most once a minute when its
+    stream (`file`, default stderr) is a file or a pipe."""
+    from tqdm.auto import tqdm
+
+    stream = options.get("file") or sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        options.setdefault("mininterval", LOG_FILE_REDRAW_SECONDS)
+        options["maxinterval"] = max(options.get("maxinterval", 10.0), options["mininterval"])
+        options["dynamic_ncols"] = False
+    return tqdm(**options)
+
+
+_progress_context = ""
+
+
+def set_progress_context(text: str) -> None:
+    """Text that every RunProgress line starts with (reproduce_ID-Booth.py: 'variant 2 of 3')."""
+    global _progress_context
+    _progress_context = text
+
+
+class RunProgress:
+    """Counts a run's units (identities, images) and logs 'identity 37 of 107' lines with
+    the counts so far and an ETA from the throughput since the run started."""
+
+    def __init__(self, unit: str, total: int, clock: Callable[[], float] = time.monotonic):
+        self.unit, self.total, self.clock = unit, total, clock
+        self.started_at = clock()
+        self.started = self.finished = self.failed = 0
+
+    def start(self, name: str) -> None:
+        self.started += 1
+        logger.info("%s%s %d of %d: %s", self._context(), self.unit, self.started, self.total, name)
+
+    def done(self, name: str, failed: bool = False) -> None:
+        self.finished += 1
+        self.failed += failed
+        logger.info(
+            "%s%s %d of %d done (%s%s): %d finished, %d failed, %s",
+            self._context(),
+            self.unit,
+            self.finished,
+            self.total,
+            name,
+            ", failed" if failed else "",
+            self.finished - self.failed,
+            self.failed,
+            self.eta(),
+        )
+
+    def eta(self) -> str:
+        """'ETA 1 h 05 min' from the mean time per finished unit, 'done' when all are."""
+        remaining = self.total - self.finished
+        if remaining <= 0:
+            return "done"
+        seconds = (self.clock() - self.started_at) / max(self.finished, 1) * remaining
+        return f"ETA {format_duration(seconds)}"
+
+    @staticmethod
+    def _context() -> str:
+        return f"{_progress_context}, " if _progress_context else ""
+
+
+def format_duration(seconds: float) -> str:
+    """'42 s', '7 min 05 s', '3 h 12 min'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 # ============================================================================ device-side watches
@@ -572,6 +851,8 @@ POSITIVE = Number(float, low=0, low_open=True)
 NON_NEGATIVE = Number(float, low=0)
 FINITE = Number(float)
 PROBABILITY = Number(float, low=0, high=1)
+# Classifier-free guidance: SD is used at 1..15 (paper: 5); past 100 images only saturate.
+GUIDANCE_SCALE = Number(float, low=0, high=100)
 
 
 def check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -44,6 +44,7 @@ import torch
 from datasets import scan_photos
 from fileio import atomic_save_image
 from losses import x0_estimate
+from runs import progress_bar
 
 logger = logging.getLogger("sampling")
 
@@ -710,19 +711,30 @@ def encode_prompts(
     return encoded["prompt_embeds"], encoded["negative_prompt_embeds"]
 
 
+def finite_rows(*tensors: torch.Tensor) -> list[bool]:
+    """Per sample (dim 0): whether every value of every tensor is finite (one host sync).
+    Postprocessing turns NaN into black pixels, so an image is written only where this holds."""
+    finite = torch.stack([t.flatten(1).isfinite().all(1) for t in tensors]).all(0)
+    return finite.tolist()
+
+
 @torch.no_grad()
 def decode_checked(
     pipeline: Any, latents: torch.Tensor, output_type: str = "pil"
-) -> tuple[Any, list[bool]]:
-    """(images, NSFW flags) from final latents, as the pipeline's __call__ ends: VAE decode (in
-    the VAE's own dtype: an fp32 VAE is SDXL's, which overflows in fp16), its safety checker
-    when it has one (it blacks flagged images out) or SDXL's watermark, postprocess."""
+) -> tuple[Any, list[bool], list[bool]]:
+    """(images, NSFW flags, finite flags) from final latents, as the pipeline's __call__ ends:
+    VAE decode (in the VAE's own dtype: an fp32 VAE is SDXL's, which overflows in fp16), its
+    safety checker when it has one (it blacks flagged images out) or SDXL's watermark,
+    postprocess. An image whose latents or decoded pixels hold NaN/inf is not finite: never
+    write it (it postprocesses to a black image)."""
     vae = pipeline.vae
     upcast = vae.dtype == torch.float32 and latents.dtype != torch.float32
     no_autocast = torch.autocast(latents.device.type, enabled=False)
     with no_autocast if upcast else contextlib.nullcontext():
         scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
         image = vae.decode(scaled, return_dict=False)[0]
+    finite = finite_rows(latents, image)
+    image = torch.nan_to_num(image)  # a non-finite sample is reported, not postprocessed as NaN
     flagged = None
     if hasattr(pipeline, "run_safety_checker"):
         image, flagged = pipeline.run_safety_checker(image, latents.device, latents.dtype)
@@ -732,7 +744,7 @@ def decode_checked(
     images = pipeline.image_processor.postprocess(
         image, output_type=output_type, do_denormalize=[not flag for flag in flagged]
     )
-    return images, flagged
+    return images, flagged, finite
 
 
 def generate_images(
@@ -799,8 +811,9 @@ def load_pipeline(
     import diffusers
 
     from architectures import architecture_or_paper
-    from runs import loading
+    from runs import check_base_model, loading
 
+    check_base_model(model)
     architecture = architecture_or_paper(model, hub.get("revision"))
     if architecture.is_sdxl:
         hub = {
@@ -891,6 +904,7 @@ def generate_class_images(
             "sampling %d of %d missing class images into %s", len(mine), len(plan), class_dir
         )
         pipeline = load_pipeline()
+        progress = progress_bar(total=len(mine), unit="img", desc="class images")
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             generators = [
@@ -900,6 +914,9 @@ def generate_class_images(
             for index, image in zip(indices, images, strict=True):
                 written.append(class_dir / f"class_{index:05d}{extension}")
                 atomic_save_image(image, written[-1], format=pil_format)
+            progress.update(len(indices))
+        progress.close()
+        logger.info("wrote %d class images into %s", len(written), class_dir)
         del pipeline
         if state.device.type == "cuda":
             torch.cuda.empty_cache()

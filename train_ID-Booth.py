@@ -39,7 +39,7 @@ import torch
 
 import runs
 from architectures import architecture_or_paper
-from datasets import scan_photos
+from datasets import scan_photos, subfolders_note
 from faces import DEFAULT_FACE_MODELS_ROOT, FACE_DETECTOR_NAMES
 from fileio import stable_seed
 from lora import LORA_WEIGHTS_NAME
@@ -55,10 +55,12 @@ from runs import (
 )
 from sampling import CLASS_IMAGE_FORMATS, generate_class_images, load_pipeline
 from trainer import (
+    MAX_TRAIN_STEPS,
     TRAINING_STATE_NAME,
     WEIGHT_DTYPES,
     FaceTools,
     PackedTrainer,
+    finished_mismatches,
     hub_kwargs,
     load_face_tools,
     load_frozen_models,
@@ -75,6 +77,9 @@ LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
 )
+# At most this many steps (or epochs) per identity: the paper trains a few thousand; the learning
+# rate schedule is tabulated per step, so a billion would first build a billion-entry table.
+TRAIN_STEPS = Number(int, low=1, high=MAX_TRAIN_STEPS)
 # The reference's validation: its instance prompt "with blue hair", no negative prompt, the
 # pipeline's defaults of 50 steps and guidance 7.5 (its sampler, DPM-Solver++, is not used here:
 # see README, "Where this differs").
@@ -177,8 +182,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--class_image_format",
         default="jpeg",
         choices=list(CLASS_IMAGE_FORMATS),
-        help="File format of generated class images: jpeg (PIL's default quality 75, the "
-        "reference's; the prior loss learns its artifacts) or png (lossless).",
+        help="File format of generated class images: jpeg (the default and the reference's: "
+        "PIL's default quality 75; the prior loss learns its artifacts) or png (lossless).",
     )
     parser.add_argument(
         "--class_num_inference_steps",
@@ -249,12 +254,10 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="Instance images per step (each paired with one class image).",
     )
-    parser.add_argument(
-        "--num_train_epochs", type=POSITIVE_INT, default=32, help="Training epochs."
-    )
+    parser.add_argument("--num_train_epochs", type=TRAIN_STEPS, default=32, help="Training epochs.")
     parser.add_argument(
         "--max_train_steps",
-        type=POSITIVE_INT,
+        type=TRAIN_STEPS,
         default=None,
         help="Optimizer steps per identity; overrides --num_train_epochs.",
     )
@@ -298,7 +301,12 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
         help="AdamW beta2.",
     )
     parser.add_argument("--adam_weight_decay", type=NON_NEGATIVE, default=1e-2, help="AdamW decay.")
-    parser.add_argument("--adam_epsilon", type=POSITIVE, default=1e-8, help="AdamW epsilon.")
+    parser.add_argument(
+        "--adam_epsilon",
+        type=Number(float, low=float(torch.finfo(torch.float32).tiny)),
+        default=1e-8,
+        help="AdamW epsilon (the optimizer state is fp32: smaller values would be 0 there).",
+    )
     parser.add_argument("--max_grad_norm", type=POSITIVE, default=1.0, help="Gradient clip norm.")
     parser.add_argument(
         "--mixed_precision",
@@ -385,7 +393,7 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--validation_guidance_scale",
-        type=NON_NEGATIVE,
+        type=runs.GUIDANCE_SCALE,
         default=None,
         help="Validation guidance (default: the base pipeline's own, 7.5 for SD 1.x / 2.x and "
         "5.0 for SDXL).",
@@ -404,6 +412,44 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "models": [
+        "pretrained_model_name_or_path", "revision", "variant", "arcface_weights",
+        "face_detector", "face_models_root",
+    ],
+    "data": [
+        "instance_data_dir", "identities_root", "class_data_dir", "instance_prompt",
+        "class_prompt", "with_prior_preservation", "num_class_images", "sample_batch_size",
+        "class_image_format",
+        "class_num_inference_steps", "prior_generation_precision", "resolution", "center_crop",
+        "dataloader_num_workers",
+    ],
+    "loss": [
+        "loss", "prior_loss_weight", "triplet_margin", "identity_loss_weighting",
+        "clamp_decoded_x0",
+    ],
+    "LoRA and optimisation": [
+        "rank", "lora_alpha", "seed", "train_batch_size", "num_train_epochs",
+        "max_train_steps", "gradient_accumulation_steps", "learning_rate", "scale_lr",
+        "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1",
+        "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
+    ],
+    "precision, memory and speed": [
+        "mixed_precision", "gradient_checkpointing", "pack", "compile", "compile_mode",
+        "allow_tf32",
+    ],
+    "output and checkpoints": [
+        "output_dir", "overwrite", "checkpointing_steps", "checkpoints_total_limit",
+        "resume_from_checkpoint",
+    ],
+    "validation": [
+        "validation_prompt", "validation_negative_prompt", "validation_steps",
+        "num_validation_images", "validation_num_inference_steps", "validation_guidance_scale",
+    ],
+    "logging": ["logging_steps", "logging_dir", "report_to"],
+}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, with help text; defaults are the paper's reference setup."""
     parser = runs.argument_parser(__doc__)
@@ -412,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loss_args(parser)
     _add_optimisation_args(parser)
     _add_output_args(parser)
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
 
 
@@ -432,6 +479,11 @@ def _validate_data(args: argparse.Namespace) -> None:
     source = args.instance_data_dir or args.identities_root
     if not source.is_dir():
         raise FileNotFoundError(f"identity folder {source} does not exist or is not a folder")
+    if args.instance_data_dir is not None and subfolders_note(source):
+        raise ValueError(
+            f"--instance_data_dir {source} holds identity folders, not photos: pass "
+            f"--identities_root {source} to train each of them{subfolders_note(source)}"
+        )
     if args.with_prior_preservation and args.class_data_dir is None:
         raise ValueError(
             "--with_prior_preservation needs --class_data_dir (missing class images are "
@@ -441,6 +493,13 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ValueError(f"--class_data_dir {args.class_data_dir} is a file, not a folder")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise ValueError(f"--output_dir {args.output_dir} is a file; pass a folder path")
+    logging_dir = Path(args.logging_dir)
+    if logging_dir.is_absolute() or ".." in logging_dir.parts or not logging_dir.parts:
+        raise ValueError(
+            f"--logging_dir {args.logging_dir!r} must be a folder path inside each identity's "
+            "output (e.g. 'logs'): one TensorBoard folder per identity, or the report would "
+            "show one identity's curves for all"
+        )
     flag = "--instance_data_dir" if args.instance_data_dir is not None else "--identities_root"
     for name, folder in (
         ("--output_dir", args.output_dir),
@@ -548,6 +607,40 @@ def check_unfinished_runs(identities: list[Identity], args: argparse.Namespace) 
         )
 
 
+def check_finished(
+    identities: list[Identity], args: argparse.Namespace, face_tools: FaceTools | None, state
+) -> tuple[list[str], list[dict]]:
+    """(skipped, refused): finished identities whose training_config.json matches this run's
+    settings by resume's rule are skipped; the others are refused, each with its differences
+    in one line (an output folder never holds LoRAs of two recipes). --overwrite retrains."""
+    finished = [identity for identity in identities if is_finished(identity)]
+    if args.overwrite or not finished:
+        return [], []
+    mixed_precision = runs.resolve_mixed_precision(args.mixed_precision, state.device.type)
+    base_model = runs.base_model_fingerprint(
+        args.pretrained_model_name_or_path, args.revision, args.variant
+    )
+    skipped, refused, class_photos = [], [], None
+    for identity in finished:
+        try:
+            changed, class_photos = finished_mismatches(
+                identity, args, face_tools, mixed_precision, base_model, class_photos
+            )
+        except (ValueError, OSError) as error:
+            changed = [f"its photos cannot be checked ({error})"]
+        if not changed:
+            skipped.append(identity.name)
+            continue
+        error = (
+            f"{identity.output_dir} holds a LoRA trained with other settings "
+            f"({'; '.join(changed)}); rerun with those, use another --output_dir, or pass "
+            "--overwrite to retrain it"
+        )
+        logger.error("%s: %s", identity.name, error)
+        refused.append({"identity": identity.name, "error": error})
+    return skipped, refused
+
+
 # ============================================================================ main
 
 
@@ -586,7 +679,14 @@ def prepare_class_data(args: argparse.Namespace, state, face_tools: FaceTools | 
     if face_tools is not None:
         with state.main_process_first():
             detector, encoder = face_tools.detector, face_tools.encoder
-            scan_photos(args.class_data_dir, detector, encoder, limit=args.num_class_images)
+            scan = scan_photos(args.class_data_dir, detector, encoder, limit=args.num_class_images)
+        if args.loss == "triplet" and not scan.faces:
+            raise ValueError(
+                f"--loss triplet takes its negatives from class images with a face, but none of "
+                f"the {len(scan.photos)} class images used from {args.class_data_dir} has a "
+                "detected face: the run would never apply its identity term; add photos of "
+                "other people there, or use --loss identity / dreambooth"
+            )
 
 
 def main(args: argparse.Namespace) -> dict[str, list]:
@@ -612,8 +712,8 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         torch.backends.cudnn.allow_tf32 = True
     face_tools = load_face_tools(args, state.device) if args.arcface_weights is not None else None
     prepare_class_data(args, state, face_tools)
+    skipped, refused = check_finished(mine, args, face_tools, state)
     todo = [identity for identity in mine if args.overwrite or not is_finished(identity)]
-    skipped = [identity.name for identity in mine if identity not in todo]
     if skipped:
         logger.info("skipping finished identities (pass --overwrite to retrain): %s", skipped)
     results = []
@@ -625,11 +725,27 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         frozen = load_frozen_models(args, state.device, mixed_precision, arcface)
         trainer = PackedTrainer(args, frozen, face_tools, state, min(args.pack, len(todo)))
         results = trainer.run(todo)
-    failed = [result for result in results if "error" in result]
+    failed = refused + [result for result in results if "error" in result]
     if failed:
-        logger.error("%d of %d identities failed: %s", len(failed), len(todo), failed)
+        logger.error("%d of %d identities failed: %s", len(failed), len(mine), failed)
     trained = [result for result in results if "error" not in result]
+    log_summary(args, trained, skipped, failed)
     return {"trained": trained, "skipped": skipped, "failed": failed}
+
+
+def log_summary(args: argparse.Namespace, trained: list, skipped: list, failed: list) -> None:
+    """One end-of-run line per process: what was written where, skipped, failed."""
+    names = [result["identity"] for result in trained]
+    logger.info(
+        "summary: %d trained into %s/<identity>/ (%s); %d skipped as finished%s; %d failed%s",
+        len(trained),
+        args.output_dir,
+        runs.format_list(names) or "none",
+        len(skipped),
+        f" ({runs.format_list(skipped)})" if skipped else "",
+        len(failed),
+        f" ({runs.format_list(result['identity'] for result in failed)})" if failed else "",
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ train_ID-Booth.py parses and checks the command line, finds the identities and p
 class images; what a run does from there lives here: the frozen models (VAE, text encoder, DDPM
 scheduler, ArcFace) and the base UNet with a batched LoRA of K slots (multi_lora.py), the
 prompt embeddings, each identity's dataset, the device step of a packed micro-batch
-(`packed_losses`: the objective of losses.py, its identity term on the decoded x0_hat aligned
+(`training_step`: the objective of losses.py, its identity term on the decoded x0_hat aligned
 with the photo's landmarks) and `PackedTrainer`, which fills its slots from a queue of
 identities and gives each one its own data order, noise, AdamW state, learning-rate schedule,
 gradient clipping, NaN freeze, checkpoints (resumed only with matching settings:
@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from sampling import Sampler, generate_images
 logger = logging.getLogger("train_ID-Booth")
 
 TRAINING_STATE_NAME = "training_state.pt"
+MAX_TRAIN_STEPS = 10**6  # per identity (the learning-rate table holds one entry per step)
 CONFIG_NAME = "training_config.json"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Arguments that MAY differ between a checkpoint and the run resuming it: where outputs and logs
@@ -103,6 +104,17 @@ RESUME_DATA_KEYS = (
 
 
 # ============================================================================ outputs
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of an identity's complete checkpoint-N folders, oldest first."""
+    return runs.list_checkpoints(folder, TRAINING_STATE_NAME)
+
+
+def kept_checkpoint(identity: Identity) -> str:
+    """What a stopped run leaves to resume from: its newest checkpoint, or that it has none."""
+    checkpoints = list_checkpoints(identity.output_dir)
+    return f"checkpoint {checkpoints[-1][1]} kept" if checkpoints else "no checkpoint written yet"
 
 
 def clear_outputs(identity: Identity, logging_dir: str) -> None:
@@ -693,8 +705,10 @@ def _make_writer(args: argparse.Namespace, folder: Path):
 def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Differences that forbid resuming, between a checkpoint's training_config.json and the
     resuming run's config: every argument except RESUME_MAY_CHANGE (one present on only one
-    side counts as changed), RESUME_RESOLVED_KEYS, RESUME_DATA_KEYS and the ArcFace weights by
-    content (their name holds a sha256 prefix)."""
+    side counts as changed), RESUME_RESOLVED_KEYS, RESUME_DATA_KEYS, the ArcFace weights by
+    content (their name holds a sha256 prefix) and the base model by content
+    (runs.base_model_fingerprint). The one rule for resuming a checkpoint and for keeping a
+    finished identity (finished_mismatches)."""
     resolved = {key: current["resolved"].get(key) for key in RESUME_RESOLVED_KEYS}
     data = {key: current["data"].get(key) for key in RESUME_DATA_KEYS}
     saved_resolved = {key: saved.get("resolved", {}).get(key) for key in RESUME_RESOLVED_KEYS}
@@ -702,10 +716,58 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     changed = runs.config_mismatches(saved["args"], current["args"], RESUME_MAY_CHANGE)
     changed += runs.config_mismatches(saved_resolved, resolved, ())
     changed += runs.config_mismatches(saved_data, data, (), "data ")
-    changed += runs.config_mismatches(
-        {"arcface": saved.get("arcface")}, {"arcface": current.get("arcface")}, (), "ArcFace "
-    )
+    for key, label in (("arcface", "ArcFace "), ("base_model", "base model ")):
+        changed += runs.config_mismatches({key: saved.get(key)}, {key: current.get(key)}, (), label)
     return changed
+
+
+def schedule_lengths(args: argparse.Namespace, num_items: int) -> tuple[int, int]:
+    """(optimizer updates per epoch, total updates) of an identity whose dataset has
+    `num_items` items: --max_train_steps, else --num_train_epochs epochs; ValueError beyond
+    MAX_TRAIN_STEPS (before its learning-rate table is built)."""
+    batches_per_epoch = math.ceil(num_items / args.train_batch_size)
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    total = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    if total > MAX_TRAIN_STEPS:
+        raise ValueError(
+            f"--num_train_epochs {args.num_train_epochs} x {updates_per_epoch} steps per epoch "
+            f"is {total} steps, more than {MAX_TRAIN_STEPS}; pass --max_train_steps"
+        )
+    return updates_per_epoch, total
+
+
+def finished_mismatches(
+    identity: Identity,
+    args: argparse.Namespace,
+    face_tools: FaceTools | None,
+    mixed_precision: str,
+    base_model: str,
+    class_photos: Any = None,
+) -> tuple[list[str], Any]:
+    """(differences, class photos) between a finished identity's training_config.json and
+    this run's settings for it, by resume's rule (resume_mismatches): its photos are scanned
+    (face annotations come from the cache) but no model is loaded. A missing or unreadable
+    config is one difference: the LoRA's settings cannot be checked."""
+    path = identity.output_dir / CONFIG_NAME
+    try:
+        saved = json.loads(path.read_text())
+        saved["args"]  # noqa: B018 (a config without arguments cannot be compared)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        return [f"{CONFIG_NAME} unreadable ({type(error).__name__}: {error})"], class_photos
+    dataset = build_dataset(args, identity.instance_dir, face_tools, class_photos)
+    updates_per_epoch, max_train_steps = schedule_lengths(args, len(dataset))
+    current = {
+        "args": runs.json_safe(vars(args)),
+        "resolved": {
+            "max_train_steps": max_train_steps,
+            "steps_per_epoch": updates_per_epoch,
+            "mixed_precision": mixed_precision,
+        },
+        "data": dataset.summary(),
+        "arcface": face_tools.encoder.name if face_tools is not None else None,
+        "base_model": base_model,
+    }
+    return resume_mismatches(saved, current), dataset.classes
 
 
 def learning_rate_table(args: argparse.Namespace, total_steps: int) -> torch.Tensor:
@@ -732,12 +794,7 @@ class Slot:
         self.trainer, self.index, self.identity, self.args = trainer, index, identity, args
         self.dataset = trainer.build_dataset(identity)
         self.batches_per_epoch = math.ceil(len(self.dataset) / args.train_batch_size)
-        self.updates_per_epoch = math.ceil(
-            self.batches_per_epoch / args.gradient_accumulation_steps
-        )
-        self.max_train_steps = (
-            args.max_train_steps or args.num_train_epochs * self.updates_per_epoch
-        )
+        self.updates_per_epoch, self.max_train_steps = schedule_lengths(args, len(self.dataset))
         self.num_epochs = math.ceil(self.max_train_steps / self.updates_per_epoch)
         self.checkpointing_steps = args.checkpointing_steps or 8 * self.updates_per_epoch
         self.validation_steps = args.validation_steps or self.checkpointing_steps
@@ -862,6 +919,7 @@ class Slot:
             },
             "data": self.dataset.summary(),
             "arcface": trainer.arcface_name,
+            "base_model": trainer.base_model,
             "global_step": self.global_step,
             "identity_samples": self.identity_samples,
             "versions": runs.library_versions(),
@@ -912,6 +970,11 @@ class PackedTrainer:
         self.args, self.frozen, self.face_tools, self.state = args, frozen, face_tools, state
         self.device, self.num_slots = frozen.device, num_slots
         self.arcface_name = face_tools.encoder.name if face_tools is not None else None
+        # The base by content (resume and finished identities compare it): a replaced folder
+        # or a moved hub revision under the same name is another model.
+        self.base_model = runs.base_model_fingerprint(
+            args.pretrained_model_name_or_path, args.revision, args.variant
+        )
         self.unet, self.lora = load_unet_with_slots(
             args, self.device, frozen.mixed_precision, num_slots
         )
@@ -928,13 +991,6 @@ class PackedTrainer:
         self.prompts = PromptEmbeddings.encode(frozen, args)
         self.objective = objective_config(args, frozen)
         self.pipeline = assemble_pipeline(frozen, self.unet)
-        self.validation_sampler = Sampler.from_pipeline(
-            self.pipeline,
-            num_inference_steps=args.validation_num_inference_steps,
-            guidance_scale=args.validation_guidance_scale,
-            height=args.resolution,
-            width=args.resolution,
-        )
         self.latents = LatentCache(frozen.vae, self.device)  # every slot's crops and the class's
         self.faces = RowTable()  # embedding + has_face of every photo, by (owner, part, index)
         self.class_photos = None
@@ -948,8 +1004,20 @@ class PackedTrainer:
         self.identity_samples = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.lr_tables = torch.zeros(num_slots, 1, dtype=torch.float64, device=self.device)
         self.results: list[dict[str, Any]] = []
+        self.overall = runs.RunProgress("identity", 0)  # set per run: "identity 37 of 107"
 
     # ------------------------------------------------------------------ slots
+
+    @cached_property
+    def validation_sampler(self) -> Sampler:
+        """The project's sampler over the training UNet, made at the first validation."""
+        return Sampler.from_pipeline(
+            self.pipeline,
+            num_inference_steps=self.args.validation_num_inference_steps,
+            guidance_scale=self.args.validation_guidance_scale,
+            height=self.args.resolution,
+            width=self.args.resolution,
+        )
 
     def build_dataset(self, identity: Identity) -> DreamBoothFaceDataset:
         dataset = build_dataset(
@@ -1028,6 +1096,7 @@ class PackedTrainer:
         self.latents.drop(slot.identity.name)
         self.faces.drop(slot.identity.name)
         self.results.append(result)
+        self.overall.done(result["identity"], failed="error" in result)
 
     def active_slots(self) -> list[Slot]:
         return [slot for slot in self.slots if slot is not None]
@@ -1154,6 +1223,7 @@ class PackedTrainer:
     def run(self, identities: list[Identity]) -> list[dict[str, Any]]:
         """Train every identity of the queue, K at a time; one result dict each."""
         queue = list(identities)
+        self.overall = runs.RunProgress("identity", len(queue))
         try:
             while queue or self.active_slots():
                 for index in range(self.num_slots):
@@ -1170,6 +1240,7 @@ class PackedTrainer:
     def _start(self, index: int, identity: Identity) -> None:
         """Fill a slot; an identity that cannot start (no face photo, bad checkpoint) fails
         alone unless it is the run's only one."""
+        self.overall.start(identity.name)
         try:
             slot = self.fill(index, identity)
             if slot.global_step >= slot.max_train_steps:
@@ -1186,6 +1257,7 @@ class PackedTrainer:
             self.release(slot, result)
         else:
             self.results.append(result)
+            self.overall.done(identity.name, failed=True)
 
     def step(self) -> None:
         """One micro-batch of every occupied slot: plan it on the host, train on the device,
@@ -1274,7 +1346,7 @@ class PackedTrainer:
 
     def log_interval(self, slot: Slot) -> None:
         """Read the slot's interval means (one sync), check them, write TensorBoard and tqdm."""
-        where = f"last checkpoint kept in {slot.identity.output_dir}"
+        where = kept_checkpoint(slot.identity)
         self.watch.check(where, slot.index)
         self.grad_watch.check(where, slot.index)
         means = self.interval_means.pop(slot.index)
@@ -1296,7 +1368,7 @@ class PackedTrainer:
     def log_epoch(self, slot: Slot, epoch: int) -> None:
         if int(self.epoch_means.steps[slot.index]) == 0:
             return
-        self.watch.check(f"last checkpoint kept in {slot.identity.output_dir}", slot.index)
+        self.watch.check(kept_checkpoint(slot.identity), slot.index)
         means = self.epoch_means.pop(slot.index)
         tags = slot.tags()
         text = ", ".join(f"{tag} {means[name]:.4g}" for name, tag in tags.items())
@@ -1307,9 +1379,7 @@ class PackedTrainer:
 
     def finish(self, slot: Slot) -> None:
         """Final validation, config and model card, then the LoRA (the 'finished' marker)."""
-        self.check_finite(
-            slot, f"no final LoRA written; last checkpoint kept in {slot.identity.output_dir}"
-        )
+        self.check_finite(slot, f"no final LoRA written; {kept_checkpoint(slot.identity)}")
         slot.identity_samples = int(self.identity_samples[slot.index].item())
         if slot.last_validated != slot.global_step:
             self.validate(slot)
@@ -1325,9 +1395,7 @@ class PackedTrainer:
 
 
 def _progress_bar(trainer: PackedTrainer, slot: Slot):
-    from tqdm.auto import tqdm
-
-    return tqdm(
+    return runs.progress_bar(
         total=slot.max_train_steps,
         initial=slot.global_step,
         desc=f"[{trainer.state.process_index}] {slot.identity.name}",

@@ -24,8 +24,11 @@ Diversity and fidelity need --feature_model (a DINOv2 folder or hub id); without
 skipped with a note.
 - Image grids (first in the report): per method and identity, up to --grid_images generated
   samples beside as many real photos of that identity (96 px JPEG thumbnails, inline).
-- Quality: CR-FIQA score per detected face (--quality_weights; not computed without it).
-- Pose: yaw / pitch / roll from dlib's 68 landmarks, spread per identity (--no-pose skips it).
+- Quality: CR-FIQA score per detected face (--quality_weights; not computed without it), by
+  default in the paper's setting (--quality_setting paper: CR-FIQA(S) fed BGR).
+- Pose: yaw / pitch / roll per face, mean +- std over all faces and the per-identity std
+  (the paper's table): 6DRepNet with --pose_weights (the paper's), else dlib-PnP (offline
+  fallback, not comparable with the paper); --no-pose skips it.
 - Training curves: the TensorBoard scalars of train_ID-Booth.py runs (--training_logs).
 - --banner: a boxed line at the very top (e.g. "random-weight models").
 """
@@ -33,6 +36,7 @@ skipped with a note.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -65,7 +69,15 @@ UNIT_INTERVAL = runs.Number(float, 0, 1, low_open=True, high_open=True)  # FMR /
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line options (defaults: the paper's / dgm-eval's settings)."""
+    """Command-line options (defaults: the paper's / dgm-eval's settings), validated."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    runs.check_numbers(args, parser)
+    return validate_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (reproduce_ID-Booth.py checks --evaluate_flags with it)."""
     parser = runs.argument_parser(__doc__)
     parser.add_argument(
         "--generated",
@@ -206,9 +218,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Seed of impostor-pair sampling, KD subsets and PRDC subsampling.",
     )
     add_report_arguments(parser)
-    args = parser.parse_args(argv)
-    runs.check_numbers(args, parser)
-    return validate_args(args)
+    return parser
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,10 +256,24 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "181952backbone.pth; CC BY-NC 4.0) for face image quality. Not given: not computed.",
     )
     parser.add_argument(
+        "--quality_setting",
+        default="paper",
+        help="CR-FIQA protocol: paper (the paper's: CR-FIQA(S), iresnet50 32572backbone.pth, "
+        "fed BGR as ID-Booth's script) or crfiqa-rgb (CR-FIQA's own: RGB, either model).",
+    )
+    parser.add_argument(
         "--pose",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Head-pose spread (yaw/pitch/roll from dlib's 68 landmarks); --no-pose skips it.",
+        help="Head pose per image and its spread per identity; --no-pose skips it.",
+    )
+    parser.add_argument(
+        "--pose_weights",
+        type=Path,
+        default=None,
+        help="6DRepNet weights (the paper's estimator: 6DRepNet_300W_LP_AFLW2000.pth from "
+        "github.com/thohemp/6DRepNet; never downloaded). Not given: the offline dlib-PnP "
+        "fallback, not comparable with the paper.",
     )
     parser.add_argument(
         "--fr_utility",
@@ -316,6 +340,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"--out {args.out} and {flag} {folder} overlap: the report's own files would be "
                 "read as images of an identity; write the report to a folder outside the data"
             )
+    if args.quality_weights is not None:
+        from quality import quality_setting
+
+        quality_setting(args.quality_setting)  # ValueError listing the settings
     if args.embedder == "arcface" and args.arcface_weights is None:
         raise ValueError(
             "--embedder arcface needs --arcface_weights (backbone.pth or .onnx); "
@@ -324,6 +352,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag, path in (
         ("--arcface_weights", args.arcface_weights),
         ("--quality_weights", args.quality_weights),
+        ("--pose_weights", args.pose_weights),
     ):
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{flag}: {path} is not a file")
@@ -411,10 +440,14 @@ def unmatched_identity_notes(generated: ImageSet, real: ImageSet) -> list[str]:
     only_ours, only_real = sorted(ours - theirs), sorted(theirs - ours)
     if not only_ours and not only_real:
         return []
+    unmatched = [
+        f"{len(names)} only in {where} ({_some(names)})"
+        for names, where in ((only_ours, generated.name), (only_real, "--real"))
+        if names
+    ]
     notes = [
         f"{generated.name}: {len(ours & theirs)} of {len(ours)} identities match a --real "
-        f"identity by name; {len(only_ours)} only in {generated.name} ({_some(only_ours)}), "
-        f"{len(only_real)} only in --real ({_some(only_real)})"
+        f"identity by name; {', '.join(unmatched)}"
     ]
     folded_real = {identity.casefold(): identity for identity in only_real}
     near = [(n, folded_real[n.casefold()]) for n in only_ours if n.casefold() in folded_real]
@@ -699,7 +732,7 @@ def quality_section(
     """CR-FIQA score summary per set and the finite scores behind it (cached in OUT/cache)."""
     if args.quality_weights is None:
         return {"skipped": QUALITY_NOT_COMPUTED}, {}
-    from quality import build_quality_scorer, quality_summary, score_image_files
+    from quality import build_quality_scorer, quality_setting, quality_summary, score_image_files
 
     scorer = build_quality_scorer(
         args.quality_weights,
@@ -707,6 +740,7 @@ def quality_section(
         args.face_models_root,
         args.device,
         args.batch_size,
+        args.quality_setting,
     )
     scored = cached_per_set(
         image_sets, lambda paths: score_image_files(scorer, paths), "quality", scorer.name, args
@@ -717,7 +751,15 @@ def quality_section(
         summary = _guarded(quality_summary, entry.rows, entry.status)
         sets[name] = {**status_counts(entry), **summary}
         scores[name] = values[np.isfinite(values)]
-    return {"model": scorer.name, "weights": str(args.quality_weights), "sets": sets}, scores
+    section = {
+        "model": scorer.name,
+        "weights": str(args.quality_weights),
+        "setting": args.quality_setting,
+        "setting_description": quality_setting(args.quality_setting).description,
+        "channel_order": scorer.channel_order,
+        "sets": sets,
+    }
+    return section, scores
 
 
 def pose_section(
@@ -726,9 +768,11 @@ def pose_section(
     """Pose spread per set and its (angles (N, 3), identities) of the faces found."""
     if not args.pose:
         return {"skipped": "--no-pose given"}, {}
-    from pose import ANGLE_NAMES, PoseEstimator, estimate_pose_files, pose_spread
+    from pose import ANGLE_NAMES, build_pose_estimator, estimate_pose_files, pose_spread
 
-    estimator = PoseEstimator()
+    estimator = build_pose_estimator(
+        args.pose_weights, args.face_detector, args.face_models_root, args.device, args.batch_size
+    )
     posed = cached_per_set(
         image_sets,
         lambda paths: estimate_pose_files(estimator, paths),
@@ -745,7 +789,13 @@ def pose_section(
             **pose_spread(*angles[name]),
             "per_image": dict(zip(found, angles[name][0].tolist(), strict=True)),
         }
-    return {"estimator": estimator.name, "angle_order": list(ANGLE_NAMES), "sets": sets}, angles
+    section = {
+        "estimator": estimator.name,
+        "comparable_with_paper": estimator.comparable_with_paper,
+        "angle_order": list(ANGLE_NAMES),
+        "sets": sets,
+    }
+    return section, angles
 
 
 def training_section(args: argparse.Namespace) -> tuple[dict, dict[str, dict]]:
@@ -799,14 +849,27 @@ def diversity_figures(diversity: dict) -> dict[str, bytes]:
 
     if "skipped" in diversity:
         return {}
+    if not any(report.vendi_values(diversity).values()):
+        diversity_note = "no identity has a Vendi score: no box plot to draw"
+        for entry in diversity.values():
+            entry["figure_note"] = diversity_note
+        return {}
     return drawn("vendi", report.vendi_figure, diversity, "Vendi score")
 
 
+MAX_KEY_NAME = 60  # characters of a set name kept in a plot's file name (any folder takes it)
+
+
 def figure_keys(prefix: str, names: Sequence[str]) -> dict[str, str]:
-    """{name: '<prefix>_<safe name>'} (plots/<key>.png), distinct even where safe names clash."""
+    """{name: '<prefix>_<safe name>'} (plots/<key>.png), distinct even where safe names clash;
+    a long name is cut and given a hash of the whole, so the file name stays short."""
     keys: dict[str, str] = {}
     for name in names:
-        key = f"{prefix}_{_safe(name)}"
+        safe = _safe(name)
+        if len(safe) > MAX_KEY_NAME:
+            digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+            safe = f"{safe[:MAX_KEY_NAME]}-{digest}"
+        key = f"{prefix}_{safe}"
         while key in keys.values():
             key += "_"
         keys[name] = key
@@ -817,7 +880,10 @@ def quality_figures(quality: dict, scores: dict[str, np.ndarray]) -> dict[str, b
     """PNG of the CR-FIQA score histograms (none when quality was not computed)."""
     import report
 
-    if "skipped" in quality or not any(len(values) for values in scores.values()):
+    if "skipped" in quality:
+        return {}
+    if not any(len(values) for values in scores.values()):
+        quality["figure_note"] = "no face was scored in any set: no histogram to draw"
         return {}
     figures = drawn("quality_hist", report.quality_figure, scores, quality["model"])
     if figures:
@@ -826,12 +892,17 @@ def quality_figures(quality: dict, scores: dict[str, np.ndarray]) -> dict[str, b
 
 
 def pose_figures(pose: dict, angles: dict[str, tuple[np.ndarray, list[str]]]) -> dict[str, bytes]:
-    """PNG of a yaw-vs-pitch scatter per set; each set's entry names its figure."""
+    """PNG of a yaw-vs-pitch scatter per set on one shared axis range; each set's entry names
+    its figure, or says why it has none."""
     import report
 
     figures = {}
+    limits = report.pose_axis_limits([rows for rows, _ in angles.values()])
     for name, key in figure_keys("pose", list(angles)).items():
-        figures |= drawn(key, report.pose_scatter_figure, *angles[name], name)
+        if not len(angles[name][0]):
+            pose["sets"][name]["figure_note"] = "no face found: no pose to plot"
+            continue
+        figures |= drawn(key, report.pose_scatter_figure, *angles[name], name, limits)
         if key in figures:
             pose["sets"][name]["figure"] = key
     return figures
@@ -933,7 +1004,8 @@ def main(args: argparse.Namespace) -> dict:
         "config": run_config(args),
         "embedder": embedder_name,
         "feature_model": feature_name,
-        "definitions": metrics.METRIC_DEFINITIONS,
+        "definitions": metrics.definitions_with_directions(),
+        "directions": metrics.METRIC_DIRECTIONS,
         "sets": sets,
         "grids": grids,
         "identity": identity,

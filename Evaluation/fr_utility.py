@@ -51,10 +51,14 @@ OFFICIAL_SELECTION = ("lfw",)  # FR_config.py: val_targets = ["lfw"]
 SETTING_KINDS = ("real", "synthetic", "real+synthetic")
 # dariant/ID-Booth FR_training/config/FR_config.py: IResNet-50, AdaFace, batch 128, SGD lr
 # 0.1 / 512 * batch, ReduceLROnPlateau(mode max, patience 4) on benchmark accuracy, stop 6
-# epochs after the best, best_backbone.pth, gradients clipped at norm 5, at most 200 epochs.
+# epochs after the best, best_backbone.pth, gradients clipped at norm 5, at most 200 epochs;
+# FR_training/train_FR.py: AdaFace(embedding_size, classnum) keeps its t_alpha=1.0, and SGD
+# decays model.parameters(), BatchNorm's included.
 OFFICIAL_PROTOCOL_FLAGS = (
     "--backbone=r50",
     "--head=adaface",
+    "--adaface_t_alpha=1.0",
+    "--decay_batchnorm",
     "--batch_size=128",
     "--learning_rate=0.025",
     "--max_grad_norm=5",

@@ -1,8 +1,9 @@
 """Image grids of the report: per identity, generated samples beside that identity's real photos.
 
-Thumbnails are small JPEGs (longest side THUMBNAIL_SIZE) that the report embeds as base64, so
-report.html stays one file. Files are taken in natural order (2.png before 10.png); files that
-do not decode are passed over (the report's image-set lists name them).
+Thumbnails are small square JPEGs (THUMBNAIL_SIZE px, the centre square of each image) that
+the report embeds as base64, so report.html stays one file. Files are taken in natural order
+(2.png before 10.png); files that do not decode are passed over (the report's image-set lists
+name them).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from image_sets import ImageSet
 
-THUMBNAIL_SIZE = 96  # px, longest side
+THUMBNAIL_SIZE = 96  # px, each side
 THUMBNAIL_QUALITY = 85  # JPEG quality
 
 Thumbnails = dict[str, bytes]  # path relative to the set's root -> JPEG bytes
@@ -26,14 +27,17 @@ def natural_key(path: Path) -> list:
 
 
 def thumbnail_jpeg(path: Path) -> bytes | None:
-    """JPEG bytes of the image shrunk to THUMBNAIL_SIZE (aspect kept), or None if unreadable."""
+    """JPEG bytes of the image's centre square scaled to THUMBNAIL_SIZE x THUMBNAIL_SIZE (so
+    generated and real images show at one size whatever their own), or None if unreadable."""
+    from PIL import Image, ImageOps
+
     from datasets import UnreadableImageError, load_rgb_image
 
     try:
         image = load_rgb_image(path)
     except UnreadableImageError:
         return None
-    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    image = ImageOps.fit(image, (THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
     return buffer.getvalue()

@@ -235,6 +235,23 @@ def rows_of_face_model(
     return rows_of_readable_images(paths, width, compute)
 
 
+def aligned_face(image: np.ndarray, detector, index: int = 0, model: str = "this model"):
+    """(112, 112, 3) aligned crop of the image's largest face (None if no face); with
+    `detector=None` the image must already be such a crop (the official evaluation input)."""
+    from faces import ARCFACE_SIZE
+
+    if detector is None:
+        if image.shape != (ARCFACE_SIZE, ARCFACE_SIZE, 3):
+            raise ValueError(
+                f"image {index} has shape {image.shape}: without a face detector {model} "
+                "takes aligned 112x112 RGB crops; pass a detector to align other images"
+            )
+        return image
+    from datasets import detect_and_align  # the one detect + align path of the project
+
+    return detect_and_align(image, detector)[1]
+
+
 RowFunction = Callable[[Sequence[Path]], tuple[np.ndarray, np.ndarray]]
 
 

@@ -58,6 +58,57 @@ METRIC_DEFINITIONS = {
     "replacement with np.random.RandomState(seed), real first (dgm-eval: reduced_n 10000)",
 }
 
+# Which way is better, for every number the report ranks ("higher" / "lower"; the paper marks
+# each column with an arrow). Pose spread: higher = more varied poses (the paper's reading).
+METRIC_DIRECTIONS = {
+    "eer": "lower",
+    "eer_fvc2000": "lower",
+    "fnmr_at_fmr": "lower",
+    "fmr_at_fnmr": "lower",
+    "auc": "higher",
+    "fdr": "higher",
+    "decidability": "higher",
+    "vendi": "higher",
+    "frechet_distance": "lower",
+    "kernel_distance": "lower",
+    "precision": "higher",
+    "recall": "higher",
+    "density": "higher",
+    "coverage": "higher",
+    "crfiqa": "higher",
+    "pose_std_per_identity": "higher",
+}
+ARROWS = {"higher": "↑", "lower": "↓"}
+
+
+def arrow(metric: str) -> str:
+    """'↑' / '↓' of a METRIC_DIRECTIONS key."""
+    return ARROWS[METRIC_DIRECTIONS[metric]]
+
+
+def definitions_with_directions() -> dict[str, str]:
+    """METRIC_DEFINITIONS (plus CR-FIQA and pose) with '↑ higher is better: ' or '↓ lower is
+    better: ' in front of every ranked metric, as metrics.json and the report state them."""
+    definitions = {**METRIC_DEFINITIONS, **SECTION_DEFINITIONS}
+    for metric, direction in METRIC_DIRECTIONS.items():
+        if metric in definitions:
+            definitions[metric] = f"{arrow(metric)} {direction} is better: {definitions[metric]}"
+    return definitions
+
+
+SECTION_DEFINITIONS = {
+    "precision": "prdc: share of generated samples inside some real sample's k-NN ball (fidelity)",
+    "recall": "prdc: share of real samples inside some generated sample's k-NN ball (diversity)",
+    "density": "prdc: mean number of real k-NN balls holding a generated sample, over k",
+    "coverage": "prdc: share of real samples whose k-NN ball holds a generated sample",
+    "crfiqa": "CR-FIQA quality score of a detected, aligned face: the predicted relative "
+    "classifiability (similarity to its own class centre over that to the nearest other), the "
+    "quality head's raw output; mean +- std over the set's faces",
+    "pose_std_per_identity": "population std of yaw, pitch or roll over one identity's faces, "
+    "then mean +- std over identities (the paper's pose table, with mean +- std of each angle "
+    "over all faces); degrees, 6DRepNet's signs: yaw > 0 turned to the image's left, pitch > 0 "
+    "looking up, roll > 0 clockwise",
+}
 
 # ----------------------------------------------------------------------------- pairs
 

@@ -1,13 +1,24 @@
-"""Head pose (yaw, pitch, roll in degrees) from dlib's 68 landmarks, and its spread per identity.
+"""Head pose (yaw, pitch, roll in degrees) per image, and its statistics per set and identity.
 
-Pose = the rotation `cv2.solvePnP` finds between a generic 3D face (14 landmarks, MODEL_POINTS)
-and the face's dlib landmarks, seen by a pinhole camera with focal length = image width,
-principal point at the image centre ((W - 1) / 2, (H - 1) / 2: pixel centres at integer
+Two estimators, both reporting the paper's angle convention (6DRepNet's, below):
+- SixDRepNetEstimator (the paper's): 6DRepNet (pose_6drepnet.py) on each detected face, aligned
+  to 112x112 and padded by 30 px, as the ID-Booth notebook; needs the released weights by path.
+- PoseEstimator (offline fallback, not comparable with the paper): dlib landmarks + PnP on a
+  generic 3D face. Against an independent 3D face its pitch reads 19-29 % compressed, and
+  dlib's frontal detector misses near-profile faces, so its spread reads low.
+
+Paper convention (6DRepNet's draw_axis): yaw > 0 = the face turned towards the image's left (the
+subject's right); pitch > 0 = looking up; roll > 0 = tilted clockwise as displayed.
+
+dlib-PnP: pose = the rotation `cv2.solvePnP` finds between a generic 3D face (14 landmarks,
+MODEL_POINTS) and the face's dlib landmarks, seen by a pinhole camera with focal length = image
+width, principal point at the image centre ((W - 1) / 2, (H - 1) / 2: pixel centres at integer
 coordinates, as in faces.py) and no distortion.
 
-Angle conventions (degrees, in the camera's frame: x to the image's right, y down, z away from
-the camera; a face looking straight into the camera is (0, 0, 0)):
-- yaw > 0: the face is turned towards the image's right (the subject's own left);
+solve_head_pose's angle conventions (degrees, in the camera's frame: x to the image's right,
+y down, z away from the camera; a face looking straight into the camera is (0, 0, 0)):
+- yaw > 0: the face is turned towards the image's right (the subject's own left; the opposite
+  of the paper's, so PoseEstimator negates it);
 - pitch > 0: the face looks up (towards the top of the image);
 - roll > 0: the face is tilted clockwise in the image as displayed (the image-right eye lower).
 The rotation is R = Rz(roll) @ Ry(-yaw) @ Rx(-pitch), with Rx, Ry, Rz the right-handed rotations
@@ -20,15 +31,17 @@ centre that looks parallel to the optical axis reads (0, 0, 0).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from image_sets import rows_of_face_model
+from image_sets import aligned_face, rows_of_face_model
 
 ANGLE_NAMES = ("yaw", "pitch", "roll")
+CAMERA_TO_PAPER_SIGNS = np.array([-1.0, 1.0, 1.0])  # solve_head_pose's yaw is the paper's -yaw
 
 # dlib 68-point indices of MODEL_POINTS' rows: brow ends (17, 21, 22, 26), eye corners
 # (36, 39, 42, 45), nostril wings (31, 35), mouth corners (48, 54), lower lip centre 57, chin 8.
@@ -153,6 +166,7 @@ class PoseEstimator:
     """
 
     name = "dlib-hog68-pnp14"
+    comparable_with_paper = False
 
     def __init__(self, max_upsample: int = 2, max_pixels: int = 8_000_000):
         from faces import DlibFaceDetector
@@ -174,12 +188,14 @@ class PoseEstimator:
         return np.array([[part.x, part.y] for part in shape.parts()], dtype=np.float64)
 
     def estimate_image(self, image: np.ndarray) -> np.ndarray | None:
-        """(H, W, 3) uint8 RGB -> (3,) yaw, pitch, roll degrees of the largest face, or None."""
+        """(H, W, 3) uint8 RGB -> (3,) yaw, pitch, roll degrees of the largest face (paper's
+        convention), or None."""
         points = self.landmarks(image)
         if points is None:
             return None
         height, width = image.shape[:2]
-        return solve_head_pose(points[list(MODEL_LANDMARKS)], width, height)
+        angles = solve_head_pose(points[list(MODEL_LANDMARKS)], width, height)
+        return None if angles is None else angles * CAMERA_TO_PAPER_SIGNS
 
     def estimate(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """N RGB uint8 images -> (N, 3) float32 yaw, pitch, roll (zero where no face), (N,) found.
@@ -196,8 +212,67 @@ class PoseEstimator:
         return angles, found
 
 
+class SixDRepNetEstimator:
+    """The paper's pose: 6DRepNet on each face, aligned to 112x112 and padded by 30 px.
+
+    With `detector=None` every image must already be an aligned 112x112 crop (what the
+    paper's notebook read); otherwise the detector's largest face is aligned with
+    faces.align_face, as training and the identity metrics do. Angles in the paper's order
+    of ANGLE_NAMES (yaw, pitch, roll) and its signs.
+    """
+
+    comparable_with_paper = True
+
+    def __init__(self, model, detector=None, weights: str = "unnamed", batch_size: int = 16):
+        from pose_6drepnet import CROP_PADDING
+
+        self.model = model.eval()
+        self.detector = detector
+        self.batch_size = batch_size
+        aligned = detector.name if detector is not None else "aligned"
+        weights = re.sub(r"^6drepnet[-_]?", "", weights, flags=re.IGNORECASE) or weights
+        self.name = f"6drepnet-{weights}-{aligned}-pad{CROP_PADDING}"
+
+    def estimate(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """N RGB uint8 images -> (N, 3) float32 yaw, pitch, roll (0 where no face), (N,) found."""
+        from pose_6drepnet import pad_crop, predict_angles
+
+        crops = [
+            aligned_face(np.asarray(image), self.detector, i, "6DRepNet")
+            for i, image in enumerate(images)
+        ]
+        found = np.array([crop is not None for crop in crops], dtype=bool)
+        angles = np.zeros((len(crops), 3), dtype=np.float32)
+        if found.any():
+            padded = [pad_crop(crop) for crop in crops if crop is not None]
+            pitch, yaw, roll = predict_angles(self.model, padded, self.batch_size).T
+            angles[found] = np.stack([yaw, pitch, roll], axis=1)  # ANGLE_NAMES order
+        return angles, found
+
+
+def build_pose_estimator(
+    weights: str | Path | None,
+    face_detector: str | None = "auto",
+    face_models_root: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+) -> PoseEstimator | SixDRepNetEstimator:
+    """6DRepNet (the paper's) from weights by path, else the dlib-PnP fallback."""
+    if weights is None:
+        return PoseEstimator()
+    from arcface import weights_name
+    from faces import DEFAULT_FACE_MODELS_ROOT, build_face_detector
+    from pose_6drepnet import load_sixdrepnet
+
+    detector = None
+    if face_detector is not None:
+        detector = build_face_detector(face_detector, face_models_root or DEFAULT_FACE_MODELS_ROOT)
+    model = load_sixdrepnet(weights, device)
+    return SixDRepNetEstimator(model, detector, weights_name(weights), batch_size)
+
+
 def estimate_pose_files(
-    estimator: PoseEstimator, paths: Sequence[Path]
+    estimator: PoseEstimator | SixDRepNetEstimator, paths: Sequence[Path]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Files -> (N, 3) yaw, pitch, roll rows and (N,) status (ok / no face / unreadable)."""
     return rows_of_face_model(paths, len(ANGLE_NAMES), estimator.estimate)
@@ -211,12 +286,13 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def pose_spread(angles: np.ndarray, identities: Sequence[str]) -> dict:
-    """Head-pose spread of one image set: per identity the population std of yaw, pitch, roll,
-    then their mean and population std over identities, plus the std over all faces.
+    """Head-pose statistics of one image set, the paper's table: mean and population std of
+    each angle over all faces (`all_faces`), and per identity the population std of yaw,
+    pitch, roll, then their mean and population std over identities.
 
     `angles` (N, 3) holds only faces that were found (status ok), `identities` (N,) their
     identity. Identities with fewer than 2 faces have no spread: they are left out of the
-    per-identity statistics and counted, but their faces count in `overall_std` and `n_faces`.
+    per-identity statistics and counted, but their faces count in `all_faces` and `n_faces`.
     """
     angles = np.asarray(angles, dtype=np.float64).reshape(-1, 3)
     labels = np.asarray(identities, dtype=object).astype(str).reshape(-1)
@@ -232,11 +308,12 @@ def pose_spread(angles: np.ndarray, identities: Sequence[str]) -> dict:
         per_identity[str(name)] = {"n_faces": int(len(members))} | {
             angle: float(value) for angle, value in zip(ANGLE_NAMES, spread, strict=True)
         }
-    overall = angles.std(axis=0) if len(angles) else np.full(3, math.nan)
     result: dict = {
         angle: _mean_std([entry[angle] for entry in per_identity.values()]) for angle in ANGLE_NAMES
     }
-    result["overall_std"] = dict(zip(ANGLE_NAMES, map(float, overall), strict=True))
+    result["all_faces"] = {
+        angle: _mean_std(angles[:, column].tolist()) for column, angle in enumerate(ANGLE_NAMES)
+    }
     result["n_faces"] = int(len(angles))
     result["n_identities"] = len(per_identity)
     result["n_identities_too_few_faces"] = len(too_few)

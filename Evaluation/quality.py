@@ -14,10 +14,15 @@ which `CRFIQANet` reproduces key for key:
   sigmoid; `getQualityScore.py` writes `quality[i][0]`).
 - CR-FIQA(S) = iresnet50 trained on CASIA-WebFace, file `32572backbone.pth`; CR-FIQA(L) =
   iresnet100 trained on MS1MV2, file `181952backbone.pth` (a plain `state_dict()`, no wrapper).
-- Input: a 5-point aligned 112x112 RGB crop (their alignment warps to insightface's
+- Input: a 5-point aligned 112x112 crop (their alignment warps to insightface's
   `arcface_dst`, the template `faces.align_face` uses), scaled (x / 255 - 0.5) / 0.5, i.e.
-  `arcface.images_to_arcface_input`. The official scripts read BGR files whose channels were
+  `arcface.images_to_arcface_input`. CR-FIQA's own scripts read BGR files whose channels were
   swapped on export, so the network sees RGB, as in training (mxnet decode + ToTensor).
+
+Settings (QUALITY_SETTINGS, --quality_setting): "paper" = what ID-Booth scored: CR-FIQA(S)
+(iresnet50, 32572backbone.pth) fed BGR (its getQualityScore_FR_ID-Booth_12-2024.py reads
+PIL-saved RGB crops with cv2.imread and never converts; swapping channels changes the scores
+completely); "crfiqa-rgb" = CR-FIQA's own protocol: RGB, either released model.
 
 Weights are not shipped and never downloaded here. The official README links them as Google
 Drive folders: CR-FIQA(L) https://drive.google.com/drive/folders/1siy_3eQSBuIV6U6_9wgGtbZG2GMgVLMy
@@ -29,7 +34,9 @@ the released models are for non-commercial research use.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +53,11 @@ from arcface import (
     weights_name,
 )
 from faces import (
-    ARCFACE_SIZE,
     DEFAULT_FACE_MODELS_ROOT,
     FaceDetector,
     build_face_detector,
 )
-from image_sets import STATUS_OK, rows_of_face_model
+from image_sets import STATUS_OK, aligned_face, rows_of_face_model
 
 # Depths the official backbones/iresnet.py defines (iresnet18/34/50/100); released: r50, r100.
 CRFIQA_DEPTHS = ("r18", "r34", "r50", "r100")
@@ -61,6 +67,37 @@ WEIGHTS_HINT = (
     "the released CR-FIQA(S) 32572backbone.pth / CR-FIQA(L) 181952backbone.pth, linked from "
     "https://github.com/fdbtrs/CR-FIQA#pretrained-model"
 )
+
+
+@dataclass(frozen=True)
+class QualitySetting:
+    """A scoring protocol: the CR-FIQA model it expects and the channel order it feeds."""
+
+    depth: str | None  # the IResNet depth the weights must have; None: any released one
+    channel_order: str  # "BGR" or "RGB": what the network is fed
+    description: str
+
+
+QUALITY_SETTINGS = {
+    "paper": QualitySetting(
+        "r50",
+        "BGR",
+        "the paper's: CR-FIQA(S) (iresnet50, 32572backbone.pth) fed BGR, as ID-Booth's "
+        "getQualityScore script (cv2.imread of RGB crops, never converted)",
+    ),
+    "crfiqa-rgb": QualitySetting(
+        None,
+        "RGB",
+        "CR-FIQA's own protocol: RGB, as the model was trained (not the paper's setting)",
+    ),
+}
+
+
+def quality_setting(name: str) -> QualitySetting:
+    """QUALITY_SETTINGS[name]; ValueError listing the options."""
+    if name not in QUALITY_SETTINGS:
+        raise ValueError(f"unknown quality setting {name!r}; options: {list(QUALITY_SETTINGS)}")
+    return QUALITY_SETTINGS[name]
 
 
 class CRFIQANet(IResNet):
@@ -108,6 +145,16 @@ def crfiqa_from_state_dict(
     name = infer_iresnet_depth(state_dict)
     if name not in CRFIQA_DEPTHS:
         raise ValueError(f"{source}: CR-FIQA defines depths {list(CRFIQA_DEPTHS)}, not {name}")
+    broken = [
+        key
+        for key, value in state_dict.items()
+        if value.is_floating_point() and not bool(value.isfinite().all())
+    ]
+    if broken:
+        raise ValueError(
+            f"{source} holds NaN/inf in {len(broken)} tensors (e.g. {broken[0]}): the weights "
+            f"file is broken; download it again ({WEIGHTS_HINT})"
+        )
     num_features = int(state_dict["fc.weight"].shape[0])
     with torch.device("meta"):  # shapes only: every tensor is overwritten below
         model = build_crfiqa(name, num_features)
@@ -144,18 +191,27 @@ class CRFIQAScorer:
         detector: FaceDetector | None = None,
         batch_size: int = 32,
         weights: str = "crfiqa",
+        channel_order: str = "RGB",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, got {channel_order!r}")
         self.model = model.eval()
         self.detector = detector
         self.batch_size = batch_size
-        self.name = f"crfiqa-{weights}-{detector.name if detector is not None else 'aligned'}"
+        self.channel_order = channel_order
+        weights = re.sub(r"^crfiqa[-_]?", "", weights, flags=re.IGNORECASE) or weights
+        aligned = detector.name if detector is not None else "aligned"
+        self.name = f"crfiqa-{weights}-{aligned}-{channel_order.lower()}"
 
     def score_aligned(self, faces: np.ndarray) -> np.ndarray:
-        """(N, 112, 112, 3) uint8 RGB aligned crops -> (N,) float32 quality scores."""
+        """(N, 112, 112, 3) uint8 RGB aligned crops -> (N,) float32 quality scores (the
+        network fed `channel_order`)."""
         if len(faces) == 0:
             return np.zeros(0, dtype=np.float32)
+        if self.channel_order == "BGR":
+            faces = np.ascontiguousarray(np.asarray(faces)[..., ::-1])
         device = next(self.model.parameters()).device
         scores = []
         with torch.inference_mode():
@@ -165,22 +221,12 @@ class CRFIQAScorer:
                 scores.append(head[:, 0].float().cpu().numpy())
         return np.concatenate(scores)
 
-    def _crop(self, index: int, image: np.ndarray) -> np.ndarray | None:
-        """(112, 112, 3) aligned crop of the image's largest face, or None if no face."""
-        if self.detector is None:
-            if image.shape != (ARCFACE_SIZE, ARCFACE_SIZE, 3):
-                raise ValueError(
-                    f"image {index} has shape {image.shape}: without a face detector CR-FIQA "
-                    "takes aligned 112x112 RGB crops; pass a detector to align other images"
-                )
-            return image
-        from datasets import detect_and_align  # the one detect + align path of the project
-
-        return detect_and_align(image, self.detector)[1]
-
     def score(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 RGB images -> (N,) float32 scores (NaN where no face), (N,) found."""
-        crops = [self._crop(i, np.asarray(image)) for i, image in enumerate(images)]
+        crops = [
+            aligned_face(np.asarray(image), self.detector, i, "CR-FIQA")
+            for i, image in enumerate(images)
+        ]
         found = np.array([crop is not None for crop in crops], dtype=bool)
         scores = np.full(len(crops), np.nan, dtype=np.float32)
         if found.any():
@@ -194,13 +240,23 @@ def build_quality_scorer(
     face_models_root: str | Path | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 32,
+    setting: str = "paper",
 ) -> CRFIQAScorer:
-    """Scorer from CR-FIQA weights and a detector name (build_face_detector; None = aligned)."""
+    """Scorer from CR-FIQA weights, a detector name (build_face_detector; None = aligned) and
+    a QUALITY_SETTINGS name; ValueError when the weights are not the setting's model."""
+    protocol = quality_setting(setting)
     model = load_crfiqa(weights, device=device)
+    depth = infer_iresnet_depth(model.state_dict())
+    if protocol.depth is not None and depth != protocol.depth:
+        raise ValueError(
+            f"--quality_setting {setting} is {protocol.description}; {weights} is an {depth} "
+            f"CR-FIQA: give 32572backbone.pth or use --quality_setting crfiqa-rgb"
+        )
     detector = None
     if face_detector is not None:
         detector = build_face_detector(face_detector, face_models_root or DEFAULT_FACE_MODELS_ROOT)
-    return CRFIQAScorer(model, detector, batch_size, weights=weights_name(weights))
+    name = weights_name(weights)
+    return CRFIQAScorer(model, detector, batch_size, name, protocol.channel_order)
 
 
 def score_image_files(scorer: CRFIQAScorer, paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,14 +11,15 @@ import base64
 import html
 import io
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from metrics import RocCurve
+from metrics import METRIC_DIRECTIONS, RocCurve, arrow
 
 DET_TICKS_ABOVE_1E2 = (0.05, 0.2, 0.5, 0.8, 0.95)  # below 0.01 the DET ticks every decade
 DET_TOP = 0.95  # upper end of both DET axes
@@ -118,9 +119,42 @@ def det_ticks(zero: float) -> np.ndarray:
     return ticks[ticks >= zero]
 
 
-def det_figure(rocs: Mapping[str, RocCurve], title: str = "") -> Figure:
+def tick_text(tick: float) -> str:
+    """A DET tick label: decades as 1e-4 (short), the rest as 0.05."""
+    exponent = math.log10(tick)
+    return f"1e{round(exponent)}" if tick < 0.01 and exponent == round(exponent) else f"{tick:g}"
+
+
+LABEL_GAP_POINTS = 2.0  # at least this much space between two shown tick labels
+
+
+def hide_overlapping_tick_labels(figure: Figure, axis) -> None:
+    """Hide tick labels that would overlap one already kept, keeping from the high end down
+    (the named rates 0.95 ... 0.05 first, then the decades), after laying the figure out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # lays out (constrained) so the extents are the drawn ones
+    renderer = canvas.get_renderer()
+    gap = LABEL_GAP_POINTS * figure.dpi / 72.0
+    for ticks in (axis.xaxis, axis.yaxis):
+        kept = []
+        for label in reversed(ticks.get_ticklabels()):
+            if not label.get_visible() or not label.get_text():
+                continue
+            box = label.get_window_extent(renderer).expanded(1.0, 1.0).padded(gap / 2)
+            if any(box.overlaps(other) for other in kept):
+                label.set_visible(False)
+            else:
+                kept.append(box)
+
+
+def det_figure(
+    rocs: Mapping[str, RocCurve], title: str = "", figsize: tuple[float, float] = (4.8, 3.8)
+) -> Figure:
     """DET: FNMR against FMR on normal-deviate (probit) axes, one line per method; each axis
-    reaches down to the finest step any curve has (1 / pairs), a rate of 0 at zero_position."""
+    reaches down to the finest step any curve has (1 / pairs), a rate of 0 at zero_position.
+    Tick labels that would overlap at this size are left out."""
     from scipy.stats import norm
 
     zeros = {rate: zero_position(rocs, rate) for rate in ("fmr", "fnmr")}
@@ -128,7 +162,7 @@ def det_figure(rocs: Mapping[str, RocCurve], title: str = "") -> Figure:
     def probit(values: np.ndarray, rate: str) -> np.ndarray:
         return norm.ppf(np.clip(values, zeros[rate], 1.0 - zeros[rate]))
 
-    figure = Figure(figsize=(4.8, 3.8), layout="constrained")
+    figure = Figure(figsize=figsize, layout="constrained")
     axis = figure.subplots()
     for method, roc in rocs.items():
         fmr, fnmr = curve_vertices(roc, stop_at_zero_fnmr=True)
@@ -139,13 +173,14 @@ def det_figure(rocs: Mapping[str, RocCurve], title: str = "") -> Figure:
         ("fnmr", axis.set_yticks, axis.set_ylim),
     ):
         ticks = det_ticks(zeros[rate])
-        set_ticks(probit(ticks, rate), [f"{tick:g}" for tick in ticks], fontsize=7)
+        set_ticks(probit(ticks, rate), [tick_text(tick) for tick in ticks], fontsize=7)
         set_limits(probit(np.array(zeros[rate]), rate) - 0.1, norm.ppf(DET_TOP))
     axis.set_xlabel(f"FMR (0 drawn at {zeros['fmr']:.2g})")
     axis.set_ylabel(f"FNMR (0 drawn at {zeros['fnmr']:.2g})")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title(title, fontsize=10)
+    hide_overlapping_tick_labels(figure, axis)
     return figure
 
 
@@ -191,8 +226,29 @@ def quality_figure(scores: Mapping[str, np.ndarray], model: str = "") -> Figure:
 MAX_LEGEND_ENTRIES = 12  # more identities than this: colours only, no legend
 
 
-def pose_scatter_figure(angles: np.ndarray, identities: list[str], title: str = "") -> Figure:
-    """Yaw against pitch (degrees) of every face found, coloured by identity."""
+POSE_AXIS_STEP = 10.0  # degrees: shared pose axes end at a multiple of this, at least +-1 step
+
+
+def pose_axis_limits(angle_sets: list[np.ndarray]) -> tuple[float, float]:
+    """Symmetric (yaw, pitch) half-ranges covering every set's faces, so that all scatters
+    share one scale (auto-scaled axes would make a narrow spread look as wide as a broad one)."""
+    rows = [np.asarray(a, dtype=np.float64).reshape(-1, 3) for a in angle_sets]
+    every = np.concatenate(rows) if rows else np.zeros((0, 3))
+    if not len(every):
+        return POSE_AXIS_STEP, POSE_AXIS_STEP
+    largest = np.abs(every[:, :2]).max(axis=0)  # (2,) yaw, pitch
+    steps = np.maximum(np.ceil(largest * 1.05 / POSE_AXIS_STEP), 1.0)
+    return float(steps[0] * POSE_AXIS_STEP), float(steps[1] * POSE_AXIS_STEP)
+
+
+def pose_scatter_figure(
+    angles: np.ndarray,
+    identities: list[str],
+    title: str = "",
+    limits: tuple[float, float] | None = None,
+) -> Figure:
+    """Yaw against pitch (degrees) of every face found, coloured by identity; `limits`: the
+    (yaw, pitch) half-ranges shared by all sets (default: this set's own)."""
     figure = Figure(figsize=(4.0, 3.6), layout="constrained")
     axis = figure.subplots()
     angles = np.asarray(angles, dtype=np.float64).reshape(-1, 3)
@@ -203,7 +259,10 @@ def pose_scatter_figure(angles: np.ndarray, identities: list[str], title: str = 
         axis.scatter(members[:, 0], members[:, 1], s=12, alpha=0.7, label=name)
     axis.axhline(0.0, color="0.7", linewidth=0.6)
     axis.axvline(0.0, color="0.7", linewidth=0.6)
-    axis.set_xlabel("yaw (deg, + = turned to image right)")
+    yaw_limit, pitch_limit = limits or pose_axis_limits([angles])
+    axis.set_xlim(-yaw_limit, yaw_limit)
+    axis.set_ylim(-pitch_limit, pitch_limit)
+    axis.set_xlabel("yaw (deg, + = turned to image left)")
     axis.set_ylabel("pitch (deg, + = looking up)")
     if 0 < len(names) <= MAX_LEGEND_ENTRIES:
         axis.legend(fontsize=6, markerscale=0.8)
@@ -247,8 +306,10 @@ th{background:#f0f0f0} img{max-width:100%;margin:0.3em 0}
 .note{color:#8a4b00} code,pre{background:#f6f6f6;font-size:12px}
 pre{padding:0.6em;overflow-x:auto}
 .banner{border:3px solid #b00;background:#fff3cd;color:#600;font-weight:bold;font-size:1.25em;
-padding:0.8em 1em;margin:0 0 1em}
-.grid td{text-align:left;vertical-align:top} img.thumb{margin:1px;vertical-align:top}
+padding:0.8em 1em;margin:0 0 1em;overflow-wrap:anywhere;white-space:pre-wrap}
+.grid td{text-align:left;vertical-align:top}
+img.thumb{margin:1px;vertical-align:top;width:96px;height:96px;object-fit:cover}
+table.text td{text-align:left} td.best{background:#e6f4ea}
 """
 
 
@@ -280,16 +341,39 @@ def html_image(data: bytes, alt: str, mime: str = "image/png", css_class: str = 
     return f'<img alt="{html.escape(alt)}"{extra} src="data:{mime};base64,{encoded}">'
 
 
+MEAN_STD_DIGITS = 4  # significant digits of the larger of |mean| and std
+
+
+def mean_std_text(mean: float, std: float) -> str:
+    """'mean ± std' with both printed to the same decimal place: 4 significant digits of the
+    larger of the two ('n/a' without a mean, e.g. no face was found)."""
+    if mean is None or not math.isfinite(mean):
+        return NOT_AVAILABLE
+    if std is None or not math.isfinite(std):
+        return f"{format_value(mean)} ± {NOT_AVAILABLE}"
+    scale = max(abs(mean), abs(std))
+    if scale == 0:
+        return "0 ± 0"
+    decimals = MEAN_STD_DIGITS - 1 - math.floor(math.log10(scale))
+    if not 0 <= decimals <= 8:  # very large or very small: one shared exponent format
+        return f"{mean:.3e} ± {std:.3e}"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
 def _mean_std(entry: Mapping, mean_key: str, std_key: str) -> str:
-    """'mean +- std' of two keys ('n/a' when there is no mean, e.g. no face was found)."""
-    mean = format_value(entry[mean_key])
-    return mean if mean in ("", NOT_AVAILABLE) else f"{mean} ± {format_value(entry[std_key])}"
+    """mean_std_text of two keys of an entry."""
+    return mean_std_text(entry[mean_key], entry[std_key])
 
 
 def _threshold_cell(entry: Mapping) -> str:
     """'threshold (FMR / FNMR)' at the EER threshold."""
     fmr, fnmr = format_value(entry["eer_threshold_fmr"]), format_value(entry["eer_threshold_fnmr"])
     return f"{format_value(entry['eer_threshold'])} ({fmr} / {fnmr})"
+
+
+def _getter(key: str) -> Callable[[Mapping], object]:
+    """entry -> entry[key]."""
+    return lambda entry: entry[key]
 
 
 def verification_rows(by_method: Mapping[str, Mapping]) -> tuple[list[str], list[list[object]]]:
@@ -304,21 +388,19 @@ def verification_rows(by_method: Mapping[str, Mapping]) -> tuple[list[str], list
             ("impostor pairs", lambda e: e["n_impostor"]),
             ("genuine mean ± std", lambda e: _mean_std(e, "genuine_mean", "genuine_std")),
             ("impostor mean ± std", lambda e: _mean_std(e, "impostor_mean", "impostor_std")),
-            ("EER", lambda e: e["eer"]),
-            (
-                "EER threshold (FMR / FNMR there)",
-                lambda e: _threshold_cell(e),
-            ),
-            ("AUC", lambda e: e["auc"]),
-            ("FDR", lambda e: e["fdr"]),
-            ("decidability d'", lambda e: e["decidability"]),
+            (f"EER {arrow('eer_fvc2000')} (pyeer / FVC2000: the paper's)", _getter("eer_fvc2000")),
+            (f"EER {arrow('eer')} (interpolated ROC crossing)", _getter("eer")),
+            ("EER threshold (FMR / FNMR there)", _threshold_cell),
+            (f"AUC {arrow('auc')}", _getter("auc")),
+            (f"FDR {arrow('fdr')}", _getter("fdr")),
+            (f"decidability d' {arrow('decidability')}", _getter("decidability")),
         ]
         spec += [
-            (f"FNMR @ FMR={t}", lambda e, t=t: e["fnmr_at_fmr"][t]["value"])
+            (f"FNMR @ FMR={t} {arrow('fnmr_at_fmr')}", lambda e, t=t: e["fnmr_at_fmr"][t]["value"])
             for t in sample["fnmr_at_fmr"]
         ]
         spec += [
-            (f"FMR @ FNMR={t}", lambda e, t=t: e["fmr_at_fnmr"][t]["value"])
+            (f"FMR @ FNMR={t} {arrow('fmr_at_fnmr')}", lambda e, t=t: e["fmr_at_fnmr"][t]["value"])
             for t in sample["fmr_at_fnmr"]
         ]
         rows = [
@@ -409,10 +491,15 @@ def diversity_section(diversity: Mapping, figures: Mapping[str, bytes]) -> str:
         for name, entry in diversity.items()
     ]
     parts.append(
-        html_table(["set", "Vendi mean ± std over identities", "identities", "images"], rows)
+        html_table(
+            ["set", f"Vendi {arrow('vendi')} mean ± std over identities", "identities", "images"],
+            rows,
+        )
     )
     if "vendi" in figures:
         parts.append(html_image(figures["vendi"], "vendi"))
+    notes = {entry["figure_note"] for entry in diversity.values() if "figure_note" in entry}
+    parts += [f'<p class="note">{html.escape(note)}</p>' for note in sorted(notes)]
     return "\n".join(parts)
 
 
@@ -470,13 +557,13 @@ def _prdc_sizes_cell(prdc: Mapping) -> str:
 
 FIDELITY_HEADER = [
     "method",
-    "FD",
-    "KD mean ± std",
+    f"FD {arrow('frechet_distance')}",
+    f"KD {arrow('kernel_distance')} mean ± std",
     "KD subsets x size",
-    "precision",
-    "recall",
-    "density",
-    "coverage",
+    f"precision {arrow('precision')}",
+    f"recall {arrow('recall')}",
+    f"density {arrow('density')}",
+    f"coverage {arrow('coverage')}",
     "images real / generated",
     "PRDC k, images used real / generated (of available)",
 ]
@@ -571,10 +658,13 @@ def quality_section(quality: Mapping, figures: Mapping[str, bytes]) -> str:
         else:
             cells = [entry["n"], _mean_std(entry, "mean", "std"), entry["median"]]
             rows.append([name, *_counts_cells(entry), *cells])
-    header = ["set", "images", "no face", "unreadable", "scored", "mean ± std", "median"]
+    header = ["set", "images", "no face", "unreadable", "scored"]
+    header += [f"CR-FIQA {arrow('crfiqa')} mean ± std", "median"]
+    setting = quality.get("setting_description", "setting not recorded")
     parts = [
         title,
-        f"<p>Model <code>{html.escape(quality['model'])}</code> "
+        f"<p>Setting <b>{html.escape(quality.get('setting', '?'))}</b>: "
+        f"{html.escape(setting)}. Model <code>{html.escape(quality['model'])}</code> "
         f"(<code>{html.escape(quality['weights'])}</code>): the predicted relative "
         "classifiability of each detected, aligned face; higher = more useful for "
         "recognition.</p>",
@@ -582,35 +672,50 @@ def quality_section(quality: Mapping, figures: Mapping[str, bytes]) -> str:
     ]
     if quality.get("figure") in figures:
         parts.append(html_image(figures[quality["figure"]], quality["figure"]))
+    elif quality.get("figure_note"):
+        parts.append(f'<p class="note">{html.escape(quality["figure_note"])}</p>')
     return "\n".join(parts)
 
 
+ANGLES = ("yaw", "pitch", "roll")
+
+
 def _angle_cells(entry: Mapping) -> list[object]:
-    """'mean ± std over identities' of the per-identity yaw, pitch, roll stds, then overall."""
-    angles = ("yaw", "pitch", "roll")
-    cells: list[object] = [_mean_std(entry[angle], "mean", "std") for angle in angles]
-    return cells + [entry["overall_std"][angle] for angle in angles]
+    """Per angle: mean ± std over all faces, then mean ± std over identities of its std."""
+    cells: list[object] = [_mean_std(entry["all_faces"][angle], "mean", "std") for angle in ANGLES]
+    return cells + [_mean_std(entry[angle], "mean", "std") for angle in ANGLES]
 
 
 POSE_HEADER = [
     "set",
     "images",
-    "no face / landmarks",
+    "no face",
     "unreadable",
     "faces",
     "identities (>= 2 faces)",
-    "yaw std per identity",
-    "pitch std per identity",
-    "roll std per identity",
-    "yaw std, all faces",
-    "pitch std, all faces",
-    "roll std, all faces",
+    *(f"{angle} mean ± std, all faces" for angle in ANGLES),
+    *(f"{angle} std per identity {arrow('pose_std_per_identity')}" for angle in ANGLES),
 ]
 
 
+def _pose_estimator_text(pose: Mapping) -> str:
+    """Which estimator, and whether its numbers compare with the paper's."""
+    name = f"<code>{html.escape(pose['estimator'])}</code>"
+    if pose.get("comparable_with_paper"):
+        return (
+            f"Estimator {name}: 6DRepNet on each aligned face padded by 30 px, the paper's "
+            "estimator and crop."
+        )
+    return (
+        f"Estimator {name}: dlib landmarks + PnP on a generic 3D face, the offline fallback: "
+        '<b class="note">not comparable with the paper</b> (pitch reads compressed, '
+        "near-profile faces are missed); pass --pose_weights for 6DRepNet."
+    )
+
+
 def pose_section(pose: Mapping, figures: Mapping[str, bytes]) -> str:
-    """Head-pose spread table (degrees) and a yaw-vs-pitch scatter per set."""
-    title = "<h2>Head-pose diversity (yaw / pitch / roll, degrees)</h2>"
+    """The paper's head-pose table (degrees) and a yaw-vs-pitch scatter per set."""
+    title = "<h2>Head pose (yaw / pitch / roll, degrees)</h2>"
     skipped = _skipped(title, pose)
     if skipped is not None:
         return skipped
@@ -620,18 +725,37 @@ def pose_section(pose: Mapping, figures: Mapping[str, bytes]) -> str:
     ]
     parts = [
         title,
-        f"<p>Estimator <code>{html.escape(pose['estimator'])}</code> (dlib's 68 landmarks, "
-        "PnP on a generic 3D face). Per identity: population std of each angle over its "
-        "faces; shown as mean ± std over identities; then the std over all faces of the "
-        "set.</p>",
+        f"<p>{_pose_estimator_text(pose)} Signs as 6DRepNet's: yaw &gt; 0 = turned towards the "
+        "image's left, pitch &gt; 0 = looking up, roll &gt; 0 = clockwise. As the paper: mean ± "
+        "std of each angle over all faces; per identity the population std of each angle, "
+        "shown as mean ± std over identities (higher = more varied poses).</p>",
         html_table(POSE_HEADER, rows),
     ]
-    parts += [
-        html_image(figures[e["figure"]], e["figure"])
-        for e in pose["sets"].values()
-        if e.get("figure") in figures
-    ]
+    for name, entry in pose["sets"].items():
+        if entry.get("figure") in figures:
+            parts.append(html_image(figures[entry["figure"]], entry["figure"]))
+        elif entry.get("figure_note"):
+            parts.append(
+                f'<p class="note">{html.escape(name)}: {html.escape(entry["figure_note"])}</p>'
+            )
     return "\n".join(parts)
+
+
+def pose_identity_table(pose: Mapping) -> str:
+    """HTML table: one row per identity, its yaw / pitch / roll std (degrees) in each set."""
+    sets = pose["sets"]
+    names = sorted({identity for entry in sets.values() for identity in entry["per_identity"]})
+    header = ["identity"] + [f"{name}: {angle} std" for name in sets for angle in ANGLES]
+    rows = [
+        [identity]
+        + [
+            sets[name]["per_identity"].get(identity, {}).get(angle, "")
+            for name in sets
+            for angle in ANGLES
+        ]
+        for identity in names
+    ]
+    return html_table(header, rows)
 
 
 def _first_last(summary: Mapping | None) -> str:
@@ -709,6 +833,114 @@ def fr_utility_section(fr_utility: Mapping) -> str:
     )
 
 
+def _number(value: object) -> float | None:
+    """A finite float, or None (absent, skipped, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def _dig(tree: object, *keys: str) -> float | None:
+    """tree[k0][k1]... as a finite number, None where any level is missing or skipped."""
+    for key in keys:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return _number(tree)
+
+
+def _within_set(results: Mapping, name: str, key: str) -> float | None:
+    """A verification number of a set against itself (real: real vs real)."""
+    comparison = "real_vs_real" if name == "real" else "synthetic_vs_synthetic"
+    return _dig(results.get("identity", {}), comparison, name, key)
+
+
+# The paper's columns: (header, METRIC_DIRECTIONS key, value of one set in the results)
+SUMMARY_COLUMNS: list[tuple[str, str, Callable[[Mapping, str], float | None]]] = [
+    ("EER within set (pyeer)", "eer_fvc2000", lambda r, n: _within_set(r, n, "eer_fvc2000")),
+    ("FDR within set", "fdr", lambda r, n: _within_set(r, n, "fdr")),
+    (
+        "EER vs real (pyeer)",
+        "eer_fvc2000",
+        lambda r, n: _dig(r.get("identity", {}), "synthetic_vs_real", n, "eer_fvc2000"),
+    ),
+    ("Vendi", "vendi", lambda r, n: _dig(r, "diversity", n, "mean")),
+    *(
+        (
+            f"{angle} std per identity",
+            "pose_std_per_identity",
+            lambda r, n, a=angle: _dig(r, "pose", "sets", n, a, "mean"),
+        )
+        for angle in ANGLES
+    ),
+    ("FD", "frechet_distance", lambda r, n: _dig(r, "fidelity", n, "frechet_distance", "value")),
+    ("KD", "kernel_distance", lambda r, n: _dig(r, "fidelity", n, "kernel_distance", "mean")),
+    *(
+        (metric, metric, lambda r, n, m=metric: _dig(r, "fidelity", n, "prdc", m))
+        for metric in ("precision", "recall", "density", "coverage")
+    ),
+    ("CR-FIQA", "crfiqa", lambda r, n: _dig(r, "quality", "sets", n, "mean")),
+]
+
+
+def summary_table(results: Mapping) -> tuple[list[str], list[list[float | None]], list[set[int]]]:
+    """(headers with arrows, one row of values per set, per column the rows holding its best
+    generated value). Columns no set has are left out; the real set is a reference, not ranked.
+    """
+    names = list(results["sets"])
+    columns = []
+    for header, metric, value_of in SUMMARY_COLUMNS:
+        values = [value_of(results, name) for name in names]
+        if any(value is not None for value in values):
+            columns.append((f"{header} {arrow(metric)}", METRIC_DIRECTIONS[metric], values))
+    best_rows = []
+    for _, direction, values in columns:
+        ranked = {i: v for i, v in enumerate(values) if v is not None and names[i] != "real"}
+        pick = max if direction == "higher" else min
+        best = format_value(pick(ranked.values())) if ranked else None
+        # Ties as printed: sets whose shown values are equal are equally best.
+        best_rows.append({i for i, v in ranked.items() if format_value(v) == best})
+    rows = [[column[2][i] for column in columns] for i in range(len(names))]
+    return [header for header, _, _ in columns], rows, best_rows
+
+
+def settings_note(results: Mapping) -> str:
+    """' Not the paper's settings: ...' for columns measured otherwise than the paper, or ''."""
+    notes = []
+    pose = results.get("pose", {})
+    if isinstance(pose, Mapping) and "sets" in pose and not pose.get("comparable_with_paper"):
+        notes.append("pose from the dlib-PnP fallback, not comparable with the paper (give "
+                     "--pose_weights for 6DRepNet)")  # fmt: skip
+    quality = results.get("quality", {})
+    if isinstance(quality, Mapping) and quality.get("setting") not in (None, "paper"):
+        notes.append(f"CR-FIQA in setting {quality['setting']}, not the paper's")
+    return f" Not the paper's settings: {'; '.join(notes)}." if notes else ""
+
+
+def summary_section(results: Mapping) -> str:
+    """First table: one row per set, the paper's columns with arrows, best generated in bold."""
+    headers, rows, best_rows = summary_table(results)
+    title = "<h2>Summary (the paper's columns)</h2>"
+    if not headers:
+        return f'{title}<p class="note">No metric could be computed (see the sections below).</p>'
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["set", *headers])
+    body = []
+    for index, (name, row) in enumerate(zip(results["sets"], rows, strict=True)):
+        cells = [f"<td>{html.escape(name)}</td>"]
+        for column, value in enumerate(row):
+            text = html.escape(format_value(value) if value is not None else "")
+            best = index in best_rows[column]
+            cells.append(f'<td class="best"><b>{text}</b></td>' if best else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f"{title}<p>↑ higher is better, ↓ lower is better; <b>bold</b>: the best generated set "
+        "per column as shown (the real set is the reference, not ranked). EER: pyeer's "
+        "(FVC2000), as the paper reports; pose: mean per-identity std in degrees."
+        f"{html.escape(settings_note(results))}</p>"
+        f'<table class="summary"><tr>{head}</tr>{"".join(body)}</table>'
+    )
+
+
 def render_report(
     results: Mapping,
     figures: Mapping[str, bytes],
@@ -718,7 +950,7 @@ def render_report(
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in results.get("notes", []))
     definitions = html_table(
         ["quantity", "definition"], [[k, v] for k, v in results["definitions"].items()]
-    )
+    ).replace("<table>", '<table class="text">', 1)
     absent = {"skipped": "not computed"}
     body = [
         banner_html(results.get("banner")),
@@ -726,6 +958,7 @@ def render_report(
         f"<p>Identity embedder: <code>{html.escape(results['embedder'])}</code>; "
         f"feature model: <code>{html.escape(str(results.get('feature_model')))}</code></p>",
         f'<ul class="note">{notes}</ul>' if notes else "",
+        summary_section(results) if "sets" in results else "",
         grids_section(results["grids"], thumbnails or {}) if "grids" in results else "",
         sets_section(results["sets"]),
         identity_section(results["identity"], figures),

@@ -392,11 +392,14 @@ def build_model(args: argparse.Namespace, num_classes: int) -> FaceRecognitionMo
     return FaceRecognitionModel(backbone, head)
 
 
-def parameter_groups(model: FaceRecognitionModel, weight_decay: float) -> list[dict]:
-    """AdaFace's split: weight decay on all trainable weights except BatchNorm's."""
+def parameter_groups(
+    model: FaceRecognitionModel, weight_decay: float, decay_batchnorm: bool = False
+) -> list[dict]:
+    """AdaFace's split: weight decay on all trainable weights except BatchNorm's; with
+    decay_batchnorm, on every trainable weight (the ID-Booth FR protocol's plain SGD)."""
     decay, no_decay = [], []
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not decay_batchnorm:
             no_decay.extend(p for p in module.parameters(recurse=False) if p.requires_grad)
         else:
             decay.extend(p for p in module.parameters(recurse=False) if p.requires_grad)
@@ -651,7 +654,14 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
         "--weight_decay",
         type=runs.NON_NEGATIVE,
         default=5e-4,
-        help="SGD weight decay (not on BatchNorm parameters)",
+        help="SGD weight decay (not on BatchNorm parameters unless --decay_batchnorm)",
+    )
+    parser.add_argument(
+        "--decay_batchnorm",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Weight decay on BatchNorm parameters too, as the ID-Booth FR protocol's SGD over "
+        "model.parameters() (AdaFace's recipe, the default, exempts them).",
     )
     parser.add_argument(
         "--lr_scheduler",
@@ -1038,7 +1048,9 @@ def setup_run(args: argparse.Namespace) -> Run:
     torch.manual_seed(args.seed)  # same init on every process
     model = build_model(args, num_classes=len(prepared.identities))
     optimizer = torch.optim.SGD(
-        parameter_groups(model, args.weight_decay), lr=args.learning_rate, momentum=args.momentum
+        parameter_groups(model, args.weight_decay, args.decay_batchnorm),
+        lr=args.learning_rate,
+        momentum=args.momentum,
     )
     scheduler = build_lr_schedule(optimizer, args)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 CONFIG_NAME = "training_config.json"  # train_ID-Booth.py's CONFIG_NAME
+logger = logging.getLogger("training_logs")
 DEFAULT_LOGGING_DIR = "logs"  # train_ID-Booth.py's --logging_dir default
 # Loss terms drawn as panels, first in this order, then any other train/ tag by name.
 CURVE_TERMS = (
@@ -35,12 +37,23 @@ Curve = tuple[list[int], list[float]]  # (steps, values), steps increasing
 
 
 def logging_dir_of(identity_dir: Path) -> Path:
-    """The identity's TensorBoard folder: its config's args.logging_dir, else "logs"."""
+    """The identity's TensorBoard folder: its config's args.logging_dir, else "logs"; always
+    inside the identity's folder (an absolute or '..' logging_dir, which older runs allowed,
+    is shared by every identity: its curves are nobody's own, so they are not read)."""
     name = DEFAULT_LOGGING_DIR
     # No or unreadable config: the trainer's default is the best guess.
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         name = json.loads((identity_dir / CONFIG_NAME).read_text())["args"]["logging_dir"] or name
-    return identity_dir / str(name)
+    folder = identity_dir / str(name)
+    if not folder.resolve().is_relative_to(identity_dir.resolve()):
+        logger.warning(
+            "%s: its logging_dir %s lies outside the identity's folder (shared by every "
+            "identity); its training curves are not read",
+            identity_dir,
+            name,
+        )
+        return identity_dir / DEFAULT_LOGGING_DIR
+    return folder
 
 
 def identity_folders(lora_root: Path) -> list[Path]:

@@ -248,25 +248,22 @@ def loading_from(pipe):
 def packed_batch(k: int, resolution: int, device: torch.device, sdxl: bool = False) -> PackedBatch:
     """K identities' micro-batches of 1 instance + 1 class image (identity-major rows); SDXL's
     size/crop ids of R x R photos when `sdxl`."""
-    rows, latent = 2 * k, resolution // 8
-    instance_rows = torch.arange(0, rows, 2, device=device)
-    slots = torch.arange(k, device=device).repeat_interleave(2)
+    latent = resolution // 8
     landmarks = torch.as_tensor(ARCFACE_DST * resolution / 112.0, device=device)
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * rows)
-    return PackedBatch(
-        mean=torch.randn(rows, 4, latent, latent, device=device),
-        std=torch.rand(rows, 4, latent, latent, device=device),
-        slots=slots,
-        is_prior=torch.arange(rows, device=device) % 2 == 1,
-        instance_rows=instance_rows,
-        prior_rows=instance_rows + 1,
-        sizes=[2] * k,
-        instance_sizes=[1] * k,
-        landmarks=landmarks.expand(k, 5, 2).clone(),
-        embeddings=F.normalize(torch.randn(rows, 512, device=device), dim=-1),
-        has_face=torch.ones(rows, dtype=torch.bool, device=device),
-        time_ids=time_ids.float().to(device) if sdxl else None,
-    )
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * 2)
+    batches = [
+        PackedBatch.one_identity(
+            mean=torch.randn(2, 4, latent, latent, device=device),
+            std=torch.rand(2, 4, latent, latent, device=device),
+            num_instance=1,
+            landmarks=landmarks[None].clone(),
+            embeddings=F.normalize(torch.randn(2, 512, device=device), dim=-1),
+            has_face=torch.ones(2, dtype=torch.bool, device=device),
+            time_ids=time_ids.float().to(device) if sdxl else None,
+        )
+        for _ in range(k)
+    ]
+    return PackedBatch.pack(batches, list(range(k)))
 
 
 def standing_slot(index: int) -> SimpleNamespace:
@@ -498,7 +495,7 @@ def measure_packed(train_args, frozen, face_tools, state, identities, args, k) -
     result = {"seconds_per_step": seconds, "identities_per_step": k, "peak_gib": peak_gib(device)}
     result["sync_free"] = sync_free_step(trainer, device)
     for slot in trainer.active_slots():
-        trainer.release(slot, {})
+        trainer.release(slot, {"identity": slot.identity.name})
     return result
 
 

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# File hashes (runs.cached_sha256) go to a cache of the test session, not the user's.
+os.environ.setdefault("ID_BOOTH_CACHE", tempfile.mkdtemp(prefix="id_booth_cache-"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for path in (REPO_ROOT, REPO_ROOT / "tests", REPO_ROOT / "Evaluation"):
@@ -30,3 +33,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def fake_base_model(folder: Path) -> Path:
+    """A folder laid out as a saved SD pipeline (what runs.check_base_model looks at)."""
+    for name in ("unet", "vae", "text_encoder"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text("{}")
+        (folder / name / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer").mkdir()
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text("{}")
+    (folder / "model_index.json").write_text("{}")
+    return folder

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fake_base_model
 
 
 def run_script(script: str, *arguments: str) -> subprocess.CompletedProcess:
@@ -19,7 +19,11 @@ def run_script(script: str, *arguments: str) -> subprocess.CompletedProcess:
     [
         (
             "inference_ID-Booth.py",
-            ["--lora_dir={tmp}/missing_identity", "--output_dir={tmp}/out"],
+            [
+                "--lora_dir={tmp}/missing_identity",
+                "--output_dir={tmp}/out",
+                "--pretrained_model_name_or_path={tmp}/sd",  # a stand-in pipeline folder
+            ],
             "missing_identity",
         ),
         (
@@ -42,6 +46,7 @@ def run_script(script: str, *arguments: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_bad_input_prints_one_error_line_without_traceback(tmp_path, script, arguments, message):
     (tmp_path / "empty").mkdir()
+    fake_base_model(tmp_path / "sd")
     result = run_script(script, *(argument.format(tmp=tmp_path) for argument in arguments))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -224,6 +229,7 @@ def test_attribute_csvs_with_a_bom_work_and_with_extra_fields_are_one_line(tmp_p
     generation = _script(REPO_ROOT / "inference_ID-Booth.py")
     argv = [f"--lora_dir={lora}", f"--output_dir={tmp_path / 'out'}"]
     argv += [f"--identity_attributes={extra}"]
+    argv += [f"--pretrained_model_name_or_path={fake_base_model(tmp_path / 'sd')}"]
     message = one_line_error("inference_ID-Booth.py", generation, argv)
     assert "line 2 has more fields than the header" in message
 

@@ -656,6 +656,32 @@ def test_faceless_class_photos_stay_in_the_prior_set_flagged(tmp_path: Path) -> 
     assert instance_only["has_face"].tolist() == [True, True]
 
 
+def test_class_folder_with_copies_of_the_identitys_own_photos_is_refused(tmp_path: Path) -> None:
+    """Compared by content, not by path: a renamed copy of an instance photo in the class
+    folder would make the triplet negative the positive itself."""
+    instance, prior = build_pair_folders(tmp_path)
+    own = sorted(instance.iterdir())[0]
+    shutil.copy(own, prior / "z_renamed_copy.png")
+    for detector, encoder in ((DotDetector(), MedianColourEncoder()), (None, None)):
+        with pytest.raises(ValueError, match=rf"z_renamed_copy.png = {own.name}.*remove them"):
+            DreamBoothFaceDataset(instance, detector, encoder, class_folder=prior, resolution=64)
+
+
+class NaNEncoder(MedianColourEncoder):
+    """A broken recogniser (e.g. NaN weights): every embedding is NaN."""
+
+    def forward(self, faces: torch.Tensor) -> torch.Tensor:
+        return super().forward(faces) * float("nan")
+
+
+def test_non_finite_embeddings_are_refused_and_never_cached(tmp_path: Path) -> None:
+    instance, _ = build_pair_folders(tmp_path)
+    encoder = NaNEncoder()
+    with pytest.raises(ValueError, match="NaN/inf embeddings for 2 of 2 faces.*broken"):
+        annotate_folder(instance, DotDetector(), encoder)
+    assert not face_cache_path(instance, encoder, DotDetector()).exists()
+
+
 def test_dataset_without_class_folder_and_center_crop(tmp_path: Path) -> None:
     instance, _ = build_pair_folders(tmp_path)
     dataset = DreamBoothFaceDataset(
@@ -863,3 +889,55 @@ def test_encoded_latents_do_not_depend_on_the_crops_sharing_their_batch(tmp_path
     few.drop("a", keep={("a", 11)})
     assert list(few.rows) == [("a", 11)]
     assert torch.equal(few.columns["mean"][0], many.columns["mean"][many.rows[("a", 11)]])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ID_a,male\n", "has no header (its first line 'ID_a,male' is a data row)"),
+        ("Identity,Gender\nID_a,male\n", "has the header 'Identity,Gender': column names are"),
+        ("identity;gender\nID_a;male\n", "separates fields with ';', not commas"),
+        ("identity\tgender\nID_a\tmale\n", "separates fields with '\\t', not commas"),
+        ("name,gender\nID_a,male\n", "has no 'identity' column (header 'name,gender')"),
+        ("", "is empty"),
+    ],
+)
+def test_attribute_csv_header_problems_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "genders.csv"
+    path.write_text(text)
+    fix = "first line must be the header 'identity,gender'"
+    with pytest.raises(ValueError, match=fix) as error:
+        datasets.load_identity_attributes(path)
+    assert message in str(error.value)
+
+
+def test_attribute_csv_header_names_may_carry_spaces(tmp_path: Path) -> None:
+    path = tmp_path / "genders.csv"
+    path.write_text("identity, gender\nID_a, F\n")
+    assert datasets.load_identity_attributes(path)["ID_a"]["gender"] == "F"
+    assert datasets.identity_genders({"ID_a": tmp_path}, path) == {"ID_a": "female"}
+
+
+def test_a_folder_of_subfolders_is_named_as_such(tmp_path: Path) -> None:
+    for name in ("session_1", "session_2"):
+        (tmp_path / "ID_1" / name).mkdir(parents=True)
+        Image.new("RGB", (96, 96)).save(tmp_path / "ID_1" / name / "a.png")
+    for read in (datasets.list_images, datasets.scan_photos):
+        with pytest.raises(
+            ValueError,
+            match="holds only subfolders .session_1, session_2. and subfolders are not searched",
+        ):
+            read(tmp_path / "ID_1")
+    assert datasets.subfolders_note(tmp_path / "ID_1" / "session_1") == ""
+
+
+def test_a_folder_scanned_again_warns_once(tmp_path: Path, caplog) -> None:
+    """The class folder is scanned for every identity trained: its skips are warned once."""
+    folder = tmp_path / "class"
+    folder.mkdir()
+    Image.new("RGB", (96, 96)).save(folder / "ok.png")
+    Image.new("RGB", (8, 8)).save(folder / "tiny.png")
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        for _ in range(3):
+            datasets.scan_photos(folder)
+    assert len([r for r in caplog.records if "tiny.png" in r.getMessage()]) == 1

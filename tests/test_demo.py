@@ -45,6 +45,10 @@ def test_demo_compares_the_three_variants_in_one_report(tmp_path):
     assert metrics["pose"]["sets"]["real"]["n_faces"] == 8
     page = (out / "report" / "report.html").read_text()
     assert page.index("random-weight models") < page.index("<h1")  # the banner comes first
+    assert re.search(r"<h2>(.*?)</h2>", page).group(1) == "Summary (the paper's columns)"
+    assert "EER within set (pyeer) ↓" in page and "CR-FIQA ↑" in page
+    assert metrics["quality"]["setting"] == "paper" and metrics["quality"]["channel_order"] == "BGR"
+    assert "not comparable with the paper" in page  # the demo's pose: the dlib-PnP fallback
     # 3 variants x 2 identities x (3 generated + 4 real) thumbnails, all embedded.
     assert len(re.findall(r'src="data:image/jpeg;base64,', page)) == 3 * 2 * (3 + 4)
     assert not re.search(r"https?://", page)
@@ -57,3 +61,21 @@ def test_demo_compares_the_three_variants_in_one_report(tmp_path):
     for variant in VARIANTS:  # random SD makes no face to train on: a row saying so
         assert "every image was skipped" in fr_utility["settings"][f"synthetic_{variant}"]["failed"]
     assert "Face-recognition utility" in page and "<th>demo_pairs</th>" in page
+
+
+def test_temps_of_a_demo_killed_during_set_up_are_removed_on_the_next_run(tmp_path):
+    """A kill while a model is written leaves its temp (tens of MB); the next run deletes it,
+    and nothing else in the folder."""
+    import demo
+
+    models = tmp_path / "models"
+    models.mkdir()
+    stale_file = models / ".arcface_r18_random.pth.abcd1234.tmp"
+    stale_file.write_bytes(b"x" * 1000)
+    stale_folder = models / ".tiny-sd.wxyz5678.tmp"
+    (stale_folder / "unet").mkdir(parents=True)
+    other = models / ".notes.txt.abcd1234.tmp"  # not one of the demo's models
+    other.write_text("keep")
+    paths = demo.prepare_embedded_models(models)
+    assert not stale_file.exists() and not stale_folder.exists() and other.exists()
+    assert all(path.exists() for path in paths.values())

@@ -183,7 +183,11 @@ def test_cli_writes_identity_metrics_report_and_plots(cli_run):
     assert "--feature_model" in results["diversity"]["skipped"]
     assert "--feature_model" in results["fidelity"]["skipped"]
     assert "FMR = FNMR" in results["definitions"]["eer"]
+    directions = results["directions"]
+    assert directions["eer_fvc2000"] == "lower" and directions["fdr"] == "higher"
+    assert results["definitions"]["eer_fvc2000"].startswith("↓ lower is better: EER as pyeer")
     report = (cli_run / "report.html").read_text()
+    assert re.search(r"<h2>(.*?)</h2>", report).group(1) == "Summary (the paper's columns)"
     # 3 comparisons x hist/ROC/DET, a pose scatter per set (A, genB, real), A's training curves
     assert report.count("data:image/png;base64,") == 9 + 3 + 1
     for text in ("zz_noise.png", "zz_broken.png", "stray.png", "genB", "EER", "decidability"):
@@ -485,7 +489,7 @@ def test_det_reaches_the_smallest_fmr_the_data_give_without_a_jump(paper_scale_r
     assert fnmr[0] == pytest.approx(roc.fnmr[np.flatnonzero(roc.fmr == 0)[-1]])
     assert np.all(np.diff(fnmr) <= 1e-12)  # non-increasing: no jump back up
     assert figure.axes[0].get_xlim()[0] < norm.ppf(zero)  # visible
-    assert "1e-06" in [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+    assert "1e-6" in [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
     assert len(x) < 2 * (roc.n_genuine + 2)  # only the corners of the staircase are drawn
 
 
@@ -682,7 +686,35 @@ def test_pose_of_a_face_and_its_mirror_image_through_evaluate(cli_run, data):
     assert generated["no_face"] == ["person_0/zz_noise.png"] and generated["n_unreadable"] == 1
     assert generated["n_faces"] == 15 and generated["figure"] == "pose_A"
     page = (cli_run / "report.html").read_text()
-    assert "Head-pose diversity" in page and 'alt="pose_real"' in page
+    assert "Head pose (yaw" in page and 'alt="pose_real"' in page
+    assert pose["estimator"] == "dlib-hog68-pnp14" and pose["comparable_with_paper"] is False
+    assert "not comparable with the paper" in page
+    yaws = np.array([values[0] for values in real["per_image"].values()])
+    assert real["all_faces"]["yaw"] == pytest.approx({"mean": yaws.mean(), "std": yaws.std()})
+
+
+def test_pose_weights_run_6drepnet_on_aligned_padded_faces(data, tmp_path):
+    """--pose_weights: 6DRepNet (a random backbone whose head always says pitch 10, yaw 25,
+    roll -5) on every detected face; the section says it compares with the paper."""
+    from test_pose_6drepnet import constant_pose_checkpoint
+
+    weights = constant_pose_checkpoint(tmp_path / "6drepnet.pth", pitch=10.0, yaw=25.0, roll=-5.0)
+    argv = dlib_argv(data, tmp_path / "out", f"--pose_weights={weights}", "--face_detector=dlib")
+    args = evaluate.parse_args(argv)
+    args.device = "cpu"
+    pose, angles = evaluate.pose_section(evaluate.load_sets(args), args)
+    assert pose["comparable_with_paper"] is True
+    estimator = pose["estimator"]
+    assert estimator.startswith("6drepnet-") and "6drepnet-6drepnet" not in estimator
+    assert estimator.endswith("-dlib-hog68-pad30")
+    real = pose["sets"]["real"]
+    assert real["n_faces"] == 10 and real["n_no_face"] == 0
+    for angle, value in zip(("yaw", "pitch", "roll"), (25.0, 10.0, -5.0), strict=True):
+        assert real["all_faces"][angle]["mean"] == pytest.approx(value, abs=1e-3)
+        assert real["all_faces"][angle]["std"] == pytest.approx(0.0, abs=1e-3)
+    assert pose["sets"]["A"]["no_face"] == ["person_0/zz_noise.png"]
+    with pytest.raises(FileNotFoundError, match="--pose_weights"):
+        evaluate.parse_args([*argv, f"--pose_weights={tmp_path / 'none.pth'}"])
 
 
 @pytest.mark.slow
@@ -701,12 +733,13 @@ def test_quality_from_a_crfiqa_checkpoint_grid_caps_and_no_pose(data, tmp_path):
         out,
         f"--quality_weights={weights}",
         "--face_detector=dlib",
+        "--quality_setting=crfiqa-rgb",
         "--no-pose",
         "--grid_images=2",
         "--grid_identities=3",
     )
     results = evaluate.main(evaluate.parse_args(argv))
-    scorer = quality.build_quality_scorer(weights, "dlib")
+    scorer = quality.build_quality_scorer(weights, "dlib", setting="crfiqa-rgb")
     for name, folder in (("A", data["genA"]), ("real", data["real"])):
         rows, status = quality.score_image_files(scorer, load_image_set(name, folder).paths)
         expected = quality.quality_summary(rows, status)
@@ -749,7 +782,7 @@ def test_statistics_over_no_face_show_as_not_available():
     assert report.format_value(float("nan")) == "n/a" and report.format_value(0.5) == "0.5"
     entry = {"mean": float("nan"), "std": float("nan")}
     assert report._mean_std(entry, "mean", "std") == "n/a"
-    assert report._mean_std({"mean": 1.0, "std": 0.25}, "mean", "std") == "1 ± 0.25"
+    assert report._mean_std({"mean": 1.0, "std": 0.25}, "mean", "std") == "1.000 ± 0.250"
 
 
 def numbered_files(folder: Path, count: int) -> list[Path]:

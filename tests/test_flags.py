@@ -117,3 +117,25 @@ def _required(parser) -> list[str]:
 def test_scripts_refuse_bad_numbers_while_parsing(name, argv, message):
     with pytest.raises(ValueError, match=message):
         _script(name).parse_args(argv)
+
+
+@pytest.mark.parametrize("name", ["train", "inference", "reproduce"])
+def test_help_is_grouped_marks_required_flags_shows_examples_and_no_empty_defaults(name):
+    parser = _script(name).build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert text.count("(required)") == sum(action.required for action in parser._actions)
+    assert "    python " in text or "accelerate launch" in text  # the docstring's examples
+    if name != "reproduce":
+        titles = [group.title for group in parser._action_groups]
+        assert "output" in " ".join(titles) and len(titles) >= 6
+        ungrouped = [a.dest for a in parser._optionals._group_actions if a.dest != "help"]
+        assert ungrouped == [], f"flags outside the --help sections: {ungrouped}"
+
+
+def test_readme_names_every_training_flag_that_differs_from_diffusers():
+    readme = (REPO_ROOT / "README.md").read_text()
+    flags = {a.option_strings[0] for a in _script("train").build_parser()._actions}
+    for diffusers_flag in ("--validation_epochs", "--train_text_encoder", "--use_8bit_adam"):
+        assert diffusers_flag not in flags and f"`{diffusers_flag}`" in readme
+    assert "--validation_steps" in flags

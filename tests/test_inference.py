@@ -10,18 +10,21 @@ prompts.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import fake_base_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -32,6 +35,7 @@ import lora
 import prompts
 import runs
 import sampling
+from lora import LORA_WEIGHTS_NAME
 from random_models import write_random_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -123,9 +127,16 @@ def subprocess_env(threads: int) -> dict[str, str]:
 IDENTITIES = st.text(min_size=1, max_size=12)
 
 
+@functools.cache
+def stand_in_base_model() -> str:
+    """A folder laid out as a saved pipeline, for parse_args's base-model check (no weights)."""
+    return str(fake_base_model(Path(tempfile.mkdtemp()) / "sd"))
+
+
 def planning_args(*extra: str):
-    """Parsed arguments for plan_image (no model or folder is touched)."""
-    return inference.parse_args(["--lora_dir", "ID", "--output_dir", "unused", *extra])
+    """Parsed arguments for plan_image (no model is loaded, no output folder written)."""
+    base = f"--pretrained_model_name_or_path={stand_in_base_model()}"
+    return inference.parse_args(["--lora_dir", "ID", "--output_dir", "unused", base, *extra])
 
 
 @settings(max_examples=30, deadline=None)
@@ -225,9 +236,41 @@ def test_batches_are_fixed_runs_of_the_job_list(num_identities, num_images, batc
     assert [job for members in batches for job in members] == jobs
     assert all(len(members) == batch for members in batches[:-1])
     assert 1 <= len(batches[-1]) <= batch
-    assert inference.slots_needed([(b, list(b)) for b in batches]) == max(
+    assert inference.slots_needed([inference.SampleBatch(b, b, {}) for b in batches]) == max(
         len({name for name, _ in members}) for members in batches
     )
+    for rank, processes in ((0, 1), (1, 3)):  # a process's identity ranges cover its batches
+        mine = inference.split_work(range(len(batches)), processes, rank)
+        ranges = inference.my_identity_ranges(batches, mine)
+        held = {job for b in mine for job in batches[b]}
+        assert held == {(name, i) for name, indices in ranges.items() for i in indices}
+
+
+def test_absurd_image_counts_plan_nothing_before_the_first_image(assets, tmp_path, monkeypatch):
+    """Batches are computed when generation reaches them: a million images per identity start
+    at once (no per-image list or file check first); more than that is refused at parse time."""
+    batches = inference.make_batches(["a", "b", "c"], 10**6 - 1, 16)
+    assert len(batches) == 187500 and batches[-1][-1] == ("c", 999998)
+    assert batches.most_identities() == 2  # batch 62499 holds a's last and b's first images
+    assert inference.make_batches(["a", "b", "c"], 10**6, 16).most_identities() == 1
+    checks = []
+    monkeypatch.setattr(inference, "is_complete_png", lambda path: checks.append(path) or True)
+
+    class FirstBatchError(Exception):
+        pass
+
+    def first_batch(pipeline, jobs, *rest):
+        raise FirstBatchError(len(checks))
+
+    monkeypatch.setattr(inference, "generate_batch", first_batch)
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "1000000")
+    with pytest.raises(FirstBatchError) as reached:
+        run(argv)
+    assert reached.value.args == (0,)  # no image was looked up before the first batch
+    with pytest.raises(ValueError, match="--num_images_per_identity must be >= 1 and <= 1e"):
+        inference.parse_args(
+            cli(assets, tmp_path / "out", "--num_images_per_identity", "300000000")
+        )
 
 
 # ------------------------------------------------------------------- generation results
@@ -403,8 +446,8 @@ def test_every_scheduler_builds_and_is_reproducible(assets, name):
     for key, value in overrides.items():
         assert pipeline.scheduler.config[key] == value
     jobs = [inference.plan_image(args, "ID_a", "male", index) for index in range(2)]
-    first, _ = inference.generate_batch(pipeline, jobs, args)
-    again, _ = inference.generate_batch(pipeline, jobs[1:], args)
+    first, *_ = inference.generate_batch(pipeline, jobs, args)
+    again, *_ = inference.generate_batch(pipeline, jobs[1:], args)
     image = np.asarray(first[1], dtype=np.int16)
     assert np.abs(image - np.asarray(again[0], dtype=np.int16)).max() <= 2
     assert image.std() > 0
@@ -502,6 +545,57 @@ def test_killed_run_resumes_to_the_full_set_without_duplicates(assets, tmp_path)
     assert pngs(output) == pngs(reference)
 
 
+@pytest.mark.parametrize("scheduler", ["ddpm", "euler"])  # sampling.Sampler / stock loop
+def test_resume_samples_only_missing_images_byte_identical(
+    assets, tmp_path, monkeypatch, scheduler
+):
+    """Batches of 4 over 3 x 5 images: [a0 a1 a2 a3] [a4 b0 b1 b2] [b3 b4 c0 c1] [c2 c3 c4].
+    With a1, b1, c1, c3 deleted the old resume sampled all 15 rows again; batches of missing
+    images only, each image at its original batch size and position, take 4 + 3 rows and
+    write the uninterrupted run's bytes."""
+    argv = ["--num_images_per_identity", "5", "--batch_size", "4", "--scheduler", scheduler]
+    output = tmp_path / "out"
+    run(cli(assets, output, *argv))
+    full = pngs(output)
+    deleted = ["ID_a/1.png", "ID_b/1.png", "ID_c/1.png", "ID_c/3.png"]
+    for name in deleted:
+        (output / name).unlink()
+    sampled_rows = []
+    real_generate_batch = inference.generate_batch
+
+    def counting(pipeline, jobs, *rest, **kwargs):
+        sampled_rows.append([(job.identity, job.index) for job in jobs])
+        return real_generate_batch(pipeline, jobs, *rest, **kwargs)
+
+    monkeypatch.setattr(inference, "generate_batch", counting)
+    summary = run(cli(assets, output, *argv))
+    assert summary["written"] == 4 and summary["skipped"] == 11
+    assert pngs(output) == full  # pixels and the metadata inside (its original batch)
+    assert [len(rows) for rows in sampled_rows] == [3, 4]
+    assert {f"{name}/{index}.png" for rows in sampled_rows for name, index in rows} == set(deleted)
+
+
+def test_missing_images_go_to_batches_at_their_original_size_and_position():
+    batches = inference.make_batches(["a", "b"], 5, 4)  # sizes 4, 4, 2
+    missing = [("a", 1), ("b", 0), ("a", 4), ("b", 3), ("b", 4)]
+    work = [(batch, [job for job in batch if job in missing]) for batch in batches]
+    resampled = inference.resample_batches([w for w in work if w[1]], failing=())
+    # ("a", 1) sits at position 1 and ("a", 4) at position 0 of size-4 batches: one batch;
+    # ("b", 0) at position 1 too: a second; ("b", 3), ("b", 4) fill the size-2 batch.
+    assert [batch.rows for batch in resampled] == [
+        (("b", 3), ("b", 4)),
+        (("a", 4), ("a", 1), ("a", 4), ("a", 4)),
+        (("b", 0), ("b", 0), ("b", 0), ("b", 0)),
+    ]
+    assert sorted(job for batch in resampled for job in batch.wanted) == sorted(missing)
+    assert resampled[1].origin[("a", 1)] == batches[0]
+    failing = inference.resample_batches([w for w in work if w[1]], failing={"b"})
+    assert [batch.wanted for batch in failing[:2]] == [(("b", 0),), (("b", 3), ("b", 4))]
+    assert failing[0].rows == failing[1].rows == ()  # counted as failed, never sampled
+    # b's rows dropped, as the full run drops them: ("a", 4) is alone in its batch.
+    assert [batch.rows for batch in failing[2:]] == [(("a", 4),), (("a", 1),) * 4]
+
+
 @pytest.mark.slow
 def test_two_processes_write_exactly_what_one_process_writes(assets, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -576,6 +670,87 @@ def test_a_lora_that_fails_to_load_mid_run_fails_only_its_identity(assets, tmp_p
     assert run(cli(assets, tmp_path / "out", *argv))["written"] == 3  # the rerun fills ID_b
 
 
+def _broken_lora(source: Path, target: Path, change) -> None:
+    """A copy of a LoRA folder whose tensors and metadata went through `change`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target.mkdir(parents=True)
+    with safe_open(str(source / LORA_WEIGHTS_NAME), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata()
+    tensors, metadata = change(tensors, metadata)
+    save_file(tensors, str(target / LORA_WEIGHTS_NAME), metadata=metadata)
+
+
+def test_bad_lora_files_fail_only_their_identity_and_nothing_black_is_written(
+    assets, tmp_path, caplog
+):
+    """Malformed metadata, NaN, integer or huge tensors: each fails its own identity with one
+    line naming it; the good identity in the same batches is written, nothing else is."""
+    root = tmp_path / "loras"
+    shutil.copytree(assets["loras"] / "ID_a", root / "ID_a")
+    source = assets["loras"] / "ID_b"
+
+    def metadata_list(tensors, metadata):
+        return tensors, {**metadata, "lora_adapter_metadata": "[4]"}
+
+    def alpha_text(tensors, metadata):
+        return tensors, {**metadata, "lora_adapter_metadata": '{"unet.lora_alpha": "4"}'}
+
+    def nan(tensors, metadata):
+        return {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, metadata
+
+    def integer(tensors, metadata):
+        return {k: v.to(torch.int32) for k, v in tensors.items()}, metadata
+
+    def huge(tensors, metadata):  # finite weights whose images are NaN/inf
+        return {k: v * 1e18 for k, v in tensors.items()}, metadata
+
+    for change in (metadata_list, alpha_text, nan, integer, huge):
+        _broken_lora(source, root / f"ID_{change.__name__}", change)
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "2", "--batch_size", "3")
+    argv[argv.index("--lora_root") + 1] = str(root)
+    genders = tmp_path / "genders.csv"
+    genders.write_text("identity,gender\n" + "".join(f"{p.name},f\n" for p in root.iterdir()))
+    argv[argv.index("--identity_attributes") + 1] = str(genders)
+    summary = run(argv)
+    broken = sorted(f"ID_{c}" for c in ("metadata_list", "alpha_text", "nan", "integer", "huge"))
+    assert summary["failed_identities"] == broken
+    assert (summary["written"], summary["failed"]) == (2, 10)
+    assert sorted(pngs(tmp_path / "out")) == ["ID_a/0.png", "ID_a/1.png"]
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    for name, words in {
+        "ID_metadata_list": "JSON list",
+        "ID_alpha_text": "lora_alpha must be a number",
+        "ID_nan": "NaN/inf",
+        "ID_integer": "must be floats",
+        "ID_huge": "non-finite latents or pixels",
+    }.items():
+        assert any(name in e and words in e and "\n" not in e for e in errors), name
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--lora_scale", "1e30"), ("--guidance_scale", "1e30"), ("--lora_scale", "-1")]
+)
+def test_absurd_scales_are_refused_at_parse_time(assets, tmp_path, flag, value):
+    with pytest.raises(ValueError, match=f"{flag} must be"):
+        inference.parse_args(cli(assets, tmp_path / "out", flag, value))
+
+
+def test_non_finite_samples_are_flagged_before_postprocessing_blacks_them(assets):
+    from sampling import decode_checked, finite_rows
+
+    args = inference.parse_args(cli(assets, Path("unused")))
+    pipeline = inference.load_generation_pipeline(args)
+    latents = torch.zeros(3, 4, 8, 8)
+    latents[1, 0, 2, 3] = float("nan")
+    latents[2, 1, 0, 0] = float("inf")
+    images, _, finite = decode_checked(pipeline, latents)
+    assert finite == [True, False, False] and len(images) == 3
+    assert finite_rows(torch.ones(2, 3), torch.tensor([[1.0], [float("-inf")]])) == [True, False]
+
+
 def test_unknown_scheduler_lists_the_options(assets, tmp_path):
     with pytest.raises(ValueError, match="unknown --scheduler 'heunx'") as error:
         inference.parse_args(cli(assets, tmp_path, "--scheduler", "heunx"))
@@ -616,6 +791,16 @@ def test_attribute_file_missing_identities_lists_them_all(assets, tmp_path, no_m
     assert not (tmp_path / "out" / "ID_a").exists()
 
 
+def test_a_base_folder_without_unet_is_named_not_blamed_on_config_json(assets, tmp_path):
+    base = tmp_path / "sd"
+    shutil.copytree(assets["model"], base)
+    shutil.rmtree(base / "unet")
+    argv = cli(assets, tmp_path / "out")
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(base)
+    with pytest.raises(FileNotFoundError, match=r"incomplete: missing unet/config\.json"):
+        inference.parse_args(argv)
+
+
 def test_unwritable_output_dir_is_reported_before_loading(assets, tmp_path, no_model_load):
     a_file = tmp_path / "file.txt"
     a_file.write_text("not a folder")
@@ -640,8 +825,45 @@ def test_changed_settings_refuse_to_mix_into_existing_output(assets, tmp_path):
     summary = run([*argv, "--num_images_per_identity", "2"])
     assert (summary["written"], summary["skipped"]) == (1, 1)  # extending is fine
     shutil.copytree(root / "ID_a" / "checkpoint-100", root / "ID_a" / "checkpoint-200")
-    with pytest.raises(ValueError, match=r"LoRA of ID_a: .*checkpoint-100.* -> .*checkpoint-200"):
-        run(argv)  # 'latest' now means another file
+    before = pngs(tmp_path / "out")
+    summary = run(argv)  # 'latest' now means another file: ID_a's images are refused
+    assert summary["failed_identities"] == ["ID_a"] and summary["written"] == 0
+    assert pngs(tmp_path / "out") == before
+
+
+def test_images_of_a_lora_retrained_at_the_same_path_are_refused_not_kept(assets, tmp_path, caplog):
+    """The run config records each LoRA's sha256: a LoRA retrained in place fails its
+    identity (one line naming it; its images are neither kept as done nor mixed), the other
+    identities go on, and --overwrite regenerates it."""
+    root = tmp_path / "loras"
+    for name in ("ID_a", "ID_b"):
+        shutil.copytree(assets["loras"] / name, root / name)
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "2")
+    argv[argv.index("--lora_root") + 1] = str(root)
+    run(argv)
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    recorded = config["lora_files"]["ID_a"]["sha256"]
+    assert recorded == fileio.file_sha256(root / "ID_a" / LORA_WEIGHTS_NAME)
+    assert metadata(tmp_path / "out")[0]["lora_sha256"] == recorded
+    before = pngs(tmp_path / "out")
+
+    shutil.copy(assets["loras"] / "ID_c" / LORA_WEIGHTS_NAME, root / "ID_a" / LORA_WEIGHTS_NAME)
+    summary = run([*argv, "--num_images_per_identity", "3"])
+    assert summary["failed_identities"] == ["ID_a"] and summary["failed"] == 3
+    assert summary["written"] == 1  # ID_b's third image
+    assert {k: v for k, v in pngs(tmp_path / "out").items() if "ID_a" in k} == {
+        k: v for k, v in before.items() if "ID_a" in k
+    }
+    line = next(r.message for r in caplog.records if "made by another LoRA" in r.message)
+    assert "ID_a" in line and "sha256" in line and "--overwrite" in line and "\n" not in line
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["lora_files"]["ID_a"]["sha256"] == recorded  # still what made its images
+    assert run(argv)["failed_identities"] == ["ID_a"]  # refused again, never accepted silently
+
+    summary = run([*argv, "--overwrite"])
+    assert summary["failed"] == 0 and summary["written"] == 4
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["lora_files"]["ID_a"]["sha256"] != recorded
 
 
 def test_other_argument_errors(assets, tmp_path):
@@ -742,10 +964,14 @@ def test_output_dir_inside_the_lora_root_is_refused(assets):
         inference.parse_args(cli(assets, assets["loras"] / "generated"))
 
 
-def test_fp16_generation_runs_on_the_cpu(assets, tmp_path):
+def test_fp16_generation_runs_on_the_cpu(assets, tmp_path, capfd):
     argv = cli(assets, tmp_path / "fp16", "--num_images_per_identity", "1", "--identities", "ID_a")
     argv[argv.index("--mixed_precision") + 1] = "fp16"
+    capfd.readouterr()
     summary = run(argv)
+    # A healthy run raises no warning: diffusers' to() warns on every cast about an empty
+    # list of fp32-only modules.
+    assert "should be kept in float32" not in capfd.readouterr().err
     assert summary["written"] == 1
     image = pixels(tmp_path / "fp16" / "ID_a" / "0.png")
     assert image.std() > 0  # not a blank (NaN-decoded) image

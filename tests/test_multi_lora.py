@@ -248,8 +248,11 @@ def _packed_loss(unet, handle, inputs, identities, num_identities) -> torch.Tens
     """Sum over identities of each identity's mean per-sample MSE (the packed objective)."""
     handle.set_identities(identities)
     per_sample = unet(**inputs).sample.square().mean(dim=(1, 2, 3))  # (B,)
-    means = [per_sample[identities == k].mean() for k in identities.unique().tolist()]
-    return torch.stack(means).sum()
+    sums = per_sample.new_zeros(num_identities).index_add(0, identities, per_sample)
+    counts = per_sample.new_zeros(num_identities).index_add(
+        0, identities, torch.ones_like(per_sample)
+    )
+    return (sums / counts.clamp_min(1)).sum()  # identities without rows add 0; no host reads
 
 
 def test_packed_gradients_equal_solo_peft_gradients(pipe):
@@ -590,6 +593,30 @@ def test_scaled_load_refuses_what_the_handle_cannot_hold(pipe, tmp_path):
     only_q = ml.inject_batched_lora(copy.deepcopy(pipe.unet), ["to_q"], 1, 8, 8)
     with pytest.raises(ValueError, match="keys of other layers"):
         ml.load_identity_scaled_(only_q, 0, state, scalings)
+
+
+def test_scaled_load_refuses_non_float_and_non_finite_weights(pipe, tmp_path):
+    """A NaN or integer file, or a scale that overflows the layer dtype, is refused and leaves
+    the slot zero (the base model), never a slot that would draw black images."""
+    from lora import lora_layout, read_lora_file
+
+    path = _saved_peft_lora(pipe.unet, tmp_path / "ok", 4, 4, TARGETS, 4)
+    state, scalings = read_lora_file(path.parent), lora_layout(path).scalings
+    _, handle = _batched(pipe.unet)
+    ml.load_identity_scaled_(handle, 0, state, scalings)  # a good file loads
+    first = next(iter(state))
+    cases = {
+        "NaN": ({**state, first: torch.full_like(state[first], float("nan"))}, scalings, "NaN/inf"),
+        "int": ({**state, first: state[first].to(torch.int32)}, scalings, "must be floats"),
+        "huge scale": (state, {m: 1e39 for m in scalings}, "NaN/inf"),
+    }
+    for name, (weights, scales, words) in cases.items():
+        ml.load_identity_scaled_(handle, 1, state, scalings)
+        with pytest.raises(ValueError, match=words):
+            ml.load_identity_scaled_(handle, 1, weights, scales)
+        if words == "NaN/inf":  # the copy had started: the slot is zeroed again
+            assert all(not p[1].any() for p in handle.parameters()), name
+    assert all(p[0].isfinite().all() and p[0].any() for p in handle.parameters()[1::2])
 
 
 def test_lora_layout_names_what_batched_generation_cannot_apply(pipe, tmp_path):

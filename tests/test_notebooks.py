@@ -13,7 +13,12 @@ from evaluation_data import build_tiny_dinov2, real_face_crops, write_identity_f
 from nbclient import NotebookClient
 
 EVALUATION_DIR = Path(__file__).resolve().parents[1] / "Evaluation"
-NOTEBOOKS = ("identity_analysis.ipynb", "diversity_fidelity.ipynb")
+NOTEBOOKS = (
+    "identity_analysis.ipynb",
+    "diversity_fidelity.ipynb",
+    "quality_analysis.ipynb",
+    "pose_analysis.ipynb",
+)
 KERNEL_NAME = "id-booth-tests"
 
 
@@ -82,8 +87,56 @@ def test_identity_notebook_runs_on_real_faces(notebook_env, monkeypatch):
 def test_diversity_fidelity_notebook_runs(notebook_env, monkeypatch):
     output = run_notebook("diversity_fidelity.ipynb", notebook_env, monkeypatch)
     assert "feature model: dino-" in output
-    for text in ("Vendi mean", "person_0", "precision", "coverage", "KD subsets"):
+    for text in ("Vendi ↑ mean", "person_0", "precision", "coverage", "KD subsets"):
         assert text in output
+
+
+@pytest.fixture(scope="module")
+def model_weights(tmp_path_factory) -> dict[str, str]:
+    """A random CR-FIQA(S) (iresnet50, so the paper's setting runs) and a random 6DRepNet,
+    each saved in its official key layout."""
+    import torch
+    from test_pose_6drepnet import random_state
+
+    import quality
+    from random_models import calibrate_batchnorm
+
+    root = tmp_path_factory.mktemp("notebook_models")
+    torch.manual_seed(0)
+    faces = torch.rand((8, 3, 112, 112), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    crfiqa = calibrate_batchnorm(quality.build_crfiqa("r50"), [faces])
+    torch.save(crfiqa.state_dict(), root / "32572backbone.pth")
+    torch.save(random_state(), root / "6DRepNet_300W_LP_AFLW2000.pth")
+    return {
+        "IDB_QUALITY_WEIGHTS": str(root / "32572backbone.pth"),
+        "IDB_POSE_WEIGHTS": str(root / "6DRepNet_300W_LP_AFLW2000.pth"),
+        "IDB_FACE_DETECTOR": "dlib",
+    }
+
+
+@pytest.mark.slow
+def test_quality_notebook_runs_the_papers_setting(notebook_env, model_weights, monkeypatch):
+    output = run_notebook("quality_analysis.ipynb", notebook_env | model_weights, monkeypatch)
+    assert "setting: paper - the paper's: CR-FIQA(S)" in output
+    assert "model: crfiqa-32572backbone-" in output and "-dlib-hog68-bgr" in output
+    for text in ("Face image quality (CR-FIQA)", "CR-FIQA ↑ mean ± std", "ID-Booth", "real"):
+        assert text in output
+    assert output.count("data:image/png;base64,") == 1  # the score histogram
+
+
+@pytest.mark.slow
+def test_pose_notebook_runs_6drepnet_and_the_fallback(notebook_env, model_weights, monkeypatch):
+    output = run_notebook("pose_analysis.ipynb", notebook_env | model_weights, monkeypatch)
+    assert "estimator: 6drepnet-300W_LP_AFLW2000-" in output
+    assert "comparable with the paper: True" in output
+    table_texts = ("yaw mean ± std, all faces", "pitch std per identity ↑", "ID-Booth: yaw std")
+    for text in (*table_texts, "person_0"):
+        assert text in output
+    assert output.count("data:image/png;base64,") == 2  # a scatter per set (generated, real)
+    fallback = notebook_env | model_weights | {"IDB_POSE_WEIGHTS": ""}
+    output = run_notebook("pose_analysis.ipynb", fallback, monkeypatch)
+    assert "estimator: dlib-hog68-pnp14 - comparable with the paper: False" in output
+    assert "not comparable with the paper" in output
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -144,8 +144,9 @@ def test_mirror_flips_yaw_and_roll_and_keeps_pitch(estimator, group_faces, tom_h
     yaw, pitch, roll = poses.T
     yaw_m, pitch_m, roll_m = mirrored.T
     turned = np.abs(yaw) > 10
-    # person 4 looks clearly towards the image's left, Tom Hanks slightly towards its right
-    assert yaw[4] < -40 and 15 < yaw[6] < 30
+    # person 4 looks clearly towards the image's left, Tom Hanks slightly towards its right:
+    # the paper's (6DRepNet's) signs, yaw > 0 = turned towards the image's left
+    assert yaw[4] > 40 and -30 < yaw[6] < -15
     assert turned.sum() >= 5  # measured |yaw|: 35, 20, 52, 15, 21 (and 0.7, 1.8 near frontal)
     assert np.all(np.sign(yaw_m[turned]) == -np.sign(yaw[turned]))
     # measured |yaw + yaw_mirror| / |yaw| <= 0.10 (person 1: -34.7 vs 38.2)
@@ -185,14 +186,15 @@ def test_pure_camera_rotation_changes_pose_by_that_rotation(estimator, tom_hanks
     landmarks, the estimate must follow the pinhole camera it assumes, with these signs."""
     canvas = _canvas(tom_hanks, 224)
     height, width = canvas.shape[:2]
-    before = estimator.estimate_image(canvas)
+    to_camera = pose.CAMERA_TO_PAPER_SIGNS  # its own inverse: back to solve_head_pose's signs
+    before = estimator.estimate_image(canvas) * to_camera
     turn = pose.rotation_from_angles(*camera_turn, 0.0)
     camera = pose.camera_matrix(width, height)
     homography = camera @ turn @ np.linalg.inv(camera)
     rendered = cv2.warpPerspective(
         canvas, homography, (width, height), flags=cv2.INTER_LINEAR, borderValue=(110,) * 3
     )
-    after = estimator.estimate_image(rendered)
+    after = estimator.estimate_image(rendered) * to_camera
     expected = pose.angles_from_rotation(turn @ pose.rotation_from_angles(*before))
     # measured |after - expected| <= 0.9 deg; the change itself is ~10 deg
     np.testing.assert_allclose(after, expected, atol=2.0)
@@ -263,7 +265,8 @@ def test_pose_spread_matches_numpy():
         assert spread["per_identity"]["b"][name] == pytest.approx(per_b[k])
         assert spread[name]["mean"] == pytest.approx(np.mean([per_a[k], per_b[k]]))
         assert spread[name]["std"] == pytest.approx(np.std([per_a[k], per_b[k]]))
-        assert spread["overall_std"][name] == pytest.approx(angles[:, k].std())
+        assert spread["all_faces"][name]["std"] == pytest.approx(angles[:, k].std())
+        assert spread["all_faces"][name]["mean"] == pytest.approx(angles[:, k].mean())
     assert spread["per_identity"]["a"]["n_faces"] == 3
     assert sorted(spread["per_identity"]) == ["a", "b"]
     assert spread["n_faces"] == 6 and spread["n_identities"] == 2
@@ -275,8 +278,8 @@ def test_pose_spread_without_spread_and_bad_input():
     spread = pose.pose_spread(np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), ["x", "y"])
     assert spread["n_identities"] == 0 and spread["n_identities_too_few_faces"] == 2
     assert all(math.isnan(spread[name]["mean"]) for name in pose.ANGLE_NAMES)
-    assert spread["overall_std"]["yaw"] == pytest.approx(1.5)
+    assert spread["all_faces"]["yaw"] == {"mean": 2.5, "std": 1.5}
     empty = pose.pose_spread(np.zeros((0, 3)), [])
-    assert empty["n_faces"] == 0 and math.isnan(empty["overall_std"]["roll"])
+    assert empty["n_faces"] == 0 and math.isnan(empty["all_faces"]["roll"]["mean"])
     with pytest.raises(ValueError, match="2 pose rows but 1 identities"):
         pose.pose_spread(np.zeros((2, 3)), ["x"])

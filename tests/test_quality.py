@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from test_arcface import (
     insightface_iresnet_shapes,
     reference_iresnet_forward,
@@ -143,6 +144,10 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, r18_checkpoint):
         quality.crfiqa_from_state_dict(r200)
     with pytest.raises(FileNotFoundError, match="32572backbone.pth"):
         quality.load_crfiqa(tmp_path / "missing.pth")
+    nan = {**state, "qs.weight": torch.full_like(state["qs.weight"], float("nan"))}
+    torch.save(nan, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"NaN/inf in 1 tensors \(e\.g\. qs\.weight\).*broken"):
+        quality.load_crfiqa(tmp_path / "nan.pth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +186,7 @@ def test_image_files_get_scores_or_status_and_cache(
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
     paths = [tmp_path / name for name in (*images, "broken.png")]
     scorer = quality.CRFIQAScorer(r18_model, dlib_detector, weights="r18")
-    assert scorer.name == "crfiqa-r18-dlib-hog68"
+    assert scorer.name == "crfiqa-r18-dlib-hog68-rgb"
 
     rows, status = quality.score_image_files(scorer, paths)
     assert rows.shape == (4, 1) and rows.dtype == np.float32
@@ -204,12 +209,47 @@ def test_image_files_get_scores_or_status_and_cache(
 
 
 def test_build_quality_scorer_on_aligned_crops(r18_checkpoint, r18_model, tom_and_flip):
-    scorer = quality.build_quality_scorer(r18_checkpoint, face_detector=None, batch_size=4)
-    assert scorer.name == f"crfiqa-{arcface.weights_name(r18_checkpoint)}-aligned"
+    scorer = quality.build_quality_scorer(
+        r18_checkpoint, face_detector=None, batch_size=4, setting="crfiqa-rgb"
+    )
+    assert scorer.name == f"crfiqa-{arcface.weights_name(r18_checkpoint)}-aligned-rgb"
     scores, found = scorer.score(list(tom_and_flip))
     assert found.all()
     expected = quality.CRFIQAScorer(r18_model).score_aligned(tom_and_flip)
     np.testing.assert_array_equal(scores, expected)
+
+
+def test_paper_setting_is_cr_fiqa_s_fed_bgr_as_id_booths_script(tmp_path, colour_face):
+    """ID-Booth's getQualityScore: cv2.imread of a PIL-saved RGB crop (so BGR), transposed,
+    /255 - 0.5 / 0.5, into iresnet50 + qs, no conversion."""
+    state = synthetic_state_dict(crfiqa_shapes("r50"), seed=5)
+    weights = tmp_path / "32572backbone.pth"
+    torch.save(state, weights)
+    crop_file = tmp_path / "crop.png"
+    Image.fromarray(colour_face).save(crop_file)  # the paper's crops: PIL-saved RGB
+    official = cv2.imread(str(crop_file))  # (112, 112, 3) BGR, never converted
+    blob = torch.from_numpy(official.transpose(2, 0, 1)[None].astype(np.float32))
+    model = quality.crfiqa_from_state_dict(state)
+    with torch.no_grad():
+        _, official_score = model(blob.div(255).sub(0.5).div(0.5))
+    scorer = quality.build_quality_scorer(weights, face_detector=None)  # default: paper
+    assert scorer.channel_order == "BGR" and scorer.name.endswith("-aligned-bgr")
+    scores, found = scorer.score([colour_face])
+    assert found.all()
+    np.testing.assert_allclose(scores, official_score[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+    rgb_scorer = quality.build_quality_scorer(weights, None, setting="crfiqa-rgb")
+    assert abs(rgb_scorer.score([colour_face])[0][0] - scores[0]) > 1e-3  # the order matters
+
+
+def test_paper_setting_refuses_another_model_and_names_are_not_doubled(tmp_path, r18_model):
+    weights = tmp_path / "crfiqa_r18_random.pth"
+    torch.save(r18_model.state_dict(), weights)
+    with pytest.raises(ValueError, match="CR-FIQA\\(S\\).*r18.*--quality_setting crfiqa-rgb"):
+        quality.build_quality_scorer(weights, None)
+    scorer = quality.build_quality_scorer(weights, None, setting="crfiqa-rgb")
+    assert scorer.name.startswith("crfiqa-r18_random-") and "crfiqa-crfiqa" not in scorer.name
+    with pytest.raises(ValueError, match="options: \\['paper', 'crfiqa-rgb'\\]"):
+        quality.quality_setting("bgr")
 
 
 # ---------------------------------------------------------------------------------------------

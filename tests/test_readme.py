@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO_ROOT
+from test_pose_6drepnet import random_state as random_6drepnet_state
 
 README = (REPO_ROOT / "README.md").read_text()
 
@@ -41,6 +43,12 @@ def test_the_differences_list_names_every_known_difference():
         "non-finite",
         "fr utility protocol",
         "dropout",
+        "6drepnet",
+        "padded by 30 px",
+        "not comparable with the paper",
+        "cr-fiqa(s)",
+        "bgr",
+        "--quality_setting",
     ):
         assert known in differences, known
 
@@ -70,6 +78,11 @@ TINY_FLAGS = {
     "inference_ID-Booth.py": f"{TINY_MODELS} --resolution 64 --num_inference_steps 2 "
     "--num_images_per_identity 2",
     "Evaluation/evaluate.py": "--face_detector dlib --feature_image_size 56",
+    # Tiny random models draw no faces: the export adds the real photos (same identities).
+    "Evaluation/export_faces.py": "--data_dir data/tufts --face_detector dlib",
+    "Evaluation/train_fr.py": "--backbone r18 --batch_size 4 --max_train_steps 2 "
+    "--mixed_precision no --dataloader_num_workers 0",
+    "Evaluation/verify.py": "--device cpu",
     "reproduce_ID-Booth.py": f"{TINY_MODELS} --feature_model models/tiny-dinov2 --resolution 64 "
     "--num_images_per_identity 2 --face_detector dlib "
     "--train_flags '--max_train_steps 2 --checkpointing_steps 2 --validation_steps 2 "
@@ -118,18 +131,35 @@ def readme_workspace(tmp_path_factory):
     genders = json.loads(attributes.read_text())
     rows = [f"{name},{entry['gender']}" for name, entry in sorted(genders.items())]
     (root / "genders.csv").write_text("identity,gender\n" + "\n".join(rows) + "\n")
+    write_verification_bins(root / "verification", root / "data" / "tufts")
     for source, target in (
         (models["arcface"], "ms1mv3_arcface_r100_fp16/backbone.pth"),
-        (models["crfiqa"], "CR-FIQA/181952backbone.pth"),
+        (models["crfiqa"], "CR-FIQA/32572backbone.pth"),
     ):
         (root / target).parent.mkdir(parents=True)
         shutil.copy(source, root / target)
+    torch.save(random_6drepnet_state(), root / "6DRepNet_300W_LP_AFLW2000.pth")
     return root
+
+
+def write_verification_bins(folder: Path, identities: Path) -> None:
+    """insightface-format .bin pair sets (20 pairs of the workspace's photos) under the names
+    README's verify command reads."""
+    import verify
+
+    photos = sorted(identities.glob("*/*"))
+    pairs = [(photos[i % len(photos)], photos[(i * 7 + 1) % len(photos)]) for i in range(20)]
+    images = [path.read_bytes() for pair in pairs for path in pair]
+    issame = [first.parent == second.parent for first, second in pairs]
+    folder.mkdir()
+    for name in ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"):
+        verify.write_bin(folder / f"{name}.bin", images, issame)
 
 
 SCRIPT_PATH = re.compile(
     r"(?<![\w/])(train_ID-Booth\.py|inference_ID-Booth\.py|reproduce_ID-Booth\.py|"
-    r"Evaluation/evaluate\.py)"
+    r"Evaluation/evaluate\.py|Evaluation/export_faces\.py|Evaluation/train_fr\.py|"
+    r"Evaluation/verify\.py)"
 )
 
 
@@ -157,8 +187,11 @@ def test_every_readme_snippet_runs_on_tiny_models(readme_workspace):
             )
             assert completed.returncode == 0, f"{command}\n{completed.stderr[-3000:]}"
             ran.append(command)
-    assert len(ran) == 4  # reproduce, train, generate, evaluate
+    # reproduce; FR utility: generate, export, train, verify; train; generate; evaluate
+    assert len(ran) == 8
     assert (readme_workspace / "experiment" / "report" / "report.html").is_file()
+    assert list((readme_workspace / "faces" / "fr-triplet").glob("*/[0-9][0-9][0-9][0-9][0-9].png"))
+    assert (readme_workspace / "fr" / "triplet" / "backbone.pth").is_file()
     assert len(list((readme_workspace / "generated" / "id-booth").glob("*/*.png"))) == 4
     metrics = json.loads((readme_workspace / "report" / "metrics.json").read_text())
     assert {"triplet", "dreambooth"} <= set(metrics["sets"])

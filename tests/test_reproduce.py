@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fake_base_model
 from PIL import Image
 
 import runs
@@ -136,6 +137,7 @@ def test_stage_command_lines_follow_the_arguments(tmp_path):
     identities.mkdir()
     args = reproduce.parse_args(
         [
+            f"--pretrained_model_name_or_path={fake_base_model(tmp_path / 'sd')}",
             f"--identities_root={identities}",
             "--class_data_dir=class",
             "--arcface_weights=backbone.pth",
@@ -160,6 +162,28 @@ def test_stage_command_lines_follow_the_arguments(tmp_path):
         f"--generated=dreambooth={tmp_path / 'generated' / 'dreambooth'}",
     ]
     assert not any(flag.startswith("--arcface_weights") for flag in evaluate)  # dlib embedder
+    assert not any(flag.startswith(("--quality", "--pose_weights")) for flag in evaluate)
+
+
+def test_evaluation_runs_in_the_papers_quality_and_pose_settings(tmp_path):
+    reproduce = runs.load_script(SCRIPT)
+    identities = tmp_path / "photos"
+    identities.mkdir()
+    base = [
+        f"--pretrained_model_name_or_path={fake_base_model(tmp_path / 'sd')}",
+        f"--identities_root={identities}",
+        "--class_data_dir=class",
+        "--arcface_weights=backbone.pth",
+        f"--output_dir={tmp_path}",
+        "--embedder=dlib",
+        "--quality_weights=32572backbone.pth",
+        "--pose_weights=6DRepNet_300W_LP_AFLW2000.pth",
+    ]
+    evaluate = reproduce.evaluate_argv(reproduce.parse_args(base))
+    assert "--quality_setting=paper" in evaluate
+    assert "--pose_weights=6DRepNet_300W_LP_AFLW2000.pth" in evaluate
+    other = reproduce.evaluate_argv(reproduce.parse_args([*base, "--quality_setting=crfiqa-rgb"]))
+    assert "--quality_setting=crfiqa-rgb" in other
     with pytest.raises(FileNotFoundError, match="--identities_root"):
         reproduce.parse_args(
             [
@@ -169,6 +193,144 @@ def test_stage_command_lines_follow_the_arguments(tmp_path):
                 f"--output_dir={tmp_path}",
             ]
         )
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, monkeypatch):
+    """The experiment records its settings; a re-run with other training or generation flags
+    is refused (the differences in one line) before any stage runs, so the report is never
+    rebuilt from models of other settings. Paths compared by content and the evaluation's
+    settings may change; --overwrite accepts new settings and passes --overwrite on."""
+    reproduce = runs.load_script(SCRIPT)
+    identities = tmp_path / "photos"
+    identities.mkdir()
+    stages = []
+    monkeypatch.setattr(reproduce, "run_stage", lambda name, argv: stages.append((name, argv)))
+    monkeypatch.setattr(reproduce, "train_variants", lambda args, state: stages.append("train"))
+    monkeypatch.setattr(reproduce, "generate_variants", lambda args, state: None)
+    base = [
+        f"--pretrained_model_name_or_path={fake_base_model(tmp_path / 'sd')}",
+        f"--identities_root={identities}",
+        "--class_data_dir=class",
+        "--arcface_weights=backbone.pth",
+        f"--output_dir={tmp_path / 'experiment'}",
+        "--train_flags=--learning_rate 1e-4",
+    ]
+    reproduce.main(reproduce.parse_args(base))
+    config = tmp_path / "experiment" / reproduce.EXPERIMENT_CONFIG_NAME
+    assert json.loads(config.read_text())["args"]["train_flags"] == ["--learning_rate", "1e-4"]
+    stages.clear()
+    reproduce.main(reproduce.parse_args([*base, "--banner=rerun", "--embedder=dlib"]))
+    assert stages[0] == "train"  # evaluation-only changes: the experiment goes on
+
+    stages.clear()
+    changed = [*base[:-1], "--train_flags=--learning_rate 1e-2", "--resolution=256"]
+    with pytest.raises(ValueError) as error:
+        reproduce.main(reproduce.parse_args(changed))
+    message = str(error.value)
+    assert "\n" not in message and "--overwrite" in message
+    assert "train_flags: ['--learning_rate', '1e-4'] -> ['--learning_rate', '1e-2']" in message
+    assert "resolution: 512 -> 256" in message
+    assert stages == []  # nothing trained, generated or evaluated
+    overwrite = reproduce.parse_args([*changed, "--overwrite"])
+    assert "--overwrite" in reproduce.train_argv(overwrite, "triplet")
+    assert "--resume_from_checkpoint=latest" not in reproduce.train_argv(overwrite, "triplet")
+    assert "--overwrite" in reproduce.generate_argv(overwrite, "triplet")
+    reproduce.main(overwrite)
+    assert json.loads(config.read_text())["args"]["resolution"] == 256
+
+
+NO_GENDER_PROMPTS = (
+    "--generate_flags=--prompt_template 'photo of sks person, {background} background' "
+    "--prompt_template_no_background 'photo of sks person'"
+)
+
+
+def early_argv(tmp_path: Path, *extra: str) -> list[str]:
+    """A reproduce command line over two identity folders and a stand-in base model."""
+    for name in ("ID_a", "ID_b"):
+        (tmp_path / "photos" / name).mkdir(parents=True, exist_ok=True)
+    base = tmp_path / "sd"
+    if not base.exists():
+        fake_base_model(base)
+    return [
+        f"--pretrained_model_name_or_path={base}",
+        f"--identities_root={tmp_path / 'photos'}",
+        f"--class_data_dir={tmp_path / 'class'}",
+        f"--arcface_weights={tmp_path / 'backbone.pth'}",
+        f"--output_dir={tmp_path / 'experiment'}",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("ID_a,male\nID_b,female\n", "has no header"),
+        ("Identity,Gender\nID_a,male\nID_b,female\n", "column names are lower case"),
+        ("identity;gender\nID_a;male\nID_b;female\n", "separates fields with ';'"),
+        ("identity,gender\nID_a,male\n", "no gender for 1 identities: ID_b"),
+        ("identity,gender\nID_a,male\nID_b,tall\n", "unknown gender values ID_b='tall'"),
+    ],
+)
+def test_a_bad_attributes_file_fails_before_any_stage(tmp_path, rows, message):
+    reproduce = runs.load_script(SCRIPT)
+    attributes = tmp_path / "genders.csv"
+    attributes.write_text(rows)
+    with pytest.raises(ValueError, match=message):
+        reproduce.parse_args(early_argv(tmp_path, f"--identity_attributes={attributes}"))
+
+
+def test_no_attributes_file_fails_before_any_stage_unless_the_prompt_needs_no_gender(tmp_path):
+    reproduce = runs.load_script(SCRIPT)
+    with pytest.raises(ValueError, match="no gender for 2 identities: ID_a, ID_b"):
+        reproduce.parse_args(early_argv(tmp_path))
+    reproduce.parse_args(early_argv(tmp_path, NO_GENDER_PROMPTS))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--evaluate_flags", "--no-poses"], "--evaluate_flags '--no-poses': unrecognized"),
+        (["--train_flags=--max_train_stepz 3"], "--train_flags '--max_train_stepz 3'"),
+        (["--generate_flags=--batch_size 0"], "--batch_size must be >= 1, got 0"),
+        (["--generate_flags=--mixed_precision fp32"], "invalid choice: 'fp32'"),
+    ],
+)
+def test_misspelt_pass_through_flags_fail_before_any_stage(tmp_path, flags, message):
+    reproduce = runs.load_script(SCRIPT)
+    genders = tmp_path / "genders.csv"
+    genders.write_text("identity,gender\nID_a,male\nID_b,female\n")
+    argv = early_argv(tmp_path, f"--identity_attributes={genders}", *flags)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reproduce.parse_args(argv)
+
+
+def test_a_single_pass_through_flag_needs_no_equals_sign(tmp_path):
+    reproduce = runs.load_script(SCRIPT)
+    argv = early_argv(tmp_path, "--evaluate_flags", "--no-pose", "--embedder=dlib")
+    argv.append(NO_GENDER_PROMPTS)
+    assert reproduce.parse_args(argv).evaluate_flags == ["--no-pose"]
+
+
+def test_the_command_refuses_a_misspelt_flag_in_one_line_before_writing_anything(tmp_path):
+    argv = early_argv(tmp_path, "--evaluate_flags=--no-poses")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("reproduce_ID-Booth.py: error: ")
+    assert not (tmp_path / "experiment").exists()
+
+
+def test_stage_errors_name_flags_as_this_command_spells_them():
+    reproduce = runs.load_script(SCRIPT)
+    generation = runs.load_script(REPO_ROOT / "inference_ID-Booth.py")
+    message = "out holds images made with other settings; use a new --output_dir, or --overwrite"
+    translated = reproduce.in_reproduce_terms(message, "generate", generation.build_parser())
+    assert translated == message  # reproduce has both flags itself (--overwrite: every stage)
+    message = "batch of 64 does not fit: lower --batch_size or --resolution"
+    translated = reproduce.in_reproduce_terms(message, "generate", generation.build_parser())
+    assert translated.endswith("lower --generate_flags=--batch_size or --resolution")
 
 
 @pytest.mark.slow
@@ -193,7 +355,9 @@ def test_two_processes_make_the_same_experiment_as_one(inputs, tmp_path):
         out = tmp_path / f"p{processes}"
         argv = command(inputs, out)[1:]  # without the interpreter
         argv[argv.index(f"--class_data_dir={inputs['class']}")] = f"--class_data_dir={out}/class"
-        argv[argv.index("--variants") + 1 : argv.index("--variants") + 3] = ["triplet"]
+        # identity, not triplet: every class image is sampled here (faceless), and a triplet
+        # run with no class face is refused (it would never apply its identity term)
+        argv[argv.index("--variants") + 1 : argv.index("--variants") + 3] = ["identity"]
         argv = [a.replace("--num_class_images=4", "--num_class_images=6") for a in argv]
         torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone"]
         launcher = (
@@ -228,6 +392,7 @@ def test_fr_utility_stage_trains_the_paper_settings_and_feeds_the_report(tmp_pat
     identities = tmp_path / "photos"
     identities.mkdir()
     base = [
+        f"--pretrained_model_name_or_path={fake_base_model(tmp_path / 'sd')}",
         f"--identities_root={identities}",
         "--class_data_dir=class",
         "--arcface_weights=backbone.pth",
@@ -248,7 +413,8 @@ def test_fr_utility_stage_trains_the_paper_settings_and_feeds_the_report(tmp_pat
     with pytest.raises(ValueError, match=r"--fr_selection_benchmarks \['lfw'\]"):
         bins = f"--fr_benchmarks={tmp_path / 'bins'}"
         reproduce.parse_args([*base, bins, "--fr_selection_benchmarks", "lfw"])
-    with pytest.raises(SystemExit):  # train_fr.py's own parser, before any stage runs
+    with pytest.raises(ValueError, match="--fr_flags '--nope': unrecognized arguments"):
+        # train_fr.py's own parser, before any stage runs, in one line
         reproduce.parse_args([*base, f"--fr_benchmarks={tmp_path / 'bins'}", "--fr_flags=--nope"])
     args = reproduce.parse_args(
         [*base, f"--fr_benchmarks={tmp_path / 'bins'}", "--fr_flags=--backbone r18"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +160,151 @@ def test_find_checkpoint_resumes_from_the_newest_complete_checkpoint(tmp_path):
     assert runs.find_checkpoint("latest", tmp_path / "empty", "state.pt") is None
     with pytest.raises(FileNotFoundError, match="checkpoint-200"):
         runs.find_checkpoint("checkpoint-200", tmp_path, "state.pt")
+
+
+def _pipeline_folder(root: Path) -> Path:
+    """A pipeline-shaped folder: configs, a tokenizer file, two weight variants, a top-level
+    single-file checkpoint diffusers' folder loader never reads, and a hidden cache."""
+    for relative, data in {
+        "model_index.json": b"{}",
+        "unet/config.json": b"{}",
+        "unet/diffusion_pytorch_model.safetensors": b"fp32 weights",
+        "unet/diffusion_pytorch_model.fp16.safetensors": b"fp16 weights",
+        "vae/diffusion_pytorch_model.safetensors": b"vae weights",
+        "tokenizer/vocab.json": b"{}",
+        "v2-1_512-ema-pruned.ckpt": b"single file",
+        ".cache/lock": b"",
+    }.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+    return root
+
+
+def test_base_model_fingerprint_is_the_content_of_the_files_the_loader_reads(tmp_path):
+    folder = _pipeline_folder(tmp_path / "sd")
+    names = [p.relative_to(folder).as_posix() for p in runs.loaded_files(folder)]
+    assert "unet/diffusion_pytorch_model.safetensors" in names
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" not in names
+    assert "v2-1_512-ema-pruned.ckpt" not in names and ".cache/lock" not in names
+    # fp16: the unet's fp16 file; the vae has none of that variant, so the loader falls back.
+    fp16 = [p.relative_to(folder).as_posix() for p in runs.loaded_files(folder, "fp16")]
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in fp16
+    assert "vae/diffusion_pytorch_model.safetensors" in fp16
+
+    first = runs.base_model_fingerprint(str(folder))
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    assert runs.base_model_fingerprint(str(moved)) == first  # the same model, elsewhere
+    (moved / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"other")
+    (moved / "v2-1_512-ema-pruned.ckpt").write_bytes(b"other")
+    assert runs.base_model_fingerprint(str(moved)) == first  # files it does not load
+    (moved / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"fp32 weightz")
+    assert runs.base_model_fingerprint(str(moved)) != first  # same path and size, new bytes
+
+
+def test_file_hashes_are_cached_by_path_size_mtime_and_inode(tmp_path, monkeypatch):
+    import fileio
+
+    monkeypatch.setenv("ID_BOOTH_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real_sha256 = fileio.file_sha256
+    monkeypatch.setattr(fileio, "file_sha256", lambda path: calls.append(path) or real_sha256(path))
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"a" * 100)
+    first = runs.cached_sha256([weights])[weights]
+    assert runs.cached_sha256([weights])[weights] == first and len(calls) == 1  # read once
+    stat = weights.stat()
+    replacement = tmp_path / "new.bin"
+    replacement.write_bytes(b"b" * 100)  # same size, same mtime, another inode
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    replacement.replace(weights)
+    assert runs.cached_sha256([weights])[weights] != first and len(calls) == 2
+    (tmp_path / "cache" / runs.SHA256_CACHE_NAME).write_text("[not a cache")
+    assert runs.cached_sha256([weights])[weights] == fileio.file_sha256(weights)
+
+
+def test_base_model_errors_say_what_is_wrong_with_the_path(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    single_file = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    single_file.write_bytes(b"\0" * 8)
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder.*from_single_file"):
+        runs.check_base_model(str(single_file))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        runs.check_base_model(str(tmp_path / "missing" / "sd"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        runs.check_base_model("stabilityai/stable-diffusion-2-1-base")
+    (tmp_path / "incomplete").mkdir()
+    with pytest.raises(FileNotFoundError, match="incomplete: missing model_index.json"):
+        runs.check_base_model(str(tmp_path / "incomplete"))
+
+
+def test_hub_failures_are_not_blamed_on_the_weights(tmp_path):
+    hub = pytest.raises(ValueError, match="from the Hugging Face hub")
+    with hub as error, runs.loading("the UNet", "org/model"):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    assert "corrupt" not in str(error.value)
+    with pytest.raises(ValueError, match="truncated, corrupt"), runs.loading("x", str(tmp_path)):
+        raise OSError("header too large")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_do_not_flood_a_log_file():
+    """1,000 fast steps: a terminal gets its usual redraws, a log file (not a tty) only the
+    first and the last line, however fast the steps come."""
+    written = {}
+    for name, stream in (("log file", io.StringIO()), ("terminal", _Terminal())):
+        options = {"mininterval": 0} if name == "terminal" else {}
+        bar = runs.progress_bar(total=1000, file=stream, **options)
+        for _ in range(1000):
+            bar.update(1)
+        bar.close()
+        written[name] = stream.getvalue()
+    assert written["log file"].count("\r") <= 3 and "1000/1000" in written["log file"]
+    assert written["terminal"].count("\r") > 100
+
+
+def test_run_progress_counts_and_estimates_the_time_left(caplog):
+    caplog.set_level(logging.INFO)
+    now = [0.0]
+    progress = runs.RunProgress("identity", 4, clock=lambda: now[0])
+    runs.set_progress_context("training variant 2 of 3 (triplet)")
+    try:
+        progress.start("ID_1")
+        now[0] = 600.0
+        progress.done("ID_1")
+        progress.start("ID_2")
+        now[0] = 1200.0
+        progress.done("ID_2", failed=True)
+    finally:
+        runs.set_progress_context("")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "training variant 2 of 3 (triplet), identity 1 of 4: ID_1",
+        "training variant 2 of 3 (triplet), identity 1 of 4 done (ID_1): 1 finished, 0 failed, "
+        "ETA 30 min 00 s",
+        "training variant 2 of 3 (triplet), identity 2 of 4: ID_2",
+        "training variant 2 of 3 (triplet), identity 2 of 4 done (ID_2, failed): 1 finished, "
+        "1 failed, ETA 20 min 00 s",
+    ]
+    assert runs.format_duration(11_520) == "3 h 12 min" and runs.format_duration(42) == "42 s"
+
+
+def test_transformers_torchvision_fallback_notice_is_not_shown():
+    """No torchvision here by design: transformers' fallback notice would open every run."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logger = hf_logging.get_logger("transformers.utils.import_utils")
+
+    def record(message: str) -> logging.LogRecord:
+        return hf_logger.makeRecord(hf_logger.name, logging.WARNING, "x.py", 1, message, (), None)
+
+    notice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..."
+    assert not hf_logger.filter(record(notice))
+    assert hf_logger.filter(record("another notice"))

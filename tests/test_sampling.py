@@ -432,3 +432,12 @@ def test_the_sdxl_sampler_refuses_missing_pooled_embeddings(sdxl_pipeline):
     sampler = sampling.Sampler(sdxl_pipeline.unet, scheduler, height=SIZE, width=SIZE)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         sampler.sample(conditioning["prompt_embeds"], conditioning["negative_prompt_embeds"], [1])
+
+
+def test_loading_a_single_file_checkpoint_says_how_to_make_a_folder(tmp_path):
+    from sampling import load_pipeline
+
+    checkpoint = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    checkpoint.write_bytes(b"\0" * 8)
+    with pytest.raises(FileNotFoundError, match="from_single_file"):
+        load_pipeline(str(checkpoint))

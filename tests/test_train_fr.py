@@ -303,6 +303,9 @@ def test_no_weight_decay_on_batchnorm_and_frozen_features_weight_untrained():
     assert id(model.head.weight) in decayed and id(model.backbone.fc.weight) in decayed
     assert id(model.backbone.features.weight) not in decayed | bn_params
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0)
+    # The ID-Booth protocol's SGD(model.parameters(), weight_decay=...): BatchNorm decays too.
+    every, none = train_fr.parameter_groups(model, 5e-4, decay_batchnorm=True)
+    assert {id(p) for p in every["params"]} == decayed | bn_params and not none["params"]
 
 
 def test_bad_options_fail_right_after_parsing(tmp_path):

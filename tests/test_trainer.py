@@ -455,7 +455,7 @@ def test_non_finite_weights_or_gradients_are_never_saved(step_parts, tmp_path):
 
 
 def test_the_step_equals_the_reference_recipe_for_the_same_seed_and_crop(step_parts):
-    """packed_losses on cached latent distributions gives today's losses: the reference step
+    """training_step on cached latent distributions gives today's losses: the reference step
     re-typed (encode + sample, noise, timesteps from one generator, the UNet, F.mse_loss per
     part, the triplet term on the aligned decode) on the same batch, seed and crops."""
     from datasets import collate_dreambooth
@@ -624,6 +624,7 @@ def test_the_resume_allow_list_is_exactly_these_flags():
         "identities_root",
         "class_data_dir",
         "sample_batch_size",
+        "class_image_format",
         "class_num_inference_steps",
         "prior_generation_precision",
         "face_models_root",
