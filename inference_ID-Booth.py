@@ -684,7 +684,7 @@ def generate_batch(
             width=args.resolution,
             output_type="np",  # (B, H, W, 3) floats: NaN is still visible here
         )
-        flagged = output.nsfw_content_detected or [False] * len(jobs)
+        flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(jobs)
         finite = np.isfinite(output.images).reshape(len(jobs), -1).all(1).tolist()
         images = pipeline.numpy_to_pil(np.nan_to_num(output.images))
         return images, [bool(flag) for flag in flagged], finite
