@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=runs.Number(int, low=8, multiple_of=8),
         default=None,
         help="Training and generation size (default: the base model's native size, read from "
-        "its configs by each stage: 512 for SD 1.5 / 2.1-base, 768 for SD 2.1, 1024 for SDXL).",
+        "its configs: 512 for SD 1.5 / 2.1-base, 768 for SD 2.1, 1024 for SDXL).",
     )
     parser.add_argument(
         "--num_images_per_identity",
@@ -247,6 +247,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runs.check_numbers(args, parser)
     args.variants = list(dict.fromkeys(args.variants))
     args.real = args.real or args.identities_root
+    if args.resolution is None:  # the base's native size (architectures.py), recorded
+        from architectures import architecture_or_paper
+
+        args.resolution = architecture_or_paper(args.pretrained_model_name_or_path).resolution
     for stage in (*STAGE_SCRIPTS, "fr"):
         setattr(args, f"{stage}_flags", shlex.split(getattr(args, f"{stage}_flags")))
     if not args.identities_root.is_dir():

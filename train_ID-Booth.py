@@ -414,7 +414,8 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
 
 HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
     "models": [
-        "pretrained_model_name_or_path", "revision", "variant", "arcface_weights",
+        "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision",
+        "variant", "arcface_weights",
         "face_detector", "face_models_root",
     ],
     "data": [

@@ -60,8 +60,10 @@ def runs(assets, bases, tmp_path_factory) -> dict[str, Path]:
     outputs = {}
     for name, base in bases.items():
         output = tmp_path_factory.mktemp(name) / "out"
-        class_dir = output.parent / "class"
+        class_dir = output.parent / "class"  # 2 real faces + 1 sampled by the base's pipeline
+        shutil.copytree(assets.class_dir, class_dir)
         flags = base_flags(assets, base, output, f"--class_data_dir={class_dir}")
+        flags.append("--num_class_images=3")
         summary = train.main(train.parse_args(flags))
         assert [run["steps"] for run in summary["trained"]] == [2], name
         outputs[name] = output
