@@ -1009,6 +1009,11 @@ class DreamBoothFaceDataset(Dataset):
         window = resized[crop.top : crop.top + size, crop.left : crop.left + size]
         return image_to_tensor(window)
 
+    def original_size(self, crop: Crop) -> tuple[int, int]:
+        """(height, width) of the crop's photo before the resize (SDXL's `original_size`)."""
+        resized, factors = self.photos(crop.part).resized_photo(crop.index, self.resolution)
+        return round(resized.shape[0] / factors[1]), round(resized.shape[1] / factors[0])
+
     def landmarks(self, crop: Crop) -> np.ndarray:
         """(5, 2) float32 landmarks in crop pixels (zeros for a photo without a face)."""
         photos = self.photos(crop.part)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import runs
+from architectures import architecture_of_pipeline, architecture_or_paper
 from datasets import identity_genders
 from fileio import (
     PNG_METADATA_KEY,
@@ -244,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA strength (0 = the base model; 1 = as trained).",
     )
     parser.add_argument(
-        "--resolution", type=RESOLUTION, default=512, help="Image height and width (multiple of 8)."
+        "--resolution",
+        type=RESOLUTION,
+        default=None,
+        help="Image height and width, a multiple of 8 (default: the base model's native size: "
+        "512 for SD 1.5 / 2.1-base, 768 for SD 2.1, 1024 for SDXL).",
     )
     parser.add_argument(
         "--batch_size",
@@ -303,6 +308,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.backgrounds = resolve_backgrounds(args.backgrounds)
     validate_args(args)
+    if args.resolution is None:  # the base's native size, from its configs (architectures.py)
+        base = architecture_or_paper(args.pretrained_model_name_or_path)
+        args.resolution = base.resolution
     return args
 
 
@@ -657,7 +665,7 @@ def generate_batch(
     import numpy as np
     import torch
 
-    from sampling import decode_checked, encode_prompts
+    from sampling import decode_checked, prompt_conditioning
 
     sampler = sampler if sampler is not None else make_sampler(pipeline, args)
     guided = args.guidance_scale > 1
@@ -676,13 +684,13 @@ def generate_batch(
             width=args.resolution,
             output_type="np",  # (B, H, W, 3) floats: NaN is still visible here
         )
-        flagged = output.nsfw_content_detected or [False] * len(jobs)
+        flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(jobs)
         finite = np.isfinite(output.images).reshape(len(jobs), -1).all(1).tolist()
         images = pipeline.numpy_to_pil(np.nan_to_num(output.images))
         return images, [bool(flag) for flag in flagged], finite
     with torch.no_grad():
-        embeddings, negative = encode_prompts(pipeline, prompts, negatives, guided)
-        latents = sampler.sample(embeddings, negative, [job.seed for job in jobs])
+        conditioning = prompt_conditioning(pipeline, prompts, negatives, guided)
+        latents = sampler.sample(seeds=[job.seed for job in jobs], **conditioning)
         return decode_checked(pipeline, latents)
 
 
@@ -978,12 +986,15 @@ def checked_pipeline(args: argparse.Namespace, identities, state: Any):
     import torch
 
     pipeline = load_generation_pipeline(args)
+    architecture = architecture_of_pipeline(pipeline)
     layouts, lora_errors = {}, {}
     for identity in identities:
         if identity.error is not None:
             lora_errors[identity.name] = identity.error
             continue
-        message, layout = check_lora(identity, pipeline, args.pretrained_model_name_or_path)
+        message, layout = check_lora(
+            identity, pipeline, args.pretrained_model_name_or_path, architecture
+        )
         if message is None:
             layouts[identity.name] = layout
         else:

@@ -24,6 +24,7 @@ import torch
 from fileio import atomic_write_bytes, atomic_write_text, publish
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+BASE_MODEL_METADATA_KEY = "id_booth_base_model"  # JSON: name + architecture the LoRA was made for
 LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 # Suffixes of the LoRA matrices in the naming schemes diffusers writes -> down (A) / up (B).
 _LORA_SUFFIXES = {
@@ -66,22 +67,31 @@ def lora_target_modules(unet: torch.nn.Module) -> list[str]:
     ]
 
 
-def canonical_safetensors(path: Path) -> None:
-    """Rewrite a safetensors file's JSON header with sorted keys (same tensors, same offsets)."""
+def canonical_safetensors(path: Path, extra_metadata: dict[str, str] | None = None) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys (same tensors, same offsets),
+    adding `extra_metadata` to its string metadata."""
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
+    if extra_metadata:
+        header["__metadata__"] = {**header.get("__metadata__", {}), **extra_metadata}
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
     atomic_write_bytes(path, struct.pack("<Q", len(text)) + text + data[8 + length :])
 
 
 def write_lora_file(
-    folder: Path, unet_lora_layers: dict[str, torch.Tensor], adapter_config: dict[str, Any]
+    folder: Path,
+    unet_lora_layers: dict[str, torch.Tensor],
+    adapter_config: dict[str, Any],
+    base_model: dict[str, Any] | None = None,
 ) -> Path:
     """folder/pytorch_lora_weights.safetensors, atomically, in diffusers' format (keys without
     the 'unet.' prefix in, with it on disk; the adapter's LoraConfig as metadata, so alpha !=
-    rank loads with its scale); `StableDiffusionPipeline.load_lora_weights(folder)` reads it."""
+    rank loads with its scale); `StableDiffusionPipeline.load_lora_weights(folder)` reads it,
+    and `StableDiffusionXLPipeline.load_lora_weights` for an SDXL UNet's (the same UNet keys).
+    `base_model` (name and architecture, `base_model_record`) goes into the header metadata
+    under BASE_MODEL_METADATA_KEY, so generation can refuse a LoRA made for another base."""
     from diffusers import StableDiffusionPipeline
 
     metadata = {
@@ -95,7 +105,8 @@ def write_lora_file(
             unet_lora_adapter_metadata=metadata,
             safe_serialization=True,
         )
-        canonical_safetensors(Path(temp_dir) / LORA_WEIGHTS_NAME)
+        extra = {BASE_MODEL_METADATA_KEY: json.dumps(base_model, sort_keys=True)}
+        canonical_safetensors(Path(temp_dir) / LORA_WEIGHTS_NAME, extra if base_model else None)
         publish(Path(temp_dir) / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)
     return folder / LORA_WEIGHTS_NAME
 
@@ -230,17 +241,54 @@ class IdentitySource:
     sha256: str | None = None  # of the weights file: a rerun compares the LoRA by content
 
 
+def base_model_record(name: str, architecture: Any) -> dict[str, Any]:
+    """What BASE_MODEL_METADATA_KEY holds: the base model's name and its architecture."""
+    return {"name": str(name), **architecture.to_json()}
+
+
+def lora_base_model(lora_file: Path) -> dict[str, Any] | None:
+    """The base model record a LoRA file was written with (None: written without one)."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as handle:
+        text = (handle.metadata() or {}).get(BASE_MODEL_METADATA_KEY)
+    return json.loads(text) if text else None
+
+
+def architecture_mismatch(lora_file: Path, architecture: Any, model_name: str) -> str | None:
+    """Why a LoRA made for another architecture family (SD 1.x / SD 2.x / SDXL) cannot be
+    used on this base, or None (same family, or a file that does not say)."""
+    made_for = lora_base_model(lora_file)
+    if made_for is None or made_for.get("family") == architecture.family:
+        return None
+    from architectures import FAMILY_NAMES
+
+    family = FAMILY_NAMES.get(made_for.get("family"), made_for.get("family"))
+    return (
+        f"was trained for {family} ({made_for.get('name')}), the base model {model_name} is "
+        f"{FAMILY_NAMES[architecture.family]}: pass that --pretrained_model_name_or_path or retrain"
+    )
+
+
 def check_lora(
-    identity: IdentitySource, pipeline: Any, model_name: str
+    identity: IdentitySource, pipeline: Any, model_name: str, architecture: Any = None
 ) -> tuple[str | None, LoraLayout | None]:
-    """(error message, None) if the identity's LoRA is unreadable, made for another base or
-    not a plain UNet LoRA; else (None, its layout). Reads the file's header only."""
+    """(error message, None) if the identity's LoRA is unreadable, made for another base (its
+    recorded architecture family, or layer shapes) or not a plain UNet LoRA; else (None, its
+    layout). Reads the file's header only."""
     components = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
     where = f"identity {identity.name!r}: LoRA {identity.lora_file}"
     try:
+        wrong_family = (
+            architecture_mismatch(identity.lora_file, architecture, model_name)
+            if architecture is not None
+            else None
+        )
         checked, problems = lora_mismatches(identity.lora_file, components)
     except Exception as error:  # safetensors raises its own types for corrupt headers
         return f"identity {identity.name!r}: cannot read LoRA {identity.lora_file}: {error}", None
+    if wrong_family:
+        return f"{where} {wrong_family}", None
     if problems:
         shown = "; ".join(problems[:3])
         return (
@@ -271,10 +319,12 @@ LoRA weights (rank {rank}, alpha {alpha}) for `{base}`, trained on the photos of
 the `{loss}` loss (ID-Booth: DreamBooth prior preservation + triplet identity loss) for {steps}
 steps. Data: {data}.
 
-```python
-from diffusers import StableDiffusionPipeline
+Base architecture: {architecture}; load it with `{pipeline_class}`.
 
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
+```python
+from diffusers import {pipeline_class}
+
+pipe = {pipeline_class}.from_pretrained("{base}")
 pipe.load_lora_weights("path/to/this/folder")
 image = pipe("face portrait photo of sks person, forest background").images[0]
 ```
@@ -287,7 +337,13 @@ Training arguments, resolved settings and library versions: `training_config.jso
 """
 
 
-def write_model_card(folder: Path, validation_images: list[Path], **fields: Any) -> None:
-    """folder/README.md: what the LoRA is and how to load it (MODEL_CARD filled with fields)."""
+def write_model_card(folder: Path, validation_images: list[Path], **given: Any) -> None:
+    """folder/README.md: what the LoRA is and how to load it (MODEL_CARD filled with the given
+    fields; the paper's SD 2.1-base architecture and pipeline unless given)."""
     images = "\n".join(f"![{p.stem}](validation/{p.name})" for p in validation_images)
+    fields = {
+        "architecture": "SD 2.x (epsilon, 512 px)",
+        "pipeline_class": "StableDiffusionPipeline",
+    }
+    fields |= given
     atomic_write_text(folder / "README.md", MODEL_CARD.format(images=images or "(none)", **fields))

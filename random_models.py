@@ -1,12 +1,13 @@
-"""Random-weight, SD-2.1-shaped pipelines and ArcFace checkpoints, built offline.
+"""Random-weight Stable Diffusion pipelines and ArcFace checkpoints, built offline.
 
 Tests, the demo and the benchmarks load these with the very code that loads the real
-`stabilityai/stable-diffusion-2-1-base` and an insightface `backbone.pth`. Two sizes:
-"tiny" (a few channels; 64 px images in a fraction of a second on a CPU) and "sd21"
-(the real SD 2.1-base shapes, for GPU benchmarks; random weights, so only speed and
-memory mean anything). A tiny random DINOv2 stands in for the evaluation's feature model, a
-random CR-FIQA for the quality model; the demo's identities are real faces cut from a photo
-shipped in insightface's wheel (`prepare_embedded_identities`).
+`stabilityai/stable-diffusion-2-1-base` (or SD 1.5, SD 2.1 768-v, SDXL base) and an insightface
+`backbone.pth`. Two sizes of each architecture (RANDOM_MODEL_NAMES): "tiny" / "tiny-<base>" (a
+few channels; 64 px images in a fraction of a second on a CPU) and "<base>" (the real shapes,
+for GPU benchmarks; random weights, so only speed and memory mean anything). A tiny random
+DINOv2 stands in for the evaluation's feature model, a random CR-FIQA for the quality model;
+the demo's identities are real faces cut from a photo shipped in insightface's
+wheel (`prepare_embedded_identities`).
 """
 
 from __future__ import annotations
@@ -52,10 +53,36 @@ def write_byte_level_clip_tokenizer(folder: Path) -> None:
 
 
 SD21_TEXT_HIDDEN = 1024
+# Random models by name: "<shape>" for the real shapes of a base, "tiny" / "tiny-<shape>" for
+# a few channels of the same architecture (64 px). "tiny" and "sd21" are the paper's SD 2.1-base.
+RANDOM_MODEL_NAMES = (
+    "tiny",
+    "tiny-sd15",
+    "tiny-sd21-v",
+    "tiny-sdxl",
+    "sd21",
+    "sd15",
+    "sd21-v",
+    "sdxl",
+)
 
 
-def _unet_config(size: str) -> dict:
-    if size == "tiny":
+def _split_name(name: str) -> tuple[str, bool]:
+    """'tiny-sdxl' -> ('sdxl', True); 'tiny' -> ('sd21', True); 'sd15' -> ('sd15', False)."""
+    if name not in RANDOM_MODEL_NAMES:
+        raise ValueError(f"unknown size {name!r}; choose one of: {', '.join(RANDOM_MODEL_NAMES)}")
+    if name == "tiny":
+        return "sd21", True
+    tiny = name.startswith("tiny-")
+    return name.removeprefix("tiny-"), tiny
+
+
+def _unet_config(base: str, tiny: bool) -> dict:
+    """UNet2DConditionModel config of `base` ("sd15", "sd21", "sd21-v", "sdxl")."""
+    if base == "sdxl":
+        return _sdxl_unet_config(tiny)
+    linear = base != "sd15"  # SD 1.x transformer blocks project with 1x1 convolutions
+    if tiny:
         return dict(
             sample_size=8,
             block_out_channels=(8, 16),
@@ -64,24 +91,58 @@ def _unet_config(size: str) -> dict:
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=TINY_TEXT_HIDDEN,
             attention_head_dim=(2, 4),
-            use_linear_projection=True,
+            use_linear_projection=linear,
             norm_num_groups=4,
         )
-    return dict(  # stabilityai/stable-diffusion-2-1-base unet/config.json
-        sample_size=64,
+    return dict(  # stabilityai/stable-diffusion-2-1(-base), runwayml/stable-diffusion-v1-5
+        sample_size=96 if base == "sd21-v" else 64,
         block_out_channels=(320, 640, 1280, 1280),
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=SD21_TEXT_HIDDEN,
-        attention_head_dim=(5, 10, 20, 20),
-        use_linear_projection=True,
+        cross_attention_dim=768 if base == "sd15" else SD21_TEXT_HIDDEN,
+        attention_head_dim=8 if base == "sd15" else (5, 10, 20, 20),
+        use_linear_projection=linear,
     )
 
 
-def _vae_config(size: str) -> dict:
-    tiny = size == "tiny"
-    return dict(
+def _sdxl_unet_config(tiny: bool) -> dict:
+    """SDXL's UNet: text_time added conditioning (pooled text + 6 size/crop ids, each embedded
+    in addition_time_embed_dim), cross-attention on both text encoders' hidden states."""
+    if tiny:  # diffusers' own SDXL pipeline tests, with channels a multiple of 4
+        return dict(
+            sample_size=8,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=2 * TINY_TEXT_HIDDEN,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + TINY_TEXT_HIDDEN,
+            norm_num_groups=4,
+        )
+    return dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def _vae_config(base: str, tiny: bool) -> dict:
+    config = dict(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(4, 4, 4, 4) if tiny else (128, 256, 512, 512),
@@ -90,16 +151,49 @@ def _vae_config(size: str) -> dict:
         norm_num_groups=2 if tiny else 32,
         sample_size=64 if tiny else 512,
     )
+    if base == "sdxl":  # SDXL's VAE overflows in fp16: its config asks for fp32 decoding
+        config.update(scaling_factor=0.13025, force_upcast=True, sample_size=64 if tiny else 1024)
+    return config
 
 
-def _text_config(size: str, tokenizer) -> dict:
+# Text towers: CLIP ViT-L/14 (SD 1.x, SDXL's first encoder), OpenCLIP ViT-H/14 (SD 2.x) and
+# OpenCLIP ViT-bigG/14 (SDXL's second encoder, with projection).
+_TEXT_TOWERS = {
+    "vit-l": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    ),
+    "vit-h": dict(
+        hidden_size=SD21_TEXT_HIDDEN,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        projection_dim=512,
+        hidden_act="gelu",
+    ),
+    "vit-bigg": dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        projection_dim=1280,
+        hidden_act="gelu",
+    ),
+}
+
+
+def _text_config(tower: str, tiny: bool, tokenizer) -> dict:
     special_ids = dict(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         max_position_embeddings=77,
     )
-    if size == "tiny":
+    if tiny:
         return dict(
             vocab_size=len(tokenizer),
             hidden_size=TINY_TEXT_HIDDEN,
@@ -107,53 +201,77 @@ def _text_config(size: str, tokenizer) -> dict:
             num_hidden_layers=2,
             num_attention_heads=4,
             projection_dim=TINY_TEXT_HIDDEN,
+            hidden_act=_TEXT_TOWERS[tower]["hidden_act"],
             **special_ids,
         )
-    return dict(  # OpenCLIP ViT-H/14 text tower as shipped with SD 2.1-base
-        vocab_size=49408,
-        hidden_size=SD21_TEXT_HIDDEN,
-        intermediate_size=4096,
-        num_hidden_layers=23,
-        num_attention_heads=16,
-        projection_dim=512,
-        hidden_act="gelu",
-        **special_ids,
-    )
+    return dict(vocab_size=49408, **_TEXT_TOWERS[tower], **special_ids)
 
 
-def build_random_sd_pipeline(size: str = "tiny", seed: int = 0, workdir: str | Path | None = None):
-    """A StableDiffusionPipeline with random weights; `size` is "tiny" or "sd21"."""
-    import tempfile
+def _scheduler(base: str):
+    """The base's scheduler config: SD's DDPM betas (scaled_linear 0.00085..0.012), epsilon or
+    v-prediction (SD 2.1 768 px); SDXL ships it as an EulerDiscreteScheduler."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    if size not in ("tiny", "sd21"):
-        raise ValueError(f"unknown size {size!r}; choose 'tiny' or 'sd21'")
-    torch.manual_seed(seed)
-    tokenizer_dir = Path(workdir or tempfile.mkdtemp()) / "_tokenizer_src"
-    write_byte_level_clip_tokenizer(tokenizer_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    scheduler = DDPMScheduler(  # stabilityai/stable-diffusion-2-1-base scheduler config
+    common = dict(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
-        prediction_type="epsilon",
-        clip_sample=False,
         steps_offset=1,
     )
+    if base == "sdxl":
+        return EulerDiscreteScheduler(
+            **common, prediction_type="epsilon", timestep_spacing="leading"
+        )
+    prediction_type = "v_prediction" if base == "sd21-v" else "epsilon"
+    return DDPMScheduler(**common, prediction_type=prediction_type, clip_sample=False)
+
+
+def build_random_sd_pipeline(size: str = "tiny", seed: int = 0, workdir: str | Path | None = None):
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for the SDXL names) with random
+    weights; `size` is one of RANDOM_MODEL_NAMES."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    base, tiny = _split_name(size)
+    torch.manual_seed(seed)
+    tokenizer_dir = Path(workdir or tempfile.mkdtemp()) / "_tokenizer_src"
+    write_byte_level_clip_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **_unet_config(base, tiny))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **_vae_config(base, tiny))
+    if base == "sdxl":
+        return StableDiffusionXLPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config("vit-l", tiny, tokenizer))),
+            text_encoder_2=CLIPTextModelWithProjection(
+                CLIPTextConfig(**_text_config("vit-bigg", tiny, tokenizer))
+            ),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            scheduler=_scheduler(base),
+            add_watermarker=False,
+        )
+    tower = "vit-l" if base == "sd15" else "vit-h"
     return StableDiffusionPipeline(
-        unet=UNet2DConditionModel(in_channels=4, out_channels=4, **_unet_config(size)),
-        vae=AutoencoderKL(in_channels=3, out_channels=3, **_vae_config(size)),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config(size, tokenizer))),
+        unet=unet,
+        vae=vae,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config(tower, tiny, tokenizer))),
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=_scheduler(base),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -161,14 +279,16 @@ def build_random_sd_pipeline(size: str = "tiny", seed: int = 0, workdir: str | P
 
 
 def build_tiny_sd(folder: str | Path, seed: int = 0, size: str = "tiny") -> Path:
-    """Save a random SD-2.1-shaped pipeline under `folder` and return the path."""
+    """Save a random pipeline (`size`: one of RANDOM_MODEL_NAMES) under `folder`; its path."""
     folder = Path(folder)
     pipeline = build_random_sd_pipeline(size, seed, workdir=folder)
     pipeline.save_pretrained(folder)
     # transformers 5 saves only tokenizer.json; keep the slow-tokenizer files too.
-    for name in ("vocab.json", "merges.txt"):
-        source = folder / "_tokenizer_src" / name
-        (folder / "tokenizer" / name).write_bytes(source.read_bytes())
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        if (folder / tokenizer).is_dir():
+            for name in ("vocab.json", "merges.txt"):
+                source = folder / "_tokenizer_src" / name
+                (folder / tokenizer / name).write_bytes(source.read_bytes())
     return folder
 
 
@@ -220,11 +340,13 @@ def write_random_lora(
     target_modules: Sequence[str] = ("to_k", "to_q", "to_v", "to_out.0"),
     seed: int = 0,
     std: float = 0.3,
+    base_model: dict | None = None,
     **lora_options: object,
 ) -> Path:
-    """A LoRA file as train_ID-Booth.py writes it (diffusers format, adapter metadata) for a
-    copy of `unet`, every LoRA matrix N(0, std^2) from `seed`: peft's init leaves B = 0, which
-    would hide a LoRA that is applied wrongly or not at all. Returns the file's path."""
+    """A LoRA file as train_ID-Booth.py writes it (diffusers format, adapter metadata, the
+    `base_model` record when given) for a copy of `unet`, every LoRA matrix N(0, std^2) from
+    `seed`: peft's init leaves B = 0, which would hide a LoRA that is applied wrongly or not at
+    all. Returns the file's path."""
     import copy
 
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -244,7 +366,7 @@ def write_random_lora(
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    return write_lora_file(Path(folder), state, config.to_dict())
+    return write_lora_file(Path(folder), state, config.to_dict(), base_model)
 
 
 # ============================================================================ the demo's inputs

@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resolution",
         type=runs.Number(int, low=8, multiple_of=8),
-        default=512,
-        help="Training and generation size.",
+        default=None,
+        help="Training and generation size (default: the base model's native size, read from "
+        "its configs: 512 for SD 1.5 / 2.1-base, 768 for SD 2.1, 1024 for SDXL).",
     )
     parser.add_argument(
         "--num_images_per_identity",
@@ -246,6 +247,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     runs.check_numbers(args, parser)
     args.variants = list(dict.fromkeys(args.variants))
     args.real = args.real or args.identities_root
+    if args.resolution is None:  # the base's native size (architectures.py), recorded
+        from architectures import architecture_or_paper
+
+        args.resolution = architecture_or_paper(args.pretrained_model_name_or_path).resolution
     for stage in (*STAGE_SCRIPTS, "fr"):
         setattr(args, f"{stage}_flags", shlex.split(getattr(args, f"{stage}_flags")))
     if not args.identities_root.is_dir():
@@ -344,6 +349,11 @@ def images_of(args: argparse.Namespace, variant: str) -> Path:
     return args.output_dir / "generated" / variant
 
 
+def resolution_flag(args: argparse.Namespace) -> list[str]:
+    """--resolution for the stages when given; else each reads the base model's own."""
+    return [f"--resolution={args.resolution}"] if args.resolution is not None else []
+
+
 def train_argv(args: argparse.Namespace, variant: str) -> list[str]:
     """train_ID-Booth.py's command line for one variant; resumes unfinished identities."""
     return [
@@ -353,7 +363,7 @@ def train_argv(args: argparse.Namespace, variant: str) -> list[str]:
         f"--arcface_weights={args.arcface_weights}",
         f"--face_detector={args.face_detector}",
         f"--loss={variant}",
-        f"--resolution={args.resolution}",
+        *resolution_flag(args),
         f"--output_dir={loras_of(args, variant)}",
         "--overwrite" if args.overwrite else "--resume_from_checkpoint=latest",
         *args.train_flags,
@@ -370,7 +380,7 @@ def generate_argv(args: argparse.Namespace, variant: str) -> list[str]:
         f"--lora_root={loras_of(args, variant)}",
         f"--output_dir={images_of(args, variant)}",
         f"--num_images_per_identity={args.num_images_per_identity}",
-        f"--resolution={args.resolution}",
+        *resolution_flag(args),
         *attributes,
         *(["--overwrite"] if args.overwrite else []),
         *args.generate_flags,

@@ -31,6 +31,7 @@ Typical use (`pipeline` loaded and frozen as in inference_ID-Booth.py):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -436,6 +437,13 @@ class Sampler:
             width // vae_scale_factor,
         )
         self.pre_unet_hook = pre_unet_hook
+        # SDXL's size/crop micro-conditioning, as its pipeline's defaults: (1, 6) original
+        # size = target size = (height, width), crop top-left (0, 0); None for SD 1.x / 2.x.
+        self.time_ids = (
+            torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype)
+            if unet.config.get("addition_embed_type") == "text_time"
+            else None
+        )
         self.timesteps = self.schedule.timesteps.to(self.device)  # (S,), once per sampler
         # Eager: host scalars, read at launch as the stock scheduler's are. Compiled or
         # captured code wants its inputs on the device.
@@ -468,18 +476,17 @@ class Sampler:
         timestep: torch.Tensor,
         coefficients: Coefficients,
         noise: torch.Tensor | None,
-        embeddings: torch.Tensor,
+        embeddings: dict[str, Any],
     ) -> torch.Tensor:
         """One step: (B, C, h, w) latents at `timestep` -> latents at the next timestep.
 
-        `embeddings` is (2B, L, D) [negative; positive] under guidance, else (B, L, D).
+        `embeddings`: the UNet's conditioning (`guidance_embeddings`), 2B rows [negative;
+        positive] under guidance, else B.
         """
         model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
         if self.schedule.kind == "EulerAncestralDiscreteScheduler":
             model_input = model_input / coefficients["input_scale"]
-        noise_pred = self.unet(
-            model_input, timestep, encoder_hidden_states=embeddings, return_dict=False
-        )[0]
+        noise_pred = self.unet(model_input, timestep, **embeddings, return_dict=False)[0]
         if self.do_classifier_free_guidance:
             noise_pred = guided_noise_prediction(
                 noise_pred, self.guidance_scale, self.guidance_rescale
@@ -491,13 +498,14 @@ class Sampler:
         self,
         latents: torch.Tensor,
         index: int,
-        embeddings: torch.Tensor,
+        embeddings: dict[str, Any],
         noise: torch.Tensor | None,
     ) -> torch.Tensor:
         """Step `index` of the schedule, eager, compiled or replayed; (B, C, h, w) in and out."""
         args = (latents, self.timesteps[index], self._coefficients[index], noise, embeddings)
         if self.cuda_graph:
-            key = (latents.shape[0], embeddings.shape[1], int(noise is None))
+            text = embeddings["encoder_hidden_states"]
+            key = (latents.shape[0], text.shape[1], int(noise is None))
             if key not in self._graphs:
                 self._graphs[key] = _CapturedStep(self._step_fn or self.denoise, args)
             return self._graphs[key](args)
@@ -506,16 +514,30 @@ class Sampler:
         return self.denoise(*args)
 
     def guidance_embeddings(
-        self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None
-    ) -> torch.Tensor:
-        """(B, L, D) prompts -> the UNet's (2B, L, D) [negative; positive], or as is unguided."""
-        if not self.do_classifier_free_guidance:
-            return prompt_embeds.to(self.device)
-        if negative_prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape:
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments: `encoder_hidden_states` (2B, L, D)
+        [negative; positive] under guidance (B unguided) and, for SDXL, `added_cond_kwargs`
+        (`sdxl_added_conditioning`)."""
+        guided = self.do_classifier_free_guidance
+        if guided and (
+            negative_prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape
+        ):
             raise ValueError(
                 "guidance_scale > 1 needs negative_prompt_embeds shaped as the prompts'"
             )
-        return torch.cat([negative_prompt_embeds, prompt_embeds]).to(self.device)
+        conditioning: dict[str, Any] = {
+            "encoder_hidden_states": _for_guidance(prompt_embeds, negative_prompt_embeds, guided)
+        }
+        if self.time_ids is not None:
+            conditioning["added_cond_kwargs"] = sdxl_added_conditioning(
+                self.time_ids, pooled_prompt_embeds, negative_pooled_prompt_embeds, guided
+            )
+        return {name: _to(value, self.device) for name, value in conditioning.items()}
 
     @torch.no_grad()
     def sample(
@@ -523,15 +545,23 @@ class Sampler:
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor | None,
         seeds: Sequence[int],
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final latents (B, C, h, w) for (B, L, D) embeddings and one seed per image."""
+        """Final latents (B, C, h, w) for (B, L, D) embeddings and one seed per image (SDXL:
+        and its (B, P) pooled text embeddings)."""
         if len(seeds) != prompt_embeds.shape[0]:
             raise ValueError(f"{len(seeds)} seeds for {prompt_embeds.shape[0]} prompts")
         if prompt_embeds.dtype != self.dtype:  # the pipeline draws in the embeddings' dtype
             raise ValueError(
                 f"prompt embeddings are {prompt_embeds.dtype}, sampler is {self.dtype}"
             )
-        embeddings = self.guidance_embeddings(prompt_embeds, negative_prompt_embeds)
+        embeddings = self.guidance_embeddings(
+            prompt_embeds,
+            negative_prompt_embeds,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
+        )
         draws = draw_noise(seeded_generators(seeds), self.schedule, self.latent_shape, self.dtype)
         draws = self._to_device(draws)  # the batch's only host-to-device copy of noise
         latents = draws[0] * self.schedule.init_noise_sigma
@@ -546,6 +576,38 @@ class Sampler:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
+
+
+def _for_guidance(
+    positive: torch.Tensor, negative: torch.Tensor | None, guided: bool
+) -> torch.Tensor:
+    """[negative; positive] rows under classifier-free guidance, else the positive ones."""
+    return torch.cat([negative, positive]) if guided else positive
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, dict):
+        return {name: item.to(device) for name, item in value.items()}
+    return value.to(device)
+
+
+def sdxl_added_conditioning(
+    time_ids: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor | None,
+    negative_pooled_prompt_embeds: torch.Tensor | None,
+    guided: bool,
+) -> dict[str, torch.Tensor]:
+    """SDXL's `added_cond_kwargs` as StableDiffusionXLPipeline builds them: `text_embeds` the
+    (B, P) pooled text embeddings of the second text encoder, `time_ids` the (1, 6) size/crop
+    ids repeated per row; 2B rows [negative; positive] under guidance."""
+    if pooled_prompt_embeds is None or (guided and negative_pooled_prompt_embeds is None):
+        raise ValueError("an SDXL UNet needs pooled_prompt_embeds (and the negative ones)")
+    batch = pooled_prompt_embeds.shape[0]
+    rows = time_ids.repeat(batch, 1)  # (B, 6)
+    return {
+        "text_embeds": _for_guidance(pooled_prompt_embeds, negative_pooled_prompt_embeds, guided),
+        "time_ids": _for_guidance(rows, rows, guided),
+    }
 
 
 class _CapturedStep:
@@ -611,7 +673,33 @@ def sample_latents(
     return sampler.sample(prompt_embeds, negative_prompt_embeds, seeds)
 
 
+PROMPT_CONDITIONING_NAMES = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",  # SDXL only
+    "negative_pooled_prompt_embeds",
+)
+
+
 @torch.no_grad()
+def prompt_conditioning(
+    pipeline: Any,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str] | None,
+    do_classifier_free_guidance: bool = True,
+) -> dict[str, torch.Tensor | None]:
+    """Sampler.sample's text keyword arguments exactly as the pipeline's __call__ makes them:
+    (B, L, D) positive and negative embeddings, and SDXL's (B, P) pooled ones."""
+    encoded = pipeline.encode_prompt(
+        prompt=list(prompts),
+        device=pipeline._execution_device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=do_classifier_free_guidance,
+        negative_prompt=None if negative_prompts is None else list(negative_prompts),
+    )
+    return dict(zip(PROMPT_CONDITIONING_NAMES, encoded, strict=False))
+
+
 def encode_prompts(
     pipeline: Any,
     prompts: Sequence[str],
@@ -619,13 +707,8 @@ def encode_prompts(
     do_classifier_free_guidance: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, L, D) positive and negative embeddings exactly as the pipeline's __call__ makes them."""
-    return pipeline.encode_prompt(
-        list(prompts),
-        pipeline._execution_device,
-        1,
-        do_classifier_free_guidance,
-        None if negative_prompts is None else list(negative_prompts),
-    )
+    encoded = prompt_conditioning(pipeline, prompts, negative_prompts, do_classifier_free_guidance)
+    return encoded["prompt_embeds"], encoded["negative_prompt_embeds"]
 
 
 def finite_rows(*tensors: torch.Tensor) -> list[bool]:
@@ -640,13 +723,23 @@ def decode_checked(
     pipeline: Any, latents: torch.Tensor, output_type: str = "pil"
 ) -> tuple[Any, list[bool], list[bool]]:
     """(images, NSFW flags, finite flags) from final latents, as the pipeline's __call__ ends:
-    VAE decode, its safety checker when it has one (it blacks flagged images out),
+    VAE decode (in the VAE's own dtype: an fp32 VAE is SDXL's, which overflows in fp16), its
+    safety checker when it has one (it blacks flagged images out) or SDXL's watermark,
     postprocess. An image whose latents or decoded pixels hold NaN/inf is not finite: never
     write it (it postprocesses to a black image)."""
-    image = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
+    vae = pipeline.vae
+    upcast = vae.dtype == torch.float32 and latents.dtype != torch.float32
+    no_autocast = torch.autocast(latents.device.type, enabled=False)
+    with no_autocast if upcast else contextlib.nullcontext():
+        scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
+        image = vae.decode(scaled, return_dict=False)[0]
     finite = finite_rows(latents, image)
     image = torch.nan_to_num(image)  # a non-finite sample is reported, not postprocessed as NaN
-    image, flagged = pipeline.run_safety_checker(image, latents.device, latents.dtype)
+    flagged = None
+    if hasattr(pipeline, "run_safety_checker"):
+        image, flagged = pipeline.run_safety_checker(image, latents.device, latents.dtype)
+    elif getattr(pipeline, "watermark", None) is not None:
+        image = pipeline.watermark.apply_watermark(image)
     flagged = [False] * image.shape[0] if flagged is None else [bool(f) for f in flagged]
     images = pipeline.image_processor.postprocess(
         image, output_type=output_type, do_denormalize=[not flag for flag in flagged]
@@ -663,10 +756,10 @@ def generate_images(
     output_type: str = "pil",
 ) -> Any:
     """Images for `prompts` (one seed each), as `pipeline(...)` with per-image CPU generators."""
-    prompt_embeds, negative_prompt_embeds = encode_prompts(
+    conditioning = prompt_conditioning(
         pipeline, prompts, negative_prompts, sampler.do_classifier_free_guidance
     )
-    latents = sampler.sample(prompt_embeds, negative_prompt_embeds, seeds)
+    latents = sampler.sample(seeds=seeds, **conditioning)
     return decode_checked(pipeline, latents, output_type)[0]
 
 
@@ -712,14 +805,23 @@ def dtype_keyword(dtype: torch.dtype) -> dict[str, torch.dtype]:
 def load_pipeline(
     model: str, device: Any = "cpu", dtype: torch.dtype | None = None, **hub: Any
 ) -> Any:
-    """A StableDiffusionPipeline without safety checker or progress bar, weights frozen."""
-    from diffusers import StableDiffusionPipeline
+    """The base model's stock pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline
+    for an SDXL base: architectures.py) without progress bar, weights frozen. SD pipelines
+    take `safety_checker` / `requires_safety_checker` keywords; SDXL has none to drop."""
+    import diffusers
 
+    from architectures import architecture_or_paper
     from runs import check_base_model, loading
 
     check_base_model(model)
+    architecture = architecture_or_paper(model, hub.get("revision"))
+    if architecture.is_sdxl:
+        hub = {
+            k: v for k, v in hub.items() if k not in ("safety_checker", "requires_safety_checker")
+        }
+    pipeline_class = getattr(diffusers, architecture.pipeline_class)
     with loading("the Stable Diffusion pipeline", model):
-        pipeline = StableDiffusionPipeline.from_pretrained(
+        pipeline = pipeline_class.from_pretrained(
             model, **(dtype_keyword(dtype) if dtype is not None else {}), **hub
         )
     # Frozen weights: on CPU, linear kernels differ at float level with requires_grad, and

@@ -1,6 +1,7 @@
 """Train one ID-Booth LoRA per identity: DreamBooth prior preservation + a triplet identity loss.
 
-Per identity, a rank-4 LoRA of the SD 2.1-base UNet learns the person's photos under the
+Per identity, a rank-4 LoRA of the SD 2.1-base UNet (or of an SD 1.x, SD 2.x 768-v or SDXL
+base: architectures.py reads which from its configs) learns the person's photos under the
 objective of losses.py (paper: https://arxiv.org/abs/2504.07392, reference code:
 https://github.com/dariant/ID-Booth): the diffusion and prior-preservation losses plus, for
 `--loss identity|triplet`, an identity term on every instance sample: the one-step estimate x0_hat
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 import runs
+from architectures import architecture_or_paper
 from datasets import scan_photos, subfolders_note
 from faces import DEFAULT_FACE_MODELS_ROOT, FACE_DETECTOR_NAMES
 from fileio import stable_seed
@@ -91,7 +93,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default="stabilityai/stable-diffusion-2-1-base",
-        help="Base Stable Diffusion: hub id or local folder saved with save_pretrained.",
+        help="Base Stable Diffusion: hub id or local folder saved with save_pretrained; SD 1.x, "
+        "SD 2.x (epsilon or v-prediction) or SDXL, read from its configs (architectures.py).",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="Another VAE (hub id or folder), e.g. an fp16-safe SDXL VAE "
+        "(madebyollin/sdxl-vae-fp16-fix): a VAE whose config says force_upcast (SDXL's own) is "
+        "kept and decoded in fp32 under mixed precision, one that does not in the weight dtype.",
     )
     parser.add_argument("--revision", default=None, help="Hub revision of the base model.")
     parser.add_argument("--variant", default=None, help="Weights variant of the base, e.g. fp16.")
@@ -190,8 +200,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resolution",
         type=Number(int, low=8, multiple_of=8),
-        default=512,
-        help="Training image size.",
+        default=None,
+        help="Training image size (default: the base model's native size, UNet sample_size x "
+        "the VAE's scale factor: 512 for SD 1.5 / 2.1-base, 768 for SD 2.1, 1024 for SDXL).",
     )
     parser.add_argument(
         "--center_crop",
@@ -383,8 +394,9 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--validation_guidance_scale",
         type=runs.GUIDANCE_SCALE,
-        default=7.5,
-        help="Validation guidance.",
+        default=None,
+        help="Validation guidance (default: the base pipeline's own, 7.5 for SD 1.x / 2.x and "
+        "5.0 for SDXL).",
     )
     parser.add_argument(
         "--logging_steps",
@@ -402,7 +414,8 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
 
 HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
     "models": [
-        "pretrained_model_name_or_path", "revision", "variant", "arcface_weights",
+        "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision",
+        "variant", "arcface_weights",
         "face_detector", "face_models_root",
     ],
     "data": [
@@ -552,6 +565,17 @@ def validate_args(args: argparse.Namespace) -> None:
     _validate_packing(args)
     _validate_resume(args)
     runs.check_base_model(args.pretrained_model_name_or_path)
+    resolve_architecture_defaults(args)
+
+
+def resolve_architecture_defaults(args: argparse.Namespace) -> None:
+    """Fill the flags left unset with the base model's defaults (architectures.py): its native
+    resolution and its pipeline's guidance. A flag the user set is kept."""
+    architecture = architecture_or_paper(args.pretrained_model_name_or_path, args.revision)
+    if args.resolution is None:
+        args.resolution = architecture.resolution
+    if args.validation_guidance_scale is None:
+        args.validation_guidance_scale = architecture.default("guidance_scale")
 
 
 # ============================================================================ identities

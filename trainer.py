@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -32,11 +33,13 @@ import torch
 
 import runs
 from arcface import load_arcface
+from architectures import Architecture, architecture_or_paper
 from datasets import DreamBoothFaceDataset, LatentCache, RowTable, to_device
 from faces import align_faces_torch, build_face_detector
 from fileio import atomic_save_image, atomic_write_json, stable_seed
 from lora import (
     LORA_WEIGHTS_NAME,
+    base_model_record,
     lora_target_modules,
     read_lora_file,
     write_lora_file,
@@ -126,7 +129,8 @@ def clear_outputs(identity: Identity, logging_dir: str) -> None:
 
 @dataclass
 class FrozenModels:
-    """Everything that does not train, loaded once per process."""
+    """Everything that does not train, loaded once per process. SDXL adds a second text
+    encoder and tokenizer (None for SD 1.x / 2.x)."""
 
     vae: Any
     text_encoder: Any
@@ -135,6 +139,9 @@ class FrozenModels:
     arcface: torch.nn.Module | None
     device: torch.device
     mixed_precision: str
+    architecture: Architecture
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -145,6 +152,13 @@ class FrozenModels:
         if self.mixed_precision == "no":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+    def vae_precision(self) -> contextlib.AbstractContextManager:
+        """Where the VAE runs in its own dtype: autocast off for a VAE kept in fp32 because it
+        overflows in fp16 (SDXL's), a no-op otherwise."""
+        if self.vae.dtype == torch.float32 and self.mixed_precision != "no":
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
 
 
 def hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,19 +171,35 @@ def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> N
     torch.nn.Module.to(model, device=device, dtype=dtype)
 
 
+def load_vae(args: argparse.Namespace, architecture: Architecture) -> tuple[Any, Architecture]:
+    """The base's VAE, or --pretrained_vae_model_name_or_path (e.g. an fp16-safe SDXL VAE),
+    and the architecture with that VAE's fp16 safety (its config's force_upcast)."""
+    from diffusers import AutoencoderKL
+
+    source = args.pretrained_vae_model_name_or_path
+    subfolder = None if source else "vae"
+    vae = AutoencoderKL.from_pretrained(
+        source or args.pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs(args)
+    )
+    upcast = architecture.is_sdxl and bool(vae.config.get("force_upcast", True))
+    return vae, dataclasses.replace(architecture, vae_force_upcast=upcast)
+
+
 def load_frozen_models(
     args: argparse.Namespace,
     device: torch.device,
     mixed_precision: str,
     arcface: torch.nn.Module | None,
 ) -> FrozenModels:
-    """VAE, text encoder (weight dtype, no grad), tokenizer, DDPM scheduler, ArcFace (fp32)."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+    """VAE, text encoder(s) (weight dtype, no grad), tokenizer(s), DDPM scheduler, ArcFace
+    (fp32). A VAE that overflows in fp16 (SDXL's, architectures.py) stays fp32."""
+    from diffusers import DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     base, dtype = args.pretrained_model_name_or_path, WEIGHT_DTYPES[mixed_precision]
+    architecture = architecture_or_paper(base, args.revision)
     with runs.loading("the VAE and text encoder", base):
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **hub_kwargs(args))
+        vae, architecture = load_vae(args, architecture)
         text_encoder = CLIPTextModel.from_pretrained(
             base, subfolder="text_encoder", **hub_kwargs(args)
         )
@@ -179,10 +209,16 @@ def load_frozen_models(
         scheduler = DDPMScheduler.from_pretrained(
             base, subfolder="scheduler", revision=args.revision
         )
-    for model in (vae, text_encoder):
-        model.requires_grad_(False)
-        model.eval()
-        place(model, device, dtype)
+        second = load_second_text_encoder(args) if architecture.is_sdxl else (None, None)
+    for model in (vae, text_encoder, second[0]):
+        if model is not None:
+            model.requires_grad_(False)
+            model.eval()
+            place(
+                model,
+                device,
+                torch.float32 if model is vae and architecture.vae_force_upcast else dtype,
+            )
     if args.gradient_checkpointing and args.loss != "dreambooth":
         vae.enable_gradient_checkpointing()  # the identity term backpropagates through decode
     if device.type == "cuda":
@@ -195,23 +231,48 @@ def load_frozen_models(
         arcface=arcface,
         device=device,
         mixed_precision=mixed_precision,
+        architecture=architecture,
+        text_encoder_2=second[0],
+        tokenizer_2=second[1],
     )
 
 
-def assemble_pipeline(frozen: FrozenModels, unet: torch.nn.Module):
-    """A DDPM StableDiffusionPipeline around the frozen parts and the training UNet."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def load_second_text_encoder(args: argparse.Namespace) -> tuple[Any, Any]:
+    """SDXL's second text encoder (OpenCLIP bigG with projection: the pooled embedding) and
+    its tokenizer."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    pipeline = StableDiffusionPipeline(
+    base = args.pretrained_model_name_or_path
+    encoder = CLIPTextModelWithProjection.from_pretrained(
+        base, subfolder="text_encoder_2", **hub_kwargs(args)
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=args.revision)
+    return encoder, tokenizer
+
+
+def assemble_pipeline(frozen: FrozenModels, unet: torch.nn.Module):
+    """A DDPM pipeline of the base's kind (StableDiffusionPipeline or, for SDXL,
+    StableDiffusionXLPipeline) around the frozen parts and the training UNet."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = dict(
         vae=frozen.vae,
         text_encoder=frozen.text_encoder,
         tokenizer=frozen.tokenizer,
         unet=unet,
         scheduler=DDPMScheduler.from_config(frozen.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
+    if frozen.architecture.is_sdxl:
+        pipeline = StableDiffusionXLPipeline(
+            **parts,
+            text_encoder_2=frozen.text_encoder_2,
+            tokenizer_2=frozen.tokenizer_2,
+            add_watermarker=False,
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -262,20 +323,44 @@ def load_unet_with_slots(
 
 @dataclass
 class PromptEmbeddings:
-    """Text-encoder outputs of the two prompts, computed once: (1, L, D) each."""
+    """Text-encoder outputs of the two prompts, computed once: (1, L, D) each; SDXL adds the
+    pooled text embedding of its second encoder, (1, P) each (None for SD 1.x / 2.x)."""
 
     instance: torch.Tensor
     class_: torch.Tensor
+    instance_pooled: torch.Tensor | None = None
+    class_pooled: torch.Tensor | None = None
 
     @classmethod
     @torch.no_grad()
     def encode(cls, frozen: FrozenModels, args: argparse.Namespace) -> PromptEmbeddings:
-        """--instance_prompt and --class_prompt through the frozen text encoder, once per run."""
-        return cls(*(encode_text(frozen, p) for p in (args.instance_prompt, args.class_prompt)))
+        """--instance_prompt and --class_prompt through the frozen text encoder(s), once."""
+        prompts = (args.instance_prompt, args.class_prompt)
+        if frozen.text_encoder_2 is None:
+            return cls(*(encode_text(frozen, prompt) for prompt in prompts))
+        (instance, instance_pooled), (class_, class_pooled) = (
+            encode_text_sdxl(frozen, prompt) for prompt in prompts
+        )
+        return cls(instance, class_, instance_pooled, class_pooled)
 
     def for_rows(self, is_prior: torch.Tensor) -> torch.Tensor:
         """(B, L, D) conditioning: the class prompt for prior rows, the instance prompt else."""
         return torch.where(is_prior[:, None, None], self.class_, self.instance)
+
+    def unet_conditioning(self, batch: PackedBatch) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments for the batch's rows: the text
+        (`encoder_hidden_states`) and, for SDXL, `sdxl_added_conditioning`."""
+        conditioning = {"encoder_hidden_states": self.for_rows(batch.is_prior)}
+        if self.instance_pooled is not None:
+            conditioning["added_cond_kwargs"] = self.sdxl_added_conditioning(batch)
+        return conditioning
+
+    def sdxl_added_conditioning(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """SDXL's added conditioning per row, as diffusers' SDXL DreamBooth-LoRA example builds
+        it: `text_embeds` (B, P) the pooled embedding of the row's prompt, `time_ids` (B, 6) the
+        original size, crop top-left and target size of the row's crop (`crop_time_ids`)."""
+        pooled = torch.where(batch.is_prior[:, None], self.class_pooled, self.instance_pooled)
+        return {"text_embeds": pooled, "time_ids": batch.time_ids}
 
 
 @torch.no_grad()
@@ -289,6 +374,40 @@ def encode_text(frozen: FrozenModels, prompt: str) -> torch.Tensor:
         return_tensors="pt",
     )
     return frozen.text_encoder(tokens.input_ids.to(frozen.device))[0]
+
+
+# ---------------------------------------------------------------------------- SDXL's conditioning
+
+
+@torch.no_grad()
+def encode_text_sdxl(frozen: FrozenModels, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning as its pipeline's encode_prompt: the penultimate hidden states of
+    both encoders side by side, (1, L, D1 + D2), and the second encoder's pooled (projected)
+    embedding, (1, P)."""
+    hidden_states = []
+    for tokenizer, encoder in (
+        (frozen.tokenizer, frozen.text_encoder),
+        (frozen.tokenizer_2, frozen.text_encoder_2),
+    ):
+        tokens = tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        output = encoder(tokens.input_ids.to(frozen.device), output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1), output[0]
+
+
+def crop_time_ids(dataset: DreamBoothFaceDataset, crops: list[Any]) -> torch.Tensor:
+    """(B, 6) float32 SDXL size/crop ids of each crop, as diffusers' SDXL DreamBooth example:
+    original photo size (h, w), crop top-left (top, left) in the resized photo, target (R, R).
+    The random crop changes the crop coordinates from epoch to epoch."""
+    size = dataset.resolution
+    rows = [(*dataset.original_size(crop), crop.top, crop.left, size, size) for crop in crops]
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 # ============================================================================ data
@@ -360,7 +479,8 @@ class PackedBatch:
     instance row i, or -1); `landmarks`: (n, 5, 2) crop pixels of the instance rows;
     `embeddings`: (B, D) precomputed ArcFace embeddings; `has_face`: (B,) bool. Host ints:
     `sizes` (rows of each identity) and `instance_sizes`. `slots`: (B,) long LoRA slot of each
-    row (all 0 for one identity).
+    row (all 0 for one identity). `time_ids`: (B, 6) SDXL's size/crop ids (`crop_time_ids`),
+    None for SD 1.x / 2.x.
     """
 
     mean: torch.Tensor
@@ -374,6 +494,7 @@ class PackedBatch:
     landmarks: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
     has_face: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
     @classmethod
     def one_identity(
@@ -384,6 +505,7 @@ class PackedBatch:
         landmarks: torch.Tensor | None = None,
         embeddings: torch.Tensor | None = None,
         has_face: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> PackedBatch:
         """One identity's batch: num_instance instance rows, then as many prior rows or none."""
         size, device = mean.shape[0], mean.device
@@ -403,6 +525,7 @@ class PackedBatch:
             landmarks=landmarks,
             embeddings=embeddings,
             has_face=has_face,
+            time_ids=time_ids,
         )
 
     @classmethod
@@ -431,6 +554,7 @@ class PackedBatch:
             landmarks=cat("landmarks"),
             embeddings=cat("embeddings"),
             has_face=cat("has_face"),
+            time_ids=cat("time_ids"),
         )
 
 
@@ -481,7 +605,8 @@ def decode_x0(
         scheduler.config.prediction_type,
     )  # (n, 4, R/8, R/8) float32
     x0 = torch.where(mask[:, None, None, None], x0, x0.detach())
-    decoded = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
+    with frozen.vae_precision():  # SDXL's VAE decodes in fp32 (it overflows in fp16)
+        decoded = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
     return decoded.clamp(-1.0, 1.0) if clamp else decoded
 
 
@@ -523,8 +648,9 @@ def training_step(
     draw, noise, timesteps = draw_randomness(batch, generators, config.num_train_timesteps)
     latents = (batch.mean.float() + batch.std.float() * draw) * frozen.vae.config.scaling_factor
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w) fp32
-    text = prompts.for_rows(batch.is_prior)  # (B, L, D)
-    model_pred = unet(noisy_latents.to(frozen.weight_dtype), timesteps, text, return_dict=False)[0]
+    conditioning = prompts.unet_conditioning(batch)  # text (B, L, D); SDXL: + pooled, size/crop
+    model_input = noisy_latents.to(frozen.weight_dtype)
+    model_pred = unet(model_input, timesteps, **conditioning, return_dict=False)[0]
     target = diffusion_target(noise, latents, timesteps, scheduler)
     identity_rows = None
     if config.has_identity_term:
@@ -782,6 +908,8 @@ class Slot:
                 "has_face": trainer.faces.columns["has_face"][face_rows],
                 "landmarks": to_device(torch.stack(landmarks), device),
             }
+        if trainer.frozen.architecture.is_sdxl:
+            faces["time_ids"] = to_device(crop_time_ids(self.dataset, crops), device)
         batch = PackedBatch.one_identity(
             trainer.latents.columns["mean"][latent_rows],
             trainer.latents.columns["std"][latent_rows],
@@ -817,6 +945,9 @@ class Slot:
                 "process_index": trainer.state.process_index,
                 "num_processes": trainer.state.num_processes,
                 "pack": trainer.num_slots,
+                "architecture": trainer.frozen.architecture.to_json(),
+                "vae_dtype": str(trainer.frozen.vae.dtype).removeprefix("torch."),
+                "class_guidance_scale": trainer.frozen.architecture.default("guidance_scale"),
             },
             "data": self.dataset.summary(),
             "arcface": trainer.arcface_name,
@@ -847,6 +978,8 @@ class Slot:
             folder,
             sorted((folder / "validation").glob(f"step_{self.global_step}_*.png")),
             base=args.pretrained_model_name_or_path,
+            architecture=self.trainer.frozen.architecture.describe(),
+            pipeline_class=self.trainer.frozen.architecture.pipeline_class,
             instance_prompt=args.instance_prompt,
             identity=self.identity.name,
             loss=args.loss,
@@ -1032,10 +1165,12 @@ class PackedTrainer:
         logger.info("%s: resumed from %s at step %d", slot.identity.name, folder, slot.global_step)
 
     def save_lora_of(self, slot: Slot, folder: Path) -> None:
+        """The slot's LoRA in diffusers' format, its base model and architecture in the header."""
         write_lora_file(
             folder,
             identity_state_dict(self.lora, slot.index),
             lora_config(self.lora).to_dict(),
+            base_model_record(self.args.pretrained_model_name_or_path, self.frozen.architecture),
         )
 
     def save_checkpoint(self, slot: Slot) -> Path:

@@ -36,7 +36,17 @@ import runs  # noqa: E402
 from lora import lora_target_modules  # noqa: E402
 from random_models import build_tiny_sd, write_random_lora  # noqa: E402
 
-SIZES = {"tiny": 64, "sd21": 512}  # size -> resolution
+# size (random_models.RANDOM_MODEL_NAMES) -> resolution: each supported base, real and tiny.
+SIZES = {
+    "tiny": 64,
+    "tiny-sd15": 64,
+    "tiny-sd21-v": 64,
+    "tiny-sdxl": 64,
+    "sd15": 512,
+    "sd21": 512,
+    "sd21-v": 768,
+    "sdxl": 1024,
+}
 GENDERS_NAME = "genders.csv"  # beside the LoRA folders; the paper's prompts need a gender
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps",
         type=runs.POSITIVE_INT,
         default=None,
-        help="Denoising steps. Default: 30 (the paper's) for sd21, 4 for tiny.",
+        help="Denoising steps. Default: 30 (the paper's) for real shapes, 4 for tiny ones.",
     )
     parser.add_argument(
         "--batch_sizes", type=runs.POSITIVE_INT, nargs="+", default=[1, 16], help="Ours."
@@ -78,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.mixed_precision = args.mixed_precision or ("fp16" if args.device == "cuda" else "no")
-    args.steps = args.steps or (30 if args.size == "sd21" else 4)
+    args.steps = args.steps or (4 if args.size.startswith("tiny") else 30)
     return args
 
 

@@ -71,7 +71,18 @@ from trainer import (  # noqa: E402
     place,
 )
 
-SIZES = {"tiny": (64, "r18"), "sd21": (512, "r100")}  # size -> (resolution, IResNet depth)
+# size (random_models.RANDOM_MODEL_NAMES) -> (resolution, IResNet depth). The real shapes of each
+# supported base; its tiny version runs the same code paths in seconds.
+SIZES = {
+    "tiny": (64, "r18"),
+    "tiny-sd15": (64, "r18"),
+    "tiny-sd21-v": (64, "r18"),
+    "tiny-sdxl": (64, "r18"),
+    "sd15": (512, "r100"),
+    "sd21": (512, "r100"),
+    "sd21-v": (768, "r100"),
+    "sdxl": (1024, "r100"),
+}
 PHOTOS_PER_IDENTITY = 2  # R x R photos: one crop each, so the latent cache is warm after warmup
 
 
@@ -207,18 +218,27 @@ def saved_activations(exclude: set[int]):
 
 @contextlib.contextmanager
 def loading_from(pipe):
-    """The trainer's `from_pretrained` calls return the parts of an in-memory pipeline."""
+    """The trainer's `from_pretrained` calls return the parts of an in-memory pipeline (SDXL's
+    second text encoder too), its architecture read from the parts' configs."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from architectures import architecture_of_pipeline
 
     parts = {
         UNet2DConditionModel: pipe.unet,
         AutoencoderKL: pipe.vae,
         CLIPTextModel: pipe.text_encoder,
         CLIPTokenizer: pipe.tokenizer,
-        DDPMScheduler: pipe.scheduler,
+        DDPMScheduler: DDPMScheduler.from_config(pipe.scheduler.config),
     }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        parts[CLIPTextModelWithProjection] = pipe.text_encoder_2
+    architecture = architecture_of_pipeline(pipe)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            mock.patch("trainer.architecture_or_paper", lambda *_, **__: architecture)
+        )
         for cls, part in parts.items():
             stack.enter_context(
                 mock.patch.object(cls, "from_pretrained", lambda *_, part=part, **__: part)
@@ -226,10 +246,12 @@ def loading_from(pipe):
         yield
 
 
-def packed_batch(k: int, resolution: int, device: torch.device) -> PackedBatch:
-    """K identities' micro-batches of 1 instance + 1 class image (identity-major rows)."""
+def packed_batch(k: int, resolution: int, device: torch.device, sdxl: bool = False) -> PackedBatch:
+    """K identities' micro-batches of 1 instance + 1 class image (identity-major rows); SDXL's
+    size/crop ids of R x R photos when `sdxl`."""
     latent = resolution // 8
     landmarks = torch.as_tensor(ARCFACE_DST * resolution / 112.0, device=device)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * 2)
     batches = [
         PackedBatch.one_identity(
             mean=torch.randn(2, 4, latent, latent, device=device),
@@ -238,6 +260,7 @@ def packed_batch(k: int, resolution: int, device: torch.device) -> PackedBatch:
             landmarks=landmarks[None].clone(),
             embeddings=F.normalize(torch.randn(2, 512, device=device), dim=-1),
             has_face=torch.ones(2, dtype=torch.bool, device=device),
+            time_ids=time_ids.float().to(device) if sdxl else None,
         )
         for _ in range(k)
     ]
@@ -288,14 +311,18 @@ def _count_step(size: str, k: int, precision: str, workdir: Path) -> dict:
     with FakeTensorMode(allow_non_fake_inputs=True):
         arcface = ArcFaceEncoder(build_iresnet(depth), f"random-{depth}")  # fp32, as trained
         pipe = build_random_sd_pipeline(size, workdir=workdir)
-        for part in (pipe.unet, pipe.vae, pipe.text_encoder):  # fake tensors cannot be
+        text_encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+        upcast_vae = pipe.vae.config.get("force_upcast") and "sdxl" in size  # fp32, as trained
+        for part in (pipe.unet, *([] if upcast_vae else [pipe.vae]), *filter(None, text_encoders)):
             for tensor in (*part.parameters(), *part.buffers()):  # swapped by Module.to
                 if tensor.is_floating_point():
                     tensor.data = tensor.data.to(dtype)
-        with loading_from(pipe), mock.patch("trainer.place"):
+        # The validation sampler's host tables cannot be built from fake tensors (not counted).
+        no_sampler = mock.patch("trainer.Sampler.from_pipeline")
+        with loading_from(pipe), mock.patch("trainer.place"), no_sampler:
             frozen = load_frozen_models(train_args, device, precision, arcface)
             trainer = PackedTrainer(train_args, frozen, None, runs.process_state(), k)
-        batch = packed_batch(k, resolution, device)
+        batch = packed_batch(k, resolution, device, frozen.architecture.is_sdxl)
         generators = [torch.Generator().manual_seed(index) for index in range(k)]
         slots = [standing_slot(index) for index in range(k)]
         counter, update = OpCounter(), trainer.update
@@ -377,8 +404,14 @@ def reference_step(unet, frozen, optimizer, batch: dict, generator, args) -> flo
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         timesteps = torch.randint(0, 1000, (2,), generator=generator, device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        text = torch.cat([prompts.instance, prompts.class_])
-        model_pred = unet(noisy, timesteps, text, return_dict=False)[0]
+        # [instance, prior] rows; SDXL: + pooled text and the size/crop ids of R x R photos
+        size = pixels.shape[-1]
+        rows = SimpleNamespace(
+            is_prior=torch.tensor([False, True], device=device),
+            time_ids=torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device).float(),
+        )
+        conditioning = prompts.unet_conditioning(rows)
+        model_pred = unet(noisy, timesteps, **conditioning, return_dict=False)[0]
         instance_loss = F.mse_loss(model_pred[:1].float(), noise[:1].float())
         prior_loss = F.mse_loss(model_pred[1:].float(), noise[1:].float())
         loss = instance_loss + args.prior_loss_weight * prior_loss

@@ -9,7 +9,8 @@
 #   benchmarks/gpu_check.sh --dry-run    # the same steps on the CPU with tiny models (CI)
 #
 # The SD 2.1-shaped random models are built once, in $GPU_CHECK_WORKDIR (default: a temp
-# folder), and every step loads them from there.
+# folder), and every step loads them from there. GPU_CHECK_SIZE picks another base's shapes
+# (sd15, sd21-v, sdxl; tiny-sdxl etc. for --dry-run): random_models.RANDOM_MODEL_NAMES.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dry_run=false
@@ -19,11 +20,11 @@ work=${GPU_CHECK_WORKDIR:-$(mktemp -d)}
 mkdir -p "$out" "$work"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if $dry_run; then
-  size=tiny device=cpu train_precision=no generate_precision=no
+  size=${GPU_CHECK_SIZE:-tiny} device=cpu train_precision=no generate_precision=no
   generate=(--identities 2 --images_per_identity 2 --batch_sizes 1 2 --reference_batch_sizes 1 2)
   train=(--packs 1 2 --steps 1 --warmup 1 --rounds 1)
 else
-  size=sd21 device=cuda train_precision=bf16 generate_precision=fp16
+  size=${GPU_CHECK_SIZE:-sd21} device=cuda train_precision=bf16 generate_precision=fp16
   generate=(--identities 4 --images_per_identity 8 --batch_sizes 1 16 --reference_batch_sizes 1 16)
   train=(--packs 1 2 4 8 --steps 10 --warmup 3 --rounds 1)
 fi
@@ -60,36 +61,35 @@ EOF
 phase "sampler on $device: equal to the stock pipeline, host syncs, CUDA-graph replay"
 python3 - "$work/sd-$size" "$device" "$generate_precision" <<'EOF' | tee "$out/sampler.md"
 import sys, torch
-from diffusers import StableDiffusionPipeline
-from sampling import Sampler, encode_prompts, seeded_generators
+from diffusers import DDPMScheduler
+from sampling import Sampler, load_pipeline, prompt_conditioning, seeded_generators
 folder, device, precision = sys.argv[1:]
 dtype = {"no": torch.float32, "fp16": torch.float16}[precision]
-pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
-pipe = pipe.to(device)
-pipe.set_progress_bar_config(disable=True)
+pipe = load_pipeline(folder, device, dtype)  # StableDiffusion(XL)Pipeline, by its configs
+pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
 prompts, negatives, seeds = ["a face"] * 4, ["cartoon"] * 4, [0, 1, 2, 3]
 size = dict(height=resolution, width=resolution, num_inference_steps=10, guidance_scale=5)
 stock = pipe(prompts, negative_prompt=negatives, generator=seeded_generators(seeds),
              output_type="latent", **size).images
-embeds, negative = encode_prompts(pipe, prompts, negatives)
+conditioning = prompt_conditioning(pipe, prompts, negatives)
 variants = {"eager": {}, "cuda_graph": {"cuda_graph": True}} if device == "cuda" else {"eager": {}}
 print("| sampler | device | precision | host syncs in a sampling call | max abs diff vs stock |")
 print("|---|---|---|---|---|")
 for name, options in variants.items():
     sampler = Sampler.from_pipeline(pipe, **size, **options)
-    sampler.sample(embeds, negative, seeds)  # warm-up / capture
+    sampler.sample(seeds=seeds, **conditioning)  # warm-up / capture
     syncs = "not measured (no CUDA)"
     if device == "cuda":
         torch.cuda.set_sync_debug_mode("error")
         try:
-            latents = sampler.sample(embeds, negative, seeds)
+            latents = sampler.sample(seeds=seeds, **conditioning)
             syncs = "none"
         except RuntimeError as error:
             syncs = str(error).splitlines()[0]
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    latents = sampler.sample(embeds, negative, seeds)
+    latents = sampler.sample(seeds=seeds, **conditioning)
     worst = (latents.float() - stock.float()).abs().max().item()
     print(f"| {name} | {device} | {precision} | {syncs} | {worst:.3g} |")
 EOF

@@ -106,6 +106,17 @@ def test_step_op_counts_stay_below_their_limits(tmp_path):
 
 
 @pytest.mark.slow
+def test_step_counts_cover_every_bases_shapes(tmp_path):
+    """count_step builds each base's random model (SDXL: two text encoders, its fp32 VAE,
+    the size/crop ids) and counts its step; SDXL's tiny UNet has more attention layers."""
+    bench = load_benchmark("bench_train_step")
+    counts = {size: bench.count_step(size, 1, "bf16", tmp_path) for size in ("tiny", "tiny-sdxl")}
+    for count in counts.values():
+        assert count["update_ops"] <= 100 and count["flop"] > 0
+    assert counts["tiny-sdxl"]["aten_ops"] > counts["tiny"]["aten_ops"]
+
+
+@pytest.mark.slow
 def test_gpu_check_dry_run_prints_the_readme_tables(tmp_path):
     """gpu_check.sh --dry-run: the GPU session's steps on the CPU with tiny models."""
     import os

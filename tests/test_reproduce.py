@@ -442,3 +442,32 @@ def test_fr_utility_stage_trains_the_paper_settings_and_feeds_the_report(tmp_pat
     assert flags[-3:] == ["--face_detector=dlib", "--backbone", "r18"]
     evaluate = reproduce.evaluate_argv(args)
     assert f"--fr_utility={tmp_path / 'fr_utility' / 'fr_utility.json'}" in evaluate
+
+
+@pytest.mark.slow
+def test_the_experiment_runs_end_to_end_on_an_sdxl_base(inputs, tmp_path):
+    """reproduce_ID-Booth.py with a tiny random SDXL base (fp16 on the CPU: its VAE in fp32):
+    class images, triplet LoRAs, generation at the base's native size, the report."""
+    from random_models import build_tiny_sd
+
+    reproduce = runs.load_script(SCRIPT)
+    sdxl = build_tiny_sd(tmp_path / "tiny-sdxl", size="tiny-sdxl")
+    argv = command(inputs, tmp_path / "experiment")[2:]
+    argv = [a for a in argv if not a.startswith(("--pretrained", "--resolution", "--train_flags"))]
+    argv = [a for a in argv if a not in ("dreambooth",)]  # --variants triplet
+    argv += [
+        f"--pretrained_model_name_or_path={sdxl}",
+        "--train_flags=--max_train_steps=2 --num_class_images=2 --class_num_inference_steps=2 "
+        "--validation_prompt= --report_to=none",
+    ]
+    result = reproduce.main(reproduce.parse_args(argv))
+    out = tmp_path / "experiment"
+    for identity in ("person_0", "person_1"):
+        config = json.loads(
+            (out / "loras" / "triplet" / identity / "training_config.json").read_text()
+        )
+        assert config["resolved"]["architecture"]["family"] == "sdxl"
+        assert config["resolved"]["vae_dtype"] == "float32" and config["args"]["resolution"] == 64
+    rows = (out / "generated" / "triplet" / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * 4 and {json.loads(r)["resolution"] for r in rows} == {64}
+    assert "triplet" in result["metrics"]["sets"]

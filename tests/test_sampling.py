@@ -387,6 +387,53 @@ def test_class_image_plan_replaces_unusable_files(tmp_path):
     assert sampling.class_image_plan(tmp_path / "missing", 2) == [0, 1]
 
 
+# ----------------------------------------------------------------- other architectures
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipeline(tmp_path_factory):
+    """The tiny random SDXL (two text encoders, text_time added conditioning), frozen."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = build_tiny_sd(tmp_path_factory.mktemp("sampling_sdxl") / "sdxl", size="tiny-sdxl")
+    pipe = sampling.load_pipeline(str(folder))
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    ("scheduler_class", "options"),
+    [
+        (DDPMScheduler, {}),
+        (DDIMScheduler, {"guidance_scale": 1.0}),
+        (EulerAncestralDiscreteScheduler, {}),
+    ],
+    ids=["ddpm", "ddim-unguided", "euler_a"],
+)
+def test_sdxl_images_equal_the_stock_sdxl_pipeline(sdxl_pipeline, scheduler_class, options):
+    """The sampler with SDXL's added conditioning (pooled text, size/crop time ids) equals
+    StableDiffusionXLPipeline at batch 1 and at batch 3, fp32."""
+    from diffusers import StableDiffusionXLPipeline
+
+    scheduler = scheduler_class.from_config(sdxl_pipeline.scheduler.config)
+    pipe = StableDiffusionXLPipeline(**{**sdxl_pipeline.components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    call_options = {"num_inference_steps": STEPS, "guidance_scale": GUIDANCE} | options
+    for prompts, seeds in ((PROMPTS[:1], SEEDS[:1]), (PROMPTS, SEEDS)):
+        reference, _ = stock_images(pipe, prompts, seeds, **call_options)
+        ours = our_images(pipe, prompts, seeds, **call_options)
+        assert ours.shape == reference.shape == (len(prompts), SIZE, SIZE, 3)
+        assert np.abs(ours - reference).max() < 1e-5  # measured: 0.0 on CPU fp32
+
+
+def test_the_sdxl_sampler_refuses_missing_pooled_embeddings(sdxl_pipeline):
+    conditioning = sampling.prompt_conditioning(sdxl_pipeline, PROMPTS[:1], [NEGATIVE])
+    scheduler = DDPMScheduler.from_config(sdxl_pipeline.scheduler.config)
+    sampler = sampling.Sampler(sdxl_pipeline.unet, scheduler, height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+        sampler.sample(conditioning["prompt_embeds"], conditioning["negative_prompt_embeds"], [1])
+
+
 def test_loading_a_single_file_checkpoint_says_how_to_make_a_folder(tmp_path):
     from sampling import load_pipeline
 
