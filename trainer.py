@@ -106,14 +106,9 @@ RESUME_DATA_KEYS = (
 # ============================================================================ outputs
 
 
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of an identity's complete checkpoint-N folders, oldest first."""
-    return runs.list_checkpoints(folder, TRAINING_STATE_NAME)
-
-
 def kept_checkpoint(identity: Identity) -> str:
     """What a stopped run leaves to resume from: its newest checkpoint, or that it has none."""
-    checkpoints = list_checkpoints(identity.output_dir)
+    checkpoints = runs.list_checkpoints(identity.output_dir, TRAINING_STATE_NAME)
     return f"checkpoint {checkpoints[-1][1]} kept" if checkpoints else "no checkpoint written yet"
 
 
@@ -1255,10 +1250,15 @@ class PackedTrainer:
                 output.close()
 
     def run(self, identities: list[Identity]) -> list[dict[str, Any]]:
-        """Train every identity of the queue, K at a time; one result dict each."""
+        """Train every identity of the queue, one result dict each: alone (the paper's case,
+        `train_alone`) or K at a time (`--pack K`: `step` packs every occupied slot)."""
         queue = list(identities)
         self.overall = runs.RunProgress("identity", len(queue))
         try:
+            if self.num_slots == 1:
+                for identity in queue:
+                    self.train_alone(identity)
+                return self.results
             while queue or self.active_slots():
                 for index in range(self.num_slots):
                     while self.slots[index] is None and queue:
@@ -1271,16 +1271,35 @@ class PackedTrainer:
                 self._close_outputs(slot)
         return self.results
 
-    def _start(self, index: int, identity: Identity) -> None:
+    def train_alone(self, identity: Identity) -> None:
+        """One identity from its first step (or its checkpoint) to its final LoRA, in slot 0.
+
+        The reading path of one step: `Slot.next_batch` (the micro-batch of a run of this
+        identity alone) -> `train_on` -> `training_step` (noise and timestep -> UNet ->
+        diffusion target; x0_hat -> decode -> align -> ArcFace -> objective) -> backward ->
+        `update` (clip, AdamW, learning rate) -> `advance` (logs, checkpoints, validation,
+        and `finish` after the last step). `step` runs the same functions on K identities."""
+        slot = self._start(0, identity)
+        while slot is not None and self.slots[0] is slot:  # until finished or failed
+            batch, generator = slot.next_batch()
+            if self.train_on([slot], batch, [generator]):
+                self.advance([slot])
+            else:  # gradient accumulation: the update comes with a later micro-batch
+                slot.micro_batch += 1
+
+    def _start(self, index: int, identity: Identity) -> Slot | None:
         """Fill a slot; an identity that cannot start (no face photo, bad checkpoint) fails
-        alone unless it is the run's only one."""
+        alone unless it is the run's only one. None if it failed or was already finished."""
         self.overall.start(identity.name)
         try:
             slot = self.fill(index, identity)
             if slot.global_step >= slot.max_train_steps:
                 self.finish(slot)
+                return None
+            return slot
         except (ValueError, OSError, NonFiniteLossError) as error:
             self._fail(identity, error)
+            return None
 
     def _fail(self, identity: Identity, error: Exception, slot: Slot | None = None) -> None:
         if self.args.identities_root is None:
@@ -1294,14 +1313,19 @@ class PackedTrainer:
             self.overall.done(identity.name, failed=True)
 
     def step(self) -> None:
-        """One micro-batch of every occupied slot: plan it on the host, train on the device,
-        then the host bookkeeping (log intervals are the only host syncs)."""
+        """One micro-batch of every occupied slot (`--pack K`): plan it on the host, train on
+        the device, then the host bookkeeping (log intervals are the only host syncs)."""
         slots = self.active_slots()
         batch, generators = self.gather(slots)
-        if not self.train_on(slots, batch, generators):  # accumulating (one slot only)
+        if self.train_on(slots, batch, generators):
+            self.advance(slots)
+        else:  # accumulating (one slot only)
             for slot in slots:
                 slot.micro_batch += 1
-            return
+
+    def advance(self, slots: list[Slot]) -> None:
+        """After an update: each slot's step count, then its logs, checkpoint, validation and
+        end of run; an identity whose bookkeeping fails (a NaN, a full disk) fails alone."""
         for slot in slots:
             slot.global_step += 1
             slot.micro_batch = 0

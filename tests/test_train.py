@@ -653,7 +653,8 @@ def test_non_finite_loss_stops_with_step_and_term_keeping_the_checkpoint(assets,
     )
     with pytest.raises(train.NonFiniteLossError, match=r"at step 2 \(terms: loss, diffusion_loss"):
         train.main(train.parse_args(flags))
-    assert [step for step, _ in trainer.list_checkpoints(tmp_path / "nan")] == [1]
+    kept = runs.list_checkpoints(tmp_path / "nan", trainer.TRAINING_STATE_NAME)
+    assert [step for step, _ in kept] == [1]
     with pytest.raises(train.NonFiniteLossError, match=r"checkpoint .*checkpoint-1 kept"):
         train.main(train.parse_args([*flags, "--resume_from_checkpoint=latest"]))
     assert not (tmp_path / "nan" / train.LORA_WEIGHTS_NAME).exists()
@@ -676,7 +677,7 @@ def test_a_non_finite_final_state_says_whether_a_checkpoint_was_kept(assets, tmp
     )
     with pytest.raises(train.NonFiniteLossError, match="no checkpoint written yet"):
         train.main(train.parse_args(flags))
-    assert trainer.list_checkpoints(tmp_path / "nan") == []
+    assert runs.list_checkpoints(tmp_path / "nan", trainer.TRAINING_STATE_NAME) == []
 
 
 def test_identity_without_a_detectable_face_is_a_clear_error(assets, tmp_path):
