@@ -3,12 +3,13 @@
 train_ID-Booth.py parses and checks the command line, finds the identities and prepares the
 class images; what a run does from there lives here: the frozen models (VAE, text encoder, DDPM
 scheduler, ArcFace) and the base UNet with a batched LoRA of K slots (multi_lora.py), the
-prompt embeddings, each identity's dataset, the device step of a packed micro-batch
-(`training_step`: the objective of losses.py, its identity term on the decoded x0_hat aligned
-with the photo's landmarks) and `PackedTrainer`, which fills its slots from a queue of
-identities and gives each one its own data order, noise, AdamW state, learning-rate schedule,
-gradient clipping, NaN freeze, checkpoints (resumed only with matching settings:
-`resume_mismatches`), validation images and final LoRA.
+prompt embeddings, each identity's dataset, the device step of a micro-batch (`training_step`:
+the objective of losses.py, its identity term on the decoded x0_hat aligned with the photo's
+landmarks) and `PackedTrainer`. The paper's case, one identity from start to finish, is
+`PackedTrainer.train_alone` (read it first); with `--pack K`, `PackedTrainer.step` runs the same
+functions on K identities from a queue, each with its own data order, noise, AdamW state,
+learning-rate schedule, gradient clipping, NaN freeze, checkpoints (resumed only with matching
+settings: `resume_mismatches`), validation images and final LoRA.
 
 Functions take train_ID-Booth.py's parsed arguments (`args`); messages go to the script's
 logger.
