@@ -180,7 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"Extra flags of {STAGE_SCRIPTS[stage].name} (see its --help), one "
             f"shell-quoted string, checked before any work starts (e.g. {example}).",
         )
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
+
+
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "inputs and models": [
+        "pretrained_model_name_or_path", "identities_root", "class_data_dir", "arcface_weights",
+        "identity_attributes", "face_detector",
+    ],
+    "experiment": ["variants", "resolution", "num_images_per_identity"],
+    "stage flags": ["train_flags", "generate_flags", "evaluate_flags"],
+    "evaluation": [
+        "real", "embedder", "feature_model", "quality_weights", "quality_setting",
+        "pose_weights", "banner",
+    ],
+    "face-recognition utility": [
+        "fr_benchmarks", "fr_settings", "fr_selection_benchmarks", "fr_flags",
+    ],
+    "output": ["output_dir", "overwrite"],
+}  # fmt: skip
 
 
 def add_fr_utility_args(parser: argparse.ArgumentParser) -> None:
