@@ -352,8 +352,10 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="Retrain identities that already have a final LoRA (their old outputs and "
-        "checkpoints are deleted first); without it finished identities are skipped.",
+        help="Retrain this run's identities that already have a final LoRA (their old outputs "
+        "and checkpoints are deleted first) and accept settings other than theirs; without it "
+        "finished identities are skipped. Finished identities in --output_dir outside this run "
+        "are not retrained, so a new identity is refused while they hold other settings.",
     )
     parser.add_argument(
         "--checkpointing_steps",
