@@ -16,11 +16,13 @@ three scripts' own code in order (no second implementation):
 
 Every stage skips what is done (finished identities, images on disk; evaluation re-reads its
 caches), and training resumes an identity from its last checkpoint, so a killed run re-run
-finishes the rest. The experiment's own settings are kept in OUT/experiment_config.json: a
-re-run with other training or generation settings is refused with the differences listed
+finishes the rest. The experiment's own settings are kept in OUT/experiment_config.json,
+written once every variant's training has finished (a run that fails before records nothing):
+a re-run with other training or generation settings is refused with the differences listed
 (--overwrite retrains and regenerates everything with the new ones), so a report is never
-rebuilt from models of other settings. Variants share --seed, so their LoRAs start from the
-same init and see the same data order and noise: a paired comparison.
+rebuilt from models of other settings. The evaluation's and the FR utility's flags may
+change. Variants share --seed, so their LoRAs start from the same init and see the same data
+order and noise: a paired comparison.
 
     accelerate launch --num_processes 8 reproduce_ID-Booth.py \\
         --identities_root data/tufts --class_data_dir data/class_person \\
@@ -29,7 +31,9 @@ same init and see the same data order and noise: a paired comparison.
 
 Under `accelerate launch` (or torchrun) each stage splits its work over the processes; the
 evaluation runs on the main process. Stage-specific flags go through --train_flags,
---generate_flags and --evaluate_flags (appended last, so they override).
+--generate_flags and --evaluate_flags (appended last; a flag this command sets itself, such as
+--output_dir, is refused there, naming the flag of this command to use). They are compared as
+the settings they parse to: '--x=4' and '--x 4', in any order, are the same settings.
 """
 
 from __future__ import annotations
@@ -58,14 +62,75 @@ STAGE_SCRIPTS = {
     "evaluate": REPO_ROOT / "Evaluation" / "evaluate.py",
 }
 EXPERIMENT_CONFIG_NAME = "experiment_config.json"
-# Arguments a re-run may change: where the experiment is, which variants it holds (each one's
-# LoRAs and images are checked by its own stages), paths whose content the stages compare
-# (photos, class images, ArcFace weights) and the evaluation, which is recomputed every run.
-# Every other argument, one added later included, must match.
+# Arguments a re-run may change, decided flag by flag by whether the results of finished
+# training and generation depend on it; every other argument, one added later included, must
+# match:
+#   may change: output_dir, overwrite (where, and whether to redo); variants (each variant's
+#     LoRAs and images are checked by its own stages); identities_root, class_data_dir,
+#     arcface_weights (paths whose content training compares: photos, class images, weights);
+#     real, embedder, feature_model, quality_weights, quality_setting, pose_weights, banner,
+#     evaluate_flags (the evaluation, recomputed every run); fr_benchmarks, fr_settings,
+#     fr_selection_benchmarks, fr_flags (the FR utility, a later evaluation: each train_fr.py
+#     run lives in a folder keyed by its flags and data, and the table is rebuilt every run).
+#   must match: pretrained_model_name_or_path, resolution (both stages); face_detector (the
+#     training photos' landmarks); identity_attributes (the prompts' genders);
+#     num_images_per_identity (the image set the report reads); train_flags and
+#     generate_flags, compared as the settings they parse to (stage_settings).
 EXPERIMENT_MAY_CHANGE = frozenset(
     "output_dir overwrite variants identities_root class_data_dir arcface_weights "  # noqa: SIM905
-    "real embedder feature_model quality_weights banner evaluate_flags".split()
+    "real embedder feature_model quality_weights quality_setting pose_weights banner "
+    "evaluate_flags fr_benchmarks fr_settings fr_selection_benchmarks fr_flags".split()
 )
+# Flags of each stage that this command sets from its own (stage dest -> the flag to use
+# instead): --STAGE_flags may not set them, or the stages would disagree with the experiment.
+MANAGED_FLAGS = {
+    "train": {
+        "pretrained_model_name_or_path": "--pretrained_model_name_or_path",
+        "instance_data_dir": "--identities_root",
+        "identities_root": "--identities_root",
+        "class_data_dir": "--class_data_dir",
+        "arcface_weights": "--arcface_weights",
+        "face_detector": "--face_detector",
+        "loss": "--variants",
+        "resolution": "--resolution",
+        "output_dir": "--output_dir",
+        "overwrite": "--overwrite",
+        "resume_from_checkpoint": "--overwrite (without it every identity resumes from its "
+        "latest checkpoint)",
+    },
+    "generate": {
+        "pretrained_model_name_or_path": "--pretrained_model_name_or_path",
+        "lora_dir": "--output_dir (the LoRAs are OUTPUT_DIR/loras/<variant>)",
+        "lora_root": "--output_dir (the LoRAs are OUTPUT_DIR/loras/<variant>)",
+        "output_dir": "--output_dir",
+        "num_images_per_identity": "--num_images_per_identity",
+        "resolution": "--resolution",
+        "identity_attributes": "--identity_attributes",
+        "overwrite": "--overwrite",
+    },
+    "evaluate": {
+        "generated": "--variants and --output_dir",
+        "training_logs": "--output_dir",
+        "real": "--real",
+        "out": "--output_dir",
+        "face_detector": "--face_detector",
+        "embedder": "--embedder",
+        "feature_model": "--feature_model",
+        "arcface_weights": "--arcface_weights",
+        "quality_weights": "--quality_weights",
+        "quality_setting": "--quality_setting",
+        "pose_weights": "--pose_weights",
+        "banner": "--banner",
+        "fr_utility": "--fr_benchmarks",
+    },
+    "fr": {  # train_fr.py's option strings (its parser is built inside its parse_args)
+        "--data_dir": "--real and --variants",
+        "--output_dir": "--output_dir",
+        "--eval_bin": "--fr_benchmarks and --fr_selection_benchmarks",
+        "--face_detector": "--face_detector",
+        "--resume_from_checkpoint": "--output_dir (each setting resumes its own run)",
+    },
+}
 
 
 class StageError(RuntimeError):
@@ -180,7 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"Extra flags of {STAGE_SCRIPTS[stage].name} (see its --help), one "
             f"shell-quoted string, checked before any work starts (e.g. {example}).",
         )
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
+
+
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "inputs and models": [
+        "pretrained_model_name_or_path", "identities_root", "class_data_dir", "arcface_weights",
+        "identity_attributes", "face_detector",
+    ],
+    "experiment": ["variants", "resolution", "num_images_per_identity"],
+    "stage flags": ["train_flags", "generate_flags", "evaluate_flags"],
+    "evaluation": [
+        "real", "embedder", "feature_model", "quality_weights", "quality_setting",
+        "pose_weights", "banner",
+    ],
+    "face-recognition utility": [
+        "fr_benchmarks", "fr_settings", "fr_selection_benchmarks", "fr_flags",
+    ],
+    "output": ["output_dir", "overwrite"],
+}  # fmt: skip
 
 
 def add_fr_utility_args(parser: argparse.ArgumentParser) -> None:
@@ -273,23 +357,78 @@ def stage_argv(args: argparse.Namespace, stage: str) -> list[str]:
     return evaluate_argv(args)
 
 
+def stage_parser(stage: str) -> argparse.ArgumentParser:
+    """A stage's own parser, raising ValueError where argparse would print usage and exit."""
+    parser = runs.load_script(STAGE_SCRIPTS[stage]).build_parser()
+    parser.error = partial(_refuse, parser)
+    return parser
+
+
+def without_stage_flags(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """A copy of args whose --STAGE_flags are empty: the part of a stage's command line that
+    this command builds from its own flags."""
+    return argparse.Namespace(**{**vars(args), f"{stage}_flags": []})
+
+
+def check_managed_flags(flags: list[str], stage: str, options: dict[str, str]) -> None:
+    """ValueError naming this command's flag for a --STAGE_flags flag that it sets itself
+    (options: the stage's option string -> the flag to use instead)."""
+    for token in flags:
+        option = token.split("=", 1)[0]
+        if option in options:
+            raise ValueError(
+                f"--{stage}_flags: {option} is set by this command; use {options[option]} instead"
+            )
+
+
+def managed_options(stage: str, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Every option string of the stage's managed flags (--no-x too) -> the flag to use."""
+    managed = MANAGED_FLAGS[stage]
+    return {
+        option: managed[action.dest]
+        for option, action in parser._option_string_actions.items()
+        if action.dest in managed
+    }
+
+
 def parse_stage_flags(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     """A stage's command line through that stage's own parser and numeric ranges (no file
-    checks: the stage's inputs do not exist yet); ValueError naming the --STAGE_flags."""
-    script = runs.load_script(STAGE_SCRIPTS[stage])
-    parser = script.build_parser()
-
-    parser.error = partial(_refuse, parser)  # argparse would print the stage's usage and exit
+    checks: the stage's inputs do not exist yet). The part this command builds is parsed first,
+    so its errors name this command's flags; errors of the --STAGE_flags name those."""
+    parser = stage_parser(stage)
+    flags = getattr(args, f"{stage}_flags")
+    check_managed_flags(flags, stage, managed_options(stage, parser))
+    script_name = STAGE_SCRIPTS[stage].relative_to(REPO_ROOT)
     try:
-        stage_args = parser.parse_args(stage_argv(args, stage))
-        runs.check_numbers(stage_args, parser)
+        _parse_checked(parser, stage_argv(without_stage_flags(args, stage), stage))
     except ValueError as error:
-        flags = shlex.join(getattr(args, f"{stage}_flags"))
-        script_name = STAGE_SCRIPTS[stage].relative_to(REPO_ROOT)
+        raise ValueError(f"{error} ({script_name} refuses what this command passes it)") from None
+    try:
+        return _parse_checked(parser, stage_argv(args, stage))
+    except ValueError as error:
         raise ValueError(
-            f"--{stage}_flags {flags!r}: {error} (python {script_name} --help lists them)"
+            f"--{stage}_flags {shlex.join(flags)!r}: {error} (python {script_name} --help lists "
+            "them)"
         ) from None
-    return stage_args
+
+
+def _parse_checked(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    parsed = parser.parse_args(argv)
+    runs.check_numbers(parsed, parser)
+    return parsed
+
+
+def stage_settings(args: argparse.Namespace, stage: str) -> dict[str, Any]:
+    """What the --STAGE_flags set: the stage's parsed arguments that this command does not
+    manage and that differ from the stage's defaults. '--x=4' and '--x 4', any order, and a
+    default spelt out all give the same settings, so only a real change counts as one."""
+    parser = stage_parser(stage)
+    parsed = vars(parser.parse_args(stage_argv(args, stage)))
+    return {
+        dest: value
+        for dest, value in sorted(parsed.items())
+        if dest not in MANAGED_FLAGS[stage] and value != parser.get_default(dest)
+    }
 
 
 def check_genders(args: argparse.Namespace, generate_args: argparse.Namespace) -> None:
@@ -310,6 +449,7 @@ def check_genders(args: argparse.Namespace, generate_args: argparse.Namespace) -
 def check_fr_utility_args(args: argparse.Namespace) -> None:
     """Bad FR-utility input fails now, not after hours of training and generation: the .bin
     folder, the selection names, and train_fr.py's parsing of the stage's flags."""
+    check_managed_flags(args.fr_flags, "fr", MANAGED_FLAGS["fr"])
     if args.fr_benchmarks is None:
         return
     fr_utility = runs.load_script(REPO_ROOT / "Evaluation" / "fr_utility.py")
@@ -523,21 +663,57 @@ def fr_utility_stage(args: argparse.Namespace, state: Any) -> None:
 
 
 def experiment_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {"args": runs.json_safe(vars(args)), "versions": runs.library_versions()}
+    """OUT/experiment_config.json: the arguments, each --STAGE_flags as the settings it
+    parses to (stage_settings, not its text), and the library versions."""
+    recorded = {**vars(args)}
+    for stage in STAGE_SCRIPTS:
+        recorded[f"{stage}_flags"] = stage_settings(args, stage)
+    return {"args": runs.json_safe(recorded), "versions": runs.library_versions()}
+
+
+def comparable_args(recorded: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A config's arguments with each --STAGE_flags that must match split into one entry per
+    setting ('train_flags --learning_rate'). A config written before the settings were kept
+    parsed holds the flags' text: it is parsed now, with this run's other arguments."""
+    flat = dict(recorded)
+    for stage in STAGE_SCRIPTS:
+        key = f"{stage}_flags"
+        value = flat.pop(key, {})
+        if key in EXPERIMENT_MAY_CHANGE:
+            continue
+        if isinstance(value, list):
+            value = settings_of_text(args, stage, value)
+        if not isinstance(value, dict):
+            value = {"(as written)": value}
+        for dest, item in value.items():
+            flat[f"{key} {dest}" if dest.startswith("(") else f"{key} --{dest}"] = item
+    return flat
+
+
+def settings_of_text(args: argparse.Namespace, stage: str, flags: list[str]) -> dict[str, Any]:
+    """stage_settings of --STAGE_flags text from an old config; text the stage no longer
+    parses is kept as written (it then differs from any parsed settings)."""
+    try:
+        old = argparse.Namespace(**{**vars(args), f"{stage}_flags": [str(f) for f in flags]})
+        return runs.json_safe(stage_settings(old, stage))
+    except ValueError:
+        return {"(as written)": shlex.join(str(flag) for flag in flags)}
 
 
 def check_experiment(args: argparse.Namespace, state: Any) -> None:
     """Refuse (ValueError listing the differences) a re-run whose settings differ from those
-    in OUT/experiment_config.json, unless --overwrite; then record this run's settings."""
+    in OUT/experiment_config.json, unless --overwrite. The file is written later, by
+    record_experiment, once the run has finished work under its settings."""
     path = args.output_dir / EXPERIMENT_CONFIG_NAME
     if path.is_file() and not args.overwrite:
         try:
             saved = json.loads(path.read_text())["args"]
-        except (ValueError, KeyError, TypeError) as error:
+            saved = comparable_args(saved, args)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(
                 f"{path} is unreadable ({error}); pass --overwrite to redo the experiment"
             ) from error
-        current = experiment_config(args)["args"]
+        current = comparable_args(experiment_config(args)["args"], args)
         changed = runs.config_mismatches(saved, current, EXPERIMENT_MAY_CHANGE)
         if changed:
             raise ValueError(
@@ -545,9 +721,18 @@ def check_experiment(args: argparse.Namespace, state: Any) -> None:
                 f"({'; '.join(changed)}); re-run with those, use another --output_dir, or pass "
                 "--overwrite to retrain and regenerate everything"
             )
-    state.wait_for_everyone()  # every process has compared before the file changes
+    state.wait_for_everyone()  # every process has compared before the file can change
+
+
+def record_experiment(args: argparse.Namespace, state: Any) -> None:
+    """Write OUT/experiment_config.json once every variant's training finished without a
+    failure: from then on the folder holds results of these settings. A run that fails before
+    (a stage's checks, a failed identity) records nothing, so its corrected re-run is not
+    refused as 'other settings'; what it did finish is guarded by the stages' own checks
+    (training compares each finished identity and checkpoint by resume's rule)."""
     if state.is_main_process:
-        atomic_write_json(path, experiment_config(args))
+        atomic_write_json(args.output_dir / EXPERIMENT_CONFIG_NAME, experiment_config(args))
+    state.wait_for_everyone()
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -557,6 +742,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     check_experiment(args, state)
     train_variants(args, state)
+    record_experiment(args, state)
     generate_variants(args, state)
     fr_utility_stage(args, state)
     runs.set_progress_context("")

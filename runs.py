@@ -87,10 +87,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def argument_parser(doc: str) -> argparse.ArgumentParser:
     """A script's parser: its docstring's first paragraph on top of --help, the rest (examples
-    and details, as written) at the end; defaults and required flags marked."""
+    and details, as written) at the end; defaults and required flags marked. Abbreviations
+    are refused (allow_abbrev=False): argparse would read '--learn 1e-4' as --learning_rate,
+    and a flag added later could silently change what an old abbreviation means."""
     description, _, details = doc.partition("\n\n")
     return argparse.ArgumentParser(
-        description=description, epilog=details.strip() or None, formatter_class=HelpFormatter
+        description=description,
+        epilog=details.strip() or None,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
     )
 
 

@@ -31,6 +31,7 @@ checks, validation and outputs).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 import runs
+from arcface import weights_name
 from architectures import architecture_or_paper
 from datasets import scan_photos, subfolders_note
 from faces import DEFAULT_FACE_MODELS_ROOT, FACE_DETECTOR_NAMES
@@ -55,6 +57,7 @@ from runs import (
 )
 from sampling import CLASS_IMAGE_FORMATS, generate_class_images, load_pipeline
 from trainer import (
+    CONFIG_NAME,
     MAX_TRAIN_STEPS,
     TRAINING_STATE_NAME,
     WEIGHT_DTYPES,
@@ -64,6 +67,7 @@ from trainer import (
     hub_kwargs,
     load_face_tools,
     load_frozen_models,
+    output_root_mismatches,
 )
 
 logger = logging.getLogger("train_ID-Booth")
@@ -348,8 +352,10 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="Retrain identities that already have a final LoRA (their old outputs and "
-        "checkpoints are deleted first); without it finished identities are skipped.",
+        help="Retrain this run's identities that already have a final LoRA (their old outputs "
+        "and checkpoints are deleted first) and accept settings other than theirs; without it "
+        "finished identities are skipped. Finished identities in --output_dir outside this run "
+        "are not retrained, so a new identity is refused while they hold other settings.",
     )
     parser.add_argument(
         "--checkpointing_steps",
@@ -608,6 +614,51 @@ def check_unfinished_runs(identities: list[Identity], args: argparse.Namespace) 
         )
 
 
+def check_output_root(identities: list[Identity], args: argparse.Namespace) -> None:
+    """ValueError, before any work, when this run would train an identity into an
+    --identities_root output folder whose finished identities (those it does not retrain) were
+    trained with other settings, by resume's rule (trainer.output_root_mismatches): one folder
+    never holds LoRAs of two recipes. --overwrite retrains this run's identities only, so a
+    finished one outside them still has to match."""
+    if args.identities_root is None or not args.output_dir.is_dir():
+        return
+    todo = [identity.name for identity in identities if args.overwrite or not is_finished(identity)]
+    retrained = {identity.name for identity in identities} if args.overwrite else set()
+    finished = [
+        folder
+        for folder in runs.identity_folders(args.output_dir)
+        if (folder / LORA_WEIGHTS_NAME).is_file() and folder.name not in retrained
+    ]
+    if not todo or not finished:
+        return
+    arcface = args.arcface_weights
+    current = {
+        "args": runs.json_safe(vars(args)),
+        "mixed_precision": runs.resolve_mixed_precision(args.mixed_precision, "cpu"),
+        "arcface": None if arcface is None else weights_name(arcface.expanduser()),
+        "base_model": runs.base_model_fingerprint(
+            args.pretrained_model_name_or_path, args.revision, args.variant
+        ),
+    }
+    refused = []
+    for folder in finished:
+        try:
+            saved = json.loads((folder / CONFIG_NAME).read_text())
+            changed = output_root_mismatches(saved, current)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            changed = [f"{CONFIG_NAME} unreadable ({type(error).__name__}: {error})"]
+        if changed:
+            refused.append(f"{folder.name}: {'; '.join(changed)}")
+    if refused:
+        raise ValueError(
+            f"{args.output_dir} holds {len(refused)} finished identities trained with other "
+            f"settings than this run's ({runs.format_list(refused, 3)}), so training "
+            f"{runs.format_list(todo, 3)} there would mix two recipes: rerun with those "
+            "settings, use another --output_dir, or retrain them with these (--overwrite "
+            "retrains the identities of --identities_root; delete the others)"
+        )
+
+
 def check_finished(
     identities: list[Identity], args: argparse.Namespace, face_tools: FaceTools | None, state
 ) -> tuple[list[str], list[dict]]:
@@ -708,6 +759,7 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         [i.name for i in mine],
     )
     check_unfinished_runs(mine, args)
+    check_output_root(identities, args)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -717,6 +717,26 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return changed
 
 
+# What a new identity may differ in from the finished identities of its output folder: the
+# resume allow-list, but the step counts compared as given (resume compares them through the
+# resolved schedule, which depends on each identity's photo count).
+OUTPUT_ROOT_MAY_CHANGE = RESUME_MAY_CHANGE - {"num_train_epochs", "max_train_steps"}
+
+
+def output_root_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Differences between a finished identity's training_config.json and the settings of a
+    run that would train another identity into the same output folder: resume's rule
+    (resume_mismatches) less what belongs to one identity (its photos and step schedule)."""
+    changed = runs.config_mismatches(saved["args"], current["args"], OUTPUT_ROOT_MAY_CHANGE)
+    saved_precision = saved.get("resolved", {}).get("mixed_precision")
+    changed += runs.config_mismatches(
+        {"mixed_precision": saved_precision}, {"mixed_precision": current["mixed_precision"]}, ()
+    )
+    for key, label in (("arcface", "ArcFace "), ("base_model", "base model ")):
+        changed += runs.config_mismatches({key: saved.get(key)}, {key: current.get(key)}, (), label)
+    return changed
+
+
 def schedule_lengths(args: argparse.Namespace, num_items: int) -> tuple[int, int]:
     """(optimizer updates per epoch, total updates) of an identity whose dataset has
     `num_items` items: --max_train_steps, else --num_train_epochs epochs; ValueError beyond

@@ -218,7 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="Seed of impostor-pair sampling, KD subsets and PRDC subsampling.",
     )
     add_report_arguments(parser)
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
+
+
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "image sets": ["generated", "real", "exclude"],
+    "identity embedder": ["embedder", "arcface_weights", "face_detector", "face_models_root"],
+    "identity metrics": ["max_impostor_pairs", "fmr_targets", "fnmr_targets"],
+    "diversity and fidelity (DINOv2)": [
+        "feature_model", "feature_protocol", "feature_image_size", "kd_subsets",
+        "kd_subset_size", "prdc_k", "prdc_max_samples",
+    ],
+    "quality and pose": ["quality_weights", "quality_setting", "pose", "pose_weights"],
+    "report sections": ["grid_images", "grid_identities", "training_logs", "fr_utility"],
+    "speed and seed": ["batch_size", "device", "seed"],
+    "output": ["out", "banner"],
+}  # fmt: skip
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:

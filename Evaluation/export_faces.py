@@ -86,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Folder of insightface model packs (default: ~/.insightface/models).",
     )
+    runs.group_flags(parser, HELP_GROUPS)
     return parser
+
+
+HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
+    "input": ["data_dirs"],
+    "face detection and alignment": ["align", "face_detector", "face_models_root"],
+    "output": ["output_dir"],
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -213,11 +214,11 @@ def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, monke
         "--class_data_dir=class",
         "--arcface_weights=backbone.pth",
         f"--output_dir={tmp_path / 'experiment'}",
-        "--train_flags=--learning_rate 1e-4",
+        "--train_flags=--learning_rate 1e-3",
     ]
     reproduce.main(reproduce.parse_args(base))
     config = tmp_path / "experiment" / reproduce.EXPERIMENT_CONFIG_NAME
-    assert json.loads(config.read_text())["args"]["train_flags"] == ["--learning_rate", "1e-4"]
+    assert json.loads(config.read_text())["args"]["train_flags"] == {"learning_rate": 1e-3}
     stages.clear()
     reproduce.main(reproduce.parse_args([*base, "--banner=rerun", "--embedder=dlib"]))
     assert stages[0] == "train"  # evaluation-only changes: the experiment goes on
@@ -228,7 +229,7 @@ def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, monke
         reproduce.main(reproduce.parse_args(changed))
     message = str(error.value)
     assert "\n" not in message and "--overwrite" in message
-    assert "train_flags: ['--learning_rate', '1e-4'] -> ['--learning_rate', '1e-2']" in message
+    assert "train_flags --learning_rate: 0.001 -> 0.01" in message
     assert "resolution: 512 -> 256" in message
     assert stages == []  # nothing trained, generated or evaluated
     overwrite = reproduce.parse_args([*changed, "--overwrite"])
@@ -237,6 +238,109 @@ def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, monke
     assert "--overwrite" in reproduce.generate_argv(overwrite, "triplet")
     reproduce.main(overwrite)
     assert json.loads(config.read_text())["args"]["resolution"] == 256
+
+
+def _experiment(tmp_path: Path, monkeypatch) -> tuple[Any, list, list[str]]:
+    """reproduce with stand-in stages (recorded in the list) and a base command line."""
+    reproduce = runs.load_script(SCRIPT)
+    (tmp_path / "photos").mkdir(exist_ok=True)
+    stages = []
+    monkeypatch.setattr(reproduce, "train_variants", lambda args, state: stages.append("train"))
+    monkeypatch.setattr(reproduce, "generate_variants", lambda args, state: None)
+    monkeypatch.setattr(reproduce, "run_stage", lambda name, argv: stages.append(name))
+    base = [
+        f"--pretrained_model_name_or_path={fake_base_model(tmp_path / 'sd')}",
+        f"--identities_root={tmp_path / 'photos'}",
+        "--class_data_dir=class",
+        "--arcface_weights=backbone.pth",
+        f"--output_dir={tmp_path / 'experiment'}",
+        "--embedder=dlib",
+        NO_GENDER_PROMPTS.replace("--generate_flags=", "--generate_flags=--scheduler ddim "),
+    ]
+    return reproduce, stages, base
+
+
+def test_pass_through_flags_compare_as_the_settings_they_parse_to(tmp_path, monkeypatch):
+    """'--x=4' and '--x 4', another order, or a default spelt out are the same settings; a
+    config that stored the flags' text (older versions) is parsed and compared alike."""
+    reproduce, stages, base = _experiment(tmp_path, monkeypatch)
+    reproduce.main(reproduce.parse_args([*base, "--train_flags=--learning_rate=1e-3 --pack 2"]))
+    same = "--train_flags=--pack=2 --learning_rate 0.001 --rank 4"  # rank 4 is the default
+    reproduce.main(reproduce.parse_args([*base, same]))
+    config = tmp_path / "experiment" / reproduce.EXPERIMENT_CONFIG_NAME
+    saved = json.loads(config.read_text())
+    saved["args"]["train_flags"] = ["--learning_rate", "1e-3", "--pack", "2"]  # old: text
+    config.write_text(json.dumps(saved))
+    reproduce.main(reproduce.parse_args([*base, same]))
+    config.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="train_flags --learning_rate: 0.001 -> 0.01"):
+        reproduce.main(reproduce.parse_args([*base, "--train_flags=--learning_rate=1e-2"]))
+
+
+def test_a_failed_run_records_no_settings_so_its_corrected_rerun_goes_on(tmp_path, monkeypatch):
+    """experiment_config.json is written once training has finished: a run whose first
+    stage fails does not make the corrected re-run look like 'other settings'."""
+    reproduce, stages, base = _experiment(tmp_path, monkeypatch)
+
+    def fail(args, state):
+        raise reproduce.StageError("training dreambooth: 1 failed (dreambooth/ID_a)")
+
+    monkeypatch.setattr(reproduce, "train_variants", fail)
+    with pytest.raises(reproduce.StageError):
+        reproduce.main(reproduce.parse_args([*base, "--train_flags=--learning_rate=1e-1"]))
+    config = tmp_path / "experiment" / reproduce.EXPERIMENT_CONFIG_NAME
+    assert not config.exists()
+    monkeypatch.setattr(reproduce, "train_variants", lambda args, state: stages.append("train"))
+    reproduce.main(reproduce.parse_args([*base, "--train_flags=--learning_rate=1e-3"]))
+    assert stages[0] == "train" and config.is_file()
+
+
+def test_evaluation_and_fr_utility_flags_may_change_on_a_rerun(tmp_path, monkeypatch):
+    reproduce, stages, base = _experiment(tmp_path, monkeypatch)
+    reproduce.main(reproduce.parse_args(base))
+    stages.clear()
+    later = ["--fr_flags=--num_epochs 2", "--fr_settings", "real", "--pose_weights=pose.pth"]
+    later += ["--quality_weights=q.pth", "--quality_setting=crfiqa-rgb"]
+    reproduce.main(reproduce.parse_args([*base, *later]))
+    assert stages[0] == "train"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--generate_flags=--output_dir x", "--generate_flags: --output_dir is set by this "
+         "command; use --output_dir instead"),
+        ("--generate_flags=--lora_dir=x", "use --output_dir (the LoRAs are"),
+        ("--generate_flags=--pretrained_model_name_or_path x",
+         "use --pretrained_model_name_or_path instead"),
+        ("--train_flags=--loss identity", "--train_flags: --loss is set by this command; use "
+         "--variants instead"),
+        ("--train_flags=--resume_from_checkpoint=latest", "use --overwrite (without it"),
+        ("--evaluate_flags=--out o", "--evaluate_flags: --out is set by this command"),
+        ("--fr_flags=--data_dir d", "--fr_flags: --data_dir is set by this command"),
+    ],
+)  # fmt: skip
+def test_pass_through_flags_refuse_what_this_command_sets(tmp_path, flags, message):
+    reproduce = runs.load_script(SCRIPT)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reproduce.parse_args(early_argv(tmp_path, NO_GENDER_PROMPTS, flags))
+
+
+def test_every_managed_flag_is_a_flag_of_its_stage():
+    reproduce = runs.load_script(SCRIPT)
+    for stage in reproduce.STAGE_SCRIPTS:
+        dests = {action.dest for action in reproduce.stage_parser(stage)._actions}
+        assert set(reproduce.MANAGED_FLAGS[stage]) <= dests, stage
+
+
+def test_errors_of_what_this_command_passes_name_its_own_flag(tmp_path):
+    """A value of this command that a stage refuses is not blamed on --generate_flags ''."""
+    reproduce = runs.load_script(SCRIPT)
+    argv = early_argv(tmp_path, NO_GENDER_PROMPTS, "--num_images_per_identity=2000000")
+    with pytest.raises(ValueError) as error:
+        reproduce.parse_args(argv)
+    assert "--generate_flags" not in str(error.value)
+    assert str(error.value).startswith("--num_images_per_identity must be")
 
 
 NO_GENDER_PROMPTS = (

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fake_base_model
 from PIL import Image
 from safetensors.torch import load_file
 from training_assets import (
@@ -943,3 +944,62 @@ def test_mixed_precision_training_runs_on_the_cpu(assets, tmp_path, precision):
     assert bool(scaler) == (precision == "fp16")  # an fp16 scaler state, none for bf16
     config = json.loads((tmp_path / precision / trainer.CONFIG_NAME).read_text())
     assert config["resolved"]["mixed_precision"] == precision
+
+
+def _root_argv(tmp_path: Path, root: Path, *extra: str) -> list[str]:
+    """A dreambooth run of `root`'s identities into tmp_path/loras (no class images, no
+    ArcFace: nothing to load before the output folder is checked)."""
+    base = tmp_path / "sd"
+    if not base.exists():
+        fake_base_model(base)
+    return [
+        f"--pretrained_model_name_or_path={base}",
+        f"--identities_root={root}",
+        f"--output_dir={tmp_path / 'loras'}",
+        "--loss=dreambooth",
+        "--no-with_prior_preservation",
+        *extra,
+    ]
+
+
+def _fake_finished(args, name: str) -> None:
+    """OUTPUT_DIR/<name> as a finished identity trained with `args`."""
+    folder = args.output_dir / name
+    folder.mkdir(parents=True)
+    (folder / train.LORA_WEIGHTS_NAME).write_bytes(b"")
+    config = {
+        "args": runs.json_safe(vars(args)),
+        "resolved": {"mixed_precision": args.mixed_precision},
+        "arcface": None,
+        "base_model": runs.base_model_fingerprint(args.pretrained_model_name_or_path),
+    }
+    (folder / trainer.CONFIG_NAME).write_text(json.dumps(config))
+
+
+def test_a_new_identity_is_refused_where_finished_ones_have_other_settings(tmp_path, monkeypatch):
+    """Training a new identity into an output folder whose finished identities were trained
+    with other settings (resume's rule) is refused before anything loads, the differences
+    listed; the same settings go on; --overwrite retrains this run's identities, so only a
+    finished identity outside them must still match."""
+    root = tmp_path / "photos"
+    for name in ("ID_a", "ID_b"):
+        (root / name).mkdir(parents=True)
+    _fake_finished(train.parse_args(_root_argv(tmp_path, root, "--learning_rate=1e-3")), "ID_a")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("loaded models although the output folder mixes settings")
+
+    monkeypatch.setattr(train, "load_frozen_models", no_training)
+    other = train.parse_args(_root_argv(tmp_path, root, "--learning_rate=1e-2"))
+    with pytest.raises(ValueError) as error:
+        train.main(other)
+    message = str(error.value)
+    assert "\n" not in message and "ID_a: learning_rate: 0.001 -> 0.01" in message
+    assert "ID_b" in message and "--overwrite" in message
+    same = train.parse_args(_root_argv(tmp_path, root, "--learning_rate=1e-3", "--pack=2"))
+    train.check_output_root(train.discover_identities(same), same)  # pack may change
+    overwrite = train.parse_args(_root_argv(tmp_path, root, "--learning_rate=1e-2", "--overwrite"))
+    train.check_output_root(train.discover_identities(overwrite), overwrite)  # ID_a retrained
+    _fake_finished(train.parse_args(_root_argv(tmp_path, root, "--rank=8")), "ID_c")
+    with pytest.raises(ValueError, match=r"ID_c: .*rank: 8 -> 4"):
+        train.check_output_root(train.discover_identities(overwrite), overwrite)
