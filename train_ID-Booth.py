@@ -737,10 +737,12 @@ def main(args: argparse.Namespace) -> dict[str, list]:
 def log_summary(args: argparse.Namespace, trained: list, skipped: list, failed: list) -> None:
     """One end-of-run line per process: what was written where, skipped, failed."""
     names = [result["identity"] for result in trained]
+    # One identity (--instance_data_dir) is written into --output_dir itself, not a subfolder.
+    where = f"{args.output_dir}/<identity>/" if args.instance_data_dir is None else args.output_dir
     logger.info(
-        "summary: %d trained into %s/<identity>/ (%s); %d skipped as finished%s; %d failed%s",
+        "summary: %d trained into %s (%s); %d skipped as finished%s; %d failed%s",
         len(trained),
-        args.output_dir,
+        where,
         runs.format_list(names) or "none",
         len(skipped),
         f" ({runs.format_list(skipped)})" if skipped else "",

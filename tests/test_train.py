@@ -6,6 +6,7 @@ this process (to save start-up time); the step and the trainer's parts: test_tra
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -826,6 +827,20 @@ def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeyp
         f"summary: 1 trained into {tmp_path / 'loras'}/<identity>/ (person0); 0 skipped as "
         "finished; 1 failed (a_faceless)"
     ) in messages
+
+
+def test_summary_names_the_folder_the_lora_is_in(tmp_path, caplog):
+    """One identity (--instance_data_dir) is written into --output_dir itself: the summary
+    must say so, not name a <identity>/ subfolder that does not exist."""
+    caplog.set_level(logging.INFO)
+    trained = [{"identity": "hanks"}]
+    single = argparse.Namespace(instance_data_dir=tmp_path / "hanks", output_dir=tmp_path / "lora")
+    train.log_summary(single, trained, [], [])
+    root = argparse.Namespace(instance_data_dir=None, output_dir=tmp_path / "loras")
+    train.log_summary(root, trained, [], [])
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0].startswith(f"summary: 1 trained into {tmp_path / 'lora'} (hanks);")
+    assert messages[1].startswith(f"summary: 1 trained into {tmp_path / 'loras'}/<identity>/ (")
 
 
 @pytest.mark.parametrize(
