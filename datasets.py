@@ -281,11 +281,9 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
             header = [name.strip() for name in reader.fieldnames or []]  # "identity, gender"
             _check_attribute_header(path, header)
             reader.fieldnames = header
-            rows = [_attribute_row(path, reader.line_num, row) for row in reader]
-        attributes = {row["identity"]: row for row in rows}
-        if len(attributes) != len(rows):
-            raise ValueError(f"{path}: an identity appears in more than one row")
-        return attributes
+            rows = [(reader.line_num, _attribute_row(path, reader.line_num, row)) for row in reader]
+        _refuse_duplicate_identities(path, rows)
+        return {row["identity"]: row for _, row in rows}
     if path.suffix.lower() == ".json":
         data = json.loads(path.read_text())
         if isinstance(data, list):
@@ -298,6 +296,22 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
             raise ValueError(f"{path}: JSON must map identity -> gender or -> {{'gender': ...}}")
         return {str(k): (v if isinstance(v, dict) else {"gender": v}) for k, v in data.items()}
     raise ValueError(f"{path}: identity attributes must be a .csv or .json file")
+
+
+def _refuse_duplicate_identities(path: Path, rows: list[tuple[int, dict[str, str]]]) -> None:
+    """ValueError naming each identity of more than one row, with its line numbers: which row
+    is meant cannot be guessed, and taking the last would hide a typo."""
+    lines: dict[str, list[int]] = {}
+    for line, row in rows:
+        lines.setdefault(row["identity"], []).append(line)
+    repeated = [
+        f"{name!r} on lines {', '.join(map(str, at))}" for name, at in lines.items() if len(at) > 1
+    ]
+    if repeated:
+        raise ValueError(
+            f"{path}: {len(repeated)} identities appear in more than one row "
+            f"({'; '.join(repeated)}); keep one row per identity"
+        )
 
 
 def _check_attribute_header(path: Path, header: list[str]) -> None:

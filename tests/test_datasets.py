@@ -918,6 +918,15 @@ def test_attribute_csv_header_names_may_carry_spaces(tmp_path: Path) -> None:
     assert datasets.identity_genders({"ID_a": tmp_path}, path) == {"ID_a": "female"}
 
 
+def test_attribute_csv_duplicate_rows_name_the_identity_and_lines(tmp_path: Path) -> None:
+    path = tmp_path / "genders.csv"
+    path.write_text("identity,gender\nID_a,male\nID_b,female\nID_a,female\nID_c,m\nID_b,f\n")
+    with pytest.raises(ValueError, match="keep one row per identity") as error:
+        datasets.load_identity_attributes(path)
+    assert "2 identities appear in more than one row" in str(error.value)
+    assert "'ID_a' on lines 2, 4; 'ID_b' on lines 3, 6" in str(error.value)
+
+
 def test_a_folder_of_subfolders_is_named_as_such(tmp_path: Path) -> None:
     for name in ("session_1", "session_2"):
         (tmp_path / "ID_1" / name).mkdir(parents=True)
