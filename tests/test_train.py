@@ -105,6 +105,13 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
     """name -> (flags replacing the good ones, exception, words of the message)."""
     hanks = f"--instance_data_dir={assets.identity('hanks')}"
     (tmp / "a_file").write_text("not a folder")
+    nested, above = tmp / "nested", tmp / "above"
+    for name in ("ID_1", "ID_2"):
+        (nested / name / "session_1").mkdir(parents=True, exist_ok=True)
+    (nested / "ID_2" / "02.jpg").write_bytes(b"")  # photos directly inside: not nested
+    above.mkdir(exist_ok=True)
+    if not (above / "tufts").exists():
+        (above / "tufts").symlink_to(assets.identities, target_is_directory=True)
     incomplete = tmp / "sd-without-vae"
     if not incomplete.exists():
         shutil.copytree(assets.sd, incomplete, ignore=shutil.ignore_patterns("vae"))
@@ -191,6 +198,17 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
             ValueError,
             "holds identity folders, not photos: pass --identities_root",
         ),
+        "identity photos in subfolders": (
+            [f"--identities_root={nested}"],
+            ValueError,
+            r"1 identity folders hold no photos \(ID_1\); .*ID_1 holds only subfolders "
+            r"\(session_1\)",
+        ),
+        "a folder above the identities": (
+            [f"--identities_root={above}"],
+            ValueError,
+            f"pass --identities_root {above / 'tufts'}",
+        ),
     }
 
 
@@ -215,6 +233,8 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
         "absolute logging dir",
         "logging dir out of the output",
         "a root of identities as one identity",
+        "identity photos in subfolders",
+        "a folder above the identities",
     ],
 )
 def test_bad_flags_fail_right_after_parsing(assets, tmp_path, case):
