@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MIN_IMAGE_SIDE = 64  # shorter side in px below which a photo carries too little face detail
+# Near-duplicate photos: the correlation of 32x32 grayscale thumbnails (mean removed). A JPEG
+# re-save at quality 85 resized by a few % scores > 0.999 on a real face photo; crops of
+# different people, or other crops of one person, score < 0.75 (tests/test_datasets.py).
+THUMBNAIL_SIDE = 32
+NEAR_DUPLICATE_CORRELATION = 0.97
 CACHE_DIR_NAME = ".id_booth_cache"
 CACHE_FORMAT = "id-booth-faces-v1"
 EMBED_BATCH_SIZE = 32
@@ -281,11 +286,9 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
             header = [name.strip() for name in reader.fieldnames or []]  # "identity, gender"
             _check_attribute_header(path, header)
             reader.fieldnames = header
-            rows = [_attribute_row(path, reader.line_num, row) for row in reader]
-        attributes = {row["identity"]: row for row in rows}
-        if len(attributes) != len(rows):
-            raise ValueError(f"{path}: an identity appears in more than one row")
-        return attributes
+            rows = [(reader.line_num, _attribute_row(path, reader.line_num, row)) for row in reader]
+        _refuse_duplicate_identities(path, rows)
+        return {row["identity"]: row for _, row in rows}
     if path.suffix.lower() == ".json":
         data = json.loads(path.read_text())
         if isinstance(data, list):
@@ -298,6 +301,22 @@ def load_identity_attributes(path: Path) -> dict[str, dict[str, str]]:
             raise ValueError(f"{path}: JSON must map identity -> gender or -> {{'gender': ...}}")
         return {str(k): (v if isinstance(v, dict) else {"gender": v}) for k, v in data.items()}
     raise ValueError(f"{path}: identity attributes must be a .csv or .json file")
+
+
+def _refuse_duplicate_identities(path: Path, rows: list[tuple[int, dict[str, str]]]) -> None:
+    """ValueError naming each identity of more than one row, with its line numbers: which row
+    is meant cannot be guessed, and taking the last would hide a typo."""
+    lines: dict[str, list[int]] = {}
+    for line, row in rows:
+        lines.setdefault(row["identity"], []).append(line)
+    repeated = [
+        f"{name!r} on lines {', '.join(map(str, at))}" for name, at in lines.items() if len(at) > 1
+    ]
+    if repeated:
+        raise ValueError(
+            f"{path}: {len(repeated)} identities appear in more than one row "
+            f"({'; '.join(repeated)}); keep one row per identity"
+        )
 
 
 def _check_attribute_header(path: Path, header: list[str]) -> None:
@@ -792,6 +811,14 @@ class _PhotoSet:
     # index -> (photo resized to shorter side R as (H', W', 3) uint8, (x, y) resize factors):
     # every photo is decoded and resized once, then items only crop it.
     resized: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    thumbnails: np.ndarray | None = None  # (N, THUMBNAIL_SIDE**2), see photo_thumbnail
+
+    def photo_thumbnails(self) -> np.ndarray:
+        """Every photo's photo_thumbnail, computed once (a class set serves every identity)."""
+        if self.thumbnails is None:
+            rows = [photo_thumbnail(path) for path in self.paths]
+            self.thumbnails = np.stack(rows) if rows else np.zeros((0, THUMBNAIL_SIDE**2))
+        return self.thumbnails
 
     def resized_photo(self, index: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
         """Photo `index` with its shorter side at `resolution` (decoded once, then kept)."""
@@ -846,21 +873,37 @@ class _PhotoSet:
         return int(self.has_face.sum()) if self.has_face is not None else 0
 
 
+def photo_thumbnail(path: Path) -> np.ndarray:
+    """(THUMBNAIL_SIDE**2,) float32 unit vector: the photo in grayscale, box-filtered to 32x32,
+    mean removed. Re-encoding, small resizes and brightness shifts barely move it, so the dot
+    product of two thumbnails finds copies that are not the same bytes. A flat image gives
+    zeros (it resembles nothing)."""
+    gray = load_rgb_image(path).convert("L").resize((THUMBNAIL_SIDE,) * 2, Image.Resampling.BOX)
+    values = np.asarray(gray, dtype=np.float64).ravel()
+    values -= values.mean()
+    norm = float(np.linalg.norm(values))
+    return (values / norm if norm > 1e-6 else np.zeros_like(values)).astype(np.float32)
+
+
 def _refuse_shared_photos(instance: _PhotoSet, classes: _PhotoSet) -> None:
     """ValueError when the class folder holds copies of the identity's own photos, compared by
-    content (any name, any folder): the prior would learn the person, and the triplet negative
-    would be the positive itself."""
+    content (any name, any folder): the same bytes, or a near-duplicate (re-saved, resized;
+    photo_thumbnail). The prior would learn the person, and the triplet negative would be the
+    positive itself."""
     own = {digest: path for digest, path in zip(instance.sha256, instance.paths, strict=True)}
-    copies = [
-        f"{path.name} = {own[digest].name}"
-        for digest, path in zip(classes.sha256, classes.paths, strict=True)
-        if digest in own and digest
-    ]
+    similarity = classes.photo_thumbnails() @ instance.photo_thumbnails().T  # (class, own)
+    copies = []
+    for row, (digest, path) in enumerate(zip(classes.sha256, classes.paths, strict=True)):
+        if digest in own and digest:
+            copies.append(f"{path.name} = {own[digest].name} (same bytes)")
+        elif similarity.shape[1] and similarity[row].max() >= NEAR_DUPLICATE_CORRELATION:
+            closest = instance.paths[int(similarity[row].argmax())]
+            copies.append(f"{path.name} ~ {closest.name} (near-duplicate: re-saved or resized)")
     if copies:
         folder = classes.paths[0].parent
         raise ValueError(
             f"the class folder {folder} holds {len(copies)} of this identity's own photos "
-            f"(same bytes: {', '.join(copies[:3])}); class images must show other people: "
+            f"({', '.join(copies[:3])}); class images must show other people: "
             "remove them from the class folder"
         )
 

@@ -665,7 +665,7 @@ def generate_batch(
     import numpy as np
     import torch
 
-    from sampling import decode_checked, prompt_conditioning
+    from sampling import decode_checked, prompt_conditioning, warn_truncated_prompts
 
     sampler = sampler if sampler is not None else make_sampler(pipeline, args)
     guided = args.guidance_scale > 1
@@ -674,6 +674,7 @@ def generate_batch(
         lora.set_identities(identities)
     prompts, negatives = [job.prompt for job in jobs], [args.negative_prompt] * len(jobs)
     if sampler is None:
+        warn_truncated_prompts(pipeline, negatives, "negative prompt")
         output = pipeline(
             prompt=prompts,
             negative_prompt=negatives,

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--feature_model",
         default="facebook/dinov2-large",
-        help="DINOv2 model of the diversity and fidelity metrics (dgm-eval's).",
+        help="DINOv2 model of the diversity and fidelity metrics (dgm-eval's): a hub id or a "
+        "local folder saved with save_pretrained; 'none' skips those metrics.",
     )
     parser.add_argument(
         "--quality_weights",
@@ -343,6 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise FileNotFoundError(f"--identity_attributes file {args.identity_attributes} not found")
     stage_args = {stage: parse_stage_flags(args, stage) for stage in STAGE_SCRIPTS}
     runs.check_base_model(args.pretrained_model_name_or_path)
+    check_stage_inputs(stage_args)
     check_genders(args, stage_args["generate"])
     check_fr_utility_args(args)
     return args
@@ -429,6 +431,16 @@ def stage_settings(args: argparse.Namespace, stage: str) -> dict[str, Any]:
         for dest, value in sorted(parsed.items())
         if dest not in MANAGED_FLAGS[stage] and value != parser.get_default(dest)
     }
+
+
+def check_stage_inputs(stage_args: dict[str, argparse.Namespace]) -> None:
+    """The stages' own cheap input checks, now rather than when the stage starts: training's
+    identity folders (photos one level too deep, a folder above the identities) and the
+    evaluation's feature model (offline and not cached), which is loaded last, after hours."""
+    train = runs.load_script(STAGE_SCRIPTS["train"])
+    train.validate_data(stage_args["train"])
+    features = runs.load_script(REPO_ROOT / "Evaluation" / "features.py")
+    features.check_feature_model(stage_args["evaluate"].feature_model)
 
 
 def check_genders(args: argparse.Namespace, generate_args: argparse.Namespace) -> None:

@@ -419,7 +419,7 @@ def check_base_model(name: str) -> None:
                 f"base model folder {path} does not exist; pass a hub id "
                 "(stabilityai/stable-diffusion-2-1-base) or a folder saved with save_pretrained"
             )
-        _check_hub_cache(name)
+        check_hub_cache(name)
         return
     missing = [
         f"{folder}/{required or ''}"
@@ -554,20 +554,26 @@ SINGLE_FILE_HINT = (
 )
 
 
-def _check_hub_cache(repo_id: str) -> None:
-    """With the hub offline (HF_HUB_OFFLINE=1), a hub id must be in the local cache: say so
-    at once instead of after diffusers' retries and a 'could not load' error."""
+def check_hub_cache(
+    repo_id: str,
+    what: str = "base model",
+    filename: str = "model_index.json",
+    alternative: str = "pass a folder saved with save_pretrained",
+) -> None:
+    """With the hub offline (HF_HUB_OFFLINE=1), a hub id must be in the local cache (its
+    `filename` there): say so at once instead of after the loader's retries and a 'could not
+    load' error, and after hours of work that did not need it."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if not constants.HF_HUB_OFFLINE:
-        return  # diffusers downloads it (or reads the cache)
-    if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+        return  # the loader downloads it (or reads the cache)
+    if isinstance(try_to_load_from_cache(repo_id, filename), str):
         return
     raise FileNotFoundError(
-        f"base model {repo_id!r} is not a local folder (none at {Path(repo_id).resolve()}) "
+        f"{what} {repo_id!r} is not a local folder (none at {Path(repo_id).resolve()}) "
         f"and not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 "
         f"forbids downloading it: run `huggingface-cli download {repo_id}` where the hub is "
-        "reachable, or pass a folder saved with save_pretrained"
+        f"reachable, or {alternative}"
     )
 
 

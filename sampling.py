@@ -681,6 +681,48 @@ PROMPT_CONDITIONING_NAMES = (
 )
 
 
+# transformers' once-per-tokenizer flag of its "Token indices sequence length is longer than
+# the specified maximum ... will result in indexing errors" message.
+TRANSFORMERS_LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+def warn_truncated_prompts(pipeline: Any, prompts: Sequence[str] | None, kind: str) -> None:
+    """One warning per prompt (and tokenizer) longer than the text encoder reads, naming the
+    words it drops; diffusers' encode_prompt truncates negative prompts without a word.
+
+    transformers' own message is silenced: it fires when diffusers' textual-inversion helper
+    tokenizes any long prompt untruncated, and its 'indexing errors' never happen (every
+    encoding truncates), so it misled even where the prompt fits the tokenizer of the run."""
+    tokenizers = [
+        tokenizer
+        for tokenizer in (
+            getattr(pipeline, "tokenizer", None),
+            getattr(pipeline, "tokenizer_2", None),
+        )
+        if tokenizer is not None
+    ]
+    for tokenizer in tokenizers:
+        tokenizer.deprecation_warnings[TRANSFORMERS_LENGTH_WARNING] = True
+    if not tokenizers or not prompts:
+        return
+    tokenizer, warned = tokenizers[0], tokenizers[0].deprecation_warnings
+    limit = tokenizer.model_max_length
+    for prompt in dict.fromkeys(prompts):
+        key = f"id-booth-truncated:{prompt}"  # once per tokenizer, as transformers keys its own
+        ids = [] if key in warned else tokenizer(prompt, verbose=False).input_ids
+        if len(ids) > limit:
+            warned[key] = True
+            dropped = tokenizer.decode(ids[limit - 1 : -1])
+            logger.warning(
+                "the %s is %d tokens and the text encoder reads %d: it never sees %r; shorten "
+                "the prompt",
+                kind,
+                len(ids),
+                limit,
+                dropped,
+            )
+
+
 @torch.no_grad()
 def prompt_conditioning(
     pipeline: Any,
@@ -690,6 +732,7 @@ def prompt_conditioning(
 ) -> dict[str, torch.Tensor | None]:
     """Sampler.sample's text keyword arguments exactly as the pipeline's __call__ makes them:
     (B, L, D) positive and negative embeddings, and SDXL's (B, P) pooled ones."""
+    warn_truncated_prompts(pipeline, negative_prompts, "negative prompt")  # diffusers: positives
     encoded = pipeline.encode_prompt(
         prompt=list(prompts),
         device=pipeline._execution_device,

@@ -476,8 +476,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _validate_data(args: argparse.Namespace) -> None:
-    """Exactly one identity source; folders exist; prior needs a class folder."""
+def validate_data(args: argparse.Namespace) -> None:
+    """Exactly one identity source; folders exist, photos not one level too deep; prior needs a
+    class folder. Cheap (no image is read): reproduce_ID-Booth.py runs it before any stage."""
     if (args.instance_data_dir is None) == (args.identities_root is None):
         raise ValueError(
             "pass exactly one of --instance_data_dir (one identity) or --identities_root "
@@ -491,6 +492,8 @@ def _validate_data(args: argparse.Namespace) -> None:
             f"--instance_data_dir {source} holds identity folders, not photos: pass "
             f"--identities_root {source} to train each of them{subfolders_note(source)}"
         )
+    if args.identities_root is not None:
+        refuse_nested_identities(source)
     if args.with_prior_preservation and args.class_data_dir is None:
         raise ValueError(
             "--with_prior_preservation needs --class_data_dir (missing class images are "
@@ -517,6 +520,24 @@ def _validate_data(args: argparse.Namespace) -> None:
                 f"{name} {folder} lies inside {flag} {source}: its files would be read as "
                 "training photos or identities; choose a folder outside it"
             )
+
+
+def refuse_nested_identities(root: Path) -> None:
+    """ValueError naming the identity folders of `root` that hold only subfolders (photos one
+    level too deep, or `root` a folder above the identities): each would fail only once its
+    turn to train came, after the class images and the identities before it."""
+    folders = runs.identity_folders(root)
+    nested = [folder for folder in folders if subfolders_note(folder)]
+    if not nested:
+        return
+    hint = ""
+    if len(nested) == len(folders) == 1:  # e.g. data/ holding tufts/<identity>/
+        hint = f"; if {nested[0]} is the folder of identities, pass --identities_root {nested[0]}"
+    raise ValueError(
+        f"--identities_root {root}: {len(nested)} identity folders hold no photos "
+        f"({runs.format_list(folder.name for folder in nested)}){subfolders_note(nested[0])}"
+        f"{hint}"
+    )
 
 
 def _validate_packing(args: argparse.Namespace) -> None:
@@ -566,7 +587,7 @@ def _validate_resume(args: argparse.Namespace) -> None:
 def validate_args(args: argparse.Namespace) -> None:
     """Readable errors for bad or conflicting flags, right after parsing."""
     runs.check_numbers(args, build_parser())
-    _validate_data(args)
+    validate_data(args)
     _validate_losses(args)
     _validate_packing(args)
     _validate_resume(args)
@@ -789,10 +810,12 @@ def main(args: argparse.Namespace) -> dict[str, list]:
 def log_summary(args: argparse.Namespace, trained: list, skipped: list, failed: list) -> None:
     """One end-of-run line per process: what was written where, skipped, failed."""
     names = [result["identity"] for result in trained]
+    # One identity (--instance_data_dir) is written into --output_dir itself, not a subfolder.
+    where = f"{args.output_dir}/<identity>/" if args.instance_data_dir is None else args.output_dir
     logger.info(
-        "summary: %d trained into %s/<identity>/ (%s); %d skipped as finished%s; %d failed%s",
+        "summary: %d trained into %s (%s); %d skipped as finished%s; %d failed%s",
         len(trained),
-        args.output_dir,
+        where,
         runs.format_list(names) or "none",
         len(skipped),
         f" ({runs.format_list(skipped)})" if skipped else "",

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="DINOv2 weights for diversity/fidelity: a local save_pretrained "
         "folder or a hub id (dgm-eval uses ViT-L/14: facebook/dinov2-large). "
-        "Not given: diversity and fidelity are skipped.",
+        "Not given, or 'none': diversity and fidelity are skipped.",
     )
     parser.add_argument(
         "--feature_protocol",
@@ -356,6 +356,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"--out {args.out} and {flag} {folder} overlap: the report's own files would be "
                 "read as images of an identity; write the report to a folder outside the data"
             )
+    from features import check_feature_model, no_feature_model
+
+    if no_feature_model(args.feature_model):
+        args.feature_model = None
+    check_feature_model(args.feature_model)  # offline and not cached: now, not after the rest
     if args.quality_weights is not None:
         from quality import quality_setting
 

@@ -24,6 +24,38 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DGM_EVAL_IMAGE_SIZE = 224
 PROTOCOLS = ("dgm-eval", "processor")
+NO_FEATURE_MODEL = "none"  # --feature_model none: diversity and fidelity are skipped
+FEATURE_MODEL_FIX = (
+    "pass --feature_model DIR (a DINOv2 folder saved with save_pretrained) or --feature_model "
+    f"{NO_FEATURE_MODEL} to skip diversity and fidelity"
+)
+
+
+def no_feature_model(name: str | Path | None) -> bool:
+    """Whether --feature_model turns diversity and fidelity off (not given, or 'none')."""
+    return name is None or str(name).strip().lower() in ("", NO_FEATURE_MODEL)
+
+
+def check_feature_model(name: str | Path | None) -> None:
+    """FileNotFoundError, before any image is read, when the feature model cannot be loaded
+    offline: a local folder without config.json, a path that does not exist, or (with
+    HF_HUB_OFFLINE=1) a hub id that is not in the cache, the check the base model gets
+    (runs.check_hub_cache). Otherwise the evaluation fails only after training and
+    generation, the first stage that loads it."""
+    import runs
+
+    if no_feature_model(name):
+        return
+    path = Path(str(name)).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"feature model folder {path} has no config.json; {FEATURE_MODEL_FIX}"
+            )
+        return
+    if path.exists() or runs.looks_like_path(str(name)):
+        raise FileNotFoundError(f"feature model {path} is not a folder; {FEATURE_MODEL_FIX}")
+    runs.check_hub_cache(str(name), "feature model", "config.json", FEATURE_MODEL_FIX)
 
 
 def _weights_fingerprint(model) -> str:

@@ -122,6 +122,27 @@ class PreparationSkips:
                 logger.warning("skipped %d (%s): %s", len(items), reason, shown)
 
 
+# inference_ID-Booth.py's records beside the identity folders of a generated set (its
+# METADATA_NAME and RUN_CONFIG_NAME): expected there, so not named as ignored files.
+GENERATION_RECORDS = frozenset(("metadata.jsonl", "run_config.json"))
+
+
+def refuse_folder_of_sets(root: Path, folders: list[Path]) -> None:
+    """ValueError when every folder of `root` holds only folders (no images): `root` is a
+    folder of datasets, e.g. reproduce_ID-Booth.py's generated/ with one set per variant, and
+    would otherwise give 'no images found' without saying which folder to pass."""
+    from datasets import subfolders_note
+
+    if not folders or not all(subfolders_note(folder) for folder in folders):
+        return
+    names = runs.format_list(folder.name for folder in folders)
+    raise ValueError(
+        f"--data_dir {root} holds folders of identity folders ({names}), "
+        "not identity folders (a folder of generated sets, one per variant?): pass one of them, "
+        f"e.g. --data_dir {folders[0]}"
+    )
+
+
 def scan_identity_folders(
     data_dirs: Sequence[str | Path], keep_roots_apart: bool = False
 ) -> tuple[dict[str, list[Path]], PreparationSkips]:
@@ -139,8 +160,9 @@ def scan_identity_folders(
         skips.ignored_files.extend(
             str(entry)
             for entry in sorted(root.iterdir())
-            if entry.is_file() and entry.name[0] != "."
+            if entry.is_file() and entry.name[0] != "." and entry.name not in GENERATION_RECORDS
         )
+        refuse_folder_of_sets(root, runs.identity_folders(root))
         for entry in runs.identity_folders(root):
             key = str(entry) if keep_roots_apart else entry.name
             files = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))

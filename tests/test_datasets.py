@@ -667,6 +667,47 @@ def test_class_folder_with_copies_of_the_identitys_own_photos_is_refused(tmp_pat
             DreamBoothFaceDataset(instance, detector, encoder, class_folder=prior, resolution=64)
 
 
+@pytest.fixture(scope="module")
+def real_people(tmp_path_factory) -> tuple[Path, Path]:
+    """The demo's real faces (people cut from insightface's group photo): person_0's four
+    crops as the identity, the other five people's crops as class images."""
+    from random_models import prepare_embedded_identities
+
+    identities, class_dir, _ = prepare_embedded_identities(tmp_path_factory.mktemp("people"))
+    for photo in identities.glob("person_[1-9]/*.png"):
+        shutil.copy(photo, class_dir / photo.name)
+    return identities / "person_0", class_dir
+
+
+def test_a_resaved_resized_copy_of_an_own_photo_in_the_class_folder_is_refused(
+    real_people: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Not the same bytes: a JPEG re-save (quality 85) of the photo, 3 % smaller."""
+    instance, class_dir = real_people
+    prior = tmp_path / "class"
+    shutil.copytree(class_dir, prior)
+    own = sorted(instance.iterdir())[1]
+    with Image.open(own) as photo:
+        smaller = photo.resize((round(photo.width * 0.97), round(photo.height * 0.97)))
+        smaller.convert("RGB").save(prior / "zz_resaved.jpg", quality=85)
+    with pytest.raises(ValueError) as error:
+        DreamBoothFaceDataset(instance, None, None, class_folder=prior, resolution=64)
+    message = str(error.value)
+    assert f"zz_resaved.jpg ~ {own.name} (near-duplicate" in message
+    assert message.startswith(f"the class folder {prior} holds 1 of this identity's own photos")
+    assert "remove them from the class folder" in message and "\n" not in message
+
+
+def test_photos_of_other_real_people_are_not_taken_for_copies(
+    real_people: tuple[Path, Path],
+) -> None:
+    instance, class_dir = real_people
+    dataset = DreamBoothFaceDataset(instance, None, None, class_folder=class_dir, resolution=64)
+    assert dataset.num_class_images == 12 and dataset.num_instance_images == 4
+    similarity = dataset.classes.photo_thumbnails() @ dataset.instance.photo_thumbnails().T
+    assert similarity.max() < 0.8  # well below datasets.NEAR_DUPLICATE_CORRELATION
+
+
 class NaNEncoder(MedianColourEncoder):
     """A broken recogniser (e.g. NaN weights): every embedding is NaN."""
 
@@ -916,6 +957,15 @@ def test_attribute_csv_header_names_may_carry_spaces(tmp_path: Path) -> None:
     path.write_text("identity, gender\nID_a, F\n")
     assert datasets.load_identity_attributes(path)["ID_a"]["gender"] == "F"
     assert datasets.identity_genders({"ID_a": tmp_path}, path) == {"ID_a": "female"}
+
+
+def test_attribute_csv_duplicate_rows_name_the_identity_and_lines(tmp_path: Path) -> None:
+    path = tmp_path / "genders.csv"
+    path.write_text("identity,gender\nID_a,male\nID_b,female\nID_a,female\nID_c,m\nID_b,f\n")
+    with pytest.raises(ValueError, match="keep one row per identity") as error:
+        datasets.load_identity_attributes(path)
+    assert "2 identities appear in more than one row" in str(error.value)
+    assert "'ID_a' on lines 2, 4; 'ID_b' on lines 3, 6" in str(error.value)
 
 
 def test_a_folder_of_subfolders_is_named_as_such(tmp_path: Path) -> None:

@@ -448,6 +448,22 @@ def test_missing_feature_model_is_a_clear_error(tmp_path):
         FeatureExtractor(tmp_path, protocol="other")
 
 
+def test_an_unusable_feature_model_is_refused_while_parsing(tmp_path, monkeypatch):
+    """Offline and not cached, or a folder that is no model: refused before any image is read,
+    naming the flag; 'none' turns the feature metrics off."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "gen").mkdir()
+    argv = [f"--generated={tmp_path / 'gen'}", f"--out={tmp_path / 'out'}", "--embedder=dlib"]
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*--feature_model"):
+        evaluate.parse_args([*argv, "--feature_model=facebook/dinov2-large"])
+    with pytest.raises(FileNotFoundError, match="gen has no config.json; pass --feature_model"):
+        evaluate.parse_args([*argv, f"--feature_model={tmp_path / 'gen'}"])
+    assert evaluate.parse_args([*argv, "--feature_model=none"]).feature_model is None
+
+
 # ------------------------------------------------------------------ report figures
 
 

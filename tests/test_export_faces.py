@@ -66,6 +66,19 @@ def test_export_writes_the_faces_fr_training_prepares_with_zero_padded_names(tmp
             assert np.array_equal(np.asarray(image), face)
 
 
+def test_generation_records_are_not_warned_about_and_a_folder_of_sets_is_named(tmp_path, caplog):
+    data = generated_like(tmp_path / "generated" / "triplet")
+    for name in ("metadata.jsonl", "run_config.json"):  # what inference writes beside them
+        (data / name).write_text("{}")
+    summary = run(
+        f"--data_dir={data}", f"--output_dir={tmp_path / 'faces'}", "--face_detector=dlib"
+    )
+    assert summary["skipped"]["ignored_files"] == 0
+    assert "ignored_files" not in caplog.text
+    with pytest.raises(ValueError, match=f"pass one of them, e.g. --data_dir {data}$"):
+        run(f"--data_dir={data.parent}", f"--output_dir={tmp_path / 'all'}")
+
+
 def test_rerun_keeps_finished_faces_and_refuses_other_settings_or_sources(tmp_path):
     data = generated_like(tmp_path / "generated")
     out = tmp_path / "faces"

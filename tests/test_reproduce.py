@@ -29,6 +29,9 @@ from fileio import read_png_record
 
 SCRIPT = REPO_ROOT / "reproduce_ID-Booth.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# The default facebook/dinov2-large is not in the (offline) test cache: tests that never reach
+# the evaluation turn the feature metrics off.
+NO_FEATURES = "--feature_model=none"
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +146,7 @@ def test_stage_command_lines_follow_the_arguments(tmp_path):
             "--class_data_dir=class",
             "--arcface_weights=backbone.pth",
             f"--output_dir={tmp_path}",
+            NO_FEATURES,
             "--variants", "triplet", "dreambooth", "triplet",
             "--train_flags=--pack 2 --max_train_steps '3'",
             "--embedder=dlib",
@@ -176,6 +180,7 @@ def test_evaluation_runs_in_the_papers_quality_and_pose_settings(tmp_path):
         "--class_data_dir=class",
         "--arcface_weights=backbone.pth",
         f"--output_dir={tmp_path}",
+        NO_FEATURES,
         "--embedder=dlib",
         "--quality_weights=32572backbone.pth",
         "--pose_weights=6DRepNet_300W_LP_AFLW2000.pth",
@@ -214,6 +219,7 @@ def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, monke
         "--class_data_dir=class",
         "--arcface_weights=backbone.pth",
         f"--output_dir={tmp_path / 'experiment'}",
+        NO_FEATURES,
         "--train_flags=--learning_rate 1e-3",
     ]
     reproduce.main(reproduce.parse_args(base))
@@ -362,6 +368,7 @@ def early_argv(tmp_path: Path, *extra: str) -> list[str]:
         f"--class_data_dir={tmp_path / 'class'}",
         f"--arcface_weights={tmp_path / 'backbone.pth'}",
         f"--output_dir={tmp_path / 'experiment'}",
+        NO_FEATURES,
         *extra,
     ]
 
@@ -501,6 +508,7 @@ def test_fr_utility_stage_trains_the_paper_settings_and_feeds_the_report(tmp_pat
         "--class_data_dir=class",
         "--arcface_weights=backbone.pth",
         f"--output_dir={tmp_path}",
+        NO_FEATURES,
         "--embedder=dlib",
         "--face_detector=dlib",
         "--variants", "dreambooth", "triplet",
@@ -575,3 +583,54 @@ def test_the_experiment_runs_end_to_end_on_an_sdxl_base(inputs, tmp_path):
     rows = (out / "generated" / "triplet" / "metadata.jsonl").read_text().splitlines()
     assert len(rows) == 2 * 4 and {json.loads(r)["resolution"] for r in rows} == {64}
     assert "triplet" in result["metrics"]["sets"]
+
+
+def fake_hub_snapshot(cache: Path, repo_id: str, filename: str) -> None:
+    """A Hugging Face cache holding `filename` of `repo_id` (what a download leaves)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / filename).write_text("{}")
+
+
+def test_an_unusable_feature_model_fails_before_any_stage(tmp_path, monkeypatch):
+    """The evaluation loads DINOv2 last, after training and generation: offline and not cached
+    (or a wrong folder), the command refuses at once, naming the flag to fix or turn it off."""
+    from huggingface_hub import constants
+
+    reproduce = runs.load_script(SCRIPT)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    argv = [*early_argv(tmp_path, NO_GENDER_PROMPTS), "--embedder=dlib"]
+    default = [flag for flag in argv if flag != NO_FEATURES]  # facebook/dinov2-large
+    with pytest.raises(FileNotFoundError) as error:
+        reproduce.parse_args(default)
+    message = str(error.value)
+    assert "feature model 'facebook/dinov2-large'" in message and "HF_HUB_OFFLINE=1" in message
+    assert "--feature_model DIR" in message and "--feature_model none" in message
+    assert "\n" not in message
+    with pytest.raises(FileNotFoundError, match="has no config.json.*--feature_model none"):
+        reproduce.parse_args([*default, f"--feature_model={tmp_path / 'photos'}"])
+    with pytest.raises(FileNotFoundError, match="is not a folder.*--feature_model none"):
+        reproduce.parse_args([*default, f"--feature_model={tmp_path / 'no-dinov2'}"])
+    fake_hub_snapshot(tmp_path / "hub", "facebook/dinov2-large", "config.json")
+    assert reproduce.parse_args(default).feature_model == "facebook/dinov2-large"  # cached
+    args = reproduce.parse_args(argv)  # none: the evaluation skips the feature metrics
+    evaluate = runs.load_script(REPO_ROOT / "Evaluation" / "evaluate.py")
+    (tmp_path / "experiment" / "generated" / "dreambooth").mkdir(parents=True)
+    (tmp_path / "experiment" / "generated" / "identity").mkdir(parents=True)
+    (tmp_path / "experiment" / "generated" / "triplet").mkdir(parents=True)
+    assert evaluate.parse_args(reproduce.evaluate_argv(args)).feature_model is None
+
+
+def test_identity_photos_one_level_too_deep_fail_before_any_stage(tmp_path):
+    reproduce = runs.load_script(SCRIPT)
+    argv = early_argv(tmp_path, NO_GENDER_PROMPTS)
+    (tmp_path / "photos" / "ID_a" / "session_1").mkdir()
+    (tmp_path / "photos" / "ID_b" / "01.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"1 identity folders hold no photos \(ID_a\)"):
+        reproduce.parse_args(argv)
+    flags = "--train_flags=--instance_data_dir " + str(tmp_path / "photos")
+    with pytest.raises(ValueError, match="exactly one of --instance_data_dir"):
+        reproduce.parse_args([*early_argv(tmp_path / "other", NO_GENDER_PROMPTS), flags])

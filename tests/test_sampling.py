@@ -8,6 +8,8 @@ TorchDispatchMode that raises on the ops that read device values on the host.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -441,3 +443,23 @@ def test_loading_a_single_file_checkpoint_says_how_to_make_a_folder(tmp_path):
     checkpoint.write_bytes(b"\0" * 8)
     with pytest.raises(FileNotFoundError, match="from_single_file"):
         load_pipeline(str(checkpoint))
+
+
+def test_only_a_really_truncated_prompt_is_warned_about_once_naming_what_is_dropped(
+    model_folder, caplog, capfd
+):
+    """The tiny tokenizer is byte-level (a token per character): the paper's negative prompt
+    is 91 tokens there, really truncated to 77; a short one is not. transformers' 'indexing
+    errors' message is never printed (every encoding truncates)."""
+    pipe = load_frozen(model_folder)
+    caplog.set_level(logging.WARNING, logger="sampling")
+    short = "photo of sks person"
+    sampling.prompt_conditioning(pipe, [short, "x" * 60], [short, short])
+    assert caplog.records == [] and "Token indices" not in capfd.readouterr().err
+    for _ in range(2):
+        sampling.prompt_conditioning(pipe, [short, short], [runs.PAPER_NEGATIVE_PROMPT] * 2)
+    assert "indexing errors" not in capfd.readouterr().err
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("the negative prompt is 93 tokens and the text encoder reads 77")
+    assert "landscape" in messages[0] and "shorten the prompt" in messages[0]

@@ -6,6 +6,7 @@ this process (to save start-up time); the step and the trainer's parts: test_tra
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -105,6 +106,13 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
     """name -> (flags replacing the good ones, exception, words of the message)."""
     hanks = f"--instance_data_dir={assets.identity('hanks')}"
     (tmp / "a_file").write_text("not a folder")
+    nested, above = tmp / "nested", tmp / "above"
+    for name in ("ID_1", "ID_2"):
+        (nested / name / "session_1").mkdir(parents=True, exist_ok=True)
+    (nested / "ID_2" / "02.jpg").write_bytes(b"")  # photos directly inside: not nested
+    above.mkdir(exist_ok=True)
+    if not (above / "tufts").exists():
+        (above / "tufts").symlink_to(assets.identities, target_is_directory=True)
     incomplete = tmp / "sd-without-vae"
     if not incomplete.exists():
         shutil.copytree(assets.sd, incomplete, ignore=shutil.ignore_patterns("vae"))
@@ -191,6 +199,17 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
             ValueError,
             "holds identity folders, not photos: pass --identities_root",
         ),
+        "identity photos in subfolders": (
+            [f"--identities_root={nested}"],
+            ValueError,
+            r"1 identity folders hold no photos \(ID_1\); .*ID_1 holds only subfolders "
+            r"\(session_1\)",
+        ),
+        "a folder above the identities": (
+            [f"--identities_root={above}"],
+            ValueError,
+            f"pass --identities_root {above / 'tufts'}",
+        ),
     }
 
 
@@ -215,6 +234,8 @@ def _bad_cases(assets: Assets, tmp: Path) -> dict[str, tuple[list[str], type, st
         "absolute logging dir",
         "logging dir out of the output",
         "a root of identities as one identity",
+        "identity photos in subfolders",
+        "a folder above the identities",
     ],
 )
 def test_bad_flags_fail_right_after_parsing(assets, tmp_path, case):
@@ -828,6 +849,20 @@ def test_one_failing_identity_does_not_stop_the_others(assets, tmp_path, monkeyp
         f"summary: 1 trained into {tmp_path / 'loras'}/<identity>/ (person0); 0 skipped as "
         "finished; 1 failed (a_faceless)"
     ) in messages
+
+
+def test_summary_names_the_folder_the_lora_is_in(tmp_path, caplog):
+    """One identity (--instance_data_dir) is written into --output_dir itself: the summary
+    must say so, not name a <identity>/ subfolder that does not exist."""
+    caplog.set_level(logging.INFO)
+    trained = [{"identity": "hanks"}]
+    single = argparse.Namespace(instance_data_dir=tmp_path / "hanks", output_dir=tmp_path / "lora")
+    train.log_summary(single, trained, [], [])
+    root = argparse.Namespace(instance_data_dir=None, output_dir=tmp_path / "loras")
+    train.log_summary(root, trained, [], [])
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0].startswith(f"summary: 1 trained into {tmp_path / 'lora'} (hanks);")
+    assert messages[1].startswith(f"summary: 1 trained into {tmp_path / 'loras'}/<identity>/ (")
 
 
 @pytest.mark.parametrize(

@@ -189,6 +189,34 @@ def test_scan_errors_name_the_folder_and_the_fix(tmp_path):
         train_fr.scan_identity_folders([tmp_path / "empty"])
 
 
+def test_scan_takes_generation_records_as_expected_not_as_stray_files(tmp_path):
+    """inference_ID-Booth.py writes metadata.jsonl and run_config.json beside the identity
+    folders: they are part of a generated set, not files the scan skipped."""
+    source = (REPO_ROOT / "inference_ID-Booth.py").read_text()
+    for name in train_fr.GENERATION_RECORDS:  # the names inference writes, kept in step
+        assert f'= "{name}"' in source
+    save(pattern_face(0, 0), tmp_path / "generated" / "alice" / "0.png")
+    for name in (*train_fr.GENERATION_RECORDS, "notes.txt"):
+        (tmp_path / "generated" / name).write_text("{}")
+    _, skips = train_fr.scan_identity_folders([tmp_path / "generated"])
+    assert [Path(p).name for p in skips.ignored_files] == ["notes.txt"]
+
+
+def test_scan_names_a_folder_of_generated_sets_and_the_folder_to_pass(tmp_path):
+    """reproduce's generated/ holds one set per variant: say so, and which folder to pass."""
+    root = tmp_path / "generated"
+    for variant in ("dreambooth", "triplet"):
+        save(pattern_face(0, 0), root / variant / "alice" / "0.png")
+        (root / variant / "metadata.jsonl").write_text("")
+    with pytest.raises(ValueError) as error:
+        train_fr.scan_identity_folders([root])
+    assert str(error.value) == (
+        f"--data_dir {root} holds folders of identity folders (dreambooth, triplet), not "
+        "identity folders (a folder of generated sets, one per variant?): pass one of them, "
+        f"e.g. --data_dir {root / 'dreambooth'}"
+    )
+
+
 def no_detector():
     raise AssertionError("112x112 inputs with --align auto must not need a detector")
 
