@@ -142,6 +142,46 @@ def architecture_or_paper(base: str, revision: str | None = None) -> Architectur
     return found
 
 
+# What makes two VAEs interchangeable: the latent space the UNet was trained in.
+VAE_LATENT_KEYS = ("latent_channels", "scaling_factor")
+
+
+def check_vae_fits(vae_config: dict[str, Any], base_config: dict[str, Any], source: str) -> None:
+    """ValueError when a VAE given beside the base (--pretrained_vae_model_name_or_path) does
+    not share its latent space: another channel count or scaling factor (an SD 1.x/2.x VAE,
+    0.18215, beside SDXL, 0.13025) would make every latent wrong without any error."""
+    for key in VAE_LATENT_KEYS:
+        if vae_config.get(key) != base_config.get(key):
+            raise ValueError(
+                f"--pretrained_vae_model_name_or_path {source}: its {key} is "
+                f"{vae_config.get(key)!r}, the base's VAE has {base_config.get(key)!r}; it "
+                "encodes another latent space: pass a VAE made for this base (an fp16-safe SDXL "
+                "VAE for SDXL)"
+            )
+
+
+def load_vae_beside_base(source: str, base_config: dict[str, Any] | None) -> Any:
+    """The AutoencoderKL at `source` (a VAE folder or hub id), frozen, checked against the
+    base's VAE config when it is known."""
+    from diffusers import AutoencoderKL
+
+    from runs import loading
+
+    with loading("the VAE", source):
+        vae = AutoencoderKL.from_pretrained(source)
+    if base_config is not None:
+        check_vae_fits(dict(vae.config), base_config, source)
+    return vae.requires_grad_(False).eval()
+
+
+def base_vae_config(base: str, revision: str | None = None) -> dict[str, Any] | None:
+    """The base's VAE config, or None when it cannot be read (loading the base fails then)."""
+    try:
+        return read_config(base, "vae", "config.json", revision)
+    except (OSError, ValueError):
+        return None
+
+
 def architecture_of_pipeline(pipeline: Any) -> Architecture:
     """The Architecture of a loaded pipeline (its components' configs)."""
     return architecture_from_configs(

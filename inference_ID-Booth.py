@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import runs
-from architectures import architecture_of_pipeline, architecture_or_paper
+from architectures import architecture_of_pipeline, architecture_or_paper, load_vae_beside_base
 from datasets import identity_genders
 from fileio import (
     PNG_METADATA_KEY,
@@ -122,8 +122,8 @@ GENERATION_KEYS = (
 
 HELP_GROUPS = {  # --help sections (display only; a flag not listed shows under "options")
     "models and LoRAs": [
-        "pretrained_model_name_or_path", "lora_dir", "lora_root", "checkpoint", "identities",
-        "lora_scale",
+        "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "lora_dir",
+        "lora_root", "checkpoint", "identities", "lora_scale",
     ],
     "prompts": [
         "prompt_template", "prompt_template_no_background", "backgrounds",
@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained_model_name_or_path",
         default="stabilityai/stable-diffusion-2-1-base",
         help="Base Stable Diffusion model (hub id or local folder) the LoRAs were trained on.",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="Another VAE (folder or hub id) in place of the base's, e.g. the fp16-safe SDXL VAE "
+        "a LoRA was trained with; it must share the base's latent space. A VAE whose config "
+        "says force_upcast (SDXL's own) decodes in fp32 under fp16, as in the stock pipeline.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -496,6 +503,8 @@ def generation_settings(args: argparse.Namespace) -> dict:
     source = args.lora_dir if args.lora_dir is not None else args.lora_root
     values["lora_source"] = str(source.resolve())
     values["mixed_precision"] = args.resolved_mixed_precision
+    if args.pretrained_vae_model_name_or_path is not None:  # absent from older run configs
+        values["vae"] = args.pretrained_vae_model_name_or_path
     return values
 
 
@@ -627,6 +636,10 @@ def load_generation_pipeline(args: argparse.Namespace) -> StableDiffusionPipelin
 
     pipeline = load_pipeline(args.pretrained_model_name_or_path)
     pipeline.scheduler = build_sampler(args.scheduler, pipeline.scheduler.config)
+    if args.pretrained_vae_model_name_or_path is not None:
+        pipeline.vae = load_vae_beside_base(
+            args.pretrained_vae_model_name_or_path, dict(pipeline.vae.config)
+        )
     return pipeline
 
 
@@ -662,7 +675,6 @@ def generate_batch(
     generator seeded with its seed, so its noise depends neither on its batch-mates nor on the
     device. The sync-free loop (sampling.Sampler) samples when it supports the scheduler, else
     the stock pipeline. An image whose latents or pixels hold NaN/inf is flagged not finite."""
-    import numpy as np
     import torch
 
     from sampling import decode_checked, prompt_conditioning, warn_truncated_prompts
@@ -673,26 +685,23 @@ def generate_batch(
         identities = torch.tensor(list(slots) * (2 if guided else 1), device=pipeline.device)
         lora.set_identities(identities)
     prompts, negatives = [job.prompt for job in jobs], [args.negative_prompt] * len(jobs)
-    if sampler is None:
-        warn_truncated_prompts(pipeline, negatives, "negative prompt")
-        output = pipeline(
-            prompt=prompts,
-            negative_prompt=negatives,
-            generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            height=args.resolution,
-            width=args.resolution,
-            output_type="np",  # (B, H, W, 3) floats: NaN is still visible here
-        )
-        flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(jobs)
-        finite = np.isfinite(output.images).reshape(len(jobs), -1).all(1).tolist()
-        images = pipeline.numpy_to_pil(np.nan_to_num(output.images))
-        return images, [bool(flag) for flag in flagged], finite
     with torch.no_grad():
-        conditioning = prompt_conditioning(pipeline, prompts, negatives, guided)
-        latents = sampler.sample(seeds=[job.seed for job in jobs], **conditioning)
-        return decode_checked(pipeline, latents)
+        if sampler is None:  # the stock loop, up to its final latents
+            warn_truncated_prompts(pipeline, negatives, "negative prompt")
+            latents = pipeline(
+                prompt=prompts,
+                negative_prompt=negatives,
+                generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                output_type="latent",
+            ).images
+        else:
+            conditioning = prompt_conditioning(pipeline, prompts, negatives, guided)
+            latents = sampler.sample(seeds=[job.seed for job in jobs], **conditioning)
+        return decode_checked(pipeline, latents)  # the pipeline's decode, checked for NaN
 
 
 def image_record(job: ImageJob, args: argparse.Namespace, source: IdentitySource, batch) -> dict:
@@ -1004,6 +1013,8 @@ def checked_pipeline(args: argparse.Namespace, identities, state: Any):
     pipeline.to(state.device)
     if dtype != torch.float32:
         cast_pipeline(pipeline, dtype)
+    if architecture.vae_force_upcast:  # SDXL's VAE overflows in fp16: decode_checked upcasts
+        pipeline.vae.to(torch.float32)
     return pipeline, layouts, lora_errors
 
 

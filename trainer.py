@@ -34,7 +34,12 @@ import torch
 
 import runs
 from arcface import load_arcface
-from architectures import Architecture, architecture_or_paper
+from architectures import (
+    Architecture,
+    architecture_or_paper,
+    base_vae_config,
+    load_vae_beside_base,
+)
 from datasets import DreamBoothFaceDataset, LatentCache, RowTable, to_device
 from faces import align_faces_torch, build_face_detector
 from fileio import atomic_save_image, atomic_write_json, stable_seed
@@ -168,15 +173,16 @@ def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> N
 
 
 def load_vae(args: argparse.Namespace, architecture: Architecture) -> tuple[Any, Architecture]:
-    """The base's VAE, or --pretrained_vae_model_name_or_path (e.g. an fp16-safe SDXL VAE),
-    and the architecture with that VAE's fp16 safety (its config's force_upcast)."""
+    """The base's VAE, or --pretrained_vae_model_name_or_path (e.g. an fp16-safe SDXL VAE,
+    checked to share the base's latent space), and the architecture with that VAE's fp16
+    safety (its config's force_upcast)."""
     from diffusers import AutoencoderKL
 
-    source = args.pretrained_vae_model_name_or_path
-    subfolder = None if source else "vae"
-    vae = AutoencoderKL.from_pretrained(
-        source or args.pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs(args)
-    )
+    base, source = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
+    if source:
+        vae = load_vae_beside_base(source, base_vae_config(base, args.revision))
+    else:
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **hub_kwargs(args))
     upcast = architecture.is_sdxl and bool(vae.config.get("force_upcast", True))
     return vae, dataclasses.replace(architecture, vae_force_upcast=upcast)
 

@@ -170,3 +170,58 @@ def test_sdxl_generation_resumes_to_the_same_images(assets, tmp_path):
     assert (summary["written"], summary["skipped"]) == (2, 2)
     for name in ("ID_a/0.png", "ID_a/1.png", "ID_b/0.png", "ID_b/1.png"):
         assert (partial / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
+def _copy_vae(base: Path, folder: Path, **changes) -> Path:
+    """The base's VAE as a standalone VAE folder, its config changed by `changes`."""
+    import shutil
+
+    shutil.copytree(base / "vae", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | changes))
+    return folder
+
+
+def test_sdxl_under_fp16_decodes_in_fp32_unless_the_vae_is_fp16_safe(assets, tmp_path, monkeypatch):
+    """SDXL's VAE says force_upcast (it overflows in fp16): under --mixed_precision fp16 the UNet
+    runs in fp16 and the VAE decodes in fp32, as in the stock SDXL pipeline; an fp16-safe VAE
+    given by --pretrained_vae_model_name_or_path (force_upcast false) decodes in fp16."""
+    import sampling
+
+    seen, decode = [], sampling.decode_checked
+
+    def record(pipeline, latents, *args, **kwargs):
+        seen.append((pipeline.unet.dtype, pipeline.vae.dtype))
+        return decode(pipeline, latents, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "decode_checked", record)
+    base = assets["bases"]["tiny-sdxl"]
+    fp16 = ["--mixed_precision", "fp16", "--num_images_per_identity", "1"]
+    argv = [*cli(base, assets["sdxl_loras"], tmp_path / "own", "--num_inference_steps", "2"), *fp16]
+    assert run(argv)["written"] == 2
+    assert set(seen) == {(torch.float16, torch.float32)}
+    seen.clear()
+    safe = _copy_vae(base, tmp_path / "fp16_safe_vae", force_upcast=False)
+    argv = [
+        *cli(base, assets["sdxl_loras"], tmp_path / "safe", "--num_inference_steps", "2"),
+        *fp16,
+        f"--pretrained_vae_model_name_or_path={safe}",
+    ]
+    assert run(argv)["written"] == 2
+    assert set(seen) == {(torch.float16, torch.float16)}
+    config = json.loads((tmp_path / "safe" / inference.RUN_CONFIG_NAME).read_text())
+    assert config["generation"]["vae"] == str(safe)
+
+
+def test_a_vae_of_another_latent_space_is_refused_in_one_line(assets, tmp_path):
+    """An SD 1.x VAE (scaling factor 0.18215) beside an SDXL base (0.13025) would decode every
+    latent wrong without an error: refused before any image."""
+    base = assets["bases"]["tiny-sdxl"]
+    other = assets["bases"]["tiny-sd15"] / "vae"
+    argv = [
+        *cli(base, assets["sdxl_loras"], tmp_path, "--num_images_per_identity", "1"),
+        f"--pretrained_vae_model_name_or_path={other}",
+    ]
+    with pytest.raises(ValueError, match="scaling_factor is 0.18215, the base's VAE has 0.13025"):
+        run(argv)
+    assert not list(tmp_path.glob("*/*.png"))

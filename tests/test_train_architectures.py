@@ -197,6 +197,16 @@ def test_sdxl_vae_stays_fp32_under_fp16_unless_an_fp16_safe_vae_is_given(assets,
         assert decoded.dtype == dtype
 
 
+def test_a_vae_of_another_latent_space_is_refused(assets, bases, tmp_path):
+    """An SD 1.x VAE (scaling factor 0.18215) beside an SDXL base (0.13025) would train every
+    identity on wrongly scaled latents without an error: refused in one line."""
+    flags = base_flags(assets, bases["tiny-sdxl"], tmp_path / "out")
+    other = bases["tiny-sd15"] / "vae"
+    args = train.parse_args([*flags, f"--pretrained_vae_model_name_or_path={other}"])
+    with pytest.raises(ValueError, match="scaling_factor is 0.18215, the base's VAE has 0.13025"):
+        trainer.load_frozen_models(args, torch.device("cpu"), "no", None)
+
+
 # ============================================================================ SDXL: pack, resume
 
 
