@@ -221,6 +221,13 @@ def load_frozen_models(
                 device,
                 torch.float32 if model is vae and architecture.vae_force_upcast else dtype,
             )
+    vae_note = ""
+    if architecture.vae_force_upcast and dtype != torch.float32:
+        vae_note = (
+            "; its VAE overflows in fp16 (force_upcast) and decodes in fp32 (an fp16-safe VAE by "
+            "--pretrained_vae_model_name_or_path saves memory)"
+        )
+    logger.info("base model %s: %s%s", base, architecture.describe(), vae_note)
     if args.gradient_checkpointing and args.loss != "dreambooth":
         vae.enable_gradient_checkpointing()  # the identity term backpropagates through decode
     if device.type == "cuda":

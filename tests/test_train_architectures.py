@@ -173,9 +173,12 @@ def test_sdxl_time_ids_follow_the_random_crop(sdxl_parts):
     assert ids == [photo.height, photo.width, crop.top, crop.left, RESOLUTION, RESOLUTION]
 
 
-def test_sdxl_vae_stays_fp32_under_fp16_unless_an_fp16_safe_vae_is_given(assets, bases, tmp_path):
+def test_sdxl_vae_stays_fp32_under_fp16_unless_an_fp16_safe_vae_is_given(
+    assets, bases, tmp_path, caplog
+):
     """SDXL's VAE (force_upcast) is kept and decoded in fp32 under fp16 mixed precision; a VAE
     given by path whose config says it is fp16-safe runs in fp16, the weight dtype."""
+    caplog.set_level("INFO")
     safe_vae = tmp_path / "sdxl-vae-fp16-fix"
     shutil.copytree(bases["tiny-sdxl"] / "vae", safe_vae)
     config = json.loads((safe_vae / "config.json").read_text())
@@ -195,6 +198,9 @@ def test_sdxl_vae_stays_fp32_under_fp16_unless_an_fp16_safe_vae_is_given(assets,
         with frozen.autocast(), frozen.vae_precision():
             decoded = frozen.vae.decode(latents.to(frozen.vae.dtype)).sample
         assert decoded.dtype == dtype
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("base model")]
+    assert len(said) == 2 and all("SDXL (epsilon, 64 px)" in line for line in said)
+    assert "decodes in fp32" in said[0] and "fp32" not in said[1]
 
 
 def test_a_vae_of_another_latent_space_is_refused(assets, bases, tmp_path):
