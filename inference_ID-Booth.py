@@ -434,14 +434,15 @@ def split_work(items: Sequence[Any], num_processes: int, process_index: int) -> 
 # -------------------------------------------------------------------------- input checks
 
 
-def resolve_checkpoint(identity_folder: Path, checkpoint: str | None) -> Path:
-    """The folder holding the weights: the identity folder, a named or the latest checkpoint."""
+def resolve_checkpoint(identity_folder: Path, checkpoint: str | None) -> Path | None:
+    """The folder holding the weights: the identity folder, a named or the latest checkpoint;
+    None for 'latest' when the folder holds no checkpoint (the caller says so, naming it)."""
     if checkpoint is None:
         return identity_folder
     if checkpoint != "latest":
         return identity_folder / checkpoint
     steps = runs.list_checkpoints(identity_folder, None)
-    return steps[-1][1] if steps else identity_folder / "checkpoint-<none found>"
+    return steps[-1][1] if steps else None
 
 
 def lora_sources(args: argparse.Namespace) -> list[IdentitySource]:
@@ -469,7 +470,14 @@ def lora_sources(args: argparse.Namespace) -> list[IdentitySource]:
 
 def _identity_source(folder: Path, checkpoint: str | None) -> IdentitySource:
     """Locate one identity's weights; a missing file becomes an error message."""
-    lora_file = resolve_checkpoint(folder, checkpoint) / LORA_WEIGHTS_NAME
+    weights_folder = resolve_checkpoint(folder, checkpoint)
+    if weights_folder is None:  # 'latest' of a folder without checkpoint-N: no path to show
+        error = (
+            f"identity {folder.name!r}: no checkpoint in {folder} (--checkpoint latest); train "
+            "it with checkpoints, or drop --checkpoint to use its final weights"
+        )
+        return IdentitySource(folder.name, folder, None, error)
+    lora_file = weights_folder / LORA_WEIGHTS_NAME
     if lora_file.is_file():
         return IdentitySource(folder.name, folder, lora_file)
     where = f"checkpoint {checkpoint!r} of " if checkpoint else ""
