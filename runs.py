@@ -609,6 +609,17 @@ def _is_hub_error(error: OSError, source: object) -> bool:
     return isinstance(error, hub_errors) or "huggingface.co" in str(error)
 
 
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 identity', '2 identities', '0 photos': a count with its noun in the right number
+    (`plural_form` for irregular nouns; by default -y after a consonant becomes -ies, else -s)."""
+    if count == 1:
+        return f"{count} {noun}"
+    if plural_form is None:
+        consonant_y = noun.endswith("y") and noun[-2:-1] not in tuple("aeiou")
+        plural_form = noun[:-1] + "ies" if consonant_y else noun + "s"
+    return f"{count} {plural_form}"
+
+
 def format_list(items: Iterable[str], limit: int = 8) -> str:
     """The first `limit` items joined by ', ', plus how many more there are."""
     items = list(items)

@@ -800,11 +800,20 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         trainer = PackedTrainer(args, frozen, face_tools, state, min(args.pack, len(todo)))
         results = trainer.run(todo)
     failed = refused + [result for result in results if "error" in result]
-    if failed:
-        logger.error("%d of %d identities failed: %s", len(failed), len(mine), failed)
+    for line in failure_lines(failed, len(mine)):
+        logger.error("%s", line)
     trained = [result for result in results if "error" not in result]
     log_summary(args, trained, skipped, failed)
     return {"trained": trained, "skipped": skipped, "failed": failed}
+
+
+def failure_lines(failed: list[dict], total: int) -> list[str]:
+    """The end-of-run list of failures, readable: 'N of M identities failed:' then one
+    'identity: error' line each (nothing when none failed)."""
+    if not failed:
+        return []
+    header = f"{len(failed)} of {runs.plural(total, 'identity')} failed:"
+    return [header, *(f"  {result['identity']}: {result['error']}" for result in failed)]
 
 
 def log_summary(args: argparse.Namespace, trained: list, skipped: list, failed: list) -> None:

@@ -29,6 +29,14 @@ def test_hub_ids_pass_and_precision_is_the_one_asked_for_on_every_device():
         runs.resolve_mixed_precision("fp8", "cpu")
 
 
+def test_plural_counts_take_the_noun_in_the_right_number():
+    assert runs.plural(1, "identity") == "1 identity"
+    assert runs.plural(2, "identity") == "2 identities"
+    assert runs.plural(0, "photo") == "0 photos"
+    assert runs.plural(3, "day") == "3 days"
+    assert runs.plural(2, "child", "children") == "2 children"
+
+
 def test_config_mismatches_compare_everything_not_listed_as_changeable():
     saved = {"lr": 0.1, "out": "a", "old_flag": 1}
     current = {"lr": 0.2, "out": "b", "new_flag": 3}

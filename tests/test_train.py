@@ -865,6 +865,17 @@ def test_summary_names_the_folder_the_lora_is_in(tmp_path, caplog):
     assert messages[1].startswith(f"summary: 1 trained into {tmp_path / 'loras'}/<identity>/ (")
 
 
+def test_failures_are_listed_as_readable_lines_once():
+    """The end-of-run failure list: a header with the count in the right number, then one
+    'identity: error' line each; no repr of the result dicts."""
+    failed = [{"identity": "ID_1", "error": "ValueError: no usable face photo in ID_1"}]
+    lines = train.failure_lines(failed, 1)
+    assert lines == ["1 of 1 identity failed:", "  ID_1: ValueError: no usable face photo in ID_1"]
+    assert not any("{" in line or "'error'" in line for line in lines)
+    assert train.failure_lines(failed * 2, 3)[0] == "2 of 3 identities failed:"
+    assert train.failure_lines([], 3) == []
+
+
 @pytest.mark.parametrize(
     "flag",
     ["--output_dir={root}/person0/out", "--class_data_dir={root}/class"],
