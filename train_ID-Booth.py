@@ -591,7 +591,7 @@ def validate_args(args: argparse.Namespace) -> None:
     _validate_losses(args)
     _validate_packing(args)
     _validate_resume(args)
-    runs.check_base_model(args.pretrained_model_name_or_path)
+    runs.check_base_model(args.pretrained_model_name_or_path, args.variant)
     resolve_architecture_defaults(args)
 
 
