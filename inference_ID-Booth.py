@@ -765,7 +765,10 @@ def run_batches(
         slots = place_identities(generator["pool"], [name for name, _ in batch.rows], errors)
         usable = [job for job in batch.rows if job[0] in slots]
         for name in dict.fromkeys(name for name, _ in batch.wanted if name not in slots):
-            fail_identity(name, sum(job[0] == name for job in batch.wanted), context, progress)
+            count = sum(job[0] == name for job in batch.wanted)
+            # A batch without rows holds only identities refused before sampling: their images
+            # were never in the bar's total; a LoRA failing to load here was.
+            fail_identity(name, count, context, progress, in_total=bool(batch.rows))
         if not any(job in batch.wanted for job in usable):
             continue
         genders = context["genders"]
@@ -786,8 +789,9 @@ def run_batches(
                 continue
             written.add(key)
             if job.identity in broken:
-                fail_identity(job.identity, 1, context, progress)
-            elif nsfw:
+                fail_identity(job.identity, 1, context, progress, in_total=True)
+                continue
+            if nsfw:
                 counts.failed += 1
                 logger.error("%s flagged by the safety checker; not written", job)
             else:
@@ -812,14 +816,21 @@ def non_finite_identities(jobs: Sequence[ImageJob], finite: Sequence[bool], cont
     return broken
 
 
-def fail_identity(name: str, num_images: int, context: dict, progress: Any) -> None:
-    """Count an unusable identity's images of one batch as failed; log it once."""
+def fail_identity(name: str, num_images: int, context: dict, progress: Any, in_total: bool) -> None:
+    """Count an unusable identity's images of one batch under the summary's "failed" (never
+    "skipped", which means already on disk); log it once. They do not advance the progress
+    bar, which counts generated images: images that were `in_total` leave its total."""
     counts = context["counts"]
     if name not in counts.failed_identities:
         counts.failed_identities.append(name)
-        logger.error("%s; skipping its images", context["lora_errors"][name])
+        logger.error(
+            "%s; its images are not generated (counted as 'failed' in the summary)",
+            context["lora_errors"][name],
+        )
     counts.failed += num_images
-    progress.update(num_images)
+    if in_total:
+        progress.total -= num_images
+        progress.refresh()
 
 
 class _ImageNames:
@@ -1086,7 +1097,8 @@ def main(args: argparse.Namespace) -> dict:
     generator = build_generator(args, pipeline, layouts, sources, slots_needed(work))
     context = {"args": args, "counts": counts, "genders": plan["genders"]}
     context.update(identities=sources, lora_errors=lora_errors)
-    total = sum(len(batch.wanted) for batch in work)
+    # Only images that will be sampled: a refused identity's are counted as failed instead.
+    total = sum(len(batch.wanted) for batch in work if batch.rows)
     logger.info("%d images to generate here, %d already on disk", total, counts.skipped)
     started = time.perf_counter()
     writer = ImageWriter(args.png_workers, args.png_compress_level)

@@ -142,18 +142,44 @@ def test_sdxl_batches_mixing_identities_equal_images_made_one_by_one(assets, tmp
         assert difference.max() <= 2 and (difference > 0).mean() < 0.01, name
 
 
+class Bar:
+    """A progress bar that records its count and total (tqdm's attributes)."""
+
+    def __init__(self, options: dict) -> None:
+        self.n, self.total = 0, options["total"]
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, count: int) -> None:
+        self.n += count
+
+    def refresh(self) -> None:
+        pass
+
+
 def test_a_lora_made_for_another_architecture_is_refused_alone_in_one_line(
-    assets, tmp_path, caplog
+    assets, tmp_path, caplog, monkeypatch
 ):
     """On the SD 2.1 base: the SD 1.5 LoRA (whose layer shapes fit) and the SDXL one are refused
-    by their recorded architecture, each in one line; the SD 2.1 identity is generated."""
+    by their recorded architecture, each in one line; the SD 2.1 identity is generated. The
+    refused images are 'failed' in the summary and its message, never progress."""
+    bars = []
+    monkeypatch.setattr(
+        runs, "progress_bar", lambda **options: bars.append(Bar(options)) or bars[-1]
+    )
     summary = run(
         cli(assets["bases"]["tiny"], assets["for_sd21"], tmp_path, "--num_images_per_identity", "1")
     )
     assert summary["failed_identities"] == ["ID_sd15", "ID_sdxl"]
-    assert (summary["written"], summary["failed"]) == (1, 2)
+    assert (summary["written"], summary["failed"], summary["skipped"]) == (1, 2, 0)
+    assert [(bar.n, bar.total) for bar in bars] == [(1, 1)]  # the generated image only
     lines = [r.getMessage() for r in caplog.records if "trained for" in r.getMessage()]
     assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert all("counted as 'failed'" in line and "skipping" not in line for line in lines)
     assert any("'ID_sd15'" in line and "SD 1.x" in line and "SD 2.x" in line for line in lines)
     assert any("'ID_sdxl'" in line and "SDXL" in line for line in lines)
 
