@@ -865,6 +865,24 @@ def test_summary_names_the_folder_the_lora_is_in(tmp_path, caplog):
     assert messages[1].startswith(f"summary: 1 trained into {tmp_path / 'loras'}/<identity>/ (")
 
 
+def test_training_off_the_native_resolution_warns_in_one_line(tmp_path, caplog):
+    base = fake_base_model(tmp_path / "sd")  # empty configs: the paper's 512 px
+    args = argparse.Namespace(
+        pretrained_model_name_or_path=str(base),
+        revision=None,
+        resolution=128,
+        validation_guidance_scale=None,
+    )
+    train.resolve_architecture_defaults(args)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "--resolution 128" in warnings[0] and "native 512 px" in warnings[0]
+    caplog.clear()
+    args.resolution = 512
+    train.resolve_architecture_defaults(args)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_failures_are_listed_as_readable_lines_once():
     """The end-of-run failure list: a header with the count in the right number, then one
     'identity: error' line each; no repr of the result dicts."""
