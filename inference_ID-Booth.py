@@ -248,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution",
         type=RESOLUTION,
         default=None,
-        help="Image height and width, a multiple of 8 (default: the base model's native size: "
-        "512 for SD 1.5 / 2.1-base, 768 for SD 2.1, 1024 for SDXL).",
+        help="Image height and width, a multiple of 8 (default: the size the LoRAs record they "
+        "were trained at, when all agree; else the base model's native size: 512 for SD 1.5 / "
+        "2.1-base, 768 for SD 2.1, 1024 for SDXL).",
     )
     parser.add_argument(
         "--batch_size",
@@ -305,13 +306,96 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line (ValueError with the fix on bad input)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Not given: resolve_model_defaults reads the base the LoRAs record (None makes "not given"
+    # detectable; the paper's base stays the fallback).
+    parser.set_defaults(pretrained_model_name_or_path=None)
+    args = parser.parse_args(argv)
     args.backgrounds = resolve_backgrounds(args.backgrounds)
     validate_args(args)
-    if args.resolution is None:  # the base's native size, from its configs (architectures.py)
-        base = architecture_or_paper(args.pretrained_model_name_or_path)
-        args.resolution = base.resolution
+    resolve_model_defaults(args)
+    runs.check_base_model(args.pretrained_model_name_or_path)  # names a missing unet/ etc.
     return args
+
+
+PAPER_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
+
+
+def recorded_bases(args: argparse.Namespace) -> dict[str, dict]:
+    """identity -> the base model record in its LoRA's header, for the LoRAs of this run that
+    have one (a missing folder, file or record is reported later, by lora_sources / check_lora)."""
+    from lora import lora_base_model
+
+    if args.lora_dir is not None:
+        folders = [args.lora_dir]
+    elif args.lora_root.is_dir():
+        names = args.identities or [path.name for path in runs.identity_folders(args.lora_root)]
+        folders = [args.lora_root / name for name in names]
+    else:
+        folders = []
+    records = {}
+    for folder in folders:
+        weights = resolve_checkpoint(folder, args.checkpoint)
+        lora_file = weights / LORA_WEIGHTS_NAME if weights is not None else None
+        if lora_file is None or not lora_file.is_file():
+            continue
+        try:
+            record = lora_base_model(lora_file)
+        except Exception:  # an unreadable header fails its identity later, with the reason
+            continue
+        if record:
+            records[folder.name] = record
+    return records
+
+
+def _grouped(values: dict[str, object]) -> str:
+    """'A (ID_1, ID_2); B (ID_3)': identities grouped by their value, for one-line messages."""
+    groups: dict[str, list[str]] = {}
+    for name, value in values.items():
+        groups.setdefault(str(value), []).append(name)
+    return "; ".join(f"{value} ({runs.format_list(names)})" for value, names in groups.items())
+
+
+def resolve_model_defaults(args: argparse.Namespace) -> None:
+    """The base model and --resolution the user left unset, in one place. Base: the one every
+    LoRA's header records (ValueError listing them when they disagree), else the paper's SD
+    2.1-base. Resolution: the size every LoRA records it was trained at, else the base's native
+    size (with a warning naming the disagreement when the LoRAs differ). args.defaults_from
+    says where each came from (logged by main, kept in run_config.json)."""
+    from lora import recorded_training_resolution
+
+    records = recorded_bases(args)
+    args.defaults_from = {}
+    if args.pretrained_model_name_or_path is None:
+        names = {identity: record.get("name") for identity, record in records.items()}
+        distinct = {name for name in names.values() if name}
+        if len(distinct) > 1:
+            raise ValueError(
+                f"the LoRAs record different base models: {_grouped(names)}; pass "
+                "--pretrained_model_name_or_path, or generate each base's LoRAs separately"
+            )
+        args.pretrained_model_name_or_path = distinct.pop() if distinct else PAPER_BASE_MODEL
+        args.defaults_from["pretrained_model_name_or_path"] = (
+            "the LoRAs' headers" if names else "the paper's default (no LoRA records its base)"
+        )
+    if args.resolution is None:
+        sizes = {identity: recorded_training_resolution(r) for identity, r in records.items()}
+        distinct = set(sizes.values())
+        if len(distinct) == 1 and None not in distinct:
+            args.resolution = distinct.pop()
+            args.defaults_from["resolution"] = "the LoRAs' training resolution"
+            return
+        # The base's native size, from its configs (architectures.py).
+        args.resolution = architecture_or_paper(args.pretrained_model_name_or_path).resolution
+        args.defaults_from["resolution"] = "the base model's native size"
+        if len(distinct) > 1:
+            shown = {k: f"{v} px" if v else "not recorded" for k, v in sizes.items()}
+            logger.warning(
+                "the LoRAs were trained at different resolutions: %s; generating at the base "
+                "model's native %d px: pass --resolution to choose",
+                _grouped(shown),
+                args.resolution,
+            )
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -338,7 +422,6 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--lora_dir {args.lora_dir} is a checkpoint folder; pass the identity folder "
             f"as --lora_dir {args.lora_dir.parent} and --checkpoint {args.lora_dir.name}"
         )
-    runs.check_base_model(args.pretrained_model_name_or_path)  # names a missing unet/ etc.
     if args.identity_attributes is not None and not args.identity_attributes.is_file():
         raise FileNotFoundError(f"--identity_attributes file {args.identity_attributes} not found")
     if args.grid_dir is not None and runs.is_inside(args.grid_dir, args.output_dir):
@@ -1074,6 +1157,8 @@ def main(args: argparse.Namespace) -> dict:
     """Validate inputs, load the base once, generate this process's share, summarise."""
     state = runs.process_state()
     runs.setup_logging(state)
+    for flag, source in getattr(args, "defaults_from", {}).items():  # set in parse_args
+        logger.info("--%s %s (from %s)", flag, getattr(args, flag), source)
     args.resolved_mixed_precision = runs.resolve_mixed_precision(
         args.mixed_precision, state.device.type
     )

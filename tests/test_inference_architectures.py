@@ -196,3 +196,41 @@ def test_sdxl_generation_resumes_to_the_same_images(assets, tmp_path):
     assert (summary["written"], summary["skipped"]) == (2, 2)
     for name in ("ID_a/0.png", "ID_a/1.png", "ID_b/0.png", "ID_b/1.png"):
         assert (partial / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
+def without_base(argv: list[str]) -> list[str]:
+    return [flag for flag in argv if not flag.startswith("--pretrained_model_name_or_path")]
+
+
+def test_base_not_given_is_the_one_the_loras_record(assets, tmp_path, caplog):
+    """No --pretrained_model_name_or_path: the base every LoRA's header names (logged), not
+    the hub's SD 2.1-base; LoRAs naming different bases are one error line listing them."""
+    base = assets["bases"]["tiny-sdxl"]
+    args = inference.parse_args(without_base(cli(base, assets["sdxl_loras"], tmp_path / "a")))
+    assert args.pretrained_model_name_or_path == str(base)
+    assert args.defaults_from["pretrained_model_name_or_path"] == "the LoRAs' headers"
+    with pytest.raises(ValueError, match="the LoRAs record different base models") as error:
+        inference.parse_args(without_base(cli(base, assets["for_sd21"], tmp_path / "b")))
+    text = str(error.value)
+    assert "\n" not in text and "ID_sd15" in text and "ID_sdxl" in text and "ID_sd21" in text
+
+
+def test_resolution_not_given_is_the_loras_training_resolution(assets, tmp_path, caplog):
+    """--resolution unset: the size all LoRAs record they were trained at; when they differ,
+    the base's native size and one warning naming the disagreement."""
+    base = assets["bases"]["tiny"]
+    record = base_model_record(base, architecture_or_paper(str(base)), 128)
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    for name in ("ID_1", "ID_2"):
+        write_random_lora(tmp_path / "same" / name, unet, base_model=record)
+    argv = cli(base, tmp_path / "same", tmp_path / "out")  # FAST here sets no --resolution
+    args = inference.parse_args(argv)
+    assert args.resolution == 128 and not caplog.records
+    other = base_model_record(base, architecture_or_paper(str(base)), 96)
+    write_random_lora(tmp_path / "same" / "ID_3", unet, base_model=other)
+    assert inference.parse_args(argv).resolution == 64  # the tiny base's native size
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "128 px (ID_1, ID_2); 96 px (ID_3)" in warnings[0]
+    assert inference.parse_args([*argv, "--resolution", "32"]).resolution == 32
