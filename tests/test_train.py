@@ -51,7 +51,8 @@ def assets(tmp_path_factory) -> Assets:
 
 
 def test_every_flag_has_help_and_defaults_are_the_reference_setup(assets, monkeypatch):
-    monkeypatch.setattr(runs, "check_base_model", lambda name: None)  # the hub id, not cached
+    # The hub id is not cached.
+    monkeypatch.setattr(runs, "check_base_model", lambda name, variant=None: None)
     parser = train.build_parser()
     for action in parser._actions:
         if action.dest != "help":
