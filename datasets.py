@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+import runs
 from arcface import embed_aligned_faces
 from faces import align_face
 from fileio import atomic_path, stable_seed
@@ -314,7 +315,8 @@ def _refuse_duplicate_identities(path: Path, rows: list[tuple[int, dict[str, str
     ]
     if repeated:
         raise ValueError(
-            f"{path}: {len(repeated)} identities appear in more than one row "
+            f"{path}: {runs.plural(len(repeated), 'identity')} "
+            f"{'appears' if len(repeated) == 1 else 'appear'} in more than one row "
             f"({'; '.join(repeated)}); keep one row per identity"
         )
 
@@ -371,7 +373,9 @@ def identity_genders(folders: dict[str, Path], attributes_file: Path | None) -> 
         source = attributes_file or "no --identity_attributes file"
         problems = []
         if missing:
-            problems.append(f"no gender for {len(missing)} identities: {', '.join(missing)}")
+            problems.append(
+                f"no gender for {runs.plural(len(missing), 'identity')}: {', '.join(missing)}"
+            )
         if invalid:
             problems.append(f"unknown gender values {', '.join(invalid)}")
         raise ValueError(

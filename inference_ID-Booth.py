@@ -144,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = runs.argument_parser(__doc__)
     parser.add_argument(
         "--pretrained_model_name_or_path",
-        default="stabilityai/stable-diffusion-2-1-base",
-        help="Base Stable Diffusion model (hub id or local folder) the LoRAs were trained on.",
+        default=None,
+        help="Base Stable Diffusion model (hub id or local folder) the LoRAs were trained on; "
+        "default: the base every LoRA's header records, else the paper's "
+        "stabilityai/stable-diffusion-2-1-base.",
     )
     parser.add_argument(
         "--pretrained_vae_model_name_or_path",
@@ -255,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution",
         type=RESOLUTION,
         default=None,
-        help="Image height and width, a multiple of 8 (default: the base model's native size: "
-        "512 for SD 1.5 / 2.1-base, 768 for SD 2.1, 1024 for SDXL).",
+        help="Image height and width, a multiple of 8 (default: the size the LoRAs record they "
+        "were trained at, when all agree; else the base model's native size: 512 for SD 1.5 / "
+        "2.1-base, 768 for SD 2.1, 1024 for SDXL).",
     )
     parser.add_argument(
         "--batch_size",
@@ -312,13 +315,92 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line (ValueError with the fix on bad input)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # unset base / resolution: resolve_model_defaults
     args.backgrounds = resolve_backgrounds(args.backgrounds)
     validate_args(args)
-    if args.resolution is None:  # the base's native size, from its configs (architectures.py)
-        base = architecture_or_paper(args.pretrained_model_name_or_path)
-        args.resolution = base.resolution
+    resolve_model_defaults(args)
+    runs.check_base_model(args.pretrained_model_name_or_path)  # names a missing unet/ etc.
     return args
+
+
+PAPER_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
+
+
+def recorded_bases(args: argparse.Namespace) -> dict[str, dict]:
+    """identity -> the base model record in its LoRA's header, for the LoRAs of this run that
+    have one (a missing folder, file or record is reported later, by lora_sources / check_lora)."""
+    from lora import lora_base_model
+
+    if args.lora_dir is not None:
+        folders = [args.lora_dir]
+    elif args.lora_root.is_dir():
+        names = args.identities or [path.name for path in runs.identity_folders(args.lora_root)]
+        folders = [args.lora_root / name for name in names]
+    else:
+        folders = []
+    records = {}
+    for folder in folders:
+        weights = resolve_checkpoint(folder, args.checkpoint)
+        lora_file = weights / LORA_WEIGHTS_NAME if weights is not None else None
+        if lora_file is None or not lora_file.is_file():
+            continue
+        try:
+            record = lora_base_model(lora_file)
+        except Exception:  # an unreadable header fails its identity later, with the reason
+            continue
+        if record:
+            records[folder.name] = record
+    return records
+
+
+def _grouped(values: dict[str, object]) -> str:
+    """'A (ID_1, ID_2); B (ID_3)': identities grouped by their value, for one-line messages."""
+    groups: dict[str, list[str]] = {}
+    for name, value in values.items():
+        groups.setdefault(str(value), []).append(name)
+    return "; ".join(f"{value} ({runs.format_list(names)})" for value, names in groups.items())
+
+
+def resolve_model_defaults(args: argparse.Namespace) -> None:
+    """The base model and --resolution the user left unset, in one place. Base: the one every
+    LoRA's header records (ValueError listing them when they disagree), else the paper's SD
+    2.1-base. Resolution: the size every LoRA records it was trained at, else the base's native
+    size (with a warning naming the disagreement when the LoRAs differ). args.defaults_from
+    says where each came from (logged by main, kept in run_config.json)."""
+    from lora import recorded_training_resolution
+
+    records = recorded_bases(args)
+    args.defaults_from = {}
+    if args.pretrained_model_name_or_path is None:
+        names = {identity: record.get("name") for identity, record in records.items()}
+        distinct = {name for name in names.values() if name}
+        if len(distinct) > 1:
+            raise ValueError(
+                f"the LoRAs record different base models: {_grouped(names)}; pass "
+                "--pretrained_model_name_or_path, or generate each base's LoRAs separately"
+            )
+        args.pretrained_model_name_or_path = distinct.pop() if distinct else PAPER_BASE_MODEL
+        args.defaults_from["pretrained_model_name_or_path"] = (
+            "the LoRAs' headers" if names else "the paper's default (no LoRA records its base)"
+        )
+    if args.resolution is None:
+        sizes = {identity: recorded_training_resolution(r) for identity, r in records.items()}
+        distinct = set(sizes.values())
+        if len(distinct) == 1 and None not in distinct:
+            args.resolution = distinct.pop()
+            args.defaults_from["resolution"] = "the LoRAs' training resolution"
+            return
+        # The base's native size, from its configs (architectures.py).
+        args.resolution = architecture_or_paper(args.pretrained_model_name_or_path).resolution
+        args.defaults_from["resolution"] = "the base model's native size"
+        if len(distinct) > 1:
+            shown = {k: f"{v} px" if v else "not recorded" for k, v in sizes.items()}
+            logger.warning(
+                "the LoRAs were trained at different resolutions: %s; generating at the base "
+                "model's native %d px: pass --resolution to choose",
+                _grouped(shown),
+                args.resolution,
+            )
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -345,7 +427,6 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--lora_dir {args.lora_dir} is a checkpoint folder; pass the identity folder "
             f"as --lora_dir {args.lora_dir.parent} and --checkpoint {args.lora_dir.name}"
         )
-    runs.check_base_model(args.pretrained_model_name_or_path)  # names a missing unet/ etc.
     if args.identity_attributes is not None and not args.identity_attributes.is_file():
         raise FileNotFoundError(f"--identity_attributes file {args.identity_attributes} not found")
     if args.grid_dir is not None and runs.is_inside(args.grid_dir, args.output_dir):
@@ -441,14 +522,15 @@ def split_work(items: Sequence[Any], num_processes: int, process_index: int) -> 
 # -------------------------------------------------------------------------- input checks
 
 
-def resolve_checkpoint(identity_folder: Path, checkpoint: str | None) -> Path:
-    """The folder holding the weights: the identity folder, a named or the latest checkpoint."""
+def resolve_checkpoint(identity_folder: Path, checkpoint: str | None) -> Path | None:
+    """The folder holding the weights: the identity folder, a named or the latest checkpoint;
+    None for 'latest' when the folder holds no checkpoint (the caller says so, naming it)."""
     if checkpoint is None:
         return identity_folder
     if checkpoint != "latest":
         return identity_folder / checkpoint
     steps = runs.list_checkpoints(identity_folder, None)
-    return steps[-1][1] if steps else identity_folder / "checkpoint-<none found>"
+    return steps[-1][1] if steps else None
 
 
 def lora_sources(args: argparse.Namespace) -> list[IdentitySource]:
@@ -476,7 +558,14 @@ def lora_sources(args: argparse.Namespace) -> list[IdentitySource]:
 
 def _identity_source(folder: Path, checkpoint: str | None) -> IdentitySource:
     """Locate one identity's weights; a missing file becomes an error message."""
-    lora_file = resolve_checkpoint(folder, checkpoint) / LORA_WEIGHTS_NAME
+    weights_folder = resolve_checkpoint(folder, checkpoint)
+    if weights_folder is None:  # 'latest' of a folder without checkpoint-N: no path to show
+        error = (
+            f"identity {folder.name!r}: no checkpoint in {folder} (--checkpoint latest); train "
+            "it with checkpoints, or drop --checkpoint to use its final weights"
+        )
+        return IdentitySource(folder.name, folder, None, error)
+    lora_file = weights_folder / LORA_WEIGHTS_NAME
     if lora_file.is_file():
         return IdentitySource(folder.name, folder, lora_file)
     where = f"checkpoint {checkpoint!r} of " if checkpoint else ""
@@ -766,7 +855,10 @@ def run_batches(
         slots = place_identities(generator["pool"], [name for name, _ in batch.rows], errors)
         usable = [job for job in batch.rows if job[0] in slots]
         for name in dict.fromkeys(name for name, _ in batch.wanted if name not in slots):
-            fail_identity(name, sum(job[0] == name for job in batch.wanted), context, progress)
+            count = sum(job[0] == name for job in batch.wanted)
+            # A batch without rows holds only identities refused before sampling: their images
+            # were never in the bar's total; a LoRA failing to load here was.
+            fail_identity(name, count, context, progress, in_total=bool(batch.rows))
         if not any(job in batch.wanted for job in usable):
             continue
         genders = context["genders"]
@@ -787,8 +879,9 @@ def run_batches(
                 continue
             written.add(key)
             if job.identity in broken:
-                fail_identity(job.identity, 1, context, progress)
-            elif nsfw:
+                fail_identity(job.identity, 1, context, progress, in_total=True)
+                continue
+            if nsfw:
                 counts.failed += 1
                 logger.error("%s flagged by the safety checker; not written", job)
             else:
@@ -813,14 +906,21 @@ def non_finite_identities(jobs: Sequence[ImageJob], finite: Sequence[bool], cont
     return broken
 
 
-def fail_identity(name: str, num_images: int, context: dict, progress: Any) -> None:
-    """Count an unusable identity's images of one batch as failed; log it once."""
+def fail_identity(name: str, num_images: int, context: dict, progress: Any, in_total: bool) -> None:
+    """Count an unusable identity's images of one batch under the summary's "failed" (never
+    "skipped", which means already on disk); log it once. They do not advance the progress
+    bar, which counts generated images: images that were `in_total` leave its total."""
     counts = context["counts"]
     if name not in counts.failed_identities:
         counts.failed_identities.append(name)
-        logger.error("%s; skipping its images", context["lora_errors"][name])
+        logger.error(
+            "%s; its images are not generated (counted as 'failed' in the summary)",
+            context["lora_errors"][name],
+        )
     counts.failed += num_images
-    progress.update(num_images)
+    if in_total:
+        progress.total -= num_images
+        progress.refresh()
 
 
 class _ImageNames:
@@ -1066,6 +1166,8 @@ def main(args: argparse.Namespace) -> dict:
     """Validate inputs, load the base once, generate this process's share, summarise."""
     state = runs.process_state()
     runs.setup_logging(state)
+    for flag, source in getattr(args, "defaults_from", {}).items():  # set in parse_args
+        logger.info("--%s %s (from %s)", flag, getattr(args, flag), source)
     args.resolved_mixed_precision = runs.resolve_mixed_precision(
         args.mixed_precision, state.device.type
     )
@@ -1089,7 +1191,8 @@ def main(args: argparse.Namespace) -> dict:
     generator = build_generator(args, pipeline, layouts, sources, slots_needed(work))
     context = {"args": args, "counts": counts, "genders": plan["genders"]}
     context.update(identities=sources, lora_errors=lora_errors)
-    total = sum(len(batch.wanted) for batch in work)
+    # Only images that will be sampled: a refused identity's are counted as failed instead.
+    total = sum(len(batch.wanted) for batch in work if batch.rows)
     logger.info("%d images to generate here, %d already on disk", total, counts.skipped)
     started = time.perf_counter()
     writer = ImageWriter(args.png_workers, args.png_compress_level)

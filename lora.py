@@ -241,9 +241,22 @@ class IdentitySource:
     sha256: str | None = None  # of the weights file: a rerun compares the LoRA by content
 
 
-def base_model_record(name: str, architecture: Any) -> dict[str, Any]:
-    """What BASE_MODEL_METADATA_KEY holds: the base model's name and its architecture."""
-    return {"name": str(name), **architecture.to_json()}
+def base_model_record(
+    name: str, architecture: Any, training_resolution: int | None = None
+) -> dict[str, Any]:
+    """What BASE_MODEL_METADATA_KEY holds: the base model's name, its architecture
+    ("resolution" is the base's native size) and, when given, the image size the LoRA was
+    trained at ("training_resolution"; generation defaults to it)."""
+    record = {"name": str(name), **architecture.to_json()}
+    if training_resolution is not None:
+        record["training_resolution"] = int(training_resolution)
+    return record
+
+
+def recorded_training_resolution(record: dict[str, Any] | None) -> int | None:
+    """The size a LoRA was trained at, from its base model record (None: not recorded)."""
+    value = (record or {}).get("training_resolution")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def lora_base_model(lora_file: Path) -> dict[str, Any] | None:
@@ -319,7 +332,9 @@ LoRA weights (rank {rank}, alpha {alpha}) for `{base}`, trained on the photos of
 the `{loss}` loss (ID-Booth: DreamBooth prior preservation + triplet identity loss) for {steps}
 steps. Data: {data}.
 
-Base architecture: {architecture}; load it with `{pipeline_class}`.
+Base architecture: {architecture}; load it with `{pipeline_class}`. Trained at
+{training_resolution} x {training_resolution} px: generate at that size
+(`inference_ID-Booth.py` does by default).
 
 ```python
 from diffusers import {pipeline_class}
@@ -344,6 +359,7 @@ def write_model_card(folder: Path, validation_images: list[Path], **given: Any) 
     fields = {
         "architecture": "SD 2.x (epsilon, 512 px)",
         "pipeline_class": "StableDiffusionPipeline",
+        "training_resolution": 512,
     }
     fields |= given
     atomic_write_text(folder / "README.md", MODEL_CARD.format(images=images or "(none)", **fields))

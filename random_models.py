@@ -12,6 +12,7 @@ wheel (`prepare_embedded_identities`).
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import sys
@@ -507,3 +508,40 @@ def prepare_demo_benchmark(data_dir: Path) -> Path:
         [True] * len(genuine) + [False] * len(impostor),
     )
     return folder
+
+
+# ============================================================================ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python random_models.py --size tiny-sdxl OUT_DIR`: a random pipeline folder."""
+    parser = argparse.ArgumentParser(
+        description="Save a random-weight Stable Diffusion pipeline folder (save_pretrained "
+        "layout) that every script loads as --pretrained_model_name_or_path, offline.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("out_dir", type=Path, help="Folder to create (must not hold files).")
+    parser.add_argument(
+        "--size",
+        default="tiny",
+        choices=RANDOM_MODEL_NAMES,
+        help="tiny / tiny-<base>: a few channels, 64 px, seconds on a CPU; <base>: the real "
+        "shapes (GBs, random weights: for speed and memory only). 'tiny' and 'sd21' are SD "
+        "2.1-base. Default: tiny.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Weights seed (default 0).")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Build the folder; refuse a non-empty one (a random model must never replace files)."""
+    args = build_parser().parse_args(argv)
+    if args.out_dir.exists() and any(args.out_dir.iterdir()):
+        raise SystemExit(f"random_models.py: error: {args.out_dir} is not empty; pick a new folder")
+    folder = build_tiny_sd(args.out_dir, seed=args.seed, size=args.size)
+    print(f"random {args.size} pipeline saved in {folder}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()

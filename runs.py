@@ -406,13 +406,22 @@ def _has_weights(folder: Path) -> bool:
     )
 
 
-def check_base_model(name: str) -> None:
+def check_base_model(name: str, variant: str | None = None) -> None:
     """FileNotFoundError naming what is wrong with the base model before anything loads it: a
     path that does not exist, a file (a single-file checkpoint) where a folder is needed, a
-    folder that lacks a component, or a hub id that is not cached while the hub is offline."""
+    component folder (BASE/unet) where its pipeline folder is needed, a folder that lacks a
+    component or the asked `variant`'s weights, or a hub id that is not cached while the hub
+    is offline."""
     path = Path(name).expanduser()
     if path.is_file():
-        raise FileNotFoundError(f"base model {path} is a file, not a folder; {SINGLE_FILE_HINT}")
+        raise FileNotFoundError(
+            f"base model {path} is a file, not a folder; {single_file_hint(path)}"
+        )
+    if path.is_dir() and _is_component_folder(path):
+        raise FileNotFoundError(
+            f"base model folder {path} is the {path.name}/ component of a pipeline; pass the "
+            f"pipeline folder that holds model_index.json: {path.parent}"
+        )
     if not path.exists():
         if looks_like_path(name):
             raise FileNotFoundError(
@@ -437,6 +446,35 @@ def check_base_model(name: str) -> None:
         raise FileNotFoundError(
             f"base model folder {path} is incomplete: missing {', '.join(missing)}; save the "
             "whole pipeline with StableDiffusionPipeline.save_pretrained (or download all of it)"
+        )
+    if variant is not None:
+        check_variant(path, variant)
+
+
+def _is_component_folder(path: Path) -> bool:
+    """A pipeline's component folder (unet/, vae/, ...): named like one, no model_index.json
+    of its own, and its parent holds one."""
+    return (
+        path.name in MODEL_COMPONENTS
+        and not (path / "model_index.json").exists()
+        and (path.parent / "model_index.json").is_file()
+    )
+
+
+def check_variant(folder: Path, variant: str) -> None:
+    """The asked weights variant must exist in the pipeline folder: diffusers' loader then
+    fails in a way `loading` can only blame on corrupt weights."""
+    components = [path for path in (folder / name for name in WEIGHTED_COMPONENTS) if path.is_dir()]
+    has_variant = any(
+        _variant(file) == variant
+        for component in components
+        for file in component.iterdir()
+        if file.name.endswith(WEIGHT_SUFFIXES)
+    )
+    if components and not has_variant:
+        raise FileNotFoundError(
+            f"no {variant} variant files in {folder} (e.g. unet/diffusion_pytorch_model."
+            f"{variant}.safetensors); drop --variant"
         )
 
 
@@ -547,11 +585,39 @@ def base_model_fingerprint(
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-SINGLE_FILE_HINT = (
-    "a single-file checkpoint (e.g. v2-1_512-ema-pruned.safetensors) becomes a folder with "
-    'python -c "from diffusers import StableDiffusionPipeline; '
-    "StableDiffusionPipeline.from_single_file('FILE').save_pretrained('FOLDER')\""
-)
+# A single-file SDXL checkpoint holds its second text encoder under this key prefix.
+SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders.1"
+
+
+def single_file_pipeline_classes(path: Path) -> list[str]:
+    """The diffusers pipeline class(es) a single-file checkpoint may be: read from a
+    .safetensors header's key names (cheap: no tensor is loaded); both SD classes when the
+    keys cannot be read (a .ckpt pickle, a damaged file)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+    except Exception:  # not a safetensors file, or unreadable: no guess
+        return ["StableDiffusionPipeline", "StableDiffusionXLPipeline"]
+    if any(key.startswith(SDXL_SINGLE_FILE_PREFIX) for key in keys):
+        return ["StableDiffusionXLPipeline"]
+    return ["StableDiffusionPipeline"]
+
+
+def single_file_hint(path: Path) -> str:
+    """How to turn the single-file checkpoint `path` into a pipeline folder."""
+    commands = [
+        f'python -c "from diffusers import {name}; '
+        f"{name}.from_single_file('{path}').save_pretrained('FOLDER')\""
+        for name in single_file_pipeline_classes(path)
+    ]
+    if len(commands) == 1:
+        return f"a single-file checkpoint becomes a folder with {commands[0]}"
+    return (
+        "a single-file checkpoint becomes a folder with (SD 1.x / 2.x) "
+        f"{commands[0]} or (SDXL) {commands[1]}"
+    )
 
 
 def check_hub_cache(
@@ -607,6 +673,17 @@ def _is_hub_error(error: OSError, source: object) -> bool:
         return False
     hub_errors = (HfHubHTTPError, ConnectionError)
     return isinstance(error, hub_errors) or "huggingface.co" in str(error)
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 identity', '2 identities', '0 photos': a count with its noun in the right number
+    (`plural_form` for irregular nouns; by default -y after a consonant becomes -ies, else -s)."""
+    if count == 1:
+        return f"{count} {noun}"
+    if plural_form is None:
+        consonant_y = noun.endswith("y") and noun[-2:-1] not in tuple("aeiou")
+        plural_form = noun[:-1] + "ies" if consonant_y else noun + "s"
+    return f"{count} {plural_form}"
 
 
 def format_list(items: Iterable[str], limit: int = 8) -> str:

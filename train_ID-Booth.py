@@ -40,7 +40,7 @@ import torch
 
 import runs
 from arcface import weights_name
-from architectures import architecture_or_paper
+from architectures import Architecture, architecture_or_paper
 from datasets import scan_photos, subfolders_note
 from faces import DEFAULT_FACE_MODELS_ROOT, FACE_DETECTOR_NAMES
 from fileio import stable_seed
@@ -591,7 +591,7 @@ def validate_args(args: argparse.Namespace) -> None:
     _validate_losses(args)
     _validate_packing(args)
     _validate_resume(args)
-    runs.check_base_model(args.pretrained_model_name_or_path)
+    runs.check_base_model(args.pretrained_model_name_or_path, args.variant)
     resolve_architecture_defaults(args)
 
 
@@ -601,8 +601,21 @@ def resolve_architecture_defaults(args: argparse.Namespace) -> None:
     architecture = architecture_or_paper(args.pretrained_model_name_or_path, args.revision)
     if args.resolution is None:
         args.resolution = architecture.resolution
+    elif args.resolution != architecture.resolution:
+        logger.warning("%s", off_native_resolution_warning(args.resolution, architecture))
     if args.validation_guidance_scale is None:
         args.validation_guidance_scale = architecture.default("guidance_scale")
+
+
+def off_native_resolution_warning(resolution: int, architecture: Architecture) -> str:
+    """One line for training away from the base's native size: allowed (small test runs,
+    memory), but the base was made for its own size; the LoRA records the size it was
+    trained at, and generation defaults to it."""
+    return (
+        f"--resolution {resolution} is not the base model's native {architecture.resolution} px "
+        f"({architecture.describe()}): the LoRA is trained at {resolution} px, which its header "
+        "and model card record and inference_ID-Booth.py then generates at by default"
+    )
 
 
 # ============================================================================ identities
@@ -800,11 +813,20 @@ def main(args: argparse.Namespace) -> dict[str, list]:
         trainer = PackedTrainer(args, frozen, face_tools, state, min(args.pack, len(todo)))
         results = trainer.run(todo)
     failed = refused + [result for result in results if "error" in result]
-    if failed:
-        logger.error("%d of %d identities failed: %s", len(failed), len(mine), failed)
+    for line in failure_lines(failed, len(mine)):
+        logger.error("%s", line)
     trained = [result for result in results if "error" not in result]
     log_summary(args, trained, skipped, failed)
     return {"trained": trained, "skipped": skipped, "failed": failed}
+
+
+def failure_lines(failed: list[dict], total: int) -> list[str]:
+    """The end-of-run list of failures, readable: 'N of M identities failed:' then one
+    'identity: error' line each (nothing when none failed)."""
+    if not failed:
+        return []
+    header = f"{len(failed)} of {runs.plural(total, 'identity')} failed:"
+    return [header, *(f"  {result['identity']}: {result['error']}" for result in failed)]
 
 
 def log_summary(args: argparse.Namespace, trained: list, skipped: list, failed: list) -> None:

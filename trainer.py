@@ -1009,6 +1009,7 @@ class Slot:
             base=args.pretrained_model_name_or_path,
             architecture=self.trainer.frozen.architecture.describe(),
             pipeline_class=self.trainer.frozen.architecture.pipeline_class,
+            training_resolution=args.resolution,
             instance_prompt=args.instance_prompt,
             identity=self.identity.name,
             loss=args.loss,
@@ -1199,7 +1200,11 @@ class PackedTrainer:
             folder,
             identity_state_dict(self.lora, slot.index),
             lora_config(self.lora).to_dict(),
-            base_model_record(self.args.pretrained_model_name_or_path, self.frozen.architecture),
+            base_model_record(
+                self.args.pretrained_model_name_or_path,
+                self.frozen.architecture,
+                self.args.resolution,
+            ),
         )
 
     def save_checkpoint(self, slot: Slot) -> Path:

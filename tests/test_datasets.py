@@ -968,6 +968,17 @@ def test_attribute_csv_duplicate_rows_name_the_identity_and_lines(tmp_path: Path
     assert "'ID_a' on lines 2, 4; 'ID_b' on lines 3, 6" in str(error.value)
 
 
+def test_missing_gender_of_one_identity_is_counted_in_the_singular(tmp_path: Path) -> None:
+    path = tmp_path / "genders.csv"
+    path.write_text("identity,gender\nID_a,male\n")
+    folders = {"ID_a": tmp_path, "ID_b": tmp_path}
+    with pytest.raises(ValueError, match=r"no gender for 1 identity: ID_b \("):
+        datasets.identity_genders(folders, path)
+    path.write_text("identity,gender\nID_a,male\nID_a,female\n")
+    with pytest.raises(ValueError, match="1 identity appears in more than one row"):
+        datasets.load_identity_attributes(path)
+
+
 def test_a_folder_of_subfolders_is_named_as_such(tmp_path: Path) -> None:
     for name in ("session_1", "session_2"):
         (tmp_path / "ID_1" / name).mkdir(parents=True)

@@ -897,6 +897,14 @@ def test_backgrounds_file_and_checkpoint_choice(tmp_path):
     assert chosen.name == "checkpoint-6400"
 
 
+def test_latest_checkpoint_of_a_folder_without_one_names_the_folder(tmp_path):
+    (tmp_path / "ID").mkdir()
+    assert inference.resolve_checkpoint(tmp_path / "ID", "latest") is None
+    source = inference._identity_source(tmp_path / "ID", "latest")
+    assert f"no checkpoint in {tmp_path / 'ID'}" in source.error
+    assert "<none found>" not in source.error and "\n" not in source.error
+
+
 def test_attributes_csv_json_and_training_config_fallback(tmp_path):
     sources = [lora.IdentitySource(n, tmp_path / n, None) for n in ("A", "B", "C")]
     (tmp_path / "C").mkdir()

@@ -142,18 +142,44 @@ def test_sdxl_batches_mixing_identities_equal_images_made_one_by_one(assets, tmp
         assert difference.max() <= 2 and (difference > 0).mean() < 0.01, name
 
 
+class Bar:
+    """A progress bar that records its count and total (tqdm's attributes)."""
+
+    def __init__(self, options: dict) -> None:
+        self.n, self.total = 0, options["total"]
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, count: int) -> None:
+        self.n += count
+
+    def refresh(self) -> None:
+        pass
+
+
 def test_a_lora_made_for_another_architecture_is_refused_alone_in_one_line(
-    assets, tmp_path, caplog
+    assets, tmp_path, caplog, monkeypatch
 ):
     """On the SD 2.1 base: the SD 1.5 LoRA (whose layer shapes fit) and the SDXL one are refused
-    by their recorded architecture, each in one line; the SD 2.1 identity is generated."""
+    by their recorded architecture, each in one line; the SD 2.1 identity is generated. The
+    refused images are 'failed' in the summary and its message, never progress."""
+    bars = []
+    monkeypatch.setattr(
+        runs, "progress_bar", lambda **options: bars.append(Bar(options)) or bars[-1]
+    )
     summary = run(
         cli(assets["bases"]["tiny"], assets["for_sd21"], tmp_path, "--num_images_per_identity", "1")
     )
     assert summary["failed_identities"] == ["ID_sd15", "ID_sdxl"]
-    assert (summary["written"], summary["failed"]) == (1, 2)
+    assert (summary["written"], summary["failed"], summary["skipped"]) == (1, 2, 0)
+    assert [(bar.n, bar.total) for bar in bars] == [(1, 1)]  # the generated image only
     lines = [r.getMessage() for r in caplog.records if "trained for" in r.getMessage()]
     assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert all("counted as 'failed'" in line and "skipping" not in line for line in lines)
     assert any("'ID_sd15'" in line and "SD 1.x" in line and "SD 2.x" in line for line in lines)
     assert any("'ID_sdxl'" in line and "SDXL" in line for line in lines)
 
@@ -225,3 +251,41 @@ def test_a_vae_of_another_latent_space_is_refused_in_one_line(assets, tmp_path):
     with pytest.raises(ValueError, match="scaling_factor is 0.18215, the base's VAE has 0.13025"):
         run(argv)
     assert not list(tmp_path.glob("*/*.png"))
+
+
+def without_base(argv: list[str]) -> list[str]:
+    return [flag for flag in argv if not flag.startswith("--pretrained_model_name_or_path")]
+
+
+def test_base_not_given_is_the_one_the_loras_record(assets, tmp_path, caplog):
+    """No --pretrained_model_name_or_path: the base every LoRA's header names (logged), not
+    the hub's SD 2.1-base; LoRAs naming different bases are one error line listing them."""
+    base = assets["bases"]["tiny-sdxl"]
+    args = inference.parse_args(without_base(cli(base, assets["sdxl_loras"], tmp_path / "a")))
+    assert args.pretrained_model_name_or_path == str(base)
+    assert args.defaults_from["pretrained_model_name_or_path"] == "the LoRAs' headers"
+    with pytest.raises(ValueError, match="the LoRAs record different base models") as error:
+        inference.parse_args(without_base(cli(base, assets["for_sd21"], tmp_path / "b")))
+    text = str(error.value)
+    assert "\n" not in text and "ID_sd15" in text and "ID_sdxl" in text and "ID_sd21" in text
+
+
+def test_resolution_not_given_is_the_loras_training_resolution(assets, tmp_path, caplog):
+    """--resolution unset: the size all LoRAs record they were trained at; when they differ,
+    the base's native size and one warning naming the disagreement."""
+    base = assets["bases"]["tiny"]
+    record = base_model_record(base, architecture_or_paper(str(base)), 128)
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    for name in ("ID_1", "ID_2"):
+        write_random_lora(tmp_path / "same" / name, unet, base_model=record)
+    argv = cli(base, tmp_path / "same", tmp_path / "out")  # FAST here sets no --resolution
+    args = inference.parse_args(argv)
+    assert args.resolution == 128 and not caplog.records
+    other = base_model_record(base, architecture_or_paper(str(base)), 96)
+    write_random_lora(tmp_path / "same" / "ID_3", unet, base_model=other)
+    assert inference.parse_args(argv).resolution == 64  # the tiny base's native size
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "128 px (ID_1, ID_2); 96 px (ID_3)" in warnings[0]
+    assert inference.parse_args([*argv, "--resolution", "32"]).resolution == 32

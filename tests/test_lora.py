@@ -96,6 +96,25 @@ def test_model_card_names_the_base_the_steps_and_the_validation_images(tmp_path)
     assert "![step_5_0](validation/step_5_0.png)" in card
 
 
+def test_training_resolution_is_recorded_beside_the_native_one(tmp_path):
+    """A LoRA trained off the base's native size says so: the header's record and the card."""
+    from architectures import PAPER_ARCHITECTURE
+
+    record = lora.base_model_record("tiny", PAPER_ARCHITECTURE, 128)
+    assert (record["resolution"], record["training_resolution"]) == (512, 128)
+    assert lora.recorded_training_resolution(record) == 128
+    assert (
+        lora.recorded_training_resolution(lora.base_model_record("t", PAPER_ARCHITECTURE)) is None
+    )
+    assert lora.recorded_training_resolution(None) is None
+    fields = dict(base="tiny", instance_prompt="sks person", identity="p0", loss="triplet")
+    lora.write_model_card(
+        tmp_path, [], **fields, steps=5, rank=4, alpha=4, data="{}", validation_prompt="x",
+        training_resolution=128,
+    )  # fmt: skip
+    assert "Trained at\n128 x 128 px" in (tmp_path / "README.md").read_text()
+
+
 def lora_file(folder: Path, metadata_text: str | None) -> Path:
     """A rank-4 UNet LoRA file of one layer whose adapter metadata is `metadata_text`."""
     folder.mkdir(parents=True, exist_ok=True)

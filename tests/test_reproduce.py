@@ -380,7 +380,7 @@ def early_argv(tmp_path: Path, *extra: str) -> list[str]:
         ("ID_a,male\nID_b,female\n", "has no header"),
         ("Identity,Gender\nID_a,male\nID_b,female\n", "column names are lower case"),
         ("identity;gender\nID_a;male\nID_b;female\n", "separates fields with ';'"),
-        ("identity,gender\nID_a,male\n", "no gender for 1 identities: ID_b"),
+        ("identity,gender\nID_a,male\n", "no gender for 1 identity: ID_b"),
         ("identity,gender\nID_a,male\nID_b,tall\n", "unknown gender values ID_b='tall'"),
     ],
 )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fake_base_model
 
 import runs
 
@@ -27,6 +28,14 @@ def test_hub_ids_pass_and_precision_is_the_one_asked_for_on_every_device():
             assert runs.resolve_mixed_precision(precision, device) == precision
     with pytest.raises(ValueError, match="unknown mixed precision"):
         runs.resolve_mixed_precision("fp8", "cpu")
+
+
+def test_plural_counts_take_the_noun_in_the_right_number():
+    assert runs.plural(1, "identity") == "1 identity"
+    assert runs.plural(2, "identity") == "2 identities"
+    assert runs.plural(0, "photo") == "0 photos"
+    assert runs.plural(3, "day") == "3 days"
+    assert runs.plural(2, "child", "children") == "2 children"
 
 
 def test_config_mismatches_compare_everything_not_listed_as_changeable():
@@ -239,6 +248,46 @@ def test_base_model_errors_say_what_is_wrong_with_the_path(tmp_path, monkeypatch
     (tmp_path / "incomplete").mkdir()
     with pytest.raises(FileNotFoundError, match="incomplete: missing model_index.json"):
         runs.check_base_model(str(tmp_path / "incomplete"))
+
+
+def test_single_file_hint_names_the_pipeline_class_of_the_file(tmp_path):
+    """An SDXL single file (keys under conditioner.embedders.1) is told to use the SDXL
+    pipeline, an SD one the SD pipeline, an unreadable one both."""
+    import torch
+    from safetensors.torch import save_file
+
+    sdxl, sd = tmp_path / "sdxl.safetensors", tmp_path / "sd.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, str(sdxl))
+    save_file({"cond_stage_model.model.ln_final.weight": torch.zeros(1)}, str(sd))
+    with pytest.raises(FileNotFoundError) as error:
+        runs.check_base_model(str(sdxl))
+    assert "StableDiffusionXLPipeline.from_single_file" in str(error.value)
+    assert "StableDiffusionPipeline." not in str(error.value)
+    with pytest.raises(FileNotFoundError) as error:
+        runs.check_base_model(str(sd))
+    assert "StableDiffusionPipeline.from_single_file" in str(error.value)
+    assert "XLPipeline" not in str(error.value)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\0" * 8)
+    with pytest.raises(FileNotFoundError) as error:
+        runs.check_base_model(str(ckpt))
+    text = str(error.value)
+    assert "StableDiffusionPipeline.from_single_file" in text and "XLPipeline" in text
+
+
+def test_component_folder_names_its_pipeline_folder(tmp_path):
+    base = fake_base_model(tmp_path / "sd")
+    with pytest.raises(FileNotFoundError, match=r"unet/ component .*model_index.json: .*sd$"):
+        runs.check_base_model(str(base / "unet"))
+
+
+def test_missing_weights_variant_says_drop_variant_not_corrupt(tmp_path):
+    base = fake_base_model(tmp_path / "sd")
+    runs.check_base_model(str(base))
+    with pytest.raises(FileNotFoundError, match=r"no fp16 variant files in .*sd.*; drop --variant"):
+        runs.check_base_model(str(base), variant="fp16")
+    (base / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
+    runs.check_base_model(str(base), variant="fp16")
 
 
 def test_hub_failures_are_not_blamed_on_the_weights(tmp_path):

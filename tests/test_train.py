@@ -51,7 +51,8 @@ def assets(tmp_path_factory) -> Assets:
 
 
 def test_every_flag_has_help_and_defaults_are_the_reference_setup(assets, monkeypatch):
-    monkeypatch.setattr(runs, "check_base_model", lambda name: None)  # the hub id, not cached
+    # The hub id is not cached.
+    monkeypatch.setattr(runs, "check_base_model", lambda name, variant=None: None)
     parser = train.build_parser()
     for action in parser._actions:
         if action.dest != "help":
@@ -863,6 +864,35 @@ def test_summary_names_the_folder_the_lora_is_in(tmp_path, caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert messages[0].startswith(f"summary: 1 trained into {tmp_path / 'lora'} (hanks);")
     assert messages[1].startswith(f"summary: 1 trained into {tmp_path / 'loras'}/<identity>/ (")
+
+
+def test_training_off_the_native_resolution_warns_in_one_line(tmp_path, caplog):
+    base = fake_base_model(tmp_path / "sd")  # empty configs: the paper's 512 px
+    args = argparse.Namespace(
+        pretrained_model_name_or_path=str(base),
+        revision=None,
+        resolution=128,
+        validation_guidance_scale=None,
+    )
+    train.resolve_architecture_defaults(args)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "--resolution 128" in warnings[0] and "native 512 px" in warnings[0]
+    caplog.clear()
+    args.resolution = 512
+    train.resolve_architecture_defaults(args)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_failures_are_listed_as_readable_lines_once():
+    """The end-of-run failure list: a header with the count in the right number, then one
+    'identity: error' line each; no repr of the result dicts."""
+    failed = [{"identity": "ID_1", "error": "ValueError: no usable face photo in ID_1"}]
+    lines = train.failure_lines(failed, 1)
+    assert lines == ["1 of 1 identity failed:", "  ID_1: ValueError: no usable face photo in ID_1"]
+    assert not any("{" in line or "'error'" in line for line in lines)
+    assert train.failure_lines(failed * 2, 3)[0] == "2 of 3 identities failed:"
+    assert train.failure_lines([], 3) == []
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,9 @@ def test_the_architecture_and_its_defaults_are_recorded(name, bases, runs):
         "v_prediction" if name == "tiny-sd21-v" else "epsilon"
     )
     assert config["args"]["resolution"] == architecture["resolution"] == RESOLUTION  # native
+    record = lora.lora_base_model(runs[name] / lora.LORA_WEIGHTS_NAME)
+    assert record["training_resolution"] == RESOLUTION
+    assert f"Trained at\n{RESOLUTION} x {RESOLUTION} px" in (runs[name] / "README.md").read_text()
     guidance = 5.0 if name == "tiny-sdxl" else 7.5
     assert config["args"]["validation_guidance_scale"] == guidance
     assert config["resolved"]["class_guidance_scale"] == guidance
