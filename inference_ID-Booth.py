@@ -597,14 +597,21 @@ def generation_settings(args: argparse.Namespace) -> dict:
     return values
 
 
-def lora_files(identities: Sequence[IdentitySource]) -> dict[str, dict[str, str]]:
-    """identity -> {path: resolved LoRA weights path, sha256: its content hash}, for the
-    usable identities (a refused identity keeps the entry of the LoRA that made its images)."""
-    return {
+def lora_files(
+    identities: Sequence[IdentitySource], genders: dict[str, str] | None = None
+) -> dict[str, dict[str, str]]:
+    """identity -> {path: resolved LoRA weights path, sha256: its content hash, gender: the one
+    its prompts use, when they use one}, for the usable identities (a refused identity keeps
+    the entry of the LoRA that made its images)."""
+    files = {
         i.name: {"path": str(i.lora_file.resolve()), "sha256": i.sha256}
         for i in identities
         if i.lora_file is not None and i.error is None
     }
+    for name, entry in files.items():
+        if genders and name in genders:  # an attributes file edited in place changes prompts
+            entry["gender"] = genders[name]
+    return files
 
 
 def read_run_config(output_dir: Path) -> dict:
@@ -614,7 +621,11 @@ def read_run_config(output_dir: Path) -> dict:
 
 
 def check_run_config(
-    output_dir: Path, settings: dict, identities: Sequence[IdentitySource], overwrite: bool
+    output_dir: Path,
+    settings: dict,
+    identities: Sequence[IdentitySource],
+    overwrite: bool,
+    genders: dict[str, str] | None = None,
 ) -> set[str]:
     """A resumed run must use the settings and LoRA files that made the images there:
     ValueError for changed settings (they define every image); an identity whose images were
@@ -634,16 +645,19 @@ def check_run_config(
     previous_files = previous_config.get("lora_files", {})
     refused = set()
     for identity in identities:
-        current = lora_files([identity]).get(identity.name)
+        current = lora_files([identity], genders).get(identity.name)
         made_by = previous_files.get(identity.name, current)
         if isinstance(made_by, str):  # recorded before LoRAs were hashed: path only
             made_by = {"path": made_by, "sha256": None}
+        if current is not None and "gender" not in made_by:  # recorded before genders were
+            current = {key: value for key, value in current.items() if key != "gender"}
         if current is None or made_by == current or not image_paths(output_dir, identity.name):
             continue
         differences = runs.config_mismatches(made_by, current, ())
         identity.error = (
             f"identity {identity.name!r}: its images in {output_dir / identity.name} were made "
-            f"by another LoRA ({'; '.join(differences)}); pass --overwrite to regenerate them, "
+            f"by another LoRA or gender ({'; '.join(differences)}); pass --overwrite to "
+            "regenerate them, "
             "or use a new --output_dir"
         )
         refused.add(identity.name)
@@ -698,7 +712,9 @@ def write_contact_sheet(paths: Sequence[Path], target: Path, thumbnail: int = 12
     atomic_write_bytes(target, buffer.getvalue())
 
 
-def write_run_config(args: argparse.Namespace, settings: dict, identities, num_processes) -> None:
+def write_run_config(
+    args: argparse.Namespace, settings: dict, identities, num_processes, genders=None
+) -> None:
     """run_config.json: the generation settings, all arguments, identities and versions."""
     config = {
         "generation": settings,
@@ -707,7 +723,7 @@ def write_run_config(args: argparse.Namespace, settings: dict, identities, num_p
         # Every identity ever generated here, so a later run over any subset is checked.
         "lora_files": {
             **read_run_config(args.output_dir).get("lora_files", {}),
-            **lora_files(identities),
+            **lora_files(identities, genders),
         },
         "num_processes": num_processes,
         "versions": runs.library_versions(),
@@ -1039,7 +1055,7 @@ def prepare(args: argparse.Namespace, state: Any) -> dict:
     settings = generation_settings(args)
     # The base by content: another model under the same folder or hub name is another setting.
     settings["base_model_sha256"] = runs.base_model_fingerprint(args.pretrained_model_name_or_path)
-    refused = check_run_config(args.output_dir, settings, identities, args.overwrite)
+    refused = check_run_config(args.output_dir, settings, identities, args.overwrite, genders)
     for identity in identities:
         if identity.error and state.is_main_process:
             logger.error("%s", identity.error)
@@ -1185,7 +1201,7 @@ def main(args: argparse.Namespace) -> dict:
     work = resample_batches(list(work), failing=set(lora_errors))
     if state.is_main_process:  # only once the model loaded: a failed start blocks no rerun
         remove_stale_temps(args.output_dir)
-        write_run_config(args, plan["settings"], identities, state.num_processes)
+        write_run_config(args, plan["settings"], identities, state.num_processes, plan["genders"])
     state.wait_for_everyone()
     sources = {identity.name: identity for identity in identities}
     generator = build_generator(args, pipeline, layouts, sources, slots_needed(work))

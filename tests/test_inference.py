@@ -866,6 +866,36 @@ def test_images_of_a_lora_retrained_at_the_same_path_are_refused_not_kept(assets
     assert config["lora_files"]["ID_a"]["sha256"] != recorded
 
 
+def test_a_gender_changed_in_the_attributes_file_refuses_that_identitys_images(
+    assets, tmp_path, caplog
+):
+    """Prompts say the gender the attributes file gives: editing it in place (same path) fails
+    that identity's images (one line; none made with the new gender beside the old), the other
+    identities go on, and --overwrite regenerates them."""
+    root = tmp_path / "loras"
+    for name in ("ID_a", "ID_b"):
+        shutil.copytree(assets["loras"] / name, root / name)
+    genders = tmp_path / "genders.csv"
+    genders.write_text("identity,gender\nID_a,male\nID_b,female\n")
+    argv = cli(assets, tmp_path / "out", "--num_images_per_identity", "2")
+    argv[argv.index("--lora_root") + 1] = str(root)
+    argv[argv.index("--identity_attributes") + 1] = str(genders)
+    run(argv)
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert config["lora_files"]["ID_a"]["gender"] == "male"
+
+    genders.write_text("identity,gender\nID_a,female\nID_b,female\n")
+    (tmp_path / "out" / "ID_a" / "1.png").unlink()
+    summary = run(argv)
+    assert summary["failed_identities"] == ["ID_a"] and summary["written"] == 0
+    assert not (tmp_path / "out" / "ID_a" / "1.png").exists()
+    line = next(r.message for r in caplog.records if "another LoRA or gender" in r.message)
+    assert "gender: 'male' -> 'female'" in line and "\n" not in line
+    summary = run([*argv, "--overwrite"])
+    assert summary["failed"] == 0 and summary["written"] == 4
+    assert {record["gender"] for record in metadata(tmp_path / "out")} == {"female"}
+
+
 def test_other_argument_errors(assets, tmp_path):
     checkpoint = tmp_path / "ID_1" / "checkpoint-6400"
     checkpoint.mkdir(parents=True)
