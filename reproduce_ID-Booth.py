@@ -441,6 +441,12 @@ def check_stage_inputs(stage_args: dict[str, argparse.Namespace]) -> None:
     train.validate_data(stage_args["train"])
     features = runs.load_script(REPO_ROOT / "Evaluation" / "features.py")
     features.check_feature_model(stage_args["evaluate"].feature_model)
+    # Generation's own value checks (scheduler name, templates, backgrounds file, attributes
+    # file): a typo there would otherwise surface after every training, already recorded.
+    generate = runs.load_script(STAGE_SCRIPTS["generate"])
+    generate_args = argparse.Namespace(**vars(stage_args["generate"]))
+    generate_args.backgrounds = generate.resolve_backgrounds(generate_args.backgrounds)
+    generate.validate_args(generate_args)
 
 
 def check_genders(args: argparse.Namespace, generate_args: argparse.Namespace) -> None:

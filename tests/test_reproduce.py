@@ -406,6 +406,11 @@ def test_no_attributes_file_fails_before_any_stage_unless_the_prompt_needs_no_ge
         (["--train_flags=--max_train_stepz 3"], "--train_flags '--max_train_stepz 3'"),
         (["--generate_flags=--batch_size 0"], "--batch_size must be >= 1, got 0"),
         (["--generate_flags=--mixed_precision fp32"], "invalid choice: 'fp32'"),
+        (["--generate_flags=--scheduler ddpmx"], "unknown --scheduler 'ddpmx'"),
+        (
+            ["--generate_flags=--prompt_template 'photo of {gendr}'"],
+            "has unknown placeholder(s) {gendr}",
+        ),
     ],
 )
 def test_misspelt_pass_through_flags_fail_before_any_stage(tmp_path, flags, message):
