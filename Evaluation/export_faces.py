@@ -6,7 +6,7 @@ identity, with zero-padded names so that name order is index order:
 
     OUT/<identity>/00000.png, 00001.png, ...   (the n-th image of the identity, natural order:
                                                 2.png before 10.png; skipped ones leave a gap)
-    OUT/sources.csv                            (file, identity, source path) per exported face
+    OUT/sources.csv                            (file, identity, source path, source sha256) per face
     OUT/export_config.json                     (settings, counts and every skip, named)
 
 Faces are prepared exactly as Evaluation/train_fr.py prepares them (same scan, same decoder,
@@ -39,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import runs  # noqa: E402
 from faces import FACE_DETECTOR_NAMES  # noqa: E402
-from fileio import atomic_save_image, atomic_write_bytes, atomic_write_json  # noqa: E402
+from fileio import (  # noqa: E402
+    atomic_save_image,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+)
 from train_fr import (  # noqa: E402
     ALIGN_MODES,
     _align_or_skip,
@@ -151,6 +156,25 @@ def check_previous_export(
         )
 
 
+def previous_sources(output_dir: Path) -> dict[str, dict[str, str]]:
+    """file -> its row (source, sha256 of the source's content) in the previous sources.csv."""
+    sources = output_dir / SOURCES_NAME
+    if not sources.is_file():
+        return {}
+    with sources.open(newline="") as handle:
+        return {row["file"]: row for row in csv.DictReader(handle)}
+
+
+def remove_stale_faces(output_dir: Path, before: dict, rows: list[tuple]) -> int:
+    """Delete the faces an earlier run exported whose source is gone or has no face now (they
+    would otherwise be trained on); only files the earlier sources.csv lists. Their count."""
+    now = {row[0] for row in rows}
+    stale = [output_dir / file for file in before if file not in now]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _moved_sources(
     output_dir: Path, names: dict[str, list[tuple[str, Path]]]
 ) -> list[tuple[str, str, str]]:
@@ -171,14 +195,18 @@ def _moved_sources(
 
 def export_identity(
     name: str, files: list[tuple[str, Path]], args: argparse.Namespace, context: dict
-) -> list[tuple[str, str, str]]:
-    """Write one identity's aligned faces; rows (file, identity, source) of those on disk."""
+) -> list[tuple[str, str, str, str]]:
+    """Write one identity's aligned faces; rows (file, identity, source, source sha256) of
+    those on disk. A face is kept only if its source's content is the one it was made from."""
     from PIL import Image
 
     rows, counts, skips = [], context["counts"], context["skips"]
     for file_name, source in files:
         target = args.output_dir / name / file_name
-        if target.is_file():
+        file = f"{name}/{file_name}"
+        sha256 = file_sha256(source) if source.is_file() else ""
+        made_from = context["before"].get(file, {}).get("sha256")
+        if target.is_file() and made_from == sha256:
             counts["kept"] += 1
         else:
             image = _read_rgb(source)
@@ -191,14 +219,14 @@ def export_identity(
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_save_image(Image.fromarray(np.ascontiguousarray(face)), target, fsync=False)
             counts["written"] += 1
-        rows.append((f"{name}/{file_name}", name, str(source)))
+        rows.append((file, name, str(source), sha256))
     return rows
 
 
 def write_sources(output_dir: Path, rows: list[tuple[str, str, str]]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("file", "identity", "source"))
+    writer.writerow(("file", "identity", "source", "sha256"))
     writer.writerows(rows)
     atomic_write_bytes(output_dir / SOURCES_NAME, buffer.getvalue().encode())
 
@@ -221,7 +249,12 @@ def main(args: argparse.Namespace) -> dict:
             detector_cache.append(build_face_detector(args.face_detector, root))
         return detector_cache[0]
 
-    context = {"counts": {"written": 0, "kept": 0}, "skips": skips, "detector": detector}
+    context = {
+        "counts": {"written": 0, "kept": 0},
+        "skips": skips,
+        "detector": detector,
+        "before": previous_sources(args.output_dir),
+    }
     rows = []
     progress = runs.progress_bar(total=len(names), desc="exporting", unit="identity")
     for name, files in names.items():
@@ -234,11 +267,13 @@ def main(args: argparse.Namespace) -> dict:
             f"no face found in any image under {', '.join(map(str, args.data_dirs))} "
             f"(skipped: {skips.counts()}); nothing exported"
         )
+    removed = remove_stale_faces(args.output_dir, context["before"], rows)
     write_sources(args.output_dir, rows)
     summary = {
         "faces": len(rows),
         **context["counts"],
-        "identities": len({identity for _, identity, _ in rows}),
+        "removed": removed,
+        "identities": len({row[1] for row in rows}),
         "skipped": skips.counts(),
     }
     atomic_write_json(

@@ -96,6 +96,27 @@ def test_rerun_keeps_finished_faces_and_refuses_other_settings_or_sources(tmp_pa
         export_faces.parse_args([f"--data_dir={data}", f"--output_dir={data / 'faces'}"])
 
 
+def test_rerun_re_exports_a_changed_source_and_removes_faces_whose_source_is_gone(tmp_path):
+    """A source replaced in place (another image at the same path, e.g. after regenerating with
+    --overwrite) is exported again, not kept (and removed if it has no face now); a face whose source is gone is removed (train_fr
+    would train on it), and sources.csv no longer lists it."""
+    data = generated_like(tmp_path / "generated")
+    out = tmp_path / "faces"
+    argv = [f"--data_dir={data}", f"--output_dir={out}", "--face_detector=dlib"]
+    run(*argv)
+    old_face = (out / "ID_a" / "00000.png").read_bytes()
+    other = Image.open(IMAGES_DIR / "Tom_Hanks_54745.png").convert("RGB")
+    other.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(data / "ID_a" / "0.png")  # new content
+    (data / "ID_a" / "11.png").unlink()
+    summary = run(*argv)
+    assert summary["written"] == 1 and summary["kept"] == 11 and summary["removed"] == 1
+    assert (out / "ID_a" / "00000.png").read_bytes() != old_face
+    assert not (out / "ID_a" / "00011.png").exists()
+    with (out / "sources.csv").open() as handle:
+        files = [row["file"] for row in csv.DictReader(handle)]
+    assert "ID_a/00011.png" not in files and len(files) == 12
+
+
 def test_names_follow_natural_order_and_widen_past_five_digits():
     paths = [Path(f"{i}.png") for i in (10, 2, 1, 0)]
     assert [p.name for p in export_faces.natural_order(paths)] == [
