@@ -718,6 +718,25 @@ def settings_of_text(args: argparse.Namespace, stage: str, flags: list[str]) -> 
         return {"(as written)": shlex.join(str(flag) for flag in flags)}
 
 
+def check_no_departed_identities(args: argparse.Namespace) -> None:
+    """ValueError when OUT holds LoRAs or images of an identity that --identities_root no
+    longer has: the report evaluates whole variant folders, so they would enter it silently."""
+    current = {path.name for path in runs.identity_folders(args.identities_root)}
+    for folder in [loras_of(args, v) for v in args.variants] + [
+        images_of(args, v) for v in args.variants
+    ]:
+        if not folder.is_dir():
+            continue
+        departed = sorted({path.name for path in runs.identity_folders(folder)} - current)
+        if departed:
+            shown = ", ".join(departed[:5]) + (" ..." if len(departed) > 5 else "")
+            raise ValueError(
+                f"{folder} holds {runs.plural(len(departed), 'identity')} that "
+                f"--identities_root {args.identities_root} no longer has ({shown}); they would "
+                "enter the report: move them out of --output_dir, or restore their photos"
+            )
+
+
 def check_experiment(args: argparse.Namespace, state: Any) -> None:
     """Refuse (ValueError listing the differences) a re-run whose settings differ from those
     in OUT/experiment_config.json, unless --overwrite. The file is written later, by
@@ -759,6 +778,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     runs.setup_logging(state)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     check_experiment(args, state)
+    check_no_departed_identities(args)
     train_variants(args, state)
     record_experiment(args, state)
     generate_variants(args, state)

@@ -98,8 +98,9 @@ def test_rerun_keeps_finished_faces_and_refuses_other_settings_or_sources(tmp_pa
 
 def test_rerun_re_exports_a_changed_source_and_removes_faces_whose_source_is_gone(tmp_path):
     """A source replaced in place (another image at the same path, e.g. after regenerating with
-    --overwrite) is exported again, not kept (and removed if it has no face now); a face whose source is gone is removed (train_fr
-    would train on it), and sources.csv no longer lists it."""
+    --overwrite) is exported again, not kept (removed if it has no face now); a face whose
+    source is gone is removed (train_fr would train on it), and sources.csv no longer lists
+    it."""
     data = generated_like(tmp_path / "generated")
     out = tmp_path / "faces"
     argv = [f"--data_dir={data}", f"--output_dir={out}", "--face_detector=dlib"]
