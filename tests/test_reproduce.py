@@ -267,6 +267,24 @@ def _experiment(tmp_path: Path, monkeypatch) -> tuple[Any, list, list[str]]:
     return reproduce, stages, base
 
 
+def test_an_identity_no_longer_in_the_identities_root_is_refused_before_any_stage(
+    tmp_path, monkeypatch
+):
+    """The report evaluates whole variant folders: LoRAs or images of an identity whose photos
+    left --identities_root would enter it silently, so the run is refused, naming them."""
+    reproduce, stages, base = _experiment(tmp_path, monkeypatch)
+    (tmp_path / "photos" / "ID_a").mkdir()
+    args = reproduce.parse_args(base)
+    (reproduce.images_of(args, args.variants[0]) / "ID_gone").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds 1 identity that .* no longer has \(ID_gone\)"):
+        reproduce.main(args)
+    assert stages == []
+    (reproduce.images_of(args, args.variants[0]) / "ID_gone").rmdir()
+    (reproduce.loras_of(args, args.variants[0]) / "ID_a").mkdir(parents=True)  # a current one
+    reproduce.main(args)
+    assert stages[0] == "train"
+
+
 def test_pass_through_flags_compare_as_the_settings_they_parse_to(tmp_path, monkeypatch):
     """'--x=4' and '--x 4', another order, or a default spelt out are the same settings; a
     config that stored the flags' text (older versions) is parsed and compared alike."""
