@@ -133,6 +133,13 @@ def load_image_set(
             image_set.identities.append(identity)
     if not image_set.paths:
         raise _no_images_error(name, root, folders)
+    nested = [f.name for f in folders if f.name in image_set.empty_identities]
+    nested = [folder for folder in nested if _holds_image_folders(root / folder)]
+    if nested:  # e.g. --real DATA, where DATA/identities/<identity>/ and DATA/class/
+        raise ValueError(
+            f"{name}: {root} is one level too high: {', '.join(nested)} holds identity folders "
+            f"itself; pass the folder of identities, e.g. {(root / nested[0]).as_posix()}"
+        )
     image_set.name_notes = _name_notes(name, folders_of)
     return image_set
 

@@ -930,6 +930,18 @@ def test_a_root_of_variant_folders_is_named(crops, tmp_path):
         evaluate.load_sets(evaluate.parse_args(argv))
 
 
+def test_a_real_folder_one_level_above_its_identities_is_refused(crops, tmp_path):
+    """--real DATA where DATA holds class/ (images) beside identities/<identity>/: not a set of
+    one identity 'class' with the rest ignored, but an error naming the folder to pass."""
+    data = tmp_path / "data"
+    people(data / "identities", crops, {"p": "person_0"}, 1)
+    people(data, crops, {"class": "person_1"}, 1)
+    generated = people(tmp_path / "gen", crops, {"p": "person_0"}, 1)
+    argv = [f"--generated=G={generated}", f"--real={data}", "--embedder=dlib"]
+    with pytest.raises(ValueError, match=f"one level too high: identities holds .* {data}/ident"):
+        evaluate.load_sets(evaluate.parse_args([*argv, f"--out={tmp_path / 'out'}"]))
+
+
 def test_identity_names_match_by_nfc_and_unmatched_names_are_warned(crops, tmp_path, capsys):
     composed, decomposed = "Jos\u00e9", "Jose\u0301"  # the same name, as Linux and macOS store it
     real = people(
