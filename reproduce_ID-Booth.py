@@ -322,13 +322,28 @@ def join_flag_values(argv: list[str]) -> list[str]:
     return joined
 
 
+def check_stage_flag_tokens(argv: list[str]) -> None:
+    """ValueError for a --STAGE_flags given twice: argparse keeps the last one silently."""
+    for stage in (*STAGE_SCRIPTS, "fr"):
+        flag = f"--{stage}_flags"
+        if sum(token.split("=", 1)[0] == flag for token in argv) > 1:
+            raise ValueError(f"{flag} is given twice; put all its flags in one quoted value")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, then check everything that needs no model before any stage starts: the folders,
     each stage's flags with its own parser, the base model, the identities' genders."""
     import sys
 
     parser = build_parser()
-    args = parser.parse_args(join_flag_values(sys.argv[1:] if argv is None else list(argv)))
+    argv = join_flag_values(sys.argv[1:] if argv is None else list(argv))
+    check_stage_flag_tokens(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # most often the rest of an unquoted --STAGE_flags value
+        raise ValueError(
+            f"unrecognized arguments: {shlex.join(extra)}; a stage's flags go in one quoted "
+            "value, e.g. --train_flags='--max_train_steps 6 --checkpointing_steps 6'"
+        )
     runs.check_numbers(args, parser)
     args.variants = list(dict.fromkeys(args.variants))
     args.real = args.real or args.identities_root

@@ -347,8 +347,11 @@ def test_evaluation_and_fr_utility_flags_may_change_on_a_rerun(tmp_path, monkeyp
 )  # fmt: skip
 def test_pass_through_flags_refuse_what_this_command_sets(tmp_path, flags, message):
     reproduce = runs.load_script(SCRIPT)
+    extra = [NO_GENDER_PROMPTS, flags]
+    if flags.startswith("--generate_flags="):  # one --generate_flags value holds them all
+        extra = [f"{NO_GENDER_PROMPTS} {flags.removeprefix('--generate_flags=')}"]
     with pytest.raises(ValueError, match=re.escape(message)):
-        reproduce.parse_args(early_argv(tmp_path, NO_GENDER_PROMPTS, flags))
+        reproduce.parse_args(early_argv(tmp_path, *extra))
 
 
 def test_every_managed_flag_is_a_flag_of_its_stage():
@@ -438,6 +441,18 @@ def test_misspelt_pass_through_flags_fail_before_any_stage(tmp_path, flags, mess
     argv = early_argv(tmp_path, f"--identity_attributes={genders}", *flags)
     with pytest.raises(ValueError, match=re.escape(message)):
         reproduce.parse_args(argv)
+
+
+def test_unquoted_or_repeated_stage_flags_are_named(tmp_path):
+    """'--train_flags --max_train_steps 6' leaves '6' over: the message says to quote the
+    stage's flags; a --STAGE_flags given twice is refused (argparse keeps the last silently)."""
+    reproduce = runs.load_script(SCRIPT)
+    argv = early_argv(tmp_path, NO_GENDER_PROMPTS, "--train_flags", "--max_train_steps", "6")
+    with pytest.raises(ValueError, match=r"unrecognized arguments: 6; a stage's flags go in one"):
+        reproduce.parse_args(argv)
+    twice = early_argv(tmp_path, NO_GENDER_PROMPTS, "--train_flags=--rank 4", "--train_flags=")
+    with pytest.raises(ValueError, match="--train_flags is given twice"):
+        reproduce.parse_args(twice)
 
 
 def test_a_single_pass_through_flag_needs_no_equals_sign(tmp_path):
