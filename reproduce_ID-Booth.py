@@ -768,10 +768,13 @@ def check_experiment(args: argparse.Namespace, state: Any) -> None:
         current = comparable_args(experiment_config(args)["args"], args)
         changed = runs.config_mismatches(saved, current, EXPERIMENT_MAY_CHANGE)
         if changed:
+            loras = loras_of(args, args.variants[0])
             raise ValueError(
                 f"{args.output_dir} holds an experiment made with other settings "
                 f"({'; '.join(changed)}); re-run with those, use another --output_dir, or pass "
-                "--overwrite to retrain and regenerate everything"
+                "--overwrite to retrain and regenerate everything (to only make other images "
+                f"from the trained LoRAs: inference_ID-Booth.py --lora_root {loras} "
+                "--output_dir NEW_FOLDER)"
             )
     state.wait_for_everyone()  # every process has compared before the file can change
 

@@ -236,6 +236,7 @@ def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, monke
     message = str(error.value)
     assert "\n" not in message and "--overwrite" in message
     assert "train_flags --learning_rate: 0.001 -> 0.01" in message
+    assert f"inference_ID-Booth.py --lora_root {tmp_path / 'experiment' / 'loras'}" in message
     assert "resolution: 512 -> 256" in message
     assert stages == []  # nothing trained, generated or evaluated
     overwrite = reproduce.parse_args([*changed, "--overwrite"])
