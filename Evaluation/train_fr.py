@@ -31,6 +31,11 @@ Outputs in `--output_dir`: `backbone.pth` (arcface_torch state dict, loadable by
 `arcface.load_iresnet`), `config.json` (resolved settings, identities, skip report),
 `train_log.jsonl`, `checkpoint-<step>/` (state dicts read back with weights_only=True),
 and `verification.json` when `--eval_bin` files are given.
+
+Run (exported faces of a generated set; README "FR utility: from generated images to the
+verification table" gives the paper's protocol flags):
+
+    python Evaluation/train_fr.py --data_dir faces/fr-triplet --output_dir fr/triplet
 """
 
 from __future__ import annotations
@@ -796,12 +801,17 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = runs.argument_parser(__doc__)
-    _add_data_args(parser)
-    _add_model_args(parser)
-    _add_optim_args(parser)
-    _add_run_args(parser)
+    _add_data_args(parser.add_argument_group("data"))  # --help sections; parsing is the same
+    _add_model_args(parser.add_argument_group("model and margin head"))
+    _add_optim_args(parser.add_argument_group("optimisation and schedule"))
+    _add_run_args(parser.add_argument_group("run: output, checkpoints, precision, evaluation"))
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(args, parser)
     return args

@@ -122,7 +122,9 @@ def test_scripts_refuse_bad_numbers_while_parsing(name, argv, message):
 HELP_SCRIPTS = {**SCRIPTS, "export_faces": REPO_ROOT / "Evaluation" / "export_faces.py"}
 
 
-@pytest.mark.parametrize("name", ["train", "inference", "reproduce", "evaluate", "export_faces"])
+@pytest.mark.parametrize(
+    "name", ["train", "inference", "reproduce", "evaluate", "export_faces", "train_fr"]
+)
 def test_help_is_grouped_marks_required_flags_shows_examples_and_no_empty_defaults(name):
     parser = runs.load_script(HELP_SCRIPTS[name]).build_parser()
     text = parser.format_help()
