@@ -737,9 +737,8 @@ def check_no_departed_identities(args: argparse.Namespace) -> None:
     """ValueError when OUT holds LoRAs or images of an identity that --identities_root no
     longer has: the report evaluates whole variant folders, so they would enter it silently."""
     current = {path.name for path in runs.identity_folders(args.identities_root)}
-    for folder in [loras_of(args, v) for v in args.variants] + [
-        images_of(args, v) for v in args.variants
-    ]:
+    folders = [made(args, v) for made in (loras_of, images_of) for v in args.variants]
+    for folder in folders:
         if not folder.is_dir():
             continue
         departed = sorted({path.name for path in runs.identity_folders(folder)} - current)

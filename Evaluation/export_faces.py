@@ -204,7 +204,7 @@ def export_identity(
     for file_name, source in files:
         target = args.output_dir / name / file_name
         file = f"{name}/{file_name}"
-        sha256 = file_sha256(source) if source.is_file() else ""
+        sha256 = file_sha256(source)
         made_from = context["before"].get(file, {}).get("sha256")
         if target.is_file() and made_from == sha256:
             counts["kept"] += 1

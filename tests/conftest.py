@@ -36,13 +36,14 @@ def one_torch_thread():
 
 
 def fake_base_model(folder: Path) -> Path:
-    """A folder laid out as a saved SD pipeline (what runs.check_base_model looks at)."""
+    """A folder laid out as a saved SD pipeline (what runs.check_base_model looks at); calling
+    it again on the same folder rewrites the same files."""
     for name in ("unet", "vae", "text_encoder"):
-        (folder / name).mkdir(parents=True)
+        (folder / name).mkdir(parents=True, exist_ok=True)
         (folder / name / "config.json").write_text("{}")
         (folder / name / "model.safetensors").write_bytes(b"")
-    (folder / "tokenizer").mkdir()
-    (folder / "scheduler").mkdir()
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text("{}")
     (folder / "model_index.json").write_text("{}")
     return folder

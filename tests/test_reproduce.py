@@ -382,9 +382,7 @@ def early_argv(tmp_path: Path, *extra: str) -> list[str]:
     """A reproduce command line over two identity folders and a stand-in base model."""
     for name in ("ID_a", "ID_b"):
         (tmp_path / "photos" / name).mkdir(parents=True, exist_ok=True)
-    base = tmp_path / "sd"
-    if not base.exists():
-        fake_base_model(base)
+    base = fake_base_model(tmp_path / "sd")
     return [
         f"--pretrained_model_name_or_path={base}",
         f"--identities_root={tmp_path / 'photos'}",

@@ -1014,9 +1014,7 @@ def test_mixed_precision_training_runs_on_the_cpu(assets, tmp_path, precision):
 def _root_argv(tmp_path: Path, root: Path, *extra: str) -> list[str]:
     """A dreambooth run of `root`'s identities into tmp_path/loras (no class images, no
     ArcFace: nothing to load before the output folder is checked)."""
-    base = tmp_path / "sd"
-    if not base.exists():
-        fake_base_model(base)
+    base = fake_base_model(tmp_path / "sd")
     return [
         f"--pretrained_model_name_or_path={base}",
         f"--identities_root={root}",
