@@ -32,7 +32,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # shared modules at the repo root
 
+
 import runs  # noqa: E402
+from benchmarks.device_clock import peak_gib, reset_peak, timed  # noqa: E402
 from lora import lora_target_modules  # noqa: E402
 from random_models import build_tiny_sd, write_random_lora  # noqa: E402
 
@@ -108,23 +110,6 @@ def write_loras(workdir: Path, model: Path, count: int) -> Path:
     return root
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-
-
 def inference_argv(args, model: Path, loras: Path, output: Path, batch_size: int) -> list[str]:
     return [
         f"--pretrained_model_name_or_path={model}",
@@ -177,11 +162,7 @@ def measure_reference(inference, args, model: Path, loras: Path, output: Path, b
     names = [source.name for source in sources]
     generate(names[:1], min(batch, args.images_per_identity), output / "warmup")
     reset_peak(device)
-    synchronize(device)
-    start = time.perf_counter()
-    generate(names, args.images_per_identity, output / "timed")
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = timed(device, lambda: generate(names, args.images_per_identity, output / "timed"), 1)
     images = len(names) * args.images_per_identity
     return {
         "images": images,

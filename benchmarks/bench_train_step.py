@@ -47,9 +47,11 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # shared modules at the repo root
 
+
 import faces  # noqa: E402
 import runs  # noqa: E402
 from arcface import ArcFaceEncoder, build_iresnet, load_arcface  # noqa: E402
+from benchmarks.device_clock import peak_gib, reset_peak, timed  # noqa: E402
 from faces import ARCFACE_DST  # noqa: E402
 from losses import (  # noqa: E402
     predict_x0,
@@ -446,33 +448,6 @@ def reference_batch(resolution: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, run, steps: int) -> float:
-    """Seconds per call of `run` over `steps` calls, one device sync at each end."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        run()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
-
-
-def peak_gib(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def measure_reference(train_args, frozen, args) -> dict:
