@@ -329,8 +329,9 @@ def decode_x0(
 
 
 class PackedTrainer:
-    """Trains identities K at a time in one process: one base UNet (loaded once) with a batched
-    LoRA of K slots, one StackedAdamW; each step packs every occupied slot's micro-batch. An
+    """Trains the identities of a queue in one process, on one base UNet (loaded once): one at a
+    time (`train_alone`, the paper's case), or K at a time (--pack K, `step`) on a batched LoRA
+    of K slots and one StackedAdamW, each step packing every occupied slot's micro-batch. An
     identity's LoRA gets exactly the gradient, update, data, noise, checkpoints and outputs of
     a run of it alone; a NaN in one freezes that identity only. A slot that is done (finished
     or failed) takes the next identity of the queue."""
