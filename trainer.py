@@ -2,40 +2,49 @@
 identity's LoRA exactly as in a run of it alone.
 
 train_ID-Booth.py parses and checks the command line, finds the identities and prepares the
-class images; what a run does from there lives here. One training step of one identity reads
-top to bottom in the first two sections of this file:
+class images; what a run does from there lives here. One training step of one identity is in
+the first three sections, in this order (set-up, helpers and logs are named where they are
+called; the rest of the file is loading, settings and outputs):
 
     PackedBatch.one_identity     one identity's micro-batch on the device
     training_step                the step's forward: noise, timestep -> UNet -> diffusion
                                  target; x0_hat -> decode -> align -> ArcFace -> the objective
                                  (losses.objective_of_each: diffusion + prior + identity term)
       draw_randomness, identity_mask, face_embeddings_of_x0, decode_x0   its parts
-    PackedTrainer.train_alone    the loop: one identity from its first step (or its
-                                 checkpoint) to its final LoRA
-      Slot.next_batch            the micro-batch of a run of it alone, and its noise generator
+    Slot.next_batch              the identity's next micro-batch, in the order of a run of it
+      Slot.next_micro_batch      alone (seeded by epoch and position), and its noise seed
+    PackedTrainer.train_alone    the loop: one identity from its first step (or checkpoint)
+                                 to its final LoRA
       PackedTrainer.train_on     training_step under autocast, backward, and at the end of an
                                  accumulation:
-      PackedTrainer.update       clip, learning rate, AdamW
+      PackedTrainer.update       unscale (fp16), clip, learning rate, AdamW
       PackedTrainer.advance      step count, logs, checkpoints, validation, the final LoRA
 
-Two leaves need not be opened to follow the paper's case: multi_lora.py's LoRA layers
-compute peft's LoRA (gradients equal to peft's within float rounding), and its StackedAdamW
-clips and steps each identity bit for bit as torch's clip_grad_norm_ and AdamW do
-(tests/test_multi_lora.py). The crops are VAE-encoded ahead of the steps that draw them
-(Slot.encode_ahead, datasets.LatentCache), so the step samples each latent from its crop's
-cached distribution; the learning-rate schedule is tabulated once per identity
-(learning_rate_table, in PackedTrainer.fill).
+What the step calls outside this file: losses.py (the objective, the paper's equations),
+faces.align_faces_torch, the frozen ArcFace, and multi_lora.py, which holds every identity's
+LoRA as one slot of stacked factors. Its parts are tested against the stock components, so
+they can be read as those: the LoRA layers give peft's LoRA outputs and gradients (within
+float rounding; under autocast one cast of all factors per update, `FactorCasts`, equal to
+per-layer casts bit for bit), and StackedAdamW clips and steps each identity as torch's
+clip_grad_norm_ and AdamW(foreach=False) do, bit for bit on the CPU
+(tests/test_multi_lora.py). The learning rate of update u is diffusers' get_scheduler's,
+tabulated once per identity (learning_rate_table, in PackedTrainer.fill) and indexed by the
+identity's count of applied updates: an update the fp16 scaler skips does not advance the
+schedule, as accelerate's scheduler does not. The crops are VAE-encoded ahead of the steps
+that draw them (Slot.encode_ahead, datasets.LatentCache), so the step samples each latent
+from its crop's cached distribution.
 
-With --pack K, `PackedTrainer.step` runs the same train_on / training_step / update on K
-identities' batches side by side (`PackedBatch.pack`) on a batched LoRA of K slots
-(multi_lora.py), each identity with its own data order, noise, AdamW state, learning-rate
-schedule, gradient clipping, NaN freeze, checkpoints, validation images and final LoRA.
+With --pack K, `PackedTrainer.step` runs the same next_batch / train_on / training_step /
+update / advance on K identities' batches side by side (`PackedBatch.pack`), each identity
+in its own LoRA slot with its own data order, noise, AdamW state, learning-rate schedule,
+gradient clipping, NaN freeze, checkpoints, validation images and final LoRA. Packing adds
+the queue (`run`), `gather`, a gathered LoRA kernel when the slots' rows are not one block
+each, the objective's per-identity loop for identities of unequal batch sizes, and one fp16
+loss scaler shared by the slots (tests/test_train.py: a pack equals its identities' solo
+runs).
 
-Below those: the trainer's slots, checkpoints (resumed only with matching settings:
-`resume_mismatches`), validation and logs; the frozen models (VAE, text encoder(s), DDPM
-scheduler, ArcFace) and the base UNet with its LoRA slots; the prompt embeddings; each
-identity's dataset; the settings a resume must match. Functions take train_ID-Booth.py's
-parsed arguments (`args`); messages go to the script's logger.
+Functions take train_ID-Booth.py's parsed arguments (`args`); messages go to the script's
+logger.
 """
 
 from __future__ import annotations
@@ -106,9 +115,9 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 # ==================== one step of one identity (the paper's case)
 #
 # One identity's batch (PackedBatch.one_identity) goes through training_step, which returns
-# the objective's terms; PackedTrainer.train_on (the next section) adds backward and update.
-# Packing K identities only concatenates their batches (PackedBatch.pack): the same step runs
-# on the packed rows, each identity with its own generator, objective and LoRA slot.
+# the objective's terms; PackedTrainer.train_on (the loop's section) adds backward and update.
+# A pack of K identities concatenates their batches (PackedBatch.pack): the same step runs on
+# the packed rows, each identity with its own generator, objective and LoRA slot.
 
 
 @dataclass
@@ -325,7 +334,195 @@ def decode_x0(
     return decoded.clamp(-1.0, 1.0) if clamp else decoded
 
 
-# ==================== the trainer
+# ==================== one identity's data and schedule
+
+
+class Slot:
+    """One identity in one LoRA slot of the packed trainer: its data, its place in its own
+    schedule (epoch, batch, step: exactly those of a run of it alone), its watches and outputs."""
+
+    def __init__(self, trainer: PackedTrainer, index: int, identity: Identity) -> None:
+        args = trainer.args
+        self.trainer, self.index, self.identity, self.args = trainer, index, identity, args
+        self.dataset = trainer.build_dataset(identity)
+        self.batches_per_epoch = math.ceil(len(self.dataset) / args.train_batch_size)
+        self.updates_per_epoch, self.max_train_steps = schedule_lengths(args, len(self.dataset))
+        self.num_epochs = math.ceil(self.max_train_steps / self.updates_per_epoch)
+        self.checkpointing_steps = args.checkpointing_steps or 8 * self.updates_per_epoch
+        self.validation_steps = args.validation_steps or self.checkpointing_steps
+        self.global_step, self.last_validated, self.micro_batch = 0, -1, 0
+        self.order: tuple[int, list[int]] | None = None  # (epoch, item order) cache
+        self.generator = torch.Generator(trainer.device)
+        self.identity_samples = 0  # host copy, updated at log intervals
+        self.writer = self.progress = None
+        self.started = time.time()
+
+    # ---------------------------------------- its micro-batches, in the order of a run of it alone
+
+    def next_batch(self) -> tuple[PackedBatch, torch.Generator]:
+        """This identity's next micro-batch on the device and its generator, seeded for it:
+        latents from the trainer's cache (encoded ahead), embeddings and faces from its device
+        tables."""
+        trainer, device = self.trainer, self.trainer.device
+        items, seed = self.next_micro_batch()
+        pairs = [self.dataset.crops(item) for item in items]
+        instance = [pair[0] for pair in pairs]
+        crops = instance + [pair[1] for pair in pairs if len(pair) > 1]  # [instance..., prior...]
+        photos = [self.photo_key(crop) for crop in crops]  # (owner, part, index)
+        latent_rows = trainer.latents.index(self.crop_keys(crops), device)  # encoded ahead
+        faces = {}
+        if trainer.faces.rows:
+            face_rows = trainer.faces.index(photos, device)
+            landmarks = [torch.from_numpy(self.dataset.landmarks(crop)) for crop in instance]
+            faces = {
+                "embeddings": trainer.faces.columns["embedding"][face_rows],
+                "has_face": trainer.faces.columns["has_face"][face_rows],
+                "landmarks": to_device(torch.stack(landmarks), device),
+            }
+        if trainer.frozen.architecture.is_sdxl:
+            faces["time_ids"] = to_device(crop_time_ids(self.dataset, crops), device)
+        batch = PackedBatch.one_identity(
+            trainer.latents.columns["mean"][latent_rows],
+            trainer.latents.columns["std"][latent_rows],
+            len(instance),
+            **faces,
+        )
+        return batch, self.generator.manual_seed(seed)
+
+    def next_micro_batch(self) -> tuple[list[int], int]:
+        """The items of this identity's next micro-batch and its noise seed: a function of
+        (seed, epoch, position), as in a run of this identity alone. At an epoch's first
+        micro-batch (or a resumed run's), the crops the epoch will draw are encoded ahead."""
+        epoch, position = self.epoch, self.position
+        if self.order is None or self.order[0] != epoch:
+            generator = torch.Generator().manual_seed(stable_seed(self.args.seed, "order", epoch))
+            self.order = (epoch, torch.randperm(len(self.dataset), generator=generator).tolist())
+            self.dataset.set_epoch(epoch)  # crops of this epoch: seeded by (--seed, epoch, index)
+            self.encode_ahead()
+        size = self.args.train_batch_size
+        items = self.order[1][position * size : (position + 1) * size]
+        return items, stable_seed(self.args.seed, "noise", epoch, position)
+
+    def is_update_due(self) -> bool:
+        """Whether the next micro-batch ends an accumulation (or the epoch)."""
+        position = self.position
+        last_of_epoch = position == self.batches_per_epoch - 1
+        return (position + 1) % self.args.gradient_accumulation_steps == 0 or last_of_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.global_step // self.updates_per_epoch
+
+    @property
+    def position(self) -> int:
+        """Index of the next micro-batch within the epoch."""
+        done = self.global_step - self.epoch * self.updates_per_epoch
+        return done * self.args.gradient_accumulation_steps + self.micro_batch
+
+    def encode_ahead(self) -> None:
+        """Latents of exactly the crops this epoch's remaining micro-batches draw (up to the
+        run's last step), in batches; the identity's crops of earlier epochs are freed."""
+        updates_left = self.max_train_steps - self.epoch * self.updates_per_epoch
+        last = min(self.batches_per_epoch, updates_left * self.args.gradient_accumulation_steps)
+        size = self.args.train_batch_size
+        items = self.order[1][self.position * size : last * size]
+        crops = [crop for item in items for crop in self.dataset.crops(item)]
+        keys = self.crop_keys(crops)
+        self.trainer.latents.drop(self.identity.name, keep=set(keys))
+        pixels = {
+            key: partial(self.dataset.pixels, crop) for key, crop in zip(keys, crops, strict=True)
+        }
+        self.trainer.latents.encode(keys, pixels)
+
+    def crop_keys(self, crops: list[Any]) -> list[tuple]:
+        """(owner, part, index, left, top) of each crop: class photos are every identity's."""
+        return [(*self.photo_key(crop), crop.left, crop.top) for crop in crops]
+
+    def photo_key(self, crop: Any) -> tuple[str, str, int]:
+        """(owner, part, index) of a crop's photo: class photos are shared by every identity."""
+        owner = self.identity.name if crop.part == "instance" else "class"
+        return owner, crop.part, crop.index
+
+    def log_due(self) -> bool:
+        """Whether the update just made ends a log interval."""
+        step = self.global_step
+        return step % self.args.logging_steps == 0 or step == self.max_train_steps
+
+    def epoch_due(self) -> bool:
+        """Whether the update just made ends an epoch (or the run)."""
+        step = self.global_step
+        return step % self.updates_per_epoch == 0 or step >= self.max_train_steps
+
+    # ------------------------------------------------------------------ config and outputs
+
+    def config(self, status: str) -> dict[str, Any]:
+        """Everything needed to reproduce or resume this identity's run."""
+        trainer = self.trainer
+        return {
+            "status": status,
+            "identity": self.identity.name,
+            "instance_data_dir": str(self.identity.instance_dir),
+            "args": runs.json_safe(vars(self.args)),
+            "resolved": {
+                "max_train_steps": self.max_train_steps,
+                "num_train_epochs": self.num_epochs,
+                "steps_per_epoch": self.updates_per_epoch,
+                "checkpointing_steps": self.checkpointing_steps,
+                "validation_steps": self.validation_steps,
+                "mixed_precision": trainer.frozen.mixed_precision,
+                "lora_target_modules": trainer.lora.target_modules,
+                "device": str(trainer.device),
+                "process_index": trainer.state.process_index,
+                "num_processes": trainer.state.num_processes,
+                "pack": trainer.num_slots,
+                "architecture": trainer.frozen.architecture.to_json(),
+                "vae_dtype": str(trainer.frozen.vae.dtype).removeprefix("torch."),
+                "class_guidance_scale": trainer.frozen.architecture.default("guidance_scale"),
+            },
+            "data": self.dataset.summary(),
+            "arcface": trainer.arcface_name,
+            "base_model": trainer.base_model,
+            "global_step": self.global_step,
+            "identity_samples": self.identity_samples,
+            "versions": runs.library_versions(),
+        }
+
+    def write_config(self, folder: Path, status: str) -> None:
+        atomic_write_json(folder / CONFIG_NAME, self.config(status))
+
+    def tags(self) -> dict[str, str]:
+        """TensorBoard tag per logged term (identity terms only for identity losses)."""
+        tags = {"loss": "loss", "diffusion_loss": "diffusion_loss", "prior_loss": "prior_loss"}
+        if self.args.loss != "dreambooth":
+            tags.update(
+                identity_criterion=f"{self.args.loss}_loss",
+                identity_term="identity_term",
+                identity_weight="identity_weight",
+                identity_count="identity_samples_per_batch",
+            )
+        return tags
+
+    def write_model_card(self) -> None:
+        args, folder = self.args, self.identity.output_dir
+        write_model_card(
+            folder,
+            sorted((folder / "validation").glob(f"step_{self.global_step}_*.png")),
+            base=args.pretrained_model_name_or_path,
+            architecture=self.trainer.frozen.architecture.describe(),
+            pipeline_class=self.trainer.frozen.architecture.pipeline_class,
+            training_resolution=args.resolution,
+            instance_prompt=args.instance_prompt,
+            identity=self.identity.name,
+            loss=args.loss,
+            steps=self.global_step,
+            rank=args.rank,
+            alpha=args.lora_alpha,
+            data=json.dumps(self.dataset.summary()),
+            validation_prompt=args.validation_prompt,
+        )
+
+
+# ==================== the loop: one identity (train_alone), or K (step)
 
 
 class PackedTrainer:
@@ -403,11 +600,12 @@ class PackedTrainer:
     def train_alone(self, identity: Identity) -> None:
         """One identity from its first step (or its checkpoint) to its final LoRA, in slot 0.
 
-        The reading path of one step: `Slot.next_batch` (the micro-batch of a run of this
-        identity alone) -> `train_on` -> `training_step` (noise and timestep -> UNet ->
-        diffusion target; x0_hat -> decode -> align -> ArcFace -> objective) -> backward ->
-        `update` (clip, AdamW, learning rate) -> `advance` (logs, checkpoints, validation,
-        and `finish` after the last step). `step` runs the same functions on K identities."""
+        One step: `Slot.next_batch` (the micro-batch of a run of this identity alone) ->
+        `train_on` (`training_step`: noise and timestep -> UNet -> diffusion target; x0_hat ->
+        decode -> align -> ArcFace -> objective; backward) -> `update` (clip, learning rate,
+        AdamW) -> `advance` (logs, checkpoints, validation, and `finish` after the last
+        step). Set-up: `_start` -> `fill` (fresh LoRA and AdamW state, or the checkpoint's).
+        `step` runs the same functions on K identities."""
         slot = self._start(0, identity)
         while slot is not None and self.slots[0] is slot:  # until finished or failed
             batch, generator = slot.next_batch()
@@ -442,7 +640,8 @@ class PackedTrainer:
 
     def update(self, index: torch.Tensor, steps: torch.Tensor) -> None:
         """Unscale (fp16), clip the gradient norm, set the scheduled learning rate, AdamW, per
-        identity (`may_step`: an identity whose gradient is not finite does not move)."""
+        identity; `may_step` leaves out an identity whose gradient is not finite this update
+        (the fp16 scaler's overflow, then a smaller scale) or that held a NaN before."""
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         norms = self.optimizer.clip_grad_norm_(self.args.max_grad_norm)  # (K,)
@@ -451,6 +650,50 @@ class PackedTrainer:
         if self.scaler.is_enabled():
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def route_rows(self, slots: list[Slot], batch: PackedBatch) -> None:
+        """Send each row through its identity's LoRA slot; rows grouped slot by slot (every
+        slot training, equal batches) take the cheaper grouped kernel."""
+        every_slot = [slot.index for slot in slots] == list(range(self.num_slots))
+        grouped = every_slot and len(set(batch.sizes)) == 1  # rows: slot 0's, slot 1's, ...
+        self.lora.set_identities(batch.slots, batch.sizes[0] if grouped else None)
+
+    def record(
+        self, slots: list[Slot], terms: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's terms into each slot's NaN watch, health flag, running means and
+        identity-sample count, on the device: a non-finite loss term marks the identity
+        unhealthy (it no longer moves, and fails at its next log interval or save).
+        Returns (slot index (S,), the step number each slot's update makes (S,))."""
+        index = to_device(torch.tensor([slot.index for slot in slots]), self.device)  # (S,)
+        values = torch.stack([terms[name].detach().double() for name in TERM_NAMES], dim=1)
+        steps = to_device(torch.tensor([slot.global_step + 1 for slot in slots]), self.device)
+        self.watch.update(values, steps, index)
+        self.healthy[index] = self.healthy[index] & torch.isfinite(values).all(1)
+        self.interval_means.add(values, index)
+        self.epoch_means.add(values, index)
+        self.identity_samples.index_add_(0, index, terms["identity_count"].detach().round().long())
+        return index, steps
+
+    def scheduled_learning_rates(self) -> torch.Tensor:
+        """(K,) float64: each slot's learning rate, its table row (learning_rate_table) at its
+        count of applied updates (StackedAdamW.identity_steps)."""
+        updates = self.optimizer.identity_steps().clamp_max(self.lr_tables.shape[1] - 1)
+        return self.lr_tables.gather(1, updates[:, None])[:, 0]
+
+    def may_step(self, index: torch.Tensor, norms: torch.Tensor, steps: torch.Tensor):
+        """(K,) bool: the slots AdamW updates: present in this step, healthy and with a finite
+        gradient norm. Under fp16 a non-finite gradient is the scaler's overflow: the update
+        is skipped, as GradScaler.step skips it. Otherwise it is an error: the identity stops
+        moving at once (its LoRA stays finite) and fails at its next log interval or save
+        (`check_finite`), which read the device; the step itself does not (no host syncs)."""
+        present = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
+        present[index] = True
+        finite = torch.isfinite(norms)
+        if not self.scaler.is_enabled():
+            self.grad_watch.update(norms[index].double()[:, None], steps, index)
+            self.healthy[index] = self.healthy[index] & finite[index]
+        return present & self.healthy & finite
 
     def advance(self, slots: list[Slot]) -> None:
         """After an update: each slot's step count, then its logs, checkpoint, validation and
@@ -498,45 +741,6 @@ class PackedTrainer:
         """Each slot's next micro-batch, packed into one batch, and their generators."""
         batches, generators = zip(*(slot.next_batch() for slot in slots), strict=True)
         return PackedBatch.pack(list(batches), [slot.index for slot in slots]), list(generators)
-
-    def route_rows(self, slots: list[Slot], batch: PackedBatch) -> None:
-        """Send each row through its identity's LoRA slot; rows grouped slot by slot (every
-        slot training, equal batches) take the cheaper grouped kernel."""
-        every_slot = [slot.index for slot in slots] == list(range(self.num_slots))
-        grouped = every_slot and len(set(batch.sizes)) == 1  # rows: slot 0's, slot 1's, ...
-        self.lora.set_identities(batch.slots, batch.sizes[0] if grouped else None)
-
-    def record(
-        self, slots: list[Slot], terms: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's terms into each slot's NaN watch, health flag, running means and
-        identity-sample count, on the device. (slot index (S,), step each update makes (S,))."""
-        index = to_device(torch.tensor([slot.index for slot in slots]), self.device)  # (S,)
-        values = torch.stack([terms[name].detach().double() for name in TERM_NAMES], dim=1)
-        steps = to_device(torch.tensor([slot.global_step + 1 for slot in slots]), self.device)
-        self.watch.update(values, steps, index)
-        self.healthy[index] = self.healthy[index] & torch.isfinite(values).all(1)
-        self.interval_means.add(values, index)
-        self.epoch_means.add(values, index)
-        self.identity_samples.index_add_(0, index, terms["identity_count"].detach().round().long())
-        return index, steps
-
-    def scheduled_learning_rates(self) -> torch.Tensor:
-        """(K,) float64: each slot's learning rate at its own update count (its table row)."""
-        updates = self.optimizer.identity_steps().clamp_max(self.lr_tables.shape[1] - 1)
-        return self.lr_tables.gather(1, updates[:, None])[:, 0]
-
-    def may_step(self, index: torch.Tensor, norms: torch.Tensor, steps: torch.Tensor):
-        """(K,) bool: the slots AdamW updates: present in this step, healthy and with a finite
-        gradient norm (the fp16 scaler's inf steps are skipped per identity; outside fp16 a
-        non-finite gradient is recorded, and the identity fails at its next log)."""
-        present = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
-        present[index] = True
-        finite = torch.isfinite(norms)
-        if not self.scaler.is_enabled():
-            self.grad_watch.update(norms[index].double()[:, None], steps, index)
-            self.healthy[index] = self.healthy[index] & finite[index]
-        return present & self.healthy & finite
 
     # ------------------------------------------------------------------ slots
 
@@ -853,191 +1057,6 @@ class PackedTrainer:
         for output in (slot.progress, slot.writer):
             if output is not None:
                 output.close()
-
-
-class Slot:
-    """One identity in one LoRA slot of the packed trainer: its data, its place in its own
-    schedule (epoch, batch, step: exactly those of a run of it alone), its watches and outputs."""
-
-    def __init__(self, trainer: PackedTrainer, index: int, identity: Identity) -> None:
-        args = trainer.args
-        self.trainer, self.index, self.identity, self.args = trainer, index, identity, args
-        self.dataset = trainer.build_dataset(identity)
-        self.batches_per_epoch = math.ceil(len(self.dataset) / args.train_batch_size)
-        self.updates_per_epoch, self.max_train_steps = schedule_lengths(args, len(self.dataset))
-        self.num_epochs = math.ceil(self.max_train_steps / self.updates_per_epoch)
-        self.checkpointing_steps = args.checkpointing_steps or 8 * self.updates_per_epoch
-        self.validation_steps = args.validation_steps or self.checkpointing_steps
-        self.global_step, self.last_validated, self.micro_batch = 0, -1, 0
-        self.order: tuple[int, list[int]] | None = None  # (epoch, item order) cache
-        self.generator = torch.Generator(trainer.device)
-        self.identity_samples = 0  # host copy, updated at log intervals
-        self.writer = self.progress = None
-        self.started = time.time()
-
-    # ------------------------------------------------------------------ data order
-
-    @property
-    def epoch(self) -> int:
-        return self.global_step // self.updates_per_epoch
-
-    @property
-    def position(self) -> int:
-        """Index of the next micro-batch within the epoch."""
-        done = self.global_step - self.epoch * self.updates_per_epoch
-        return done * self.args.gradient_accumulation_steps + self.micro_batch
-
-    def next_micro_batch(self) -> tuple[list[int], int]:
-        """The items of this identity's next micro-batch and its noise seed: a function of
-        (seed, epoch, position), as in a run of this identity alone. At an epoch's first
-        micro-batch (or a resumed run's), the crops the epoch will draw are encoded ahead."""
-        epoch, position = self.epoch, self.position
-        if self.order is None or self.order[0] != epoch:
-            generator = torch.Generator().manual_seed(stable_seed(self.args.seed, "order", epoch))
-            self.order = (epoch, torch.randperm(len(self.dataset), generator=generator).tolist())
-            self.dataset.set_epoch(epoch)  # crops of this epoch: seeded by (--seed, epoch, index)
-            self.encode_ahead()
-        size = self.args.train_batch_size
-        items = self.order[1][position * size : (position + 1) * size]
-        return items, stable_seed(self.args.seed, "noise", epoch, position)
-
-    def encode_ahead(self) -> None:
-        """Latents of exactly the crops this epoch's remaining micro-batches draw (up to the
-        run's last step), in batches; the identity's crops of earlier epochs are freed."""
-        updates_left = self.max_train_steps - self.epoch * self.updates_per_epoch
-        last = min(self.batches_per_epoch, updates_left * self.args.gradient_accumulation_steps)
-        size = self.args.train_batch_size
-        items = self.order[1][self.position * size : last * size]
-        crops = [crop for item in items for crop in self.dataset.crops(item)]
-        keys = self.crop_keys(crops)
-        self.trainer.latents.drop(self.identity.name, keep=set(keys))
-        pixels = {
-            key: partial(self.dataset.pixels, crop) for key, crop in zip(keys, crops, strict=True)
-        }
-        self.trainer.latents.encode(keys, pixels)
-
-    def crop_keys(self, crops: list[Any]) -> list[tuple]:
-        """(owner, part, index, left, top) of each crop: class photos are every identity's."""
-        return [(*self.photo_key(crop), crop.left, crop.top) for crop in crops]
-
-    def log_due(self) -> bool:
-        """Whether the update just made ends a log interval."""
-        step = self.global_step
-        return step % self.args.logging_steps == 0 or step == self.max_train_steps
-
-    def epoch_due(self) -> bool:
-        """Whether the update just made ends an epoch (or the run)."""
-        step = self.global_step
-        return step % self.updates_per_epoch == 0 or step >= self.max_train_steps
-
-    def is_update_due(self) -> bool:
-        """Whether the next micro-batch ends an accumulation (or the epoch)."""
-        position = self.position
-        last_of_epoch = position == self.batches_per_epoch - 1
-        return (position + 1) % self.args.gradient_accumulation_steps == 0 or last_of_epoch
-
-    def next_batch(self) -> tuple[PackedBatch, torch.Generator]:
-        """This identity's next micro-batch on the device and its generator, seeded for it:
-        latents from the trainer's cache (encoded ahead), embeddings and faces from its device
-        tables."""
-        trainer, device = self.trainer, self.trainer.device
-        items, seed = self.next_micro_batch()
-        pairs = [self.dataset.crops(item) for item in items]
-        instance = [pair[0] for pair in pairs]
-        crops = instance + [pair[1] for pair in pairs if len(pair) > 1]  # [instance..., prior...]
-        photos = [self.photo_key(crop) for crop in crops]  # (owner, part, index)
-        latent_rows = trainer.latents.index(self.crop_keys(crops), device)  # encoded ahead
-        faces = {}
-        if trainer.faces.rows:
-            face_rows = trainer.faces.index(photos, device)
-            landmarks = [torch.from_numpy(self.dataset.landmarks(crop)) for crop in instance]
-            faces = {
-                "embeddings": trainer.faces.columns["embedding"][face_rows],
-                "has_face": trainer.faces.columns["has_face"][face_rows],
-                "landmarks": to_device(torch.stack(landmarks), device),
-            }
-        if trainer.frozen.architecture.is_sdxl:
-            faces["time_ids"] = to_device(crop_time_ids(self.dataset, crops), device)
-        batch = PackedBatch.one_identity(
-            trainer.latents.columns["mean"][latent_rows],
-            trainer.latents.columns["std"][latent_rows],
-            len(instance),
-            **faces,
-        )
-        return batch, self.generator.manual_seed(seed)
-
-    def photo_key(self, crop: Any) -> tuple[str, str, int]:
-        """(owner, part, index) of a crop's photo: class photos are shared by every identity."""
-        owner = self.identity.name if crop.part == "instance" else "class"
-        return owner, crop.part, crop.index
-
-    # ------------------------------------------------------------------ config and outputs
-
-    def config(self, status: str) -> dict[str, Any]:
-        """Everything needed to reproduce or resume this identity's run."""
-        trainer = self.trainer
-        return {
-            "status": status,
-            "identity": self.identity.name,
-            "instance_data_dir": str(self.identity.instance_dir),
-            "args": runs.json_safe(vars(self.args)),
-            "resolved": {
-                "max_train_steps": self.max_train_steps,
-                "num_train_epochs": self.num_epochs,
-                "steps_per_epoch": self.updates_per_epoch,
-                "checkpointing_steps": self.checkpointing_steps,
-                "validation_steps": self.validation_steps,
-                "mixed_precision": trainer.frozen.mixed_precision,
-                "lora_target_modules": trainer.lora.target_modules,
-                "device": str(trainer.device),
-                "process_index": trainer.state.process_index,
-                "num_processes": trainer.state.num_processes,
-                "pack": trainer.num_slots,
-                "architecture": trainer.frozen.architecture.to_json(),
-                "vae_dtype": str(trainer.frozen.vae.dtype).removeprefix("torch."),
-                "class_guidance_scale": trainer.frozen.architecture.default("guidance_scale"),
-            },
-            "data": self.dataset.summary(),
-            "arcface": trainer.arcface_name,
-            "base_model": trainer.base_model,
-            "global_step": self.global_step,
-            "identity_samples": self.identity_samples,
-            "versions": runs.library_versions(),
-        }
-
-    def write_config(self, folder: Path, status: str) -> None:
-        atomic_write_json(folder / CONFIG_NAME, self.config(status))
-
-    def tags(self) -> dict[str, str]:
-        """TensorBoard tag per logged term (identity terms only for identity losses)."""
-        tags = {"loss": "loss", "diffusion_loss": "diffusion_loss", "prior_loss": "prior_loss"}
-        if self.args.loss != "dreambooth":
-            tags.update(
-                identity_criterion=f"{self.args.loss}_loss",
-                identity_term="identity_term",
-                identity_weight="identity_weight",
-                identity_count="identity_samples_per_batch",
-            )
-        return tags
-
-    def write_model_card(self) -> None:
-        args, folder = self.args, self.identity.output_dir
-        write_model_card(
-            folder,
-            sorted((folder / "validation").glob(f"step_{self.global_step}_*.png")),
-            base=args.pretrained_model_name_or_path,
-            architecture=self.trainer.frozen.architecture.describe(),
-            pipeline_class=self.trainer.frozen.architecture.pipeline_class,
-            training_resolution=args.resolution,
-            instance_prompt=args.instance_prompt,
-            identity=self.identity.name,
-            loss=args.loss,
-            steps=self.global_step,
-            rank=args.rank,
-            alpha=args.lora_alpha,
-            data=json.dumps(self.dataset.summary()),
-            validation_prompt=args.validation_prompt,
-        )
 
 
 @dataclass
