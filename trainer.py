@@ -1,10 +1,11 @@
 """Training: one identity at a time (the paper's case), or K at a time (--pack K), each
-identity's LoRA exactly as in a run of it alone.
+identity with the data, noise, schedule and updates of a run of it alone.
 
 train_ID-Booth.py parses and checks the command line, finds the identities and prepares the
-class images; what a run does from there lives here. One training step of one identity is in
-the first three sections, in this order (set-up, helpers and logs are named where they are
-called; the rest of the file is loading, settings and outputs):
+class images; what a run does from there lives here. The file reads bottom-up, each part
+before its caller: one training step of one identity is its first three sections, in this
+order (set-up and bookkeeping helpers sit beside the functions that call them; the rest of
+the file is loading, settings and outputs):
 
     PackedBatch.one_identity     one identity's micro-batch on the device
     training_step                the step's forward: noise, timestep -> UNet -> diffusion
@@ -20,28 +21,32 @@ called; the rest of the file is loading, settings and outputs):
       PackedTrainer.update       unscale (fp16), clip, learning rate, AdamW
       PackedTrainer.advance      step count, logs, checkpoints, validation, the final LoRA
 
-What the step calls outside this file: losses.py (the objective, the paper's equations),
-faces.align_faces_torch, the frozen ArcFace, and multi_lora.py, which holds every identity's
-LoRA as one slot of stacked factors. Its parts are tested against the stock components, so
-they can be read as those: the LoRA layers give peft's LoRA outputs and gradients (within
-float rounding; under autocast one cast of all factors per update, `FactorCasts`, equal to
-per-layer casts bit for bit), and StackedAdamW clips and steps each identity as torch's
-clip_grad_norm_ and AdamW(foreach=False) do, bit for bit on the CPU
-(tests/test_multi_lora.py). The learning rate of update u is diffusers' get_scheduler's,
-tabulated once per identity (learning_rate_table, in PackedTrainer.fill) and indexed by the
-identity's count of applied updates: an update the fp16 scaler skips does not advance the
-schedule, as accelerate's scheduler does not. The crops are VAE-encoded ahead of the steps
-that draw them (Slot.encode_ahead, datasets.LatentCache), so the step samples each latent
-from its crop's cached distribution.
+What the loop uses outside this file: losses.py (the objective: the paper's equations),
+faces.align_faces_torch, the frozen ArcFace, and multi_lora.py, which holds each identity's
+LoRA as one slot of stacked factors with one AdamW over all slots. At K = 1 they are the
+stock components, so a reader can take them as such: `train_alone` makes the updates of
+diffusers' DreamBooth-LoRA recipe (a peft LoRA with the same init, torch's clip_grad_norm_
+and AdamW, get_scheduler stepped after each update) on the same micro-batches
+(tests/test_trainer.py::test_train_alone_makes_the_updates_of_the_stock_recipe: within 1e-6
+after five clipped, scheduled updates; bit for bit on our CPU). The learning rate of an
+update is get_scheduler's, tabulated once per identity (learning_rate_table, in
+PackedTrainer.fill) and indexed by the identity's count of applied updates: an update the
+fp16 scaler skips does not advance the schedule, as accelerate's scheduler does not. Unlike
+the stock recipe, a non-finite loss term or (outside fp16) gradient stops the identity: it
+no longer moves, and it fails at its next log interval or save, which read the device (the
+step does not). The crops are VAE-encoded ahead of the steps that draw them
+(Slot.encode_ahead, datasets.LatentCache), so the step samples each latent from its crop's
+cached distribution.
 
 With --pack K, `PackedTrainer.step` runs the same next_batch / train_on / training_step /
 update / advance on K identities' batches side by side (`PackedBatch.pack`), each identity
 in its own LoRA slot with its own data order, noise, AdamW state, learning-rate schedule,
 gradient clipping, NaN freeze, checkpoints, validation images and final LoRA. Packing adds
-the queue (`run`), `gather`, a gathered LoRA kernel when the slots' rows are not one block
-each, the objective's per-identity loop for identities of unequal batch sizes, and one fp16
-loss scaler shared by the slots (tests/test_train.py: a pack equals its identities' solo
-runs).
+`step` over the occupied slots of the queue (`run`), `gather`, a LoRA kernel that gathers
+each row's factors unless every slot trains with equal batches (then each slot's rows are one
+block), the objective's per-identity loop for unequal batches, and one fp16 loss scaler
+shared by the slots. A pack's LoRAs equal its identities' solo runs within float rounding
+(tests/test_train.py::test_a_packed_run_equals_single_runs_and_a_nan_freezes_only_its_identity).
 
 Functions take train_ID-Booth.py's parsed arguments (`args`); messages go to the script's
 logger.
@@ -615,10 +620,11 @@ class PackedTrainer:
                 slot.micro_batch += 1
 
     def train_on(self, slots: list[Slot], batch: PackedBatch, generators) -> bool:
-        """One micro-batch: `training_step` under autocast, backward, the running logs, and at
-        the end of an accumulation the update. Device work only: no host reads. True if it
-        updated. With K identities the loss is the sum of theirs: each identity's loss reaches
-        only its own LoRA slot, so each gets the gradient of a run of it alone."""
+        """One micro-batch: `route_rows` (the LoRA slot of each row), `training_step` under
+        autocast, backward, `record` (the running logs and NaN watch), and at the end of an
+        accumulation `update`. Device work only: no host reads. True if it updated. With K
+        identities the loss is the sum of theirs: each identity's loss reaches only its own
+        LoRA slot, so each gets the gradient of a run of it alone."""
         self.route_rows(slots, batch)
         with self.frozen.autocast():
             terms = training_step(
@@ -652,8 +658,9 @@ class PackedTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def route_rows(self, slots: list[Slot], batch: PackedBatch) -> None:
-        """Send each row through its identity's LoRA slot; rows grouped slot by slot (every
-        slot training, equal batches) take the cheaper grouped kernel."""
+        """Send each row through its identity's LoRA slot: one block of rows per slot (one
+        identity, or every slot training with equal batches) takes the grouped kernel, any
+        other layout the kernel that gathers each row's factors."""
         every_slot = [slot.index for slot in slots] == list(range(self.num_slots))
         grouped = every_slot and len(set(batch.sizes)) == 1  # rows: slot 0's, slot 1's, ...
         self.lora.set_identities(batch.slots, batch.sizes[0] if grouped else None)
@@ -683,10 +690,11 @@ class PackedTrainer:
 
     def may_step(self, index: torch.Tensor, norms: torch.Tensor, steps: torch.Tensor):
         """(K,) bool: the slots AdamW updates: present in this step, healthy and with a finite
-        gradient norm. Under fp16 a non-finite gradient is the scaler's overflow: the update
-        is skipped, as GradScaler.step skips it. Otherwise it is an error: the identity stops
-        moving at once (its LoRA stays finite) and fails at its next log interval or save
-        (`check_finite`), which read the device; the step itself does not (no host syncs)."""
+        gradient norm. Under fp16 a non-finite gradient (of finite loss terms: `record`) is the
+        scaler's overflow: the update is skipped, as GradScaler.step skips it. Otherwise it is
+        an error: the identity stops moving at once (its LoRA stays finite) and fails at its
+        next log interval or save (`check_finite`), which read the device; the step itself
+        does not (no host syncs)."""
         present = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
         present[index] = True
         finite = torch.isfinite(norms)

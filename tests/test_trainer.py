@@ -520,6 +520,86 @@ def test_a_training_step_reads_nothing_on_the_host(step_parts, tmp_path):
         assert trainer.train_on([slot], batch, generators)
 
 
+def peft_unet_holding(args, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The base UNet with a peft LoRA adapter made as diffusers' DreamBooth-LoRA example makes
+    it (same targets, rank and alpha), holding `state` (diffusers' format)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet"
+    )
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.lora_alpha,
+            init_lora_weights="gaussian",
+            target_modules=trainer.lora_target_modules(unet),
+        )
+    )
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), "default")
+    assert not getattr(result, "unexpected_keys", [])
+    return unet.train()
+
+
+def test_train_alone_makes_the_updates_of_the_stock_recipe(step_parts, tmp_path):
+    """The loop of one identity (train_alone: batched LoRA slot, StackedAdamW, the tabulated
+    schedule) against the stock components on the same micro-batches and step function: a
+    peft LoRA with the same init, torch's clip_grad_norm_ and AdamW, diffusers' get_scheduler
+    (cosine with warm-up, stepped after every update). Clipping is active, and the schedule
+    changes the rate at every update: an off-by-one in its index moves the LoRA far more than
+    the float rounding allowed here."""
+    from diffusers.optimization import get_scheduler
+
+    from lora import read_lora_file
+
+    changes = dict(
+        lr_scheduler="cosine", lr_warmup_steps=2, max_train_steps=5, learning_rate=1e-3,
+        max_grad_norm=1e-3, checkpointing_steps=100,
+    )  # fmt: skip
+    packed, slot = one_slot_trainer(step_parts, tmp_path, **changes)
+    args = packed.args
+    reference = peft_unet_holding(args, trainer.identity_state_dict(packed.lora, 0))
+    params = [p for p in reference.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        foreach=False,
+    )
+    schedule = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=2, num_training_steps=slot.max_train_steps
+    )
+    rates, norms = [], []
+    for _ in range(slot.max_train_steps):  # the stock loop on the slot's micro-batches
+        batch, generator = slot.next_batch()
+        terms = trainer.training_step(
+            reference, packed.frozen, packed.prompts, batch, [generator], packed.objective
+        )
+        terms["loss"].sum().backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=False))
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        slot.global_step += 1
+    assert rates[0] == 0 and len(set(rates)) == len(rates)  # warm-up from 0, then cosine
+    assert all(norm > 10 * args.max_grad_norm for norm in norms)  # every update clipped
+
+    packed.train_alone(slot.identity)  # starts the identity afresh: init, step 0
+    saved = peft_unet_holding(args, read_lora_file(tmp_path / "hanks"))
+    ours = [p for p in saved.parameters() if p.requires_grad]
+    worst = max((a - b).abs().max().item() for a, b in zip(ours, params, strict=True))
+    for mine, stock in zip(ours, params, strict=True):
+        torch.testing.assert_close(mine, stock, rtol=0, atol=1e-6)
+    print(f"train_alone vs stock recipe after 5 updates: max |diff| {worst:.3g}")
+
+
 def test_the_step_weighs_the_prior_loss_by_prior_loss_weight(step_parts):
     """--prior_loss_weight reaches the step's loss: loss = diffusion + w * prior + identity."""
     from datasets import collate_dreambooth
