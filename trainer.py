@@ -2,10 +2,9 @@
 identity with the data, noise, schedule and updates of a run of it alone.
 
 train_ID-Booth.py parses and checks the command line, finds the identities and prepares the
-class images; what a run does from there lives here. The file reads bottom-up, each part
-before its caller: one training step of one identity is its first three sections, in this
-order (set-up and bookkeeping helpers sit beside the functions that call them; the rest of
-the file is loading, settings and outputs):
+class images; what a run does from there lives here. One training step of one identity is the
+first three sections: the step, then the data it takes, then the loop that calls it (inside
+a section, a function comes before the helpers it calls). In reading order:
 
     PackedBatch.one_identity     one identity's micro-batch on the device
     training_step                the step's forward: noise, timestep -> UNet -> diffusion
@@ -15,26 +14,33 @@ the file is loading, settings and outputs):
     Slot.next_batch              the identity's next micro-batch, in the order of a run of it
       Slot.next_micro_batch      alone (seeded by epoch and position), and its noise seed
     PackedTrainer.train_alone    the loop: one identity from its first step (or checkpoint)
-                                 to its final LoRA
-      PackedTrainer.train_on     training_step under autocast, backward, and at the end of an
-                                 accumulation:
-      PackedTrainer.update       unscale (fp16), clip, learning rate, AdamW
+                                 to its final LoRA (set-up: `fill`, a fresh LoRA and AdamW
+                                 state and the learning-rate table, or the checkpoint's)
+      PackedTrainer.train_on     training_step under autocast, backward, `record` (running
+                                 means; a non-finite loss term stops the identity), and at the
+                                 end of an accumulation (`Slot.is_update_due`):
+      PackedTrainer.update       unscale (fp16), clip, learning rate
+                                 (`scheduled_learning_rates`), AdamW for the identities
+                                 `may_step` lets move
       PackedTrainer.advance      step count, logs, checkpoints, validation, the final LoRA
 
-What the loop uses outside this file: losses.py (the objective: the paper's equations),
-faces.align_faces_torch, the frozen ArcFace, and multi_lora.py, which holds each identity's
-LoRA as one slot of stacked factors with one AdamW over all slots. At K = 1 they are the
-stock components, so a reader can take them as such: `train_alone` makes the updates of
-diffusers' DreamBooth-LoRA recipe (a peft LoRA with the same init, torch's clip_grad_norm_
-and AdamW, get_scheduler stepped after each update) on the same micro-batches
-(tests/test_trainer.py::test_train_alone_makes_the_updates_of_the_stock_recipe: within 1e-6
-after five clipped, scheduled updates; bit for bit on our CPU). The learning rate of an
-update is get_scheduler's, tabulated once per identity (learning_rate_table, in
-PackedTrainer.fill) and indexed by the identity's count of applied updates: an update the
-fp16 scaler skips does not advance the schedule, as accelerate's scheduler does not. Unlike
-the stock recipe, a non-finite loss term or (outside fp16) gradient stops the identity: it
-no longer moves, and it fails at its next log interval or save, which read the device (the
-step does not). The crops are VAE-encoded ahead of the steps that draw them
+The step's conditioning (PromptEmbeddings.unet_conditioning: the instance prompt for instance
+rows, the class prompt for prior rows) and precision (FrozenModels.autocast) are with the
+models further down. What the loop uses outside this file: losses.py (the objective: the
+paper's equations), faces.align_faces_torch, the frozen ArcFace, and multi_lora.py, which
+holds each identity's LoRA as one slot of stacked factors with one AdamW over all slots. At
+K = 1 they act as the stock components, so a reader can take them as such: `train_alone`
+makes the updates of diffusers' DreamBooth-LoRA recipe written with a peft LoRA (holding our
+init, which equals peft's gaussian init), GradScaler, torch's clip_grad_norm_ and AdamW and
+get_scheduler stepped after each update the scaler did not skip, on the same micro-batches
+(tests/test_trainer.py::test_train_alone_makes_the_updates_of_the_stock_recipe: six clipped
+updates at changing rates; in fp32, with and without accumulation, bit for bit on our CPU; in
+fp16, one update skipped, within 6e-4: 2.4e-4 measured, as the LoRA products round apart).
+The learning rate of an update is get_scheduler's, tabulated once per identity
+(learning_rate_table) and indexed by the identity's count of applied updates. Unlike the stock
+recipe, a non-finite loss term or (outside fp16) gradient stops the identity: it no longer
+moves, and fails at its next log, epoch end, checkpoint, validation or end of run, which read
+the device (the step does not). The crops are VAE-encoded ahead of the steps that draw them
 (Slot.encode_ahead, datasets.LatentCache), so the step samples each latent from its crop's
 cached distribution.
 
