@@ -323,8 +323,9 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
         type=POSITIVE_INT,
         default=1,
         help="Identities trained together in one process and one step, each with its own LoRA "
-        "(a batched LoRA layer): each gets the data, noise and updates of a run of it alone (its "
-        "LoRA equal to that run's within float rounding). A finished "
+        "(a batched LoRA layer): each gets the data, noise and update rule of a run of it alone "
+        "(its LoRA equal to that run's within float rounding, except that under fp16 the "
+        "identities share one loss scale). A finished "
         "identity's slot takes the next one. With accelerate, K per process.",
     )
     parser.add_argument(

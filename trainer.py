@@ -1,5 +1,5 @@
 """Training: one identity at a time (the paper's case), or K at a time (--pack K), each
-identity with the data, noise, schedule and updates of a run of it alone.
+identity with the data, noise, schedule and update rule of a run of it alone.
 
 train_ID-Booth.py parses and checks the command line, finds the identities and prepares the
 class images; what a run does from there lives here. One training step of one identity is the
@@ -27,32 +27,37 @@ a section, a function comes before the helpers it calls). In reading order:
 The step's conditioning (PromptEmbeddings.unet_conditioning: the instance prompt for instance
 rows, the class prompt for prior rows) and precision (FrozenModels.autocast) are with the
 models further down. What the loop uses outside this file: losses.py (the objective: the
-paper's equations), faces.align_faces_torch, the frozen ArcFace, and multi_lora.py, which
-holds each identity's LoRA as one slot of stacked factors with one AdamW over all slots. At
-K = 1 they act as the stock components, so a reader can take them as such: `train_alone`
-makes the updates of diffusers' DreamBooth-LoRA recipe written with a peft LoRA (holding our
-init, which equals peft's gaussian init), GradScaler, torch's clip_grad_norm_ and AdamW and
-get_scheduler stepped after each update the scaler did not skip, on the same micro-batches
-(tests/test_trainer.py::test_train_alone_makes_the_updates_of_the_stock_recipe: six clipped
-updates at changing rates; in fp32, with and without accumulation, bit for bit on our CPU; in
-fp16, one update skipped, within 6e-4: 2.4e-4 measured, as the LoRA products round apart).
-The learning rate of an update is get_scheduler's, tabulated once per identity
-(learning_rate_table) and indexed by the identity's count of applied updates. Unlike the stock
-recipe, a non-finite loss term or (outside fp16) gradient stops the identity: it no longer
-moves, and fails at its next log, epoch end, checkpoint, validation or end of run, which read
-the device (the step does not). The crops are VAE-encoded ahead of the steps that draw them
-(Slot.encode_ahead, datasets.LatentCache), so the step samples each latent from its crop's
-cached distribution.
+paper's equations), datasets.py (photos, crops, the latent cache), faces.align_faces_torch,
+the frozen ArcFace, and multi_lora.py, which holds each identity's LoRA as one slot of stacked
+factors with one AdamW over all slots. At K = 1 they act as the stock components, so a reader
+can take them as such: `train_alone` makes the updates of diffusers' DreamBooth-LoRA recipe
+written with a peft LoRA (holding our init, which equals peft's gaussian init), GradScaler,
+torch's clip_grad_norm_ and AdamW and get_scheduler stepped after each update the scaler did
+not skip, on the same micro-batches
+(tests/test_trainer.py::test_train_alone_makes_the_updates_of_the_stock_recipe: six updates at
+changing rates, every applied one clipped; in fp32, with and without accumulation, within
+1e-6, 0 measured on our CPU; in fp16, one update skipped, within 6e-4, 2.4e-4 measured, as the
+LoRA products round apart). The learning rate of an update is get_scheduler's, tabulated once
+per identity (learning_rate_table) and indexed by the identity's count of applied updates.
+Unlike the stock recipe, a non-finite loss term or (outside fp16) gradient stops the identity:
+it no longer moves, and fails at the next point that reads the device (the step does not): its
+next log interval, checkpoint, validation or end of run. The crops are VAE-encoded ahead of
+the steps that draw them (Slot.encode_ahead, datasets.LatentCache), so the step samples each
+latent from its crop's cached distribution.
 
 With --pack K, `PackedTrainer.step` runs the same next_batch / train_on / training_step /
-update / advance on K identities' batches side by side (`PackedBatch.pack`), each identity
-in its own LoRA slot with its own data order, noise, AdamW state, learning-rate schedule,
+update / advance on K identities' batches side by side (`PackedBatch.pack`), each identity in
+its own LoRA slot with its own data order, noise, AdamW state, learning-rate schedule,
 gradient clipping, NaN freeze, checkpoints, validation images and final LoRA. Packing adds
-`step` over the occupied slots of the queue (`run`), `gather`, a LoRA kernel that gathers
-each row's factors unless every slot trains with equal batches (then each slot's rows are one
-block), the objective's per-identity loop for unequal batches, and one fp16 loss scaler
-shared by the slots. A pack's LoRAs equal its identities' solo runs within float rounding
-(tests/test_train.py::test_a_packed_run_equals_single_runs_and_a_nan_freezes_only_its_identity).
+`step` over the occupied slots of the queue (`run`), `gather`, a LoRA kernel that gathers each
+row's factors unless every slot trains with equal batches (then each slot's rows are one
+block), the objective's per-identity loop for unequal batches, and one fp16 loss scaler shared
+by the slots. Without a loss scaler (fp32, bf16) a pack's LoRAs equal its identities' solo
+runs within float rounding
+(tests/test_train.py::test_a_packed_run_equals_single_runs_and_a_nan_freezes_only_its_identity,
+fp32). Under fp16 the slots share one loss scaler: an overflow skips only its identity's
+update but halves the scale for all, so another identity's smallest fp16 gradients may
+underflow where its solo run's would not.
 
 Functions take train_ID-Booth.py's parsed arguments (`args`); messages go to the script's
 logger.

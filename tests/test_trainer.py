@@ -618,10 +618,11 @@ def test_train_alone_makes_the_updates_of_the_stock_recipe(
     )
     scaler = packed.fresh_scaler()
     batches_per_epoch = math.ceil(len(slot.dataset) / args.train_batch_size)
-    rates, norms, skipped = [], [], 0
+    rates, norms, seeds, skipped = [], [], [], 0
     while slot.global_step < slot.max_train_steps:  # the stock loop, epoch by epoch
         for index in range(batches_per_epoch):
             batch, generator = slot.next_batch()
+            seeds.append(generator.initial_seed())
             with frozen.autocast():
                 terms = trainer.training_step(
                     reference, frozen, packed.prompts, batch, [generator], packed.objective
@@ -647,17 +648,20 @@ def test_train_alone_makes_the_updates_of_the_stock_recipe(
     moved = [rate for rate, norm in zip(rates, norms, strict=True) if torch.isfinite(norm)]
     assert moved[0] == 0 and all(a != b for a, b in itertools.pairwise(moved))  # warm-up, cosine
     assert all(norm > 10 * args.max_grad_norm for norm in norms)  # every update clipped
+    assert len(set(seeds)) == len(seeds)  # each micro-batch its own noise and timesteps
 
-    packed.scaler = packed.fresh_scaler()
-    packed.train_alone(slot.identity)  # starts the identity afresh: init, step 0
+    packed.slots[0] = None  # the slot the stock loop read from; train_alone starts afresh:
+    packed.train_alone(slot.identity)  # init, a fresh scaler (fill), step 0
     saved = peft_unet_holding(args, read_lora_file(tmp_path / "hanks"))
     ours = [p for p in saved.parameters() if p.requires_grad]
     worst = max((a - b).abs().max().item() for a, b in zip(ours, params, strict=True))
     assert packed.optimizer.identity_steps().tolist() == [slot.max_train_steps - skipped]
     assert skipped == (1 if precision == "fp16" else 0)
-    # fp32: bit for bit on the development CPU. fp16: the LoRA layers' products and gradients
-    # round differently from peft's (2.4e-4 here, of moves up to 3e-3); a wrong schedule
-    # index, clip, skip or accumulation boundary moves them by 1e-3 or more.
+    # fp32: 0 measured on the development CPU. fp16: the LoRA layers' products and gradients
+    # round differently from peft's (2.4e-4 measured, of moves up to 3e-3). Planted one at a
+    # time, a schedule index + 1, a dropped clip, a schedule advancing on a skipped update, a
+    # missing epoch-end update and a loss not divided by the accumulation steps each failed
+    # every case they apply to.
     tolerance = 1e-6 if precision == "no" else 6e-4
     for mine, stock in zip(ours, params, strict=True):
         torch.testing.assert_close(mine, stock, rtol=0, atol=tolerance)
