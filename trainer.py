@@ -699,7 +699,9 @@ class PackedTrainer:
         updates = self.optimizer.identity_steps().clamp_max(self.lr_tables.shape[1] - 1)
         return self.lr_tables.gather(1, updates[:, None])[:, 0]
 
-    def may_step(self, index: torch.Tensor, norms: torch.Tensor, steps: torch.Tensor):
+    def may_step(
+        self, index: torch.Tensor, norms: torch.Tensor, steps: torch.Tensor
+    ) -> torch.Tensor:
         """(K,) bool: the slots AdamW updates: present in this step, healthy and with a finite
         gradient norm. Under fp16 a non-finite gradient (of finite loss terms: `record`) is the
         scaler's overflow: the update is skipped, as GradScaler.step skips it. Otherwise it is

@@ -32,7 +32,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # shared modules at the repo root
 
-
 import runs  # noqa: E402
 from benchmarks.device_clock import peak_gib, reset_peak, timed  # noqa: E402
 from lora import lora_target_modules  # noqa: E402

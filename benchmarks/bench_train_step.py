@@ -47,7 +47,6 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # shared modules at the repo root
 
-
 import faces  # noqa: E402
 import runs  # noqa: E402
 from arcface import ArcFaceEncoder, build_iresnet, load_arcface  # noqa: E402
